@@ -1,0 +1,155 @@
+"""The Ops interface: the vocabulary a runner program is written in.
+
+A runner program (scenarios/runners.py) is ordinary Python that calls these
+methods. The simulator (sim/) gives each call an abstract value and a SimPy
+timing; the real runner (real/) gives it real tensors, collectives, streams and
+kernels. Both record one Step per call, named by the `name` argument (the
+runner's name for the step, e.g. "final_all_reduce"), defaulting to the op.
+
+Tensors are opaque handles; the only thing a runner may inspect is `.shape`,
+a tuple (rows, width). Control logic must not depend on tensor values: the
+twin's premise is that the bugs live in decisions, not in numbers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from scenarios.spec import Scenario
+
+
+class TensorLike(Protocol):
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+class EventLike(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+GROUPS = ("tp", "dp", "ep", "world")
+
+
+class Ops(ABC):
+    """One rank's view of the machine. Subclassed by the two interpreters."""
+
+    scenario: Scenario
+    rank: int
+    current_stream: str = "main"
+
+    # ---- streams and events (CUDA semantics) ----
+
+    @contextmanager
+    def stream(self, name: str) -> Iterator[None]:
+        """Issue the enclosed ops on stream `name` ("main", "aux", "comm")."""
+        previous = self.current_stream
+        self.current_stream = name
+        try:
+            yield
+        finally:
+            self.current_stream = previous
+
+    @abstractmethod
+    def record_event(self, name: str = "record_event") -> Any:
+        """Record an event on the current stream after the work issued so far."""
+
+    @abstractmethod
+    def wait_event(self, event: Any, name: str = "wait_event") -> None:
+        """Make the current stream wait until `event` has happened."""
+
+    # ---- lifecycle and decisions (zero-cost steps that make the trace readable) ----
+
+    @abstractmethod
+    def lifecycle(self, phase: str) -> None:
+        """Mark a lifecycle phase: construct, build_kernel, forward."""
+
+    @abstractmethod
+    def decide(self, point: str, value: Any) -> None:
+        """Record the outcome of a decision point (e.g. shared_experts_order)."""
+
+    # ---- model side ----
+
+    @abstractmethod
+    def layer_input(self, name: str = "layer_input") -> Any:
+        """This rank's hidden states [tokens, hidden] as the model hands them over."""
+
+    @abstractmethod
+    def sp_slice(self, x: Any, name: str = "sp_slice") -> Any:
+        """Sequence parallel: pad rows to a multiple of tp, keep this TP rank's slice."""
+
+    @abstractmethod
+    def trim_rows(self, x: Any, rows: int, name: str = "trim_rows") -> Any:
+        """Drop padding rows: keep the first `rows` rows."""
+
+    @abstractmethod
+    def layer_output(self, x: Any, name: str = "layer_output") -> Any:
+        """Hand the result back to the model; checked against the expected output."""
+
+    @abstractmethod
+    def boundary(self, x: Any, shape: tuple[int, ...], name: str = "custom_op_boundary") -> Any:
+        """The fused-MoE custom op returns here; its declared output shape is `shape`
+        (what torch.compile's fake implementation promised). A mismatch is a shape error."""
+
+    # ---- elementwise and layout ----
+
+    @abstractmethod
+    def pad(self, x: Any, width: int, name: str = "pad") -> Any: ...
+
+    @abstractmethod
+    def trim(self, x: Any, width: int, name: str = "trim") -> Any: ...
+
+    @abstractmethod
+    def add(self, a: Any, b: Any, name: str = "add") -> Any: ...
+
+    @abstractmethod
+    def scale(self, x: Any, factor: float, name: str = "scale") -> Any: ...
+
+    @abstractmethod
+    def clone(self, x: Any, name: str = "clone") -> Any: ...
+
+    # ---- MoE compute ----
+
+    @abstractmethod
+    def router(self, x: Any, name: str = "router") -> Any:
+        """Gate GEMM + top-k: a routing handle of shape [tokens, top_k]."""
+
+    @abstractmethod
+    def latent_down(self, x: Any, name: str = "latent_down") -> Any:
+        """Routed input transform (latent MoE): [T, hidden] -> [T, latent]."""
+
+    @abstractmethod
+    def latent_up(self, x: Any, name: str = "latent_up") -> Any:
+        """Routed output transform: [T, latent] -> [T, hidden]; non-linear if the
+        scenario says so (then it must see the reduced routed output)."""
+
+    @abstractmethod
+    def experts(self, x: Any, routing: Any, inplace: bool = False, name: str = "routed_experts") -> Any:
+        """This rank's routed experts (fused kernel): a partial routed output.
+        `inplace` writes the result into x's buffer, as fused kernels can."""
+
+    @abstractmethod
+    def shared_experts(self, x: Any, sharded: bool = True, name: str = "shared_experts") -> Any:
+        """The shared-expert MLP; TP-sharded (partial sums) or unsharded (complete)."""
+
+    # ---- communication ----
+
+    @abstractmethod
+    def dispatch(self, x: Any, routing: Any, name: str = "dispatch") -> tuple[Any, Any]:
+        """Prepare: send tokens to the experts' ranks with the scenario's backend."""
+
+    @abstractmethod
+    def combine(self, y: Any, name: str = "combine") -> Any:
+        """Finalize: bring expert outputs back to the tokens' home rank."""
+
+    @abstractmethod
+    def all_reduce(self, x: Any, group: str = "tp", name: str = "all_reduce") -> Any: ...
+
+    @abstractmethod
+    def all_gather(self, x: Any, group: str = "tp", name: str = "all_gather") -> Any: ...
+
+    @abstractmethod
+    def reduce_scatter(self, x: Any, group: str = "tp", name: str = "reduce_scatter") -> Any: ...

@@ -1,0 +1,464 @@
+"""Runner programs: the control logic under test, written once against `Ops`.
+
+`FixedRunner` follows docs/runner_semantics.md step by step. Each historical
+regression (docs/regressions.md) is a subclass overriding one decision point.
+A user's own runner is any `MoERunner` subclass, loaded as `module:Class`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from scenarios.backends import backend_info
+from scenarios.ops import Ops
+from scenarios.spec import Scenario
+
+
+class Order(str, Enum):
+    """Where the shared experts run relative to the routed experts."""
+
+    NO_OVERLAP = "NO_OVERLAP"
+    MK_INTERNAL_OVERLAPPED = "MK_INTERNAL_OVERLAPPED"
+    MULTI_STREAM_OVERLAPPED = "MULTI_STREAM_OVERLAPPED"
+    # before-38990: shared MLP on the main stream before the routed op.
+    EXTERNAL = "EXTERNAL"
+
+
+OVERLAPPED = (Order.MK_INTERNAL_OVERLAPPED, Order.MULTI_STREAM_OVERLAPPED)
+
+
+class RunnerLoadError(ValueError):
+    """An unknown runner name, or something that is not a runner."""
+
+
+class ModularKernel:
+    """The prepare/finalize + experts object a runner builds lazily.
+
+    `declared_reduced` is what the runner's backend class *declares*; whether
+    the combine really reduces is the backend's own behaviour (scenarios/backends.py).
+    """
+
+    def __init__(self, backend: str, declared_reduced: bool) -> None:
+        self.backend = backend
+        self.declared_reduced = declared_reduced
+
+    def output_is_reduced(self) -> bool:
+        return self.declared_reduced
+
+    def supports_async_shared_overlap(self) -> bool:
+        return backend_info(self.backend).async_shared_overlap
+
+
+def overlap_disabled(s: Scenario) -> bool:
+    """Rule 1 of the order function: overlap is unsafe or pointless here."""
+    eplb_unsafe = s.parallel.eplb and not backend_info(s.effective_backend).eplb_overlap_safe
+    return eplb_unsafe or s.use_fi_two_sided
+
+
+def reference_order(s: Scenario, num_tokens: int) -> Order:
+    """The fixed order function (runner_semantics.md step 3). The simulator also
+    uses it as the best safe order when judging LOST_OVERLAP."""
+    if overlap_disabled(s):
+        return Order.NO_OVERLAP
+    if s.use_all2all_kernels and backend_info(s.effective_backend).async_shared_overlap:
+        return Order.MK_INTERNAL_OVERLAPPED
+    rt = s.runtime
+    if rt.platform == "cuda" and rt.aux_stream and num_tokens <= rt.token_threshold:
+        return Order.MULTI_STREAM_OVERLAPPED
+    return Order.NO_OVERLAP
+
+
+def declared_output_width(s: Scenario) -> int:
+    """Width the fused-MoE custom op promises to return (its fake implementation):
+    the padded width when the caller trims later (no shared experts, no transform)."""
+    m = s.model
+    if m.padded and not (m.has_shared or m.has_transform):
+        return m.kernel_width
+    return m.hidden
+
+
+class MoERunner:
+    """Base class of runner programs. Subclass and override decision points."""
+
+    name = "fixed"
+    description = "reference logic (docs/runner_semantics.md)"
+
+    def __init__(self, scenario: Scenario) -> None:
+        # Construction: the modular kernel does not exist yet (it is built
+        # lazily in process_weights), exactly as in production runners.
+        self.scenario = scenario
+        self.kernel: ModularKernel | None = None
+
+    # ---- lifecycle ----
+
+    def process_weights(self, ops: Ops) -> None:
+        """Lazy kernel build: only now does `output_is_reduced` have an answer."""
+        s = self.scenario
+        if s.use_all2all_kernels:
+            backend = s.effective_backend
+            self.kernel = ModularKernel(backend, self.backend_output_is_reduced(backend))
+
+    # ---- decision points ----
+
+    def backend_output_is_reduced(self, backend: str) -> bool:
+        """What this runner's prepare/finalize class declares."""
+        return backend_info(backend).output_is_reduced
+
+    def is_sequence_parallel(self) -> bool:
+        return self.scenario.sp
+
+    def fused_output_is_reduced(self) -> bool:
+        return self.kernel is not None and self.kernel.output_is_reduced()
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        return reference_order(self.scenario, num_tokens)
+
+    def shared_experts_sharded(self) -> bool:
+        # Under SP the model builds the shared MLP unsharded.
+        return not self.is_sequence_parallel()
+
+    def routed_inplace(self, order: Order) -> bool:
+        # In-place only when no shared expert reads the same input.
+        return not self.scenario.model.has_shared
+
+    def should_pad(self) -> bool:
+        return self.scenario.model.padded
+
+    def pre_trim_width(self) -> int | None:
+        m = self.scenario.model
+        if m.padded and (m.has_shared or m.has_transform):
+            return m.routed_width
+        return None
+
+    def post_trim_width(self) -> int | None:
+        # runner_semantics.md: shared_width if (transform and shared) else
+        # routed_width if padded. For a latent MoE without shared experts that
+        # would cut the up-projected output to the latent width, so we trim to
+        # the layer's hidden width, which equals the spec in every other case.
+        m = self.scenario.model
+        if m.padded or (m.has_transform and m.has_shared):
+            return m.hidden
+        return None
+
+    def shared_input(self, ops: Ops, x: Any) -> Any:
+        return x
+
+    def maybe_reduce_shared(self, ops: Ops, shared: Any, routed_reduced: bool) -> Any:
+        if shared is not None and not self.is_sequence_parallel() and routed_reduced:
+            return ops.all_reduce(shared, "tp", name="shared_all_reduce")
+        return shared
+
+    def needs_final_reduce(self, routed_reduced: bool) -> bool:
+        s = self.scenario
+        return (
+            not self.is_sequence_parallel()
+            and (s.moe_tp > 1 or s.moe_ep > 1)
+            and not routed_reduced
+        )
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if self.needs_final_reduce(routed_reduced):
+            return ops.all_reduce(result, "tp", name="final_all_reduce")
+        return result
+
+    # ---- the program ----
+
+    def model_forward(self, ops: Ops) -> Any:
+        """Model side around the layer: SP slicing before, all-gather after."""
+        x = ops.layer_input()
+        tokens = x.shape[0]
+        sp = self.scenario.sp  # the model's choice, not the runner's
+        if sp:
+            x = ops.sp_slice(x)
+        out = self.forward(ops, x)
+        if sp:
+            out = ops.all_gather(out, "tp", name="sp_all_gather")
+            out = ops.trim_rows(out, tokens, name="sp_drop_pad_rows")
+        return ops.layer_output(out)
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        s, m = self.scenario, self.scenario.model
+        rows = x.shape[0]
+        routing = ops.router(x)
+        routed_in = ops.latent_down(x) if m.has_transform else x
+        if self.should_pad():
+            routed_in = ops.pad(routed_in, m.kernel_width, name="pad_routed_input")
+        pre_trim, post_trim = self.pre_trim_width(), self.post_trim_width()
+
+        order = self.shared_experts_order(rows) if m.has_shared else Order.NO_OVERLAP
+        ops.decide("shared_experts_order", order.value)
+        sharded = self.shared_experts_sharded()
+
+        shared = None
+        shared_done = None
+        if m.has_shared and order in (Order.NO_OVERLAP, Order.EXTERNAL):
+            shared = ops.shared_experts(x, sharded=sharded)
+        elif m.has_shared and order == Order.MULTI_STREAM_OVERLAPPED:
+            fork = ops.record_event("fork_to_aux")
+            with ops.stream("aux"):
+                ops.wait_event(fork, name="aux_waits_fork")
+                shared = ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+                shared_done = ops.record_event("shared_done")
+
+        def run_shared_inside() -> Any:
+            return ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+
+        internal = m.has_shared and order == Order.MK_INTERNAL_OVERLAPPED
+        routed, inner_shared = self.routed_path(
+            ops, routed_in, routing, order, run_shared_inside if internal else None
+        )
+        if internal:
+            shared = inner_shared
+        if shared_done is not None:
+            ops.wait_event(shared_done, name="join_shared")
+
+        if pre_trim is not None:
+            routed = ops.trim(routed, pre_trim, name="early_trim")
+        reduced = self.fused_output_is_reduced()
+        if (
+            m.has_transform
+            and m.transform_nonlinear
+            and not self.is_sequence_parallel()
+            and (s.moe_tp > 1 or s.moe_ep > 1)
+            and not reduced
+        ):
+            routed = ops.all_reduce(routed, "tp", name="pre_transform_all_reduce")
+            reduced = True
+        shared = self.maybe_reduce_shared(ops, shared, reduced)
+        if m.routed_scaling_factor != 1.0:
+            routed = ops.scale(routed, m.routed_scaling_factor, name="routed_scaling")
+        if m.has_transform:
+            routed = ops.latent_up(routed)
+        result = ops.add(shared, routed, name="shared_add") if shared is not None else routed
+        result = ops.boundary(result, (rows, declared_output_width(s)))
+        result = self.final_reduce(ops, result, reduced)
+        if post_trim is not None:
+            result = ops.trim(result, post_trim, name="post_trim")
+        return result
+
+    def routed_path(
+        self, ops: Ops, x: Any, routing: Any, order: Order, shared_inside: Any
+    ) -> tuple[Any, Any]:
+        """Dispatch, experts, combine. With MK_INTERNAL overlap, the shared
+        experts run on the main stream while dispatch and combine are in
+        flight on the communication stream."""
+        s = self.scenario
+        shared = None
+        if s.effective_backend == "none":
+            y = ops.experts(x, routing, inplace=self.routed_inplace(order))
+            return y, None
+        if shared_inside is not None:
+            go = ops.record_event("fork_to_comm")
+            with ops.stream("comm"):
+                ops.wait_event(go, name="comm_waits_fork")
+                xd, rd = ops.dispatch(x, routing)
+                dispatched = ops.record_event("dispatch_done")
+            shared = shared_inside()
+            ops.wait_event(dispatched, name="wait_dispatch")
+            y = ops.experts(xd, rd, inplace=False)
+            computed = ops.record_event("experts_done")
+            with ops.stream("comm"):
+                ops.wait_event(computed, name="comm_waits_experts")
+                out = ops.combine(y)
+                combined = ops.record_event("combine_done")
+            ops.wait_event(combined, name="wait_combine")
+            return out, shared
+        xd, rd = ops.dispatch(x, routing)
+        y = ops.experts(xd, rd, inplace=False)
+        return ops.combine(y), None
+
+
+class FixedRunner(MoERunner):
+    name = "fixed"
+
+
+class Before40673(MoERunner):
+    """R1: the early shared reduction lacks the sequence-parallel guard."""
+
+    name = "before-40673"
+    description = "R1: shared output reduced under SP (no `not is_sequence_parallel` guard)"
+
+    def maybe_reduce_shared(self, ops: Ops, shared: Any, routed_reduced: bool) -> Any:
+        if shared is not None and routed_reduced:
+            return ops.all_reduce(shared, "tp", name="shared_all_reduce")
+        return shared
+
+
+class StaleCache40673(MoERunner):
+    """R1 review finding: `output is reduced` cached at construction, before the
+    lazily built kernel exists, so it is always False."""
+
+    name = "stale-cache-40673"
+    description = "R1: fused_output_is_reduced cached in the constructor (always False)"
+
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__(scenario)
+        self._reduced_cached = self.kernel is not None and self.kernel.output_is_reduced()
+
+    def fused_output_is_reduced(self) -> bool:
+        return self._reduced_cached
+
+
+class Before41382(MoERunner):
+    """R2: FlashInfer NVLink backends declare that their combine does not reduce."""
+
+    name = "before-41382"
+    description = "R2: FlashInfer NVLink one/two-sided declare output_is_reduced = False"
+
+    def backend_output_is_reduced(self, backend: str) -> bool:
+        if backend.startswith("flashinfer_nvlink"):
+            return False
+        return super().backend_output_is_reduced(backend)
+
+
+class Before38990(MoERunner):
+    """R3: 'external shared experts' checked before multi-stream overlap."""
+
+    name = "before-38990"
+    description = "R3: external-shared-experts order checked first; multi-stream never chosen"
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        s = self.scenario
+        if overlap_disabled(s):
+            return Order.NO_OVERLAP
+        if s.use_all2all_kernels and backend_info(s.effective_backend).async_shared_overlap:
+            return Order.MK_INTERNAL_OVERLAPPED
+        if not s.use_all2all_kernels:  # "use external shared experts": true whenever allowed
+            return Order.EXTERNAL
+        return super().shared_experts_order(num_tokens)
+
+
+class Before40865(MoERunner):
+    """R4: the routed output is trimmed early whenever the hidden dim was padded."""
+
+    name = "before-40865"
+    description = "R4: unconditional early trim of the padded routed output"
+
+    def pre_trim_width(self) -> int | None:
+        m = self.scenario.model
+        return m.routed_width if m.padded else None
+
+
+class NoEarlyTrim40865(MoERunner):
+    """R4, the earlier state: no early trim at all (crashes with shared experts)."""
+
+    name = "no-early-trim-40865"
+    description = "R4 (earlier state): never trims before the shared add"
+
+    def pre_trim_width(self) -> int | None:
+        return None
+
+
+class FirstFix40865(MoERunner):
+    """R4, the first fix: checked only for shared experts (crashes for latent MoE)."""
+
+    name = "first-fix-40865"
+    description = "R4 (first fix): early trim only when shared experts exist"
+
+    def pre_trim_width(self) -> int | None:
+        m = self.scenario.model
+        return m.routed_width if (m.padded and m.has_shared) else None
+
+
+class Before39222(MoERunner):
+    """R5: the rule that disables overlap (EPLB, FlashInfer two-sided) is missing."""
+
+    name = "before-39222"
+    description = "R5: overlap not disabled under EPLB with unsafe backends / FI two-sided"
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        s = self.scenario
+        if s.use_all2all_kernels and backend_info(s.effective_backend).async_shared_overlap:
+            return Order.MK_INTERNAL_OVERLAPPED
+        rt = s.runtime
+        if rt.platform == "cuda" and rt.aux_stream and num_tokens <= rt.token_threshold:
+            return Order.MULTI_STREAM_OVERLAPPED
+        return Order.NO_OVERLAP
+
+
+RUNNERS: dict[str, type[MoERunner]] = {
+    cls.name: cls
+    for cls in (
+        FixedRunner,
+        Before40673,
+        StaleCache40673,
+        Before41382,
+        Before38990,
+        Before40865,
+        Before39222,
+        NoEarlyTrim40865,
+        FirstFix40865,
+    )
+}
+
+# The presets that reproduce the historical regressions (the rest are variants).
+BEFORE_RUNNERS = (
+    "before-40673",
+    "stale-cache-40673",
+    "before-41382",
+    "before-38990",
+    "before-40865",
+    "before-39222",
+)
+
+
+def load_runner(spec: str | type[MoERunner]) -> type[MoERunner]:
+    """A preset by name, or a user's runner as `module:Class` (also `path/file.py:Class`)."""
+    if isinstance(spec, type):
+        if issubclass(spec, MoERunner):
+            return spec
+        raise RunnerLoadError(f"{spec.__name__} is not a runner (it does not subclass MoERunner)")
+    if spec in RUNNERS:
+        return RUNNERS[spec]
+    if ":" not in spec:
+        raise RunnerLoadError(
+            f"unknown runner {spec!r} (presets: {', '.join(RUNNERS)}; or module:Class)"
+        )
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise RunnerLoadError(f"runner {spec!r}: no such file {module_name}")
+            spec_obj = importlib.util.spec_from_file_location(path.stem, path)
+            assert spec_obj is not None and spec_obj.loader is not None
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules.setdefault(path.stem, module)
+            spec_obj.loader.exec_module(module)
+        else:
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")  # let users name modules in the current directory
+            module = importlib.import_module(module_name)
+    except RunnerLoadError:
+        raise
+    except Exception as exc:  # a user's module failing to import is their error, named
+        raise RunnerLoadError(f"runner {spec!r}: cannot import {module_name}: {exc}") from exc
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise RunnerLoadError(f"runner {spec!r}: {module_name} has no attribute {attr!r}")
+    if not (isinstance(cls, type) and issubclass(cls, MoERunner)):
+        raise RunnerLoadError(
+            f"runner {spec!r} is not a runner: {attr} must be a class subclassing "
+            "scenarios.runners.MoERunner"
+        )
+    return cls
+
+
+def runner_label(cls: type[MoERunner]) -> str:
+    if RUNNERS.get(getattr(cls, "name", "")) is cls:
+        return cls.name
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def run_program(runner_cls: type[MoERunner], scenario: Scenario, ops: Ops) -> Any:
+    """The lifecycle both interpreters drive: construct, lazy build, forward."""
+    ops.lifecycle("construct")
+    runner = runner_cls(scenario)
+    ops.lifecycle("build_kernel")
+    runner.process_weights(ops)
+    ops.lifecycle("forward")
+    return runner.model_forward(ops)

@@ -1,0 +1,472 @@
+"""The Scenario spec: what one MoE layer execution looks like.
+
+Frozen dataclasses, validated on construction. Every derived quantity the
+runner programs and both interpreters depend on (sequence parallelism,
+moe_tp/moe_ep, all-to-all kernel use, padding widths) is computed here and
+only here, following docs/runner_semantics.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from scenarios.backends import BACKENDS, backend_info, sp_backends
+
+
+class ScenarioError(ValueError):
+    """An invalid scenario: the message names the field and the rule."""
+
+    def __init__(self, field_name: str, rule: str) -> None:
+        super().__init__(f"{field_name}: {rule}")
+        self.field_name = field_name
+        self.rule = rule
+
+
+PLATFORMS = ("cuda", "cpu", "rocm")
+KERNEL_CHOICES = ("auto", "torch", "triton", "flashinfer")
+PROFILES = ("h100", "h200", "b200", "cpu")
+SP_VERSIONS = ("newest", "previous")
+
+
+def _positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(name, f"must be an integer, got {value!r}")
+    if value <= 0:
+        raise ScenarioError(name, f"must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """Shape of one MoE layer."""
+
+    hidden: int = 128
+    moe_intermediate: int = 64
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared_experts: int = 0
+    # Intermediate width of the shared-expert MLP; defaults to
+    # moe_intermediate * num_shared_experts (one fused MLP, as engines build it).
+    shared_intermediate: int | None = None
+    # Width the routed kernel needs (e.g. 2880 -> 3072 for an MXFP4 path).
+    # None: no padding.
+    moe_hidden: int | None = None
+    # Latent MoE: routed experts work in this width; a down-projection feeds
+    # them and an up-projection (the routed output transform) maps back.
+    latent_dim: int | None = None
+    # A non-linear routed-output transform must see the reduced routed output.
+    transform_nonlinear: bool = False
+    routed_scaling_factor: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("hidden", "moe_intermediate", "num_experts", "top_k"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.num_shared_experts < 0:
+            raise ScenarioError("model.num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
+        if self.top_k > self.num_experts:
+            raise ScenarioError(
+                "model.top_k", f"top_k {self.top_k} > num_experts {self.num_experts}"
+            )
+        if self.shared_intermediate is not None:
+            _positive("model.shared_intermediate", self.shared_intermediate)
+            if self.num_shared_experts == 0:
+                raise ScenarioError(
+                    "model.shared_intermediate", "set but num_shared_experts is 0"
+                )
+        if self.latent_dim is not None:
+            _positive("model.latent_dim", self.latent_dim)
+            if self.latent_dim >= self.hidden:
+                raise ScenarioError(
+                    "model.latent_dim",
+                    f"latent {self.latent_dim} must be smaller than hidden {self.hidden}",
+                )
+        elif self.transform_nonlinear:
+            raise ScenarioError("model.transform_nonlinear", "needs model.latent_dim")
+        if self.moe_hidden is not None:
+            _positive("model.moe_hidden", self.moe_hidden)
+            if self.moe_hidden < self.routed_width:
+                raise ScenarioError(
+                    "model.moe_hidden",
+                    f"padded width {self.moe_hidden} < routed input width {self.routed_width}",
+                )
+        if not self.routed_scaling_factor > 0:
+            raise ScenarioError(
+                "model.routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}"
+            )
+
+    @property
+    def has_shared(self) -> bool:
+        return self.num_shared_experts > 0
+
+    @property
+    def has_transform(self) -> bool:
+        return self.latent_dim is not None
+
+    @property
+    def routed_width(self) -> int:
+        """Width of the routed experts' input before padding."""
+        return self.latent_dim if self.latent_dim is not None else self.hidden
+
+    @property
+    def kernel_width(self) -> int:
+        """Width the routed kernel works in (padded if the kernel needs it)."""
+        return self.moe_hidden if self.moe_hidden is not None else self.routed_width
+
+    @property
+    def padded(self) -> bool:
+        return self.kernel_width != self.routed_width
+
+    @property
+    def shared_width(self) -> int:
+        return self.hidden
+
+    @property
+    def shared_inter(self) -> int:
+        if self.shared_intermediate is not None:
+            return self.shared_intermediate
+        return self.moe_intermediate * self.num_shared_experts
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    dp: int = 1
+    ep: bool = False
+    eplb: bool = False
+    backend: str = "allgather_reducescatter"
+    # Which engine version's SP backend list applies (runner_semantics.md):
+    # deepep_v2 and flashinfer_nvlink_one_sided are SP only in the newest.
+    version: str = "newest"
+
+    def validate(self) -> None:
+        _positive("parallel.tp", self.tp)
+        _positive("parallel.dp", self.dp)
+        if self.backend not in BACKENDS:
+            raise ScenarioError(
+                "parallel.backend",
+                f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})",
+            )
+        if self.version not in SP_VERSIONS:
+            raise ScenarioError(
+                "parallel.version", f"unknown version {self.version!r} (known: {', '.join(SP_VERSIONS)})"
+            )
+        if self.eplb and not self.ep:
+            raise ScenarioError("parallel.eplb", "EPLB needs expert parallelism (parallel.ep = true)")
+        if backend_info(self.backend).token_routing and not self.ep:
+            raise ScenarioError(
+                "parallel.backend",
+                f"{self.backend} routes tokens with an all-to-all and needs parallel.ep = true",
+            )
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.dp
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Platform being modeled (not necessarily the one executing)."""
+
+    platform: str = "cpu"
+    aux_stream: bool = False
+    token_threshold: int = 256
+    profile: str | None = None  # cost profile; default by platform
+
+    def validate(self) -> None:
+        if self.platform not in PLATFORMS:
+            raise ScenarioError(
+                "runtime.platform", f"unknown platform {self.platform!r} (known: {', '.join(PLATFORMS)})"
+            )
+        if self.token_threshold < 0:
+            raise ScenarioError("runtime.token_threshold", f"must be >= 0, got {self.token_threshold}")
+        if self.profile is not None and self.profile not in PROFILES:
+            raise ScenarioError(
+                "runtime.profile", f"unknown profile {self.profile!r} (known: {', '.join(PROFILES)})"
+            )
+
+    @property
+    def cost_profile(self) -> str:
+        if self.profile is not None:
+            return self.profile
+        return "h100" if self.platform == "cuda" else "cpu"
+
+
+@dataclass(frozen=True)
+class Workload:
+    tokens: int = 8  # tokens per DP rank (decode batch or prefill chunk)
+    seed: int = 0
+    skew: float = 0.0  # 0 = uniform routing; towards 1 = a few hot experts
+
+    def validate(self) -> None:
+        _positive("workload.tokens", self.tokens)
+        if not 0.0 <= self.skew < 1.0:
+            raise ScenarioError("workload.skew", f"must be in [0, 1), got {self.skew}")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = "scenario"
+    summary: str = ""
+    model: ModelTraits = field(default_factory=ModelTraits)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: Runtime = field(default_factory=Runtime)
+    workload: Workload = field(default_factory=Workload)
+    kernel: str = "auto"
+    runner: str = "fixed"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.parallel.validate()
+        self.runtime.validate()
+        self.workload.validate()
+        if self.kernel not in KERNEL_CHOICES:
+            raise ScenarioError(
+                "kernel", f"unknown kernel {self.kernel!r} (known: {', '.join(KERNEL_CHOICES)})"
+            )
+        if not isinstance(self.runner, str) or not self.runner:
+            raise ScenarioError("runner", "must be a non-empty runner name or module:Class")
+        m, p = self.model, self.parallel
+        if m.moe_intermediate % self.moe_tp:
+            raise ScenarioError(
+                "parallel.tp",
+                f"moe intermediate {m.moe_intermediate} is not divisible by moe_tp={self.moe_tp}",
+            )
+        if m.num_experts % self.moe_ep:
+            raise ScenarioError(
+                "parallel.ep",
+                f"{m.num_experts} experts are not divisible by moe_ep={self.moe_ep}",
+            )
+        if m.has_shared and not self.sp and m.shared_inter % p.tp:
+            raise ScenarioError(
+                "parallel.tp",
+                f"shared intermediate {m.shared_inter} is not divisible by tp={p.tp}",
+            )
+
+    # ---- derived quantities (runner_semantics.md, "Parallel configuration") ----
+
+    @property
+    def world(self) -> int:
+        return self.parallel.world
+
+    @property
+    def moe_tp(self) -> int:
+        return 1 if self.parallel.ep else self.parallel.world
+
+    @property
+    def moe_ep(self) -> int:
+        return self.parallel.world if self.parallel.ep else 1
+
+    @property
+    def sp(self) -> bool:
+        p = self.parallel
+        return (
+            p.ep and p.tp > 1 and p.dp > 1 and p.backend in sp_backends(p.version)
+        )
+
+    @property
+    def use_all2all_kernels(self) -> bool:
+        return self.parallel.ep and (self.parallel.dp > 1 or self.sp)
+
+    @property
+    def use_fi_two_sided(self) -> bool:
+        return self.use_all2all_kernels and self.parallel.backend == "flashinfer_nvlink_two_sided"
+
+    @property
+    def effective_backend(self) -> str:
+        """The prepare/finalize actually in use ('none' without all-to-all kernels).
+
+        Without EP, DP > 1 still gathers tokens naively over the DP group.
+        """
+        if self.use_all2all_kernels:
+            return self.parallel.backend
+        if self.parallel.dp > 1:
+            return "allgather_reducescatter"
+        return "none"
+
+    @property
+    def sp_tokens(self) -> int:
+        """Token rows each rank holds inside the layer (SP slices, padded to tp)."""
+        t = self.workload.tokens
+        if not self.sp:
+            return t
+        tp = self.parallel.tp
+        return -(-t // tp)
+
+    @property
+    def local_experts(self) -> int:
+        return self.model.num_experts // self.moe_ep
+
+    @property
+    def kernel_choice(self) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        return "torch"
+
+    @property
+    def cost_profile(self) -> str:
+        return self.runtime.cost_profile
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(dp_rank, tp_rank) of a world rank; rank = dp_rank * tp + tp_rank."""
+        tp = self.parallel.tp
+        return rank // tp, rank % tp
+
+    def group(self, kind: str, rank: int) -> tuple[int, ...]:
+        """World ranks of `rank`'s group of the given kind (tp, dp, ep, world)."""
+        tp, dp = self.parallel.tp, self.parallel.dp
+        d, t = self.coords(rank)
+        if kind == "tp":
+            return tuple(d * tp + i for i in range(tp))
+        if kind == "dp":
+            return tuple(i * tp + t for i in range(dp))
+        if kind in ("ep", "world"):
+            if kind == "ep" and not self.parallel.ep:
+                return (rank,)
+            return tuple(range(tp * dp))
+        raise ValueError(f"unknown group kind {kind!r} (known: tp, dp, ep, world)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_(self, **changes: Any) -> Scenario:
+        """A copy with top-level or dotted changes, e.g. with_(**{"parallel.tp": 4})."""
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            if "." in key:
+                section, attr = key.split(".", 1)
+                nested.setdefault(section, {})[attr] = value
+            else:
+                top[key] = value
+        for section, attrs in nested.items():
+            top[section] = replace(getattr(self, section), **attrs)
+        return replace(self, **top)
+
+    def derived(self) -> dict[str, Any]:
+        return {
+            "world": self.world,
+            "sp": self.sp,
+            "moe_tp": self.moe_tp,
+            "moe_ep": self.moe_ep,
+            "use_all2all_kernels": self.use_all2all_kernels,
+            "use_fi_two_sided": self.use_fi_two_sided,
+            "effective_backend": self.effective_backend,
+            "padded": self.model.padded,
+            "kernel_width": self.model.kernel_width,
+            "rows_per_rank": self.sp_tokens,
+            "local_experts": self.local_experts,
+            "kernel": self.kernel_choice,
+            "profile": self.cost_profile,
+        }
+
+    def summary_line(self) -> str:
+        m, p = self.model, self.parallel
+        bits = [f"tp={p.tp}", f"dp={p.dp}"]
+        if p.ep:
+            bits.append("ep")
+        if p.eplb:
+            bits.append("eplb")
+        if self.use_all2all_kernels or p.dp > 1:
+            bits.append(self.effective_backend)
+        if self.sp:
+            bits.append("SP")
+        shape = f"H={m.hidden}"
+        if m.padded:
+            shape += f"->{m.kernel_width}"
+        if m.latent_dim:
+            shape += f" latent={m.latent_dim}"
+        shape += f" E={m.num_experts} k={m.top_k} I={m.moe_intermediate}"
+        if m.has_shared:
+            shape += f" shared={m.num_shared_experts}"
+        rt = self.runtime
+        plat = rt.platform + ("+aux" if rt.aux_stream else "")
+        return f"{shape}; {' '.join(bits)}; {plat}; T={self.workload.tokens}"
+
+
+SECTIONS = {
+    "model": ModelTraits,
+    "parallel": ParallelConfig,
+    "runtime": Runtime,
+    "workload": Workload,
+}
+TOP_LEVEL = ("name", "summary", "kernel", "runner")
+
+
+def scenario_from_dict(data: dict[str, Any], default_name: str = "scenario") -> Scenario:
+    """Build a Scenario from a TOML-shaped dict, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ScenarioError("scenario", "must be a table")
+    kwargs: dict[str, Any] = {"name": default_name}
+    for key, value in data.items():
+        if key in SECTIONS:
+            cls = SECTIONS[key]
+            if not isinstance(value, dict):
+                raise ScenarioError(key, "must be a table")
+            known = {f.name: f for f in fields(cls)}
+            for sub, subval in value.items():
+                if sub not in known:
+                    raise ScenarioError(
+                        f"{key}.{sub}", f"unknown field (known: {', '.join(known)})"
+                    )
+                _check_type(f"{key}.{sub}", subval, known[sub].type)
+            kwargs[key] = cls(**value)
+        elif key in TOP_LEVEL:
+            if not isinstance(value, str):
+                raise ScenarioError(key, f"must be a string, got {value!r}")
+            kwargs[key] = value
+        else:
+            raise ScenarioError(
+                key, f"unknown field (known: {', '.join(TOP_LEVEL + tuple(SECTIONS))})"
+            )
+    return Scenario(**kwargs)
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    ann = str(annotation)
+    if value is None:
+        if "None" not in ann:
+            raise ScenarioError(name, "must not be empty")
+        return
+    if ann.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ann.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif ann.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif ann.startswith("str"):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ScenarioError(name, f"must be {ann.split(' ')[0]}, got {value!r}")
+
+
+def scenario_to_toml(s: Scenario) -> str:
+    """Serialise a Scenario as TOML that scenario_from_dict reads back."""
+    lines = [f"name = {_toml_value(s.name)}"]
+    if s.summary:
+        lines.append(f"summary = {_toml_value(s.summary)}")
+    lines.append(f"runner = {_toml_value(s.runner)}")
+    lines.append(f"kernel = {_toml_value(s.kernel)}")
+    for section, cls in SECTIONS.items():
+        lines.append("")
+        lines.append(f"[{section}]")
+        obj = getattr(s, section)
+        for f in fields(cls):
+            value = getattr(obj, f.name)
+            if value is None:
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

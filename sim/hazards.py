@@ -1,0 +1,184 @@
+"""Hazard detectors that need the whole program of a rank: races between
+streams, overlap the backend contract forbids, and lost overlap (which needs a
+second simulation of the best safe order).
+
+The per-op detectors (double/missing reduction, shape mismatch, hang) live in
+sim/engine.py, where the values and shapes are computed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from scenarios.backends import backend_info
+from scenarios.runners import (
+    OVERLAPPED,
+    FixedRunner,
+    MoERunner,
+    Order,
+    overlap_disabled,
+    reference_order,
+)
+from scenarios.spec import Scenario
+from scenarios.trace import Hazard, HazardKind, Step
+
+ROUTED_OPS = ("dispatch", "experts", "combine")
+
+
+def happens_before(a_stream: str, a_vc: dict[str, int], b_vc: dict[str, int]) -> bool:
+    """Vector-clock order between two steps of one rank."""
+    return b_vc.get(a_stream, 0) >= a_vc.get(a_stream, 0)
+
+
+def concurrent(a_stream: str, a_vc: dict[str, int], b_stream: str, b_vc: dict[str, int]) -> bool:
+    if a_stream == b_stream:
+        return False
+    return not happens_before(a_stream, a_vc, b_vc) and not happens_before(b_stream, b_vc, a_vc)
+
+
+def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (import cycle)
+    """Two streams touch one buffer, at least one writes, no event orders them."""
+    by_buf: dict[tuple[int, int], list] = defaultdict(list)
+    for acc in sim.accesses:
+        by_buf[(acc.rank, acc.buf)].append(acc)
+    out: list[Hazard] = []
+    reported: set[tuple[int, int, int]] = set()
+    for (rank, _buf), accs in by_buf.items():
+        if len({a.stream for a in accs}) < 2:
+            continue
+        steps = sim.rank_ops[rank].steps
+        for i, a in enumerate(accs):
+            for b in accs[i + 1:]:
+                if a.stream == b.stream or not (a.write or b.write):
+                    continue
+                if not concurrent(a.stream, a.vc, b.stream, b.vc):
+                    continue
+                first, second = (a, b) if a.step < b.step else (b, a)
+                key = (rank, first.step, second.step)
+                if key in reported or first.step == second.step:
+                    continue
+                reported.add(key)
+                s1, s2 = steps[first.step], steps[second.step]
+                verb1 = "writes" if first.write else "reads"
+                verb2 = "writes" if second.write else "reads"
+                out.append(Hazard(
+                    HazardKind.UNSAFE_OVERLAP, s2.index, s2.name, rank,
+                    f"{s2.name} ({s2.stream}) {verb2} a buffer that step {s1.index} {s1.name} "
+                    f"({s1.stream}) {verb1}; no event orders them",
+                ))
+    return out
+
+
+def shared_routed_pairs(sim, rank: int) -> list[tuple[Step, Step]]:  # noqa: ANN001
+    """(shared step, routed step) pairs of one rank that may run concurrently."""
+    ops = sim.rank_ops[rank]
+    shared = [p for p in ops.plans if p.step.component == "shared"]
+    routed = [p for p in ops.plans if p.step.component == "routed" and p.step.op in ROUTED_OPS]
+    pairs = []
+    for sp in shared:
+        for rp in routed:
+            if sp.vc is not None and rp.vc is not None and concurrent(sp.step.stream, sp.vc, rp.step.stream, rp.vc):
+                pairs.append((sp.step, rp.step))
+    return pairs
+
+
+def forbidden_reason(s: Scenario) -> str:
+    backend = s.effective_backend
+    if s.use_fi_two_sided:
+        return "FlashInfer NVLink two-sided kernels are in use (overlap must be off: no gain under DP, streams wasted)"
+    return f"EPLB is on and {backend} is not EPLB-overlap safe"
+
+
+def detect_forbidden_overlap(sim) -> list[Hazard]:  # noqa: ANN001
+    s = sim.scenario
+    if not overlap_disabled(s):
+        return []
+    out = []
+    order = sim.decisions.get("shared_experts_order", "?")
+    for ops in sim.rank_ops:
+        pairs = shared_routed_pairs(sim, ops.rank)
+        if pairs:
+            sh, rt = pairs[0]
+            out.append(Hazard(
+                HazardKind.UNSAFE_OVERLAP, sh.index, sh.name, ops.rank,
+                f"shared experts overlap {rt.name} (order {order}) but {forbidden_reason(s)}",
+            ))
+    return out
+
+
+def overlap_us(steps: list[Step]) -> float:
+    """Time during which shared-expert work and routed work run at once."""
+    shared = [(st.start, st.end) for st in steps if st.component == "shared" and st.end > st.start]
+    routed = [(st.start, st.end) for st in steps if st.component == "routed" and st.end > st.start]
+    total = 0.0
+    for a0, a1 in _merge(shared):
+        for b0, b1 in _merge(routed):
+            total += max(0.0, min(a1, b1) - max(a0, b0))
+    return total
+
+
+def _merge(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def with_order(runner_cls: type[MoERunner], order: Order) -> type[MoERunner]:
+    """The same runner with its shared-experts order forced (the what-if)."""
+
+    def shared_experts_order(self: MoERunner, num_tokens: int) -> Order:
+        return order
+
+    return type(f"{runner_cls.__name__}With{order.name.title().replace('_', '')}", (runner_cls,),
+                {"shared_experts_order": shared_experts_order})
+
+
+def lost_overlap_candidate(sim) -> Order | None:  # noqa: ANN001
+    """The safe overlapped order this scenario allows, if the runner used no overlap."""
+    s = sim.scenario
+    if not s.model.has_shared or overlap_disabled(s):
+        return None
+    ref = reference_order(s, s.sp_tokens)
+    if ref not in OVERLAPPED:
+        return None
+    if ref == Order.MK_INTERNAL_OVERLAPPED and not backend_info(s.effective_backend).async_shared_overlap:
+        return None
+    if any(shared_routed_pairs(sim, ops.rank) for ops in sim.rank_ops):
+        return None
+    return ref
+
+
+def lost_overlap_hazards(sim, trace_latency: float, alt_latency: float, order: Order, alt_name: str) -> list[Hazard]:  # noqa: ANN001
+    cost = trace_latency - alt_latency
+    if cost <= 1e-9:
+        return []
+    chosen = sim.decisions.get("shared_experts_order", "?")
+    pct = 100.0 * cost / alt_latency if alt_latency > 0 else 0.0
+    out = []
+    for ops in sim.rank_ops:
+        shared = next((st for st in ops.steps if st.component == "shared"), None)
+        if shared is None:
+            continue
+        out.append(Hazard(
+            HazardKind.LOST_OVERLAP, shared.index, shared.name, ops.rank,
+            f"shared experts run serially (order {chosen}) although {order.value} is safe here: "
+            f"layer {trace_latency:.1f} us vs {alt_latency:.1f} us with {alt_name} (+{pct:.1f}%)",
+            cost_us=cost,
+        ))
+    return out
+
+
+__all__ = [
+    "FixedRunner",
+    "concurrent",
+    "detect_forbidden_overlap",
+    "detect_races",
+    "lost_overlap_candidate",
+    "lost_overlap_hazards",
+    "overlap_us",
+    "with_order",
+]
