@@ -41,7 +41,7 @@ LIFECYCLE = "lifecycle"
 DECISION = "decision"
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     rank: int
     index: int

@@ -115,22 +115,33 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
     """
     if len(values) == 1:
         return values[0]
-    cuts = sorted(set().union(*(_boundaries(v) for v in values)))
-    segs = [_resegment(v, cuts) for v in values]
+    layout = [b.rows for b in values[own].blocks]
+    if all([b.rows for b in v.blocks] == layout for v in values):
+        # Common case (same row layout everywhere): no re-segmentation.
+        cuts = layout
+        segs = [list(v.blocks) for v in values]
+    else:
+        cuts = sorted(set().union(*(_boundaries(v) for v in values)))
+        segs = [_resegment(v, cuts) for v in values]
     # Scale: rescale sources of a component whose scale differs from the receiver's.
     base_scale = dict(values[own].scale)
     for v in values:
         for c, f in v.scale:
             base_scale.setdefault(c, f)
+    ratios = [
+        {c: f / base_scale.get(c, 1.0) for c, f in v.scale if f != base_scale.get(c, 1.0)}
+        for v in values
+    ]
     out: list[Block] = []
     for i in range(len(cuts)):
         key = segs[own][i].key
         acc: dict[Source, float] = {}
-        for j, v in enumerate(values):
+        for j in range(len(values)):
             blk = segs[j][i]
             foreign = blk.key != key
+            rj = ratios[j]
             for (c, s, f), coef in blk.terms:
-                ratio = v.scale_of(c) / base_scale.get(c, 1.0)
+                ratio = rj.get(c, 1.0) if rj else 1.0
                 src = (c, s, blk.key if (foreign and f is None) else f)
                 acc[src] = acc.get(src, 0.0) + coef * ratio
         out.append(Block(key, segs[own][i].rows, _terms(acc)))

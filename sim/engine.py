@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import greenlet
@@ -449,6 +450,24 @@ class SimOps(Ops):
         return self._collective(kind, y, group, name, "combine", shape, nbytes, component="routed", a2a=token_routing)
 
 
+@lru_cache(maxsize=1024)
+def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
+    route = routing(s)
+    per = s.local_experts
+    owners_of_token: dict[tuple[int, int], set[int]] = {}
+    out = [0] * s.world
+    for m in group:
+        d, _ = s.coords(m)
+        for tok in rank_token_ids(s, m):
+            key = (d, tok if tok >= 0 else 0)
+            owners = owners_of_token.get(key)
+            if owners is None:
+                owners = owners_of_token[key] = {e // per for e in route[key[0]][key[1]][0]}
+            for o in owners:
+                out[o] += 1
+    return tuple(out)
+
+
 class Simulation:
     """Simulates one scenario with one runner class."""
 
@@ -549,18 +568,7 @@ class Simulation:
     def received_rows(self, rank: int, group: tuple[int, ...]) -> int:
         """Rows a token-routing dispatch delivers to `rank`: each member's tokens
         with at least one expert on this rank."""
-        s = self.scenario
-        route = routing(s)
-        per = s.local_experts
-        lo, hi = rank * per, (rank + 1) * per
-        rows = 0
-        for m in group:
-            d, _ = s.coords(m)
-            for tok in rank_token_ids(s, m):
-                experts = route[d][tok if tok >= 0 else 0][0]
-                if any(lo <= e < hi for e in experts):
-                    rows += 1
-        return rows
+        return _received_rows(self.scenario, group)[rank]
 
     def arrive(self, ops: SimOps, key: tuple, kind: str, x: SimTensor, st: Step) -> Any:
         group = key[0]

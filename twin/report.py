@@ -1,0 +1,138 @@
+"""Human-readable reports (rich) for the CLI. JSON shapes live with the data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from scenarios.spec import Scenario, scenario_to_toml
+from scenarios.trace import Hazard, Trace
+
+KIND_STYLE = {
+    "DOUBLE_REDUCTION": "bold red",
+    "MISSING_REDUCTION": "bold red",
+    "SHAPE_MISMATCH": "bold magenta",
+    "LOST_OVERLAP": "bold yellow",
+    "UNSAFE_OVERLAP": "bold red",
+    "HANG": "bold red",
+    "RUNNER_ERROR": "bold red",
+}
+
+
+def hazard_lines(hazards: Iterable[Hazard], fold_ranks: bool = True) -> list[Text]:
+    """One line per hazard; identical hazards on several ranks are folded."""
+    groups: dict[tuple[str, int, str, str], list[int]] = {}
+    for h in hazards:
+        detail = h.detail
+        if h.cost_us is not None:
+            detail += f" [+{h.cost_us:.1f} us]"
+        key = (h.kind.value, h.step, h.step_name, detail) if fold_ranks else (h.kind.value, h.step, h.step_name, f"{detail}#{h.rank}")
+        groups.setdefault(key, []).append(h.rank)
+    lines = []
+    for (kind, step, name, detail), ranks in groups.items():
+        detail = detail.split("#")[0]
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, sorted(ranks)))}"
+        t = Text()
+        t.append(kind, style=KIND_STYLE.get(kind, "bold"))
+        t.append(f" at step {step} {name} ({who}): {detail}")
+        lines.append(t)
+    return lines
+
+
+def scenario_panel(s: Scenario) -> RenderableType:
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("scenario", s.name)
+    if s.summary:
+        t.add_row("summary", s.summary)
+    t.add_row("shape", s.summary_line())
+    derived = ", ".join(f"{k}={v}" for k, v in s.derived().items())
+    t.add_row("derived", derived)
+    return t
+
+
+def show_scenario(s: Scenario) -> RenderableType:
+    return Group(scenario_panel(s), Text(""), Text(scenario_to_toml(s).rstrip()))
+
+
+def outputs_table(trace: Trace) -> RenderableType:
+    """Output coefficients per rank, ranks with identical coefficients folded."""
+    groups: dict[tuple, list[int]] = {}
+    for r, coeffs in sorted(trace.outputs.items()):
+        groups.setdefault(tuple(sorted(coeffs.items())), []).append(r)
+    t = Table(title="output coefficients (1 = reduced exactly once)", title_justify="left")
+    t.add_column("ranks")
+    t.add_column("sources")
+    for coeffs, ranks in groups.items():
+        parts = Text()
+        for i, (label, c) in enumerate(coeffs):
+            if i:
+                parts.append("  ")
+            style = "green" if abs(c - 1.0) < 1e-6 else "bold red"
+            parts.append(f"{label}={c:g}", style=style)
+        t.add_row(",".join(map(str, ranks)), parts)
+    if not groups:
+        t.add_row("-", "no rank produced an output")
+    return t
+
+
+def simulate_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
+    parts: list[RenderableType] = [scenario_panel(s), Text("")]
+    head = Text(f"runner {trace.runner}", style="bold")
+    head.append(f"   latency {trace.latency_us:.1f} us", style="")
+    if trace.decisions:
+        head.append("   " + ", ".join(f"{k}={v}" for k, v in trace.decisions.items()))
+    parts.append(head)
+    if trace.hazards:
+        parts.append(Text(f"{len(trace.hazards)} hazard(s) predicted:", style="bold"))
+        parts.extend(hazard_lines(trace.hazards))
+    else:
+        parts.append(Text("no hazard predicted", style="bold green"))
+    parts.append(Text(""))
+    parts.append(outputs_table(trace))
+    if trace.overlap_us:
+        ov = ", ".join(f"r{r} {v:.1f} us" for r, v in sorted(trace.overlap_us.items()))
+        parts.append(Text(f"shared/routed overlap: {ov}"))
+    if timeline is not None:
+        parts.append(Text(""))
+        parts.append(timeline)
+    for note in trace.notes:
+        parts.append(Text(note, style="dim"))
+    return Group(*parts)
+
+
+def replay_table(results: list[Any], real: bool = False) -> RenderableType:
+    t = Table(title="moe-twin replay: historical regressions, before vs fixed", title_justify="left")
+    t.add_column("reg")
+    t.add_column("runner / scenario")
+    t.add_column("expected")
+    t.add_column("sim: before")
+    t.add_column("sim: fixed")
+    if real:
+        t.add_column("real: before")
+        t.add_column("real: fixed")
+    t.add_column("verdict")
+    for res in results:
+        c = res.case
+        kinds = sorted(res.before.hazard_kinds())
+        pred = Text()
+        for i, k in enumerate(kinds):
+            if i:
+                pred.append(", ")
+            pred.append(k, style=KIND_STYLE.get(k, "bold") if k == c.expected else "yellow")
+        if not kinds:
+            pred.append("none", style="bold red")
+        fixed = Text("clean", style="green") if not res.fixed.hazards else Text(
+            ", ".join(sorted(res.fixed.hazard_kinds())), style="bold red")
+        row: list[Any] = [c.regression, f"{c.runner}\n[dim]{c.scenario}[/dim]", c.expected, pred, fixed]
+        if real:
+            row.extend(res.real_cells())
+        ok = res.caught if not real else res.caught and res.real_ok
+        row.append(Text("CAUGHT" if ok else "MISSED", style="bold green" if ok else "bold red"))
+        t.add_row(*row)
+    return t
