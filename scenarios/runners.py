@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from scenarios.ops import Ops
 from scenarios.spec import Scenario
 
 
-class Order(str, Enum):
+class Order(StrEnum):
     """Where the shared experts run relative to the routed experts."""
 
     NO_OVERLAP = "NO_OVERLAP"

@@ -8,11 +8,11 @@ simulator or the real runner produced them, so the cross-check aligns them by
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class HazardKind(str, Enum):
+class HazardKind(StrEnum):
     DOUBLE_REDUCTION = "DOUBLE_REDUCTION"
     MISSING_REDUCTION = "MISSING_REDUCTION"
     SHAPE_MISMATCH = "SHAPE_MISMATCH"
@@ -24,7 +24,7 @@ class HazardKind(str, Enum):
     RUNNER_ERROR = "RUNNER_ERROR"
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     CONFIRMED = "CONFIRMED"
     REFUTED = "REFUTED"
     INCONCLUSIVE = "INCONCLUSIVE"
