@@ -125,6 +125,9 @@ class Trace:
     overlap_us: dict[int, float] = field(default_factory=dict)  # shared/routed overlap per rank
     decisions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # stand-ins used, collapses, ...
+    # Simulator only, not serialised: abstract value per rank and step index
+    # (what the real runner fits its tensors against).
+    values: dict[int, dict[int, Any]] = field(default_factory=dict, repr=False)
 
     def rank_steps(self, rank: int) -> list[Step]:
         return self.steps.get(rank, [])

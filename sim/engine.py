@@ -435,6 +435,7 @@ class SimOps(Ops):
         shape = (rows, x.shape[-1])
         out = self._collective(kind, x, group, name, "dispatch", shape, self._bytes((x.shape[0] * min(s.model.top_k, len(group)), x.shape[-1])) if token_routing else self._bytes(shape), component="routed", a2a=token_routing)
         out.shape = shape
+        self.steps[out.step].out_shape = shape
         rh = SimTensor((rows, s.model.top_k), out.value, self.sim.new_buffer(), out.step)
         return out, rh
 
@@ -734,6 +735,7 @@ class Simulation:
         )
         for ops in self.rank_ops:
             trace.steps[ops.rank] = ops.steps
+            trace.values[ops.rank] = ops.values
             if ops.output is not None:
                 trace.outputs[ops.rank] = algebra.coefficients(ops.output.value, self.expected_scale)
         return trace

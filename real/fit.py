@@ -1,0 +1,56 @@
+"""Fit a real tensor as a linear combination of float64 source partials.
+
+At every step where the simulator predicts an abstract value, the real
+tensor is fitted by least squares against the partial outputs of the sources
+the prediction names; the fitted coefficients are compared with the
+predicted ones, and the relative residual says whether those sources explain
+the tensor at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from real.model import Reference, dp_of, tokens_of
+from sim import algebra
+
+
+def fit_value(ref: Reference, predicted: algebra.Value, real: torch.Tensor, space: str) -> tuple[dict[str, float], float] | None:
+    """Return (coefficients by source label, relative residual), or None when
+    the tensor cannot be fitted (rows differ from the prediction, a
+    non-linear transform was applied)."""
+    if space == "up-nonlinear" or real.dim() != 2 or real.shape[0] != predicted.rows:
+        return None
+    s = ref.s
+    y = real.detach().double()
+    rows, width = y.shape
+    labels: list[str] = []
+    cols: dict[str, torch.Tensor] = {}
+    pos = 0
+    for b in predicted.blocks:
+        own = tokens_of(s, b.key)
+        d_own = dp_of(b.key)
+        for (comp, shard, foreign), _coef in b.terms:
+            label = algebra.source_label((comp, shard, foreign))
+            if label not in cols:
+                cols[label] = torch.zeros(rows, width, dtype=torch.float64)
+                labels.append(label)
+            toks = tokens_of(s, foreign) if foreign is not None else own
+            d = dp_of(foreign) if foreign is not None else d_own
+            up = space == "up" and comp == "routed"
+            for i, tok in enumerate(toks[: b.rows]):
+                p = ref.partial(comp, shard, d, tok, up=up)
+                n = min(width, p.shape[0])
+                cols[label][pos + i, :n] += p[:n]
+        pos += b.rows
+    # A source whose partial is zero on every row here (an EP rank owning none
+    # of these tokens' experts) has no observable coefficient: leave it out.
+    labels = [lab for lab in labels if float(cols[lab].abs().max()) > 1e-12]
+    if not labels:
+        return None
+    a = torch.stack([cols[lab].flatten() for lab in labels], dim=1)
+    target = y.flatten()
+    sol = torch.linalg.lstsq(a, target.unsqueeze(1)).solution.flatten()
+    resid = torch.linalg.norm(a @ sol - target) / max(float(torch.linalg.norm(target)), 1e-30)
+    coeffs = {lab: round(float(c), 6) for lab, c in zip(labels, sol)}
+    return coeffs, float(resid)

@@ -1,0 +1,223 @@
+"""Seeded weights and inputs of one MoE layer, and its float64 source partials.
+
+Every rank generates exactly the weights it needs from per-object seeds, so
+all ranks agree without communicating. The float64 partials are what the
+cross-check fits real tensors against: the output of one source (routed
+experts of one EP rank or TP shard, shared experts of one shard) on one token.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from scenarios.spec import Scenario
+from scenarios.workload import routing
+
+MAX_REAL_BYTES = 3 * 2**30  # per rank; larger scenarios are refused with a clear error
+
+
+class ScenarioTooLarge(ValueError):
+    pass
+
+
+def _gen(scenario: Scenario, *tag: object) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(repr((scenario.workload.seed, *tag)).encode()))
+    return g
+
+
+def real_bytes_estimate(s: Scenario) -> int:
+    """Weights a rank holds (fp32) plus the reference copies the fit needs."""
+    m = s.model
+    kw = m.kernel_width
+    routed = s.local_experts * 3 * kw * (m.moe_intermediate // s.moe_tp)
+    shared = 3 * m.hidden * m.shared_inter if m.has_shared else 0
+    return 4 * (routed + shared + m.num_experts * m.hidden) * 2
+
+
+def check_fits(s: Scenario) -> None:
+    need = real_bytes_estimate(s)
+    if need > MAX_REAL_BYTES:
+        raise ScenarioTooLarge(
+            f"scenario {s.name!r} needs ~{need / 2**30:.1f} GiB per rank for a real run on CPU "
+            f"(limit {MAX_REAL_BYTES / 2**30:.0f} GiB): use a scaled-down scenario (the r1..r5 ones are)"
+        )
+
+
+class LayerWeights:
+    """Weights of one layer, generated lazily per expert (fp32)."""
+
+    def __init__(self, s: Scenario) -> None:
+        self.s = s
+        m = s.model
+        self.kw = m.kernel_width
+        self.rw = m.routed_width
+        self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        g = _gen(s, "gate")
+        self.gate = torch.randn(m.num_experts, m.hidden, generator=g) / m.hidden**0.5
+        self.shared_w13 = self.shared_w2 = None
+        if m.has_shared:
+            g = _gen(s, "shared")
+            i = m.shared_inter
+            self.shared_w13 = torch.randn(2 * i, m.hidden, generator=g) / m.hidden**0.5
+            self.shared_w2 = torch.randn(m.hidden, i, generator=g) / i**0.5
+        self.down = self.up = None
+        if m.latent_dim is not None:
+            g = _gen(s, "latent")
+            self.down = torch.randn(m.latent_dim, m.hidden, generator=g) / m.hidden**0.5
+            self.up = torch.randn(m.hidden, m.latent_dim, generator=g) / m.latent_dim**0.5
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 [2I, Hk] packed [gate; up] and w2 [Hk, I]; padded dims are zero."""
+        if e not in self._experts:
+            i = self.s.model.moe_intermediate
+            g = _gen(self.s, "expert", e)
+            w13 = torch.zeros(2 * i, self.kw)
+            w13[:, : self.rw] = torch.randn(2 * i, self.rw, generator=g) / self.rw**0.5
+            w2 = torch.zeros(self.kw, i)
+            w2[: self.rw] = torch.randn(self.rw, i, generator=g) / i**0.5
+            self._experts[e] = (w13, w2)
+        return self._experts[e]
+
+    def local_experts(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Stacked (w13, w2, expert_offset) this rank's routed kernel uses."""
+        s = self.s
+        if s.parallel.ep:
+            per = s.local_experts
+            ids = range(rank * per, (rank + 1) * per)
+            offset = rank * per
+        else:
+            ids = range(s.model.num_experts)
+            offset = 0
+        w13 = torch.stack([self.expert(e)[0] for e in ids])
+        w2 = torch.stack([self.expert(e)[1] for e in ids])
+        if not s.parallel.ep and s.moe_tp > 1:
+            from kernels.torch_ref import shard_w13_w2
+
+            w13, w2 = shard_w13_w2(w13, w2, rank, s.moe_tp)
+        return w13.contiguous(), w2.contiguous(), offset
+
+    def shared_shard(self, t: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.shared_w13 is not None and self.shared_w2 is not None
+        i = self.s.model.shared_inter
+        if n == 1:
+            return self.shared_w13, self.shared_w2
+        per = i // n
+        rows = torch.cat([torch.arange(t * per, (t + 1) * per), torch.arange(i + t * per, i + (t + 1) * per)])
+        return self.shared_w13[rows].contiguous(), self.shared_w2[:, t * per : (t + 1) * per].contiguous()
+
+
+def layer_input(s: Scenario, d: int) -> torch.Tensor:
+    g = _gen(s, "x", d)
+    return torch.randn(s.workload.tokens, s.model.hidden, generator=g)
+
+
+def mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    i = w13.shape[0] // 2
+    h = x @ w13.t()
+    return (F.silu(h[..., :i]) * h[..., i:]) @ w2.t()
+
+
+_KEY = re.compile(r"^d(\d+)(?:s(\d+))?((?:\[\d+:\d+\])*)$")
+_CUT = re.compile(r"\[(\d+):(\d+)\]")
+
+
+def tokens_of(s: Scenario, key: str) -> list[int]:
+    """Token indices (within the DP rank) of a row-block key; -1 for SP padding."""
+    m = _KEY.match(key)
+    if m is None:
+        raise ValueError(f"unknown row-block key {key!r}")
+    T = s.workload.tokens
+    if m.group(2) is None:
+        toks = list(range(T))
+    else:
+        per, t = s.sp_tokens, int(m.group(2))
+        toks = [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
+    for a, b in _CUT.findall(m.group(3)):
+        toks = toks[int(a) : int(b)]
+    return toks
+
+
+def dp_of(key: str) -> int:
+    m = _KEY.match(key)
+    if m is None:
+        raise ValueError(f"unknown row-block key {key!r}")
+    return int(m.group(1))
+
+
+class Reference:
+    """Float64 partial outputs of each source on each token (cached)."""
+
+    def __init__(self, s: Scenario, weights: LayerWeights) -> None:
+        self.s = s
+        self.w = weights
+        self.route = routing(s)
+        self._x: dict[int, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def x(self, d: int) -> torch.Tensor:
+        if d not in self._x:
+            self._x[d] = layer_input(self.s, d).double()
+        return self._x[d]
+
+    def routed_input(self, d: int, tok: int) -> torch.Tensor:
+        m = self.s.model
+        v = self.x(d)[tok]
+        if self.w.down is not None:
+            v = self.w.down.double() @ v
+        return F.pad(v, (0, m.kernel_width - v.shape[0]))
+
+    def partial(self, component: str, shard: str, d: int, tok: int, up: bool = False) -> torch.Tensor:
+        """The source's output on token (d, tok), in its native width."""
+        key = (component, shard, d, tok, up)
+        if key in self._cache:
+            return self._cache[key]
+        s, m = self.s, self.s.model
+        if tok < 0:
+            width = {"x": m.hidden, "shared": m.hidden, "xlat": m.kernel_width}.get(component, m.kernel_width)
+            if component == "routed" and up:
+                width = m.hidden
+            out = torch.zeros(width, dtype=torch.float64)
+        elif component == "x":
+            out = self.x(d)[tok]
+        elif component == "xlat":
+            out = self.routed_input(d, tok)
+        elif component == "shared":
+            n = s.parallel.tp if shard.startswith("tp") else 1
+            t = int(shard[2:]) if shard.startswith("tp") else 0
+            w13, w2 = self.w.shared_shard(t, n)
+            out = mlp(self.x(d)[tok], w13.double(), w2.double())
+        elif component == "routed":
+            out = self._routed(shard, d, tok) * m.routed_scaling_factor
+            if up:
+                assert self.w.up is not None
+                out = self.w.up.double() @ out[: m.routed_width]
+        else:
+            raise ValueError(f"unknown source component {component!r}")
+        self._cache[key] = out
+        return out
+
+    def _routed(self, shard: str, d: int, tok: int) -> torch.Tensor:
+        s = self.s
+        ids, weights = self.route[d][tok]
+        v = self.routed_input(d, tok)
+        out = torch.zeros(s.model.kernel_width, dtype=torch.float64)
+        r = int(shard[2:])
+        for e, w in zip(ids, weights):
+            w13, w2 = self.w.expert(e)
+            w13, w2 = w13.double(), w2.double()
+            if shard.startswith("ep"):
+                per = s.local_experts
+                if not r * per <= e < (r + 1) * per:
+                    continue
+            elif s.moe_tp > 1:
+                i = s.model.moe_intermediate
+                per = i // s.moe_tp
+                rows = torch.cat([torch.arange(r * per, (r + 1) * per), torch.arange(i + r * per, i + (r + 1) * per)])
+                w13, w2 = w13[rows], w2[:, r * per : (r + 1) * per]
+            out = out + w * mlp(v, w13, w2)
+        return out

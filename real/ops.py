@@ -1,0 +1,537 @@
+"""The real Ops interpreter: real tensors, collectives, streams and kernels.
+
+The *modeled* platform (the scenario's, e.g. `cuda`, on which the runner's
+decision logic chooses multi-stream overlap) is kept apart from the
+*execution* device here. On CPU:
+
+- streams are stand-ins: the main stream runs on the rank's own thread; every
+  other stream ("aux", "comm") is a worker thread executing its ops in issue
+  order, with threading.Event as CUDA events. torch ops release the GIL, so
+  two streams really run at once (one intra-op thread per rank).
+- token-routing all-to-all backends (DeepEP, FlashInfer NVLink, MORI, NIXL)
+  are stand-ins built on torch.distributed all_to_all: dispatch sends each
+  token to the ranks owning its experts, combine adds one row per
+  contributing rank in fp32, as those libraries' combine does.
+- gloo has no reduce-scatter: it is an all-reduce followed by taking this
+  rank's chunk (same result, more traffic).
+- the custom-op boundary check stands in for torch.compile's fake-tensor
+  shape assertion.
+
+Every stand-in used is listed in the run's notes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from real.model import LayerWeights, layer_input, mlp
+from scenarios.backends import backend_info
+from scenarios.ops import Ops
+from scenarios.spec import Scenario
+from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
+from scenarios.workload import rank_token_ids, routing
+
+MODEL = "model"
+
+
+class RealTensor:
+    """A tensor handle; data arrives when its stream has run the producing op."""
+
+    def __init__(self, shape: tuple[int, ...], step: int, stream: str, space: str = "native") -> None:
+        self.shape = tuple(shape)
+        self.step = step
+        self.stream = stream
+        self.space = space  # "native", "up" (after a linear up-projection), "up-nonlinear"
+        self.data: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.extra: dict[str, Any] = {}
+
+    def set(self, data: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+        self.data = data
+        self.shape = tuple(data.shape) if shape is None else shape
+        self.ready.set()
+
+
+class RealEvent:
+    def __init__(self, id_: int) -> None:
+        self.id = id_
+        self.flag = threading.Event()
+
+
+class StreamThread:
+    """A stand-in for a CUDA stream: one worker thread, ops run in issue order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name=f"stream-{name}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn = self.q.get()
+            if fn is None:
+                return
+            fn()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.q.put(fn)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=30)
+
+
+class RealOps(Ops):
+    """One rank's Ops on real tensors."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        rank: int,
+        groups: dict[tuple[int, ...], Any],
+        kernel: Callable[..., torch.Tensor],
+        t0: float,
+        predicted_shapes: dict[int, tuple[int, ...]] | None = None,
+        delay: dict[str, float] | None = None,
+        notes: Callable[[str], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.rank = rank
+        self.d, self.t = scenario.coords(rank)
+        self.groups = groups
+        self.kernel = kernel
+        self.t0 = t0
+        self.current_stream = "main"
+        self.steps: list[Step] = []
+        self.tensors: dict[int, RealTensor] = {}
+        self.streams: dict[str, StreamThread] = {}
+        self.predicted_shapes = predicted_shapes or {}
+        self.delay = delay or {}
+        self.note = notes or (lambda _t: None)
+        self.weights = LayerWeights(scenario)
+        self.route = routing(scenario)
+        self.observations: list[str] = []
+        self.stand_ins: set[str] = set()
+        self.output: RealTensor | None = None
+        self._events = 0
+        self._local: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    # ---- infrastructure ----
+
+    def now_us(self) -> float:
+        return (time.perf_counter() - self.t0) * 1e6
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
+
+    def _stream(self, name: str) -> StreamThread:
+        if name not in self.streams:
+            self.streams[name] = StreamThread(name)
+            self.stand_ins.add(f"stream '{name}': worker thread with threading.Event events (stands in for a CUDA stream)")
+        return self.streams[name]
+
+    def _step(self, op: str, name: str, category: str, ins: tuple[Any, ...] = (), component: str | None = None, group: tuple[int, ...] | None = None) -> Step:
+        st = Step(rank=self.rank, index=len(self.steps), op=op, name=name, stream=self.current_stream,
+                  category=category, component=component, group=group,
+                  in_shapes=[tuple(t.shape) for t in ins if hasattr(t, "shape")])
+        self.steps.append(st)
+        return st
+
+    def _data(self, h: Any, consumer: Step) -> torch.Tensor:
+        """Resolve a handle's data for an op. Reading a tensor whose producing
+        op has not run yet is a real race: it is recorded, then waited out so
+        the run can go on."""
+        if not isinstance(h, RealTensor):
+            raise TypeError(f"{consumer.name}: expected a tensor handle, got {type(h).__name__}")
+        if not h.ready.is_set():
+            self.observations.append(
+                f"step {consumer.index} {consumer.name} ({consumer.stream}) read the output of step "
+                f"{h.step} ({h.stream}) before it was produced"
+            )
+            h.ready.wait()
+        if h.error is not None:
+            raise RuntimeError(f"input from step {h.step} failed: {h.error}")
+        assert h.data is not None
+        return h.data
+
+    def _run(self, st: Step, fn: Callable[[], torch.Tensor | None], out: RealTensor | None) -> None:
+        """Execute fn on the step's stream, timing it."""
+        stream = st.stream
+        delay = self.delay.get(stream, 0.0)
+
+        def body() -> None:
+            if delay:
+                time.sleep(delay)
+            st.start = self.now_us()
+            try:
+                result = fn()
+            except BaseException as exc:
+                st.end = self.now_us()
+                st.error = f"{type(exc).__name__}: {exc}"
+                if out is not None:
+                    out.error = exc
+                    out.ready.set()
+                if stream == "main":
+                    raise
+                return
+            st.end = self.now_us()
+            if out is not None and result is not None:
+                # Routing handles report [rows, top_k] like the simulator's.
+                shape = (result.shape[0], result.shape[2]) if out.extra.get("routing") else None
+                # Snapshot for the fit: a later in-place write must not change
+                # what this step is judged on.
+                out.extra["snapshot"] = result.detach().clone()
+                out.set(result, shape)
+                st.out_shape = out.shape
+
+        if stream == "main":
+            self.note(f"step {st.index} {st.name}")
+            body()
+        else:
+            self._stream(stream).submit(body)
+
+    def _op(self, op: str, name: str, category: str, ins: tuple[Any, ...], fn: Callable[..., torch.Tensor], component: str | None = None, group: tuple[int, ...] | None = None, space: str | None = None) -> RealTensor:
+        st = self._step(op, name, category, ins, component, group)
+        hint = self.predicted_shapes.get(st.index, ())
+        sp = space or next((t.space for t in ins if isinstance(t, RealTensor) and t.space != "native"), "native")
+        out = RealTensor(hint, st.index, st.stream, sp)
+        if op == "router":
+            out.extra["routing"] = True
+        self.tensors[st.index] = out
+
+        def call() -> torch.Tensor:
+            return fn(*[self._data(t, st) for t in ins])
+
+        self._run(st, call, out)
+        return out
+
+    # ---- streams, lifecycle, decisions ----
+
+    def record_event(self, name: str = "record_event") -> RealEvent:
+        st = self._step("record_event", name, EVENT)
+        self._events += 1
+        ev = RealEvent(self._events)
+        st.records = ev.id
+
+        def fn() -> None:
+            ev.flag.set()
+
+        self._run(st, fn, None)
+        return ev
+
+    def wait_event(self, event: Any, name: str = "wait_event") -> None:
+        if not isinstance(event, RealEvent):
+            raise TypeError(f"{name}: wait_event needs an event from record_event, got {type(event).__name__}")
+        st = self._step("wait_event", name, WAIT)
+        st.waits = [event.id]
+
+        def fn() -> None:
+            if not event.flag.wait(timeout=300):
+                raise TimeoutError(f"event {event.id} never recorded")
+
+        self._run(st, fn, None)
+
+    def lifecycle(self, phase: str) -> None:
+        st = self._step("lifecycle", phase, LIFECYCLE)
+        s = self.scenario
+        if phase == "construct":
+            # The platform's streams exist before the first forward, as in engines.
+            if s.runtime.aux_stream:
+                self._stream("aux")
+            if s.use_all2all_kernels:
+                self._stream("comm")
+        elif phase == "build_kernel":
+            self._local_weights()  # weights are processed here, not in the forward
+        elif phase == "forward":
+            # Align the ranks at the start of the forward and make it the time
+            # origin, as the simulator's (weight set-up is not layer latency).
+            full = tuple(range(s.world))
+            if s.world > 1:
+                dist.barrier(group=self.groups[full])
+            self.t0 = time.perf_counter()
+            for earlier in self.steps[:-1]:
+                earlier.start = earlier.end = 0.0
+        st.start = st.end = self.now_us()
+        self.note(f"step {st.index} {phase}")
+
+    def decide(self, point: str, value: Any) -> None:
+        st = self._step("decide", point, DECISION)
+        st.detail = str(value)
+        st.start = st.end = self.now_us()
+
+    # ---- model side ----
+
+    def layer_input(self, name: str = "layer_input") -> RealTensor:
+        x = layer_input(self.scenario, self.d)
+        return self._op("layer_input", name, MODEL, (), lambda: x.clone())
+
+    def sp_slice(self, x: RealTensor, name: str = "sp_slice") -> RealTensor:
+        tp = self.scenario.parallel.tp
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            per = -(-v.shape[0] // tp)
+            v = F.pad(v, (0, 0, 0, per * tp - v.shape[0]))
+            return v[self.t * per : (self.t + 1) * per]
+
+        return self._op("sp_slice", name, MODEL, (x,), fn)
+
+    def trim_rows(self, x: RealTensor, rows: int, name: str = "trim_rows") -> RealTensor:
+        return self._op("trim_rows", name, PADDING, (x,), lambda v: v[:rows])
+
+    def layer_output(self, x: RealTensor, name: str = "layer_output") -> RealTensor:
+        expected = (self.scenario.workload.tokens, self.scenario.model.hidden)
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if tuple(v.shape) != expected:
+                raise RuntimeError(f"layer output {list(v.shape)}, the model expects {list(expected)}")
+            return v
+
+        out = self._op("layer_output", name, MODEL, (x,), fn)
+        self.output = out
+        return out
+
+    def boundary(self, x: RealTensor, shape: tuple[int, ...], name: str = "custom_op_boundary") -> RealTensor:
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            # Stands in for torch.compile's assert on the fake implementation's shape.
+            if tuple(v.shape) != tuple(shape):
+                raise RuntimeError(f"returns {list(v.shape)} but its fake implementation declared {list(shape)}")
+            return v
+
+        self.stand_ins.add("custom-op boundary: explicit shape assertion (stands in for torch.compile's fake-tensor check)")
+        return self._op("boundary", name, MODEL, (x,), fn)
+
+    # ---- elementwise and layout ----
+
+    def pad(self, x: RealTensor, width: int, name: str = "pad") -> RealTensor:
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if width < v.shape[-1]:
+                raise RuntimeError(f"cannot pad width {v.shape[-1]} down to {width}")
+            return F.pad(v, (0, width - v.shape[-1]))
+
+        return self._op("pad", name, PADDING, (x,), fn)
+
+    def trim(self, x: RealTensor, width: int, name: str = "trim") -> RealTensor:
+        return self._op("trim", name, PADDING, (x,), lambda v: v[..., :width])
+
+    def add(self, a: RealTensor, b: RealTensor, name: str = "add") -> RealTensor:
+        return self._op("add", name, COMPUTE, (a, b), lambda u, v: u + v)
+
+    def scale(self, x: RealTensor, factor: float, name: str = "scale") -> RealTensor:
+        return self._op("scale", name, COMPUTE, (x,), lambda v: v * factor)
+
+    def clone(self, x: RealTensor, name: str = "clone") -> RealTensor:
+        return self._op("clone", name, COMPUTE, (x,), lambda v: v.clone())
+
+    # ---- MoE compute ----
+
+    def _rows_tokens(self) -> list[tuple[int, int]]:
+        return [(self.d, t) for t in rank_token_ids(self.scenario, self.rank)]
+
+    def router(self, x: RealTensor, name: str = "router") -> RealTensor:
+        s = self.scenario
+        tokens = self._rows_tokens()
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            # The gate GEMM runs for real (timing); the top-k choice comes from
+            # the workload so that sim and real route identically.
+            _logits = v @ self.weights.gate.t()
+            ids = torch.tensor([self.route[d][t if t >= 0 else 0][0] for d, t in tokens], dtype=torch.int64)
+            w = torch.tensor([self.route[d][t if t >= 0 else 0][1] for d, t in tokens], dtype=torch.float32)
+            if ids.shape[0] != v.shape[0]:
+                raise RuntimeError(f"router: {v.shape[0]} rows but the workload routes {ids.shape[0]}")
+            return torch.cat([ids.to(torch.float32), w], dim=1).reshape(v.shape[0], 2, s.model.top_k)
+
+        out = self._op("router", name, COMPUTE, (x,), fn)
+        return out
+
+    def latent_down(self, x: RealTensor, name: str = "latent_down") -> RealTensor:
+        w = self.weights.down
+        assert w is not None, "latent_down needs model.latent_dim"
+        return self._op("latent_down", name, COMPUTE, (x,), lambda v: v @ w.t(), component="routed")
+
+    def latent_up(self, x: RealTensor, name: str = "latent_up") -> RealTensor:
+        w = self.weights.up
+        assert w is not None, "latent_up needs model.latent_dim"
+        nonlinear = self.scenario.model.transform_nonlinear
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            y = v @ w.t()
+            return F.silu(y) if nonlinear else y
+
+        return self._op("latent_up", name, COMPUTE, (x,), fn, component="routed",
+                        space="up-nonlinear" if nonlinear else "up")
+
+    def _local_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self._local is None:
+            self._local = self.weights.local_experts(self.rank)
+        return self._local
+
+    def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
+        w13, w2, offset = self._local_weights()
+        k = self.scenario.model.top_k
+
+        def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            ids = r[:, 0, :].to(torch.int64)
+            wts = r[:, 1, :].contiguous()
+            if ids.shape[0] != v.shape[0] or ids.shape[1] != k:
+                raise RuntimeError(f"{v.shape[0]} rows but routing for {ids.shape[0]}")
+            y = self.kernel(v, ids, wts, w13, w2, offset)
+            if inplace:
+                v.copy_(y)  # the fused kernel writes into its input buffer
+                return v
+            return y
+
+        return self._op("experts", name, COMPUTE, (x, routing_h), fn, component="routed")
+
+    def shared_experts(self, x: RealTensor, sharded: bool = True, name: str = "shared_experts") -> RealTensor:
+        n = self.scenario.parallel.tp if sharded else 1
+        w13, w2 = self.weights.shared_shard(self.t if sharded else 0, n)
+        return self._op("shared_experts", name, COMPUTE, (x,), lambda v: mlp(v, w13, w2), component="shared")
+
+    # ---- communication ----
+
+    def _pg(self, members: tuple[int, ...]) -> Any:
+        return self.groups[members]
+
+    def _group(self, kind: str, name: str) -> tuple[int, ...]:
+        try:
+            return self.scenario.group(kind, self.rank)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+    def _all_gather(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        if len(members) == 1:
+            return v.clone()
+        parts = [torch.empty_like(v) for _ in members]
+        dist.all_gather(parts, v.contiguous(), group=self._pg(members))
+        return torch.cat(parts, dim=0)
+
+    def _all_reduce(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        out = v.contiguous().clone()
+        if len(members) > 1:
+            dist.all_reduce(out, group=self._pg(members))
+        return out
+
+    def _reduce_scatter(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        n = len(members)
+        if v.shape[0] % n:
+            raise RuntimeError(f"{v.shape[0]} rows do not split over {n} ranks")
+        self.stand_ins.add("reduce-scatter on gloo: all-reduce then this rank's chunk")
+        total = self._all_reduce(v, members)
+        i = members.index(self.rank)
+        chunk = v.shape[0] // n
+        return total[i * chunk : (i + 1) * chunk].clone()
+
+    def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
+        g = self._group(group, name)
+        return self._op("all_reduce", name, COLLECTIVE, (x,), lambda v: self._all_reduce(v, g), group=g)
+
+    def all_gather(self, x: RealTensor, group: str = "tp", name: str = "all_gather") -> RealTensor:
+        g = self._group(group, name)
+        return self._op("all_gather", name, COLLECTIVE, (x,), lambda v: self._all_gather(v, g), group=g)
+
+    def reduce_scatter(self, x: RealTensor, group: str = "tp", name: str = "reduce_scatter") -> RealTensor:
+        g = self._group(group, name)
+        return self._op("reduce_scatter", name, COLLECTIVE, (x,), lambda v: self._reduce_scatter(v, g), group=g)
+
+    def _dispatch_group(self) -> tuple[tuple[int, ...], bool]:
+        s = self.scenario
+        token_routing = backend_info(s.effective_backend).token_routing
+        if token_routing or s.sp:
+            return s.group("ep", self.rank), token_routing
+        return s.group("dp", self.rank), False
+
+    def dispatch(self, x: RealTensor, routing_h: RealTensor, name: str = "dispatch") -> tuple[RealTensor, RealTensor]:
+        s = self.scenario
+        if s.effective_backend == "none":
+            raise ValueError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
+        members, token_routing = self._dispatch_group()
+        state: dict[str, Any] = {}
+
+        def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            if not token_routing:
+                xd = self._all_gather(v, members)
+                state["routing"] = self._all_gather(r, members)
+                return xd
+            return self._a2a_dispatch(v, r, members, state)
+
+        if token_routing:
+            info = backend_info(s.effective_backend)
+            self.stand_ins.add(
+                f"{s.effective_backend}: CPU stand-in for {info.gpu_library} (torch.distributed all_to_all; "
+                "combine sums one row per contributing rank in fp32)"
+            )
+        out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members)
+        out.extra["state"] = state
+        rh = RealTensor((), out.step, out.stream)
+
+        # The dispatched routing is produced by the same step.
+        def fill() -> None:
+            out.ready.wait()
+            if out.error is not None:
+                rh.error = out.error
+                rh.ready.set()
+            else:
+                r = state["routing"]
+                rh.set(r, (r.shape[0], r.shape[2]))
+
+        if out.stream == "main":
+            fill()
+        else:
+            self._stream(out.stream).submit(fill)
+        return out, rh
+
+    def _a2a_dispatch(self, v: torch.Tensor, r: torch.Tensor, members: tuple[int, ...], state: dict[str, Any]) -> torch.Tensor:
+        per = self.scenario.local_experts
+        ids = r[:, 0, :].to(torch.int64)
+        owners = ids // per
+        send_rows: list[torch.Tensor] = []
+        for o in members:
+            send_rows.append(torch.nonzero((owners == o).any(dim=1)).flatten())
+        counts = torch.tensor([len(rows) for rows in send_rows], dtype=torch.int64)
+        recv_counts = torch.empty_like(counts)
+        pg = self._pg(members)
+        dist.all_to_all_single(recv_counts, counts, group=pg)
+        order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64)
+        payload = torch.cat([v[order], r[order].reshape(len(order), -1)], dim=1)
+        recv = torch.empty(int(recv_counts.sum()), payload.shape[1])
+        dist.all_to_all_single(recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
+        h = v.shape[1]
+        state.update(order=order, send=counts.tolist(), recv=recv_counts.tolist(), rows=v.shape[0], members=members)
+        state["routing"] = recv[:, h:].reshape(-1, 2, r.shape[2]).contiguous()
+        return recv[:, :h].contiguous()
+
+    def combine(self, y: RealTensor, name: str = "combine") -> RealTensor:
+        members, token_routing = self._dispatch_group()
+        source = self.tensors.get(y.step)
+        # Find the dispatch whose layout this combine reverses (the latest one).
+        state = None
+        for t in reversed(list(self.tensors.values())):
+            if "state" in t.extra:
+                state = t.extra["state"]
+                break
+        del source
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if not token_routing:
+                return self._reduce_scatter(v, members)
+            if state is None or "order" not in state:
+                raise RuntimeError("combine without a token-routing dispatch")
+            back = torch.empty(sum(state["send"]), v.shape[1])
+            dist.all_to_all_single(back, v.contiguous(), state["send"], state["recv"], group=self._pg(members))
+            out = torch.zeros(state["rows"], v.shape[1], dtype=torch.float32)
+            out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
+            return out.to(v.dtype)
+
+        return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members)

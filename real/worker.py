@@ -1,0 +1,105 @@
+"""What each rank process runs for one scenario (called through the pool)."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import torch.distributed as dist
+
+from real.fit import fit_value
+from real.model import LayerWeights, Reference
+from real.ops import RealOps
+from scenarios.runners import load_runner, run_program
+from scenarios.spec import Scenario
+
+_GROUPS: dict[tuple[int, int], dict[tuple[int, ...], Any]] = {}
+
+
+def _groups(s: Scenario) -> dict[tuple[int, ...], Any]:
+    """Process groups for every TP, DP and EP group; every rank creates all of
+    them in the same order (torch.distributed requires it)."""
+    key = (s.parallel.tp, s.parallel.dp)
+    if key not in _GROUPS:
+        world = s.world
+        members: list[tuple[int, ...]] = []
+        for r in range(world):
+            for kind in ("tp", "dp"):
+                g = s.group(kind, r)
+                if g not in members:
+                    members.append(g)
+        full = tuple(range(world))
+        if full not in members:
+            members.append(full)
+        made: dict[tuple[int, ...], Any] = {}
+        for g in members:
+            made[g] = dist.new_group(list(g)) if len(g) > 1 else None
+        _GROUPS[key] = made
+    return _GROUPS[key]
+
+
+def _kernel(name: str):  # noqa: ANN202
+    from kernels import get_kernel
+
+    return get_kernel(name)
+
+
+def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run the runner program on this rank; return steps, fits, output, notes."""
+    s: Scenario = payload["scenario"]
+    if world != s.world:
+        raise RuntimeError(f"pool has {world} ranks but the scenario needs {s.world}")
+    from real.pool import note
+
+    groups = _groups(s)
+    runner_cls = load_runner(payload["runner"])
+    kernel_name = payload.get("kernel") or s.kernel_choice
+    kernel = _kernel(kernel_name)
+    delay = payload.get("delay") or {}
+    predicted: dict[int, Any] = payload.get("predicted", {}).get(rank, {})
+    shapes: dict[int, tuple[int, ...]] = payload.get("shapes", {}).get(rank, {})
+    # Common time origin: every rank leaves the barrier at about the same moment.
+    if world > 1:
+        dist.barrier(group=groups[tuple(range(world))])
+    t0 = time.perf_counter()
+    ops = RealOps(s, rank, groups, kernel, t0, shapes, delay, note)
+    error: str | None = None
+    error_step: int | None = None
+    try:
+        run_program(runner_cls, s, ops)
+        ops.close()  # drains the stream threads
+    except Exception as exc:
+        ops.close()
+        error = f"{type(exc).__name__}: {exc}"
+        failed = next((st for st in reversed(ops.steps) if st.error), None)
+        error_step = failed.index if failed else (ops.steps[-1].index if ops.steps else 0)
+        if failed is None and ops.steps:
+            ops.steps[-1].error = error
+        if payload.get("traceback"):
+            error += "\n" + traceback.format_exc()
+    # Fits against the simulator's predicted values (float64 partials).
+    ref = Reference(s, LayerWeights(s))
+    for idx, value in predicted.items():
+        t = ops.tensors.get(idx)
+        snap = t.extra.get("snapshot") if t is not None else None
+        if t is None or snap is None or idx >= len(ops.steps):
+            continue
+        fitted = fit_value(ref, value, snap, t.space)
+        if fitted is not None:
+            ops.steps[idx].value, ops.steps[idx].residual = fitted
+    out = ops.output.data if ops.output is not None and ops.output.data is not None else None
+    output_fit = None
+    if out is not None and ops.output is not None:
+        output_fit = ops.steps[ops.output.step].value
+    return {
+        "rank": rank,
+        "steps": ops.steps,
+        "error": error,
+        "error_step": error_step,
+        "output": out,
+        "output_fit": output_fit,
+        "observations": ops.observations,
+        "stand_ins": sorted(ops.stand_ins),
+        "kernel": kernel_name,
+    }
