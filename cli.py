@@ -29,8 +29,12 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(f"{self.prog}: {message}")
 
 
+_WIDTH: int | None = None
+
+
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # --width applies to the whole report, not just the timeline.
+    return Console(highlight=False, soft_wrap=False, width=_WIDTH)
 
 
 def _emit_json(data: Any) -> None:
@@ -128,6 +132,97 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_HAZARD if (args.fail_on_hazard and failed) else EXIT_OK
 
 
+def _parse_ranks(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"--ranks: expected a comma-separated list of rank numbers, got {text!r}") from None
+
+
+def _real_scenario(args: argparse.Namespace):  # noqa: ANN202
+    s = _load_scenario(args.scenario)
+    if getattr(args, "kernel", None):
+        from kernels import KERNELS
+
+        if args.kernel not in KERNELS:
+            raise BadInput(f"--kernel: unknown kernel {args.kernel!r} (known: {', '.join(KERNELS)})")
+        s = s.with_(kernel=args.kernel)
+    return s
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from real.runner import run_real
+    from sim import simulate
+    from twin.report import real_report
+
+    s = _real_scenario(args)
+    console = _console()
+    with console.status(f"running {s.name} on {s.world} real rank(s)..."):
+        prediction = simulate(s, args.runner)  # shapes of async ops and the values to fit
+        res = run_real(s, args.runner, prediction=prediction, timeout_s=args.timeout)
+    trace = res.trace
+    if args.json:
+        _emit_json({"scenario": s.name, **trace.to_dict(with_steps=True),
+                    "errors": {str(r): {"step": st, "error": e} for r, (st, e) in res.errors.items()},
+                    "failures": {str(r): f for r, f in res.failures.items()}})
+    else:
+        console.print(real_report(s, trace, _timeline(trace, args.width)))
+    return EXIT_HAZARD if (args.fail_on_hazard and trace.hazards) else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from twin.crosscheck import check
+    from twin.report import check_report
+
+    s = _real_scenario(args)
+    console = _console()
+    with console.status(f"checking {s.name}: simulate, then run on {s.world} real rank(s)...") as status:
+        result = check(s, args.runner, timeout_s=args.timeout, progress=lambda m: status.update(m))
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        div = result.divergence[:2] if result.divergence else None
+        tl = _timeline(result.sim, args.width, compare=result.real, first_divergence=div)
+        console.print(check_report(result, tl))
+    confirmed = any(v.verdict.value in ("CONFIRMED", "UNPREDICTED") for v in result.verdicts)
+    return EXIT_HAZARD if (args.fail_on_hazard and confirmed) else EXIT_OK
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from sim import simulate
+
+    s = _real_scenario(args)
+    ranks = _parse_ranks(args.ranks)
+    if ranks is not None:
+        bad = [r for r in ranks if not 0 <= r < s.world]
+        if bad:
+            raise BadInput(f"--ranks: {bad} not in this scenario's ranks 0..{s.world - 1}")
+    sim_trace = simulate(s, args.runner)
+    real_trace = None
+    div = None
+    if args.real:
+        from real.runner import run_real
+        from twin.crosscheck import first_divergence
+
+        with _console().status(f"running {s.name} on {s.world} real rank(s)..."):
+            real_trace = run_real(s, args.runner, prediction=sim_trace, timeout_s=args.timeout).trace
+        d = first_divergence(sim_trace, real_trace)
+        div = d[:2] if d else None
+    if args.export:
+        from twin.export import write_chrome_trace
+
+        path = write_chrome_trace([sim_trace] + ([real_trace] if real_trace else []), args.export)
+        print(f"wrote {path}", file=sys.stderr)
+    from twin.timeline import render_text, terminal_width
+
+    width = args.width or terminal_width()
+    view = _timeline(sim_trace, width, compact=False, ranks=ranks, compare=real_trace, first_divergence=div)
+    sys.stdout.write(render_text(view, width=width, color=sys.stdout.isatty()) + "\n")
+    return EXIT_OK
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from real.calibrate import calibrate
 
@@ -199,6 +294,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 1 when a regression is not caught (or not confirmed with --real)")
     sp.set_defaults(func=cmd_replay)
 
+    def real_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--timeout", type=float, default=60.0, help="seconds before a real rank counts as hung")
+        sp.add_argument("--kernel", help="routed kernel for the real run: torch, triton, flashinfer")
+
+    sp = sub.add_parser("run", help="run a scenario on real ranks (no simulation verdicts)")
+    common(sp)
+    real_flags(sp)
+    sp.add_argument("--width", type=int, help="timeline width in columns (default: terminal width)")
+    sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when the real run shows a problem")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("check", help="simulate and run for real; a verdict per predicted hazard")
+    common(sp)
+    real_flags(sp)
+    sp.add_argument("--width", type=int, help="timeline width in columns (default: terminal width)")
+    sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when a hazard is confirmed or unpredicted")
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("timeline", help="Gantt view per rank and stream; --real draws sim and real together")
+    sp.add_argument("scenario", help="catalog name or path to a scenario .toml")
+    sp.add_argument("--runner", help="runner preset or module:Class (default: the scenario's)")
+    sp.add_argument("--real", action="store_true", help="also run for real and draw both on one scale")
+    sp.add_argument("--ranks", help="comma-separated ranks to draw, e.g. 0,1")
+    sp.add_argument("--width", type=int, help="columns (default: terminal width)")
+    sp.add_argument("--export", metavar="FILE.json", help="also write a Chrome/Perfetto trace")
+    real_flags(sp)
+    sp.set_defaults(func=cmd_timeline)
+
     sp = sub.add_parser("calibrate", help="fit the cpu cost profile on this machine")
     sp.add_argument("--world", type=int, default=2, help="ranks used to time gloo collectives")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -212,16 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pool_error() -> type[Exception]:
+    try:
+        from real.pool import PoolError
+    except ImportError:  # torch not installed: no real side
+        return BadInput
+    return PoolError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from scenarios.runners import RunnerLoadError
     from scenarios.spec import ScenarioError
 
     try:
         args = build_parser().parse_args(argv)
+        global _WIDTH
+        _WIDTH = getattr(args, "width", None)
+        if _WIDTH is not None and _WIDTH < 40:
+            raise BadInput(f"--width: at least 40 columns, got {_WIDTH}")
         return int(args.func(args))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (BadInput, ScenarioError, RunnerLoadError) as exc:
+    except (BadInput, ScenarioError, RunnerLoadError, _pool_error()) as exc:
         print(f"moe-twin: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as exc:  # unknown profile, group, ... from the library

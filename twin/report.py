@@ -136,3 +136,58 @@ def replay_table(results: list[Any], real: bool = False) -> RenderableType:
         row.append(Text("CAUGHT" if ok else "MISSED", style="bold green" if ok else "bold red"))
         t.add_row(*row)
     return t
+
+
+def real_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
+    parts: list[RenderableType] = [scenario_panel(s), Text("")]
+    head = Text(f"real run of {trace.runner}", style="bold")
+    head.append(f"   measured latency {trace.latency_us:.0f} us (execution device: CPU)")
+    parts.append(head)
+    if trace.hazards:
+        parts.append(Text(f"{len(trace.hazards)} problem(s) observed:", style="bold"))
+        parts.extend(hazard_lines(trace.hazards))
+    else:
+        parts.append(Text("no problem observed (output reduced exactly once, no exception)", style="bold green"))
+    parts.append(outputs_table(trace))
+    if trace.overlap_us:
+        ov = ", ".join(f"r{r} {v:.0f} us" for r, v in sorted(trace.overlap_us.items()))
+        parts.append(Text(f"measured shared/routed overlap: {ov}"))
+    if timeline is not None:
+        parts.append(timeline)
+    for note in trace.notes:
+        parts.append(Text(note, style="dim"))
+    return Group(*parts)
+
+
+def check_report(result: Any, timeline: RenderableType | None) -> RenderableType:
+    s = result.scenario
+    parts: list[RenderableType] = [scenario_panel(s), Text("")]
+    parts.append(Text(f"runner {result.sim.runner}: sim latency {result.sim.latency_us:.1f} us "
+                      f"(profile), real {result.real.latency_us:.0f} us (CPU)", style="bold"))
+    if result.sim.hazards:
+        parts.append(Text("predicted:", style="bold"))
+        parts.extend(hazard_lines(result.sim.hazards))
+    else:
+        parts.append(Text("predicted: no hazard", style="bold green"))
+    t = Table(title="verdicts", title_justify="left")
+    t.add_column("kind")
+    t.add_column("rank")
+    t.add_column("verdict")
+    t.add_column("evidence")
+    styles = {"CONFIRMED": "bold green", "REFUTED": "bold red", "INCONCLUSIVE": "yellow", "UNPREDICTED": "bold red"}
+    for v in result.verdicts:
+        t.add_row(v.kind, str(v.rank), Text(v.verdict.value, style=styles.get(v.verdict.value, "")), v.reason)
+    if not result.verdicts:
+        t.add_row("-", "-", Text("nothing to judge", style="green"), "no hazard predicted and none observed")
+    parts.append(t)
+    if result.divergence:
+        r, i, what = result.divergence
+        parts.append(Text(f"first divergence: rank {r} step {i}: {what}", style="bold yellow"))
+    else:
+        parts.append(Text("sim and real agree at every step (shapes, errors, fitted coefficients)", style="green"))
+    parts.append(outputs_table(result.real))
+    if timeline is not None:
+        parts.append(timeline)
+    for note in result.real.notes:
+        parts.append(Text(note, style="dim"))
+    return Group(*parts)

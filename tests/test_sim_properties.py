@@ -1,0 +1,34 @@
+"""Hypothesis properties of the simulator over generated scenarios."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scenarios.runners import BEFORE_RUNNERS
+from scenarios.strategies import assert_no_hazard, moe_scenarios
+from sim import simulate
+
+
+@given(moe_scenarios())
+@settings(max_examples=300)
+def test_fixed_runner_predicts_no_hazard(s):
+    assert_no_hazard("fixed", s)
+
+
+@given(moe_scenarios())
+@settings(max_examples=150)
+def test_fixed_output_reduced_exactly_once(s):
+    trace = simulate(s, "fixed")
+    assert set(trace.outputs) == set(range(s.world))
+    for coeffs in trace.outputs.values():
+        assert coeffs and all(abs(c - 1.0) < 1e-9 for c in coeffs.values()), coeffs
+        assert any(label.startswith("routed@") for label in coeffs)
+        assert any(label.startswith("shared@") for label in coeffs) == s.model.has_shared
+
+
+@given(moe_scenarios(), st.sampled_from(BEFORE_RUNNERS))
+@settings(max_examples=150)
+def test_before_runners_never_crash_the_simulator(s, runner):
+    trace = simulate(s, runner)
+    assert trace.world == s.world
+    for h in trace.hazards:
+        assert 0 <= h.rank < s.world and h.step >= 0 and h.detail

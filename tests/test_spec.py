@@ -1,0 +1,59 @@
+"""Scenario validation, derived quantities, TOML round trip."""
+
+import pytest
+
+from scenarios.loader import catalog, load, parse_toml
+from scenarios.spec import Scenario, ScenarioError, scenario_to_toml
+
+
+def bad(**kw):
+    with pytest.raises(ScenarioError) as exc:
+        Scenario().with_(**kw)
+    return str(exc.value)
+
+
+def test_validation_names_field_and_rule():
+    assert bad(**{"model.hidden": 0}).startswith("model.hidden: must be > 0")
+    assert bad(**{"model.top_k": 9}).startswith("model.top_k: top_k 9 > num_experts 8")
+    assert "not divisible by moe_tp=3" in bad(**{"parallel.tp": 3})
+    assert bad(**{"parallel.backend": "nccl_magic"}).startswith("parallel.backend: unknown backend")
+    assert "needs parallel.ep = true" in bad(**{"parallel.backend": "deepep_low_latency", "parallel.dp": 2})
+    assert bad(**{"runtime.profile": "tpu"}).startswith("runtime.profile: unknown profile")
+    assert bad(**{"runtime.platform": "metal"}).startswith("runtime.platform")
+    assert bad(**{"model.num_experts": -1}).startswith("model.num_experts")
+    assert bad(**{"parallel.eplb": True}).startswith("parallel.eplb")
+
+
+def test_malformed_toml_and_unknown_field():
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        parse_toml("[model\nhidden = 3")
+    with pytest.raises(ScenarioError, match=r"model\.hiden: unknown field"):
+        parse_toml("[model]\nhiden = 3")
+    with pytest.raises(ScenarioError, match=r"model\.hidden: must be int"):
+        parse_toml('[model]\nhidden = "big"')
+
+
+def test_derived_quantities():
+    sp = Scenario().with_(**{"parallel.tp": 2, "parallel.dp": 2, "parallel.ep": True,
+                             "parallel.backend": "deepep_low_latency"})
+    assert sp.sp and sp.moe_ep == 4 and sp.moe_tp == 1 and sp.use_all2all_kernels
+    two = sp.with_(**{"parallel.backend": "flashinfer_nvlink_two_sided"})
+    assert not two.sp and two.use_fi_two_sided
+    one_prev = sp.with_(**{"parallel.backend": "flashinfer_nvlink_one_sided", "parallel.version": "previous"})
+    assert not one_prev.sp and sp.with_(**{"parallel.backend": "flashinfer_nvlink_one_sided"}).sp
+    tp_only = Scenario().with_(**{"parallel.tp": 4})
+    assert tp_only.moe_tp == 4 and not tp_only.sp and tp_only.effective_backend == "none"
+    assert sp.with_(**{"workload.tokens": 5}).sp_tokens == 3
+
+
+def test_catalog_round_trips_through_toml():
+    entries = catalog()
+    assert len(entries) >= 17
+    for e in entries:
+        s = load(e.name)
+        assert parse_toml(scenario_to_toml(s)) == s
+
+
+def test_unknown_scenario_lists_catalog():
+    with pytest.raises(ScenarioError, match="unknown scenario 'nope'.*r1-sp-deepep"):
+        load("nope")
