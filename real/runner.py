@@ -44,11 +44,6 @@ class RealResult:
     errors: dict[int, tuple[int, str]] = field(default_factory=dict)  # rank -> (step, message)
 
 
-def _runner_spec(cls: type[MoERunner]) -> str:
-    label = runner_label(cls)
-    return label
-
-
 def run_real(
     scenario: Scenario,
     runner: str | type[MoERunner] | None = None,
@@ -65,8 +60,11 @@ def run_real(
     from real.pool import RankFailure
 
     check_fits(scenario)
-    cls = load_runner(runner if runner is not None else scenario.runner)
-    spec = _runner_spec(cls)
+    ref = runner if runner is not None else scenario.runner
+    cls = load_runner(ref)
+    # Rank processes load the runner again: keep the user's spec (a file path
+    # stays a file path); a class object must be importable by its name.
+    spec = ref if isinstance(ref, str) else runner_label(cls)
     payload: dict[str, Any] = {"scenario": scenario, "runner": spec, "kernel": kernel, "delay": delay or {}}
     if prediction is not None:
         payload["predicted"] = prediction.values
