@@ -1,0 +1,642 @@
+"""A fault-tolerant pool of torch.distributed rank processes on one machine.
+
+`RankPool(n)` spawns n processes that join one process group and then wait for
+work; `pool.run(fn, *args)` calls `fn(rank, world_size, *args)` on every rank
+and returns the results indexed by rank. Start-up (importing torch, forming the
+group) is paid once per pool, not once per scenario.
+
+Faults never leave the pool half-broken: if a rank raises, dies or does not
+answer in time, `run` raises `RankFailure` (what each failed rank did, the
+results of the ranks that finished, the last progress note of each failed rank),
+kills every rank process and rebuilds the group lazily on the next `run`.
+
+The rendezvous store is a TCPStore hosted by the parent on 127.0.0.1, bound to
+port 0 (the kernel picks a free port, so there is no find-then-bind race) and
+dropped with the group, so a rebuilt pool never reuses stale keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import multiprocessing as mp
+import multiprocessing.connection as mp_conn
+import multiprocessing.util as mp_util
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "MAX_RANKS_PER_CPU",
+    "NOTE_BYTES",
+    "PoolError",
+    "RankFailure",
+    "RankPool",
+    "default_backend",
+    "fresh_run",
+    "load_callable",
+    "max_world_size",
+    "note",
+    "last_note",
+    "setup_rank_runtime",
+    "usable_cpu_count",
+]
+
+# Rule for the largest pool: NCCL needs one GPU per rank; CPU ranks (gloo) may
+# oversubscribe the cores, but past 8 ranks per core start-up and collectives
+# crawl and memory (~0.3 GB per torch process) becomes the real limit.
+MAX_RANKS_PER_CPU = 8
+
+# Bytes of shared memory per rank for its latest progress note (UTF-8, NUL-padded).
+NOTE_BYTES = 256
+
+# How long the other ranks may still finish after one rank raised or died;
+# they are usually stuck in a collective waiting for the failed peer.
+DEFAULT_FAILURE_GRACE_S = 1.0
+
+# How often a rank checks that its parent is still alive.
+_PARENT_POLL_S = 0.5
+
+
+class PoolError(Exception):
+    """The pool cannot do what was asked (bad size, start-up failure, closed pool)."""
+
+
+class RankFailure(PoolError):
+    """One or more ranks raised, died or hung during `RankPool.run`.
+
+    `failures` maps rank -> what happened (in the order the parent noticed),
+    `partial` maps rank -> result for the ranks that finished, and `notes` maps
+    each failed rank to its last progress note (see `note`).
+    """
+
+    def __init__(
+        self,
+        failures: dict[int, str],
+        partial: dict[int, Any] | None = None,
+        notes: dict[int, str] | None = None,
+    ) -> None:
+        self.failures = dict(failures)
+        self.partial = dict(partial or {})
+        self.notes = dict(notes or {})
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        lines = [f"{len(self.failures)} rank(s) failed:"]
+        for rank, what in self.failures.items():
+            first, _, _ = what.partition("\n")
+            text = f"  rank {rank}: {first}"
+            if self.notes.get(rank):
+                text += f" [last note: {self.notes[rank]!r}]"
+            lines.append(text)
+        if self.partial:
+            lines.append(f"  finished: ranks {sorted(self.partial)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle their args by default, which would lose the attributes.
+        return (RankFailure, (self.failures, self.partial, self.notes))
+
+
+# --------------------------------------------------------------------------
+# Helpers shared with real/launch.py
+
+
+def default_backend() -> str:
+    """NCCL when CUDA is usable, else gloo."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def usable_cpu_count() -> int:
+    """Cores this process may run on."""
+    # Affinity respects container/taskset limits; cpu_count() does not.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def max_world_size(backend: str | None = None) -> int:
+    """Largest pool this machine can hold.
+
+    NCCL: the number of visible GPUs (one rank per GPU). Any other backend runs
+    ranks on the CPU: `MAX_RANKS_PER_CPU` ranks per usable core.
+    """
+    backend = backend or default_backend()
+    if backend == "nccl":
+        return torch.cuda.device_count()
+    return MAX_RANKS_PER_CPU * usable_cpu_count()
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Resolve "package.module:function" (dotted attributes allowed after the colon)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:function', got {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec!r} is not callable")
+    return obj
+
+
+def _loopback_ifname() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def setup_rank_runtime(backend: str, rank: int, threads: int) -> None:
+    """Per-rank torch settings done before the group forms (pool and torchrun alike)."""
+    torch.set_num_threads(max(1, threads))
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+
+
+def _describe_exception(exc: BaseException) -> str:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f"raised {type(exc).__name__}: {exc}\n{tb}"
+
+
+# --------------------------------------------------------------------------
+# Progress notes (rank side)
+
+_note_buf: Any = None  # shared RawArray of c_char, world_size * NOTE_BYTES
+_note_rank = 0
+_last_note = ""
+
+
+def note(text: str) -> None:
+    """Publish where this rank is ("step 12 final_all_reduce").
+
+    Cheap enough to call every step: one memmove into shared memory, no IPC.
+    Outside a pool rank it only remembers the text (see `last_note`). A reader
+    racing a writer may see a mix of two notes; notes are hints, not data.
+    """
+    global _last_note
+    _last_note = text
+    if _note_buf is None:
+        return
+    data = text.encode("utf-8", "replace")[: NOTE_BYTES - 1]
+    # Pad with NULs so a shorter note fully replaces a longer one.
+    ctypes.memmove(
+        ctypes.addressof(_note_buf) + _note_rank * NOTE_BYTES,
+        data.ljust(NOTE_BYTES, b"\0"),
+        NOTE_BYTES,
+    )
+
+
+def last_note() -> str:
+    """The last note this process published."""
+    return _last_note
+
+
+def _read_note(buf: Any, rank: int) -> str:
+    raw = bytes(buf[rank * NOTE_BYTES : (rank + 1) * NOTE_BYTES])
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------
+# Rank process
+
+
+def _send(conn: mp_conn.Connection, reply: tuple[str, int, Any]) -> None:
+    # Plain pickle, not conn.send: torch registers ForkingPickler reductions
+    # that would ship tensors as shared-memory fds tied to this process.
+    try:
+        data = pickle.dumps(reply)
+    except Exception as exc:  # the value, not the pipe, is bad
+        data = pickle.dumps(("error", reply[1], f"result is not picklable: {exc!r}"))
+    conn.send_bytes(data)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # The main thread may be stuck in a collective, so a thread must notice an
+    # orphaned rank; re-parenting changes getppid().
+    while True:
+        time.sleep(_PARENT_POLL_S)
+        if os.getppid() != parent_pid:
+            os._exit(3)
+
+
+def _rank_main(
+    rank: int,
+    world_size: int,
+    backend: str,
+    store_port: int,
+    timeout_s: float,
+    threads: int,
+    conn: mp_conn.Connection,
+    note_buf: Any,
+    parent_pid: int,
+) -> None:
+    global _note_buf, _note_rank
+    # The parent owns Ctrl-C: it tears the ranks down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    _note_buf, _note_rank = note_buf, rank
+    try:
+        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # Keep gloo's pair sockets on loopback: the pool is single-host.
+            ifname = _loopback_ifname()
+            if ifname:
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        setup_rank_runtime(backend, rank, threads)
+        store = dist.TCPStore(
+            "127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
+        )
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except BaseException as exc:  # report anything, then exit
+        with contextlib.suppress(OSError):
+            _send(conn, ("init_error", 0, _describe_exception(exc)))
+        return
+    _send(conn, ("ready", 0, os.getpid()))
+    try:
+        while True:
+            try:
+                payload = conn.recv_bytes()
+            except (EOFError, OSError):
+                break  # parent closed the pipe or died
+            if not payload:
+                break  # orderly close
+            seq = -1
+            try:
+                seq, fn, args = pickle.loads(payload)
+                reply = ("ok", seq, fn(rank, world_size, *args))
+            except BaseException as exc:  # becomes the rank's failure
+                reply = ("error", seq, _describe_exception(exc))
+            _send(conn, reply)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        # Skip interpreter finalisation: tearing torch down costs ~0.5 s per
+        # rank and the rank owns nothing that needs it.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(0)
+
+
+# --------------------------------------------------------------------------
+# Parent side
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    # Spawned children inherit an ignored SIGINT through exec, and Python then
+    # never installs its KeyboardInterrupt handler, covering the torch import.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _stop_processes(
+    procs: list[Any], conns: list[mp_conn.Connection], graceful: bool, join_s: float
+) -> None:
+    """Stop rank processes: ask politely if `graceful`, then SIGKILL; always reap."""
+    if graceful:
+        for conn in conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send_bytes(b"")
+        deadline = time.monotonic() + join_s
+        for proc in procs:
+            with contextlib.suppress(ValueError, AssertionError):
+                proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ValueError, AssertionError, OSError):
+            if proc.is_alive():
+                proc.kill()
+    for proc in procs:
+        with contextlib.suppress(ValueError, AssertionError):
+            proc.join(5.0)  # reap: no zombies
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.close()
+    for proc in procs:
+        with contextlib.suppress(ValueError):
+            proc.close()
+
+
+def _exit_reason(proc: Any) -> str:
+    with contextlib.suppress(ValueError, AssertionError):
+        proc.join(1.0)
+    code = proc.exitcode
+    if code is None:
+        return "closed its pipe but is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"died with exit code {code} ({name})"
+    return f"died with exit code {code}"
+
+
+class _Generation:
+    """One set of live rank processes plus their store; never revived once stopped."""
+
+    def __init__(self, world_size: int, backend: str, timeout_s: float, threads: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.note_buf = ctx.RawArray(ctypes.c_char, world_size * NOTE_BYTES)
+        # The parent hosts the store, bound to port 0: no port race, and a
+        # dying rank 0 cannot take the rendezvous down with it.
+        self.store = dist.TCPStore(
+            "127.0.0.1",
+            0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        self.port = self.store.port
+        self.procs: list[Any] = []
+        self.conns: list[mp_conn.Connection] = []
+        self.pids: list[int] = []
+        # multiprocessing's own exit hook runs exitpriority finalizers before
+        # joining children, so a forgotten pool cannot hang interpreter exit.
+        # The lists are filled below; the finalizer sees them by reference.
+        self._finalizer: Any = mp_util.Finalize(
+            self, _stop_processes, args=(self.procs, self.conns, False, 0.0), exitpriority=100
+        )
+        with _sigint_ignored():
+            for rank in range(world_size):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                proc = ctx.Process(
+                    target=_rank_main,
+                    args=(
+                        rank,
+                        world_size,
+                        backend,
+                        self.port,
+                        timeout_s,
+                        threads,
+                        child_end,
+                        self.note_buf,
+                        os.getpid(),
+                    ),
+                    name=f"moe-twin-rank{rank}",
+                )
+                self.procs.append(proc)
+                self.conns.append(parent_end)
+                try:
+                    proc.start()
+                finally:
+                    child_end.close()  # so the parent sees EOF when the child dies
+
+    def stop(self, graceful: bool, join_s: float = 5.0) -> None:
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+            self._finalizer = None
+        _stop_processes(self.procs, self.conns, graceful, join_s)
+        self.store = None  # closes the listening socket
+
+    def notes(self) -> dict[int, str]:
+        return {r: _read_note(self.note_buf, r) for r in range(self.world_size)}
+
+    def clear_notes(self) -> None:
+        ctypes.memset(ctypes.addressof(self.note_buf), 0, self.world_size * NOTE_BYTES)
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def gather(
+        self, kind_ok: str, timeout_s: float, grace_s: float
+    ) -> tuple[dict[int, Any], dict[int, str]]:
+        """Wait for one message per rank; returns (results, failures)."""
+        results: dict[int, Any] = {}
+        failures: dict[int, str] = {}
+        pending = set(range(self.world_size))
+        start = time.monotonic()
+        deadline = start + timeout_s
+        by_conn = {id(self.conns[r]): r for r in pending}
+        by_sentinel = {self.procs[r].sentinel: r for r in pending}
+
+        def take(rank: int) -> None:
+            # A message beats a death: the rank may have answered then exited.
+            conn = self.conns[rank]
+            try:
+                if conn.poll():
+                    kind, _seq, value = pickle.loads(conn.recv_bytes())
+                    if kind == kind_ok:
+                        results[rank] = value
+                    else:
+                        failures[rank] = value
+                    pending.discard(rank)
+                    return
+            except (EOFError, OSError):
+                # The pipe closed: the rank is exiting, wait briefly for its code.
+                failures[rank] = _exit_reason(self.procs[rank])
+                pending.discard(rank)
+                return
+            except Exception as exc:  # e.g. result unpicklable here
+                failures[rank] = f"sent a result the parent cannot load: {exc!r}"
+                pending.discard(rank)
+                return
+            if not self.procs[rank].is_alive() or conn.closed:
+                failures[rank] = _exit_reason(self.procs[rank])
+                pending.discard(rank)
+
+        while pending:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            waitables: list[Any] = []
+            for r in pending:
+                waitables += [self.conns[r], self.procs[r].sentinel]
+            ready = mp_conn.wait(waitables, timeout=deadline - now)
+            for obj in ready:
+                rank = by_sentinel.get(obj) if isinstance(obj, int) else by_conn.get(id(obj))
+                if rank is not None and rank in pending:
+                    take(rank)
+            if failures and pending:
+                # Peers of a failed rank usually hang in a collective: give
+                # them a short grace instead of the whole timeout.
+                deadline = min(deadline, time.monotonic() + grace_s)
+        waited = time.monotonic() - start
+        for rank in sorted(pending):
+            if failures:
+                first = next(iter(failures))
+                failures[rank] = (
+                    f"timed out: still running {waited:.1f} s into the run, "
+                    f"{grace_s:.1f} s after rank {first} failed"
+                )
+            else:
+                failures[rank] = f"timed out after {timeout_s:.1f} s"
+        return results, failures
+
+
+class RankPool:
+    """A reusable group of `world_size` rank processes (see module docstring).
+
+    `backend` defaults to `default_backend()`; `timeout_s` bounds start-up, each
+    `run` (unless overridden) and gloo's own collective timeout;
+    `threads_per_rank` defaults to usable cores // world_size (at least 1).
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        backend: str | None = None,
+        timeout_s: float = 60.0,
+        threads_per_rank: int | None = None,
+        *,
+        failure_grace_s: float = DEFAULT_FAILURE_GRACE_S,
+    ) -> None:
+        self.backend = backend or default_backend()
+        limit = max_world_size(self.backend)
+        if world_size < 1:
+            raise PoolError(f"world_size must be >= 1, got {world_size}")
+        if world_size > limit:
+            rule = (
+                "one rank per visible GPU"
+                if self.backend == "nccl"
+                else f"{MAX_RANKS_PER_CPU} ranks per usable CPU core x {usable_cpu_count()} cores"
+            )
+            raise PoolError(
+                f"world size {world_size} is larger than this machine can hold: "
+                f"limit is {limit} for backend {self.backend!r} ({rule})"
+            )
+        self.world_size = world_size
+        self.timeout_s = float(timeout_s)
+        self.threads_per_rank = threads_per_rank or max(1, usable_cpu_count() // world_size)
+        self.failure_grace_s = float(failure_grace_s)
+        self.starts = 0  # how many times rank processes were (re)started
+        self._gen: _Generation | None = None
+        self._closed = False
+        self._seq = 0
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ranks now (otherwise the first `run` does it)."""
+        if self._closed:
+            raise PoolError("pool is closed")
+        if self._gen is not None:
+            return
+        gen = _Generation(self.world_size, self.backend, self.timeout_s, self.threads_per_rank)
+        try:
+            results, failures = gen.gather("ready", self.timeout_s, self.failure_grace_s)
+        except BaseException:
+            gen.stop(graceful=False)
+            raise
+        if failures:
+            notes = gen.notes()
+            gen.stop(graceful=False)
+            raise RankFailure(
+                {r: f"failed to start: {w}" for r, w in failures.items()},
+                results,
+                {r: notes[r] for r in failures if notes[r]},
+            )
+        gen.pids = [results[r] for r in range(self.world_size)]
+        self._gen = gen
+        self.starts += 1
+
+    def close(self) -> None:
+        """Destroy the process group in every rank, then join (kill stragglers)."""
+        self._closed = True
+        self._teardown(graceful=True)
+
+    def _teardown(self, graceful: bool) -> None:
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.stop(graceful=graceful)
+
+    def __enter__(self) -> RankPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- introspection ---------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the live rank processes (empty before start / after a failure)."""
+        return list(self._gen.pids) if self._gen is not None else []
+
+    @property
+    def port(self) -> int | None:
+        """Port of the current rendezvous store, if the ranks are up."""
+        return self._gen.port if self._gen is not None else None
+
+    def notes(self) -> dict[int, str]:
+        """Latest progress note of every rank (empty strings if none)."""
+        return self._gen.notes() if self._gen is not None else {}
+
+    # -- work ------------------------------------------------------------
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """Call `fn(rank, world_size, *args)` on every rank; results by rank.
+
+        `fn` and `args` must pickle (a module-level function). On any fault
+        raises `RankFailure` and tears the ranks down; the next call restarts them.
+        """
+        if self._closed:
+            raise PoolError("pool is closed")
+        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+        self._seq += 1
+        try:
+            payload = pickle.dumps((self._seq, fn, args))
+        except Exception as exc:
+            raise PoolError(f"cannot send {fn!r} to the ranks: {exc!r}") from exc
+        if self._gen is not None and not self._gen.alive():
+            # A rank died while idle (e.g. OOM killer): not this call's fault.
+            warnings.warn("a rank died while the pool was idle; restarting", stacklevel=2)
+            self._teardown(graceful=False)
+        self.start()
+        gen = self._gen
+        assert gen is not None
+        try:
+            gen.clear_notes()
+            for conn in gen.conns:
+                with contextlib.suppress(OSError):
+                    conn.send_bytes(payload)  # a dead rank shows up in gather
+            results, failures = gen.gather("ok", timeout, self.failure_grace_s)
+        except BaseException:
+            # Ctrl-C or a parent-side bug: never leave ranks mid-collective.
+            self._teardown(graceful=False)
+            raise
+        if failures:
+            notes = gen.notes()
+            self._teardown(graceful=False)
+            raise RankFailure(failures, results, {r: notes[r] for r in failures if notes[r]})
+        return [results[r] for r in range(self.world_size)]
+
+
+def fresh_run(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0
+) -> list[Any]:
+    """Start a pool, run `fn` once, close the pool (start-up paid every call)."""
+    with RankPool(world_size, timeout_s=timeout_s) as pool:
+        return pool.run(fn, *args)
