@@ -167,11 +167,11 @@ def scale(v: Value, factor: float) -> Value:
 
 
 def reduce_scatter(values: Sequence[Value], index: int) -> Value:
-    total = add(values, own=index)
+    """Chunk `index` of the sum; only that chunk is summed (n times cheaper)."""
     n = len(values)
-    rows = total.rows
-    chunk = rows // n
-    return split_rows(total, index * chunk, (index + 1) * chunk)
+    chunk = values[index].rows // n
+    parts = [split_rows(v, index * chunk, (index + 1) * chunk) for v in values]
+    return add(parts, own=index)
 
 
 def is_pure_input(v: Value) -> str | None:
@@ -200,7 +200,17 @@ def foreign_sources(v: Value) -> list[tuple[Block, Source]]:
     return [(b, src) for b in v.blocks for src, _ in b.terms if src[2] is not None]
 
 
+_LABELS: dict[Source, str] = {}
+
+
 def source_label(src: Source) -> str:
+    label = _LABELS.get(src)
+    if label is None:
+        label = _LABELS[src] = _make_label(src)
+    return label
+
+
+def _make_label(src: Source) -> str:
     c, s, f = src
     text = f"{c}@{s}" if s else c
     if f is not None:
@@ -251,12 +261,15 @@ def coefficients(v: Value, expected_scale: dict[str, float]) -> dict[str, float]
     only by rows are folded (they carry the same coefficient in a correct run;
     a disagreement keeps the extreme)."""
     out: dict[str, float] = {}
+    ratios = {c: v.scale_of(c) / expected_scale.get(c, 1.0) for c in expected_scale}
+    seen_terms: set[tuple] = set()
     for b in v.blocks:
+        if b.terms in seen_terms:  # identical blocks (same sources) say nothing new
+            continue
+        seen_terms.add(b.terms)
         for src, coef in b.terms:
-            c = src[0]
-            ratio = v.scale_of(c) / expected_scale.get(c, 1.0)
             label = source_label(src)
-            val = coef * ratio
+            val = coef * ratios.get(src[0], v.scale_of(src[0]))
             if label not in out or abs(val - 1.0) > abs(out[label] - 1.0):
                 out[label] = round(val, 9)
     return out

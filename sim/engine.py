@@ -74,7 +74,6 @@ class SimTensor:
 class SimEvent:
     id: int
     stream: str
-    vc: dict[str, int]
 
 
 @dataclass(slots=True)
@@ -97,14 +96,12 @@ class _Pending:
     results: dict[int, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Access:
     rank: int
     step: int
-    stream: str
     buf: int
     write: bool
-    vc: dict[str, int]
 
 
 class SimOps(Ops):
@@ -119,20 +116,12 @@ class SimOps(Ops):
         self.steps: list[Step] = []
         self.plans: list[Plan] = []
         self.values: dict[int, algebra.Value] = {}
-        self.vcs: dict[str, dict[str, int]] = {}
         self.coll_seq: dict[tuple[int, ...], int] = {}
         self.shared_sharded: bool | None = None
         self.output: SimTensor | None = None
         self.tokens = self.scenario.workload.tokens
 
     # ---- recording ----
-
-    def _vc(self) -> dict[str, int]:
-        vc = self.vcs.get(self.current_stream)
-        if vc is None:
-            vc = self.vcs[self.current_stream] = {}
-        vc[self.current_stream] = vc.get(self.current_stream, 0) + 1
-        return vc
 
     def _step(
         self,
@@ -145,38 +134,26 @@ class SimOps(Ops):
         component: str | None = None,
         group: tuple[int, ...] | None = None,
     ) -> Step:
-        st = Step(
-            rank=self.rank,
-            index=len(self.steps),
-            op=op,
-            name=name,
-            stream=self.current_stream,
-            category=category,
-            component=component,
-            group=group,
-            in_shapes=[t.shape for t in ins],
-            out_shape=out_shape,
-        )
+        st = Step(self.rank, len(self.steps), op, name, self.current_stream, category, component,
+                  group, [t.shape for t in ins] if ins else [], out_shape)
         self.steps.append(st)
-        vc = dict(self._vc()) if self.sim.track_streams else None
-        self.plans.append(Plan(st, dur, vc=vc))
+        self.plans.append(Plan(st, dur))
         return st
 
     def _access(self, st: Step, t: SimTensor, write: bool) -> None:
-        if self.sim.track_streams:
-            self.sim.accesses.append(
-                Access(self.rank, st.index, st.stream, t.buf, write, self.plans[st.index].vc or {})
-            )
+        self.sim.accesses.append(Access(self.rank, st.index, t.buf, write))
 
-    def _new(self, st: Step, shape: tuple[int, ...], value: algebra.Value, ins: tuple[SimTensor, ...] = (), buf: int | None = None) -> SimTensor:
+    def _new(self, st: Step, shape: tuple[int, ...], value: algebra.Value, ins: tuple[SimTensor, ...] = (), buf: int | None = None, fresh: bool = False) -> SimTensor:
+        accesses = self.sim.accesses
         for t in ins:
-            self._access(st, t, False)
+            accesses.append(Access(self.rank, st.index, t.buf, False))
         if buf is None:
             buf = self.sim.new_buffer()
         out = SimTensor(shape, value, buf, st.index)
-        self._access(st, out, True)
+        accesses.append(Access(self.rank, st.index, buf, True))
         self.values[st.index] = value
-        self.sim.check_value(self, st, value)
+        if not fresh:  # a fresh partial (one source, coefficient 1) cannot be double
+            self.sim.check_value(self, st, value)
         return out
 
     def _shape_error(self, st: Step, message: str) -> None:
@@ -197,8 +174,7 @@ class SimOps(Ops):
         ev_id = self.sim.new_event()
         self.plans[-1].record = ev_id
         st.records = ev_id
-        vc = self.plans[-1].vc or {}
-        return SimEvent(ev_id, self.current_stream, dict(vc))
+        return SimEvent(ev_id, self.current_stream)
 
     def wait_event(self, event: Any, name: str = "wait_event") -> None:
         if not isinstance(event, SimEvent):
@@ -206,12 +182,26 @@ class SimOps(Ops):
         st = self._step("wait_event", name, WAIT)
         st.waits = [event.id]
         self.plans[-1].waits = (event.id,)
-        if self.sim.track_streams:
-            cur = self.vcs[self.current_stream]
-            for s, c in event.vc.items():
-                if cur.get(s, 0) < c:
-                    cur[s] = c
-            self.plans[-1].vc = dict(cur)
+
+    def assign_clocks(self) -> None:
+        """Vector clocks per step (happens-before across this rank's streams),
+        computed after the program phase and only for ranks that used more
+        than one stream: with one stream everything is ordered."""
+        if len({st.stream for st in self.steps}) < 2:
+            return
+        vcs: dict[str, dict[str, int]] = {}
+        ev_vc: dict[int, dict[str, int]] = {}
+        for pl in self.plans:
+            st = pl.step
+            cur = vcs.setdefault(st.stream, {})
+            cur[st.stream] = cur.get(st.stream, 0) + 1
+            for w in pl.waits:
+                for s, c in ev_vc.get(w, {}).items():
+                    if cur.get(s, 0) < c:
+                        cur[s] = c
+            pl.vc = dict(cur)
+            if pl.record is not None:
+                ev_vc[pl.record] = pl.vc
 
     def lifecycle(self, phase: str) -> None:
         self._step("lifecycle", phase, LIFECYCLE)
@@ -228,7 +218,7 @@ class SimOps(Ops):
         s = self.scenario
         shape = (self.tokens, s.model.hidden)
         st = self._step("layer_input", name, MODEL, (), shape)
-        return self._new(st, shape, algebra.leaf(f"d{self.d}", self.tokens, "x", ""))
+        return self._new(st, shape, algebra.leaf(f"d{self.d}", self.tokens, "x", ""), fresh=True)
 
     def sp_slice(self, x: SimTensor, name: str = "sp_slice") -> SimTensor:
         tp = self.scenario.parallel.tp
@@ -339,7 +329,7 @@ class SimOps(Ops):
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
         width = m.kernel_width
         shape = (x.shape[0], width)
-        pairs, active = expert_loads(s)[self.rank]
+        pairs, active = self.sim.loads[self.rank]
         inter = m.moe_intermediate // s.moe_tp
         bpe = p.bytes_per_elem
         dur = gemm_us(p, 6.0 * pairs * width * inter, active * 3 * width * inter * bpe + 2 * pairs * width * bpe, 4)
@@ -353,8 +343,8 @@ class SimOps(Ops):
         value = algebra.relabel(x.value, "routed", shard)
         if inplace:
             self._access(st, routing_h, False)
-            return self._new(st, shape, value, (x,), buf=x.buf)
-        return self._new(st, shape, value, (x, routing_h))
+            return self._new(st, shape, value, (x,), buf=x.buf, fresh=True)
+        return self._new(st, shape, value, (x, routing_h), fresh=True)
 
     def shared_experts(self, x: SimTensor, sharded: bool = True, name: str = "shared_experts") -> SimTensor:
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
@@ -371,7 +361,7 @@ class SimOps(Ops):
         if self.shared_sharded is None:
             self.shared_sharded = sharded
         shard = f"tp{self.t}" if sharded else "full"
-        return self._new(st, shape, algebra.relabel(x.value, "shared", shard), (x,))
+        return self._new(st, shape, algebra.relabel(x.value, "shared", shard), (x,), fresh=True)
 
     # ---- communication ----
 
@@ -472,6 +462,8 @@ def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
 class Simulation:
     """Simulates one scenario with one runner class."""
 
+    collapse = True  # simulate identical rank programs once (tests turn it off to compare)
+
     def __init__(self, scenario: Scenario, runner_cls: type[MoERunner], profile: Profile, runner_label: str) -> None:
         self.scenario = scenario
         self.runner_cls = runner_cls
@@ -479,6 +471,7 @@ class Simulation:
         self.profile = profile
         self.view_us = profile.elementwise_us * 0.25
         self.hazards: list[Hazard] = []
+        self.notes: list[str] = []
         self.decisions: dict[str, str] = {}
         self.accesses: list[Access] = []
         self.pending: dict[tuple, _Pending] = {}
@@ -489,6 +482,7 @@ class Simulation:
         # user's runner that opens a stream late is still checked.
         self.track_streams = True
         self.expected_scale = {"routed": scenario.model.routed_scaling_factor, "shared": 1.0}
+        self.loads = expert_loads(scenario)  # hashing the scenario once, not per op
         self._reported: set[tuple[int, str]] = set()
 
     # ---- counters ----
@@ -609,10 +603,16 @@ class Simulation:
             return
         values = [a[1].value for a in arrivals]
         kind = pend.kind
+        shared_sum = None
+        if kind == "all_reduce":
+            keys = {tuple(b.key for b in v.blocks) for v in values}
+            if len(keys) == 1:
+                # Same rows on every member (TP): one sum serves them all.
+                shared_sum = algebra.add(values, own=0)
         for i, r in enumerate(group):
             x = arrivals[i][1]
             if kind == "all_reduce":
-                out = (x.shape, algebra.add(values, own=i))
+                out = (x.shape, shared_sum if shared_sum is not None else algebra.add(values, own=i))
             elif kind in ("all_gather", "dispatch_a2a"):
                 v = algebra.concat(values)
                 out = ((x.shape[0] * len(group), *x.shape[1:]), v)
@@ -678,6 +678,8 @@ class Simulation:
             if not g.dead:
                 g.throw(_Abort)
         self.pending.clear()
+        for ops in self.rank_ops:
+            ops.assign_clocks()
 
     def _timing_phase(self) -> float:
         env = simpy.Environment()
@@ -690,6 +692,8 @@ class Simulation:
                 e = events[i] = env.event()
             return e
 
+        symmetric = self._symmetric()
+
         def proc(plans: list[Plan]):  # noqa: ANN202 - SimPy generator
             for pl in plans:
                 for w in pl.waits:
@@ -699,7 +703,9 @@ class Simulation:
                 if pl.coll is not None:
                     rv = rendezvous.get(pl.coll)
                     if rv is None:
-                        rv = rendezvous[pl.coll] = [0, env.event(), len(pl.coll[0])]
+                        # Symmetric ranks arrive together: the representative completes it.
+                        n = 1 if symmetric else len(pl.coll[0])
+                        rv = rendezvous[pl.coll] = [0, env.event(), n]
                     rv[0] += 1
                     if rv[0] == rv[2]:
                         rv[1].succeed()
@@ -712,14 +718,38 @@ class Simulation:
                 if pl.record is not None:
                     ev(pl.record).succeed()
 
-        for ops in self.rank_ops:
+        simulated = self.rank_ops[:1] if symmetric else self.rank_ops
+        for ops in simulated:
             by_stream: dict[str, list[Plan]] = {}
             for pl in ops.plans:
                 by_stream.setdefault(pl.step.stream, []).append(pl)
             for plans in by_stream.values():
                 env.process(proc(plans))
         env.run()
+        if symmetric:
+            rep = self.rank_ops[0].steps
+            for ops in self.rank_ops[1:]:
+                for a, b in zip(rep, ops.steps):
+                    b.start, b.end = a.start, a.end
+            self.notes.append(f"timing: {len(self.rank_ops)} identical rank programs simulated once")
         return float(env.now)
+
+    def _symmetric(self) -> bool:
+        """True when every rank issued the same program with the same costs
+        (then their timelines are identical and one SimPy rank stands for all)."""
+        if not self.collapse or len(self.rank_ops) < 2 or any(v != "done" for v in self.finished.values()):
+            return False
+
+        def signature(ops: SimOps) -> tuple:
+            rec_pos = {pl.record: i for i, pl in enumerate(ops.plans) if pl.record is not None}
+            return tuple(
+                (pl.step.stream, pl.dur, tuple(rec_pos.get(w, -1) for w in pl.waits),
+                 pl.record is not None, None if pl.coll is None else len(pl.coll[0]))
+                for pl in ops.plans
+            )
+
+        first = signature(self.rank_ops[0])
+        return all(signature(ops) == first for ops in self.rank_ops[1:])
 
     def run(self) -> Trace:
         self._program_phase()
@@ -732,10 +762,15 @@ class Simulation:
             hazards=self.hazards,
             latency_us=latency,
             decisions=self.decisions,
+            notes=self.notes,
         )
+        memo: dict[int, dict[str, float]] = {}
         for ops in self.rank_ops:
             trace.steps[ops.rank] = ops.steps
             trace.values[ops.rank] = ops.values
             if ops.output is not None:
-                trace.outputs[ops.rank] = algebra.coefficients(ops.output.value, self.expected_scale)
+                v = ops.output.value
+                if id(v) not in memo:
+                    memo[id(v)] = algebra.coefficients(v, self.expected_scale)
+                trace.outputs[ops.rank] = dict(memo[id(v)])
         return trace

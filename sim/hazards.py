@@ -38,20 +38,27 @@ def concurrent(a_stream: str, a_vc: dict[str, int], b_stream: str, b_vc: dict[st
 
 def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (import cycle)
     """Two streams touch one buffer, at least one writes, no event orders them."""
+    multi = {ops.rank for ops in sim.rank_ops if ops.plans and any(p.vc is not None for p in ops.plans)}
+    if not multi:
+        return []
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
     for acc in sim.accesses:
-        by_buf[(acc.rank, acc.buf)].append(acc)
+        if acc.rank in multi:
+            by_buf[(acc.rank, acc.buf)].append(acc)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
     for (rank, _buf), accs in by_buf.items():
-        if len({a.stream for a in accs}) < 2:
+        plans = sim.rank_ops[rank].plans
+        if len({plans[a.step].step.stream for a in accs}) < 2:
             continue
         steps = sim.rank_ops[rank].steps
         for i, a in enumerate(accs):
+            pa = plans[a.step]
             for b in accs[i + 1:]:
-                if a.stream == b.stream or not (a.write or b.write):
+                pb = plans[b.step]
+                if pa.step.stream == pb.step.stream or not (a.write or b.write):
                     continue
-                if not concurrent(a.stream, a.vc, b.stream, b.vc):
+                if not concurrent(pa.step.stream, pa.vc or {}, pb.step.stream, pb.vc or {}):
                     continue
                 first, second = (a, b) if a.step < b.step else (b, a)
                 key = (rank, first.step, second.step)

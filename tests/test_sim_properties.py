@@ -32,3 +32,21 @@ def test_before_runners_never_crash_the_simulator(s, runner):
     assert trace.world == s.world
     for h in trace.hazards:
         assert 0 <= h.rank < s.world and h.step >= 0 and h.detail
+
+
+@given(moe_scenarios(), st.sampled_from(("fixed",) + BEFORE_RUNNERS))
+@settings(max_examples=80)
+def test_symmetric_collapse_does_not_change_timing(s, runner):
+    from sim.engine import Simulation
+
+    collapsed = simulate(s, runner)
+    Simulation.collapse = False
+    try:
+        full = simulate(s, runner)
+    finally:
+        Simulation.collapse = True
+    assert abs(collapsed.latency_us - full.latency_us) < 1e-6
+    for r in range(s.world):
+        for a, b in zip(collapsed.steps[r], full.steps[r]):
+            assert (a.name, round(a.start, 6), round(a.end, 6)) == (b.name, round(b.start, 6), round(b.end, 6))
+    assert [str(h) for h in collapsed.hazards] == [str(h) for h in full.hazards]

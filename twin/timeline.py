@@ -62,25 +62,9 @@ def overlap_of(trace: Trace, rank: int) -> float:
     """The trace's shared/routed overlap for a rank, computed from the steps if absent."""
     if rank in trace.overlap_us:
         return trace.overlap_us[rank]
+    from sim.hazards import overlap_us
 
-    def merged(component: str) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = []
-        for a, b in sorted(
-            (s.start, s.end)
-            for s in trace.rank_steps(rank)
-            if s.component == component and s.end > s.start
-        ):
-            if out and a <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], b))
-            else:
-                out.append((a, b))
-        return out
-
-    return sum(
-        max(0.0, min(a1, b1) - max(a0, b0))
-        for a0, a1 in merged("shared")
-        for b0, b1 in merged("routed")
-    )
+    return overlap_us(trace.rank_steps(rank))
 
 
 # --------------------------------------------------------------------------- scale
@@ -90,7 +74,8 @@ class _Scale:
     """Maps microseconds to bar columns; cell c starts at c * t_max / cols."""
 
     def __init__(self, t_max: float, cols: int) -> None:
-        self.t_max = t_max if t_max > 0 else 1.0
+        # Below a picosecond there is nothing to draw (and cols / t_max overflows).
+        self.t_max = t_max if t_max > 1e-6 else 1.0
         self.cols = cols
         self.k = cols / self.t_max
 
