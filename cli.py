@@ -225,7 +225,6 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from real.calibrate import calibrate
-
     from sim.cost import save_cpu_profile
 
     console = _console()
