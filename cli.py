@@ -118,16 +118,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"cases": [r.to_dict() for r in results]})
     else:
-        console.print(replay_table(results, real=args.real))
-        for r in results:
-            console.print(f"[bold]{r.case.regression} {r.case.runner}[/bold]: {r.case.what}")
-            from twin.report import hazard_lines
+        from twin.report import replay_details
 
-            for line in hazard_lines(r.before.hazards):
-                console.print("   ", line)
-            if args.real:
-                for line in r.real_lines():
-                    console.print("   ", line)
+        console.print(replay_table(results, real=args.real))
+        console.print(replay_details(results, real=args.real))
     failed = any(not r.caught for r in results) or (args.real and any(not r.real_ok for r in results))
     return EXIT_HAZARD if (args.fail_on_hazard and failed) else EXIT_OK
 

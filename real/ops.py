@@ -18,6 +18,11 @@ decision logic chooses multi-stream overlap) is kept apart from the
   shape assertion.
 
 Every stand-in used is listed in the run's notes.
+
+On CUDA the same interpreter uses real CUDA streams and events (a
+torch.cuda.Stream per stream name, torch.cuda.Event for ordering and timing),
+NCCL collectives on the current stream, and tensors on the rank's device.
+That path cannot be exercised on this project's CPU-only machines.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class RealEvent:
     def __init__(self, id_: int) -> None:
         self.id = id_
         self.flag = threading.Event()
+        self.cuda_event: Any = None  # torch.cuda.Event on CUDA
 
 
 class StreamThread:
@@ -125,6 +131,11 @@ class RealOps(Ops):
         self.output: RealTensor | None = None
         self._events = 0
         self._local: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self._cuda_streams: dict[str, Any] = {}
+        self._cuda_timings: list[tuple[Step, Any, Any]] = []
+        self._cuda_origin: Any = None
 
     # ---- infrastructure ----
 
@@ -134,8 +145,24 @@ class RealOps(Ops):
     def close(self) -> None:
         for s in self.streams.values():
             s.close()
+        if self.cuda:
+            # Step times come from CUDA events, readable once the device is done.
+            torch.cuda.synchronize(self.device)
+            if self._cuda_origin is not None:
+                for st, e0, e1 in self._cuda_timings:
+                    st.start = self._cuda_origin.elapsed_time(e0) * 1e3
+                    st.end = self._cuda_origin.elapsed_time(e1) * 1e3
+
+    def _cuda_stream(self, name: str) -> Any:
+        if name == "main":
+            return torch.cuda.current_stream(self.device)
+        if name not in self._cuda_streams:
+            self._cuda_streams[name] = torch.cuda.Stream(device=self.device)
+        return self._cuda_streams[name]
 
     def _stream(self, name: str) -> StreamThread:
+        if self.cuda:
+            raise RuntimeError("stream threads are the CPU stand-in; CUDA uses torch.cuda.Stream")
         if name not in self.streams:
             self.streams[name] = StreamThread(name)
             self.stand_ins.add(f"stream '{name}': worker thread with threading.Event events (stands in for a CUDA stream)")
@@ -195,11 +222,40 @@ class RealOps(Ops):
                 out.set(result, shape)
                 st.out_shape = out.shape
 
-        if stream == "main":
+        if self.cuda:
+            self._run_cuda(st, fn, out, delay)
+        elif stream == "main":
             self.note(f"step {st.index} {st.name}")
             body()
         else:
             self._stream(stream).submit(body)
+
+    def _run_cuda(self, st: Step, fn: Callable[[], torch.Tensor | None], out: RealTensor | None, delay: float) -> None:
+        """CUDA: issue on the step's stream; the device orders the work, CUDA
+        events time it. Host-side errors (shape checks) raise at once."""
+        self.note(f"step {st.index} {st.name}")
+        stream = self._cuda_stream(st.stream)
+        with torch.cuda.stream(stream):
+            if delay:
+                torch.cuda._sleep(int(delay * 1e9))  # ~1 GHz cycles: a schedule perturbation
+            e0 = torch.cuda.Event(enable_timing=True)
+            e1 = torch.cuda.Event(enable_timing=True)
+            e0.record(stream)
+            try:
+                result = fn()
+            except BaseException as exc:
+                st.error = f"{type(exc).__name__}: {exc}"
+                if out is not None:
+                    out.error = exc
+                    out.ready.set()
+                raise
+            e1.record(stream)
+            self._cuda_timings.append((st, e0, e1))
+            if out is not None and result is not None:
+                shape = (result.shape[0], result.shape[2]) if out.extra.get("routing") else None
+                out.extra["snapshot"] = result.detach().clone()
+                out.set(result, shape)
+                st.out_shape = out.shape
 
     def _op(self, op: str, name: str, category: str, ins: tuple[Any, ...], fn: Callable[..., torch.Tensor], component: str | None = None, group: tuple[int, ...] | None = None, space: str | None = None) -> RealTensor:
         st = self._step(op, name, category, ins, component, group)
@@ -223,6 +279,11 @@ class RealOps(Ops):
         self._events += 1
         ev = RealEvent(self._events)
         st.records = ev.id
+        if self.cuda:
+            ev.cuda_event = torch.cuda.Event()
+            ev.cuda_event.record(self._cuda_stream(st.stream))
+            ev.flag.set()
+            return ev
 
         def fn() -> None:
             ev.flag.set()
@@ -235,6 +296,9 @@ class RealOps(Ops):
             raise TypeError(f"{name}: wait_event needs an event from record_event, got {type(event).__name__}")
         st = self._step("wait_event", name, WAIT)
         st.waits = [event.id]
+        if self.cuda:
+            self._cuda_stream(st.stream).wait_event(event.cuda_event)
+            return
 
         def fn() -> None:
             if not event.flag.wait(timeout=300):
@@ -247,10 +311,11 @@ class RealOps(Ops):
         s = self.scenario
         if phase == "construct":
             # The platform's streams exist before the first forward, as in engines.
+            make = self._cuda_stream if self.cuda else self._stream
             if s.runtime.aux_stream:
-                self._stream("aux")
+                make("aux")
             if s.use_all2all_kernels:
-                self._stream("comm")
+                make("comm")
         elif phase == "build_kernel":
             self._local_weights()  # weights are processed here, not in the forward
         elif phase == "forward":
@@ -260,6 +325,9 @@ class RealOps(Ops):
             if s.world > 1:
                 dist.barrier(group=self.groups[full])
             self.t0 = time.perf_counter()
+            if self.cuda:
+                self._cuda_origin = torch.cuda.Event(enable_timing=True)
+                self._cuda_origin.record(self._cuda_stream("main"))
             for earlier in self.steps[:-1]:
                 earlier.start = earlier.end = 0.0
         st.start = st.end = self.now_us()
@@ -273,7 +341,7 @@ class RealOps(Ops):
     # ---- model side ----
 
     def layer_input(self, name: str = "layer_input") -> RealTensor:
-        x = layer_input(self.scenario, self.d)
+        x = layer_input(self.scenario, self.d).to(self.device)
         return self._op("layer_input", name, MODEL, (), lambda: x.clone())
 
     def sp_slice(self, x: RealTensor, name: str = "sp_slice") -> RealTensor:
@@ -345,9 +413,9 @@ class RealOps(Ops):
         def fn(v: torch.Tensor) -> torch.Tensor:
             # The gate GEMM runs for real (timing); the top-k choice comes from
             # the workload so that sim and real route identically.
-            _logits = v @ self.weights.gate.t()
-            ids = torch.tensor([self.route[d][t if t >= 0 else 0][0] for d, t in tokens], dtype=torch.int64)
-            w = torch.tensor([self.route[d][t if t >= 0 else 0][1] for d, t in tokens], dtype=torch.float32)
+            _logits = v @ self.weights.gate.to(v.device).t()
+            ids = torch.tensor([self.route[d][t if t >= 0 else 0][0] for d, t in tokens], dtype=torch.int64, device=v.device)
+            w = torch.tensor([self.route[d][t if t >= 0 else 0][1] for d, t in tokens], dtype=torch.float32, device=v.device)
             if ids.shape[0] != v.shape[0]:
                 raise RuntimeError(f"router: {v.shape[0]} rows but the workload routes {ids.shape[0]}")
             return torch.cat([ids.to(torch.float32), w], dim=1).reshape(v.shape[0], 2, s.model.top_k)
@@ -356,12 +424,12 @@ class RealOps(Ops):
         return out
 
     def latent_down(self, x: RealTensor, name: str = "latent_down") -> RealTensor:
-        w = self.weights.down
+        w = self.weights.down.to(self.device) if self.weights.down is not None else None
         assert w is not None, "latent_down needs model.latent_dim"
         return self._op("latent_down", name, COMPUTE, (x,), lambda v: v @ w.t(), component="routed")
 
     def latent_up(self, x: RealTensor, name: str = "latent_up") -> RealTensor:
-        w = self.weights.up
+        w = self.weights.up.to(self.device) if self.weights.up is not None else None
         assert w is not None, "latent_up needs model.latent_dim"
         nonlinear = self.scenario.model.transform_nonlinear
 
@@ -374,7 +442,8 @@ class RealOps(Ops):
 
     def _local_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         if self._local is None:
-            self._local = self.weights.local_experts(self.rank)
+            w13, w2, offset = self.weights.local_experts(self.rank)
+            self._local = (w13.to(self.device), w2.to(self.device), offset)
         return self._local
 
     def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
@@ -396,7 +465,7 @@ class RealOps(Ops):
 
     def shared_experts(self, x: RealTensor, sharded: bool = True, name: str = "shared_experts") -> RealTensor:
         n = self.scenario.parallel.tp if sharded else 1
-        w13, w2 = self.weights.shared_shard(self.t if sharded else 0, n)
+        w13, w2 = (w.to(self.device) for w in self.weights.shared_shard(self.t if sharded else 0, n))
         return self._op("shared_experts", name, COMPUTE, (x,), lambda v: mlp(v, w13, w2), component="shared")
 
     # ---- communication ----
@@ -499,13 +568,13 @@ class RealOps(Ops):
         send_rows: list[torch.Tensor] = []
         for o in members:
             send_rows.append(torch.nonzero((owners == o).any(dim=1)).flatten())
-        counts = torch.tensor([len(rows) for rows in send_rows], dtype=torch.int64)
+        counts = torch.tensor([len(rows) for rows in send_rows], dtype=torch.int64, device=v.device)
         recv_counts = torch.empty_like(counts)
         pg = self._pg(members)
         dist.all_to_all_single(recv_counts, counts, group=pg)
-        order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64)
+        order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64, device=v.device)
         payload = torch.cat([v[order], r[order].reshape(len(order), -1)], dim=1)
-        recv = torch.empty(int(recv_counts.sum()), payload.shape[1])
+        recv = torch.empty(int(recv_counts.sum()), payload.shape[1], device=v.device)
         dist.all_to_all_single(recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
         h = v.shape[1]
         state.update(order=order, send=counts.tolist(), recv=recv_counts.tolist(), rows=v.shape[0], members=members)
@@ -528,9 +597,9 @@ class RealOps(Ops):
                 return self._reduce_scatter(v, members)
             if state is None or "order" not in state:
                 raise RuntimeError("combine without a token-routing dispatch")
-            back = torch.empty(sum(state["send"]), v.shape[1])
+            back = torch.empty(sum(state["send"]), v.shape[1], device=v.device)
             dist.all_to_all_single(back, v.contiguous(), state["send"], state["recv"], group=self._pg(members))
-            out = torch.zeros(state["rows"], v.shape[1], dtype=torch.float32)
+            out = torch.zeros(state["rows"], v.shape[1], dtype=torch.float32, device=v.device)
             out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
             return out.to(v.dtype)
 

@@ -85,10 +85,10 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
         snap = t.extra.get("snapshot") if t is not None else None
         if t is None or snap is None or idx >= len(ops.steps):
             continue
-        fitted = fit_value(ref, value, snap, t.space)
+        fitted = fit_value(ref, value, snap.cpu(), t.space)
         if fitted is not None:
             ops.steps[idx].value, ops.steps[idx].residual = fitted
-    out = ops.output.data if ops.output is not None and ops.output.data is not None else None
+    out = ops.output.data.cpu() if ops.output is not None and ops.output.data is not None else None
     output_fit = None
     if out is not None and ops.output is not None:
         output_fit = ops.steps[ops.output.step].value

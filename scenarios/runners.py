@@ -64,6 +64,11 @@ def reference_order(s: Scenario, num_tokens: int) -> Order:
     uses it as the best safe order when judging LOST_OVERLAP."""
     if overlap_disabled(s):
         return Order.NO_OVERLAP
+    return overlap_order(s, num_tokens)
+
+
+def overlap_order(s: Scenario, num_tokens: int) -> Order:
+    """Rules 2-4 of the order function: the overlap the platform offers."""
     if s.use_all2all_kernels and backend_info(s.effective_backend).async_shared_overlap:
         return Order.MK_INTERNAL_OVERLAPPED
     rt = s.runtime
@@ -371,13 +376,7 @@ class Before39222(MoERunner):
     description = "R5: overlap not disabled under EPLB with unsafe backends / FI two-sided"
 
     def shared_experts_order(self, num_tokens: int) -> Order:
-        s = self.scenario
-        if s.use_all2all_kernels and backend_info(s.effective_backend).async_shared_overlap:
-            return Order.MK_INTERNAL_OVERLAPPED
-        rt = s.runtime
-        if rt.platform == "cuda" and rt.aux_stream and num_tokens <= rt.token_threshold:
-            return Order.MULTI_STREAM_OVERLAPPED
-        return Order.NO_OVERLAP
+        return overlap_order(self.scenario, num_tokens)  # rule 1 (disable) is gone
 
 
 RUNNERS: dict[str, type[MoERunner]] = {

@@ -510,9 +510,11 @@ class Simulation:
         if foreign:
             b, src = foreign[0]
             self._reported.add(key)
+            n_foreign = sum(1 for (c, s, f), _ in b.terms if f is not None and (c, s) == src[:2])
             self.add_hazard(
                 HazardKind.DOUBLE_REDUCTION, ops.rank, st,
-                f"rows of tokens {b.key} summed with {algebra.source_label(src)} from other tokens",
+                f"{src[0]}@{src[1]} of {1 + n_foreign} different token sets summed into each row "
+                f"(coefficient {1 + n_foreign} per row, expected 1: own tokens only)",
             )
             return
         coef, b, src = algebra.max_multiplicity(value)

@@ -26,6 +26,7 @@ from scenarios.runners import runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace, Verdict
 from sim import simulate
+from twin.replay import CaseResult
 
 TOL = 1e-3
 RESIDUAL_OK = 1e-4
@@ -270,16 +271,9 @@ def _unpredicted(result: CheckResult) -> None:
 
 
 @dataclass
-class RealCaseResult:
-    case: Any
-    before: Trace
-    fixed: Trace
-    check_before: CheckResult
-    check_fixed: CheckResult
-
-    @property
-    def caught(self) -> bool:
-        return self.case.expected in self.before.hazard_kinds() and not self.fixed.hazards
+class RealCaseResult(CaseResult):
+    check_before: CheckResult | None = None
+    check_fixed: CheckResult | None = None
 
     @property
     def fixed_real_ok(self) -> bool:
@@ -332,15 +326,8 @@ class RealCaseResult:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
-        c = self.case
         return {
-            "regression": c.regression,
-            "runner": c.runner,
-            "scenario": c.scenario,
-            "expected": c.expected,
-            "predicted": [h.to_dict() for h in self.before.hazards],
-            "fixed_predicted": [h.to_dict() for h in self.fixed.hazards],
-            "caught": self.caught,
+            **super().to_dict(),
             "verdicts": [{"kind": v.kind, "verdict": v.verdict.value, "reason": v.reason, "rank": v.rank,
                           "step": v.step} for v in self.check_before.verdicts],
             "fixed_real_ok": self.fixed_real_ok,

@@ -107,35 +107,53 @@ def simulate_report(s: Scenario, trace: Trace, timeline: RenderableType | None) 
 
 
 def replay_table(results: list[Any], real: bool = False) -> RenderableType:
-    t = Table(title="moe-twin replay: historical regressions, before vs fixed", title_justify="left")
+    """Summary: one row per regression; details follow in replay_details."""
+    title = "moe-twin replay: historical regressions, before vs fixed runner"
+    t = Table(title=title, title_justify="left")
     t.add_column("reg")
-    t.add_column("runner / scenario")
+    t.add_column("runner")
     t.add_column("expected")
-    t.add_column("sim: before")
-    t.add_column("sim: fixed")
+    t.add_column("sim before/fixed")
     if real:
-        t.add_column("real: before")
-        t.add_column("real: fixed")
-    t.add_column("verdict")
+        t.add_column("real before/fixed")
+    t.add_column("result")
     for res in results:
         c = res.case
-        kinds = sorted(res.before.hazard_kinds())
-        pred = Text()
-        for i, k in enumerate(kinds):
-            if i:
-                pred.append(", ")
-            pred.append(k, style=KIND_STYLE.get(k, "bold") if k == c.expected else "yellow")
-        if not kinds:
-            pred.append("none", style="bold red")
-        fixed = Text("clean", style="green") if not res.fixed.hazards else Text(
-            ", ".join(sorted(res.fixed.hazard_kinds())), style="bold red")
-        row: list[Any] = [c.regression, f"{c.runner}\n[dim]{c.scenario}[/dim]", c.expected, pred, fixed]
+        hit = c.expected in res.before.hazard_kinds()
+        sim = Text("predicted" if hit else "MISSED", style="green" if hit else "bold red")
+        sim.append(" / ")
+        sim.append("clean" if not res.fixed.hazards else "FALSE ALARM", style="green" if not res.fixed.hazards else "bold red")
+        row: list[Any] = [c.regression, c.runner, Text(c.expected, style=KIND_STYLE.get(c.expected, "bold")), sim]
         if real:
-            row.extend(res.real_cells())
+            before, fixed = res.real_cells()
+            cell = Text()
+            cell.append_text(before)
+            cell.append(" / ")
+            cell.append_text(fixed)
+            row.append(cell)
         ok = res.caught if not real else res.caught and res.real_ok
         row.append(Text("CAUGHT" if ok else "MISSED", style="bold green" if ok else "bold red"))
         t.add_row(*row)
     return t
+
+
+def replay_details(results: list[Any], real: bool = False) -> RenderableType:
+    parts: list[RenderableType] = []
+    for r in results:
+        c = r.case
+        parts.append(Text(""))
+        head = Text(f"{c.regression} {c.runner}", style="bold")
+        head.append(f" on {c.scenario}: {c.what}")
+        parts.append(head)
+        parts.append(Text("  sim before: ", style="dim"))
+        for line in hazard_lines(r.before.hazards):
+            parts.append(Text("    ").append_text(line))
+        fixed = "clean" if not r.fixed.hazards else ", ".join(sorted(r.fixed.hazard_kinds()))
+        parts.append(Text(f"  sim fixed:  {fixed}", style="green" if not r.fixed.hazards else "bold red"))
+        if real:
+            for line in r.real_lines():
+                parts.append(Text(f"  {line}"))
+    return Group(*parts)
 
 
 def real_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
