@@ -121,7 +121,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from twin.report import replay_details
 
         console.print(replay_table(results, real=args.real))
-        console.print(replay_details(results, real=args.real))
+        console.print(replay_details(results, real=args.real, width=console.width))
     failed = any(not r.caught for r in results) or (args.real and any(not r.real_ok for r in results))
     return EXIT_HAZARD if (args.fail_on_hazard and failed) else EXIT_OK
 

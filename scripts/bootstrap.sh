@@ -11,8 +11,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "moe-twin: setting up $venv (first use; a few minutes)..." >&2
-python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-"$venv/bin/python" -m pip install --quiet "torch==2.13.0" >&2
-"$venv/bin/python" -m pip install --quiet -e "$root[dev]" >&2
+log="$(mktemp -t moe-twin-setup.XXXXXX)"
+if ! {
+  python3 -m venv "$venv" &&
+  "$venv/bin/python" -m pip install --upgrade pip &&
+  "$venv/bin/python" -m pip install "torch==2.13.0" &&
+  "$venv/bin/python" -m pip install -e "$root[dev]"
+} >"$log" 2>&1; then
+  tail -n 30 "$log" >&2
+  echo "moe-twin: set-up failed; full log: $log" >&2
+  exit 1
+fi
+rm -f "$log"
 echo "$want" > "$stamp"
+echo "moe-twin: set-up done." >&2

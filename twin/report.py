@@ -108,36 +108,42 @@ def simulate_report(s: Scenario, trace: Trace, timeline: RenderableType | None) 
 
 def replay_table(results: list[Any], real: bool = False) -> RenderableType:
     """Summary: one row per regression; details follow in replay_details."""
+    from rich import box
+
     title = "moe-twin replay: historical regressions, before vs fixed runner"
-    t = Table(title=title, title_justify="left")
-    t.add_column("reg")
-    t.add_column("runner")
-    t.add_column("expected")
-    t.add_column("sim before/fixed")
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("case", no_wrap=True)
+    t.add_column("expected", no_wrap=True)
+    t.add_column("sim", no_wrap=True)
     if real:
-        t.add_column("real before/fixed")
-    t.add_column("result")
+        t.add_column("real", no_wrap=True)
+    t.add_column("result", no_wrap=True)
     for res in results:
         c = res.case
         hit = c.expected in res.before.hazard_kinds()
-        sim = Text("predicted" if hit else "MISSED", style="green" if hit else "bold red")
-        sim.append(" / ")
-        sim.append("clean" if not res.fixed.hazards else "FALSE ALARM", style="green" if not res.fixed.hazards else "bold red")
-        row: list[Any] = [c.regression, c.runner, Text(c.expected, style=KIND_STYLE.get(c.expected, "bold")), sim]
+        sim = Text("hit" if hit else "MISS", style="green" if hit else "bold red")
+        sim.append("/")
+        sim.append("clean" if not res.fixed.hazards else "ALARM", style="green" if not res.fixed.hazards else "bold red")
+        row: list[Any] = [f"{c.regression} {c.runner}", Text(c.expected, style=KIND_STYLE.get(c.expected, "bold")), sim]
         if real:
             before, fixed = res.real_cells()
             cell = Text()
             cell.append_text(before)
-            cell.append(" / ")
+            cell.append("/")
             cell.append_text(fixed)
             row.append(cell)
         ok = res.caught if not real else res.caught and res.real_ok
         row.append(Text("CAUGHT" if ok else "MISSED", style="bold green" if ok else "bold red"))
         t.add_row(*row)
+    t.caption = ("sim: expected hazard predicted for the before runner / fixed runner clean"
+                 + ("; real: verdict of the real run / fixed runner measured clean" if real else ""))
+    t.caption_justify = "left"
     return t
 
 
-def replay_details(results: list[Any], real: bool = False) -> RenderableType:
+def replay_details(results: list[Any], real: bool = False, width: int = 80) -> RenderableType:
+    from twin.timeline import render_timeline
+
     parts: list[RenderableType] = []
     for r in results:
         c = r.case
@@ -153,6 +159,8 @@ def replay_details(results: list[Any], real: bool = False) -> RenderableType:
         if real:
             for line in r.real_lines():
                 parts.append(Text(f"  {line}"))
+        # The same renderer as simulate/check/timeline: rank 0, before above fixed.
+        parts.append(render_timeline(r.before, width=width, ranks=[0], compare=r.fixed, compact=True))
     return Group(*parts)
 
 
