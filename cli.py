@@ -223,7 +223,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     console = _console()
     with console.status("calibrating the cpu profile (GEMMs, elementwise ops, gloo collectives)..."):
-        profile, figures = calibrate(world_size=args.world)
+        profile, figures = calibrate(world_size=args.world, repeats=args.repeats)
     path = save_cpu_profile(profile)
     if args.json:
         _emit_json({"profile": path.as_posix(), **figures})
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("calibrate", help="fit the cpu cost profile on this machine")
     sp.add_argument("--world", type=int, default=2, help="ranks used to time gloo collectives")
+    sp.add_argument("--repeats", type=int, default=5, help="real runs per calibration scenario")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_calibrate)
 

@@ -31,6 +31,9 @@ class Profile:
     elementwise_us: float  # fixed cost of small elementwise/layout ops
     calibrated: bool = False
     source: str = ""
+    # Host time between consecutive ops of one stream (Python dispatch on CPU;
+    # hidden by asynchronous launches on GPUs, where it is 0).
+    host_gap_us: float = 0.0
 
 
 # Published figures. H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink4

@@ -695,9 +695,12 @@ class Simulation:
             return e
 
         symmetric = self._symmetric()
+        gap = self.profile.host_gap_us
 
         def proc(plans: list[Plan]):  # noqa: ANN202 - SimPy generator
-            for pl in plans:
+            for n, pl in enumerate(plans):
+                if gap and n:
+                    yield env.timeout(gap)
                 for w in pl.waits:
                     e = ev(w)
                     if not e.triggered:

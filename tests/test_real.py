@@ -108,3 +108,18 @@ def test_sim_and_real_agree_on_output_coefficients(s):
         for r, coeffs in real.outputs.items():
             for label, c in coeffs.items():
                 assert abs(c - pred.outputs[r].get(label, 0.0)) < 1e-3, (runner, r, label, c, pred.outputs[r])
+
+
+def test_calibrate_fits_a_profile_the_simulator_reads(tmp_path, monkeypatch):
+    from real.calibrate import calibrate
+    from sim.cost import load_profile, save_cpu_profile
+
+    monkeypatch.setenv("MOE_TWIN_HOME", str(tmp_path))
+    profile, figures = calibrate(world_size=2, repeats=1)
+    assert profile.calibrated and profile.flops > 0 and profile.mem_bw > 0 and profile.bus_bw > 0
+    assert profile.kernel_us > 0 and profile.coll_alpha_us > 0 and profile.host_gap_us >= 0
+    save_cpu_profile(profile)
+    assert load_profile("cpu") == profile
+    s = load("r4-gpt-oss-padded").with_(**{"runtime.platform": "cpu"})
+    assert simulate(s, "fixed").latency_us > 0
+    assert set(figures) >= {"gemm_gflops", "fitted_kernel_us", "fitted_host_gap_us"}
