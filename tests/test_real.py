@@ -123,3 +123,27 @@ def test_calibrate_fits_a_profile_the_simulator_reads(tmp_path, monkeypatch):
     s = load("r4-gpt-oss-padded").with_(**{"runtime.platform": "cpu"})
     assert simulate(s, "fixed").latency_us > 0
     assert set(figures) >= {"gemm_gflops", "fitted_kernel_us", "fitted_host_gap_us"}
+
+
+def test_replay_real_json_shape(replay):
+    import json
+
+    for res in replay.values():
+        d = json.loads(json.dumps(res.to_dict()))
+        assert {"regression", "runner", "scenario", "expected", "predicted", "fixed_predicted",
+                "verdicts", "fixed_real_ok"} <= set(d)
+        assert d["fixed_real_ok"] is True
+        assert all({"kind", "verdict"} <= set(v) for v in d["verdicts"])
+        assert any(v["kind"] == d["expected"] for v in d["verdicts"])
+
+
+def test_cli_run_reports_real_exception(capsys):
+    import json
+
+    from cli import main
+
+    code = main(["run", "r4-gpt-oss-padded", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["errors"]["0"]["step"] == 9 and "fake implementation" in out["errors"]["0"]["error"]
+    assert any(h["kind"] == "SHAPE_MISMATCH" for h in out["hazards"])
