@@ -202,7 +202,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 
         with _console().status(f"running {s.name} on {s.world} real rank(s)..."):
             real_trace = run_real(s, args.runner, prediction=sim_trace, timeout_s=args.timeout).trace
-        d = first_divergence(sim_trace, real_trace)
+        d = first_divergence(sim_trace, real_trace, s.model.routed_scaling_factor)
         div = d[:2] if d else None
     if args.export:
         from twin.export import write_chrome_trace

@@ -379,8 +379,7 @@ class SimOps(Ops):
         self.coll_seq[group] = seq + 1
         key = (group, seq)
         self.plans[-1].coll = key
-        for t in (x,):
-            self._access(st, t, False)
+        self._access(st, x, False)
         result = self.sim.arrive(self, key, kind, x, st)
         if isinstance(result, Exception):
             st.error = str(result)
@@ -432,12 +431,10 @@ class SimOps(Ops):
     def combine(self, y: SimTensor, name: str = "combine") -> SimTensor:
         s = self.scenario
         group, token_routing = self._dispatch_group()
-        idx = group.index(self.rank)
         kind = "combine_a2a" if token_routing else "reduce_scatter"
         rows = y.value.rows // len(group) if y.value.rows else 0
         shape = (rows, y.shape[-1])
         nbytes = self._bytes((rows * min(s.model.top_k, len(group)), y.shape[-1])) if token_routing else self._bytes(y.shape)
-        del idx
         return self._collective(kind, y, group, name, "combine", shape, nbytes, component="routed", a2a=token_routing)
 
 

@@ -84,7 +84,7 @@ def _coeffs_match(pred: dict[str, float], fit: dict[str, float]) -> bool:
     return all(_close(c, pred.get(label, 0.0)) for label, c in fit.items())
 
 
-def first_divergence(sim: Trace, real: Trace) -> tuple[int, int, str] | None:
+def first_divergence(sim: Trace, real: Trace, routed_scale: float = 1.0) -> tuple[int, int, str] | None:
     best: tuple[int, int, str] | None = None
     for r, ssteps in sim.steps.items():
         rsteps = real.steps.get(r, [])
@@ -102,7 +102,7 @@ def first_divergence(sim: Trace, real: Trace) -> tuple[int, int, str] | None:
             elif st.out_shape is not None and rt.out_shape is not None and tuple(st.out_shape) != tuple(rt.out_shape) and not st.error:
                 what = f"shape: sim {list(st.out_shape)} vs real {list(rt.out_shape)}"
             elif rt.value is not None:
-                pred = _predicted_coeffs(sim, r, i)
+                pred = _predicted_coeffs(sim, r, i, routed_scale)
                 if pred is not None and not _coeffs_match(pred, rt.value):
                     what = f"coefficients: sim {pred} vs real {rt.value}"
                 elif rt.residual is not None and rt.residual > RESIDUAL_OK:
@@ -114,18 +114,15 @@ def first_divergence(sim: Trace, real: Trace) -> tuple[int, int, str] | None:
     return best
 
 
-def _predicted_coeffs(sim: Trace, rank: int, step: int) -> dict[str, float] | None:
+def _predicted_coeffs(sim: Trace, rank: int, step: int, routed_scale: float) -> dict[str, float] | None:
+    """Predicted coefficients in the unit the real fit measures (partials
+    include the intended routed scaling factor)."""
     from sim import algebra
 
     value = sim.values.get(rank, {}).get(step)
     if value is None:
         return None
-    scen_scale = {"routed": sim_scale(sim), "shared": 1.0}
-    return algebra.coefficients(value, scen_scale)
-
-
-def sim_scale(sim: Trace) -> float:
-    return float(getattr(sim, "_routed_scale", 1.0))
+    return algebra.coefficients(value, {"routed": routed_scale, "shared": 1.0})
 
 
 def _real_step(real: Trace, rank: int, step: int) -> Step | None:
@@ -133,7 +130,7 @@ def _real_step(real: Trace, rank: int, step: int) -> Step | None:
     return steps[step] if step < len(steps) else None
 
 
-def _verdict_reduction(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
+def _verdict_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> VerdictItem:
     # Judge at the hazard's step and, for missing reductions, at the output.
     rt = _real_step(real, h.rank, h.step)
     if rt is None:
@@ -141,7 +138,7 @@ def _verdict_reduction(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
     if rt.value is None:
         why = rt.error or "no fit at this step (rows differ from the prediction or a non-linear transform)"
         return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE, why, h.step, h.rank)
-    pred = _predicted_coeffs(sim, h.rank, h.step) or {}
+    pred = _predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
     fit = rt.value
     shown = ", ".join(f"{k}={v:g}" for k, v in sorted(fit.items()))
     if _coeffs_match(pred, fit) and (rt.residual or 0.0) <= RESIDUAL_OK:
@@ -183,14 +180,14 @@ def check(
 
     say = progress or (lambda _m: None)
     sim = simulate(scenario, runner)
-    sim._routed_scale = scenario.model.routed_scaling_factor  # type: ignore[attr-defined]
+    scale = scenario.model.routed_scaling_factor
     say(f"{scenario.name}: real run of {sim.runner}")
     base = run_real(scenario, runner, prediction=sim, timeout_s=timeout_s)
     real = base.trace
     result = CheckResult(scenario, sim, real, fixed_real=fixed_real)
     for h in _dedupe(sim.hazards):
         if h.kind in (HazardKind.DOUBLE_REDUCTION, HazardKind.MISSING_REDUCTION):
-            result.verdicts.append(_verdict_reduction(sim, real, h))
+            result.verdicts.append(_verdict_reduction(sim, real, h, scale))
         elif h.kind == HazardKind.SHAPE_MISMATCH:
             result.verdicts.append(_verdict_error(real, h, (HazardKind.SHAPE_MISMATCH, HazardKind.RUNNER_ERROR, HazardKind.HANG)))
         elif h.kind == HazardKind.RUNNER_ERROR:
@@ -216,7 +213,7 @@ def check(
         elif h.kind == HazardKind.UNSAFE_OVERLAP:
             result.verdicts.append(_verdict_race(scenario, runner, sim, base, h, timeout_s, say))
     _unpredicted(result)
-    result.divergence = first_divergence(sim, real)
+    result.divergence = first_divergence(sim, real, scale)
     return result
 
 
