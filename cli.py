@@ -178,7 +178,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         _emit_json(result.to_dict())
     else:
         div = result.divergence[:2] if result.divergence else None
-        tl = _timeline(result.sim, args.width, compare=result.real, first_divergence=div)
+        tl = _timeline(result.timeline_sim or result.sim, args.width, compare=result.real, first_divergence=div)
         console.print(check_report(result, tl))
     confirmed = any(v.verdict.value in ("CONFIRMED", "UNPREDICTED") for v in result.verdicts)
     return EXIT_HAZARD if (args.fail_on_hazard and confirmed) else EXIT_OK
@@ -204,6 +204,9 @@ def cmd_timeline(args: argparse.Namespace) -> int:
             real_trace = run_real(s, args.runner, prediction=sim_trace, timeout_s=args.timeout).trace
         d = first_divergence(sim_trace, real_trace, s.model.routed_scaling_factor)
         div = d[:2] if d else None
+        from twin.crosscheck import cpu_timeline
+
+        sim_trace = cpu_timeline(s, args.runner, sim_trace)  # comparable with the CPU run
     if args.export:
         from twin.export import write_chrome_trace
 

@@ -131,6 +131,7 @@ class RealOps(Ops):
         self.output: RealTensor | None = None
         self._events = 0
         self._local: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._shared: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self._cuda_streams: dict[str, Any] = {}
@@ -317,7 +318,10 @@ class RealOps(Ops):
             if s.use_all2all_kernels:
                 make("comm")
         elif phase == "build_kernel":
-            self._local_weights()  # weights are processed here, not in the forward
+            # Weights are processed here, not in the forward (the model's sharding).
+            self._local_weights()
+            if s.model.has_shared:
+                self._shared_weights(not s.sp)
         elif phase == "forward":
             # Align the ranks at the start of the forward and make it the time
             # origin, as the simulator's (weight set-up is not layer latency).
@@ -463,9 +467,15 @@ class RealOps(Ops):
 
         return self._op("experts", name, COMPUTE, (x, routing_h), fn, component="routed")
 
+    def _shared_weights(self, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if sharded not in self._shared:
+            n = self.scenario.parallel.tp if sharded else 1
+            w13, w2 = self.weights.shared_shard(self.t if sharded else 0, n)
+            self._shared[sharded] = (w13.to(self.device), w2.to(self.device))
+        return self._shared[sharded]
+
     def shared_experts(self, x: RealTensor, sharded: bool = True, name: str = "shared_experts") -> RealTensor:
-        n = self.scenario.parallel.tp if sharded else 1
-        w13, w2 = (w.to(self.device) for w in self.weights.shared_shard(self.t if sharded else 0, n))
+        w13, w2 = self._shared_weights(sharded)
         return self._op("shared_experts", name, COMPUTE, (x,), lambda v: mlp(v, w13, w2), component="shared")
 
     # ---- communication ----

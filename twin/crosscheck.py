@@ -53,6 +53,9 @@ class CheckResult:
     verdicts: list[VerdictItem] = field(default_factory=list)
     divergence: tuple[int, int, str] | None = None  # rank, step, what
     fixed_real: Trace | None = None
+    # The simulated timeline on the cpu profile, comparable with the real one
+    # (predictions use the scenario's profile, e.g. h100).
+    timeline_sim: Trace | None = None
 
     @property
     def real_clean(self) -> bool:
@@ -185,6 +188,7 @@ def check(
     base = run_real(scenario, runner, prediction=sim, timeout_s=timeout_s)
     real = base.trace
     result = CheckResult(scenario, sim, real, fixed_real=fixed_real)
+    result.timeline_sim = cpu_timeline(scenario, runner, sim)
     for h in _dedupe(sim.hazards):
         if h.kind in (HazardKind.DOUBLE_REDUCTION, HazardKind.MISSING_REDUCTION):
             result.verdicts.append(_verdict_reduction(sim, real, h, scale))
@@ -215,6 +219,16 @@ def check(
     _unpredicted(result)
     result.divergence = first_divergence(sim, real, scale)
     return result
+
+
+def cpu_timeline(scenario: Scenario, runner: str | None, sim: Trace) -> Trace:
+    """The simulated trace to draw beside a real CPU run: the same prediction
+    re-timed with the (calibrated) cpu profile when it used another one."""
+    if scenario.cost_profile == "cpu":
+        return sim
+    trace = simulate(scenario, runner, profile="cpu", what_if=False)
+    trace.notes.append(f"timeline re-timed with the cpu profile (predictions used {scenario.cost_profile})")
+    return trace
 
 
 def _verdict_race(scenario: Scenario, runner: str | None, sim: Trace, base: Any, h: Hazard, timeout_s: float, say: Callable[[str], None]) -> VerdictItem:
