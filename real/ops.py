@@ -132,6 +132,8 @@ class RealOps(Ops):
         self._events = 0
         self._local: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._shared: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fi: Any = None  # FlashInferA2A on CUDA
+        self._fi_reason: str | None = None
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self._cuda_streams: dict[str, Any] = {}
@@ -524,6 +526,26 @@ class RealOps(Ops):
         g = self._group(group, name)
         return self._op("reduce_scatter", name, COLLECTIVE, (x,), lambda v: self._reduce_scatter(v, g), group=g)
 
+    def _flashinfer(self, members: tuple[int, ...]) -> Any:
+        """FlashInfer's NVLink all-to-all on CUDA for the flashinfer backends
+        (construction is collective: every rank reaches it at the same step);
+        None where it cannot run, with the reason kept for the run's notes."""
+        s = self.scenario
+        if not (self.cuda and s.effective_backend.startswith("flashinfer_nvlink")):
+            return None
+        if self._fi is None and self._fi_reason is None:
+            from real.flashinfer_a2a import A2AUnavailable, FlashInferA2A
+
+            try:
+                self._fi = FlashInferA2A(
+                    s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
+                    s.model.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
+                )
+                self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
+            except A2AUnavailable as exc:
+                self._fi_reason = exc.reason
+        return self._fi
+
     def _dispatch_group(self) -> tuple[tuple[int, ...], bool]:
         s = self.scenario
         token_routing = backend_info(s.effective_backend).token_routing
@@ -538,18 +560,29 @@ class RealOps(Ops):
         members, token_routing = self._dispatch_group()
         state: dict[str, Any] = {}
 
+        library = self._flashinfer(members) if token_routing else None
+
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             if not token_routing:
                 xd = self._all_gather(v, members)
                 state["routing"] = self._all_gather(r, members)
                 return xd
+            if library is not None:
+                from real.flashinfer_a2a import join_routing, split_routing
+
+                ids, w = split_routing(r)
+                xr, idr, wr, fi_state = library.dispatch(v, ids, w)
+                state["fi"] = fi_state
+                state["routing"] = join_routing(idr, wr)
+                return xr
             return self._a2a_dispatch(v, r, members, state)
 
-        if token_routing:
+        if token_routing and library is None:
             info = backend_info(s.effective_backend)
+            why = f"; FlashInfer not used: {self._fi_reason}" if self._fi_reason else ""
             self.stand_ins.add(
-                f"{s.effective_backend}: CPU stand-in for {info.gpu_library} (torch.distributed all_to_all; "
-                "combine sums one row per contributing rank in fp32)"
+                f"{s.effective_backend}: stand-in for {info.gpu_library} (torch.distributed all_to_all; "
+                f"combine sums one row per contributing rank in fp32){why}"
             )
         out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members)
         out.extra["state"] = state
@@ -605,6 +638,8 @@ class RealOps(Ops):
         def fn(v: torch.Tensor) -> torch.Tensor:
             if not token_routing:
                 return self._reduce_scatter(v, members)
+            if state is not None and "fi" in state and self._fi is not None:
+                return self._fi.combine(v, state["fi"])
             if state is None or "order" not in state:
                 raise RuntimeError("combine without a token-routing dispatch")
             back = torch.empty(sum(state["send"]), v.shape[1], device=v.device)
