@@ -41,9 +41,14 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
     multi = {ops.rank for ops in sim.rank_ops if ops.plans and any(p.vc is not None for p in ops.plans)}
     if not multi:
         return []
+    # Only buffers some non-main stream touches can race.
+    side: set[tuple[int, int]] = set()
+    for acc in sim.accesses:
+        if acc.rank in multi and sim.rank_ops[acc.rank].plans[acc.step].step.stream != "main":
+            side.add((acc.rank, acc.buf))
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
     for acc in sim.accesses:
-        if acc.rank in multi:
+        if (acc.rank, acc.buf) in side:
             by_buf[(acc.rank, acc.buf)].append(acc)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
