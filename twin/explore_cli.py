@@ -1,0 +1,289 @@
+"""The `explore` and `mutate` sub-commands (registered on cli.py's parser by `add_parsers`).
+
+Progress goes to stderr (rich when stderr is a terminal, plain lines otherwise);
+stdout carries only the report or, with --json, one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from twin.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
+
+MUTATE_BUDGET = 200
+PLAIN_EVERY = 50  # examples between two plain progress lines
+
+
+def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Register `explore` and `mutate` on cli.py's sub-parsers object."""
+
+    def json_flag(sp: argparse.ArgumentParser) -> None:
+        if common_json_flag_fn is not None:
+            common_json_flag_fn(sp)
+        else:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("explore", help="search generated scenarios for hazards of a runner; "
+                                        "shrink each finding to a minimal scenario file")
+    sp.add_argument("--runner", default="fixed", help="runner preset or module:Class (default: fixed)")
+    sp.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
+                    help=f"examples to try (default {DEFAULT_BUDGET})")
+    sp.add_argument("--seed", type=int, default=None, help="make the search reproducible")
+    sp.add_argument("--confirm", action="store_true",
+                    help="run every finding on real ranks and attach the verdict")
+    sp.add_argument("--out", default=str(DEFAULT_OUT),
+                    help=f"directory for findings, scenario files and the example database "
+                         f"(default ./{DEFAULT_OUT}); a second run resumes from it")
+    sp.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds before a real rank counts as hung (--confirm)")
+    sp.add_argument("--no-target", action="store_true",
+                    help="plain generation: no hypothesis.target() severity climbing")
+    sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when there is a finding")
+    json_flag(sp)
+    sp.set_defaults(func=cmd_explore)
+
+    sp = sub.add_parser("mutate", help="mutants of the fixed runner: which ones does explore catch?")
+    sp.add_argument("--budget", type=int, default=MUTATE_BUDGET,
+                    help=f"examples per mutant (default {MUTATE_BUDGET})")
+    sp.add_argument("--seed", type=int, default=0, help="seed of every search (default 0)")
+    sp.add_argument("--confirm", action="store_true",
+                    help="a mutant counts as killed only when the real run confirms the hazard")
+    sp.add_argument("--mutant", action="append", metavar="PATTERN",
+                    help="only mutants matching this glob (repeatable), e.g. 'M_dropop_*'")
+    sp.add_argument("--equivalence", type=int, default=300, metavar="N",
+                    help="generated scenarios (besides the catalog and the corner grid) a "
+                         "survivor is compared with fixed on (default 300)")
+    sp.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds before a real rank counts as hung (--confirm)")
+    json_flag(sp)
+    sp.set_defaults(func=cmd_mutate)
+
+
+def _bad_input(message: str) -> Exception:
+    from cli import BadInput
+
+    return BadInput(message)
+
+
+# ---------------------------------------------------------------- progress
+
+
+class ExploreProgress:
+    """Examples tried, findings, confirmations: a live bar on a terminal, lines otherwise."""
+
+    def __init__(self, title: str, stream: Any = None) -> None:
+        self.title = title
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar: Any = None
+        self._task: Any = None
+        self._last_line = -PLAIN_EVERY
+        self._phase = ""
+
+    def __enter__(self) -> ExploreProgress:
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
+
+            console = Console(file=self.stream, highlight=False)
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                            console=console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.title, total=None, status="")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, p: Progress) -> None:
+        status = f"{p.findings} finding(s), {p.new_findings} new"
+        if p.confirmed:
+            status += f", {p.confirmed} confirmed"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=min(p.examples, p.budget), total=p.budget,
+                             description=f"{self.title}: {p.phase}", status=status)
+            if p.message:
+                self._bar.console.print(f"  {p.message}")
+            return
+        due = p.examples - self._last_line >= PLAIN_EVERY
+        if p.message or due or p.phase != self._phase:
+            self._last_line, self._phase = p.examples, p.phase
+            line = f"{self.title}: {p.phase}: {p.examples}/{p.budget} examples, {status}"
+            print(line + (f": {p.message}" if p.message else ""), file=self.stream, flush=True)
+
+
+class MessageProgress:
+    """One status line per message: a spinner on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._status: Any = None
+
+    def __enter__(self) -> MessageProgress:
+        if self.tty:
+            from rich.console import Console
+
+            self._status = Console(file=self.stream, highlight=False).status("mutate")
+            self._status.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def __call__(self, message: str) -> None:
+        if self._status is not None:
+            self._status.update(f"mutate: {message}")
+        else:
+            print(f"mutate: {message}", file=self.stream, flush=True)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def explore_report(res: ExploreResult) -> list[str]:
+    """The text report (rich markup; everything from the data is escaped)."""
+    from rich.markup import escape as e
+
+    new = len(res.new_findings)
+    where = f" ({e(res.out.as_posix())})" if res.out is not None else ""
+    head = f"[bold]explore {e(res.runner)}[/bold]: {res.examples} examples, "
+    if not res.findings:
+        return [head + f"[green]no hazard found[/green]{where}"]
+    lines = [head + f"{len(res.findings)} finding(s), {new} new{where}"]
+    for f in res.findings:
+        tag = "[bold yellow]NEW[/bold yellow]" if f.new else "old"
+        verdict = e(f" [{f.verdict}]") if f.verdict else ""
+        stale = "" if f.reproduces else " [dim](no longer reproduces with this runner)[/dim]"
+        lines.append(f" {tag} [bold]{e(f.signature)}[/bold]{verdict}{stale}")
+        lines.append(f"     {e(f.scenario_file or '(not written)')}: {e(f.scenario.summary_line())}")
+        lines.append(f"     {e(f.detail)}")
+        if f.verdict_reason:
+            lines.append(f"     real: {e(f.verdict_reason)}")
+    return lines
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from twin.explore import explore
+
+    with ExploreProgress(f"explore {args.runner}") as progress:
+        res = explore(args.runner, budget=args.budget, seed=args.seed,
+                      out=Path(args.out), confirm=args.confirm, progress=progress,
+                      timeout_s=getattr(args, "timeout", 60.0),
+                      targeting=not getattr(args, "no_target", False))
+    if args.json:
+        sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
+    else:
+        console = _console()
+        for line in explore_report(res):
+            console.print(line)
+    live = [f for f in res.findings if f.reproduces]
+    return 1 if (getattr(args, "fail_on_hazard", False) and live) else 0
+
+
+def mutate_report(d: dict[str, Any]) -> list[str]:
+    """The text report (rich markup; everything from the data is escaped)."""
+    from rich.markup import escape as e
+
+    non_eq = d["mutants"] - d["equivalent"]
+    head = (f"[bold]mutate[/bold]: {d['mutants']} mutants of fixed, {d['killed']} killed "
+            f"(kill rate {100 * d['kill_rate']:.1f}%")
+    if d["kill_rate_non_equivalent"] is not None:
+        head += f"; {100 * d['kill_rate_non_equivalent']:.1f}% of the {non_eq} non-equivalent"
+    head += f"), {d['budget']} examples each"
+    if d["confirm"]:
+        head += ", kills confirmed on real ranks"
+    survivors = (f"survivors: {d['equivalent']} equivalent, {d['blind_spots']} blind spot(s), "
+                 f"{d['missed']} missed by the search")
+    if d["refuted"] or d["unconfirmed"]:
+        survivors += f", {d['refuted']} refuted and {d['unconfirmed']} unconfirmed on real ranks"
+    lines = [head, survivors]
+    label = {"equivalent": "[green]equivalent[/green]", "blind_spot": "[bold red]blind spot[/bold red]",
+             "missed": "[yellow]missed[/yellow]", "refuted": "[yellow]refuted[/yellow]",
+             "unconfirmed": "[yellow]unconfirmed[/yellow]"}
+    for r in d["results"]:
+        if not r["killed"]:
+            lines.append(f"  {label.get(r['status'], e(r['status']))} [bold]{e(r['mutant'])}[/bold]: "
+                         f"{e(r['description'])}")
+            lines.append(f"      {e(r['reason'])}")
+    lines.append("killed:")
+    for r in d["results"]:
+        if r["killed"]:
+            verdict = e(f" [{r['verdict']}]") if r["verdict"] else ""
+            lines.append(f"  {e(r['mutant'])}: {e(r['signature'] or '')}{verdict} "
+                         f"after {r['examples']} example(s)")
+    return lines
+
+
+def cmd_mutate(args: argparse.Namespace) -> int:
+    from twin.explore import check_budget
+    from twin.mutate import run_mutation
+
+    check_budget(args.budget)
+    if args.equivalence < 0:
+        raise _bad_input(f"--equivalence: must be >= 0, got {args.equivalence}")
+    with MessageProgress() as progress:
+        rep = run_mutation(budget=args.budget, confirm=args.confirm, seed=args.seed,
+                           only=args.mutant, equivalence_examples=args.equivalence,
+                           progress=progress, timeout_s=getattr(args, "timeout", 60.0))
+    d = rep.to_dict()
+    if args.json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+    else:
+        console = _console()
+        for line in mutate_report(d):
+            console.print(line)
+    return 0
+
+
+# ---------------------------------------------------------------- stand-alone entry
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Any:
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps no public handle
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return action
+    raise RuntimeError("the parser has no sub-commands")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m twin.explore_cli explore ...`: cli.main with these sub-commands
+    registered (for as long as cli.py does not register them itself)."""
+    import cli
+
+    original = cli.build_parser
+
+    def build() -> argparse.ArgumentParser:
+        parser = original()
+        sub = _subparsers(parser)
+        if "explore" not in sub.choices:
+            add_parsers(sub)
+        return parser
+
+    cli.build_parser = build  # type: ignore[assignment]
+    try:
+        return cli.main(argv)
+    finally:
+        cli.build_parser = original  # type: ignore[assignment]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
