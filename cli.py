@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_calibrate)
 
+    from twin.explore_cli import add_parsers as add_explore_parsers
+
+    add_explore_parsers(sub)  # explore, mutate
+
     sp = sub.add_parser("bench", help="benchmarks (medians and ratios)")
     sp.add_argument("what", choices=["sim", "real"], help="which side to benchmark")
     sp.add_argument("--repeats", type=int, default=5, help="repeats per figure (median reported)")
