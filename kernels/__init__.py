@@ -34,7 +34,24 @@ _ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "flashinfer": ("kernels.flashinfer_adapter", "fused_moe_flashinfer"),
 }
 
+
+
+def set_triton_mode() -> None:
+    """Default TRITON_INTERPRET=1 where torch sees no CUDA device.
+
+    Must run before the first `import triton` in the process, by anything:
+    FlashInfer imports triton too, and triton's own @jit helpers created in
+    compiled mode then fail inside interpreted kernels ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). An explicit TRITON_INTERPRET is kept.
+    """
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 __all__ = [
+    "set_triton_mode",
     "KERNELS",
     "KernelFn",
     "KernelUnavailable",

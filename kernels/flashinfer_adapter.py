@@ -79,6 +79,9 @@ def fused_moe_flashinfer(
     e_local, _ = _check_shapes(x, topk_ids, topk_weights, w13, w2)
     _require_device(x)
     try:
+        from kernels import set_triton_mode
+
+        set_triton_mode()  # flashinfer imports triton
         from flashinfer.fused_moe import cutlass_fused_moe
     except ImportError as exc:
         raise KernelUnavailable(

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels import set_triton_mode
+
+set_triton_mode()
 
 import triton  # noqa: E402  (must follow the TRITON_INTERPRET default above)
 import triton.language as tl  # noqa: E402

@@ -127,6 +127,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from kernels import set_triton_mode
+
 __all__ = [
     "BACKENDS",
     "FALLBACK",
@@ -158,6 +160,8 @@ __all__ = [
     "to_library_routing",
     "valid_rows",
 ]
+
+set_triton_mode()  # flashinfer imports triton: pick its mode first
 
 ONE_SIDED = "flashinfer_nvlink_one_sided"
 TWO_SIDED = "flashinfer_nvlink_two_sided"

@@ -2,6 +2,11 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+from kernels import set_triton_mode
+
+# Before any test imports flashinfer (which imports triton): see set_triton_mode.
+set_triton_mode()
+
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
