@@ -37,6 +37,11 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False, width=_WIDTH)
 
 
+def _progress(message: str) -> Any:
+    """A spinner on stderr, so stdout stays clean for --json and pipes."""
+    return Console(stderr=True).status(message)
+
+
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
@@ -109,7 +114,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.real:
         from twin.crosscheck import replay_real
 
-        with console.status("replaying on real ranks...") as status:
+        with _progress("replaying on real ranks...") as status:
             results = replay_real(progress=lambda msg: status.update(f"real: {msg}"), timeout_s=args.timeout)
     else:
         from twin.replay import replay_sim
@@ -153,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     s = _real_scenario(args)
     console = _console()
-    with console.status(f"running {s.name} on {s.world} real rank(s)..."):
+    with _progress(f"running {s.name} on {s.world} real rank(s)..."):
         prediction = simulate(s, args.runner)  # shapes of async ops and the values to fit
         res = run_real(s, args.runner, prediction=prediction, timeout_s=args.timeout)
     trace = res.trace
@@ -172,7 +177,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     s = _real_scenario(args)
     console = _console()
-    with console.status(f"checking {s.name}: simulate, then run on {s.world} real rank(s)...") as status:
+    with _progress(f"checking {s.name}: simulate, then run on {s.world} real rank(s)...") as status:
         result = check(s, args.runner, timeout_s=args.timeout, progress=lambda m: status.update(m))
     if args.json:
         _emit_json(result.to_dict())
@@ -200,7 +205,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         from real.runner import run_real
         from twin.crosscheck import first_divergence
 
-        with _console().status(f"running {s.name} on {s.world} real rank(s)..."):
+        with _progress(f"running {s.name} on {s.world} real rank(s)..."):
             real_trace = run_real(s, args.runner, prediction=sim_trace, timeout_s=args.timeout).trace
         d = first_divergence(sim_trace, real_trace, s.model.routed_scaling_factor)
         div = d[:2] if d else None
@@ -225,7 +230,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from sim.cost import save_cpu_profile
 
     console = _console()
-    with console.status("calibrating the cpu profile (GEMMs, elementwise ops, gloo collectives)..."):
+    with _progress("calibrating the cpu profile (microbenchmarks, then real runs of calibration scenarios)..."):
         profile, figures = calibrate(world_size=args.world, repeats=args.repeats)
     path = save_cpu_profile(profile)
     if args.json:
