@@ -148,6 +148,9 @@ def _real_scenario(args: argparse.Namespace):  # noqa: ANN202
         if args.kernel not in KERNELS:
             raise BadInput(f"--kernel: unknown kernel {args.kernel!r} (known: {', '.join(KERNELS)})")
         s = s.with_(kernel=args.kernel)
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise BadInput(f"--timeout: must be > 0 seconds, got {timeout}")
     return s
 
 
@@ -185,8 +188,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         div = result.divergence[:2] if result.divergence else None
         tl = _timeline(result.timeline_sim or result.sim, args.width, compare=result.real, first_divergence=div)
         console.print(check_report(result, tl))
-    confirmed = any(v.verdict.value in ("CONFIRMED", "UNPREDICTED") for v in result.verdicts)
-    return EXIT_HAZARD if (args.fail_on_hazard and confirmed) else EXIT_OK
+    # Predicted (whatever the verdict) or found by the real run alone.
+    found = bool(result.sim.hazards) or any(v.verdict.value == "UNPREDICTED" for v in result.verdicts)
+    return EXIT_HAZARD if (args.fail_on_hazard and found) else EXIT_OK
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
@@ -215,7 +219,10 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     if args.export:
         from twin.export import write_chrome_trace
 
-        path = write_chrome_trace([sim_trace] + ([real_trace] if real_trace else []), args.export)
+        try:
+            path = write_chrome_trace([sim_trace] + ([real_trace] if real_trace else []), args.export)
+        except OSError as exc:
+            raise BadInput(f"--export: cannot write {args.export}: {exc.strerror or exc}") from None
         print(f"wrote {path}", file=sys.stderr)
     from twin.timeline import render_text, terminal_width
 
@@ -226,6 +233,10 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise BadInput(f"--repeats: at least 1, got {args.repeats}")
+    if args.world < 2:
+        raise BadInput(f"--world: collectives need at least 2 ranks, got {args.world}")
     from real.calibrate import calibrate
     from sim.cost import save_cpu_profile
 
@@ -243,6 +254,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise BadInput(f"--repeats: at least 1, got {args.repeats}")
     if args.what == "sim":
         from twin.bench import bench_sim
 
@@ -310,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     real_flags(sp)
     sp.add_argument("--width", type=int, help="timeline width in columns (default: terminal width)")
-    sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when a hazard is confirmed or unpredicted")
+    sp.add_argument("--fail-on-hazard", action="store_true",
+                    help="exit 1 when a hazard is predicted or the real run shows an unpredicted one")
     sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("timeline", help="Gantt view per rank and stream; --real draws sim and real together")

@@ -17,6 +17,25 @@ _POOLS: dict[int, Any] = {}
 SHAPE_WORDS = ("size", "shape", "must match", "cannot be multiplied", "declared", "expects", "width")
 
 
+def resolve_kernel(scenario: Scenario, kernel: str | None) -> str:
+    """The routed kernel a real run uses: explicit, the scenario's, or the
+    device default for "auto" (torch on CPU, triton on CUDA)."""
+    import torch
+
+    from kernels import KERNELS, default_kernel
+
+    name = kernel or scenario.kernel
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        name = default_kernel("cuda" if cuda else "cpu")
+    if name not in KERNELS:
+        raise ValueError(f"kernel: unknown kernel {name!r} (known: {', '.join(KERNELS)})")
+    if name == "flashinfer" and not cuda:
+        raise ValueError("kernel flashinfer: FlashInfer's cutlass MoE needs a CUDA device (SM89+); "
+                         "use kernel torch or triton on CPU")
+    return name
+
+
 def get_pool(world: int, timeout_s: float = 60.0) -> Any:
     """A pool per world size, kept alive across scenarios (start-up paid once)."""
     from real.pool import RankPool
@@ -60,6 +79,9 @@ def run_real(
     from real.pool import RankFailure
 
     check_fits(scenario)
+    if not timeout_s > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout_s}")
+    kernel = resolve_kernel(scenario, kernel)
     ref = runner if runner is not None else scenario.runner
     cls = load_runner(ref)
     # Rank processes load the runner again: keep the user's spec (a file path
@@ -110,6 +132,10 @@ def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failu
             out.outputs[r] = res["output"]
         if res["output_fit"] is not None:
             trace.outputs[r] = res["output_fit"]
+        elif res["output"] is not None:
+            why = ("non-linear routed-output transform" if s.model.transform_nonlinear
+                   else "no prediction to fit against")
+            trace.notes.append(f"rank {r}: output produced but not fitted ({why})")
         for obs in res["observations"]:
             trace.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, steps[-1].index if steps else 0, "race", r, obs))
         if res["error"]:

@@ -54,7 +54,7 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
 
     groups = _groups(s)
     runner_cls = load_runner(payload["runner"])
-    kernel_name = payload.get("kernel") or s.kernel_choice
+    kernel_name = payload.get("kernel") or s.kernel_choice  # run_real resolves "auto" by device
     kernel = _kernel(kernel_name)
     delay = payload.get("delay") or {}
     predicted: dict[int, Any] = payload.get("predicted", {}).get(rank, {})

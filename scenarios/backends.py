@@ -55,6 +55,17 @@ def backend_info(name: str) -> BackendInfo:
         ) from None
 
 
+# EPLB-overlap safe only from the newest version on (runner_semantics.md table).
+_EPLB_SAFE_NEWEST_ONLY = frozenset({"flashinfer_nvlink_one_sided"})
+
+
+def eplb_overlap_safe(name: str, version: str = "newest") -> bool:
+    info = backend_info(name)
+    if version != "newest" and name in _EPLB_SAFE_NEWEST_ONLY:
+        return False
+    return info.eplb_overlap_safe
+
+
 def sp_backends(version: str = "newest") -> frozenset[str]:
     if version == "newest":
         return frozenset(b.name for b in _TABLE if b.sp_newest)

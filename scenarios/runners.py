@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from scenarios.backends import backend_info
+from scenarios.backends import backend_info, eplb_overlap_safe
 from scenarios.ops import Ops
 from scenarios.spec import Scenario
 
@@ -55,7 +55,7 @@ class ModularKernel:
 
 def overlap_disabled(s: Scenario) -> bool:
     """Rule 1 of the order function: overlap is unsafe or pointless here."""
-    eplb_unsafe = s.parallel.eplb and not backend_info(s.effective_backend).eplb_overlap_safe
+    eplb_unsafe = s.parallel.eplb and not eplb_overlap_safe(s.effective_backend, s.parallel.version)
     return eplb_unsafe or s.use_fi_two_sided
 
 

@@ -27,6 +27,7 @@ PLATFORMS = ("cuda", "cpu", "rocm")
 KERNEL_CHOICES = ("auto", "torch", "triton", "flashinfer")
 PROFILES = ("h100", "h200", "b200", "cpu")
 SP_VERSIONS = ("newest", "previous")
+MAX_TOKENS = 65536  # routing is generated per token: keep simulation interactive
 
 
 def _positive(name: str, value: int) -> None:
@@ -89,9 +90,9 @@ class ModelTraits:
                     "model.moe_hidden",
                     f"padded width {self.moe_hidden} < routed input width {self.routed_width}",
                 )
-        if not self.routed_scaling_factor > 0:
+        if not (0 < self.routed_scaling_factor < float("inf")):
             raise ScenarioError(
-                "model.routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}"
+                "model.routed_scaling_factor", f"must be finite and > 0, got {self.routed_scaling_factor}"
             )
 
     @property
@@ -199,6 +200,10 @@ class Workload:
 
     def validate(self) -> None:
         _positive("workload.tokens", self.tokens)
+        if self.tokens > MAX_TOKENS:
+            raise ScenarioError(
+                "workload.tokens", f"at most {MAX_TOKENS} tokens per rank (a large prefill chunk), got {self.tokens}"
+            )
         if not 0.0 <= self.skew < 1.0:
             raise ScenarioError("workload.skew", f"must be in [0, 1), got {self.skew}")
 
@@ -301,9 +306,9 @@ class Scenario:
 
     @property
     def kernel_choice(self) -> str:
-        if self.kernel != "auto":
-            return self.kernel
-        return "torch"
+        """The kernel named by the scenario; "auto" is resolved by the real runner
+        for its device (torch on CPU, triton on CUDA)."""
+        return self.kernel
 
     @property
     def cost_profile(self) -> str:

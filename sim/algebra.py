@@ -125,13 +125,16 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
         segs = [_resegment(v, cuts) for v in values]
     # Scale: rescale sources of a component whose scale differs from the receiver's.
     base_scale = dict(values[own].scale)
-    for v in values:
+    for v in values:  # components the receiver never scaled take the first scale seen
         for c, f in v.scale:
             base_scale.setdefault(c, f)
-    ratios = [
-        {c: f / base_scale.get(c, 1.0) for c, f in v.scale if f != base_scale.get(c, 1.0)}
-        for v in values
-    ]
+    # Every component's scale relative to the receiver's; a value that was never
+    # scaled has scale 1 for it (not "whatever the receiver has").
+    ratios = []
+    for v in values:
+        own_scale = dict(v.scale)
+        r = {c: own_scale.get(c, 1.0) / base for c, base in base_scale.items() if own_scale.get(c, 1.0) != base}
+        ratios.append(r)
     out: list[Block] = []
     for i in range(len(cuts)):
         key = segs[own][i].key

@@ -164,7 +164,9 @@ class SimOps(Ops):
     def _input_check(self, st: Step, x: SimTensor, what: str) -> None:
         problem = algebra.is_pure_input(x.value)
         if problem is not None:
-            kind = HazardKind.DOUBLE_REDUCTION if "x2" in problem or "[tokens" in problem else HazardKind.MISSING_REDUCTION
+            coef, _, _ = algebra.max_multiplicity(x.value)
+            summed_in = coef > 1.0 + 1e-9 or bool(algebra.foreign_sources(x.value))
+            kind = HazardKind.DOUBLE_REDUCTION if summed_in else HazardKind.MISSING_REDUCTION
             self.sim.add_hazard(kind, self.rank, st, f"{what} input is not the layer input: {problem}")
 
     # ---- streams, lifecycle, decisions ----

@@ -52,3 +52,11 @@ def test_split_rows_keeps_own_sources():
 def test_describe_groups_shards():
     terms = tuple(((("routed", f"ep{i}", None), 2.0)) for i in range(4))
     assert algebra.describe_terms(terms) == "routed@ep0..ep3 x2"
+
+
+def test_sum_of_scaled_and_unscaled_partials():
+    scaled = algebra.scale(partial("d0", "routed", "tp0"), 2.0)
+    plain = partial("d0", "routed", "tp1")
+    for own in (0, 1):
+        out = algebra.add([scaled, plain], own=own)
+        assert algebra.coefficients(out, {"routed": 1.0}) == {"routed@tp0": 2.0, "routed@tp1": 1.0}

@@ -62,6 +62,11 @@ def test_simulate_human_output_has_timeline(capsys):
     (["simulate", "r1-sp-deepep", "--bogus-flag"], "unrecognized arguments"),
     (["timeline", "r1-sp-deepep", "--ranks", "0,9"], "--ranks"),
     (["frobnicate"], "invalid choice"),
+    (["run", "r4-gpt-oss-padded", "--timeout", "0"], "--timeout"),
+    (["check", "r4-gpt-oss-padded", "--kernel", "flashinfer"], "needs a CUDA device"),
+    (["timeline", "r4-gpt-oss-padded", "--export", "/nonexistent/dir/t.json"], "--export: cannot write"),
+    (["calibrate", "--repeats", "0"], "--repeats"),
+    (["bench", "sim", "--repeats", "0"], "--repeats"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     code, out, err = run(capsys, *argv)

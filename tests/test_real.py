@@ -105,6 +105,11 @@ def test_sim_and_real_agree_on_output_coefficients(s):
         if any(h.kind.value in ("SHAPE_MISMATCH", "HANG", "RUNNER_ERROR") for h in pred.hazards):
             continue
         real = run_real(s, runner, prediction=pred, timeout_s=60).trace
+        if not s.model.transform_nonlinear:  # a non-linear output is not fittable
+            assert set(real.outputs) == set(pred.outputs), (runner, real.notes)
+            for r, steps in real.steps.items():
+                out = next(st for st in steps if st.op == "layer_output")
+                assert out.residual is not None and out.residual < 1e-4, (runner, r, out.residual)
         for r, coeffs in real.outputs.items():
             for label, c in coeffs.items():
                 assert abs(c - pred.outputs[r].get(label, 0.0)) < 1e-3, (runner, r, label, c, pred.outputs[r])
@@ -147,3 +152,11 @@ def test_cli_run_reports_real_exception(capsys):
     assert code == 0
     assert out["errors"]["0"]["step"] == 9 and "fake implementation" in out["errors"]["0"]["error"]
     assert any(h["kind"] == "SHAPE_MISMATCH" for h in out["hazards"])
+
+
+def test_check_fail_on_hazard_counts_inconclusive_predictions(capsys):
+    from cli import main
+
+    assert main(["check", "r5-eplb-deepep-ll", "--fail-on-hazard", "--json"]) == 1
+    capsys.readouterr()
+    assert main(["check", "r5-eplb-deepep-ll", "--runner", "fixed", "--fail-on-hazard", "--json"]) == 0

@@ -47,6 +47,26 @@ def test_lost_overlap_carries_cost_and_glm5_gap():
     assert (before.latency_us - fixed.latency_us) / fixed.latency_us >= 0.09
 
 
+def test_fi_one_sided_is_eplb_safe_only_in_newest():
+    s = load("r5-fi-two-sided").with_(**{
+        "parallel.backend": "flashinfer_nvlink_one_sided", "parallel.eplb": True, "parallel.tp": 2})
+    assert not simulate(s, "fixed").hazards
+    prev = s.with_(**{"parallel.version": "previous"})
+    assert simulate(prev, "fixed").decisions["shared_experts_order"] == "NO_OVERLAP"
+    assert "UNSAFE_OVERLAP" in simulate(prev, "before-39222").hazard_kinds()
+    assert "UNSAFE_OVERLAP" not in simulate(s, "before-39222").hazard_kinds()
+
+
+def test_input_summed_three_times_is_a_double_reduction():
+    class InputReduced(MoERunner):
+        def forward(self, ops, x):
+            return super().forward(ops, ops.all_reduce(x, "tp", name="reduce_input"))
+
+    s = load("r4-gpt-oss-padded").with_(**{"parallel.tp": 3, "model.moe_intermediate": 192})
+    kinds = {h.kind.value for h in simulate(s, InputReduced).hazards}
+    assert "DOUBLE_REDUCTION" in kinds and "MISSING_REDUCTION" not in kinds
+
+
 def test_r2_has_no_effect_at_tp1():
     s = load("r2-fi-two-sided").with_(**{"parallel.tp": 1, "parallel.dp": 4})
     assert not simulate(s, "before-41382").hazards

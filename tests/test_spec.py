@@ -22,6 +22,8 @@ def test_validation_names_field_and_rule():
     assert bad(**{"runtime.platform": "metal"}).startswith("runtime.platform")
     assert bad(**{"model.num_experts": -1}).startswith("model.num_experts")
     assert bad(**{"parallel.eplb": True}).startswith("parallel.eplb")
+    assert "finite" in bad(**{"model.routed_scaling_factor": float("inf")})
+    assert bad(**{"workload.tokens": 10**8}).startswith("workload.tokens: at most")
 
 
 def test_malformed_toml_and_unknown_field():

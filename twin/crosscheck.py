@@ -91,6 +91,14 @@ def first_divergence(sim: Trace, real: Trace, routed_scale: float = 1.0) -> tupl
     best: tuple[int, int, str] | None = None
     for r, ssteps in sim.steps.items():
         rsteps = real.steps.get(r, [])
+        if not rsteps and ssteps:
+            # The rank never reported (hung or died): its steps are lost with it.
+            lost = next((h for h in real.hazards if h.rank == r), None)
+            where = lost.step if lost else 0
+            what = f"real rank {r} returned no steps ({lost.detail if lost else 'no result'})"
+            if best is None or where < best[1]:
+                best = (r, where, what)
+            continue
         for i, st in enumerate(ssteps):
             what = None
             if i >= len(rsteps):

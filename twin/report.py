@@ -77,7 +77,7 @@ def outputs_table(trace: Trace) -> RenderableType:
             parts.append(f"{label}={c:g}", style=style)
         t.add_row(",".join(map(str, ranks)), parts)
     if not groups:
-        t.add_row("-", "no rank produced an output")
+        t.add_row("-", "no fitted coefficients (no output, or not fitted: see the notes below)")
     return t
 
 
@@ -210,7 +210,10 @@ def check_report(result: Any, timeline: RenderableType | None) -> RenderableType
         r, i, what = result.divergence
         parts.append(Text(f"first divergence: rank {r} step {i}: {what}", style="bold yellow"))
     else:
-        parts.append(Text("sim and real agree at every step (shapes, errors, fitted coefficients)", style="green"))
+        steps = sum(len(v) for v in result.real.steps.values())
+        fitted = sum(1 for v in result.real.steps.values() for st in v if st.value is not None)
+        parts.append(Text(f"sim and real agree at every step compared: op, shape and error at {steps} steps, "
+                          f"coefficients at the {fitted} fitted ones", style="green"))
     parts.append(outputs_table(result.real))
     if timeline is not None:
         parts.append(timeline)
