@@ -546,18 +546,11 @@ class RealOps(Ops):
                 self._fi_reason = exc.reason
         return self._fi
 
-    def _dispatch_group(self) -> tuple[tuple[int, ...], bool]:
-        s = self.scenario
-        token_routing = backend_info(s.effective_backend).token_routing
-        if token_routing or s.sp:
-            return s.group("ep", self.rank), token_routing
-        return s.group("dp", self.rank), False
-
     def dispatch(self, x: RealTensor, routing_h: RealTensor, name: str = "dispatch") -> tuple[RealTensor, RealTensor]:
         s = self.scenario
         if s.effective_backend == "none":
             raise ValueError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
-        members, token_routing = self._dispatch_group()
+        members, token_routing = self.scenario.dispatch_group(self.rank)
         state: dict[str, Any] = {}
 
         library = self._flashinfer(members) if token_routing else None
@@ -625,7 +618,7 @@ class RealOps(Ops):
         return recv[:, :h].contiguous()
 
     def combine(self, y: RealTensor, name: str = "combine") -> RealTensor:
-        members, token_routing = self._dispatch_group()
+        members, token_routing = self.scenario.dispatch_group(self.rank)
         source = self.tensors.get(y.step)
         # Find the dispatch whose layout this combine reverses (the latest one).
         state = None

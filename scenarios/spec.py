@@ -333,6 +333,14 @@ class Scenario:
             return tuple(range(tp * dp))
         raise ValueError(f"unknown group kind {kind!r} (known: tp, dp, ep, world)")
 
+    def dispatch_group(self, rank: int) -> tuple[tuple[int, ...], bool]:
+        """(members, token_routing) of `rank`'s dispatch/combine: token-routing
+        backends and SP use the EP group; the naive gather otherwise uses DP."""
+        token_routing = backend_info(self.effective_backend).token_routing
+        if token_routing or self.sp:
+            return self.group("ep", rank), token_routing
+        return self.group("dp", rank), False
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

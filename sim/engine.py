@@ -26,7 +26,6 @@ from typing import Any
 import greenlet
 import simpy
 
-from scenarios.backends import backend_info
 from scenarios.ops import Ops
 from scenarios.runners import MoERunner, run_program
 from scenarios.spec import Scenario
@@ -404,19 +403,11 @@ class SimOps(Ops):
         shape = (x.shape[0] // len(g), *x.shape[1:])
         return self._collective("reduce_scatter", x, g, name, "reduce_scatter", shape, self._bytes(x.shape))
 
-    def _dispatch_group(self) -> tuple[tuple[int, ...], bool]:
-        s = self.scenario
-        backend = s.effective_backend
-        token_routing = backend_info(backend).token_routing
-        if token_routing or s.sp:
-            return s.group("ep", self.rank), token_routing
-        return s.group("dp", self.rank), False
-
     def dispatch(self, x: SimTensor, routing_h: SimTensor, name: str = "dispatch") -> tuple[SimTensor, SimTensor]:
         s = self.scenario
         if s.effective_backend == "none":
             raise ValueError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
-        group, token_routing = self._dispatch_group()
+        group, token_routing = self.scenario.dispatch_group(self.rank)
         if token_routing:
             rows = self.sim.received_rows(self.rank, group)
             kind = "dispatch_a2a"
@@ -432,7 +423,7 @@ class SimOps(Ops):
 
     def combine(self, y: SimTensor, name: str = "combine") -> SimTensor:
         s = self.scenario
-        group, token_routing = self._dispatch_group()
+        group, token_routing = self.scenario.dispatch_group(self.rank)
         kind = "combine_a2a" if token_routing else "reduce_scatter"
         rows = y.value.rows // len(group) if y.value.rows else 0
         shape = (rows, y.shape[-1])
