@@ -97,3 +97,10 @@ def test_timeline_export_and_width(capsys, tmp_path):
 def test_real_too_large_is_refused(capsys):
     code, _, err = run(capsys, "run", "deepseek-v3")
     assert code == 2 and "GiB per rank" in err
+
+
+def test_replay_human_output_fits_80_columns(capsys):
+    code, out, _ = run(capsys, "replay")
+    assert code == 0
+    assert out.count("CAUGHT") == 6 and "MISSED" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80

@@ -321,7 +321,7 @@ class RealCaseResult(CaseResult):
         v = self.expected_verdict
         style = {Verdict.CONFIRMED: "bold green", Verdict.INCONCLUSIVE: "yellow"}.get(v, "bold red")
         before = Text(v.value if v else "no verdict", style=style)
-        fixed = Text("clean", style="green") if self.fixed_real_ok else Text("NOT CLEAN", style="bold red")
+        fixed = Text("ok", style="green") if self.fixed_real_ok else Text("NOT CLEAN", style="bold red")
         return [before, fixed]
 
     def real_lines(self) -> list[str]:

@@ -123,7 +123,7 @@ def replay_table(results: list[Any], real: bool = False) -> RenderableType:
         hit = c.expected in res.before.hazard_kinds()
         sim = Text("hit" if hit else "MISS", style="green" if hit else "bold red")
         sim.append("/")
-        sim.append("clean" if not res.fixed.hazards else "ALARM", style="green" if not res.fixed.hazards else "bold red")
+        sim.append("ok" if not res.fixed.hazards else "ALARM", style="green" if not res.fixed.hazards else "bold red")
         row: list[Any] = [f"{c.regression} {c.runner}", Text(c.expected, style=KIND_STYLE.get(c.expected, "bold")), sim]
         if real:
             before, fixed = res.real_cells()
@@ -135,8 +135,8 @@ def replay_table(results: list[Any], real: bool = False) -> RenderableType:
         ok = res.caught if not real else res.caught and res.real_ok
         row.append(Text("CAUGHT" if ok else "MISSED", style="bold green" if ok else "bold red"))
         t.add_row(*row)
-    t.caption = ("sim: expected hazard predicted for the before runner / fixed runner clean"
-                 + ("; real: verdict of the real run / fixed runner measured clean" if real else ""))
+    t.caption = ("sim: hit = expected hazard predicted for the before runner, ok = none for the fixed runner"
+                 + ("; real: verdict of the real run, ok = fixed runner measured clean" if real else ""))
     t.caption_justify = "left"
     return t
 
