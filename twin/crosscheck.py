@@ -56,6 +56,7 @@ class CheckResult:
     # The simulated timeline on the cpu profile, comparable with the real one
     # (predictions use the scenario's profile, e.g. h100).
     timeline_sim: Trace | None = None
+    fixed_overlap_us: dict[int, float] | None = None  # best measured overlap of the fixed runner
 
     @property
     def real_clean(self) -> bool:
@@ -207,14 +208,13 @@ def check(
         elif h.kind == HazardKind.HANG:
             result.verdicts.append(_verdict_error(real, h, (HazardKind.HANG,)))
         elif h.kind == HazardKind.LOST_OVERLAP:
-            if result.fixed_real is None:
-                say(f"{scenario.name}: real run of fixed (overlap reference)")
-                fixed_pred = simulate(scenario, "fixed")
-                result.fixed_real = run_real(scenario, "fixed", prediction=fixed_pred, timeout_s=timeout_s).trace
+            if result.fixed_overlap_us is None:
+                result.fixed_overlap_us = _fixed_overlap(scenario, result, timeout_s, say)
             mine = real.overlap_us.get(h.rank, 0.0)
-            ref = result.fixed_real.overlap_us.get(h.rank, 0.0)
-            detail = (f"measured overlap {mine:.0f} us (fixed: {ref:.0f} us); layer {real.latency_us:.0f} us "
-                      f"vs fixed {result.fixed_real.latency_us:.0f} us")
+            ref = result.fixed_overlap_us.get(h.rank, 0.0)
+            assert result.fixed_real is not None
+            detail = (f"measured overlap {mine:.0f} us (fixed: {ref:.0f} us, best of up to {OVERLAP_TRIES} runs); "
+                      f"layer {real.latency_us:.0f} us vs fixed {result.fixed_real.latency_us:.0f} us")
             if mine == 0.0 and ref > 0.0:
                 result.verdicts.append(VerdictItem(h.kind.value, Verdict.CONFIRMED, detail, h.step, h.rank))
             elif mine > 0.0:
@@ -227,6 +227,30 @@ def check(
     _unpredicted(result)
     result.divergence = first_divergence(sim, real, scale)
     return result
+
+
+OVERLAP_TRIES = 3
+
+
+def _fixed_overlap(scenario: Scenario, result: CheckResult, timeout_s: float, say: Callable[[str], None]) -> dict[int, float]:
+    """Per rank, the best shared/routed overlap the fixed runner achieves on
+    real ranks. Whether two CPU threads overlap is at the mercy of the OS
+    scheduler on an oversubscribed machine, so a run without overlap is
+    retried (up to OVERLAP_TRIES runs); the claim checked is that the
+    overlapped order is realisable here."""
+    from real.runner import run_real
+
+    best: dict[int, float] = {}
+    fixed_pred = simulate(scenario, "fixed")
+    for attempt in range(OVERLAP_TRIES):
+        if result.fixed_real is None or attempt > 0:
+            say(f"{scenario.name}: real run of fixed (overlap reference {attempt + 1})")
+            result.fixed_real = run_real(scenario, "fixed", prediction=fixed_pred, timeout_s=timeout_s).trace
+        for r, v in result.fixed_real.overlap_us.items():
+            best[r] = max(best.get(r, 0.0), v)
+        if best and all(v > 0.0 for v in best.values()):
+            break
+    return best
 
 
 def cpu_timeline(scenario: Scenario, runner: str | None, sim: Trace) -> Trace:
