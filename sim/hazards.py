@@ -13,7 +13,6 @@ from collections import defaultdict
 from scenarios.backends import backend_info
 from scenarios.runners import (
     OVERLAPPED,
-    FixedRunner,
     MoERunner,
     Order,
     overlap_disabled,
@@ -185,7 +184,6 @@ def lost_overlap_hazards(sim, trace_latency: float, alt_latency: float, order: O
 
 
 __all__ = [
-    "FixedRunner",
     "concurrent",
     "detect_forbidden_overlap",
     "detect_races",

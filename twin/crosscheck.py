@@ -22,7 +22,6 @@ from typing import Any
 
 from scenarios.backends import backend_info
 from scenarios.loader import load
-from scenarios.runners import runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace, Verdict
 from sim import simulate
@@ -400,4 +399,4 @@ def replay_real(progress: Callable[[str], None] | None = None, timeout_s: float 
     return out
 
 
-__all__ = ["check", "replay_real", "CheckResult", "runner_label"]
+__all__ = ["check", "replay_real", "CheckResult"]

@@ -81,29 +81,45 @@ def outputs_table(trace: Trace) -> RenderableType:
     return t
 
 
-def simulate_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
+def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, real: bool) -> RenderableType:
+    """The body shared by `simulate` (predicted) and `run` (measured)."""
     parts: list[RenderableType] = [scenario_panel(s), Text("")]
-    head = Text(f"runner {trace.runner}", style="bold")
-    head.append(f"   latency {trace.latency_us:.1f} us", style="")
+    if real:
+        head = Text(f"real run of {trace.runner}", style="bold")
+        head.append(f"   measured latency {trace.latency_us:.0f} us")
+    else:
+        head = Text(f"runner {trace.runner}", style="bold")
+        head.append(f"   latency {trace.latency_us:.1f} us")
     if trace.decisions:
         head.append("   " + ", ".join(f"{k}={v}" for k, v in trace.decisions.items()))
     parts.append(head)
+    what = "problem(s) observed" if real else "hazard(s) predicted"
     if trace.hazards:
-        parts.append(Text(f"{len(trace.hazards)} hazard(s) predicted:", style="bold"))
+        parts.append(Text(f"{len(trace.hazards)} {what}:", style="bold"))
         parts.extend(hazard_lines(trace.hazards))
+    elif real:
+        parts.append(Text("no problem observed (output reduced exactly once, no exception)", style="bold green"))
     else:
         parts.append(Text("no hazard predicted", style="bold green"))
     parts.append(Text(""))
     parts.append(outputs_table(trace))
     if trace.overlap_us:
         ov = ", ".join(f"r{r} {v:.1f} us" for r, v in sorted(trace.overlap_us.items()))
-        parts.append(Text(f"shared/routed overlap: {ov}"))
+        parts.append(Text(f"{'measured ' if real else ''}shared/routed overlap: {ov}"))
     if timeline is not None:
         parts.append(Text(""))
         parts.append(timeline)
     for note in trace.notes:
         parts.append(Text(note, style="dim"))
     return Group(*parts)
+
+
+def simulate_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
+    return _trace_report(s, trace, timeline, real=False)
+
+
+def real_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
+    return _trace_report(s, trace, timeline, real=True)
 
 
 def replay_table(results: list[Any], real: bool = False) -> RenderableType:
@@ -161,27 +177,6 @@ def replay_details(results: list[Any], real: bool = False, width: int = 80) -> R
                 parts.append(Text(f"  {line}"))
         # The same renderer as simulate/check/timeline: rank 0, before above fixed.
         parts.append(render_timeline(r.before, width=width, ranks=[0], compare=r.fixed, compact=True))
-    return Group(*parts)
-
-
-def real_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
-    parts: list[RenderableType] = [scenario_panel(s), Text("")]
-    head = Text(f"real run of {trace.runner}", style="bold")
-    head.append(f"   measured latency {trace.latency_us:.0f} us (execution device: CPU)")
-    parts.append(head)
-    if trace.hazards:
-        parts.append(Text(f"{len(trace.hazards)} problem(s) observed:", style="bold"))
-        parts.extend(hazard_lines(trace.hazards))
-    else:
-        parts.append(Text("no problem observed (output reduced exactly once, no exception)", style="bold green"))
-    parts.append(outputs_table(trace))
-    if trace.overlap_us:
-        ov = ", ".join(f"r{r} {v:.0f} us" for r, v in sorted(trace.overlap_us.items()))
-        parts.append(Text(f"measured shared/routed overlap: {ov}"))
-    if timeline is not None:
-        parts.append(timeline)
-    for note in trace.notes:
-        parts.append(Text(note, style="dim"))
     return Group(*parts)
 
 
