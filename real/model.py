@@ -8,14 +8,13 @@ experts of one EP rank or TP shard, shared experts of one shard) on one token.
 
 from __future__ import annotations
 
-import re
 import zlib
 
 import torch
 import torch.nn.functional as F
 
 from scenarios.spec import Scenario
-from scenarios.workload import routing
+from scenarios.workload import dp_of, routing, tokens_of  # noqa: F401 - re-exported
 
 MAX_REAL_BYTES = 3 * 2**30  # per rank; larger scenarios are refused with a clear error
 
@@ -120,33 +119,6 @@ def mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     i = w13.shape[0] // 2
     h = x @ w13.t()
     return (F.silu(h[..., :i]) * h[..., i:]) @ w2.t()
-
-
-_KEY = re.compile(r"^d(\d+)(?:s(\d+))?((?:\[\d+:\d+\])*)$")
-_CUT = re.compile(r"\[(\d+):(\d+)\]")
-
-
-def tokens_of(s: Scenario, key: str) -> list[int]:
-    """Token indices (within the DP rank) of a row-block key; -1 for SP padding."""
-    m = _KEY.match(key)
-    if m is None:
-        raise ValueError(f"unknown row-block key {key!r}")
-    T = s.workload.tokens
-    if m.group(2) is None:
-        toks = list(range(T))
-    else:
-        per, t = s.sp_tokens, int(m.group(2))
-        toks = [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
-    for a, b in _CUT.findall(m.group(3)):
-        toks = toks[int(a) : int(b)]
-    return toks
-
-
-def dp_of(key: str) -> int:
-    m = _KEY.match(key)
-    if m is None:
-        raise ValueError(f"unknown row-block key {key!r}")
-    return int(m.group(1))
 
 
 class Reference:

@@ -153,3 +153,14 @@ class Ops(ABC):
 
     @abstractmethod
     def reduce_scatter(self, x: Any, group: str = "tp", name: str = "reduce_scatter") -> Any: ...
+
+
+class OpsShapeError(RuntimeError):
+    """An op's shapes are incompatible, where torch would raise (both
+    interpreters raise this type, so errors are matched by class, not words)."""
+
+
+class OpsUsageError(ValueError):
+    """A runner called an Ops method wrongly (unknown group name, a value that
+    is not a tensor handle or event): a mistake in the runner's code, reported
+    with the step of the call, not a finding about the configuration."""

@@ -152,6 +152,21 @@ class MoERunner:
     def shared_input(self, ops: Ops, x: Any) -> Any:
         return x
 
+    def shared_after_routed(self, order: Order) -> bool:
+        """Without overlap, the shared MLP runs on the main stream before the
+        routed experts (so an in-place routed kernel cannot clobber its input)."""
+        return False
+
+    def launch_shared_on_aux(self, ops: Ops, x: Any, sharded: bool) -> tuple[Any, Any]:
+        """MULTI_STREAM: the aux stream waits for the main stream's work so far,
+        runs the shared MLP and records an event the main stream joins on."""
+        fork = ops.record_event("fork_to_aux")
+        with ops.stream("aux"):
+            ops.wait_event(fork, name="aux_waits_fork")
+            shared = ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+            done = ops.record_event("shared_done")
+        return shared, done
+
     def maybe_reduce_shared(self, ops: Ops, shared: Any, routed_reduced: bool) -> Any:
         if shared is not None and not self.is_sequence_parallel() and routed_reduced:
             return ops.all_reduce(shared, "tp", name="shared_all_reduce")
@@ -200,14 +215,12 @@ class MoERunner:
 
         shared = None
         shared_done = None
-        if m.has_shared and order in (Order.NO_OVERLAP, Order.EXTERNAL):
+        serial = m.has_shared and order in (Order.NO_OVERLAP, Order.EXTERNAL)
+        after = serial and self.shared_after_routed(order)
+        if serial and not after:
             shared = ops.shared_experts(x, sharded=sharded)
         elif m.has_shared and order == Order.MULTI_STREAM_OVERLAPPED:
-            fork = ops.record_event("fork_to_aux")
-            with ops.stream("aux"):
-                ops.wait_event(fork, name="aux_waits_fork")
-                shared = ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
-                shared_done = ops.record_event("shared_done")
+            shared, shared_done = self.launch_shared_on_aux(ops, x, sharded)
 
         def run_shared_inside() -> Any:
             return ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
@@ -218,6 +231,8 @@ class MoERunner:
         )
         if internal:
             shared = inner_shared
+        if after:
+            shared = ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
         if shared_done is not None:
             ops.wait_event(shared_done, name="join_shared")
 

@@ -22,6 +22,12 @@ class HazardKind(StrEnum):
     # program that raised something other than a modeled shape error.
     HANG = "HANG"
     RUNNER_ERROR = "RUNNER_ERROR"
+    # A rank hands back rows that are not its own tokens in order (padding
+    # rows, another rank's tokens, the right tokens in the wrong order).
+    WRONG_TOKENS = "WRONG_TOKENS"
+    # A consumer op is fed something other than what it must consume (the
+    # latent-projected tensor, dispatched tokens, a buffer clobbered in place).
+    WRONG_INPUT = "WRONG_INPUT"
 
 
 class Verdict(StrEnum):
@@ -85,6 +91,9 @@ class Hazard:
     rank: int
     detail: str
     cost_us: float | None = None  # LOST_OVERLAP: predicted latency cost
+    # Real only: this failure is a consequence of another rank's (e.g. a peer's
+    # "connection closed" after rank `caused_by` died), not a finding of its own.
+    caused_by: int | None = None
 
     def __str__(self) -> str:
         text = f"{self.kind.value} at step {self.step} {self.step_name} (rank {self.rank}): {self.detail}"
@@ -102,12 +111,57 @@ class Hazard:
         }
         if self.cost_us is not None:
             d["cost_us"] = round(self.cost_us, 3)
+        if self.caused_by is not None:
+            d["caused_by"] = self.caused_by
         return d
 
     @property
     def signature(self) -> str:
         """Stable identity of a finding: kind + where it arose."""
         return f"{self.kind.value}@{self.step_name}"
+
+
+@dataclass
+class OutputCheck:
+    """One rank's real output judged against the exact reference (the ground
+    truth: real/reference.py). `correct` is the only claim about reality a
+    verdict may rest on; `cause` characterises a wrong output in words."""
+
+    rank: int
+    correct: bool
+    max_abs_err: float | None = None  # None when nothing comparable was returned
+    max_rel_err: float | None = None
+    wrong_rows: int = 0
+    rows: int = 0  # rows the rank must return
+    wrong_tokens: list[str] = field(default_factory=list)  # token ids of wrong rows, e.g. "d0t3"
+    cause: str = ""  # "" when correct
+    kind: str | None = None  # the HazardKind the characterisation points to, when wrong
+    shape: tuple[int, ...] | None = None  # what the rank returned
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "correct": self.correct,
+            "max_abs_err": _finite(self.max_abs_err),
+            "max_rel_err": _finite(self.max_rel_err),
+            "wrong_rows": self.wrong_rows,
+            "rows": self.rows,
+            "wrong_tokens": list(self.wrong_tokens),
+            "cause": self.cause,
+            "kind": self.kind,
+            "shape": list(self.shape) if self.shape is not None else None,
+        }
+
+
+def _finite(x: float | None) -> float | str | None:
+    """JSON has no NaN/inf: say them as strings."""
+    if x is None:
+        return None
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return float(x)
 
 
 @dataclass
@@ -125,6 +179,8 @@ class Trace:
     overlap_us: dict[int, float] = field(default_factory=dict)  # shared/routed overlap per rank
     decisions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # stand-ins used, collapses, ...
+    # Real only: each rank's output judged against the exact reference.
+    output_checks: dict[int, OutputCheck] = field(default_factory=dict)
     # Simulator only, not serialised: abstract value per rank and step index
     # (what the real runner fits its tensors against).
     values: dict[int, dict[int, Any]] = field(default_factory=dict, repr=False)
@@ -155,6 +211,8 @@ class Trace:
             "outputs": {str(r): c for r, c in self.outputs.items()},
             "notes": list(self.notes),
         }
+        if self.source == "real":
+            d["real_output"] = [self.output_checks[r].to_dict() for r in sorted(self.output_checks)]
         if with_steps:
             d["steps"] = {
                 str(r): [s.to_dict() for s in steps] for r, steps in self.steps.items()

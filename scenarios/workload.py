@@ -8,6 +8,7 @@ still runs its gate GEMM, then takes these top-k ids and weights.
 from __future__ import annotations
 
 import random
+import re
 from functools import lru_cache
 
 from scenarios.spec import Scenario
@@ -99,3 +100,45 @@ def expert_loads(s: Scenario) -> tuple[tuple[int, int], ...]:
                         active.add(e)
         out.append((pairs, len(active)))
     return tuple(out)
+
+
+# Row-block keys of the simulator's values name token sets: "d1" = all tokens
+# of DP rank 1, "d1s0" = SP slice 0 of them, "[a:b]" a sub-range of rows.
+_KEY = re.compile(r"^d(\d+)(?:s(\d+))?((?:\[\d+:\d+\])*)$")
+_CUT = re.compile(r"\[(\d+):(\d+)\]")
+
+
+def tokens_of(s: Scenario, key: str) -> list[int]:
+    """Token indices (within the DP rank) of a row-block key; -1 for SP padding."""
+    m = _KEY.match(key)
+    if m is None:
+        raise ValueError(f"unknown row-block key {key!r}")
+    T = s.workload.tokens
+    if m.group(2) is None:
+        toks = list(range(T))
+    else:
+        per, t = s.sp_tokens, int(m.group(2))
+        toks = [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
+    for a, b in _CUT.findall(m.group(3)):
+        toks = toks[int(a) : int(b)]
+    return toks
+
+
+def dp_of(key: str) -> int:
+    m = _KEY.match(key)
+    if m is None:
+        raise ValueError(f"unknown row-block key {key!r}")
+    return int(m.group(1))
+
+
+def owned_tokens(s: Scenario, rank: int) -> list[tuple[int, int]]:
+    """The layer-output contract: the (dp rank, token) rows `rank` must hand
+    back, in order. Each rank returns its DP rank's tokens in their original
+    order; under SP every TP rank of the DP group returns all of them."""
+    d, _t = s.coords(rank)
+    return [(d, i) for i in range(s.workload.tokens)]
+
+
+def token_label(d: int, tok: int) -> str:
+    """Human name of a token row: "d0t3"; SP padding rows are "d0pad"."""
+    return f"d{d}pad" if tok < 0 else f"d{d}t{tok}"

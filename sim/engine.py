@@ -26,7 +26,7 @@ from typing import Any
 import greenlet
 import simpy
 
-from scenarios.ops import Ops
+from scenarios.ops import Ops, OpsShapeError
 from scenarios.runners import MoERunner, run_program
 from scenarios.spec import Scenario
 from scenarios.trace import (
@@ -49,7 +49,7 @@ from sim.cost import Profile, collective_us, elementwise_us, gemm_us
 MODEL = "model"  # category of model-side steps (input, output, SP slicing)
 
 
-class SimShapeError(RuntimeError):
+class SimShapeError(OpsShapeError):
     """Raised inside a runner program where the real op would raise."""
 
 
