@@ -112,7 +112,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     console = _console()
     if args.real:
-        from twin.crosscheck import replay_real
+        from twin.replay_real import replay_real
 
         with _progress("replaying on real ranks...") as status:
             results = replay_real(progress=lambda msg: status.update(f"real: {msg}"), timeout_s=args.timeout)

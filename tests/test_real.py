@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def replay():
-    from twin.crosscheck import replay_real
+    from twin.replay_real import replay_real
 
     return {(r.case.regression, r.case.runner): r for r in replay_real(timeout_s=120)}
 

@@ -97,11 +97,16 @@ def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, re
     if trace.hazards:
         parts.append(Text(f"{len(trace.hazards)} {what}:", style="bold"))
         parts.extend(hazard_lines(trace.hazards))
+    elif real and trace.output_checks and all(c.correct for c in trace.output_checks.values()):
+        parts.append(Text("no problem observed: every rank's output equals the exact reference, no exception",
+                          style="bold green"))
     elif real:
-        parts.append(Text("no problem observed (output reduced exactly once, no exception)", style="bold green"))
+        parts.append(Text("no problem observed, but the output was not judged against the reference", style="bold yellow"))
     else:
         parts.append(Text("no hazard predicted", style="bold green"))
     parts.append(Text(""))
+    if real:
+        parts.append(real_output_table(trace))
     parts.append(outputs_table(trace))
     if trace.overlap_us:
         ov = ", ".join(f"r{r} {v:.1f} us" for r, v in sorted(trace.overlap_us.items()))
@@ -180,6 +185,42 @@ def replay_details(results: list[Any], real: bool = False, width: int = 80) -> R
     return Group(*parts)
 
 
+def agreement_line(result: Any) -> Text:
+    """Sim vs real in one line; never "agree" while a rank's output is wrong
+    and unaccounted for (the verdicts say which)."""
+    from twin.verdicts import wrong_ranks
+
+    if result.divergence:
+        r, i, what = result.divergence
+        return Text(f"first divergence: rank {r} step {i}: {what}", style="bold yellow")
+    if not result.agree:
+        bad = wrong_ranks(result.real)
+        what = f"real output wrong on ranks {','.join(map(str, bad))}" if bad else "verdicts disagree with the prediction"
+        return Text(f"sim and real do NOT agree: {what} (see the verdicts)", style="bold red")
+    steps = sum(len(v) for v in result.real.steps.values())
+    fitted = sum(1 for v in result.real.steps.values() for st in v if st.value is not None)
+    return Text(f"sim and real agree at every step compared: op, shape and error at {steps} steps, "
+                f"coefficients at the {fitted} fitted ones", style="green")
+
+
+def real_output_table(trace: Trace) -> RenderableType:
+    """Each rank's real output against the exact reference."""
+    t = Table(title="real output vs the exact reference", title_justify="left")
+    t.add_column("rank")
+    t.add_column("output")
+    t.add_column("max abs err")
+    t.add_column("wrong rows")
+    t.add_column("cause")
+    for r in sorted(trace.output_checks):
+        c = trace.output_checks[r]
+        verdict = Text("correct", style="green") if c.correct else Text("WRONG", style="bold red")
+        err = "-" if c.max_abs_err is None else f"{c.max_abs_err:.2e}"
+        t.add_row(str(r), verdict, err, f"{c.wrong_rows}/{c.rows}", Text(c.cause or ""))
+    if not trace.output_checks:
+        t.add_row("-", "not judged", "-", "-", "")
+    return t
+
+
 def check_report(result: Any, timeline: RenderableType | None) -> RenderableType:
     s = result.scenario
     parts: list[RenderableType] = [scenario_panel(s), Text("")]
@@ -201,14 +242,8 @@ def check_report(result: Any, timeline: RenderableType | None) -> RenderableType
     if not result.verdicts:
         t.add_row("-", "-", Text("nothing to judge", style="green"), "no hazard predicted and none observed")
     parts.append(t)
-    if result.divergence:
-        r, i, what = result.divergence
-        parts.append(Text(f"first divergence: rank {r} step {i}: {what}", style="bold yellow"))
-    else:
-        steps = sum(len(v) for v in result.real.steps.values())
-        fitted = sum(1 for v in result.real.steps.values() for st in v if st.value is not None)
-        parts.append(Text(f"sim and real agree at every step compared: op, shape and error at {steps} steps, "
-                          f"coefficients at the {fitted} fitted ones", style="green"))
+    parts.append(agreement_line(result))
+    parts.append(real_output_table(result.real))
     parts.append(outputs_table(result.real))
     if timeline is not None:
         parts.append(timeline)

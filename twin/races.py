@@ -1,0 +1,93 @@
+"""UNSAFE_OVERLAP on real ranks: provoke the race, judge by the reference.
+
+A predicted race is two streams touching one buffer with no event between
+them. On real ranks it shows only if the schedule puts the accesses in the
+bad order, so the verdict perturbs the schedule: it delays one stream at a
+time by more than the other streams' work took in the same (unperturbed) run,
+measured, so the other side surely finishes first. Each perturbation is
+repeated a small fixed number of times. CONFIRMED when some run's output is
+wrong against the exact reference; a race the stand-ins cannot have (inside
+a GPU all-to-all library) is INCONCLUSIVE at once, without reruns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from scenarios.backends import backend_info
+from scenarios.spec import Scenario
+from scenarios.trace import Hazard, Trace, Verdict
+from twin.verdicts import VerdictItem, describe_wrong, wrong_ranks
+
+RACE_REPEATS = 2  # runs per delayed stream (stops at the first wrong output)
+MARGIN_S = 0.02  # added to the measured duration of the other streams' work
+MAX_DELAY_S = 5.0
+
+
+def contract_only(scenario: Scenario, h: Hazard) -> str | None:
+    """The reason a predicted overlap cannot race on CPU stand-ins, or None.
+    An overlap the backend contract forbids races inside the GPU library
+    (e.g. DeepEP's buffers under EPLB); the stand-in shares no such buffer."""
+    info = backend_info(scenario.effective_backend)
+    if "buffer" in h.detail or not info.gpu_library:
+        return None
+    return (f"needs real {info.gpu_library}: the race is inside the library, which the CPU stand-in of "
+            f"{scenario.effective_backend} does not reproduce (no run can provoke it here)")
+
+
+def stream_work_s(trace: Trace, rank: int) -> dict[str, float]:
+    """Measured busy time per stream of one rank, in seconds."""
+    out: dict[str, float] = {}
+    for st in trace.steps.get(rank, []):
+        out[st.stream] = out.get(st.stream, 0.0) + max(0.0, st.end - st.start) / 1e6
+    return out
+
+
+def delay_for(trace: Trace, rank: int, stream: str) -> float:
+    """How long to hold `stream` back so every other stream's work on this rank
+    (as measured in this run) is done first."""
+    work = stream_work_s(trace, rank)
+    others = sum(v for s, v in work.items() if s != stream)
+    return min(MAX_DELAY_S, 2.0 * others + MARGIN_S)
+
+
+def judge_race(
+    scenario: Scenario,
+    runner: str | None,
+    sim: Trace,
+    base: Any,
+    h: Hazard,
+    timeout_s: float,
+    say: Callable[[str], None],
+) -> VerdictItem:
+    from real.runner import run_real
+
+    reason = contract_only(scenario, h)
+    if reason is not None:
+        return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE, reason, h.step, h.rank)
+    wrong = wrong_ranks(base.trace)
+    if wrong:
+        chk = base.trace.output_checks[wrong[0]]
+        return VerdictItem(h.kind.value, Verdict.CONFIRMED,
+                           f"the unperturbed run already gave a wrong output: rank {chk.rank} {describe_wrong(chk)}",
+                           h.step, h.rank)
+    streams = sorted({st.stream for st in sim.steps.get(h.rank, [])})
+    tried = []
+    for stream in streams:
+        delay = delay_for(base.trace, h.rank, stream)
+        # Every op on the delayed stream waits `delay`: stretch the run's timeout by as much.
+        n_ops = sum(1 for st in sim.steps.get(h.rank, []) if st.stream == stream)
+        tried.append(f"'{stream}' by {delay * 1e3:.0f} ms")
+        for attempt in range(RACE_REPEATS):
+            say(f"{scenario.name}: rerun with stream '{stream}' delayed {delay * 1e3:.0f} ms ({attempt + 1}/{RACE_REPEATS})")
+            pert = run_real(scenario, runner, prediction=sim, timeout_s=timeout_s + delay * n_ops, delay={stream: delay})
+            bad = wrong_ranks(pert.trace)
+            if bad:
+                chk = pert.trace.output_checks[bad[0]]
+                return VerdictItem(h.kind.value, Verdict.CONFIRMED,
+                                   f"delaying '{stream}' by {delay * 1e3:.0f} ms made the output wrong: "
+                                   f"rank {chk.rank} {describe_wrong(chk)}", h.step, h.rank)
+    return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE,
+                       f"every output equalled the reference with {', '.join(tried)} delayed "
+                       f"({RACE_REPEATS} runs each): the race was not provoked", h.step, h.rank)

@@ -1,0 +1,237 @@
+"""Verdict rules: a predicted hazard judged against reality.
+
+Reality is the real run judged against the exact reference
+(`real/reference.py`): for every rank, is its output, token by token, what
+the layer must compute (`Trace.output_checks`)? Only then is the real run
+characterised against the prediction (fitted coefficients at the predicted
+step, the error class and step, the characterised cause of a wrong output).
+
+- CONFIRMED: the real output is wrong (or the real run fails) *and* the
+  failure is the predicted one: for reductions, the coefficients measured at
+  the predicted step equal the predicted wrong ones (or, where that step
+  cannot be fitted, the wrong output is characterised as the predicted kind);
+  for shapes, errors and hangs, the same error class at the same step; for
+  WRONG_TOKENS / WRONG_INPUT, the characterised cause is of that kind.
+- REFUTED: the real output on that rank equals the reference (then nothing is
+  confirmed, whatever any fit says), or the run failed differently.
+- INCONCLUSIVE: the real machinery cannot exercise the hazard here, with the
+  reason (a race inside a GPU library the CPU stand-in does not have; a wrong
+  output that could not be characterised).
+- UNPREDICTED: a rank's real output is wrong, or its run failed, and the
+  simulator predicted nothing for that rank.
+
+A hazard is never CONFIRMED on a rank whose output equals the reference.
+LOST_OVERLAP is the one exception by nature: a performance hazard on a
+correct output, judged by measured overlap, and its verdict says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from scenarios.trace import Hazard, HazardKind, OutputCheck, Step, Trace, Verdict
+
+TOL = 1e-3  # fitted vs predicted coefficient
+RESIDUAL_OK = 1e-4  # relative least-squares residual of a fit that explains the tensor
+
+REDUCTIONS = (HazardKind.DOUBLE_REDUCTION, HazardKind.MISSING_REDUCTION)
+FAILURES = (HazardKind.SHAPE_MISMATCH, HazardKind.RUNNER_ERROR, HazardKind.HANG)
+# Real hazards that speak about the values a rank returned (from the reference).
+OUTPUT_KINDS = (*REDUCTIONS, HazardKind.WRONG_TOKENS, HazardKind.WRONG_INPUT)
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch", "combine")
+
+
+@dataclass
+class VerdictItem:
+    kind: str
+    verdict: Verdict
+    reason: str
+    step: int | None = None
+    rank: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "verdict": self.verdict.value, "reason": self.reason,
+                "step": self.step, "rank": self.rank}
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) <= TOL * max(1.0, abs(b))
+
+
+def coeffs_match(pred: dict[str, float], fit: dict[str, float]) -> bool:
+    """Every fitted coefficient equals the predicted one (unobservable sources,
+    absent from the fit, are not held against the prediction)."""
+    return all(close(c, pred.get(label, 0.0)) for label, c in fit.items())
+
+
+def predicted_coeffs(sim: Trace, rank: int, step: int, routed_scale: float) -> dict[str, float] | None:
+    """Predicted coefficients in the unit the real fit measures (partials
+    include the intended routed scaling factor)."""
+    from sim import algebra
+
+    value = sim.values.get(rank, {}).get(step)
+    if value is None:
+        return None
+    return algebra.coefficients(value, {"routed": routed_scale, "shared": 1.0})
+
+
+def real_step(real: Trace, rank: int, step: int) -> Step | None:
+    steps = real.steps.get(rank, [])
+    return steps[step] if step < len(steps) else None
+
+
+def output_of(real: Trace, rank: int) -> OutputCheck | None:
+    return real.output_checks.get(rank)
+
+
+def describe_correct(out: OutputCheck) -> str:
+    err = f" (max relative error {out.max_rel_err:.1e})" if out.max_rel_err is not None else ""
+    return f"rank {out.rank}'s output equals the exact reference on all {out.rows} rows{err}"
+
+
+def describe_wrong(out: OutputCheck | None) -> str:
+    if out is None:
+        return "the real output was not judged"
+    return f"output wrong on {out.wrong_rows}/{out.rows} rows: {out.cause or 'no cause given'}"
+
+
+def _item(h: Hazard, verdict: Verdict, reason: str) -> VerdictItem:
+    return VerdictItem(h.kind.value, verdict, reason, h.step, h.rank)
+
+
+def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> VerdictItem:
+    out = output_of(real, h.rank)
+    if out is not None and out.correct:
+        return _item(h, Verdict.REFUTED, describe_correct(out))
+    rt = real_step(real, h.rank, h.step)
+    wrong = describe_wrong(out)
+    if rt is None:
+        return _item(h, Verdict.REFUTED, f"the real rank never reached this step; {wrong}")
+    if rt.value is None:
+        if out is not None and out.kind == h.kind.value:
+            why = rt.error or "no fit at this step"
+            return _item(h, Verdict.CONFIRMED, f"{wrong} ({why})")
+        if out is not None and not out.kind:
+            return _item(h, Verdict.INCONCLUSIVE, f"{wrong}; no fit at step {h.step} to compare with")
+        return _item(h, Verdict.REFUTED, f"{wrong}, not the predicted {h.kind.value}")
+    pred = predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
+    fit = rt.value
+    shown = ", ".join(f"{k}={v:g}" for k, v in sorted(fit.items()))
+    if coeffs_match(pred, fit) and (rt.residual or 0.0) <= RESIDUAL_OK:
+        return _item(h, Verdict.CONFIRMED,
+                     f"{wrong}; measured {shown} at step {h.step} as predicted (residual {rt.residual or 0.0:.1e})")
+    return _item(h, Verdict.REFUTED, f"{wrong}; but step {h.step} measured {shown}, predicted "
+                 + ", ".join(f"{k}={v:g}" for k, v in sorted(pred.items())))
+
+
+def _accepted_error_kinds(h: Hazard, sim_step: Step | None) -> tuple[HazardKind, ...]:
+    """Error classes that count as 'the same failure'. A shape disagreement
+    inside a collective is a backend error (gloo/NCCL raise their own, or hang),
+    so there a runner error or a hang at the same step also counts."""
+    if h.kind == HazardKind.SHAPE_MISMATCH and sim_step is not None and sim_step.op in COLLECTIVE_OPS:
+        return FAILURES
+    return (h.kind,)
+
+
+def judge_failure(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
+    sim_steps = sim.steps.get(h.rank, [])
+    sim_step = sim_steps[h.step] if h.step < len(sim_steps) else None
+    kinds = _accepted_error_kinds(h, sim_step)
+    obs = [o for o in real.hazards if o.rank == h.rank and o.kind in FAILURES and o.caused_by is None]
+    same = [o for o in obs if o.kind in kinds and o.step == h.step]
+    if same:
+        o = same[0]
+        return _item(h, Verdict.CONFIRMED, f"real {o.kind.value} at step {o.step} {o.step_name}: {o.detail}")
+    out = output_of(real, h.rank)
+    if obs:
+        o = obs[0]
+        return _item(h, Verdict.REFUTED, f"real failed differently: {o.kind.value} at step {o.step} {o.step_name}: {o.detail}")
+    if out is not None and out.correct:
+        return _item(h, Verdict.REFUTED, f"the real run did not fail; {describe_correct(out)}")
+    return _item(h, Verdict.REFUTED, f"the real run did not fail here; {describe_wrong(out)}")
+
+
+def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
+    """WRONG_TOKENS / WRONG_INPUT: judged by the characterised wrong output."""
+    out = output_of(real, h.rank)
+    if out is None:
+        return _item(h, Verdict.INCONCLUSIVE, "the real output was not judged")
+    if out.correct:
+        return _item(h, Verdict.REFUTED, describe_correct(out))
+    if out.kind == h.kind.value:
+        return _item(h, Verdict.CONFIRMED, describe_wrong(out))
+    if not out.kind:
+        return _item(h, Verdict.INCONCLUSIVE, f"{describe_wrong(out)}: the cause could not be characterised")
+    return _item(h, Verdict.REFUTED, f"{describe_wrong(out)}, characterised as {out.kind}, not {h.kind.value}")
+
+
+def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], fixed_latency: float, tries: int) -> VerdictItem:
+    mine = real.overlap_us.get(h.rank, 0.0)
+    ref = fixed_overlap.get(h.rank, 0.0)
+    detail = (f"performance hazard, judged by measured overlap (the output is correct by definition): "
+              f"overlap {mine:.0f} us vs fixed {ref:.0f} us (best of up to {tries} runs); "
+              f"layer {real.latency_us:.0f} us vs fixed {fixed_latency:.0f} us")
+    out = output_of(real, h.rank)
+    if out is not None and not out.correct:
+        detail += f"; note: {describe_wrong(out)}"
+    if mine == 0.0 and ref > 0.0:
+        return _item(h, Verdict.CONFIRMED, detail)
+    if mine > 0.0:
+        return _item(h, Verdict.REFUTED, detail)
+    return _item(h, Verdict.INCONCLUSIVE, detail + ": the fixed runner did not overlap here either")
+
+
+def unpredicted(sim: Trace, real: Trace) -> list[VerdictItem]:
+    """Real failures and wrong outputs on ranks the simulator said nothing
+    about (of that kind). A consequence of another rank's failure is never a
+    finding of its own; a wrong output on a rank with a predicted output
+    hazard is judged by that hazard's verdict."""
+    predicted = {(h.kind, h.rank) for h in sim.hazards}
+    output_predicted = {h.rank for h in sim.hazards if h.kind in (*OUTPUT_KINDS, *FAILURES, HazardKind.UNSAFE_OVERLAP)}
+    out: list[VerdictItem] = []
+    seen: set[tuple[str, int]] = set()
+    for o in real.hazards:
+        if o.caused_by is not None or (o.kind, o.rank) in predicted:
+            continue
+        if o.kind in OUTPUT_KINDS and o.rank in output_predicted:
+            continue
+        seen.add((o.kind.value, o.rank))
+        out.append(VerdictItem(o.kind.value, Verdict.UNPREDICTED, o.detail, o.step, o.rank))
+    # A wrong output with no real hazard naming it (belt and braces).
+    for r, chk in sorted(real.output_checks.items()):
+        if chk.correct or r in output_predicted or any(k_r[1] == r for k_r in seen):
+            continue
+        if any(o.rank == r for o in real.hazards):
+            continue
+        out.append(VerdictItem(chk.kind or "WRONG_OUTPUT", Verdict.UNPREDICTED, describe_wrong(chk), None, r))
+    return out
+
+
+def wrong_ranks(real: Trace) -> list[int]:
+    return sorted(r for r, chk in real.output_checks.items() if not chk.correct)
+
+
+def output_summary(real: Trace) -> str:
+    """How the ranks' outputs compare with the exact reference, in one line."""
+    checks = real.output_checks
+    if not checks:
+        return "output not judged"
+    bad = wrong_ranks(real)
+    if not bad:
+        worst = max((c.max_rel_err or 0.0) for c in checks.values())
+        return f"output equals the exact reference on all {len(checks)} ranks (max rel err {worst:.1e})"
+    first = checks[bad[0]]
+    return f"output WRONG on ranks {','.join(map(str, bad))} (rank {first.rank}: {first.cause})"
+
+
+__all__ = [
+    "VerdictItem",
+    "judge_characterised",
+    "judge_failure",
+    "judge_lost_overlap",
+    "judge_reduction",
+    "output_summary",
+    "unpredicted",
+    "wrong_ranks",
+]
