@@ -202,8 +202,8 @@ def unpredicted(sim: Trace, real: Trace) -> list[VerdictItem]:
     for r, chk in sorted(real.output_checks.items()):
         if chk.correct or r in output_predicted or any(k_r[1] == r for k_r in seen):
             continue
-        if any(o.rank == r and o.caused_by is None for o in real.hazards):
-            continue
+        if any(o.rank == r for o in real.hazards):
+            continue  # named by a real hazard above, or a consequence of another rank's failure
         out.append(VerdictItem(chk.kind or "WRONG_OUTPUT", Verdict.UNPREDICTED, describe_wrong(chk), None, r))
     return out
 
