@@ -45,6 +45,7 @@ class CheckResult:
     # (predictions use the scenario's profile, e.g. h100).
     timeline_sim: Trace | None = None
     fixed_overlap_us: dict[int, float] | None = None  # best measured overlap of the fixed runner
+    race_runs: dict[str, Any] = field(default_factory=dict)  # perturbed runs shared by race verdicts
 
     @property
     def real_clean(self) -> bool:
@@ -157,7 +158,7 @@ def _judge(result: CheckResult, runner: str | None, base: Any, h: Hazard, scale:
         assert result.fixed_real is not None
         return judge_lost_overlap(real, h, result.fixed_overlap_us, result.fixed_real.latency_us, OVERLAP_TRIES)
     if h.kind == HazardKind.UNSAFE_OVERLAP:
-        return judge_race(scenario, runner, sim, base, h, timeout_s, say)
+        return judge_race(scenario, runner, sim, base, h, timeout_s, say, result.race_runs)
     return judge_failure(sim, real, h)
 
 

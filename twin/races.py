@@ -13,11 +13,12 @@ a GPU all-to-all library) is INCONCLUSIVE at once, without reruns.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from scenarios.backends import backend_info
 from scenarios.spec import Scenario
-from scenarios.trace import Hazard, Trace, Verdict
+from scenarios.trace import Hazard, OutputCheck, Trace, Verdict
 from twin.verdicts import VerdictItem, describe_wrong, wrong_ranks
 
 RACE_REPEATS = 2  # runs per delayed stream (stops at the first wrong output)
@@ -52,6 +53,42 @@ def delay_for(trace: Trace, rank: int, stream: str) -> float:
     return min(MAX_DELAY_S, 2.0 * others + MARGIN_S)
 
 
+@dataclass
+class Provocation:
+    """What holding streams back did to the outputs: the first perturbed run
+    with a wrong output (stream, delay, the wrong ranks' checks), or none."""
+
+    tried: list[str] = field(default_factory=list)
+    stream: str | None = None
+    delay_s: float = 0.0
+    wrong: dict[int, OutputCheck] = field(default_factory=dict)
+
+
+def provoke(scenario: Scenario, runner: str | None, sim: Trace, base: Any, rank: int,
+            timeout_s: float, say: Callable[[str], None]) -> Provocation:
+    """Hold back each stream of `rank`'s program in turn (on every rank), by
+    more than the other streams' measured work, RACE_REPEATS times each, until
+    a run's output is wrong against the reference."""
+    from real.runner import run_real
+
+    out = Provocation()
+    streams = sorted({st.stream for st in sim.steps.get(rank, [])})
+    for stream in streams:
+        delay = delay_for(base.trace, rank, stream)
+        # Every op on the delayed stream waits `delay`: stretch the run's timeout by as much.
+        n_ops = sum(1 for st in sim.steps.get(rank, []) if st.stream == stream)
+        out.tried.append(f"'{stream}' by {delay * 1e3:.0f} ms")
+        for attempt in range(RACE_REPEATS):
+            say(f"{scenario.name}: rerun with stream '{stream}' delayed {delay * 1e3:.0f} ms ({attempt + 1}/{RACE_REPEATS})")
+            pert = run_real(scenario, runner, prediction=sim, timeout_s=timeout_s + delay * n_ops, delay={stream: delay})
+            bad = wrong_ranks(pert.trace)
+            if bad:
+                out.stream, out.delay_s = stream, delay
+                out.wrong = {r: pert.trace.output_checks[r] for r in bad}
+                return out
+    return out
+
+
 def judge_race(
     scenario: Scenario,
     runner: str | None,
@@ -60,34 +97,28 @@ def judge_race(
     h: Hazard,
     timeout_s: float,
     say: Callable[[str], None],
+    cache: dict[str, Provocation] | None = None,
 ) -> VerdictItem:
-    from real.runner import run_real
-
+    """The verdict of one predicted race; the perturbed runs are shared by all
+    race hazards of one check through `cache`."""
     reason = contract_only(scenario, h)
     if reason is not None:
         return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE, reason, h.step, h.rank)
-    wrong = wrong_ranks(base.trace)
-    if wrong:
-        chk = base.trace.output_checks[wrong[0]]
+    chk = base.trace.output_checks.get(h.rank)
+    if chk is not None and not chk.correct:
         return VerdictItem(h.kind.value, Verdict.CONFIRMED,
-                           f"the unperturbed run already gave a wrong output: rank {chk.rank} {describe_wrong(chk)}",
-                           h.step, h.rank)
-    streams = sorted({st.stream for st in sim.steps.get(h.rank, [])})
-    tried = []
-    for stream in streams:
-        delay = delay_for(base.trace, h.rank, stream)
-        # Every op on the delayed stream waits `delay`: stretch the run's timeout by as much.
-        n_ops = sum(1 for st in sim.steps.get(h.rank, []) if st.stream == stream)
-        tried.append(f"'{stream}' by {delay * 1e3:.0f} ms")
-        for attempt in range(RACE_REPEATS):
-            say(f"{scenario.name}: rerun with stream '{stream}' delayed {delay * 1e3:.0f} ms ({attempt + 1}/{RACE_REPEATS})")
-            pert = run_real(scenario, runner, prediction=sim, timeout_s=timeout_s + delay * n_ops, delay={stream: delay})
-            bad = wrong_ranks(pert.trace)
-            if bad:
-                chk = pert.trace.output_checks[bad[0]]
-                return VerdictItem(h.kind.value, Verdict.CONFIRMED,
-                                   f"delaying '{stream}' by {delay * 1e3:.0f} ms made the output wrong: "
-                                   f"rank {chk.rank} {describe_wrong(chk)}", h.step, h.rank)
+                           f"the unperturbed run already gave a wrong output: {describe_wrong(chk)}", h.step, h.rank)
+    cache = cache if cache is not None else {}
+    if "campaign" not in cache:
+        cache["campaign"] = provoke(scenario, runner, sim, base, h.rank, timeout_s, say)
+    camp = cache["campaign"]
+    if h.rank in camp.wrong:
+        return VerdictItem(h.kind.value, Verdict.CONFIRMED,
+                           f"delaying '{camp.stream}' by {camp.delay_s * 1e3:.0f} ms made the output wrong: "
+                           f"{describe_wrong(camp.wrong[h.rank])}", h.step, h.rank)
+    if camp.wrong:
+        return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE,
+                           f"delaying '{camp.stream}' made ranks {sorted(camp.wrong)} wrong, not this one", h.step, h.rank)
     return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE,
-                       f"every output equalled the reference with {', '.join(tried)} delayed "
+                       f"every output equalled the reference with {', '.join(camp.tried)} delayed "
                        f"({RACE_REPEATS} runs each): the race was not provoked", h.step, h.rank)
