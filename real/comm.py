@@ -7,13 +7,16 @@ real/ops.py's module docstring); FlashInfer's own all-to-all is used on CUDA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from real.errors import CollectiveFailure
 from real.streams import RealTensor, StreamThread
 from scenarios.backends import backend_info
+from scenarios.ops import OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
 from scenarios.trace import COLLECTIVE
 
@@ -36,6 +39,16 @@ class CommOps:
     def _stream(self, name: str) -> StreamThread:
         raise NotImplementedError
 
+    @staticmethod
+    def _dist(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A torch.distributed call; its failure (a peer gone, an aborted or
+        timed-out collective) is a CollectiveFailure, told apart by type."""
+        try:
+            return call(*args, **kwargs)
+        except RuntimeError as exc:  # DistBackendError, DistNetworkError, gloo's RuntimeError
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CollectiveFailure(f"{call.__name__}: {type(exc).__name__}: {first}") from exc
+
     def _pg(self, members: tuple[int, ...]) -> Any:
         return self.groups[members]
 
@@ -43,25 +56,25 @@ class CommOps:
         try:
             return self.scenario.group(kind, self.rank)
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+            raise OpsUsageError(f"{name}: {exc}") from None
 
     def _all_gather(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
         if len(members) == 1:
             return v.clone()
         parts = [torch.empty_like(v) for _ in members]
-        dist.all_gather(parts, v.contiguous(), group=self._pg(members))
+        self._dist(dist.all_gather, parts, v.contiguous(), group=self._pg(members))
         return torch.cat(parts, dim=0)
 
     def _all_reduce(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
         out = v.contiguous().clone()
         if len(members) > 1:
-            dist.all_reduce(out, group=self._pg(members))
+            self._dist(dist.all_reduce, out, group=self._pg(members))
         return out
 
     def _reduce_scatter(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
         n = len(members)
         if v.shape[0] % n:
-            raise RuntimeError(f"{v.shape[0]} rows do not split over {n} ranks")
+            raise OpsShapeError(f"{v.shape[0]} rows do not split over {n} ranks")
         self.stand_ins.add("reduce-scatter on gloo: all-reduce then this rank's chunk")
         total = self._all_reduce(v, members)
         i = members.index(self.rank)
@@ -103,7 +116,7 @@ class CommOps:
     def dispatch(self, x: RealTensor, routing_h: RealTensor, name: str = "dispatch") -> tuple[RealTensor, RealTensor]:
         s = self.scenario
         if s.effective_backend == "none":
-            raise ValueError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
+            raise OpsUsageError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
         members, token_routing = self.scenario.dispatch_group(self.rank)
         state: dict[str, Any] = {}
 
@@ -161,11 +174,11 @@ class CommOps:
         counts = torch.tensor([len(rows) for rows in send_rows], dtype=torch.int64, device=v.device)
         recv_counts = torch.empty_like(counts)
         pg = self._pg(members)
-        dist.all_to_all_single(recv_counts, counts, group=pg)
+        self._dist(dist.all_to_all_single, recv_counts, counts, group=pg)
         order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64, device=v.device)
         payload = torch.cat([v[order], r[order].reshape(len(order), -1)], dim=1)
         recv = torch.empty(int(recv_counts.sum()), payload.shape[1], device=v.device)
-        dist.all_to_all_single(recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
+        self._dist(dist.all_to_all_single, recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
         h = v.shape[1]
         state.update(order=order, send=counts.tolist(), recv=recv_counts.tolist(), rows=v.shape[0], members=members)
         state["routing"] = recv[:, h:].reshape(-1, 2, r.shape[2]).contiguous()
@@ -188,9 +201,9 @@ class CommOps:
             if state is not None and "fi" in state and self._fi is not None:
                 return self._fi.combine(v, state["fi"])
             if state is None or "order" not in state:
-                raise RuntimeError("combine without a token-routing dispatch")
+                raise OpsUsageError(f"{name}: combine without a token-routing dispatch before it")
             back = torch.empty(sum(state["send"]), v.shape[1], device=v.device)
-            dist.all_to_all_single(back, v.contiguous(), state["send"], state["recv"], group=self._pg(members))
+            self._dist(dist.all_to_all_single, back, v.contiguous(), state["send"], state["recv"], group=self._pg(members))
             out = torch.zeros(state["rows"], v.shape[1], dtype=torch.float32, device=v.device)
             out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
             return out.to(v.dtype)

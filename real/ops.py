@@ -36,9 +36,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from real.comm import CommOps
+from real.errors import UpstreamFailure
 from real.model import LayerWeights, layer_input, mlp
 from real.streams import RealEvent, RealTensor, StreamThread
-from scenarios.ops import Ops
+from scenarios.ops import Ops, OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
 from scenarios.trace import COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
 from scenarios.workload import rank_token_ids, routing
@@ -76,6 +77,9 @@ class RealOps(CommOps, Ops):
         self.weights = LayerWeights(scenario)
         self.route = routing(scenario)
         self.observations: list[str] = []
+        # Every step that raised, by index (any stream): the worker reports the
+        # earliest-issued one, as the simulator raises at issue time.
+        self.failed: dict[int, BaseException] = {}
         self.stand_ins: set[str] = set()
         self.output: RealTensor | None = None
         self._events = 0
@@ -132,7 +136,7 @@ class RealOps(CommOps, Ops):
         op has not run yet is a real race: it is recorded, then waited out so
         the run can go on."""
         if not isinstance(h, RealTensor):
-            raise TypeError(f"{consumer.name}: expected a tensor handle, got {type(h).__name__}")
+            raise OpsUsageError(f"{consumer.name}: expected a tensor handle, got {type(h).__name__}")
         if not h.ready.is_set():
             self.observations.append(
                 f"step {consumer.index} {consumer.name} ({consumer.stream}) read the output of step "
@@ -140,7 +144,7 @@ class RealOps(CommOps, Ops):
             )
             h.ready.wait()
         if h.error is not None:
-            raise RuntimeError(f"input from step {h.step} failed: {h.error}")
+            raise UpstreamFailure(h.step, h.error)
         assert h.data is not None
         return h.data
 
@@ -158,6 +162,7 @@ class RealOps(CommOps, Ops):
             except BaseException as exc:
                 st.end = self.now_us()
                 st.error = f"{type(exc).__name__}: {exc}"
+                self.failed[st.index] = exc
                 if out is not None:
                     out.error = exc
                     out.ready.set()
@@ -197,6 +202,7 @@ class RealOps(CommOps, Ops):
                 result = fn()
             except BaseException as exc:
                 st.error = f"{type(exc).__name__}: {exc}"
+                self.failed[st.index] = exc
                 if out is not None:
                     out.error = exc
                     out.ready.set()
@@ -210,6 +216,9 @@ class RealOps(CommOps, Ops):
                 st.out_shape = out.shape
 
     def _op(self, op: str, name: str, category: str, ins: tuple[Any, ...], fn: Callable[..., torch.Tensor], component: str | None = None, group: tuple[int, ...] | None = None, space: str | None = None) -> RealTensor:
+        for t in ins:
+            if not isinstance(t, RealTensor):
+                raise OpsUsageError(f"{name}: {op} needs tensor handles from earlier ops, got {type(t).__name__}")
         st = self._step(op, name, category, ins, component, group)
         hint = self.predicted_shapes.get(st.index, ())
         sp = space or next((t.space for t in ins if isinstance(t, RealTensor) and t.space != "native"), "native")
@@ -245,7 +254,7 @@ class RealOps(CommOps, Ops):
 
     def wait_event(self, event: Any, name: str = "wait_event") -> None:
         if not isinstance(event, RealEvent):
-            raise TypeError(f"{name}: wait_event needs an event from record_event, got {type(event).__name__}")
+            raise OpsUsageError(f"{name}: wait_event needs an event from record_event, got {type(event).__name__}")
         st = self._step("wait_event", name, WAIT)
         st.waits = [event.id]
         if self.cuda:
@@ -278,7 +287,7 @@ class RealOps(CommOps, Ops):
             # origin, as the simulator's (weight set-up is not layer latency).
             full = tuple(range(s.world))
             if s.world > 1:
-                dist.barrier(group=self.groups[full])
+                self._dist(dist.barrier, group=self.groups[full])
             self.t0 = time.perf_counter()
             if self.cuda:
                 self._cuda_origin = torch.cuda.Event(enable_timing=True)
@@ -317,7 +326,7 @@ class RealOps(CommOps, Ops):
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if tuple(v.shape) != expected:
-                raise RuntimeError(f"layer output {list(v.shape)}, the model expects {list(expected)}")
+                raise OpsShapeError(f"layer output {list(v.shape)}, the model expects {list(expected)}")
             return v
 
         out = self._op("layer_output", name, MODEL, (x,), fn)
@@ -328,7 +337,7 @@ class RealOps(CommOps, Ops):
         def fn(v: torch.Tensor) -> torch.Tensor:
             # Stands in for torch.compile's assert on the fake implementation's shape.
             if tuple(v.shape) != tuple(shape):
-                raise RuntimeError(f"returns {list(v.shape)} but its fake implementation declared {list(shape)}")
+                raise OpsShapeError(f"returns {list(v.shape)} but its fake implementation declared {list(shape)}")
             return v
 
         self.stand_ins.add("custom-op boundary: explicit shape assertion (stands in for torch.compile's fake-tensor check)")
@@ -339,7 +348,7 @@ class RealOps(CommOps, Ops):
     def pad(self, x: RealTensor, width: int, name: str = "pad") -> RealTensor:
         def fn(v: torch.Tensor) -> torch.Tensor:
             if width < v.shape[-1]:
-                raise RuntimeError(f"cannot pad width {v.shape[-1]} down to {width}")
+                raise OpsShapeError(f"cannot pad width {v.shape[-1]} down to {width}")
             return F.pad(v, (0, width - v.shape[-1]))
 
         return self._op("pad", name, PADDING, (x,), fn)
@@ -348,7 +357,13 @@ class RealOps(CommOps, Ops):
         return self._op("trim", name, PADDING, (x,), lambda v: v[..., :width])
 
     def add(self, a: RealTensor, b: RealTensor, name: str = "add") -> RealTensor:
-        return self._op("add", name, COMPUTE, (a, b), lambda u, v: u + v)
+        def fn(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # Checked before torch: broadcasting would accept [1, h] + [n, h].
+            if tuple(u.shape) != tuple(v.shape):
+                raise OpsShapeError(f"{list(u.shape)} + {list(v.shape)}")
+            return u + v
+
+        return self._op("add", name, COMPUTE, (a, b), fn)
 
     def scale(self, x: RealTensor, factor: float, name: str = "scale") -> RealTensor:
         return self._op("scale", name, COMPUTE, (x,), lambda v: v * factor)
@@ -366,29 +381,44 @@ class RealOps(CommOps, Ops):
         tokens = self._rows_tokens()
 
         def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != s.model.hidden:
+                raise OpsShapeError(f"gate expects width {s.model.hidden}, got {v.shape[-1]}")
             # The gate GEMM runs for real (timing); the top-k choice comes from
             # the workload so that sim and real route identically.
             _logits = v @ self.weights.gate.to(v.device).t()
             ids = torch.tensor([self.route[d][t if t >= 0 else 0][0] for d, t in tokens], dtype=torch.int64, device=v.device)
             w = torch.tensor([self.route[d][t if t >= 0 else 0][1] for d, t in tokens], dtype=torch.float32, device=v.device)
             if ids.shape[0] != v.shape[0]:
-                raise RuntimeError(f"router: {v.shape[0]} rows but the workload routes {ids.shape[0]}")
+                # The stand-in router cannot route rows the workload does not know.
+                raise OpsShapeError(f"{v.shape[0]} rows but the workload routes {ids.shape[0]} on this rank")
             return torch.cat([ids.to(torch.float32), w], dim=1).reshape(v.shape[0], 2, s.model.top_k)
 
         out = self._op("router", name, COMPUTE, (x,), fn)
         return out
 
     def latent_down(self, x: RealTensor, name: str = "latent_down") -> RealTensor:
-        w = self.weights.down.to(self.device) if self.weights.down is not None else None
-        assert w is not None, "latent_down needs model.latent_dim"
-        return self._op("latent_down", name, COMPUTE, (x,), lambda v: v @ w.t(), component="routed")
-
-    def latent_up(self, x: RealTensor, name: str = "latent_up") -> RealTensor:
-        w = self.weights.up.to(self.device) if self.weights.up is not None else None
-        assert w is not None, "latent_up needs model.latent_dim"
-        nonlinear = self.scenario.model.transform_nonlinear
+        if self.weights.down is None:
+            raise OpsUsageError(f"{name}: latent_down needs a model with latent_dim")
+        w = self.weights.down.to(self.device)
+        hidden = self.scenario.model.hidden
 
         def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != hidden:
+                raise OpsShapeError(f"down-projection expects width {hidden}, got {v.shape[-1]}")
+            return v @ w.t()
+
+        return self._op("latent_down", name, COMPUTE, (x,), fn, component="routed")
+
+    def latent_up(self, x: RealTensor, name: str = "latent_up") -> RealTensor:
+        if self.weights.up is None:
+            raise OpsUsageError(f"{name}: latent_up needs a model with latent_dim")
+        w = self.weights.up.to(self.device)
+        nonlinear = self.scenario.model.transform_nonlinear
+        lat = w.shape[1]
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != lat:
+                raise OpsShapeError(f"up-projection expects width {lat}, got {v.shape[-1]}")
             y = v @ w.t()
             return F.silu(y) if nonlinear else y
 
@@ -403,13 +433,17 @@ class RealOps(CommOps, Ops):
 
     def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
         w13, w2, offset = self._local_weights()
-        k = self.scenario.model.top_k
+        width = self.scenario.model.kernel_width
 
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != width:
+                raise OpsShapeError(f"routed kernel expects width {width}, got {v.shape[-1]}")
+            if r.dim() != 3:
+                raise OpsUsageError(f"{name}: the routing argument is not a router output")
             ids = r[:, 0, :].to(torch.int64)
             wts = r[:, 1, :].contiguous()
-            if ids.shape[0] != v.shape[0] or ids.shape[1] != k:
-                raise RuntimeError(f"{v.shape[0]} rows but routing for {ids.shape[0]}")
+            if ids.shape[0] != v.shape[0]:
+                raise OpsShapeError(f"{v.shape[0]} rows but routing for {ids.shape[0]}")
             y = self.kernel(v, ids, wts, w13, w2, offset)
             if inplace:
                 v.copy_(y)  # the fused kernel writes into its input buffer
@@ -427,4 +461,11 @@ class RealOps(CommOps, Ops):
 
     def shared_experts(self, x: RealTensor, sharded: bool = True, name: str = "shared_experts") -> RealTensor:
         w13, w2 = self._shared_weights(sharded)
-        return self._op("shared_experts", name, COMPUTE, (x,), lambda v: mlp(v, w13, w2), component="shared")
+        hidden = self.scenario.model.hidden
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != hidden:
+                raise OpsShapeError(f"shared MLP expects width {hidden}, got {v.shape[-1]}")
+            return mlp(v, w13, w2)
+
+        return self._op("shared_experts", name, COMPUTE, (x,), fn, component="shared")

@@ -10,6 +10,13 @@ answer in time, `run` raises `RankFailure` (what each failed rank did, the
 results of the ranks that finished, the last progress note of each failed rank),
 kills every rank process and rebuilds the group lazily on the next `run`.
 
+Start-up (spawn, torch import, rendezvous, process-group init) has its own
+timeout, `startup_timeout_s` (default `DEFAULT_STARTUP_TIMEOUT_S`, settable for
+the whole process with `set_default_startup_timeout`), apart from the run
+timeout: a run's clock starts when its work is sent to ready ranks. Ranks that
+cannot start raise `PoolStartupError`, an infrastructure failure, never a
+`RankFailure` of the work.
+
 The rendezvous store is a TCPStore hosted by the parent on 127.0.0.1, bound to
 port 0 (the kernel picks a free port, so there is no find-then-bind race) and
 dropped with the group, so a rebuilt pool never reuses stale keys.
@@ -42,7 +49,9 @@ import torch.distributed as dist
 __all__ = [
     "MAX_RANKS_PER_CPU",
     "NOTE_BYTES",
+    "DEFAULT_STARTUP_TIMEOUT_S",
     "PoolError",
+    "PoolStartupError",
     "RankFailure",
     "RankPool",
     "default_backend",
@@ -51,6 +60,7 @@ __all__ = [
     "max_world_size",
     "note",
     "last_note",
+    "set_default_startup_timeout",
     "setup_rank_runtime",
     "usable_cpu_count",
 ]
@@ -70,6 +80,20 @@ DEFAULT_FAILURE_GRACE_S = 1.0
 # How often a rank checks that its parent is still alive.
 _PARENT_POLL_S = 0.5
 
+# Start-up (spawn, import torch, rendezvous, init the group) under load can take
+# tens of seconds on an oversubscribed CPU; it is bounded on its own.
+DEFAULT_STARTUP_TIMEOUT_S = 120.0
+_startup_timeout_s = DEFAULT_STARTUP_TIMEOUT_S
+
+
+def set_default_startup_timeout(seconds: float) -> None:
+    """The start-up timeout of every pool created without its own (the CLI's
+    --startup-timeout); read when a pool (re)starts its ranks."""
+    global _startup_timeout_s
+    if not seconds > 0:
+        raise ValueError(f"start-up timeout must be > 0 seconds, got {seconds}")
+    _startup_timeout_s = float(seconds)
+
 
 class PoolError(Exception):
     """The pool cannot do what was asked (bad size, start-up failure, closed pool)."""
@@ -88,10 +112,14 @@ class RankFailure(PoolError):
         failures: dict[int, str],
         partial: dict[int, Any] | None = None,
         notes: dict[int, str] | None = None,
+        times: dict[int, float] | None = None,
     ) -> None:
         self.failures = dict(failures)
         self.partial = dict(partial or {})
         self.notes = dict(notes or {})
+        # Wall-clock time (time.time()) at which the parent noticed each
+        # rank's message or failure: orders failures across ranks.
+        self.times = dict(times or {})
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -111,7 +139,38 @@ class RankFailure(PoolError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exceptions pickle their args by default, which would lose the attributes.
-        return (RankFailure, (self.failures, self.partial, self.notes))
+        return (RankFailure, (self.failures, self.partial, self.notes, self.times))
+
+
+class PoolStartupError(PoolError):
+    """The rank processes could not be started (spawn failed, rendezvous or
+    group init failed or timed out): an infrastructure failure, one line."""
+
+    def __init__(self, world_size: int, timeout_s: float, cause: str, failures: dict[int, str] | None = None,
+                 notes: dict[int, str] | None = None) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.cause = cause
+        self.failures = dict(failures or {})
+        self.notes = dict(notes or {})
+        super().__init__(f"could not start {world_size} rank processes within {timeout_s:g} s: {cause}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PoolStartupError, (self.world_size, self.timeout_s, self.cause, self.failures, self.notes))
+
+
+def startup_cause(failures: dict[int, str], notes: dict[int, str]) -> str:
+    """One line naming why ranks did not start: the first rank that died or
+    raised (the others' time-outs follow from it), else the ranks not ready."""
+    hard = [(r, w) for r, w in failures.items() if not w.startswith("timed out")]
+    if hard:
+        rank, what = hard[0]
+        text = f"rank {rank} {what.partition(chr(10))[0]}"
+        if notes.get(rank):
+            text += f" (last note: {notes[rank]})"
+        return text
+    late = sorted(failures)
+    return f"rank(s) {', '.join(map(str, late))} not ready in time"
 
 
 # --------------------------------------------------------------------------
@@ -243,7 +302,8 @@ def _rank_main(
     world_size: int,
     backend: str,
     store_port: int,
-    timeout_s: float,
+    startup_s: float,
+    pg_timeout_s: float,
     threads: int,
     conn: mp_conn.Connection,
     note_buf: Any,
@@ -262,14 +322,14 @@ def _rank_main(
                 os.environ["GLOO_SOCKET_IFNAME"] = ifname
         setup_rank_runtime(backend, rank, threads)
         store = dist.TCPStore(
-            "127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
+            "127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=startup_s)
         )
         dist.init_process_group(
             backend,
             store=store,
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timedelta(seconds=pg_timeout_s),  # the default group's collective timeout
         )
     except BaseException as exc:  # report anything, then exit
         with contextlib.suppress(OSError):
@@ -362,10 +422,20 @@ def _exit_reason(proc: Any) -> str:
     return f"died with exit code {code}"
 
 
+@contextlib.contextmanager
+def _stop_on_error(procs: list[Any], conns: list[mp_conn.Connection]) -> Iterator[None]:
+    # A spawn failing half-way must not leave the ranks already started behind.
+    try:
+        yield
+    except BaseException:
+        _stop_processes(procs, conns, False, 0.0)
+        raise
+
+
 class _Generation:
     """One set of live rank processes plus their store; never revived once stopped."""
 
-    def __init__(self, world_size: int, backend: str, timeout_s: float, threads: int) -> None:
+    def __init__(self, world_size: int, backend: str, startup_s: float, pg_timeout_s: float, threads: int) -> None:
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.note_buf = ctx.RawArray(ctypes.c_char, world_size * NOTE_BYTES)
@@ -376,7 +446,7 @@ class _Generation:
             0,
             is_master=True,
             wait_for_workers=False,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timedelta(seconds=startup_s),
         )
         self.port = self.store.port
         self.procs: list[Any] = []
@@ -388,7 +458,7 @@ class _Generation:
         self._finalizer: Any = mp_util.Finalize(
             self, _stop_processes, args=(self.procs, self.conns, False, 0.0), exitpriority=100
         )
-        with _sigint_ignored():
+        with _sigint_ignored(), _stop_on_error(self.procs, self.conns):
             for rank in range(world_size):
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 proc = ctx.Process(
@@ -398,7 +468,8 @@ class _Generation:
                         world_size,
                         backend,
                         self.port,
-                        timeout_s,
+                        startup_s,
+                        pg_timeout_s,
                         threads,
                         child_end,
                         self.note_buf,
@@ -430,11 +501,17 @@ class _Generation:
         return all(p.is_alive() for p in self.procs)
 
     def gather(
-        self, kind_ok: str, timeout_s: float, grace_s: float
-    ) -> tuple[dict[int, Any], dict[int, str]]:
-        """Wait for one message per rank; returns (results, failures)."""
+        self, kind_ok: str, timeout_s: float, grace_s: float, failed: Callable[[Any], bool] | None = None
+    ) -> tuple[dict[int, Any], dict[int, str], dict[int, float]]:
+        """Wait for one message per rank; returns (results, failures, times).
+
+        `failed(result)` says a result reports a failure of the work (the
+        rank caught its own error): like a failure, it starts the short grace
+        for the other ranks. `times` is when each rank was noticed (time.time())."""
         results: dict[int, Any] = {}
         failures: dict[int, str] = {}
+        times: dict[int, float] = {}
+        first_failed: list[int] = []  # the first rank that failed or reported a failure
         pending = set(range(self.world_size))
         start = time.monotonic()
         deadline = start + timeout_s
@@ -442,6 +519,14 @@ class _Generation:
         by_sentinel = {self.procs[r].sentinel: r for r in pending}
 
         def take(rank: int) -> None:
+            times[rank] = time.time()
+            take_message(rank)
+            if rank not in pending and not first_failed and (
+                rank in failures or (failed is not None and failed(results[rank]))
+            ):
+                first_failed.append(rank)
+
+        def take_message(rank: int) -> None:
             # A message beats a death: the rank may have answered then exited.
             conn = self.conns[rank]
             try:
@@ -478,28 +563,30 @@ class _Generation:
                 rank = by_sentinel.get(obj) if isinstance(obj, int) else by_conn.get(id(obj))
                 if rank is not None and rank in pending:
                     take(rank)
-            if failures and pending:
+            if first_failed and pending:
                 # Peers of a failed rank usually hang in a collective: give
                 # them a short grace instead of the whole timeout.
                 deadline = min(deadline, time.monotonic() + grace_s)
         waited = time.monotonic() - start
         for rank in sorted(pending):
-            if failures:
-                first = next(iter(failures))
+            times[rank] = time.time()
+            if first_failed:
                 failures[rank] = (
                     f"timed out: still running {waited:.1f} s into the run, "
-                    f"{grace_s:.1f} s after rank {first} failed"
+                    f"{grace_s:.1f} s after rank {first_failed[0]} failed"
                 )
             else:
                 failures[rank] = f"timed out after {timeout_s:.1f} s"
-        return results, failures
+        return results, failures, times
 
 
 class RankPool:
     """A reusable group of `world_size` rank processes (see module docstring).
 
-    `backend` defaults to `default_backend()`; `timeout_s` bounds start-up, each
-    `run` (unless overridden) and gloo's own collective timeout;
+    `backend` defaults to `default_backend()`; `timeout_s` bounds each `run`
+    (unless overridden); `startup_timeout_s` bounds start-up (default: the
+    process-wide `set_default_startup_timeout`, else DEFAULT_STARTUP_TIMEOUT_S);
+    the default group's own collective timeout is the larger of the two;
     `threads_per_rank` defaults to usable cores // world_size (at least 1).
     """
 
@@ -511,6 +598,7 @@ class RankPool:
         threads_per_rank: int | None = None,
         *,
         failure_grace_s: float = DEFAULT_FAILURE_GRACE_S,
+        startup_timeout_s: float | None = None,
     ) -> None:
         self.backend = backend or default_backend()
         limit = max_world_size(self.backend)
@@ -530,6 +618,7 @@ class RankPool:
         self.timeout_s = float(timeout_s)
         self.threads_per_rank = threads_per_rank or max(1, usable_cpu_count() // world_size)
         self.failure_grace_s = float(failure_grace_s)
+        self._startup_timeout_s = None if startup_timeout_s is None else float(startup_timeout_s)
         self.starts = 0  # how many times rank processes were (re)started
         self._gen: _Generation | None = None
         self._closed = False
@@ -537,26 +626,35 @@ class RankPool:
 
     # -- lifecycle -------------------------------------------------------
 
+    @property
+    def startup_timeout_s(self) -> float:
+        """Seconds the ranks may take to start (spawn, rendezvous, group init)."""
+        return self._startup_timeout_s if self._startup_timeout_s is not None else _startup_timeout_s
+
     def start(self) -> None:
-        """Start the ranks now (otherwise the first `run` does it)."""
+        """Start the ranks now (otherwise the first `run` does it).
+
+        Raises `PoolStartupError` if they cannot start within `startup_timeout_s`."""
         if self._closed:
             raise PoolError("pool is closed")
         if self._gen is not None:
             return
-        gen = _Generation(self.world_size, self.backend, self.timeout_s, self.threads_per_rank)
+        limit = self.startup_timeout_s
         try:
-            results, failures = gen.gather("ready", self.timeout_s, self.failure_grace_s)
+            gen = _Generation(self.world_size, self.backend, limit, max(limit, self.timeout_s),
+                              self.threads_per_rank)
+        except Exception as exc:  # spawn or the rendezvous store failed
+            raise PoolStartupError(self.world_size, limit, f"spawning failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            results, failures, _ = gen.gather("ready", limit, self.failure_grace_s)
         except BaseException:
             gen.stop(graceful=False)
             raise
         if failures:
             notes = gen.notes()
             gen.stop(graceful=False)
-            raise RankFailure(
-                {r: f"failed to start: {w}" for r, w in failures.items()},
-                results,
-                {r: notes[r] for r in failures if notes[r]},
-            )
+            notes = {r: notes[r] for r in failures if notes[r]}
+            raise PoolStartupError(self.world_size, limit, startup_cause(failures, notes), failures, notes)
         gen.pids = [results[r] for r in range(self.world_size)]
         self._gen = gen
         self.starts += 1
@@ -596,11 +694,21 @@ class RankPool:
 
     # -- work ------------------------------------------------------------
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> list[Any]:
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout_s: float | None = None,
+        failed: Callable[[Any], bool] | None = None,
+    ) -> list[Any]:
         """Call `fn(rank, world_size, *args)` on every rank; results by rank.
 
         `fn` and `args` must pickle (a module-level function). On any fault
-        raises `RankFailure` and tears the ranks down; the next call restarts them.
+        raises `RankFailure` and tears the ranks down; the next call restarts them
+        (start-up failures raise `PoolStartupError`). `timeout_s` counts from
+        when the work is sent to started ranks. `failed(result)`, evaluated
+        here in the parent, marks results that report a failure the rank caught
+        itself: the other ranks then get the short failure grace, as after a raise.
         """
         if self._closed:
             raise PoolError("pool is closed")
@@ -622,7 +730,7 @@ class RankPool:
             for conn in gen.conns:
                 with contextlib.suppress(OSError):
                     conn.send_bytes(payload)  # a dead rank shows up in gather
-            results, failures = gen.gather("ok", timeout, self.failure_grace_s)
+            results, failures, times = gen.gather("ok", timeout, self.failure_grace_s, failed)
         except BaseException:
             # Ctrl-C or a parent-side bug: never leave ranks mid-collective.
             self._teardown(graceful=False)
@@ -630,13 +738,14 @@ class RankPool:
         if failures:
             notes = gen.notes()
             self._teardown(graceful=False)
-            raise RankFailure(failures, results, {r: notes[r] for r in failures if notes[r]})
+            raise RankFailure(failures, results, {r: notes[r] for r in failures if notes[r]}, times)
         return [results[r] for r in range(self.world_size)]
 
 
 def fresh_run(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0,
+    startup_timeout_s: float | None = None,
 ) -> list[Any]:
     """Start a pool, run `fn` once, close the pool (start-up paid every call)."""
-    with RankPool(world_size, timeout_s=timeout_s) as pool:
+    with RankPool(world_size, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s) as pool:
         return pool.run(fn, *args)

@@ -299,7 +299,7 @@ def _dedupe(hazards: list[Hazard]) -> list[Hazard]:
 def _unpredicted(result: CheckResult) -> None:
     predicted = {(h.kind, h.rank) for h in result.sim.hazards}
     for o in result.real.hazards:
-        if (o.kind, o.rank) in predicted:
+        if (o.kind, o.rank) in predicted or o.caused_by is not None:  # a consequence is reported with its cause
             continue
         # A measured double/missing reduction is covered by any predicted reduction hazard on that rank.
         if o.kind in (HazardKind.DOUBLE_REDUCTION, HazardKind.MISSING_REDUCTION) and any(
