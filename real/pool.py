@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_conn
 import multiprocessing.util as mp_util
@@ -42,6 +43,7 @@ from typing import Any
 import torch.distributed as dist
 
 from real.ranks import (
+    FINISHING_NOTE,
     MAX_RANKS_PER_CPU,
     NOTE_BYTES,
     default_backend,
@@ -59,6 +61,7 @@ __all__ = [
     "MAX_RANKS_PER_CPU",
     "NOTE_BYTES",
     "DEFAULT_STARTUP_TIMEOUT_S",
+    "FINISHING_NOTE",
     "PoolError",
     "PoolStartupError",
     "RankFailure",
@@ -303,6 +306,10 @@ class _Generation:
     def notes(self) -> dict[int, str]:
         return {r: read_note(self.note_buf, r) for r in range(self.world_size)}
 
+    def finishing(self, rank: int) -> bool:
+        """The rank said it is past its last collective (see FINISHING_NOTE)."""
+        return read_note(self.note_buf, rank).startswith(FINISHING_NOTE)
+
     def clear_notes(self) -> None:
         ctypes.memset(ctypes.addressof(self.note_buf), 0, self.world_size * NOTE_BYTES)
 
@@ -360,24 +367,32 @@ class _Generation:
                 failures[rank] = _exit_reason(self.procs[rank])
                 pending.discard(rank)
 
+        grace_end: float | None = None
+        stuck: set[int] = set()  # cut short by the failure grace
         while pending:
             now = time.monotonic()
+            if grace_end is not None and now >= grace_end:
+                # Peers of a failed rank usually hang in a collective: after a
+                # short grace stop waiting for them, but not for ranks whose
+                # note says they are past their collectives (their results count).
+                stuck |= {r for r in pending if not self.finishing(r)}
+                pending -= stuck
+                grace_end = math.inf
+                continue
             if now >= deadline:
                 break
             waitables: list[Any] = []
             for r in pending:
                 waitables += [self.conns[r], self.procs[r].sentinel]
-            ready = mp_conn.wait(waitables, timeout=deadline - now)
+            ready = mp_conn.wait(waitables, timeout=min(deadline, grace_end or deadline) - now)
             for obj in ready:
                 rank = by_sentinel.get(obj) if isinstance(obj, int) else by_conn.get(id(obj))
                 if rank is not None and rank in pending:
                     take(rank)
-            if first_failed and pending:
-                # Peers of a failed rank usually hang in a collective: give
-                # them a short grace instead of the whole timeout.
-                deadline = min(deadline, time.monotonic() + grace_s)
+            if first_failed and pending and grace_end is None:
+                grace_end = time.monotonic() + grace_s
         waited = time.monotonic() - start
-        for rank in sorted(pending):
+        for rank in sorted(pending | stuck):
             times[rank] = time.time()
             if first_failed:
                 failures[rank] = (

@@ -38,6 +38,11 @@ NOTE_BYTES = 256
 # How often a rank checks that its parent is still alive.
 _PARENT_POLL_S = 0.5
 
+# A rank whose latest note starts with this is past its last collective (e.g.
+# checking its results): it cannot be stuck waiting for a failed peer, so the
+# pool's failure grace does not cut it short (it still has the run timeout).
+FINISHING_NOTE = "finishing"
+
 
 # --------------------------------------------------------------------------
 # Helpers shared with real/launch.py

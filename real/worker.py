@@ -58,7 +58,7 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     s: Scenario = payload["scenario"]
     if world != s.world:
         raise RuntimeError(f"pool has {world} ranks but the scenario needs {s.world}")
-    from real.pool import note
+    from real.pool import FINISHING_NOTE, note
 
     groups = _groups(s)
     runner_cls = load_runner(payload["runner"])
@@ -78,6 +78,7 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     except Exception as exc:
         raised = exc
     ops.close()  # drains the stream threads (a failure there is recorded in ops.failed)
+    note(f"{FINISHING_NOTE}: fits and output")  # past every collective: no failure grace for us
     failure = _failure(ops, raised, bool(payload.get("traceback")))
     # Fits against the simulator's predicted values (float64 partials).
     ref = Reference(s, LayerWeights(s))

@@ -172,6 +172,41 @@ def test_spawn_failure_exits_3_in_one_line(capsys: pytest.CaptureFixture[str], m
 
 # ---- slow: real ranks ----
 
+
+def reports_failure(rank: int, world: int, finishing: bool) -> dict[str, Any]:
+    """Rank 1 reports an error it caught; rank 0 is still busy for a while,
+    either past its collectives (its note says so) or not."""
+    from real.pool import FINISHING_NOTE, note
+
+    if rank == 1:
+        return {"error": "OpsShapeError: x"}
+    if finishing:
+        note(f"{FINISHING_NOTE}: checking results")
+        time.sleep(2.5)
+    else:
+        note("step 9 final_all_reduce")
+        time.sleep(30.0)
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_failure_grace_keeps_results_of_ranks_past_their_collectives() -> None:
+    from real.pool import RankFailure, RankPool
+
+    def failed(res: Any) -> bool:
+        return bool(res["error"])
+
+    with RankPool(2, timeout_s=60.0, failure_grace_s=1.0) as pool:
+        out = pool.run(reports_failure, True, failed=failed)  # rank 0 outlives the grace, but finishing
+        assert out == [{"error": None}, {"error": "OpsShapeError: x"}]
+        t0 = time.monotonic()
+        with pytest.raises(RankFailure) as info:
+            pool.run(reports_failure, False, failed=failed)  # rank 0 looks stuck: cut after the grace
+        assert time.monotonic() - t0 < 25.0
+    err = info.value
+    assert err.partial == {1: {"error": "OpsShapeError: x"}} and "after rank 1 failed" in err.failures[0]
+    assert err.notes[0] == "step 9 final_all_reduce" and set(err.times) == {0, 1}
+
 SHAPE_CASES = [("r4-gpt-oss-padded", spec(c)) for c in (
     "PadBelowWidth", "WrongBoundary", "WrongOutputRows", "AddUnequal", "NarrowRouter", "NarrowKernel",
     "FewerRowsThanRouting", "OddReduceScatter")] + [
