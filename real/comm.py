@@ -3,6 +3,12 @@
 Collectives run on torch.distributed (gloo on CPU, NCCL on CUDA). The
 token-routing all-to-all backends are stand-ins on `all_to_all_single` (see
 real/ops.py's module docstring); FlashInfer's own all-to-all is used on CUDA.
+
+Before each collective on CPU, the members exchange (kind, shape) in a small
+all-gather, so that ranks disagreeing on the collective or on its shape raise
+`OpsShapeError` at that step, as in the simulator, instead of gloo aborting a
+process on a size mismatch. The exchange is not counted in the step's time.
+On CUDA it is skipped (it would synchronise the host with the device).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from scenarios.backends import backend_info
 from scenarios.ops import OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
 from scenarios.trace import COLLECTIVE
+
+# Collective kinds as the simulator names them (dispatch/combine without token
+# routing are an all-gather / a reduce-scatter there too).
+_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch_a2a", "combine_a2a")
+_SHAPED = ("all_reduce", "all_gather", "reduce_scatter")  # a2a rows differ per rank by design
 
 
 class CommOps:
@@ -52,6 +63,28 @@ class CommOps:
     def _pg(self, members: tuple[int, ...]) -> Any:
         return self.groups[members]
 
+    def _agreement(self, kind: str, members: tuple[int, ...]) -> Callable[..., None] | None:
+        """The members' check that they issue the same collective on the same
+        shape (the simulator's rendezvous checks), or None where not done."""
+        if self.cuda or len(members) == 1:
+            return None
+
+        def agree(v: torch.Tensor, *_rest: torch.Tensor) -> None:
+            dims = list(v.shape)[:3]
+            mine = torch.tensor([_KINDS.index(kind), len(dims), *dims, *[0] * (3 - len(dims))], dtype=torch.int64)
+            parts = [torch.empty_like(mine) for _ in members]
+            self._dist(dist.all_gather, parts, mine, group=self._pg(members))
+            seen = [p.tolist() for p in parts]
+            if len({k for k, *_ in seen}) > 1:
+                raise OpsShapeError("ranks disagree on the collective: " + ", ".join(
+                    f"rank {m} {_KINDS[k]}" for m, (k, *_) in zip(members, seen)))
+            shapes = [d[2 : 2 + d[1]] for d in seen]
+            if kind in _SHAPED and len({tuple(x) for x in shapes}) > 1:
+                raise OpsShapeError("ranks disagree on the shape: " + ", ".join(
+                    f"rank {m} {x}" for m, x in zip(members, shapes)))
+
+        return agree
+
     def _group(self, kind: str, name: str) -> tuple[int, ...]:
         try:
             return self.scenario.group(kind, self.rank)
@@ -83,15 +116,18 @@ class CommOps:
 
     def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
         g = self._group(group, name)
-        return self._op("all_reduce", name, COLLECTIVE, (x,), lambda v: self._all_reduce(v, g), group=g)
+        return self._op("all_reduce", name, COLLECTIVE, (x,), lambda v: self._all_reduce(v, g), group=g,
+                        agree=self._agreement("all_reduce", g))
 
     def all_gather(self, x: RealTensor, group: str = "tp", name: str = "all_gather") -> RealTensor:
         g = self._group(group, name)
-        return self._op("all_gather", name, COLLECTIVE, (x,), lambda v: self._all_gather(v, g), group=g)
+        return self._op("all_gather", name, COLLECTIVE, (x,), lambda v: self._all_gather(v, g), group=g,
+                        agree=self._agreement("all_gather", g))
 
     def reduce_scatter(self, x: RealTensor, group: str = "tp", name: str = "reduce_scatter") -> RealTensor:
         g = self._group(group, name)
-        return self._op("reduce_scatter", name, COLLECTIVE, (x,), lambda v: self._reduce_scatter(v, g), group=g)
+        return self._op("reduce_scatter", name, COLLECTIVE, (x,), lambda v: self._reduce_scatter(v, g), group=g,
+                        agree=self._agreement("reduce_scatter", g))
 
     def _flashinfer(self, members: tuple[int, ...]) -> Any:
         """FlashInfer's NVLink all-to-all on CUDA for the flashinfer backends
@@ -144,7 +180,8 @@ class CommOps:
                 f"{s.effective_backend}: stand-in for {info.gpu_library} (torch.distributed all_to_all; "
                 f"combine sums one row per contributing rank in fp32){why}"
             )
-        out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members)
+        out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members,
+                       agree=self._agreement("dispatch_a2a" if token_routing else "all_gather", members))
         out.extra["state"] = state
         rh = RealTensor((), out.step, out.stream)
 
@@ -208,4 +245,5 @@ class CommOps:
             out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
             return out.to(v.dtype)
 
-        return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members)
+        return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members,
+                        agree=self._agreement("combine_a2a" if token_routing else "reduce_scatter", members))

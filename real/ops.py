@@ -215,7 +215,7 @@ class RealOps(CommOps, Ops):
                 out.set(result, shape)
                 st.out_shape = out.shape
 
-    def _op(self, op: str, name: str, category: str, ins: tuple[Any, ...], fn: Callable[..., torch.Tensor], component: str | None = None, group: tuple[int, ...] | None = None, space: str | None = None) -> RealTensor:
+    def _op(self, op: str, name: str, category: str, ins: tuple[Any, ...], fn: Callable[..., torch.Tensor], component: str | None = None, group: tuple[int, ...] | None = None, space: str | None = None, agree: Callable[..., None] | None = None) -> RealTensor:
         for t in ins:
             if not isinstance(t, RealTensor):
                 raise OpsUsageError(f"{name}: {op} needs tensor handles from earlier ops, got {type(t).__name__}")
@@ -228,7 +228,11 @@ class RealOps(CommOps, Ops):
         self.tensors[st.index] = out
 
         def call() -> torch.Tensor:
-            return fn(*[self._data(t, st) for t in ins])
+            args = [self._data(t, st) for t in ins]
+            if agree is not None:
+                agree(*args)
+                st.start = self.now_us()  # the members' agreement check is not the collective's time
+            return fn(*args)
 
         self._run(st, call, out)
         return out

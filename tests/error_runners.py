@@ -110,3 +110,21 @@ class Rank1Exits(MoERunner):
         if ops.rank == 1 and _real(ops):
             os._exit(7)
         return super().final_reduce(ops, result, routed_reduced)
+
+
+class Rank1FewerRows(MoERunner):
+    """Rank 1 reduces fewer rows than its peer: the members disagree on the shape."""
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if ops.rank == 1:
+            result = ops.trim_rows(result, 4, name="rank1_trims")
+        return super().final_reduce(ops, result, routed_reduced)
+
+
+class Rank1GathersInstead(MoERunner):
+    """Rank 1 all-gathers where its peer all-reduces: they disagree on the collective."""
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if ops.rank == 1:
+            return ops.trim_rows(ops.all_gather(result, "tp", name="final_gather"), result.shape[0])
+        return super().final_reduce(ops, result, routed_reduced)

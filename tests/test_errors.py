@@ -209,7 +209,7 @@ def test_failure_grace_keeps_results_of_ranks_past_their_collectives() -> None:
 
 SHAPE_CASES = [("r4-gpt-oss-padded", spec(c)) for c in (
     "PadBelowWidth", "WrongBoundary", "WrongOutputRows", "AddUnequal", "NarrowRouter", "NarrowKernel",
-    "FewerRowsThanRouting", "OddReduceScatter")] + [
+    "FewerRowsThanRouting", "OddReduceScatter", "Rank1FewerRows", "Rank1GathersInstead")] + [
     ("r4-nemotron-padded", spec("NarrowShared")),  # on the aux stream
     ("r4-latent-padded", spec("NarrowLatentDown")),
     ("r4-latent-padded", spec("WideLatentUp")),
