@@ -73,13 +73,14 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     t0 = time.perf_counter()
     ops = RealOps(s, rank, groups, kernel, t0, shapes, delay, note)
     raised: Exception | None = None
+    raised_at: float | None = None
     try:
         run_program(runner_cls, s, ops)
     except Exception as exc:
-        raised = exc
+        raised, raised_at = exc, time.time()
     ops.close()  # drains the stream threads (a failure there is recorded in ops.failed)
     note(f"{FINISHING_NOTE}: fits and output")  # past every collective: no failure grace for us
-    failure = _failure(ops, raised, bool(payload.get("traceback")))
+    failure = _failure(ops, raised, raised_at, bool(payload.get("traceback")))
     # Fits against the simulator's predicted values (float64 partials).
     ref = Reference(s, LayerWeights(s))
     for idx, value in predicted.items():
@@ -106,7 +107,7 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     }
 
 
-def _failure(ops: RealOps, raised: Exception | None, with_traceback: bool) -> dict[str, Any]:
+def _failure(ops: RealOps, raised: Exception | None, raised_at: float | None, with_traceback: bool) -> dict[str, Any]:
     """The rank's failure, if any: the earliest-issued failing step (the
     simulator raises at issue time, so a failure on an auxiliary stream comes
     before a later main-stream error it caused), else what the program raised
@@ -136,4 +137,4 @@ def _failure(ops: RealOps, raised: Exception | None, with_traceback: bool) -> di
     if with_traceback:
         error += "\n" + "".join(traceback.format_exception(exc))
     return {"error": error, "error_step": step, "error_class": type(exc).__name__,
-            "error_kind": error_kind(exc), "error_at": time.time(), "error_outside_step": outside}
+            "error_kind": error_kind(exc), "error_at": raised_at or time.time(), "error_outside_step": outside}
