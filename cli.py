@@ -2,7 +2,9 @@
 
 Exit codes: 0 when the command itself worked (whatever it found); 1 with
 --fail-on-hazard when a hazard was predicted (or, with real runs, confirmed);
-2 for bad input (one line naming the cause); 3 for an internal error.
+2 for bad input, including a runner that misuses Ops (one line naming the
+cause); 3 for an internal or infrastructure error (e.g. rank processes that
+cannot start: one line).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 EXIT_OK, EXIT_HAZARD, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+STARTUP_TIMEOUT_S = 120.0  # real.pool.DEFAULT_STARTUP_TIMEOUT_S (not imported: torch is slow to load)
 
 
 class BadInput(Exception):
@@ -114,6 +117,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.real:
         from twin.replay_real import replay_real
 
+        _startup_timeout(args)
         with _progress("replaying on real ranks...") as status:
             results = replay_real(progress=lambda msg: status.update(f"real: {msg}"), timeout_s=args.timeout)
     else:
@@ -151,7 +155,20 @@ def _real_scenario(args: argparse.Namespace):  # noqa: ANN202
     timeout = getattr(args, "timeout", None)
     if timeout is not None and not timeout > 0:
         raise BadInput(f"--timeout: must be > 0 seconds, got {timeout}")
+    _startup_timeout(args, apply=args.command != "timeline" or args.real)
     return s
+
+
+def _startup_timeout(args: argparse.Namespace, apply: bool = True) -> None:
+    """--startup-timeout bounds rank start-up (spawn, rendezvous, groups) on
+    its own, so --timeout bounds only the run."""
+    value = args.startup_timeout
+    if not value > 0:
+        raise BadInput(f"--startup-timeout: must be > 0 seconds, got {value}")
+    if apply:
+        from real.pool import set_default_startup_timeout
+
+        set_default_startup_timeout(value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -237,6 +254,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise BadInput(f"--repeats: at least 1, got {args.repeats}")
     if args.world < 2:
         raise BadInput(f"--world: collectives need at least 2 ranks, got {args.world}")
+    _startup_timeout(args)
     from real.calibrate import calibrate
     from sim.cost import save_cpu_profile
 
@@ -300,16 +318,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when a hazard is predicted")
     sp.set_defaults(func=cmd_simulate)
 
+    def startup_flag(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, metavar="S",
+                        help=f"seconds the rank processes may take to start (spawn, rendezvous, process groups), "
+                             f"apart from --timeout; failing to start exits 3 (default {STARTUP_TIMEOUT_S:g})")
+
     sp = sub.add_parser("replay", help="the five historical regressions, before vs fixed")
     sp.add_argument("--real", action="store_true", help="also run every case on real ranks and give verdicts")
-    sp.add_argument("--timeout", type=float, default=120.0, help="seconds before a real rank counts as hung")
+    sp.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds a real run may take (after start-up) before a rank counts as hung")
+    startup_flag(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("--fail-on-hazard", action="store_true",
                     help="exit 1 when a regression is not caught (or not confirmed with --real)")
     sp.set_defaults(func=cmd_replay)
 
     def real_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--timeout", type=float, default=60.0, help="seconds before a real rank counts as hung")
+        sp.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds a real run may take (after start-up) before a rank counts as hung")
+        startup_flag(sp)
         sp.add_argument("--kernel", help="routed kernel for the real run: torch, triton, flashinfer")
 
     sp = sub.add_parser("run", help="run a scenario on real ranks (no simulation verdicts)")
@@ -340,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("calibrate", help="fit the cpu cost profile on this machine")
     sp.add_argument("--world", type=int, default=2, help="ranks used to time gloo collectives")
     sp.add_argument("--repeats", type=int, default=5, help="real runs per calibration scenario")
+    startup_flag(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_calibrate)
 
@@ -363,7 +391,16 @@ def _pool_error() -> type[Exception]:
     return PoolError
 
 
+def _startup_error() -> type[Exception]:
+    try:
+        from real.pool import PoolStartupError
+    except ImportError:  # torch not installed: no real side
+        return BadInput
+    return PoolStartupError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from scenarios.ops import OpsUsageError
     from scenarios.runners import RunnerLoadError
     from scenarios.spec import ScenarioError
 
@@ -376,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    except _startup_error() as exc:  # infrastructure, not the runner's fault
+        print(f"moe-twin: infrastructure error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except OpsUsageError as exc:  # the runner misuses Ops: its author's bug, named by step
+        print(f"moe-twin: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (BadInput, ScenarioError, RunnerLoadError, _pool_error()) as exc:
         print(f"moe-twin: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

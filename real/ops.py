@@ -27,8 +27,6 @@ That path cannot be exercised on this project's CPU-only machines.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,67 +35,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from real.comm import CommOps
+from real.errors import UpstreamFailure
 from real.model import LayerWeights, layer_input, mlp
-from scenarios.backends import backend_info
-from scenarios.ops import Ops
+from real.streams import RealEvent, RealTensor, StreamThread
+from scenarios.ops import Ops, OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
-from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
+from scenarios.trace import COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
 from scenarios.workload import rank_token_ids, routing
 
 MODEL = "model"
 
 
-class RealTensor:
-    """A tensor handle; data arrives when its stream has run the producing op."""
-
-    def __init__(self, shape: tuple[int, ...], step: int, stream: str, space: str = "native") -> None:
-        self.shape = tuple(shape)
-        self.step = step
-        self.stream = stream
-        self.space = space  # "native", "up" (after a linear up-projection), "up-nonlinear"
-        self.data: torch.Tensor | None = None
-        self.error: BaseException | None = None
-        self.ready = threading.Event()
-        self.extra: dict[str, Any] = {}
-
-    def set(self, data: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
-        self.data = data
-        self.shape = tuple(data.shape) if shape is None else shape
-        self.ready.set()
-
-
-class RealEvent:
-    def __init__(self, id_: int) -> None:
-        self.id = id_
-        self.flag = threading.Event()
-        self.cuda_event: Any = None  # torch.cuda.Event on CUDA
-
-
-class StreamThread:
-    """A stand-in for a CUDA stream: one worker thread, ops run in issue order."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.q: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name=f"stream-{name}", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            fn = self.q.get()
-            if fn is None:
-                return
-            fn()
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        self.q.put(fn)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join(timeout=30)
-
-
-class RealOps(Ops):
+class RealOps(CommOps, Ops):
     """One rank's Ops on real tensors."""
 
     def __init__(
@@ -127,6 +77,9 @@ class RealOps(Ops):
         self.weights = LayerWeights(scenario)
         self.route = routing(scenario)
         self.observations: list[str] = []
+        # Every step that raised, by index (any stream): the worker reports the
+        # earliest-issued one, as the simulator raises at issue time.
+        self.failed: dict[int, BaseException] = {}
         self.stand_ins: set[str] = set()
         self.output: RealTensor | None = None
         self._events = 0
@@ -183,7 +136,7 @@ class RealOps(Ops):
         op has not run yet is a real race: it is recorded, then waited out so
         the run can go on."""
         if not isinstance(h, RealTensor):
-            raise TypeError(f"{consumer.name}: expected a tensor handle, got {type(h).__name__}")
+            raise OpsUsageError(f"{consumer.name}: expected a tensor handle, got {type(h).__name__}")
         if not h.ready.is_set():
             self.observations.append(
                 f"step {consumer.index} {consumer.name} ({consumer.stream}) read the output of step "
@@ -191,7 +144,7 @@ class RealOps(Ops):
             )
             h.ready.wait()
         if h.error is not None:
-            raise RuntimeError(f"input from step {h.step} failed: {h.error}")
+            raise UpstreamFailure(h.step, h.error)
         assert h.data is not None
         return h.data
 
@@ -209,6 +162,7 @@ class RealOps(Ops):
             except BaseException as exc:
                 st.end = self.now_us()
                 st.error = f"{type(exc).__name__}: {exc}"
+                self.failed[st.index] = exc
                 if out is not None:
                     out.error = exc
                     out.ready.set()
@@ -248,6 +202,7 @@ class RealOps(Ops):
                 result = fn()
             except BaseException as exc:
                 st.error = f"{type(exc).__name__}: {exc}"
+                self.failed[st.index] = exc
                 if out is not None:
                     out.error = exc
                     out.ready.set()
@@ -260,7 +215,10 @@ class RealOps(Ops):
                 out.set(result, shape)
                 st.out_shape = out.shape
 
-    def _op(self, op: str, name: str, category: str, ins: tuple[Any, ...], fn: Callable[..., torch.Tensor], component: str | None = None, group: tuple[int, ...] | None = None, space: str | None = None) -> RealTensor:
+    def _op(self, op: str, name: str, category: str, ins: tuple[Any, ...], fn: Callable[..., torch.Tensor], component: str | None = None, group: tuple[int, ...] | None = None, space: str | None = None, agree: Callable[..., None] | None = None) -> RealTensor:
+        for t in ins:
+            if not isinstance(t, RealTensor):
+                raise OpsUsageError(f"{name}: {op} needs tensor handles from earlier ops, got {type(t).__name__}")
         st = self._step(op, name, category, ins, component, group)
         hint = self.predicted_shapes.get(st.index, ())
         sp = space or next((t.space for t in ins if isinstance(t, RealTensor) and t.space != "native"), "native")
@@ -270,7 +228,11 @@ class RealOps(Ops):
         self.tensors[st.index] = out
 
         def call() -> torch.Tensor:
-            return fn(*[self._data(t, st) for t in ins])
+            args = [self._data(t, st) for t in ins]
+            if agree is not None:
+                agree(*args)
+                st.start = self.now_us()  # the members' agreement check is not the collective's time
+            return fn(*args)
 
         self._run(st, call, out)
         return out
@@ -296,7 +258,7 @@ class RealOps(Ops):
 
     def wait_event(self, event: Any, name: str = "wait_event") -> None:
         if not isinstance(event, RealEvent):
-            raise TypeError(f"{name}: wait_event needs an event from record_event, got {type(event).__name__}")
+            raise OpsUsageError(f"{name}: wait_event needs an event from record_event, got {type(event).__name__}")
         st = self._step("wait_event", name, WAIT)
         st.waits = [event.id]
         if self.cuda:
@@ -329,7 +291,7 @@ class RealOps(Ops):
             # origin, as the simulator's (weight set-up is not layer latency).
             full = tuple(range(s.world))
             if s.world > 1:
-                dist.barrier(group=self.groups[full])
+                self._dist(dist.barrier, group=self.groups[full])
             self.t0 = time.perf_counter()
             if self.cuda:
                 self._cuda_origin = torch.cuda.Event(enable_timing=True)
@@ -368,7 +330,7 @@ class RealOps(Ops):
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if tuple(v.shape) != expected:
-                raise RuntimeError(f"layer output {list(v.shape)}, the model expects {list(expected)}")
+                raise OpsShapeError(f"layer output {list(v.shape)}, the model expects {list(expected)}")
             return v
 
         out = self._op("layer_output", name, MODEL, (x,), fn)
@@ -379,7 +341,7 @@ class RealOps(Ops):
         def fn(v: torch.Tensor) -> torch.Tensor:
             # Stands in for torch.compile's assert on the fake implementation's shape.
             if tuple(v.shape) != tuple(shape):
-                raise RuntimeError(f"returns {list(v.shape)} but its fake implementation declared {list(shape)}")
+                raise OpsShapeError(f"returns {list(v.shape)} but its fake implementation declared {list(shape)}")
             return v
 
         self.stand_ins.add("custom-op boundary: explicit shape assertion (stands in for torch.compile's fake-tensor check)")
@@ -390,7 +352,7 @@ class RealOps(Ops):
     def pad(self, x: RealTensor, width: int, name: str = "pad") -> RealTensor:
         def fn(v: torch.Tensor) -> torch.Tensor:
             if width < v.shape[-1]:
-                raise RuntimeError(f"cannot pad width {v.shape[-1]} down to {width}")
+                raise OpsShapeError(f"cannot pad width {v.shape[-1]} down to {width}")
             return F.pad(v, (0, width - v.shape[-1]))
 
         return self._op("pad", name, PADDING, (x,), fn)
@@ -399,7 +361,13 @@ class RealOps(Ops):
         return self._op("trim", name, PADDING, (x,), lambda v: v[..., :width])
 
     def add(self, a: RealTensor, b: RealTensor, name: str = "add") -> RealTensor:
-        return self._op("add", name, COMPUTE, (a, b), lambda u, v: u + v)
+        def fn(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # Checked before torch: broadcasting would accept [1, h] + [n, h].
+            if tuple(u.shape) != tuple(v.shape):
+                raise OpsShapeError(f"{list(u.shape)} + {list(v.shape)}")
+            return u + v
+
+        return self._op("add", name, COMPUTE, (a, b), fn)
 
     def scale(self, x: RealTensor, factor: float, name: str = "scale") -> RealTensor:
         return self._op("scale", name, COMPUTE, (x,), lambda v: v * factor)
@@ -417,29 +385,44 @@ class RealOps(Ops):
         tokens = self._rows_tokens()
 
         def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != s.model.hidden:
+                raise OpsShapeError(f"gate expects width {s.model.hidden}, got {v.shape[-1]}")
             # The gate GEMM runs for real (timing); the top-k choice comes from
             # the workload so that sim and real route identically.
             _logits = v @ self.weights.gate.to(v.device).t()
             ids = torch.tensor([self.route[d][t if t >= 0 else 0][0] for d, t in tokens], dtype=torch.int64, device=v.device)
             w = torch.tensor([self.route[d][t if t >= 0 else 0][1] for d, t in tokens], dtype=torch.float32, device=v.device)
             if ids.shape[0] != v.shape[0]:
-                raise RuntimeError(f"router: {v.shape[0]} rows but the workload routes {ids.shape[0]}")
+                # The stand-in router cannot route rows the workload does not know.
+                raise OpsShapeError(f"{v.shape[0]} rows but the workload routes {ids.shape[0]} on this rank")
             return torch.cat([ids.to(torch.float32), w], dim=1).reshape(v.shape[0], 2, s.model.top_k)
 
         out = self._op("router", name, COMPUTE, (x,), fn)
         return out
 
     def latent_down(self, x: RealTensor, name: str = "latent_down") -> RealTensor:
-        w = self.weights.down.to(self.device) if self.weights.down is not None else None
-        assert w is not None, "latent_down needs model.latent_dim"
-        return self._op("latent_down", name, COMPUTE, (x,), lambda v: v @ w.t(), component="routed")
-
-    def latent_up(self, x: RealTensor, name: str = "latent_up") -> RealTensor:
-        w = self.weights.up.to(self.device) if self.weights.up is not None else None
-        assert w is not None, "latent_up needs model.latent_dim"
-        nonlinear = self.scenario.model.transform_nonlinear
+        if self.weights.down is None:
+            raise OpsUsageError(f"{name}: latent_down needs a model with latent_dim")
+        w = self.weights.down.to(self.device)
+        hidden = self.scenario.model.hidden
 
         def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != hidden:
+                raise OpsShapeError(f"down-projection expects width {hidden}, got {v.shape[-1]}")
+            return v @ w.t()
+
+        return self._op("latent_down", name, COMPUTE, (x,), fn, component="routed")
+
+    def latent_up(self, x: RealTensor, name: str = "latent_up") -> RealTensor:
+        if self.weights.up is None:
+            raise OpsUsageError(f"{name}: latent_up needs a model with latent_dim")
+        w = self.weights.up.to(self.device)
+        nonlinear = self.scenario.model.transform_nonlinear
+        lat = w.shape[1]
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != lat:
+                raise OpsShapeError(f"up-projection expects width {lat}, got {v.shape[-1]}")
             y = v @ w.t()
             return F.silu(y) if nonlinear else y
 
@@ -454,13 +437,17 @@ class RealOps(Ops):
 
     def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
         w13, w2, offset = self._local_weights()
-        k = self.scenario.model.top_k
+        width = self.scenario.model.kernel_width
 
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            if v.shape[-1] != width:
+                raise OpsShapeError(f"routed kernel expects width {width}, got {v.shape[-1]}")
+            if r.dim() != 3:
+                raise OpsUsageError(f"{name}: the routing argument is not a router output")
             ids = r[:, 0, :].to(torch.int64)
             wts = r[:, 1, :].contiguous()
-            if ids.shape[0] != v.shape[0] or ids.shape[1] != k:
-                raise RuntimeError(f"{v.shape[0]} rows but routing for {ids.shape[0]}")
+            if ids.shape[0] != v.shape[0]:
+                raise OpsShapeError(f"{v.shape[0]} rows but routing for {ids.shape[0]}")
             y = self.kernel(v, ids, wts, w13, w2, offset)
             if inplace:
                 v.copy_(y)  # the fused kernel writes into its input buffer
@@ -478,167 +465,11 @@ class RealOps(Ops):
 
     def shared_experts(self, x: RealTensor, sharded: bool = True, name: str = "shared_experts") -> RealTensor:
         w13, w2 = self._shared_weights(sharded)
-        return self._op("shared_experts", name, COMPUTE, (x,), lambda v: mlp(v, w13, w2), component="shared")
-
-    # ---- communication ----
-
-    def _pg(self, members: tuple[int, ...]) -> Any:
-        return self.groups[members]
-
-    def _group(self, kind: str, name: str) -> tuple[int, ...]:
-        try:
-            return self.scenario.group(kind, self.rank)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-
-    def _all_gather(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
-        if len(members) == 1:
-            return v.clone()
-        parts = [torch.empty_like(v) for _ in members]
-        dist.all_gather(parts, v.contiguous(), group=self._pg(members))
-        return torch.cat(parts, dim=0)
-
-    def _all_reduce(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
-        out = v.contiguous().clone()
-        if len(members) > 1:
-            dist.all_reduce(out, group=self._pg(members))
-        return out
-
-    def _reduce_scatter(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
-        n = len(members)
-        if v.shape[0] % n:
-            raise RuntimeError(f"{v.shape[0]} rows do not split over {n} ranks")
-        self.stand_ins.add("reduce-scatter on gloo: all-reduce then this rank's chunk")
-        total = self._all_reduce(v, members)
-        i = members.index(self.rank)
-        chunk = v.shape[0] // n
-        return total[i * chunk : (i + 1) * chunk].clone()
-
-    def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
-        g = self._group(group, name)
-        return self._op("all_reduce", name, COLLECTIVE, (x,), lambda v: self._all_reduce(v, g), group=g)
-
-    def all_gather(self, x: RealTensor, group: str = "tp", name: str = "all_gather") -> RealTensor:
-        g = self._group(group, name)
-        return self._op("all_gather", name, COLLECTIVE, (x,), lambda v: self._all_gather(v, g), group=g)
-
-    def reduce_scatter(self, x: RealTensor, group: str = "tp", name: str = "reduce_scatter") -> RealTensor:
-        g = self._group(group, name)
-        return self._op("reduce_scatter", name, COLLECTIVE, (x,), lambda v: self._reduce_scatter(v, g), group=g)
-
-    def _flashinfer(self, members: tuple[int, ...]) -> Any:
-        """FlashInfer's NVLink all-to-all on CUDA for the flashinfer backends
-        (construction is collective: every rank reaches it at the same step);
-        None where it cannot run, with the reason kept for the run's notes."""
-        s = self.scenario
-        if not (self.cuda and s.effective_backend.startswith("flashinfer_nvlink")):
-            return None
-        if self._fi is None and self._fi_reason is None:
-            from real.flashinfer_a2a import A2AUnavailable, FlashInferA2A
-
-            try:
-                self._fi = FlashInferA2A(
-                    s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
-                    s.model.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
-                )
-                self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
-            except A2AUnavailable as exc:
-                self._fi_reason = exc.reason
-        return self._fi
-
-    def dispatch(self, x: RealTensor, routing_h: RealTensor, name: str = "dispatch") -> tuple[RealTensor, RealTensor]:
-        s = self.scenario
-        if s.effective_backend == "none":
-            raise ValueError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
-        members, token_routing = self.scenario.dispatch_group(self.rank)
-        state: dict[str, Any] = {}
-
-        library = self._flashinfer(members) if token_routing else None
-
-        def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            if not token_routing:
-                xd = self._all_gather(v, members)
-                state["routing"] = self._all_gather(r, members)
-                return xd
-            if library is not None:
-                from real.flashinfer_a2a import join_routing, split_routing
-
-                ids, w = split_routing(r)
-                xr, idr, wr, fi_state = library.dispatch(v, ids, w)
-                state["fi"] = fi_state
-                state["routing"] = join_routing(idr, wr)
-                return xr
-            return self._a2a_dispatch(v, r, members, state)
-
-        if token_routing and library is None:
-            info = backend_info(s.effective_backend)
-            why = f"; FlashInfer not used: {self._fi_reason}" if self._fi_reason else ""
-            self.stand_ins.add(
-                f"{s.effective_backend}: stand-in for {info.gpu_library} (torch.distributed all_to_all; "
-                f"combine sums one row per contributing rank in fp32){why}"
-            )
-        out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members)
-        out.extra["state"] = state
-        rh = RealTensor((), out.step, out.stream)
-
-        # The dispatched routing is produced by the same step.
-        def fill() -> None:
-            out.ready.wait()
-            if out.error is not None:
-                rh.error = out.error
-                rh.ready.set()
-            else:
-                r = state["routing"]
-                rh.set(r, (r.shape[0], r.shape[2]))
-
-        if out.stream == "main":
-            fill()
-        else:
-            self._stream(out.stream).submit(fill)
-        return out, rh
-
-    def _a2a_dispatch(self, v: torch.Tensor, r: torch.Tensor, members: tuple[int, ...], state: dict[str, Any]) -> torch.Tensor:
-        per = self.scenario.local_experts
-        ids = r[:, 0, :].to(torch.int64)
-        owners = ids // per
-        send_rows: list[torch.Tensor] = []
-        for o in members:
-            send_rows.append(torch.nonzero((owners == o).any(dim=1)).flatten())
-        counts = torch.tensor([len(rows) for rows in send_rows], dtype=torch.int64, device=v.device)
-        recv_counts = torch.empty_like(counts)
-        pg = self._pg(members)
-        dist.all_to_all_single(recv_counts, counts, group=pg)
-        order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64, device=v.device)
-        payload = torch.cat([v[order], r[order].reshape(len(order), -1)], dim=1)
-        recv = torch.empty(int(recv_counts.sum()), payload.shape[1], device=v.device)
-        dist.all_to_all_single(recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
-        h = v.shape[1]
-        state.update(order=order, send=counts.tolist(), recv=recv_counts.tolist(), rows=v.shape[0], members=members)
-        state["routing"] = recv[:, h:].reshape(-1, 2, r.shape[2]).contiguous()
-        return recv[:, :h].contiguous()
-
-    def combine(self, y: RealTensor, name: str = "combine") -> RealTensor:
-        members, token_routing = self.scenario.dispatch_group(self.rank)
-        source = self.tensors.get(y.step)
-        # Find the dispatch whose layout this combine reverses (the latest one).
-        state = None
-        for t in reversed(list(self.tensors.values())):
-            if "state" in t.extra:
-                state = t.extra["state"]
-                break
-        del source
+        hidden = self.scenario.model.hidden
 
         def fn(v: torch.Tensor) -> torch.Tensor:
-            if not token_routing:
-                return self._reduce_scatter(v, members)
-            if state is not None and "fi" in state and self._fi is not None:
-                return self._fi.combine(v, state["fi"])
-            if state is None or "order" not in state:
-                raise RuntimeError("combine without a token-routing dispatch")
-            back = torch.empty(sum(state["send"]), v.shape[1], device=v.device)
-            dist.all_to_all_single(back, v.contiguous(), state["send"], state["recv"], group=self._pg(members))
-            out = torch.zeros(state["rows"], v.shape[1], dtype=torch.float32, device=v.device)
-            out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
-            return out.to(v.dtype)
+            if v.shape[-1] != hidden:
+                raise OpsShapeError(f"shared MLP expects width {hidden}, got {v.shape[-1]}")
+            return mlp(v, w13, w2)
 
-        return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members)
+        return self._op("shared_experts", name, COMPUTE, (x,), fn, component="shared")

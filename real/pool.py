@@ -10,6 +10,13 @@ answer in time, `run` raises `RankFailure` (what each failed rank did, the
 results of the ranks that finished, the last progress note of each failed rank),
 kills every rank process and rebuilds the group lazily on the next `run`.
 
+Start-up (spawn, torch import, rendezvous, process-group init) has its own
+timeout, `startup_timeout_s` (default `DEFAULT_STARTUP_TIMEOUT_S`, settable for
+the whole process with `set_default_startup_timeout`), apart from the run
+timeout: a run's clock starts when its work is sent to ready ranks. Ranks that
+cannot start raise `PoolStartupError`, an infrastructure failure, never a
+`RankFailure` of the work.
+
 The rendezvous store is a TCPStore hosted by the parent on 127.0.0.1, bound to
 port 0 (the kernel picks a free port, so there is no find-then-bind race) and
 dropped with the group, so a rebuilt pool never reuses stale keys.
@@ -19,30 +26,44 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib
+import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_conn
 import multiprocessing.util as mp_util
 import os
 import pickle
 import signal
-import socket
-import sys
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
+
+from real.ranks import (
+    FINISHING_NOTE,
+    MAX_RANKS_PER_CPU,
+    NOTE_BYTES,
+    default_backend,
+    last_note,
+    load_callable,
+    max_world_size,
+    note,
+    rank_main,
+    read_note,
+    setup_rank_runtime,
+    usable_cpu_count,
+)
 
 __all__ = [
     "MAX_RANKS_PER_CPU",
     "NOTE_BYTES",
+    "DEFAULT_STARTUP_TIMEOUT_S",
+    "FINISHING_NOTE",
     "PoolError",
+    "PoolStartupError",
     "RankFailure",
     "RankPool",
     "default_backend",
@@ -51,24 +72,28 @@ __all__ = [
     "max_world_size",
     "note",
     "last_note",
+    "set_default_startup_timeout",
     "setup_rank_runtime",
     "usable_cpu_count",
 ]
-
-# Rule for the largest pool: NCCL needs one GPU per rank; CPU ranks (gloo) may
-# oversubscribe the cores, but past 8 ranks per core start-up and collectives
-# crawl and memory (~0.3 GB per torch process) becomes the real limit.
-MAX_RANKS_PER_CPU = 8
-
-# Bytes of shared memory per rank for its latest progress note (UTF-8, NUL-padded).
-NOTE_BYTES = 256
 
 # How long the other ranks may still finish after one rank raised or died;
 # they are usually stuck in a collective waiting for the failed peer.
 DEFAULT_FAILURE_GRACE_S = 1.0
 
-# How often a rank checks that its parent is still alive.
-_PARENT_POLL_S = 0.5
+# Start-up (spawn, import torch, rendezvous, init the group) under load can take
+# tens of seconds on an oversubscribed CPU; it is bounded on its own.
+DEFAULT_STARTUP_TIMEOUT_S = 120.0
+_startup_timeout_s = DEFAULT_STARTUP_TIMEOUT_S
+
+
+def set_default_startup_timeout(seconds: float) -> None:
+    """The start-up timeout of every pool created without its own (the CLI's
+    --startup-timeout); read when a pool (re)starts its ranks."""
+    global _startup_timeout_s
+    if not seconds > 0:
+        raise ValueError(f"start-up timeout must be > 0 seconds, got {seconds}")
+    _startup_timeout_s = float(seconds)
 
 
 class PoolError(Exception):
@@ -88,10 +113,14 @@ class RankFailure(PoolError):
         failures: dict[int, str],
         partial: dict[int, Any] | None = None,
         notes: dict[int, str] | None = None,
+        times: dict[int, float] | None = None,
     ) -> None:
         self.failures = dict(failures)
         self.partial = dict(partial or {})
         self.notes = dict(notes or {})
+        # Wall-clock time (time.time()) at which the parent noticed each
+        # rank's message or failure: orders failures across ranks.
+        self.times = dict(times or {})
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -111,195 +140,38 @@ class RankFailure(PoolError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exceptions pickle their args by default, which would lose the attributes.
-        return (RankFailure, (self.failures, self.partial, self.notes))
+        return (RankFailure, (self.failures, self.partial, self.notes, self.times))
 
 
-# --------------------------------------------------------------------------
-# Helpers shared with real/launch.py
+class PoolStartupError(PoolError):
+    """The rank processes could not be started (spawn failed, rendezvous or
+    group init failed or timed out): an infrastructure failure, one line."""
+
+    def __init__(self, world_size: int, timeout_s: float, cause: str, failures: dict[int, str] | None = None,
+                 notes: dict[int, str] | None = None) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.cause = cause
+        self.failures = dict(failures or {})
+        self.notes = dict(notes or {})
+        super().__init__(f"could not start {world_size} rank processes within {timeout_s:g} s: {cause}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PoolStartupError, (self.world_size, self.timeout_s, self.cause, self.failures, self.notes))
 
 
-def default_backend() -> str:
-    """NCCL when CUDA is usable, else gloo."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def usable_cpu_count() -> int:
-    """Cores this process may run on."""
-    # Affinity respects container/taskset limits; cpu_count() does not.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def max_world_size(backend: str | None = None) -> int:
-    """Largest pool this machine can hold.
-
-    NCCL: the number of visible GPUs (one rank per GPU). Any other backend runs
-    ranks on the CPU: `MAX_RANKS_PER_CPU` ranks per usable core.
-    """
-    backend = backend or default_backend()
-    if backend == "nccl":
-        return torch.cuda.device_count()
-    return MAX_RANKS_PER_CPU * usable_cpu_count()
-
-
-def load_callable(spec: str) -> Callable[..., Any]:
-    """Resolve "package.module:function" (dotted attributes allowed after the colon)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec!r} is not callable")
-    return obj
-
-
-def _loopback_ifname() -> str | None:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        return None
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
-def setup_rank_runtime(backend: str, rank: int, threads: int) -> None:
-    """Per-rank torch settings done before the group forms (pool and torchrun alike)."""
-    torch.set_num_threads(max(1, threads))
-    if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-
-
-def _describe_exception(exc: BaseException) -> str:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return f"raised {type(exc).__name__}: {exc}\n{tb}"
-
-
-# --------------------------------------------------------------------------
-# Progress notes (rank side)
-
-_note_buf: Any = None  # shared RawArray of c_char, world_size * NOTE_BYTES
-_note_rank = 0
-_last_note = ""
-
-
-def note(text: str) -> None:
-    """Publish where this rank is ("step 12 final_all_reduce").
-
-    Cheap enough to call every step: one memmove into shared memory, no IPC.
-    Outside a pool rank it only remembers the text (see `last_note`). A reader
-    racing a writer may see a mix of two notes; notes are hints, not data.
-    """
-    global _last_note
-    _last_note = text
-    if _note_buf is None:
-        return
-    data = text.encode("utf-8", "replace")[: NOTE_BYTES - 1]
-    # Pad with NULs so a shorter note fully replaces a longer one.
-    ctypes.memmove(
-        ctypes.addressof(_note_buf) + _note_rank * NOTE_BYTES,
-        data.ljust(NOTE_BYTES, b"\0"),
-        NOTE_BYTES,
-    )
-
-
-def last_note() -> str:
-    """The last note this process published."""
-    return _last_note
-
-
-def _read_note(buf: Any, rank: int) -> str:
-    raw = bytes(buf[rank * NOTE_BYTES : (rank + 1) * NOTE_BYTES])
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-# --------------------------------------------------------------------------
-# Rank process
-
-
-def _send(conn: mp_conn.Connection, reply: tuple[str, int, Any]) -> None:
-    # Plain pickle, not conn.send: torch registers ForkingPickler reductions
-    # that would ship tensors as shared-memory fds tied to this process.
-    try:
-        data = pickle.dumps(reply)
-    except Exception as exc:  # the value, not the pipe, is bad
-        data = pickle.dumps(("error", reply[1], f"result is not picklable: {exc!r}"))
-    conn.send_bytes(data)
-
-
-def _watch_parent(parent_pid: int) -> None:
-    # The main thread may be stuck in a collective, so a thread must notice an
-    # orphaned rank; re-parenting changes getppid().
-    while True:
-        time.sleep(_PARENT_POLL_S)
-        if os.getppid() != parent_pid:
-            os._exit(3)
-
-
-def _rank_main(
-    rank: int,
-    world_size: int,
-    backend: str,
-    store_port: int,
-    timeout_s: float,
-    threads: int,
-    conn: mp_conn.Connection,
-    note_buf: Any,
-    parent_pid: int,
-) -> None:
-    global _note_buf, _note_rank
-    # The parent owns Ctrl-C: it tears the ranks down itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    _note_buf, _note_rank = note_buf, rank
-    try:
-        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
-            # Keep gloo's pair sockets on loopback: the pool is single-host.
-            ifname = _loopback_ifname()
-            if ifname:
-                os.environ["GLOO_SOCKET_IFNAME"] = ifname
-        setup_rank_runtime(backend, rank, threads)
-        store = dist.TCPStore(
-            "127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
-        )
-        dist.init_process_group(
-            backend,
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
-    except BaseException as exc:  # report anything, then exit
-        with contextlib.suppress(OSError):
-            _send(conn, ("init_error", 0, _describe_exception(exc)))
-        return
-    _send(conn, ("ready", 0, os.getpid()))
-    try:
-        while True:
-            try:
-                payload = conn.recv_bytes()
-            except (EOFError, OSError):
-                break  # parent closed the pipe or died
-            if not payload:
-                break  # orderly close
-            seq = -1
-            try:
-                seq, fn, args = pickle.loads(payload)
-                reply = ("ok", seq, fn(rank, world_size, *args))
-            except BaseException as exc:  # becomes the rank's failure
-                reply = ("error", seq, _describe_exception(exc))
-            _send(conn, reply)
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-        # Skip interpreter finalisation: tearing torch down costs ~0.5 s per
-        # rank and the rank owns nothing that needs it.
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(0)
+def startup_cause(failures: dict[int, str], notes: dict[int, str]) -> str:
+    """One line naming why ranks did not start: the first rank that died or
+    raised (the others' time-outs follow from it), else the ranks not ready."""
+    hard = [(r, w) for r, w in failures.items() if not w.startswith("timed out")]
+    if hard:
+        rank, what = hard[0]
+        text = f"rank {rank} {what.partition(chr(10))[0]}"
+        if notes.get(rank):
+            text += f" (last note: {notes[rank]})"
+        return text
+    late = sorted(failures)
+    return f"rank(s) {', '.join(map(str, late))} not ready in time"
 
 
 # --------------------------------------------------------------------------
@@ -362,10 +234,20 @@ def _exit_reason(proc: Any) -> str:
     return f"died with exit code {code}"
 
 
+@contextlib.contextmanager
+def _stop_on_error(procs: list[Any], conns: list[mp_conn.Connection]) -> Iterator[None]:
+    # A spawn failing half-way must not leave the ranks already started behind.
+    try:
+        yield
+    except BaseException:
+        _stop_processes(procs, conns, False, 0.0)
+        raise
+
+
 class _Generation:
     """One set of live rank processes plus their store; never revived once stopped."""
 
-    def __init__(self, world_size: int, backend: str, timeout_s: float, threads: int) -> None:
+    def __init__(self, world_size: int, backend: str, startup_s: float, pg_timeout_s: float, threads: int) -> None:
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.note_buf = ctx.RawArray(ctypes.c_char, world_size * NOTE_BYTES)
@@ -376,7 +258,7 @@ class _Generation:
             0,
             is_master=True,
             wait_for_workers=False,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timedelta(seconds=startup_s),
         )
         self.port = self.store.port
         self.procs: list[Any] = []
@@ -388,17 +270,18 @@ class _Generation:
         self._finalizer: Any = mp_util.Finalize(
             self, _stop_processes, args=(self.procs, self.conns, False, 0.0), exitpriority=100
         )
-        with _sigint_ignored():
+        with _sigint_ignored(), _stop_on_error(self.procs, self.conns):
             for rank in range(world_size):
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 proc = ctx.Process(
-                    target=_rank_main,
+                    target=rank_main,
                     args=(
                         rank,
                         world_size,
                         backend,
                         self.port,
-                        timeout_s,
+                        startup_s,
+                        pg_timeout_s,
                         threads,
                         child_end,
                         self.note_buf,
@@ -421,7 +304,11 @@ class _Generation:
         self.store = None  # closes the listening socket
 
     def notes(self) -> dict[int, str]:
-        return {r: _read_note(self.note_buf, r) for r in range(self.world_size)}
+        return {r: read_note(self.note_buf, r) for r in range(self.world_size)}
+
+    def finishing(self, rank: int) -> bool:
+        """The rank said it is past its last collective (see FINISHING_NOTE)."""
+        return read_note(self.note_buf, rank).startswith(FINISHING_NOTE)
 
     def clear_notes(self) -> None:
         ctypes.memset(ctypes.addressof(self.note_buf), 0, self.world_size * NOTE_BYTES)
@@ -430,11 +317,17 @@ class _Generation:
         return all(p.is_alive() for p in self.procs)
 
     def gather(
-        self, kind_ok: str, timeout_s: float, grace_s: float
-    ) -> tuple[dict[int, Any], dict[int, str]]:
-        """Wait for one message per rank; returns (results, failures)."""
+        self, kind_ok: str, timeout_s: float, grace_s: float, failed: Callable[[Any], bool] | None = None
+    ) -> tuple[dict[int, Any], dict[int, str], dict[int, float]]:
+        """Wait for one message per rank; returns (results, failures, times).
+
+        `failed(result)` says a result reports a failure of the work (the
+        rank caught its own error): like a failure, it starts the short grace
+        for the other ranks. `times` is when each rank was noticed (time.time())."""
         results: dict[int, Any] = {}
         failures: dict[int, str] = {}
+        times: dict[int, float] = {}
+        first_failed: list[int] = []  # the first rank that failed or reported a failure
         pending = set(range(self.world_size))
         start = time.monotonic()
         deadline = start + timeout_s
@@ -442,6 +335,14 @@ class _Generation:
         by_sentinel = {self.procs[r].sentinel: r for r in pending}
 
         def take(rank: int) -> None:
+            times[rank] = time.time()
+            take_message(rank)
+            if rank not in pending and not first_failed and (
+                rank in failures or (failed is not None and failed(results[rank]))
+            ):
+                first_failed.append(rank)
+
+        def take_message(rank: int) -> None:
             # A message beats a death: the rank may have answered then exited.
             conn = self.conns[rank]
             try:
@@ -466,40 +367,50 @@ class _Generation:
                 failures[rank] = _exit_reason(self.procs[rank])
                 pending.discard(rank)
 
+        grace_end: float | None = None
+        stuck: set[int] = set()  # cut short by the failure grace
         while pending:
             now = time.monotonic()
+            if grace_end is not None and now >= grace_end:
+                # Peers of a failed rank usually hang in a collective: after a
+                # short grace stop waiting for them, but not for ranks whose
+                # note says they are past their collectives (their results count).
+                stuck |= {r for r in pending if not self.finishing(r)}
+                pending -= stuck
+                grace_end = math.inf
+                continue
             if now >= deadline:
                 break
             waitables: list[Any] = []
             for r in pending:
                 waitables += [self.conns[r], self.procs[r].sentinel]
-            ready = mp_conn.wait(waitables, timeout=deadline - now)
+            ready = mp_conn.wait(waitables, timeout=min(deadline, grace_end or deadline) - now)
             for obj in ready:
                 rank = by_sentinel.get(obj) if isinstance(obj, int) else by_conn.get(id(obj))
                 if rank is not None and rank in pending:
                     take(rank)
-            if failures and pending:
-                # Peers of a failed rank usually hang in a collective: give
-                # them a short grace instead of the whole timeout.
-                deadline = min(deadline, time.monotonic() + grace_s)
+            if first_failed and pending and grace_end is None:
+                grace_end = time.monotonic() + grace_s
         waited = time.monotonic() - start
-        for rank in sorted(pending):
-            if failures:
-                first = next(iter(failures))
+        for rank in sorted(pending | stuck):
+            times[rank] = time.time()
+            if first_failed:
                 failures[rank] = (
                     f"timed out: still running {waited:.1f} s into the run, "
-                    f"{grace_s:.1f} s after rank {first} failed"
+                    f"{grace_s:.1f} s after rank {first_failed[0]} failed"
                 )
             else:
                 failures[rank] = f"timed out after {timeout_s:.1f} s"
-        return results, failures
+        return results, failures, times
 
 
 class RankPool:
     """A reusable group of `world_size` rank processes (see module docstring).
 
-    `backend` defaults to `default_backend()`; `timeout_s` bounds start-up, each
-    `run` (unless overridden) and gloo's own collective timeout;
+    `backend` defaults to `default_backend()`; `timeout_s` bounds each `run`
+    (unless overridden); `startup_timeout_s` bounds start-up (default: the
+    process-wide `set_default_startup_timeout`, else DEFAULT_STARTUP_TIMEOUT_S);
+    the default group's own collective timeout is the larger of the two;
     `threads_per_rank` defaults to usable cores // world_size (at least 1).
     """
 
@@ -511,6 +422,7 @@ class RankPool:
         threads_per_rank: int | None = None,
         *,
         failure_grace_s: float = DEFAULT_FAILURE_GRACE_S,
+        startup_timeout_s: float | None = None,
     ) -> None:
         self.backend = backend or default_backend()
         limit = max_world_size(self.backend)
@@ -530,6 +442,7 @@ class RankPool:
         self.timeout_s = float(timeout_s)
         self.threads_per_rank = threads_per_rank or max(1, usable_cpu_count() // world_size)
         self.failure_grace_s = float(failure_grace_s)
+        self._startup_timeout_s = None if startup_timeout_s is None else float(startup_timeout_s)
         self.starts = 0  # how many times rank processes were (re)started
         self._gen: _Generation | None = None
         self._closed = False
@@ -537,26 +450,35 @@ class RankPool:
 
     # -- lifecycle -------------------------------------------------------
 
+    @property
+    def startup_timeout_s(self) -> float:
+        """Seconds the ranks may take to start (spawn, rendezvous, group init)."""
+        return self._startup_timeout_s if self._startup_timeout_s is not None else _startup_timeout_s
+
     def start(self) -> None:
-        """Start the ranks now (otherwise the first `run` does it)."""
+        """Start the ranks now (otherwise the first `run` does it).
+
+        Raises `PoolStartupError` if they cannot start within `startup_timeout_s`."""
         if self._closed:
             raise PoolError("pool is closed")
         if self._gen is not None:
             return
-        gen = _Generation(self.world_size, self.backend, self.timeout_s, self.threads_per_rank)
+        limit = self.startup_timeout_s
         try:
-            results, failures = gen.gather("ready", self.timeout_s, self.failure_grace_s)
+            gen = _Generation(self.world_size, self.backend, limit, max(limit, self.timeout_s),
+                              self.threads_per_rank)
+        except Exception as exc:  # spawn or the rendezvous store failed
+            raise PoolStartupError(self.world_size, limit, f"spawning failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            results, failures, _ = gen.gather("ready", limit, self.failure_grace_s)
         except BaseException:
             gen.stop(graceful=False)
             raise
         if failures:
             notes = gen.notes()
             gen.stop(graceful=False)
-            raise RankFailure(
-                {r: f"failed to start: {w}" for r, w in failures.items()},
-                results,
-                {r: notes[r] for r in failures if notes[r]},
-            )
+            notes = {r: notes[r] for r in failures if notes[r]}
+            raise PoolStartupError(self.world_size, limit, startup_cause(failures, notes), failures, notes)
         gen.pids = [results[r] for r in range(self.world_size)]
         self._gen = gen
         self.starts += 1
@@ -596,11 +518,21 @@ class RankPool:
 
     # -- work ------------------------------------------------------------
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> list[Any]:
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout_s: float | None = None,
+        failed: Callable[[Any], bool] | None = None,
+    ) -> list[Any]:
         """Call `fn(rank, world_size, *args)` on every rank; results by rank.
 
         `fn` and `args` must pickle (a module-level function). On any fault
-        raises `RankFailure` and tears the ranks down; the next call restarts them.
+        raises `RankFailure` and tears the ranks down; the next call restarts them
+        (start-up failures raise `PoolStartupError`). `timeout_s` counts from
+        when the work is sent to started ranks. `failed(result)`, evaluated
+        here in the parent, marks results that report a failure the rank caught
+        itself: the other ranks then get the short failure grace, as after a raise.
         """
         if self._closed:
             raise PoolError("pool is closed")
@@ -622,7 +554,7 @@ class RankPool:
             for conn in gen.conns:
                 with contextlib.suppress(OSError):
                     conn.send_bytes(payload)  # a dead rank shows up in gather
-            results, failures = gen.gather("ok", timeout, self.failure_grace_s)
+            results, failures, times = gen.gather("ok", timeout, self.failure_grace_s, failed)
         except BaseException:
             # Ctrl-C or a parent-side bug: never leave ranks mid-collective.
             self._teardown(graceful=False)
@@ -630,13 +562,14 @@ class RankPool:
         if failures:
             notes = gen.notes()
             self._teardown(graceful=False)
-            raise RankFailure(failures, results, {r: notes[r] for r in failures if notes[r]})
+            raise RankFailure(failures, results, {r: notes[r] for r in failures if notes[r]}, times)
         return [results[r] for r in range(self.world_size)]
 
 
 def fresh_run(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0,
+    startup_timeout_s: float | None = None,
 ) -> list[Any]:
     """Start a pool, run `fn` once, close the pool (start-up paid every call)."""
-    with RankPool(world_size, timeout_s=timeout_s) as pool:
+    with RankPool(world_size, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s) as pool:
         return pool.run(fn, *args)

@@ -6,6 +6,7 @@ import atexit
 from dataclasses import dataclass, field
 from typing import Any
 
+from real.errors import RunnerUsageError, failure_hazards, rank_failures, usage_error
 from real.model import check_fits
 from scenarios.runners import MoERunner, load_runner, runner_label
 from scenarios.spec import Scenario
@@ -13,8 +14,10 @@ from scenarios.trace import Hazard, HazardKind, Step, Trace
 from sim.hazards import overlap_us
 
 _POOLS: dict[int, Any] = {}
+# Pool generations already prepared for a scenario shape: (pool, start, tp, dp, kernel).
+_PREPARED: set[tuple[int, int, int, int, str]] = set()
 
-SHAPE_WORDS = ("size", "shape", "must match", "cannot be multiplied", "declared", "expects", "width")
+__all__ = ["RealResult", "RunnerUsageError", "close_pools", "get_pool", "resolve_kernel", "run_real"]
 
 
 def resolve_kernel(scenario: Scenario, kernel: str | None) -> str:
@@ -46,6 +49,26 @@ def get_pool(world: int, timeout_s: float = 60.0) -> Any:
     return pool
 
 
+def start_ranks(pool: Any, s: Scenario, kernel: str) -> None:
+    """Start-up under its own timeout (the pool's `startup_timeout_s`), apart
+    from the run's: spawn, rendezvous, group init, then this scenario shape's
+    process groups and kernel import. Raises `PoolStartupError` (infrastructure)."""
+    from real.pool import PoolStartupError, RankFailure, startup_cause
+    from real.worker import prepare_rank
+
+    pool.start()
+    key = (id(pool), pool.starts, s.parallel.tp, s.parallel.dp, kernel)
+    if key in _PREPARED:
+        return
+    limit = pool.startup_timeout_s
+    try:
+        pool.run(prepare_rank, s, kernel, timeout_s=limit)
+    except RankFailure as exc:
+        cause = "preparing process groups and the kernel: " + startup_cause(exc.failures, exc.notes)
+        raise PoolStartupError(pool.world_size, limit, cause, exc.failures, exc.notes) from exc
+    _PREPARED.add(key)
+
+
 def close_pools() -> None:
     for pool in _POOLS.values():
         pool.close()
@@ -75,7 +98,10 @@ def run_real(
     """Execute the runner program on `scenario.world` real ranks.
 
     `prediction` (a simulator Trace with values) gives the shapes of ops
-    issued on auxiliary streams and the values to fit at every step."""
+    issued on auxiliary streams and the values to fit at every step.
+    `timeout_s` bounds the run itself; rank start-up has its own timeout (the
+    pool's) and fails with `real.pool.PoolStartupError`. A runner that misuses
+    Ops raises `RunnerUsageError` (rank and step named), not a finding."""
     from real.pool import RankFailure
 
     check_fits(scenario)
@@ -97,32 +123,40 @@ def run_real(
     from real.worker import execute_rank
 
     pool = pool or get_pool(scenario.world, timeout_s)
+    start_ranks(pool, scenario, kernel)
     results: dict[int, dict[str, Any]] = {}
     failures: dict[int, str] = {}
     notes_at_failure: dict[int, str] = {}
+    times: dict[int, float] = {}
     try:
-        for r, res in enumerate(pool.run(execute_rank, payload, timeout_s=timeout_s)):
+        for r, res in enumerate(pool.run(execute_rank, payload, timeout_s=timeout_s, failed=_reports_error)):
             results[r] = res
     except RankFailure as exc:
-        results.update(exc.partial)
+        results.update(exc.partial)  # the ranks that finished keep their results
         failures.update(exc.failures)
         notes_at_failure.update(exc.notes)
-    return _assemble(scenario, runner_label(cls), results, failures, notes_at_failure)
+        times.update(exc.times)
+    misuse = usage_error(results)
+    if misuse is not None:
+        raise misuse
+    return _assemble(scenario, runner_label(cls), results, failures, notes_at_failure, times)
 
 
-def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failures: dict[int, str], notes: dict[int, str]) -> RealResult:
+def _reports_error(res: Any) -> bool:
+    """A rank's result that carries an error it caught (its peers may be stuck)."""
+    return isinstance(res, dict) and bool(res.get("error"))
+
+
+def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failures: dict[int, str],
+              notes: dict[int, str], times: dict[int, float] | None = None) -> RealResult:
     trace = Trace(source="real", scenario=s.name, runner=label, world=s.world)
     out = RealResult(trace, failures=failures)
     stand_ins: set[str] = set()
+    # Errors by type, consequences of another rank's failure tied to it (real/errors.py).
+    trace.hazards.extend(failure_hazards(rank_failures(s.world, results, failures, notes, times or {})))
     for r in range(s.world):
         res = results.get(r)
         if res is None:
-            why = failures.get(r, "no result")
-            where = notes.get(r, "")
-            step = _step_from_note(where)
-            hz = HazardKind.HANG if "timed out" in why else HazardKind.RUNNER_ERROR
-            trace.hazards.append(Hazard(hz, step, where.split(" ", 2)[-1] if where else "?", r,
-                                        f"rank {why}" + (f" (last at {where})" if where else "")))
             trace.steps[r] = []
             continue
         steps: list[Step] = res["steps"]
@@ -139,12 +173,7 @@ def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failu
         for obs in res["observations"]:
             trace.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, steps[-1].index if steps else 0, "race", r, obs))
         if res["error"]:
-            idx = res["error_step"] or 0
-            name = steps[idx].name if idx < len(steps) else "?"
-            out.errors[r] = (idx, res["error"])
-            msg = res["error"].splitlines()[0]
-            kind = HazardKind.SHAPE_MISMATCH if any(w in msg for w in SHAPE_WORDS) else HazardKind.RUNNER_ERROR
-            trace.hazards.append(Hazard(kind, idx, name, r, f"raised {msg}"))
+            out.errors[r] = (res["error_step"] or 0, res["error"])
         trace.notes.append(f"rank {r}: kernel {res['kernel']}")
     for coeffs_rank, coeffs in trace.outputs.items():
         for label_, c in coeffs.items():
@@ -165,9 +194,3 @@ def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failu
             trace.decisions[st.name] = st.detail
     return out
 
-
-def _step_from_note(text: str) -> int:
-    parts = text.split()
-    if len(parts) >= 2 and parts[0] == "step" and parts[1].isdigit():
-        return int(parts[1])
-    return 0

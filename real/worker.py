@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from real.errors import error_kind, root_cause
 from real.fit import fit_value
 from real.model import LayerWeights, Reference
 from real.ops import RealOps
@@ -45,12 +46,19 @@ def _kernel(name: str):  # noqa: ANN202
     return get_kernel(name)
 
 
+def prepare_rank(rank: int, world: int, s: Scenario, kernel_name: str) -> None:
+    """Start-up work of a scenario's shape, done once per pool generation under
+    the start-up timeout: process groups (a store rendezvous each) and the kernel."""
+    _groups(s)
+    _kernel(kernel_name)
+
+
 def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, Any]:
     """Run the runner program on this rank; return steps, fits, output, notes."""
     s: Scenario = payload["scenario"]
     if world != s.world:
         raise RuntimeError(f"pool has {world} ranks but the scenario needs {s.world}")
-    from real.pool import note
+    from real.pool import FINISHING_NOTE, note
 
     groups = _groups(s)
     runner_cls = load_runner(payload["runner"])
@@ -64,20 +72,15 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
         dist.barrier(group=groups[tuple(range(world))])
     t0 = time.perf_counter()
     ops = RealOps(s, rank, groups, kernel, t0, shapes, delay, note)
-    error: str | None = None
-    error_step: int | None = None
+    raised: Exception | None = None
+    raised_at: float | None = None
     try:
         run_program(runner_cls, s, ops)
-        ops.close()  # drains the stream threads
     except Exception as exc:
-        ops.close()
-        error = f"{type(exc).__name__}: {exc}"
-        failed = next((st for st in reversed(ops.steps) if st.error), None)
-        error_step = failed.index if failed else (ops.steps[-1].index if ops.steps else 0)
-        if failed is None and ops.steps:
-            ops.steps[-1].error = error
-        if payload.get("traceback"):
-            error += "\n" + traceback.format_exc()
+        raised, raised_at = exc, time.time()
+    ops.close()  # drains the stream threads (a failure there is recorded in ops.failed)
+    note(f"{FINISHING_NOTE}: fits and output")  # past every collective: no failure grace for us
+    failure = _failure(ops, raised, raised_at, bool(payload.get("traceback")))
     # Fits against the simulator's predicted values (float64 partials).
     ref = Reference(s, LayerWeights(s))
     for idx, value in predicted.items():
@@ -95,11 +98,43 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     return {
         "rank": rank,
         "steps": ops.steps,
-        "error": error,
-        "error_step": error_step,
+        **failure,
         "output": out,
         "output_fit": output_fit,
         "observations": ops.observations,
         "stand_ins": sorted(ops.stand_ins),
         "kernel": kernel_name,
     }
+
+
+def _failure(ops: RealOps, raised: Exception | None, raised_at: float | None, with_traceback: bool) -> dict[str, Any]:
+    """The rank's failure, if any: the earliest-issued failing step (the
+    simulator raises at issue time, so a failure on an auxiliary stream comes
+    before a later main-stream error it caused), else what the program raised
+    outside any step (then it counts as after the last step).
+
+    Keys: error ("Class: message"), error_step, error_class, error_kind (see
+    real/errors.py), error_at (wall-clock seconds, to order the ranks'
+    failures) and error_outside_step (raised by the program between steps)."""
+    exc: BaseException | None = None
+    step: int | None = None
+    outside = False
+    own = {i: e for i, e in ops.failed.items() if root_cause(e)[1] is None}
+    if own:
+        step = min(own)
+        exc = own[step]
+    elif raised is not None:
+        exc, step = root_cause(raised)
+        if step is None:
+            outside = True
+            step = ops.steps[-1].index if ops.steps else 0
+    if exc is None:
+        return {"error": None, "error_step": None, "error_class": None, "error_kind": None,
+                "error_at": None, "error_outside_step": False}
+    error = f"{type(exc).__name__}: {exc}"
+    if step < len(ops.steps) and not ops.steps[step].error:
+        ops.steps[step].error = error
+    if with_traceback:
+        error += "\n" + "".join(traceback.format_exception(exc))
+    return {"error": error, "error_step": step, "error_class": type(exc).__name__,
+            "error_kind": error_kind(exc), "error_at": raised_at or time.time(), "error_outside_step": outside}

@@ -1,0 +1,249 @@
+"""Communication ops of the real interpreter: collectives, dispatch, combine.
+
+Collectives run on torch.distributed (gloo on CPU, NCCL on CUDA). The
+token-routing all-to-all backends are stand-ins on `all_to_all_single` (see
+real/ops.py's module docstring); FlashInfer's own all-to-all is used on CUDA.
+
+Before each collective on CPU, the members exchange (kind, shape) in a small
+all-gather, so that ranks disagreeing on the collective or on its shape raise
+`OpsShapeError` at that step, as in the simulator, instead of gloo aborting a
+process on a size mismatch. The exchange is not counted in the step's time.
+On CUDA it is skipped (it would synchronise the host with the device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from real.errors import CollectiveFailure
+from real.streams import RealTensor, StreamThread
+from scenarios.backends import backend_info
+from scenarios.ops import OpsShapeError, OpsUsageError
+from scenarios.spec import Scenario
+from scenarios.trace import COLLECTIVE
+
+# Collective kinds as the simulator names them (dispatch/combine without token
+# routing are an all-gather / a reduce-scatter there too).
+_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch_a2a", "combine_a2a")
+_SHAPED = ("all_reduce", "all_gather", "reduce_scatter")  # a2a rows differ per rank by design
+
+
+class CommOps:
+    """The communication half of RealOps (a mixin: RealOps provides `_op`)."""
+
+    scenario: Scenario
+    rank: int
+    groups: dict[tuple[int, ...], Any]
+    tensors: dict[int, RealTensor]
+    stand_ins: set[str]
+    cuda: bool
+    _fi: Any
+    _fi_reason: str | None
+
+    def _op(self, *args: Any, **kwargs: Any) -> RealTensor:
+        raise NotImplementedError
+
+    def _stream(self, name: str) -> StreamThread:
+        raise NotImplementedError
+
+    @staticmethod
+    def _dist(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A torch.distributed call; its failure (a peer gone, an aborted or
+        timed-out collective) is a CollectiveFailure, told apart by type."""
+        try:
+            return call(*args, **kwargs)
+        except RuntimeError as exc:  # DistBackendError, DistNetworkError, gloo's RuntimeError
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CollectiveFailure(f"{call.__name__}: {type(exc).__name__}: {first}") from exc
+
+    def _pg(self, members: tuple[int, ...]) -> Any:
+        return self.groups[members]
+
+    def _agreement(self, kind: str, members: tuple[int, ...]) -> Callable[..., None] | None:
+        """The members' check that they issue the same collective on the same
+        shape (the simulator's rendezvous checks), or None where not done."""
+        if self.cuda or len(members) == 1:
+            return None
+
+        def agree(v: torch.Tensor, *_rest: torch.Tensor) -> None:
+            dims = list(v.shape)[:3]
+            mine = torch.tensor([_KINDS.index(kind), len(dims), *dims, *[0] * (3 - len(dims))], dtype=torch.int64)
+            parts = [torch.empty_like(mine) for _ in members]
+            self._dist(dist.all_gather, parts, mine, group=self._pg(members))
+            seen = [p.tolist() for p in parts]
+            if len({k for k, *_ in seen}) > 1:
+                raise OpsShapeError("ranks disagree on the collective: " + ", ".join(
+                    f"rank {m} {_KINDS[k]}" for m, (k, *_) in zip(members, seen)))
+            shapes = [d[2 : 2 + d[1]] for d in seen]
+            if kind in _SHAPED and len({tuple(x) for x in shapes}) > 1:
+                raise OpsShapeError("ranks disagree on the shape: " + ", ".join(
+                    f"rank {m} {x}" for m, x in zip(members, shapes)))
+
+        return agree
+
+    def _group(self, kind: str, name: str) -> tuple[int, ...]:
+        try:
+            return self.scenario.group(kind, self.rank)
+        except ValueError as exc:
+            raise OpsUsageError(f"{name}: {exc}") from None
+
+    def _all_gather(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        if len(members) == 1:
+            return v.clone()
+        parts = [torch.empty_like(v) for _ in members]
+        self._dist(dist.all_gather, parts, v.contiguous(), group=self._pg(members))
+        return torch.cat(parts, dim=0)
+
+    def _all_reduce(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        out = v.contiguous().clone()
+        if len(members) > 1:
+            self._dist(dist.all_reduce, out, group=self._pg(members))
+        return out
+
+    def _reduce_scatter(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        n = len(members)
+        if v.shape[0] % n:
+            raise OpsShapeError(f"{v.shape[0]} rows do not split over {n} ranks")
+        self.stand_ins.add("reduce-scatter on gloo: all-reduce then this rank's chunk")
+        total = self._all_reduce(v, members)
+        i = members.index(self.rank)
+        chunk = v.shape[0] // n
+        return total[i * chunk : (i + 1) * chunk].clone()
+
+    def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
+        g = self._group(group, name)
+        return self._op("all_reduce", name, COLLECTIVE, (x,), lambda v: self._all_reduce(v, g), group=g,
+                        agree=self._agreement("all_reduce", g))
+
+    def all_gather(self, x: RealTensor, group: str = "tp", name: str = "all_gather") -> RealTensor:
+        g = self._group(group, name)
+        return self._op("all_gather", name, COLLECTIVE, (x,), lambda v: self._all_gather(v, g), group=g,
+                        agree=self._agreement("all_gather", g))
+
+    def reduce_scatter(self, x: RealTensor, group: str = "tp", name: str = "reduce_scatter") -> RealTensor:
+        g = self._group(group, name)
+        return self._op("reduce_scatter", name, COLLECTIVE, (x,), lambda v: self._reduce_scatter(v, g), group=g,
+                        agree=self._agreement("reduce_scatter", g))
+
+    def _flashinfer(self, members: tuple[int, ...]) -> Any:
+        """FlashInfer's NVLink all-to-all on CUDA for the flashinfer backends
+        (construction is collective: every rank reaches it at the same step);
+        None where it cannot run, with the reason kept for the run's notes."""
+        s = self.scenario
+        if not (self.cuda and s.effective_backend.startswith("flashinfer_nvlink")):
+            return None
+        if self._fi is None and self._fi_reason is None:
+            from real.flashinfer_a2a import A2AUnavailable, FlashInferA2A
+
+            try:
+                self._fi = FlashInferA2A(
+                    s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
+                    s.model.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
+                )
+                self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
+            except A2AUnavailable as exc:
+                self._fi_reason = exc.reason
+        return self._fi
+
+    def dispatch(self, x: RealTensor, routing_h: RealTensor, name: str = "dispatch") -> tuple[RealTensor, RealTensor]:
+        s = self.scenario
+        if s.effective_backend == "none":
+            raise OpsUsageError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
+        members, token_routing = self.scenario.dispatch_group(self.rank)
+        state: dict[str, Any] = {}
+
+        library = self._flashinfer(members) if token_routing else None
+
+        def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            if not token_routing:
+                xd = self._all_gather(v, members)
+                state["routing"] = self._all_gather(r, members)
+                return xd
+            if library is not None:
+                from real.flashinfer_a2a import join_routing, split_routing
+
+                ids, w = split_routing(r)
+                xr, idr, wr, fi_state = library.dispatch(v, ids, w)
+                state["fi"] = fi_state
+                state["routing"] = join_routing(idr, wr)
+                return xr
+            return self._a2a_dispatch(v, r, members, state)
+
+        if token_routing and library is None:
+            info = backend_info(s.effective_backend)
+            why = f"; FlashInfer not used: {self._fi_reason}" if self._fi_reason else ""
+            self.stand_ins.add(
+                f"{s.effective_backend}: stand-in for {info.gpu_library} (torch.distributed all_to_all; "
+                f"combine sums one row per contributing rank in fp32){why}"
+            )
+        out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members,
+                       agree=self._agreement("dispatch_a2a" if token_routing else "all_gather", members))
+        out.extra["state"] = state
+        rh = RealTensor((), out.step, out.stream)
+
+        # The dispatched routing is produced by the same step.
+        def fill() -> None:
+            out.ready.wait()
+            if out.error is not None:
+                rh.error = out.error
+                rh.ready.set()
+            else:
+                r = state["routing"]
+                rh.set(r, (r.shape[0], r.shape[2]))
+
+        if out.stream == "main":
+            fill()
+        else:
+            self._stream(out.stream).submit(fill)
+        return out, rh
+
+    def _a2a_dispatch(self, v: torch.Tensor, r: torch.Tensor, members: tuple[int, ...], state: dict[str, Any]) -> torch.Tensor:
+        per = self.scenario.local_experts
+        ids = r[:, 0, :].to(torch.int64)
+        owners = ids // per
+        send_rows: list[torch.Tensor] = []
+        for o in members:
+            send_rows.append(torch.nonzero((owners == o).any(dim=1)).flatten())
+        counts = torch.tensor([len(rows) for rows in send_rows], dtype=torch.int64, device=v.device)
+        recv_counts = torch.empty_like(counts)
+        pg = self._pg(members)
+        self._dist(dist.all_to_all_single, recv_counts, counts, group=pg)
+        order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64, device=v.device)
+        payload = torch.cat([v[order], r[order].reshape(len(order), -1)], dim=1)
+        recv = torch.empty(int(recv_counts.sum()), payload.shape[1], device=v.device)
+        self._dist(dist.all_to_all_single, recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
+        h = v.shape[1]
+        state.update(order=order, send=counts.tolist(), recv=recv_counts.tolist(), rows=v.shape[0], members=members)
+        state["routing"] = recv[:, h:].reshape(-1, 2, r.shape[2]).contiguous()
+        return recv[:, :h].contiguous()
+
+    def combine(self, y: RealTensor, name: str = "combine") -> RealTensor:
+        members, token_routing = self.scenario.dispatch_group(self.rank)
+        source = self.tensors.get(y.step)
+        # Find the dispatch whose layout this combine reverses (the latest one).
+        state = None
+        for t in reversed(list(self.tensors.values())):
+            if "state" in t.extra:
+                state = t.extra["state"]
+                break
+        del source
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if not token_routing:
+                return self._reduce_scatter(v, members)
+            if state is not None and "fi" in state and self._fi is not None:
+                return self._fi.combine(v, state["fi"])
+            if state is None or "order" not in state:
+                raise OpsUsageError(f"{name}: combine without a token-routing dispatch before it")
+            back = torch.empty(sum(state["send"]), v.shape[1], device=v.device)
+            self._dist(dist.all_to_all_single, back, v.contiguous(), state["send"], state["recv"], group=self._pg(members))
+            out = torch.zeros(state["rows"], v.shape[1], dtype=torch.float32, device=v.device)
+            out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
+            return out.to(v.dtype)
+
+        return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members,
+                        agree=self._agreement("combine_a2a" if token_routing else "reduce_scatter", members))
