@@ -231,10 +231,12 @@ class Fit:
 
 def fit(cols: list[Column], y: torch.Tensor) -> Fit | None:
     """Least squares of y on the observable columns (a column zero on every
-    row, e.g. an EP rank owning none of these tokens' experts, is left out)."""
+    row, e.g. an EP rank owning none of these tokens' experts, is left out);
+    None when the rows hold fewer than two numbers per column (any vector
+    would "fit")."""
     cols = [c for c in cols if float(c.values.abs().max()) > 1e-12]
-    if not cols:
-        return None
+    if not cols or cols[0].values.numel() < 2 * len(cols):
+        return None  # too few numbers to tell that many sources apart
     a = torch.stack([c.values.flatten() for c in cols], dim=1)
     target = y.flatten()
     sol = torch.linalg.lstsq(a, target.unsqueeze(1)).solution.flatten()
