@@ -70,17 +70,21 @@ class LayerWeights:
             self.down = torch.randn(m.latent_dim, m.hidden, generator=g) / m.hidden**0.5
             self.up = torch.randn(m.hidden, m.latent_dim, generator=g) / m.latent_dim**0.5
 
-    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 [2I, Hk] packed [gate; up] and w2 [Hk, I]; padded dims are zero."""
-        if e not in self._experts:
-            i = self.s.model.moe_intermediate
-            g = _gen(self.s, "expert", e)
-            w13 = torch.zeros(2 * i, self.kw)
-            w13[:, : self.rw] = torch.randn(2 * i, self.rw, generator=g) / self.rw**0.5
-            w2 = torch.zeros(self.kw, i)
-            w2[: self.rw] = torch.randn(self.rw, i, generator=g) / i**0.5
+    def expert(self, e: int, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 [2I, Hk] packed [gate; up] and w2 [Hk, I]; padded dims are zero.
+        cache=False generates without keeping them (the exact reference walks
+        every expert once and must not hold all of them in memory)."""
+        if e in self._experts:
+            return self._experts[e]
+        i = self.s.model.moe_intermediate
+        g = _gen(self.s, "expert", e)
+        w13 = torch.zeros(2 * i, self.kw)
+        w13[:, : self.rw] = torch.randn(2 * i, self.rw, generator=g) / self.rw**0.5
+        w2 = torch.zeros(self.kw, i)
+        w2[: self.rw] = torch.randn(self.rw, i, generator=g) / i**0.5
+        if cache:
             self._experts[e] = (w13, w2)
-        return self._experts[e]
+        return w13, w2
 
     def local_experts(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Stacked (w13, w2, expert_offset) this rank's routed kernel uses."""

@@ -139,7 +139,9 @@ def run_real(
     misuse = usage_error(results)
     if misuse is not None:
         raise misuse
-    return _assemble(scenario, runner_label(cls), results, failures, notes_at_failure, times)
+    result = _assemble(scenario, runner_label(cls), results, failures, notes_at_failure, times)
+    _judge_outputs(scenario, result)
+    return result
 
 
 def _reports_error(res: Any) -> bool:
@@ -166,23 +168,11 @@ def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failu
             out.outputs[r] = res["output"]
         if res["output_fit"] is not None:
             trace.outputs[r] = res["output_fit"]
-        elif res["output"] is not None:
-            why = ("non-linear routed-output transform" if s.model.transform_nonlinear
-                   else "no prediction to fit against")
-            trace.notes.append(f"rank {r}: output produced but not fitted ({why})")
         for obs in res["observations"]:
             trace.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, steps[-1].index if steps else 0, "race", r, obs))
         if res["error"]:
             out.errors[r] = (res["error_step"] or 0, res["error"])
         trace.notes.append(f"rank {r}: kernel {res['kernel']}")
-    for coeffs_rank, coeffs in trace.outputs.items():
-        for label_, c in coeffs.items():
-            if abs(c - 1.0) > 1e-3:
-                kind = HazardKind.DOUBLE_REDUCTION if (c > 1.0 or "[tokens" in label_) else HazardKind.MISSING_REDUCTION
-                steps = trace.steps[coeffs_rank]
-                idx = next((st.index for st in steps if st.op == "layer_output"), len(steps) - 1)
-                trace.hazards.append(Hazard(kind, idx, "layer_output", coeffs_rank,
-                                            f"measured {label_} coefficient {c:.4f}, expected 1"))
     for r, steps in trace.steps.items():
         trace.overlap_us[r] = overlap_us(steps)
         if steps:
@@ -194,3 +184,49 @@ def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failu
             trace.decisions[st.name] = st.detail
     return out
 
+
+# ---- ground truth: every rank's output against the exact reference ----
+
+FAILURE_KINDS = (HazardKind.HANG, HazardKind.RUNNER_ERROR, HazardKind.SHAPE_MISMATCH)
+
+
+def _judge_outputs(s: Scenario, result: RealResult) -> None:
+    """Fill `trace.output_checks` for every rank (real/judge.py) and add one
+    real hazard per rank whose returned output is wrong, of the check's kind,
+    at the layer_output step. A rank that returned nothing is judged wrong
+    with its failure as the cause; its failure hazard already reports it."""
+    from real.judge import judge_output
+    from real.reference import exact_reference, one_thread
+
+    trace = result.trace
+    ref = exact_reference(s)
+    with one_thread():
+        for r in range(s.world):
+            output = result.outputs.get(r)
+            failure, kind = _failure_of(result, r)
+            check = judge_output(s, r, output, ref, failure, kind)
+            trace.output_checks[r] = check
+            if output is not None and not check.correct:
+                idx, name = _output_step(trace.steps.get(r, []))
+                trace.hazards.append(Hazard(HazardKind(check.kind or HazardKind.WRONG_INPUT), idx, name, r, check.cause))
+
+
+def _failure_of(result: RealResult, rank: int) -> tuple[str | None, HazardKind | None]:
+    """Why `rank` has no output: its failure hazard, else the pool's word."""
+    for h in result.trace.hazards:
+        if h.rank == rank and h.kind in FAILURE_KINDS:
+            text = f"{h.detail} (step {h.step} {h.step_name})"
+            if h.caused_by is not None:
+                text += f", a consequence of rank {h.caused_by}'s failure"
+            return text, h.kind
+    if rank in result.errors:
+        step, msg = result.errors[rank]
+        return f"raised {msg.splitlines()[0]} (step {step})", HazardKind.RUNNER_ERROR
+    if rank in result.failures:
+        return f"rank {result.failures[rank]}", None
+    return None, None
+
+
+def _output_step(steps: list[Step]) -> tuple[int, str]:
+    st = next((st for st in steps if st.op == "layer_output"), steps[-1] if steps else None)
+    return (st.index, st.name) if st is not None else (0, "layer_output")

@@ -28,6 +28,9 @@ class HazardKind(StrEnum):
     # A consumer op is fed something other than what it must consume (the
     # latent-projected tensor, dispatched tokens, a buffer clobbered in place).
     WRONG_INPUT = "WRONG_INPUT"
+    # Real only: a rank's output differs from the exact reference and no known
+    # cause explains it (the verdicts treat it as uncharacterised).
+    WRONG_OUTPUT = "WRONG_OUTPUT"
 
 
 class Verdict(StrEnum):

@@ -20,6 +20,9 @@ KIND_STYLE = {
     "UNSAFE_OVERLAP": "bold red",
     "HANG": "bold red",
     "RUNNER_ERROR": "bold red",
+    "WRONG_TOKENS": "bold red",
+    "WRONG_INPUT": "bold red",
+    "WRONG_OUTPUT": "bold red",
 }
 
 
@@ -77,7 +80,7 @@ def outputs_table(trace: Trace) -> RenderableType:
             parts.append(f"{label}={c:g}", style=style)
         t.add_row(",".join(map(str, ranks)), parts)
     if not groups:
-        t.add_row("-", "no fitted coefficients (no output, or not fitted: see the notes below)")
+        t.add_row("-", "no fitted coefficients (no output, or no prediction to fit against)")
     return t
 
 

@@ -38,7 +38,7 @@ RESIDUAL_OK = 1e-4  # relative least-squares residual of a fit that explains the
 REDUCTIONS = (HazardKind.DOUBLE_REDUCTION, HazardKind.MISSING_REDUCTION)
 FAILURES = (HazardKind.SHAPE_MISMATCH, HazardKind.RUNNER_ERROR, HazardKind.HANG)
 # Real hazards that speak about the values a rank returned (from the reference).
-OUTPUT_KINDS = (*REDUCTIONS, HazardKind.WRONG_TOKENS, HazardKind.WRONG_INPUT)
+OUTPUT_KINDS = (*REDUCTIONS, HazardKind.WRONG_TOKENS, HazardKind.WRONG_INPUT, HazardKind.WRONG_OUTPUT)
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch", "combine")
 
 
@@ -96,6 +96,14 @@ def describe_wrong(out: OutputCheck | None) -> str:
     return f"output wrong on {out.wrong_rows}/{out.rows} rows: {out.cause or 'no cause given'}"
 
 
+def characterised(out: OutputCheck | None) -> str | None:
+    """The kind a wrong output was characterised as, None when nothing known
+    explains it (WRONG_OUTPUT) or it was not judged."""
+    if out is None or out.kind in (None, HazardKind.WRONG_OUTPUT.value):
+        return None
+    return out.kind
+
+
 def _item(h: Hazard, verdict: Verdict, reason: str) -> VerdictItem:
     return VerdictItem(h.kind.value, verdict, reason, h.step, h.rank)
 
@@ -109,10 +117,10 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
     if rt is None:
         return _item(h, Verdict.REFUTED, f"the real rank never reached this step; {wrong}")
     if rt.value is None:
-        if out is not None and out.kind == h.kind.value:
+        if characterised(out) == h.kind.value:
             why = rt.error or "no fit at this step"
             return _item(h, Verdict.CONFIRMED, f"{wrong} ({why})")
-        if out is not None and not out.kind:
+        if out is not None and characterised(out) is None:
             return _item(h, Verdict.INCONCLUSIVE, f"{wrong}; no fit at step {h.step} to compare with")
         return _item(h, Verdict.REFUTED, f"{wrong}, not the predicted {h.kind.value}")
     pred = predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
@@ -159,9 +167,9 @@ def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
         return _item(h, Verdict.INCONCLUSIVE, "the real output was not judged")
     if out.correct:
         return _item(h, Verdict.REFUTED, describe_correct(out))
-    if out.kind == h.kind.value:
+    if characterised(out) == h.kind.value:
         return _item(h, Verdict.CONFIRMED, describe_wrong(out))
-    if not out.kind:
+    if characterised(out) is None:
         return _item(h, Verdict.INCONCLUSIVE, f"{describe_wrong(out)}: the cause could not be characterised")
     return _item(h, Verdict.REFUTED, f"{describe_wrong(out)}, characterised as {out.kind}, not {h.kind.value}")
 
@@ -204,7 +212,7 @@ def unpredicted(sim: Trace, real: Trace) -> list[VerdictItem]:
             continue
         if any(o.rank == r for o in real.hazards):
             continue  # named by a real hazard above, or a consequence of another rank's failure
-        out.append(VerdictItem(chk.kind or "WRONG_OUTPUT", Verdict.UNPREDICTED, describe_wrong(chk), None, r))
+        out.append(VerdictItem(chk.kind or HazardKind.WRONG_OUTPUT.value, Verdict.UNPREDICTED, describe_wrong(chk), None, r))
     return out
 
 
