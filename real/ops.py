@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from real.model import LayerWeights, layer_input, mlp
+from scenarios import contain
 from scenarios.backends import backend_info
 from scenarios.ops import Ops
 from scenarios.spec import Scenario
@@ -172,6 +173,7 @@ class RealOps(Ops):
         return self.streams[name]
 
     def _step(self, op: str, name: str, category: str, ins: tuple[Any, ...] = (), component: str | None = None, group: tuple[int, ...] | None = None) -> Step:
+        contain.check_op(len(self.steps))  # the op budget (--max-ops) applies on real ranks too
         st = Step(rank=self.rank, index=len(self.steps), op=op, name=name, stream=self.current_stream,
                   category=category, component=component, group=group,
                   in_shapes=[tuple(t.shape) for t in ins if hasattr(t, "shape")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -11,6 +13,7 @@ import torch.distributed as dist
 from real.fit import fit_value
 from real.model import LayerWeights, Reference
 from real.ops import RealOps
+from scenarios import contain
 from scenarios.runners import load_runner, run_program
 from scenarios.spec import Scenario
 
@@ -45,12 +48,30 @@ def _kernel(name: str):  # noqa: ANN202
     return get_kernel(name)
 
 
+def _stdout_to_stderr() -> None:
+    """Runner code's prints must not reach the CLI's stdout (a --json document):
+    a rank's file descriptor 1 is the CLI's, so point it (and sys.stdout) at stderr."""
+    global _STDOUT_MOVED
+    if _STDOUT_MOVED:
+        return
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _STDOUT_MOVED = True
+
+
+_STDOUT_MOVED = False
+
+
 def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, Any]:
     """Run the runner program on this rank; return steps, fits, output, notes."""
     s: Scenario = payload["scenario"]
     if world != s.world:
         raise RuntimeError(f"pool has {world} ranks but the scenario needs {s.world}")
     from real.pool import note
+
+    _stdout_to_stderr()
+    contain.set_limits(payload.get("limits") or contain.Limits())  # --max-ops of this run
 
     groups = _groups(s)
     runner_cls = load_runner(payload["runner"])
@@ -69,7 +90,7 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     try:
         run_program(runner_cls, s, ops)
         ops.close()  # drains the stream threads
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit / KeyboardInterrupt too: SIGINT is ignored on ranks
         ops.close()
         error = f"{type(exc).__name__}: {exc}"
         failed = next((st for st in reversed(ops.steps) if st.error), None)
