@@ -84,7 +84,13 @@ class RunnerExit(RuntimeError):
 
 _limits = Limits()
 _deadline: float | None = None  # monotonic end of the current wall-clock budget
-_user_interrupt = False
+# Ctrl-C bookkeeping (main thread only): presses seen by this module's
+# handlers, the count when the innermost guard was entered, and a press that
+# arrived while a guard was changing process state (raised once it is done).
+_sigint_seen = 0
+_seen_at_entry = 0
+_critical = 0
+_pending_interrupt = False
 
 
 def limits() -> Limits:
@@ -137,8 +143,51 @@ def budget_stop(notes: list[str]) -> str | None:
 
 
 def user_interrupted() -> bool:
-    """True when the KeyboardInterrupt being handled came from the user's Ctrl-C."""
-    return _user_interrupt
+    """True when the KeyboardInterrupt being handled came from the user's Ctrl-C
+    (pressed since the innermost guard was entered), not from runner code."""
+    return _sigint_seen > _seen_at_entry
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    global _sigint_seen, _pending_interrupt
+    _sigint_seen += 1
+    if _critical:  # a guard is changing process state: raise when it is done
+        _pending_interrupt = True
+        return
+    raise KeyboardInterrupt
+
+
+class GracefulInterrupts:
+    """`with GracefulInterrupts() as stop:` for long searches: the first Ctrl-C
+    is only recorded (`stop()` turns True; the caller stops at its next safe
+    point), the second raises KeyboardInterrupt at once. Main thread only."""
+
+    def __init__(self, notice: str = "") -> None:
+        self.notice = notice
+        self._start = 0
+        self._saved: Any = None
+
+    def __enter__(self) -> GracefulInterrupts:
+        self._start = _sigint_seen
+        if threading.current_thread() is threading.main_thread():
+            self._saved = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved)
+
+    def __call__(self) -> bool:
+        return _sigint_seen > self._start
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        global _sigint_seen
+        if _sigint_seen == self._start:
+            _sigint_seen += 1
+            if self.notice:
+                os.write(2, (self.notice + "\n").encode())
+            return
+        _on_sigint(signum, frame)
 
 
 def runner_exit(exc: BaseException) -> RunnerExit:
@@ -227,35 +276,57 @@ class RunnerGuard:
 
     # -- enter / exit --
 
+    # Entering and leaving change process state (stdout, signal handlers, the
+    # timer): a Ctrl-C meanwhile is held back (`_critical`) and raised once
+    # the state is whole again, never half-way (stdout left on stderr).
+
     def __enter__(self) -> RunnerGuard:
-        global _deadline, _user_interrupt
+        global _deadline, _critical, _seen_at_entry
         s = self._saved
-        s["deadline"], s["interrupt"] = _deadline, _user_interrupt
-        _user_interrupt = False
+        main = threading.current_thread() is threading.main_thread()
+        _critical += 1
+        try:
+            if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                s["sigint"] = signal.signal(signal.SIGINT, _on_sigint) or signal.default_int_handler
+        except BaseException:  # a Ctrl-C before the handler was ours: nothing else changed yet
+            _critical -= 1
+            if "sigint" in s:
+                signal.signal(signal.SIGINT, s.pop("sigint"))
+            raise
+        s["deadline"], s["seen"] = _deadline, _seen_at_entry
+        _seen_at_entry = _sigint_seen
         if self.timeout_s is not None:
             mine = time.monotonic() + self.timeout_s
             _deadline = mine if _deadline is None else min(_deadline, mine)
         self._redirect_stdout()
-        if threading.current_thread() is threading.main_thread():
-            self._install_signals()
+        if main:
+            self._install_alarm()
+        _critical -= 1
+        if _pending_interrupt and not _critical:
+            self.__exit__(None, None, None)  # restores everything, then raises the Ctrl-C
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        global _deadline, _user_interrupt
-        self._armed = False  # first: a handler that still runs now does nothing
+        global _deadline, _critical, _seen_at_entry, _pending_interrupt
+        _critical += 1
+        self._armed = False  # first: an alarm handler that still runs now does nothing
         s = self._saved
         if "alarm" in s:
             signal.setitimer(signal.ITIMER_REAL, 0)
             _watchdog.disarm()
-            signal.signal(signal.SIGALRM, s["alarm"])
+            signal.signal(signal.SIGALRM, s.pop("alarm"))
             self._restore_outer_timer()
-        if "sigint" in s:
-            signal.signal(signal.SIGINT, s["sigint"])
-        self._restore_stdout()
+        if "fd1" in s or "stdout" in s:
+            self._restore_stdout()
         _deadline = s["deadline"]
-        # A user's Ctrl-C stays visible to the handler of the KeyboardInterrupt.
-        _user_interrupt = _user_interrupt or s["interrupt"]
+        _seen_at_entry = s["seen"]
+        if "sigint" in s:
+            signal.signal(signal.SIGINT, s.pop("sigint"))  # last: from here a Ctrl-C raises as usual
+        _critical -= 1
+        if _pending_interrupt and not _critical:
+            _pending_interrupt = False
+            raise KeyboardInterrupt
 
     # -- stdout --
 
@@ -280,16 +351,15 @@ class RunnerGuard:
                 sys.stderr.flush()
             except (OSError, ValueError, AttributeError):
                 pass
-            os.dup2(s["fd1"], 1)
-            os.close(s["fd1"])
-        sys.stdout = s["stdout"]
+            fd = s.pop("fd1")
+            os.dup2(fd, 1)
+            os.close(fd)
+        sys.stdout = s.pop("stdout")
 
     # -- signals --
 
-    def _install_signals(self) -> None:
+    def _install_alarm(self) -> None:
         s = self._saved
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            s["sigint"] = signal.signal(signal.SIGINT, _on_sigint) or signal.default_int_handler
         if _deadline is None:
             return
         left = _deadline - time.monotonic()
@@ -326,15 +396,10 @@ class RunnerGuard:
         raise _timeout()
 
 
-def _on_sigint(signum: int, frame: FrameType | None) -> None:
-    global _user_interrupt
-    _user_interrupt = True
-    raise KeyboardInterrupt
-
-
 __all__ = [
     "BUDGET_NOTE",
     "BudgetExceeded",
+    "GracefulInterrupts",
     "DEFAULT_MAX_OPS",
     "DEFAULT_SIM_TIMEOUT_S",
     "Limits",

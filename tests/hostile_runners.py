@@ -118,3 +118,12 @@ class ExitOnRealRanks(MoERunner):
         if _on_real_ranks(ops):
             sys.exit(3)
         return super().forward(ops, x)
+
+
+class AllReduceForever(MoERunner):
+    """Every rank all-reduces in a loop: the ranks advance in lock-step, so all
+    of them reach the op budget (the most steps a budget lets through)."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        while True:
+            x = ops.all_reduce(x, "world")

@@ -234,12 +234,16 @@ def explore(
     round_size: int | None = ROUND_SIZE,
     timeout_s: float = 60.0,
     partial_on_interrupt: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> ExploreResult:
     """Search `runner` for hazards over generated scenarios; see the module docstring.
 
     `out=None` keeps everything in memory (no database, no files). Ctrl-C
     raises KeyboardInterrupt after saving what was found and counted; with
-    `partial_on_interrupt` it returns that instead (`interrupted` set)."""
+    `partial_on_interrupt` it returns that instead (`interrupted` set).
+    `stop_requested` is polled before every example (and between findings
+    when shrinking or confirming): True stops the search like a Ctrl-C, at a
+    point where no library is mid-way through its own bookkeeping."""
     t0 = time.perf_counter()
     budget = check_budget(budget)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -250,12 +254,19 @@ def explore(
     kwargs = dict(strategy_kwargs or {})
     kwargs["runner"] = spec
     say = progress or (lambda _p: None)
+    polled = stop_requested or (lambda: False)
+
     state: dict[str, Any] = {"examples": 0, "first": None, "confirmed": 0, "stopped": False, "search_s": 0.0}
 
-    def report(phase: str, message: str = "") -> None:
+    def progress_now(phase: str, message: str = "") -> Progress:
         new = sum(1 for f in store.findings.values() if f.new)
-        say(Progress(phase, state["examples"], budget, len(store.findings), new,
-                     state["confirmed"], message))
+        return Progress(phase, state["examples"], budget, len(store.findings), new, state["confirmed"], message)
+
+    def report(phase: str, message: str = "") -> None:
+        if polled():  # a stop request ends the search here, like a Ctrl-C
+            raise KeyboardInterrupt
+        if phase:
+            say(progress_now(phase, message))
 
     interrupted = False
     try:
@@ -278,7 +289,7 @@ def explore(
         store.tried(state["examples"])
         store.save()  # the count of an interrupted search too
     findings = sorted(store.findings.values(), key=lambda f: (not f.new, f.signature))
-    report("interrupted" if interrupted else "done")
+    say(progress_now("interrupted" if interrupted else "done"))
     return ExploreResult(spec, state["examples"], findings, out_path, state["first"],
                          time.perf_counter() - t0, state["search_s"] or time.perf_counter() - t0,
                          interrupted=interrupted)
@@ -306,6 +317,7 @@ def _search(runner_cls: type[MoERunner], spec: str, kwargs: dict[str, Any], budg
         if state["stopped"]:
             # Sticky: Hypothesis replays the "failing" example before raising it.
             _stop()
+        report("")  # only polls for a stop request, before the example
         state["examples"] += 1
         trace = simulate_safe(s, runner_cls)
         if targeting:

@@ -198,15 +198,18 @@ def explore_report(res: ExploreResult) -> list[str]:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
+    from scenarios.contain import GracefulInterrupts
     from twin.explore import explore
 
-    with ExploreProgress(f"explore {args.runner}") as progress:
-        # Ctrl-C: the search stops, saves, and returns what it has (printed
-        # below, then exit 130).
+    # Ctrl-C: the search stops before its next example (a second Ctrl-C: at
+    # once), saves, and returns what it has: printed below, then exit 130.
+    notice = "moe-twin: stopping after this example (Ctrl-C again to stop at once)"
+    with ExploreProgress(f"explore {args.runner}") as progress, GracefulInterrupts(notice) as stop:
         res = explore(args.runner, budget=args.budget, seed=args.seed,
                       out=Path(args.out), confirm=args.confirm, progress=progress,
                       timeout_s=getattr(args, "timeout", 60.0),
-                      targeting=not getattr(args, "no_target", False), partial_on_interrupt=True)
+                      targeting=not getattr(args, "no_target", False), partial_on_interrupt=True,
+                      stop_requested=stop)
     if args.json:
         sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
     else:

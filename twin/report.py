@@ -188,8 +188,10 @@ def replay_details(results: list[Any], real: bool = False, width: int = 80) -> R
 def check_report(result: Any, timeline: RenderableType | None) -> RenderableType:
     s = result.scenario
     parts: list[RenderableType] = [scenario_panel(s), Text("")]
+    ran = any(result.real.steps.values())
+    real = f"real {result.real.latency_us:.0f} us (CPU)" if ran else "real: not run"
     parts.append(Text(f"runner {printable(result.sim.runner)}: sim latency {result.sim.latency_us:.1f} us "
-                      f"(profile), real {result.real.latency_us:.0f} us (CPU)", style="bold"))
+                      f"(profile), {real}", style="bold"))
     if result.sim.hazards:
         parts.append(Text("predicted:", style="bold"))
         parts.extend(hazard_lines(result.sim.hazards))
@@ -210,6 +212,8 @@ def check_report(result: Any, timeline: RenderableType | None) -> RenderableType
     if result.divergence:
         r, i, what = result.divergence
         parts.append(Text(f"first divergence: rank {r} step {i}: {printable(what)}", style="bold yellow"))
+    elif not ran:
+        parts.append(Text("no real run to compare with (see the notes below)", style="yellow"))
     else:
         steps = sum(len(v) for v in result.real.steps.values())
         fitted = sum(1 for v in result.real.steps.values() for st in v if st.value is not None)
