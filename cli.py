@@ -45,8 +45,34 @@ def _print(renderable: Any) -> None:
 
 
 def _progress(message: str) -> Any:
-    """A spinner on stderr, so stdout stays clean for --json and pipes."""
-    return Console(stderr=True).status(message)
+    """A spinner on stderr, so stdout stays clean for --json and pipes. The
+    message carries scenario and runner text: shown as text, never markup."""
+    return _Spinner(Console(stderr=True).status(_plain(message)))
+
+
+def _plain(message: str) -> Any:
+    from rich.text import Text
+
+    from twin.textsafe import printable
+
+    return Text(printable(message, one_line=True))
+
+
+class _Spinner:
+    """rich's status, with `update(message)` taking plain text."""
+
+    def __init__(self, status: Any) -> None:
+        self.status = status
+
+    def __enter__(self) -> _Spinner:
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.status.__exit__(*exc)
+
+    def update(self, message: str) -> None:
+        self.status.update(_plain(message))
 
 
 def _emit_json(data: Any) -> None:

@@ -169,15 +169,31 @@ def test_the_alarm_is_disarmed_and_stdout_restored_after_runner_code(capsys):
     from scenarios.loader import load
     from sim import simulate
 
-    before = (signal.getsignal(signal.SIGALRM), signal.getsignal(signal.SIGINT), sys.stdout)
+    fired: list[int] = []
+    theirs = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))  # someone else's
+    stdout = sys.stdout
     contain.set_limits(contain.Limits(sim_timeout_s=0.2))
     try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)  # their timer, running across ours
         trace = simulate(load("r3-tp-decode"), f"{HOSTILE}:LoopForever")
+        assert contain.budget_stop(trace.notes)
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 25.0 < remaining <= 30.0  # their timer goes on, less the time spent
+        assert signal.getsignal(signal.SIGALRM) is not contain._alarm_handler  # their handler again
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        time.sleep(0.3)
+        assert fired == [signal.SIGALRM]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, theirs)
+        contain.set_limits(contain.Limits())
+    assert sys.stdout is stdout
+    contain.set_limits(contain.Limits(sim_timeout_s=0.2))
+    try:
+        simulate(load("r3-tp-decode"), f"{HOSTILE}:LoopForever")
     finally:
         contain.set_limits(contain.Limits())
-    assert contain.budget_stop(trace.notes)
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    assert (signal.getsignal(signal.SIGALRM), signal.getsignal(signal.SIGINT), sys.stdout) == before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # disarmed
     end = time.monotonic() + 0.6
     while time.monotonic() < end:  # pure-Python tool-side work past the old deadline
         pass
@@ -211,8 +227,11 @@ def test_explore_with_a_looping_runner_returns(tmp_path):
     assert time.monotonic() - t0 < 45
     d = json.loads(p.stdout)
     assert d["examples"] == 5  # every scenario was tried: a budget stop does not end the search
-    (f,) = d["findings"]
-    assert f["kind"] == "RUNNER_ERROR" and not f["shrunk"] and "budget" in f["unshrinkable"]
+    # One finding per last step before the loop (layer_input, or sp_slice under SP).
+    assert d["findings"]
+    for f in d["findings"]:
+        assert f["kind"] == "RUNNER_ERROR" and "wall-clock budget" in f["detail"]
+        assert not f["shrunk"] and "budget" in f["unshrinkable"]  # not re-run hundreds of times
 
 
 # ---------------------------------------------------------------- real ranks (slow)
