@@ -298,7 +298,9 @@ def cmd_timeline(args: argparse.Namespace) -> int:
             path = write_chrome_trace([sim_trace] + ([real_trace] if real_trace else []), args.export)
         except OSError as exc:
             raise BadInput(f"--export: cannot write {args.export}: {exc.strerror or exc}") from None
-        print(f"wrote {path}", file=sys.stderr)
+        from twin.textsafe import printable
+
+        print(f"wrote {printable(path, one_line=True)}", file=sys.stderr)
     from twin.timeline import render_text, terminal_width
 
     width = args.width or terminal_width()
@@ -454,6 +456,13 @@ def _error(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None:  # this process's own command line: nothing may keep it alive
+        _end_if_threads_left(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from scenarios import contain
     from scenarios.runners import RunnerLoadError
     from scenarios.spec import ScenarioError
@@ -486,6 +495,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         contain.set_limits(contain.Limits())  # in-process callers (tests) start from the defaults
+
+
+def _end_if_threads_left(code: int) -> None:
+    """Runner code may leave a non-daemon thread running, which would keep the
+    process from ever exiting: end it once the command is done."""
+    import threading
+
+    left = [t for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left:
+        return
+    _error(f"ending the process: runner code left {len(left)} thread(s) running "
+           f"({', '.join(t.name for t in left[:3])})")
+    if "real.runner" in sys.modules:
+        sys.modules["real.runner"].close_pools()  # what atexit would have done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

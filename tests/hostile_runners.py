@@ -127,3 +127,13 @@ class AllReduceForever(MoERunner):
     def forward(self, ops: Ops, x: Any) -> Any:
         while True:
             x = ops.all_reduce(x, "world")
+
+
+class ThreadLeaker(MoERunner):
+    """Starts a thread that never ends (a non-daemon thread keeps a process alive)."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        import threading
+
+        threading.Thread(target=time.sleep, args=(3600,), name="runner-leak").start()
+        return super().forward(ops, x)

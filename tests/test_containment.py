@@ -132,6 +132,13 @@ def test_runner_prints_go_to_stderr_not_the_json_document():
     assert "runner says hello" in p.stderr and "raw fd-1 write" in p.stderr
 
 
+def test_a_thread_left_running_by_runner_code_does_not_keep_the_process_alive():
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:ThreadLeaker", "--json", timeout=30)
+    assert p.returncode == 0
+    assert json.loads(p.stdout)["hazards"] == []
+    assert "runner code left" in one_line(p.stderr)
+
+
 def test_users_ctrl_c_while_runner_code_runs_is_exit_130():
     proc = subprocess.Popen([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "simulate",
                              "r3-tp-decode", "--runner", f"{HOSTILE}:LoopForever", "--json"],
