@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-
-import torch
+from typing import Any
 
 from kernels.errors import KernelUnavailable, UnknownKernel
 
-KernelFn = Callable[..., torch.Tensor]
+KernelFn = Callable[..., Any]  # returns a torch.Tensor (torch is imported by the kernels)
 
 KERNELS: tuple[str, ...] = ("torch", "triton", "flashinfer")
 
@@ -45,6 +44,8 @@ def set_triton_mode() -> None:
     outside of the scope of a kernel"). An explicit TRITON_INTERPRET is kept.
     """
     import os
+
+    import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -13,38 +13,15 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from real.sizes import MAX_REAL_BYTES, ScenarioTooLarge, check_fits, real_bytes_estimate  # noqa: F401 - re-exported
 from scenarios.spec import Scenario
 from scenarios.workload import dp_of, routing, tokens_of  # noqa: F401 - re-exported
-
-MAX_REAL_BYTES = 3 * 2**30  # per rank; larger scenarios are refused with a clear error
-
-
-class ScenarioTooLarge(ValueError):
-    pass
 
 
 def _gen(scenario: Scenario, *tag: object) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(zlib.crc32(repr((scenario.workload.seed, *tag)).encode()))
     return g
-
-
-def real_bytes_estimate(s: Scenario) -> int:
-    """Weights a rank holds (fp32) plus the reference copies the fit needs."""
-    m = s.model
-    kw = m.kernel_width
-    routed = s.local_experts * 3 * kw * (m.moe_intermediate // s.moe_tp)
-    shared = 3 * m.hidden * m.shared_inter if m.has_shared else 0
-    return 4 * (routed + shared + m.num_experts * m.hidden) * 2
-
-
-def check_fits(s: Scenario) -> None:
-    need = real_bytes_estimate(s)
-    if need > MAX_REAL_BYTES:
-        raise ScenarioTooLarge(
-            f"scenario {s.name!r} needs ~{need / 2**30:.1f} GiB per rank for a real run on CPU "
-            f"(limit {MAX_REAL_BYTES / 2**30:.0f} GiB): use a scaled-down scenario (the r1..r5 ones are)"
-        )
 
 
 class LayerWeights:

@@ -39,6 +39,7 @@ from real.comm import CommOps
 from real.errors import UpstreamFailure
 from real.model import LayerWeights, layer_input, mlp
 from real.streams import RealEvent, RealTensor, StreamThread
+from scenarios import contain
 from scenarios.ops import Ops, OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
 from scenarios.trace import COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
@@ -125,6 +126,7 @@ class RealOps(CommOps, Ops):
         return self.streams[name]
 
     def _step(self, op: str, name: str, category: str, ins: tuple[Any, ...] = (), component: str | None = None, group: tuple[int, ...] | None = None) -> Step:
+        contain.check_op(len(self.steps))  # the op budget (--max-ops) applies on real ranks too
         st = Step(rank=self.rank, index=len(self.steps), op=op, name=name, stream=self.current_stream,
                   category=category, component=component, group=group,
                   in_shapes=[tuple(t.shape) for t in ins if hasattr(t, "shape")])

@@ -8,6 +8,7 @@ from typing import Any
 
 from real.errors import RunnerUsageError, failure_hazards, rank_failures, usage_error
 from real.model import check_fits
+from scenarios import contain
 from scenarios.runners import MoERunner, load_runner, runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace
@@ -113,7 +114,8 @@ def run_real(
     # Rank processes load the runner again: keep the user's spec (a file path
     # stays a file path); a class object must be importable by its name.
     spec = ref if isinstance(ref, str) else runner_label(cls)
-    payload: dict[str, Any] = {"scenario": scenario, "runner": spec, "kernel": kernel, "delay": delay or {}}
+    payload: dict[str, Any] = {"scenario": scenario, "runner": spec, "kernel": kernel, "delay": delay or {},
+                               "limits": contain.limits()}  # the op budget applies on the ranks too
     if prediction is not None:
         payload["predicted"] = prediction.values
         payload["shapes"] = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -12,6 +14,7 @@ from real.errors import error_kind, root_cause
 from real.fit import fit_value
 from real.model import LayerWeights, Reference
 from real.ops import RealOps
+from scenarios import contain
 from scenarios.runners import load_runner, run_program
 from scenarios.spec import Scenario
 
@@ -53,12 +56,30 @@ def prepare_rank(rank: int, world: int, s: Scenario, kernel_name: str) -> None:
     _kernel(kernel_name)
 
 
+def _stdout_to_stderr() -> None:
+    """Runner code's prints must not reach the CLI's stdout (a --json document):
+    a rank's file descriptor 1 is the CLI's, so point it (and sys.stdout) at stderr."""
+    global _STDOUT_MOVED
+    if _STDOUT_MOVED:
+        return
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _STDOUT_MOVED = True
+
+
+_STDOUT_MOVED = False
+
+
 def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, Any]:
     """Run the runner program on this rank; return steps, fits, output, notes."""
     s: Scenario = payload["scenario"]
     if world != s.world:
         raise RuntimeError(f"pool has {world} ranks but the scenario needs {s.world}")
     from real.pool import FINISHING_NOTE, note
+
+    _stdout_to_stderr()
+    contain.set_limits(payload.get("limits") or contain.Limits())  # --max-ops of this run
 
     groups = _groups(s)
     runner_cls = load_runner(payload["runner"])
@@ -72,11 +93,11 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
         dist.barrier(group=groups[tuple(range(world))])
     t0 = time.perf_counter()
     ops = RealOps(s, rank, groups, kernel, t0, shapes, delay, note)
-    raised: Exception | None = None
+    raised: BaseException | None = None
     raised_at: float | None = None
     try:
         run_program(runner_cls, s, ops)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit / KeyboardInterrupt too: SIGINT is ignored on ranks
         raised, raised_at = exc, time.time()
     ops.close()  # drains the stream threads (a failure there is recorded in ops.failed)
     note(f"{FINISHING_NOTE}: fits and output")  # past every collective: no failure grace for us
@@ -107,7 +128,7 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     }
 
 
-def _failure(ops: RealOps, raised: Exception | None, raised_at: float | None, with_traceback: bool) -> dict[str, Any]:
+def _failure(ops: RealOps, raised: BaseException | None, raised_at: float | None, with_traceback: bool) -> dict[str, Any]:
     """The rank's failure, if any: the earliest-issued failing step (the
     simulator raises at issue time, so a failure on an auxiliary stream comes
     before a later main-stream error it caused), else what the program raised

@@ -13,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from scenarios import contain
 from scenarios.backends import backend_info, eplb_overlap_safe
 from scenarios.ops import Ops
 from scenarios.spec import Scenario
@@ -434,23 +435,21 @@ def load_runner(spec: str | type[MoERunner]) -> type[MoERunner]:
         )
     module_name, _, attr = spec.rpartition(":")
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise RunnerLoadError(f"runner {spec!r}: no such file {module_name}")
-            spec_obj = importlib.util.spec_from_file_location(path.stem, path)
-            assert spec_obj is not None and spec_obj.loader is not None
-            module = importlib.util.module_from_spec(spec_obj)
-            sys.modules.setdefault(path.stem, module)
-            spec_obj.loader.exec_module(module)
-        else:
-            if "" not in sys.path and "." not in sys.path:
-                sys.path.insert(0, "")  # let users name modules in the current directory
-            module = importlib.import_module(module_name)
+        # Importing executes the user's module: contained like runner code
+        # (wall-clock budget, stdout to stderr, no exiting the tool).
+        with contain.RunnerGuard(_import_user_module.__code__, contain.limits().sim_timeout_s,
+                                 what=f"importing runner {spec!r}"):
+            module = _import_user_module(spec, module_name)
     except RunnerLoadError:
         raise
+    except contain.BudgetExceeded as exc:
+        raise RunnerLoadError(f"runner {spec!r}: importing {module_name} took too long ({exc})") from None
     except Exception as exc:  # a user's module failing to import is their error, named
         raise RunnerLoadError(f"runner {spec!r}: cannot import {module_name}: {exc}") from exc
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) and contain.user_interrupted():
+            raise
+        raise RunnerLoadError(f"runner {spec!r}: importing {module_name}: {contain.runner_exit(exc)}") from None
     cls = getattr(module, attr, None)
     if cls is None:
         raise RunnerLoadError(f"runner {spec!r}: {module_name} has no attribute {attr!r}")
@@ -460,6 +459,22 @@ def load_runner(spec: str | type[MoERunner]) -> type[MoERunner]:
             "scenarios.runners.MoERunner"
         )
     return cls
+
+
+def _import_user_module(spec: str, module_name: str) -> Any:
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise RunnerLoadError(f"runner {spec!r}: no such file {module_name}")
+        spec_obj = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec_obj is not None and spec_obj.loader is not None
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules.setdefault(path.stem, module)
+        spec_obj.loader.exec_module(module)
+        return module
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # let users name modules in the current directory
+    return importlib.import_module(module_name)
 
 
 def runner_label(cls: type[MoERunner]) -> str:

@@ -8,6 +8,7 @@ only here, following docs/runner_semantics.md.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -482,4 +483,6 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    # TOML basic strings may not hold control characters raw.
+    text = re.sub("[\x00-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", text)
     return f'"{text}"'

@@ -26,6 +26,7 @@ from typing import Any
 import greenlet
 import simpy
 
+from scenarios import contain
 from scenarios.ops import Ops, OpsShapeError
 from scenarios.runners import MoERunner, run_program
 from scenarios.spec import Scenario
@@ -133,6 +134,9 @@ class SimOps(Ops):
         component: str | None = None,
         group: tuple[int, ...] | None = None,
     ) -> Step:
+        # Op, wall-clock and value-size budgets (scenarios/contain.py): raises
+        # BudgetExceeded into the runner before anything is recorded.
+        contain.check_op(len(self.steps), ins, out_shape, self.scenario.world)
         st = Step(self.rank, len(self.steps), op, name, self.current_stream, category, component,
                   group, [t.shape for t in ins] if ins else [], out_shape)
         self.steps.append(st)
@@ -474,6 +478,7 @@ class Simulation:
         self.expected_scale = {"routed": scenario.model.routed_scaling_factor, "shared": 1.0}
         self.loads = expert_loads(scenario)  # hashing the scenario once, not per op
         self._reported: set[tuple[int, str]] = set()
+        self.budget_stop: str | None = None  # why a budget stopped the program phase
 
     # ---- counters ----
 
@@ -637,14 +642,16 @@ class Simulation:
                     self.finished[rank] = f"failed: {exc}"
                 except greenlet.GreenletExit:
                     raise
+                except contain.BudgetExceeded as exc:  # the whole program phase stops here
+                    st = self._runner_error(ops, exc, f"runner stopped: {exc}")
+                    self.budget_stop = f"{exc} on rank {rank} after step {st.index} {st.name}"
+                    self._ready.clear()
                 except Exception as exc:  # a runner bug: report it with its step
-                    st = ops.steps[-1] if ops.steps else Step(rank, 0, "construct", "construct")
-                    st.error = f"{type(exc).__name__}: {exc}"
-                    self.add_hazard(
-                        HazardKind.RUNNER_ERROR, rank, st,
-                        f"runner raised {type(exc).__name__}: {exc} (after step {st.index} {st.name})",
-                    )
-                    self.finished[rank] = f"raised {type(exc).__name__}"
+                    self._runner_error(ops, exc, f"runner raised {type(exc).__name__}: {exc}")
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    if isinstance(exc, KeyboardInterrupt) and contain.user_interrupted():
+                        raise  # the user's Ctrl-C ends the command
+                    self._runner_error(ops, exc, str(contain.runner_exit(exc)))
 
             return greenlet.greenlet(body, parent=self._main)
 
@@ -655,8 +662,8 @@ class Simulation:
             r = self._ready.popleft()
             if not lets[r].dead:
                 lets[r].switch()
-        # Ranks still blocked in a collective: hang.
-        for key, pend in list(self.pending.items()):
+        # Ranks still blocked in a collective: hang (unless a budget stopped them all).
+        for key, pend in list(self.pending.items()) if self.budget_stop is None else ():
             group = key[0]
             missing = [r for r in group if r not in pend.arrivals]
             for r, (_k, _x, st) in pend.arrivals.items():
@@ -746,8 +753,20 @@ class Simulation:
         first = signature(self.rank_ops[0])
         return all(signature(ops) == first for ops in self.rank_ops[1:])
 
+    def _runner_error(self, ops: SimOps, exc: BaseException, message: str) -> Step:
+        """A RUNNER_ERROR at the rank's last step."""
+        st = ops.steps[-1] if ops.steps else Step(ops.rank, 0, "construct", "construct")
+        st.error = f"{type(exc).__name__}: {exc}"
+        self.add_hazard(HazardKind.RUNNER_ERROR, ops.rank, st, f"{message} (after step {st.index} {st.name})")
+        self.finished[ops.rank] = f"raised {type(exc).__name__}"
+        return st
+
     def run(self) -> Trace:
-        self._program_phase()
+        # Runner code runs only in the program phase: budgets and stdout apply there.
+        with contain.RunnerGuard(run_program.__code__, contain.limits().sim_timeout_s):
+            self._program_phase()
+        if self.budget_stop is not None:
+            self.notes.append(contain.BUDGET_NOTE + self.budget_stop)
         latency = self._timing_phase()
         trace = Trace(
             source="sim",

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from twin.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
+from twin.textsafe import printable
 
 MUTATE_BUDGET = 200
 PLAIN_EVERY = 50  # examples between two plain progress lines
@@ -22,6 +23,7 @@ PLAIN_EVERY = 50  # examples between two plain progress lines
 
 def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Register `explore` and `mutate` on cli.py's sub-parsers object."""
+    from twin.cli_flags import add_budgets, add_timeout
 
     def json_flag(sp: argparse.ArgumentParser) -> None:
         if common_json_flag_fn is not None:
@@ -40,8 +42,8 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
     sp.add_argument("--out", default=str(DEFAULT_OUT),
                     help=f"directory for findings, scenario files and the example database "
                          f"(default ./{DEFAULT_OUT}); a second run resumes from it")
-    sp.add_argument("--timeout", type=float, default=60.0,
-                    help="seconds before a real rank counts as hung (--confirm)")
+    add_timeout(sp, 60.0, "a real rank counts as hung (--confirm)")
+    add_budgets(sp)
     sp.add_argument("--no-target", action="store_true",
                     help="plain generation: no hypothesis.target() severity climbing")
     sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when there is a finding")
@@ -59,8 +61,8 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
     sp.add_argument("--equivalence", type=int, default=300, metavar="N",
                     help="generated scenarios (besides the catalog and the corner grid) a "
                          "survivor is compared with fixed on (default 300)")
-    sp.add_argument("--timeout", type=float, default=60.0,
-                    help="seconds before a real rank counts as hung (--confirm)")
+    add_timeout(sp, 60.0, "a real rank counts as hung (--confirm)")
+    add_budgets(sp)
     json_flag(sp)
     sp.set_defaults(func=cmd_mutate)
 
@@ -110,16 +112,19 @@ class ExploreProgress:
         if p.confirmed:
             status += f", {p.confirmed} confirmed"
         if self._bar is not None:
+            from rich.text import Text
+
             self._bar.update(self._task, completed=min(p.examples, p.budget), total=p.budget,
-                             description=f"{self.title}: {p.phase}", status=status)
-            if p.message:
-                self._bar.console.print(f"  {p.message}")
+                             description=printable(f"{self.title}: {p.phase}", one_line=True), status=status)
+            if p.message:  # runner text (signatures carry step names): never markup
+                self._bar.console.print(Text(printable(f"  {p.message}", one_line=True)))
             return
         due = p.examples - self._last_line >= PLAIN_EVERY
         if p.message or due or p.phase != self._phase:
             self._last_line, self._phase = p.examples, p.phase
             line = f"{self.title}: {p.phase}: {p.examples}/{p.budget} examples, {status}"
-            print(line + (f": {p.message}" if p.message else ""), file=self.stream, flush=True)
+            line += f": {p.message}" if p.message else ""
+            print(printable(line, one_line=True), file=self.stream, flush=True)
 
 
 class MessageProgress:
@@ -145,18 +150,27 @@ class MessageProgress:
 
     def __call__(self, message: str) -> None:
         if self._status is not None:
-            self._status.update(f"mutate: {message}")
+            from rich.markup import escape
+
+            self._status.update(escape(printable(f"mutate: {message}", one_line=True)))
         else:
-            print(f"mutate: {message}", file=self.stream, flush=True)
+            print(printable(f"mutate: {message}", one_line=True), file=self.stream, flush=True)
 
 
 # ---------------------------------------------------------------- commands
 
 
-def _console() -> Any:
+def _print_lines(lines: list[str]) -> None:
+    """Report lines (markup of our own, data escaped) with no control character
+    from the data reaching the terminal."""
     from rich.console import Console
+    from rich.text import Text
 
-    return Console(highlight=False, soft_wrap=True)
+    from twin.textsafe import Sanitized
+
+    console = Console(highlight=False, soft_wrap=True)
+    for line in lines:
+        console.print(Sanitized(Text.from_markup(line)))
 
 
 def explore_report(res: ExploreResult) -> list[str]:
@@ -165,7 +179,7 @@ def explore_report(res: ExploreResult) -> list[str]:
 
     new = len(res.new_findings)
     where = f" ({e(res.out.as_posix())})" if res.out is not None else ""
-    head = f"[bold]explore {e(res.runner)}[/bold]: {res.examples} examples, "
+    head = f"[bold]explore {e(res.runner)}[/bold]: {res.examples} examples{' (interrupted)' if res.interrupted else ''}, "
     if not res.findings:
         return [head + f"[green]no hazard found[/green]{where}"]
     lines = [head + f"{len(res.findings)} finding(s), {new} new{where}"]
@@ -176,25 +190,34 @@ def explore_report(res: ExploreResult) -> list[str]:
         lines.append(f" {tag} [bold]{e(f.signature)}[/bold]{verdict}{stale}")
         lines.append(f"     {e(f.scenario_file or '(not written)')}: {e(f.scenario.summary_line())}")
         lines.append(f"     {e(f.detail)}")
+        if f.unshrinkable:
+            lines.append(f"     not shrunk: {e(f.unshrinkable)}")
         if f.verdict_reason:
             lines.append(f"     real: {e(f.verdict_reason)}")
     return lines
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
+    from scenarios.contain import GracefulInterrupts
     from twin.explore import explore
 
-    with ExploreProgress(f"explore {args.runner}") as progress:
+    # Ctrl-C: the search stops before its next example (a second Ctrl-C: at
+    # once), saves, and returns what it has: printed below, then exit 130.
+    notice = "moe-twin: stopping after this example (Ctrl-C again to stop at once)"
+    with ExploreProgress(f"explore {args.runner}") as progress, GracefulInterrupts(notice) as stop:
         res = explore(args.runner, budget=args.budget, seed=args.seed,
                       out=Path(args.out), confirm=args.confirm, progress=progress,
                       timeout_s=getattr(args, "timeout", 60.0),
-                      targeting=not getattr(args, "no_target", False))
+                      targeting=not getattr(args, "no_target", False), partial_on_interrupt=True,
+                      stop_requested=stop)
     if args.json:
         sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
     else:
-        console = _console()
-        for line in explore_report(res):
-            console.print(line)
+        _print_lines(explore_report(res))
+    if res.interrupted:
+        print(f"moe-twin: interrupted after {res.examples} example(s); findings and counts are saved",
+              file=sys.stderr)
+        return 130
     live = [f for f in res.findings if f.reproduces]
     return 1 if (getattr(args, "fail_on_hazard", False) and live) else 0
 
@@ -248,9 +271,7 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
-        console = _console()
-        for line in mutate_report(d):
-            console.print(line)
+        _print_lines(mutate_report(d))
     return 0
 
 

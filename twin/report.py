@@ -11,6 +11,11 @@ from rich.text import Text
 
 from scenarios.spec import Scenario, scenario_to_toml
 from scenarios.trace import Hazard, Trace
+from twin.textsafe import printable
+
+# Every string here that comes from a scenario file or from runner code (names,
+# summaries, step names, decisions, exception messages, notes) goes into a Text
+# through `printable`: never parsed as markup, control characters shown escaped.
 
 KIND_STYLE = {
     "DOUBLE_REDUCTION": "bold red",
@@ -41,7 +46,7 @@ def hazard_lines(hazards: Iterable[Hazard], fold_ranks: bool = True) -> list[Tex
         who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, sorted(ranks)))}"
         t = Text()
         t.append(kind, style=KIND_STYLE.get(kind, "bold"))
-        t.append(f" at step {step} {name} ({who}): {detail}")
+        t.append(f" at step {step} {printable(name, one_line=True)} ({who}): {printable(detail, one_line=True)}")
         lines.append(t)
     return lines
 
@@ -50,17 +55,17 @@ def scenario_panel(s: Scenario) -> RenderableType:
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("scenario", s.name)
+    t.add_row("scenario", Text(printable(s.name)))
     if s.summary:
-        t.add_row("summary", s.summary)
-    t.add_row("shape", s.summary_line())
+        t.add_row("summary", Text(printable(s.summary)))
+    t.add_row("shape", Text(printable(s.summary_line())))
     derived = ", ".join(f"{k}={v}" for k, v in s.derived().items())
-    t.add_row("derived", derived)
+    t.add_row("derived", Text(printable(derived)))
     return t
 
 
 def show_scenario(s: Scenario) -> RenderableType:
-    return Group(scenario_panel(s), Text(""), Text(scenario_to_toml(s).rstrip()))
+    return Group(scenario_panel(s), Text(""), Text(printable(scenario_to_toml(s).rstrip())))
 
 
 def outputs_table(trace: Trace) -> RenderableType:
@@ -77,7 +82,7 @@ def outputs_table(trace: Trace) -> RenderableType:
             if i:
                 parts.append("  ")
             style = "green" if abs(c - 1.0) < 1e-6 else "bold red"
-            parts.append(f"{label}={c:g}", style=style)
+            parts.append(f"{printable(label)}={c:g}", style=style)
         t.add_row(",".join(map(str, ranks)), parts)
     if not groups:
         t.add_row("-", "no fitted coefficients (no output, or no prediction to fit against)")
@@ -88,13 +93,13 @@ def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, re
     """The body shared by `simulate` (predicted) and `run` (measured)."""
     parts: list[RenderableType] = [scenario_panel(s), Text("")]
     if real:
-        head = Text(f"real run of {trace.runner}", style="bold")
+        head = Text(f"real run of {printable(trace.runner)}", style="bold")
         head.append(f"   measured latency {trace.latency_us:.0f} us")
     else:
-        head = Text(f"runner {trace.runner}", style="bold")
+        head = Text(f"runner {printable(trace.runner)}", style="bold")
         head.append(f"   latency {trace.latency_us:.1f} us")
     if trace.decisions:
-        head.append("   " + ", ".join(f"{k}={v}" for k, v in trace.decisions.items()))
+        head.append("   " + printable(", ".join(f"{k}={v}" for k, v in trace.decisions.items())))
     parts.append(head)
     what = "problem(s) observed" if real else "hazard(s) predicted"
     if trace.hazards:
@@ -118,7 +123,7 @@ def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, re
         parts.append(Text(""))
         parts.append(timeline)
     for note in trace.notes:
-        parts.append(Text(note, style="dim"))
+        parts.append(Text(printable(note), style="dim"))
     return Group(*parts)
 
 
@@ -148,7 +153,7 @@ def replay_table(results: list[Any], real: bool = False) -> RenderableType:
         sim = Text("hit" if hit else "MISS", style="green" if hit else "bold red")
         sim.append("/")
         sim.append("ok" if not res.fixed.hazards else "ALARM", style="green" if not res.fixed.hazards else "bold red")
-        row: list[Any] = [f"{c.regression} {c.runner}", Text(c.expected, style=KIND_STYLE.get(c.expected, "bold")), sim]
+        row: list[Any] = [Text(printable(f"{c.regression} {c.runner}")), Text(c.expected, style=KIND_STYLE.get(c.expected, "bold")), sim]
         if real:
             before, fixed = res.real_cells()
             cell = Text()
@@ -172,8 +177,8 @@ def replay_details(results: list[Any], real: bool = False, width: int = 80) -> R
     for r in results:
         c = r.case
         parts.append(Text(""))
-        head = Text(f"{c.regression} {c.runner}", style="bold")
-        head.append(f" on {c.scenario}: {c.what}")
+        head = Text(printable(f"{c.regression} {c.runner}"), style="bold")
+        head.append(printable(f" on {c.scenario}: {c.what}"))
         parts.append(head)
         parts.append(Text("  sim before: ", style="dim"))
         for line in hazard_lines(r.before.hazards):
@@ -182,20 +187,22 @@ def replay_details(results: list[Any], real: bool = False, width: int = 80) -> R
         parts.append(Text(f"  sim fixed:  {fixed}", style="green" if not r.fixed.hazards else "bold red"))
         if real:
             for line in r.real_lines():
-                parts.append(Text(f"  {line}"))
+                parts.append(Text(f"  {printable(line)}"))
         # The same renderer as simulate/check/timeline: rank 0, before above fixed.
         parts.append(render_timeline(r.before, width=width, ranks=[0], compare=r.fixed, compact=True))
     return Group(*parts)
 
 
-def agreement_line(result: Any) -> Text:
+def agreement_line(result: Any, ran: bool = True) -> Text:
     """Sim vs real in one line; never "agree" while a rank's output is wrong
     and unaccounted for (the verdicts say which)."""
     from twin.verdicts import wrong_ranks
 
     if result.divergence:
         r, i, what = result.divergence
-        return Text(f"first divergence: rank {r} step {i}: {what}", style="bold yellow")
+        return Text(f"first divergence: rank {r} step {i}: {printable(what)}", style="bold yellow")
+    if not ran:
+        return Text("no real run to compare with (see the notes below)", style="yellow")
     if not result.agree:
         bad = wrong_ranks(result.real)
         what = f"real output wrong on ranks {','.join(map(str, bad))}" if bad else "verdicts disagree with the prediction"
@@ -218,7 +225,7 @@ def real_output_table(trace: Trace) -> RenderableType:
         c = trace.output_checks[r]
         verdict = Text("correct", style="green") if c.correct else Text("WRONG", style="bold red")
         err = "-" if c.max_abs_err is None else f"{c.max_abs_err:.2e}"
-        t.add_row(str(r), verdict, err, f"{c.wrong_rows}/{c.rows}", Text(c.cause or ""))
+        t.add_row(str(r), verdict, err, f"{c.wrong_rows}/{c.rows}", Text(printable(c.cause or "")))
     if not trace.output_checks:
         t.add_row("-", "not judged", "-", "-", "")
     return t
@@ -227,8 +234,10 @@ def real_output_table(trace: Trace) -> RenderableType:
 def check_report(result: Any, timeline: RenderableType | None) -> RenderableType:
     s = result.scenario
     parts: list[RenderableType] = [scenario_panel(s), Text("")]
-    parts.append(Text(f"runner {result.sim.runner}: sim latency {result.sim.latency_us:.1f} us "
-                      f"(profile), real {result.real.latency_us:.0f} us (CPU)", style="bold"))
+    ran = any(result.real.steps.values())
+    real = f"real {result.real.latency_us:.0f} us (CPU)" if ran else "real: not run"
+    parts.append(Text(f"runner {printable(result.sim.runner)}: sim latency {result.sim.latency_us:.1f} us "
+                      f"(profile), {real}", style="bold"))
     if result.sim.hazards:
         parts.append(Text("predicted:", style="bold"))
         parts.extend(hazard_lines(result.sim.hazards))
@@ -241,15 +250,16 @@ def check_report(result: Any, timeline: RenderableType | None) -> RenderableType
     t.add_column("evidence")
     styles = {"CONFIRMED": "bold green", "REFUTED": "bold red", "INCONCLUSIVE": "yellow", "UNPREDICTED": "bold red"}
     for v in result.verdicts:
-        t.add_row(v.kind, str(v.rank), Text(v.verdict.value, style=styles.get(v.verdict.value, "")), v.reason)
+        t.add_row(Text(printable(v.kind)), str(v.rank), Text(v.verdict.value, style=styles.get(v.verdict.value, "")),
+                  Text(printable(v.reason)))
     if not result.verdicts:
         t.add_row("-", "-", Text("nothing to judge", style="green"), "no hazard predicted and none observed")
     parts.append(t)
-    parts.append(agreement_line(result))
+    parts.append(agreement_line(result, ran))
     parts.append(real_output_table(result.real))
     parts.append(outputs_table(result.real))
     if timeline is not None:
         parts.append(timeline)
     for note in result.real.notes:
-        parts.append(Text(note, style="dim"))
+        parts.append(Text(printable(note), style="dim"))
     return Group(*parts)

@@ -18,6 +18,7 @@ from rich.console import Console, RenderableType
 from rich.text import Text
 
 from scenarios.trace import COLLECTIVE, COMPUTE, EVENT, PADDING, WAIT, Hazard, Step, Trace
+from twin.textsafe import printable, same_width
 
 __all__ = ["render_timeline", "render_text", "terminal_width", "overlap_of"]
 
@@ -206,10 +207,12 @@ def _mark_cells(marks: list[_Mark], cols: int) -> list[tuple[str, str]]:
 
 
 def _line(label: str, label_w: int, cells: list[tuple[str, str]], label_style: str = "") -> Text:
+    # Labels and cells carry step names (runner text): control characters are
+    # replaced one for one so the grid keeps its columns.
     text = Text(no_wrap=True, overflow="ellipsis")
-    text.append(label.ljust(label_w)[:label_w], style=label_style)
+    text.append(same_width(label).ljust(label_w)[:label_w], style=label_style)
     run, run_style = "", None
-    for ch, st in cells:
+    for ch, st in ((same_width(c), s) for c, s in cells):
         if st != run_style and run:
             text.append(run, style=run_style or "")
             run = ""
@@ -221,6 +224,7 @@ def _line(label: str, label_w: int, cells: list[tuple[str, str]], label_style: s
 
 
 def _plain(text: str, width: int, style: str = "") -> Text:
+    text = printable(text, one_line=True)
     if len(text) > width:
         text = text[: max(width - 1, 0)] + "…"
     return Text(text, style=style, no_wrap=True, overflow="ellipsis")
@@ -228,7 +232,7 @@ def _plain(text: str, width: int, style: str = "") -> Text:
 
 def _wrapped(text: str, width: int, indent: int, style: str = "") -> list[Text]:
     lines = textwrap.wrap(
-        text, width=max(width, indent + 8), subsequent_indent=" " * indent, break_on_hyphens=False
+        printable(text, one_line=True), width=max(width, indent + 8), subsequent_indent=" " * indent, break_on_hyphens=False
     )
     return [Text(line, style=style, no_wrap=True, overflow="ellipsis") for line in lines]
 

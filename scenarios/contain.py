@@ -1,0 +1,424 @@
+"""Containment of runner code: the runner under test is user code.
+
+Both interpreters and runner loading execute it; none of it may hang, exhaust
+or end the tool. This module holds what they share (torch-free, bottom layer):
+
+- `Limits`: the op budget per rank (`--max-ops`) and the wall-clock budget per
+  simulated program (`--sim-timeout`), plus fixed caps on a value's size.
+  `check_op` enforces them where an interpreter records a step, so a runner
+  that issues ops in a loop stops at a step boundary.
+- `RunnerGuard`: a context manager around code that runs runner code. It arms
+  a SIGALRM timer that stops runner code that never issues an op (a pure
+  Python loop, a sleep) by raising `BudgetExceeded` in it; points stdout (the
+  Python object and file descriptor 1) at stderr, so nothing the runner prints
+  reaches a `--json` document; tells the user's Ctrl-C apart from a
+  `KeyboardInterrupt` the runner raises itself; and, as a last resort, ends the
+  process if runner code cannot be stopped at all (stuck in one long C call,
+  or catching every stop in a loop).
+
+The alarm raises only when the interrupted frame is runner code (the chain of
+frames reaches the guard's boundary function before any frame of the tool),
+never inside the simulator's own bookkeeping; otherwise it retries a few
+milliseconds later. It is disarmed before the guard restores anything, and a
+handler that runs after disarming does nothing.
+"""
+
+from __future__ import annotations
+
+import _signal  # getsignal without the enum conversion (~4 us per call in signal.getsignal)
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import CodeType, FrameType, TracebackType
+from typing import Any
+
+DEFAULT_MAX_OPS = 10_000
+DEFAULT_SIM_TIMEOUT_S = 10.0
+# A value may hold at most this many row blocks (legitimate programs hold at
+# most one block per rank; an all-gather in a loop doubles them every step).
+VALUE_BLOCKS_BASE, VALUE_BLOCKS_PER_RANK = 64, 4
+# Elements per simulated tensor (2^40: far past any machine, well before a
+# float cost model overflows).
+MAX_ELEMENTS = 1 << 40
+# Runner code still running this long after its wall-clock budget cannot be
+# stopped in-process: the watchdog ends the process with this exit code (the
+# runner is the user's input).
+HARD_GRACE_S = 5.0
+HARD_EXIT_CODE = 2
+# Alarm retry intervals: while tool code runs, and after a stop was swallowed.
+_DEFER_S, _REPEAT_S = 0.005, 0.05
+
+BUDGET_NOTE = "runner stopped by a budget: "  # prefix of the Trace note a budget stop leaves
+
+_TOOL_DIRS = tuple(
+    str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("sim", "real", "twin", "kernels")
+)
+_TOOL_FILES = frozenset(str(Path(__file__).resolve().parent / f) for f in ("contain.py", "ops.py"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Budgets for runner programs (see the README's "Budgets" section)."""
+
+    max_ops: int = DEFAULT_MAX_OPS
+    sim_timeout_s: float = DEFAULT_SIM_TIMEOUT_S
+
+
+class BudgetExceeded(RuntimeError):
+    """Runner code exceeded a budget; `budget` names it, `limit` its setting."""
+
+    def __init__(self, budget: str, limit: str, detail: str = "") -> None:
+        self.budget, self.limit, self.detail = budget, limit, detail
+        super().__init__(f"{budget} exceeded ({limit})" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BudgetExceeded, (self.budget, self.limit, self.detail))
+
+
+class RunnerExit(RuntimeError):
+    """SystemExit / KeyboardInterrupt raised by runner code (not the user's Ctrl-C)."""
+
+
+_limits = Limits()
+_deadline: float | None = None  # monotonic end of the current wall-clock budget
+# Ctrl-C bookkeeping (main thread only): presses seen by this module's
+# handlers, the count when the innermost guard was entered, and a press that
+# arrived while a guard was changing process state (raised once it is done).
+_sigint_seen = 0
+_seen_at_entry = 0
+_critical = 0
+_pending_interrupt = False
+
+
+def limits() -> Limits:
+    return _limits
+
+
+def set_limits(new: Limits) -> None:
+    """Set the budgets for this process (the CLI, from its flags; rank processes, per run)."""
+    global _limits
+    _limits = new
+
+
+def value_block_cap(world: int) -> int:
+    return VALUE_BLOCKS_BASE + VALUE_BLOCKS_PER_RANK * max(1, world)
+
+
+def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...] | None = None,
+             world: int = 1) -> None:
+    """Called by an interpreter before it records step number `n_steps` of a rank."""
+    lim = _limits
+    if n_steps >= lim.max_ops:
+        raise BudgetExceeded("op budget", f"--max-ops {lim.max_ops}", f"{n_steps} ops on this rank")
+    if _deadline is not None and time.monotonic() > _deadline:
+        raise _timeout()
+    cap = value_block_cap(world)
+    for t in ins:
+        blocks = getattr(getattr(t, "value", None), "blocks", None)
+        if blocks is not None and len(blocks) > cap:
+            raise BudgetExceeded("value size cap", f"{cap} row blocks per value at {world} rank(s)",
+                                 f"an input holds {len(blocks)} row blocks")
+    if out_shape:
+        n = 1
+        for d in out_shape:
+            n *= max(0, int(d))
+        if n > MAX_ELEMENTS:
+            raise BudgetExceeded("value size cap", f"{MAX_ELEMENTS} elements per tensor",
+                                 f"shape {list(out_shape)}")
+
+
+def _timeout() -> BudgetExceeded:
+    return BudgetExceeded("wall-clock budget", f"--sim-timeout {_limits.sim_timeout_s:g} s")
+
+
+def budget_stop(notes: list[str]) -> str | None:
+    """The reason a simulation was stopped by a budget (from its Trace notes), if it was."""
+    for n in notes:
+        if n.startswith(BUDGET_NOTE):
+            return n[len(BUDGET_NOTE):]
+    return None
+
+
+def user_interrupted() -> bool:
+    """True when the KeyboardInterrupt being handled came from the user's Ctrl-C
+    (pressed since the innermost guard was entered), not from runner code."""
+    return _sigint_seen > _seen_at_entry
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    global _sigint_seen, _pending_interrupt
+    _sigint_seen += 1
+    if _critical:  # a guard is changing process state: raise when it is done
+        _pending_interrupt = True
+        return
+    raise KeyboardInterrupt
+
+
+class GracefulInterrupts:
+    """`with GracefulInterrupts() as stop:` for long searches: the first Ctrl-C
+    is only recorded (`stop()` turns True; the caller stops at its next safe
+    point), the second raises KeyboardInterrupt at once. Main thread only."""
+
+    def __init__(self, notice: str = "") -> None:
+        self.notice = notice
+        self._start = 0
+        self._saved: Any = None
+
+    def __enter__(self) -> GracefulInterrupts:
+        self._start = _sigint_seen
+        if threading.current_thread() is threading.main_thread():
+            self._saved = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved)
+
+    def __call__(self) -> bool:
+        return _sigint_seen > self._start
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        global _sigint_seen
+        if _sigint_seen == self._start:
+            _sigint_seen += 1
+            if self.notice:
+                os.write(2, (self.notice + "\n").encode())
+            return
+        _on_sigint(signum, frame)
+
+
+def runner_exit(exc: BaseException) -> RunnerExit:
+    """A runner's SystemExit / KeyboardInterrupt as an ordinary error."""
+    if isinstance(exc, SystemExit):
+        return RunnerExit(f"runner code called sys.exit({exc.code!r}); runner code may not end the tool")
+    return RunnerExit(f"runner code raised {type(exc).__name__} itself (not a Ctrl-C)")
+
+
+def _is_tool(code: CodeType) -> bool:
+    f = code.co_filename
+    return f in _TOOL_FILES or f.startswith(_TOOL_DIRS)
+
+
+def _in_runner(frame: FrameType | None, boundary: CodeType | None) -> bool:
+    """Is `frame` runner code: do its callers reach `boundary` before any tool frame?"""
+    if boundary is None:
+        return False
+    while frame is not None:
+        if frame.f_code is boundary:
+            return True
+        if _is_tool(frame.f_code):
+            return False
+        frame = frame.f_back
+    return False
+
+
+# ---------------------------------------------------------------- the guard
+
+
+class _Watchdog:
+    """One daemon thread per process: ends the process when runner code
+    outlives its hard deadline (nothing else can stop a long C call). Arming
+    and disarming only set an attribute (no lock: guards are entered per
+    simulated scenario); the thread looks every POLL_S."""
+
+    POLL_S = 0.25
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self.message = ""
+        self.thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, message: str) -> None:
+        self.message = message
+        self.deadline = deadline
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="moe-twin-watchdog", daemon=True)
+            self.thread.start()
+
+    def disarm(self) -> None:
+        self.deadline = None
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.POLL_S)
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                os.write(2, (self.message + "\n").encode("utf-8", "replace"))
+                os._exit(HARD_EXIT_CODE)
+
+
+_watchdog = _Watchdog()
+_active: RunnerGuard | None = None  # the innermost guard with an armed alarm
+
+
+def _alarm_handler(signum: int, frame: FrameType | None) -> None:
+    guard = _active
+    if guard is not None:  # else a stale alarm: nothing to stop
+        guard._on_alarm(signum, frame)
+
+
+class RunnerGuard:
+    """`with RunnerGuard(boundary=fn.__code__):` around code that runs runner code.
+
+    `boundary` is the code object of the tool function that calls into runner
+    code (frames below it, up to the first tool frame, are the runner's).
+    `timeout_s` None: no wall-clock budget (the op budget still applies).
+    Re-entrant: an inner guard inside an outer one only narrows the deadline.
+    """
+
+    def __init__(self, boundary: CodeType | None, timeout_s: float | None = None, what: str = "runner code") -> None:
+        self.boundary = boundary
+        self.timeout_s = timeout_s
+        self.what = what
+        self._saved: dict[str, Any] = {}
+        self._armed = False
+
+    # -- enter / exit --
+
+    # Entering and leaving change process state (stdout, signal handlers, the
+    # timer): a Ctrl-C meanwhile is held back (`_critical`) and raised once
+    # the state is whole again, never half-way (stdout left on stderr).
+
+    def __enter__(self) -> RunnerGuard:
+        global _deadline, _critical, _seen_at_entry
+        s = self._saved
+        main = threading.current_thread() is threading.main_thread()
+        _critical += 1
+        try:
+            if main and _signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                # Stays installed (it raises KeyboardInterrupt like Python's own,
+                # and counts): installing a handler costs ~20 us per guard.
+                signal.signal(signal.SIGINT, _on_sigint)
+        except BaseException:  # a Ctrl-C before the handler was ours: nothing changed yet
+            _critical -= 1
+            raise
+        s["deadline"], s["seen"] = _deadline, _seen_at_entry
+        _seen_at_entry = _sigint_seen
+        if self.timeout_s is not None:
+            mine = time.monotonic() + self.timeout_s
+            _deadline = mine if _deadline is None else min(_deadline, mine)
+        self._redirect_stdout()
+        if main:
+            self._install_alarm()
+        _critical -= 1
+        if _pending_interrupt and not _critical:
+            self.__exit__(None, None, None)  # restores everything, then raises the Ctrl-C
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        global _deadline, _critical, _seen_at_entry, _pending_interrupt, _active
+        _critical += 1
+        self._armed = False  # first: an alarm handler that still runs now does nothing
+        s = self._saved
+        if "entered" in s:  # the alarm was armed
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            _watchdog.disarm()
+            _active = s.pop("active")
+            if "alarm" in s:  # someone else's SIGALRM handler: theirs again
+                signal.signal(signal.SIGALRM, s.pop("alarm"))
+            self._restore_outer_timer()
+        if "fd1" in s or "stdout" in s:
+            self._restore_stdout()
+        _deadline = s["deadline"]
+        _seen_at_entry = s["seen"]
+        _critical -= 1
+        if _pending_interrupt and not _critical:
+            _pending_interrupt = False
+            raise KeyboardInterrupt
+
+    # -- stdout --
+
+    def _redirect_stdout(self) -> None:
+        s = self._saved
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        s["stdout"] = sys.stdout
+        sys.stdout = sys.stderr
+        try:
+            s["fd1"] = os.dup(1)
+            os.dup2(2, 1)
+        except OSError:  # no fd 1 or 2 (daemonised): nothing to protect
+            s.pop("fd1", None)
+
+    def _restore_stdout(self) -> None:
+        s = self._saved
+        if "fd1" in s:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            fd = s.pop("fd1")
+            os.dup2(fd, 1)
+            os.close(fd)
+        sys.stdout = s.pop("stdout")
+
+    # -- signals --
+
+    def _install_alarm(self) -> None:
+        global _active
+        s = self._saved
+        if _deadline is None:
+            return
+        left = _deadline - time.monotonic()
+        s["outer_timer"] = signal.getitimer(signal.ITIMER_REAL)[0]
+        s["entered"] = time.monotonic()
+        if _signal.getsignal(signal.SIGALRM) is not _alarm_handler:
+            previous = signal.signal(signal.SIGALRM, _alarm_handler)
+            if previous not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                s["alarm"] = previous  # restored on exit; an unused SIGALRM keeps ours (cheaper)
+        s["active"], _active = _active, self
+        self._armed = True
+        signal.setitimer(signal.ITIMER_REAL, max(left, 1e-4))
+        _watchdog.arm(_deadline + HARD_GRACE_S,
+                      f"moe-twin: error: {self.what} could not be stopped {HARD_GRACE_S:g} s after its "
+                      f"wall-clock budget (--sim-timeout {_limits.sim_timeout_s:g} s): it is stuck in one "
+                      "long C call or catches every stop; aborting")
+
+    def _restore_outer_timer(self) -> None:
+        s = self._saved
+        outer = s.get("outer_timer", 0.0)
+        if outer > 0:  # someone else's timer was running: give it its remaining time
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - s["entered"]), 1e-4))
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        if not self._armed:
+            return
+        deadline = _deadline
+        if deadline is not None and time.monotonic() < deadline:
+            signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-4))
+            return
+        if not _in_runner(frame, self.boundary):
+            # Tool code is running (the scheduler, the algebra): never raise
+            # into it; runner code gets the stop at its next op or alarm.
+            signal.setitimer(signal.ITIMER_REAL, _DEFER_S)
+            return
+        # Again and again until the guarded code ends (a runner may catch one).
+        signal.setitimer(signal.ITIMER_REAL, _REPEAT_S)
+        raise _timeout()
+
+
+__all__ = [
+    "BUDGET_NOTE",
+    "BudgetExceeded",
+    "GracefulInterrupts",
+    "DEFAULT_MAX_OPS",
+    "DEFAULT_SIM_TIMEOUT_S",
+    "Limits",
+    "MAX_ELEMENTS",
+    "RunnerExit",
+    "RunnerGuard",
+    "budget_stop",
+    "check_op",
+    "limits",
+    "runner_exit",
+    "set_limits",
+    "user_interrupted",
+    "value_block_cap",
+]

@@ -1,0 +1,3 @@
+"""Importing this module raises KeyboardInterrupt itself."""
+
+raise KeyboardInterrupt

@@ -1,0 +1,269 @@
+"""Runner code is contained: it cannot hang, exhaust, end or corrupt the tool.
+
+Every case runs the real command line in a subprocess with a time limit (a
+hung command fails the test instead of hanging it) and checks the documented
+exit code, a one-line reason, and that stdout holds only the tool's output.
+Runner fixtures: tests/hostile_runners.py, tests/hostile_modules/.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTILE = "tests/hostile_runners.py"
+LIMIT_S = 60  # far above any case (each stops within its --sim-timeout plus start-up)
+RSS_GROWTH_BOUND_MB = 150  # README "Budgets and bounds": measured +51 MB for the op loop
+
+
+def moe_twin(*argv: str, timeout: float = LIMIT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def runner_errors(doc: dict) -> list[str]:
+    return [h["detail"] for h in doc["hazards"] if h["kind"] == "RUNNER_ERROR"]
+
+
+# ---------------------------------------------------------------- budgets in the simulator
+
+
+@pytest.mark.parametrize("runner", ["LoopForever", "Sleeper"])
+def test_runner_that_never_issues_an_op_is_stopped_by_the_wall_clock_budget(runner):
+    t0 = time.monotonic()
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:{runner}", "--sim-timeout", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 30
+    (detail,) = runner_errors(json.loads(p.stdout))
+    assert "wall-clock budget exceeded (--sim-timeout 1 s)" in detail
+    assert "after step 3 layer_input" in detail  # the last step the runner issued
+
+
+def test_fail_on_hazard_catches_a_budget_stop():
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:LoopForever", "--sim-timeout", "0.5",
+                 "--fail-on-hazard")
+    assert p.returncode == 1
+    assert "RUNNER_ERROR" in p.stdout and "wall-clock budget" in p.stdout
+
+
+def _max_rss_mb(*argv: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    code = ("import io, contextlib, json, resource, sys, cli\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n"
+            f"    rc = cli.main({list(argv)!r})\n"
+            "print(json.dumps({'rc': rc, 'rss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+            " 'doc': json.loads(buf.getvalue())}))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    return d["rss_kb"] / 1024, p
+
+
+def test_ops_in_a_loop_stop_at_the_op_budget_with_bounded_memory():
+    base, _ = _max_rss_mb("simulate", "r3-tp-decode", "--runner", "fixed", "--json")
+    rss, p = _max_rss_mb("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:OpsForever", "--json")
+    (detail,) = runner_errors(json.loads(p.stdout)["doc"])
+    assert "op budget exceeded (--max-ops 10000)" in detail and "after step 9999 clone" in detail
+    # Before the budget: ~80 MB/s without end.
+    assert rss - base < RSS_GROWTH_BOUND_MB, (base, rss)
+
+
+def test_op_budget_flag():
+    p = moe_twin("simulate", "r1-sp-deepep", "--runner", f"{HOSTILE}:OpsForever", "--max-ops", "50", "--json")
+    (detail,) = runner_errors(json.loads(p.stdout))
+    assert "--max-ops 50" in detail and "after step 49 clone" in detail
+    # The fixed runner fits a small budget too: the budget is per rank, per layer.
+    p = moe_twin("simulate", "r1-sp-deepep", "--runner", "fixed", "--max-ops", "200", "--json")
+    assert json.loads(p.stdout)["hazards"] == []
+
+
+def test_values_growing_geometrically_stop_at_the_value_size_cap():
+    t0 = time.monotonic()
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:GatherForever", "--json")
+    assert p.returncode == 0 and time.monotonic() - t0 < 30
+    (detail,) = runner_errors(json.loads(p.stdout))
+    assert "value size cap exceeded" in detail and "all_gather" in detail
+
+
+def test_a_runner_that_swallows_every_stop_ends_the_process_with_one_line():
+    t0 = time.monotonic()
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:Swallower", "--sim-timeout", "0.5", "--json")
+    assert p.returncode == 2
+    assert "could not be stopped" in one_line(p.stderr) and p.stdout == ""
+    assert time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------- runner code cannot end or corrupt the tool
+
+
+@pytest.mark.parametrize("runner,needle", [
+    ("Exit0", "sys.exit(0)"),
+    ("Exit5", "sys.exit(5)"),
+    ("Interrupt", "raised KeyboardInterrupt itself"),
+])
+def test_runner_exits_are_runner_errors(runner, needle):
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:{runner}", "--json")
+    assert p.returncode == 0, p.stderr
+    details = runner_errors(json.loads(p.stdout))
+    assert details and all(needle in d for d in details)
+    # No longer a silent success: --fail-on-hazard sees it.
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:{runner}", "--fail-on-hazard")
+    assert p.returncode == 1
+
+
+def test_runner_prints_go_to_stderr_not_the_json_document():
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:Printer", "--json")
+    assert p.returncode == 0
+    json.loads(p.stdout)  # nothing else on stdout, not even the raw fd-1 write
+    assert "runner says hello" in p.stderr and "raw fd-1 write" in p.stderr
+
+
+def test_a_thread_left_running_by_runner_code_does_not_keep_the_process_alive():
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:ThreadLeaker", "--json", timeout=30)
+    assert p.returncode == 0
+    assert json.loads(p.stdout)["hazards"] == []
+    assert "runner code left" in one_line(p.stderr)
+
+
+def test_users_ctrl_c_while_runner_code_runs_is_exit_130():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "simulate",
+                             "r3-tp-decode", "--runner", f"{HOSTILE}:LoopForever", "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)  # inside the runner's loop (the budget is 10 s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=LIMIT_S)
+    assert proc.returncode == 130 and out == ""
+    assert one_line(err) == "moe-twin: interrupted"
+
+
+@pytest.mark.parametrize("module,needle", [
+    ("loop_on_import.py:X", "took too long (wall-clock budget exceeded (--sim-timeout 1 s))"),
+    ("exit_on_import.py:X", "sys.exit(7)"),
+    ("interrupt_on_import.py:X", "raised KeyboardInterrupt itself"),
+])
+def test_loading_a_runner_is_contained(module, needle):
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"tests/hostile_modules/{module}",
+                 "--sim-timeout", "1", "--json")
+    assert p.returncode == 2 and p.stdout == ""
+    assert needle in one_line(p.stderr)
+
+
+def test_prints_while_loading_a_runner_stay_off_stdout():
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", "tests/hostile_modules/print_on_import.py:Quiet", "--json")
+    assert p.returncode == 0
+    assert json.loads(p.stdout)["hazards"] == []
+    assert "printed while importing" in p.stderr and "fd-1 write while importing" in p.stderr
+
+
+def test_the_alarm_is_disarmed_and_stdout_restored_after_runner_code(capsys):
+    # In-process: after a stopped runner, tool code that takes longer than the
+    # budget is never interrupted, and stdout is the caller's again.
+    from scenarios import contain
+    from scenarios.loader import load
+    from sim import simulate
+
+    fired: list[int] = []
+    theirs = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))  # someone else's
+    stdout = sys.stdout
+    contain.set_limits(contain.Limits(sim_timeout_s=0.2))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)  # their timer, running across ours
+        trace = simulate(load("r3-tp-decode"), f"{HOSTILE}:LoopForever")
+        assert contain.budget_stop(trace.notes)
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 25.0 < remaining <= 30.0  # their timer goes on, less the time spent
+        assert signal.getsignal(signal.SIGALRM) is not contain._alarm_handler  # their handler again
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        time.sleep(0.3)
+        assert fired == [signal.SIGALRM]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, theirs)
+        contain.set_limits(contain.Limits())
+    assert sys.stdout is stdout
+    contain.set_limits(contain.Limits(sim_timeout_s=0.2))
+    try:
+        simulate(load("r3-tp-decode"), f"{HOSTILE}:LoopForever")
+    finally:
+        contain.set_limits(contain.Limits())
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # disarmed
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:  # pure-Python tool-side work past the old deadline
+        pass
+    print("still ours")
+    assert capsys.readouterr().out == "still ours\n"
+
+
+# ---------------------------------------------------------------- commands carry on
+
+
+def test_check_and_run_skip_the_real_run_with_the_reason():
+    p = moe_twin("check", "r3-tp-decode", "--runner", f"{HOSTILE}:LoopForever", "--sim-timeout", "0.5", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    (v,) = d["verdicts"]
+    assert v["kind"] == "RUNNER_ERROR" and v["verdict"] == "INCONCLUSIVE"
+    assert "not run on real ranks" in v["reason"] and "wall-clock budget" in v["reason"]
+    assert any("real run skipped" in n for n in d["real"]["notes"])
+    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:OpsForever", "--max-ops", "100", "--json")
+    assert p.returncode == 0
+    d = json.loads(p.stdout)
+    assert any("real run skipped" in n and "op budget" in n for n in d["notes"])
+
+
+def test_explore_with_a_looping_runner_returns(tmp_path):
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "twin.explore_cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
+                        "--budget", "5", "--sim-timeout", "1", "--out", str(tmp_path), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 45
+    d = json.loads(p.stdout)
+    assert d["examples"] == 5  # every scenario was tried: a budget stop does not end the search
+    # One finding per last step before the loop (layer_input, or sp_slice under SP).
+    assert d["findings"]
+    for f in d["findings"]:
+        assert f["kind"] == "RUNNER_ERROR" and "wall-clock budget" in f["detail"]
+        assert not f["shrunk"] and "budget" in f["unshrinkable"]  # not re-run hundreds of times
+
+
+# ---------------------------------------------------------------- real ranks (slow)
+
+
+@pytest.mark.slow
+def test_a_runner_looping_on_real_ranks_is_a_hang_with_its_step():
+    # Well-behaved in the simulator, spins on the ranks: the pool's --timeout
+    # ends it, the ranks are rebuilt for the next run.
+    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:LoopOnRealRanks", "--timeout", "30", "--json",
+                 timeout=300)
+    assert p.returncode == 0, p.stderr
+    hangs = [h for h in json.loads(p.stdout)["hazards"] if h["kind"] == "HANG"]
+    assert hangs and all(h["step_name"] == "before_the_loop" for h in hangs)
+
+
+@pytest.mark.slow
+def test_the_op_budget_applies_on_real_ranks_and_prints_stay_off_stdout():
+    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:OpsForeverOnRealRanks", "--max-ops", "200",
+                 "--timeout", "120", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    details = runner_errors(json.loads(p.stdout))
+    assert details and all("op budget exceeded (--max-ops 200)" in d for d in details)
+    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:Printer", "--timeout", "120", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    json.loads(p.stdout)  # the ranks' prints went to stderr
+    assert "runner says hello" in p.stderr
+
