@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from sim.simops import SimOps, SimTensor
 
 SHOW_ROWS = 6  # token labels shown in a WRONG_TOKENS detail before eliding
+WANT = {"x": "the layer input x", "xlat": "the latent projection xlat of the layer input"}
 
 
 @dataclass(slots=True)
@@ -140,9 +141,9 @@ class Checks:
             return  # the common case, decided without building sets
         clobber = self._clobber_note(ops, x)
         others = {c for c in v.components() if c != want}
+        expected = WANT[want] + (f" of rows {','.join(rows)}" if rows else "")
         if others or x.clobber_partial:
-            expected = f"{want} of rows {','.join(rows)}" if rows else want
-            self._wrong_input(ops, st, f"{consumer} consumes {algebra.summarize(v) or 'nothing'}{clobber}; expected {expected}")
+            self._wrong_input(ops, st, f"{consumer} input is {algebra.summarize(v) or 'zero'}{clobber}; expected {expected}")
             return
         if any(src[2] is not None for b in v.blocks for src, _ in b.terms):
             return  # reported as a DOUBLE_REDUCTION where the tokens were mixed
@@ -152,10 +153,10 @@ class Checks:
         elif any(algebra.below(c, 1.0) for c in coefs) or any(not b.terms for b in v.blocks):
             if self._once((ops.rank, "missing", st.index)):
                 self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
-                                    f"{consumer} input is not the layer input: {algebra.summarize(v)}, expected {want} x1")
+                                    f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1")
         elif rows is not None and v.keys() != rows:
-            self._wrong_input(ops, st, f"{consumer} consumes {want} of rows {','.join(v.keys())}{clobber}; "
-                                       f"expected {want} of rows {','.join(rows)} (the tokens the model handed this rank's layer)")
+            self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
+                                       f"expected {expected} (the tokens the model handed this rank's layer)")
 
     def _clobber_note(self, ops: SimOps, x: SimTensor) -> str:
         if x.clobbered_by is None:
@@ -172,7 +173,7 @@ class Checks:
         v = x.value
         others = {c for c in v.components() if c != "routed"}
         if others or x.clobber_partial:
-            self._wrong_input(ops, st, f"latent_up consumes {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
+            self._wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
                                        "expected the routed output only")
             return
         if not self.scenario.model.transform_nonlinear:
@@ -263,7 +264,7 @@ class Checks:
                    if i >= len(got) or i >= len(want) or got[i] != want[i])
         where = "" if (first == 0 and last >= len(want) - 1) else f" in rows {first}..{last}"
         src = ops.steps[x.rows_from] if 0 <= x.rows_from < len(ops.steps) else None
-        since = f" (row set last changed at step {src.index} {src.name})" if src is not None else ""
+        since = f" (rows as set by step {src.index} {src.name})" if src is not None else ""
         self.sim.add_hazard(
             HazardKind.WRONG_TOKENS, ops.rank, st,
             f"rank {ops.rank} returns {_rows(got[first:last + 1])} instead of {_rows(want[first:last + 1])}{where}{since}",

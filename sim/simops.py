@@ -176,8 +176,11 @@ class SimOps(Ops):
         elif self.writes:
             w = self.writes.get(buf)
             version = w[0] if w is not None else 0
-        src = rows_of if rows_of is not None else (ins[0] if ins else None)
-        rows_from = src.rows_from if src is not None and _same_rows(src.value, value) else st.index
+        # The earliest step that established this row set, along any input that has it.
+        rows_from = st.index
+        for t in (rows_of,) if rows_of is not None else ins:
+            if t.rows_from < rows_from and _same_rows(t.value, value):
+                rows_from = t.rows_from
         out = SimTensor(shape, value, buf, st.index, version, rows_from)
         accesses.append(Access(self.rank, st.index, buf, True))
         self.values[st.index] = value
