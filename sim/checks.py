@@ -107,7 +107,7 @@ class Checks:
                 continue
             shards = [s for (c, s, f), k in b.terms if c == comp and f is None and abs(k - coef) <= algebra.EPS * coef]
             label = algebra.group_label(comp, shards)
-            mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}, expected 1")
+            mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}")
 
     def non_finite(self, ops: SimOps, st: Step, what: str) -> None:
         if self._once((ops.rank, "non-finite")):
@@ -117,8 +117,10 @@ class Checks:
     def non_finite_factor(self, ops: SimOps, st: Step, factor: float) -> None:
         self.non_finite(ops, st, f"{st.name} scales by {factor}")
 
-    def _report_crossings(self, ops: SimOps, comps: list[str], where: Step, fallback: str) -> None:
-        """One DOUBLE_REDUCTION per crossing step, naming every component crossed there."""
+    def _report_crossings(self, ops: SimOps, comps: list[str], where: Step, fallback: str, note: str = "") -> None:
+        """One DOUBLE_REDUCTION per crossing step, naming every component crossed
+        there; `fallback` describes the over-count when no step crossed before
+        `where` (the consumer), `note` says who consumed it."""
         mine = self.crossings.setdefault(ops.rank, {})
         by_step: dict[int, tuple[Step, list[str]]] = {}
         for comp in comps:
@@ -130,7 +132,8 @@ class Checks:
             cr.reported = True
             by_step.setdefault(cr.step.index, (cr.step, []))[1].append(cr.detail)
         for _i, (st, details) in sorted(by_step.items()):
-            self.sim.add_hazard(HazardKind.DOUBLE_REDUCTION, ops.rank, st, " and ".join(dict.fromkeys(details)))
+            self.sim.add_hazard(HazardKind.DOUBLE_REDUCTION, ops.rank, st,
+                                " and ".join(dict.fromkeys(details)) + ", expected 1" + note)
 
     # ---- consumers ----
 
@@ -149,7 +152,8 @@ class Checks:
             return  # reported as a DOUBLE_REDUCTION where the tokens were mixed
         coefs = [coef for b in v.blocks for _src, coef in b.terms]
         if any(algebra.above(c, 1.0) for c in coefs):
-            self._report_crossings(ops, [want], st, f"{consumer} input {want} coefficient {max(coefs):g}, expected 1")
+            self._report_crossings(ops, [want], st, f"{consumer} input {want} coefficient {max(coefs):g}",
+                                   f" (fed to {consumer} at step {st.index})")
         elif any(algebra.below(c, 1.0) for c in coefs) or any(not b.terms for b in v.blocks):
             if self._once((ops.rank, "missing", st.index)):
                 self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
@@ -184,7 +188,8 @@ class Checks:
         low = min(1.0, bound)
         coeffs = algebra.coefficients(v, {}, self.expected_labels(ops, "routed"))
         if any(algebra.above(c, bound) for c in coeffs.values() if math.isfinite(c)):
-            self._report_crossings(ops, ["routed"], st, f"routed coefficient {max(coeffs.values()):g}, expected 1")
+            self._report_crossings(ops, ["routed"], st, f"routed coefficient {max(coeffs.values()):g}",
+                                   f" (fed to {st.name} at step {st.index})")
         short = sorted((lab for lab, c in coeffs.items() if algebra.below(c, low)), key=_label_key)
         if short and self._once((ops.rank, "missing", st.index)):
             self.sim.add_hazard(
@@ -242,7 +247,7 @@ class Checks:
                                 f"output holds {_describe(coeffs, short)}, expected 1")
         if over:
             comps = list(dict.fromkeys(lab.split("@")[0] for lab in over))
-            self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}, expected 1")
+            self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
         if stray:
             self._wrong_input(ops, st, f"the layer output holds {', '.join(stray)}, which the MoE layer "
                                        "does not return (expected routed and shared outputs only)")
@@ -277,7 +282,7 @@ class Checks:
                 continue
             pending = [c for c, cr in self.crossings.get(ops.rank, {}).items() if not cr.reported]
             if pending:
-                self._report_crossings(ops, pending, ops.steps[-1], "")
+                self._report_crossings(ops, pending, ops.steps[-1], "", " (the rank ended without an output)")
 
 
 def _pure(v: algebra.Value, want: str) -> bool:

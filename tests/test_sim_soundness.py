@@ -115,6 +115,24 @@ def test_skipped_sp_gather_returns_padding_rows():
     assert not simulate(SP_DECODE.with_(**{"workload.tokens": 3}), SkipGatherOnRowCount).hazards
 
 
+class GatherOverDP(SkipGatherOnRowCount):
+    def model_forward(self, ops):
+        x = ops.layer_input()
+        tokens = x.shape[0]
+        out = self.forward(ops, ops.sp_slice(x))
+        out = ops.all_gather(out, "dp", name="sp_all_gather")  # the wrong group
+        return ops.layer_output(ops.trim_rows(out, tokens, name="sp_drop_pad_rows"))
+
+
+def test_another_ranks_tokens_are_wrong_tokens():
+    trace = simulate(SP_DECODE.with_(**{"workload.tokens": 2}), GatherOverDP)
+    assert trace.hazard_kinds() == {"WRONG_TOKENS"}
+    by_rank = {h.rank: h.detail for h in trace.hazards}
+    assert "rank 0 returns [d1t0] instead of [d0t1] in rows 1..1" in by_rank[0]
+    assert "sp_all_gather" in by_rank[0]
+    assert set(by_rank) == {0, 1, 2, 3}
+
+
 class SharedOnLatent(MoERunner):
     def shared_input(self, ops, x):
         return ops.pad(ops.latent_down(x, name="shared_latent_down"), self.scenario.model.hidden)
@@ -126,6 +144,20 @@ def test_shared_experts_on_the_padded_latent_is_wrong_input():
     assert trace.hazard_kinds() == {"WRONG_INPUT"}
     h = trace.hazards[0]
     assert h.step_name == "shared_experts" and "xlat" in h.detail and "expected the layer input x" in h.detail
+
+
+class SharedOnDispatched(MoERunner):
+    def shared_input(self, ops, x):
+        xd, _routing = ops.dispatch(x, ops.router(x, name="shared_router"), name="shared_dispatch")
+        return xd
+
+
+def test_shared_experts_on_the_dispatched_tokens_is_wrong_input():
+    s = TP_AUX.with_(**{"parallel.tp": 1, "parallel.dp": 2, "model.shared_intermediate": None})
+    trace = simulate(s, SharedOnDispatched)
+    wrong = [h for h in trace.hazards if h.kind.value == "WRONG_INPUT"]
+    assert {h.rank for h in wrong} == {0, 1} and all(h.step_name == "shared_experts" for h in wrong)
+    assert "x of rows d0,d1; expected the layer input x of rows d1" in next(h.detail for h in wrong if h.rank == 1)
 
 
 class SharedAfterInplaceRouted(MoERunner):
@@ -205,6 +237,30 @@ def test_routed_counted_twice_before_its_scaling_is_double_at_that_step():
             y, shared = super().routed_path(ops, x, routing, order, shared_inside)
             return ops.scale(y, 0.5, name="divide_back"), shared
     assert not simulate(s, DivideBack).hazards
+
+
+class ReduceTwiceAtTheEnd(MoERunner):
+    def final_reduce(self, ops, result, routed_reduced):
+        return ops.all_reduce(super().final_reduce(ops, result, routed_reduced), "tp", name="again")
+
+
+def test_a_double_reduction_names_every_doubled_component():
+    trace = simulate(TP_SERIAL, ReduceTwiceAtTheEnd)
+    assert [(h.rank, h.kind.value, h.step_name) for h in sorted(trace.hazards, key=lambda h: h.rank)] == [
+        (0, "DOUBLE_REDUCTION", "again"), (1, "DOUBLE_REDUCTION", "again")]
+    assert trace.hazards[0].detail == "routed@tp0,tp1 coefficient 2 and shared@tp0,tp1 coefficient 2, expected 1"
+
+
+class ReduceInput(MoERunner):
+    def forward(self, ops, x):
+        return super().forward(ops, ops.all_reduce(x, "tp", name="reduce_input"))
+
+
+def test_input_of_the_right_component_summed_twice_is_double_where_summed():
+    trace = simulate(TP_SERIAL, ReduceInput)
+    assert trace.hazard_kinds() == {"DOUBLE_REDUCTION"}
+    assert {h.step_name for h in trace.hazards} == {"reduce_input"}
+    assert "x coefficient 2, expected 1 (fed to router" in trace.hazards[0].detail
 
 
 class NaNScale(MoERunner):
