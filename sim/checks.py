@@ -76,6 +76,7 @@ class Checks:
 
     def value(self, ops: SimOps, st: Step, v: algebra.Value) -> None:
         over = False
+        routed_ceiling = None  # computed once, only if a routed coefficient exceeds 1
         for b in v.blocks:
             for (c, _s, f), coef in b.terms:
                 if coef == 1.0 and f is None:
@@ -84,8 +85,13 @@ class Checks:
                     self._foreign(ops, st, b)
                 elif not math.isfinite(coef):
                     self.non_finite(ops, st, f"{algebra.source_label((c, _s, f))} coefficient {coef}")
-                elif coef > 1.0:
-                    over = True
+                elif coef > 1.0 and not over:
+                    if c == "routed":
+                        if routed_ceiling is None:
+                            routed_ceiling = algebra.ceiling(v, "routed", self.rsf)
+                        over = algebra.above(coef, routed_ceiling)
+                    else:
+                        over = algebra.above(coef, 1.0)
         if over:
             self._crossing(ops, st, v)
 

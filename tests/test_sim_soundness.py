@@ -9,11 +9,14 @@ import json
 import math
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from cli import main
 from scenarios.loader import load
 from scenarios.ops import OpsUsageError
 from scenarios.runners import MoERunner
+from scenarios.strategies import assert_no_hazard, moe_scenarios
 from sim import RunnerUsageError, algebra, simulate
 
 # ---------------------------------------------------------------- scenarios
@@ -306,6 +309,8 @@ class ReplicatedSharedScaled(MoERunner):
         return False  # every rank computes the whole shared MLP
 
     def maybe_reduce_shared(self, ops, shared, routed_reduced):
+        if shared is None or not self.needs_final_reduce(routed_reduced):
+            return shared  # complete already, and nothing sums it again
         return ops.scale(shared, 1 / self.scenario.parallel.tp, name="shared_pre_scale")
 
 
@@ -347,6 +352,13 @@ def test_correct_but_unusual_runner_is_clean(runner, scenario):
     assert not trace.hazards, [str(h) for h in trace.hazards]
     for coeffs in trace.outputs.values():
         assert coeffs and all(c == 1.0 for c in coeffs.values()), coeffs
+
+
+@given(moe_scenarios(max_world=4), st.sampled_from([ReplicatedSharedScaled, ReduceScatterAllGather]))
+@settings(max_examples=80, deadline=None)
+def test_correct_but_unusual_runners_are_clean_on_generated_scenarios(s, runner):
+    assume(s.workload.tokens % s.parallel.tp == 0)  # reduce-scatter needs divisible rows
+    assert_no_hazard(runner, s)
 
 
 def test_correct_runners_exercise_what_they_claim():
