@@ -420,3 +420,24 @@ def test_cli_usage_error_exits_2_with_one_line(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "final_all_reduce" in err and "unknown group kind 'tensor'" in err
+
+
+# ---------------------------------------------------------------- the output table
+
+
+def _render(renderable):
+    from rich.console import Console
+
+    console = Console(width=200, record=True, force_terminal=False)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_output_table_shows_missing_sources_as_zero_and_folds_shards():
+    from twin.report import fold_sources, outputs_table
+
+    text = _render(outputs_table(simulate(TP_SERIAL, DropFinalReduce)))
+    assert "routed@tp0=1  routed@tp1=0  shared@tp0=1  shared@tp1=0" in text
+    many = {f"routed@ep{i}": 1.0 for i in range(10)} | {"routed@ep10": 0.0, "shared@full": 1.0}
+    assert fold_sources(many) == [("routed@ep0..ep9", 1.0), ("routed@ep10", 0.0), ("shared@full", 1.0)]
+    assert fold_sources({"shared@tp1": 2.0, "shared@tp0": 2.0}) == [("shared@tp0,tp1", 2.0)]

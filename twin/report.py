@@ -69,7 +69,7 @@ def outputs_table(trace: Trace) -> RenderableType:
     groups: dict[tuple, list[int]] = {}
     for r, coeffs in sorted(trace.outputs.items()):
         groups.setdefault(tuple(sorted(coeffs.items())), []).append(r)
-    t = Table(title="output coefficients (1 = reduced exactly once, 0 = missing)", title_justify="left")
+    t = Table(title="output coefficients (1 = once, 0 = missing)", title_justify="left")
     t.add_column("ranks")
     t.add_column("sources")
     for coeffs, ranks in groups.items():
