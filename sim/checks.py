@@ -116,8 +116,9 @@ class Checks:
             mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}")
 
     def non_finite(self, ops: SimOps, st: Step, what: str) -> None:
+        # No st.error: nothing raises here (torch computes NaN and goes on), so
+        # the step must still align with a real run that did not fail.
         if self._once((ops.rank, "non-finite")):
-            st.error = st.error or "non-finite coefficient"
             self.sim.add_hazard(HazardKind.RUNNER_ERROR, ops.rank, st, f"non-finite coefficient: {what}")
 
     def non_finite_factor(self, ops: SimOps, st: Step, factor: float) -> None:
