@@ -83,6 +83,8 @@ class Step:
         d["in_shapes"] = [list(s) for s in self.in_shapes]
         d["out_shape"] = list(self.out_shape) if self.out_shape is not None else None
         d["group"] = list(self.group) if self.group is not None else None
+        if self.value is not None:
+            d["value"] = _finite_map(self.value)
         return d
 
 
@@ -167,6 +169,11 @@ def _finite(x: float | None) -> float | str | None:
     return float(x)
 
 
+def _finite_map(coeffs: dict[str, float]) -> dict[str, float | str | None]:
+    """Coefficients for JSON: a non-finite one (a runner scaled by NaN) as a string."""
+    return {k: _finite(v) for k, v in coeffs.items()}
+
+
 @dataclass
 class Trace:
     """Everything one interpreter observed for one scenario and runner."""
@@ -211,7 +218,7 @@ class Trace:
             "overlap_us": {str(r): round(v, 3) for r, v in self.overlap_us.items()},
             "decisions": dict(self.decisions),
             "hazards": [h.to_dict() for h in self.hazards],
-            "outputs": {str(r): c for r, c in self.outputs.items()},
+            "outputs": {str(r): _finite_map(c) for r, c in self.outputs.items()},
             "notes": list(self.notes),
         }
         if self.source == "real":

@@ -8,8 +8,9 @@ from scenarios.trace import HazardKind, Trace
 from sim import hazards as hz
 from sim.cost import Profile, load_profile
 from sim.engine import Simulation
+from sim.errors import RunnerUsageError
 
-__all__ = ["simulate", "Simulation"]
+__all__ = ["simulate", "Simulation", "RunnerUsageError"]
 
 FATAL = {HazardKind.SHAPE_MISMATCH, HazardKind.HANG, HazardKind.RUNNER_ERROR}
 
@@ -33,6 +34,8 @@ def simulate(
     """Predict hazards and the timeline of `runner` (default: the scenario's) on `scenario`.
 
     `what_if` runs the second simulation LOST_OVERLAP needs (the best safe order).
+    Raises RunnerUsageError (an OpsUsageError, a ValueError) when the runner
+    calls an Ops method wrongly: that is a mistake in its code, not a finding.
     """
     cls = load_runner(runner if runner is not None else scenario.runner)
     prof = profile if isinstance(profile, Profile) else load_profile(profile or scenario.cost_profile)

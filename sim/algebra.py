@@ -9,20 +9,59 @@ one token set (its key, e.g. "d0" = all tokens of DP rank 0, "d1s0" = SP slice
 block's own tokens, else the key of the other tokens it came from (adding
 blocks of different tokens is the error of regression R1).
 
-Coefficients count how many times each partial was summed in: 1 is right,
-2 (or the group size) is a double reduction, a missing source is a missing
-reduction. Scaling (routed scaling factor) is tracked per component apart from
-the multiplicities so that scaling is never mistaken for a reduction.
+Coefficients
+------------
+A term's coefficient is the *effective* factor of that partial in the value:
+the product of every scaling applied to it and of how many times it was summed
+in. Scaling by 1/n and summing n copies gives exactly 1, like the real
+numbers do. No check looks at "how many times summed" or "how much scaled"
+apart: only the product is meaningful (a runner that pre-scales replicated
+shared experts by 1/tp and lets the final all-reduce sum tp copies is right).
+
+Coefficients are floats, snapped to the nearest integer within 1e-9 (so 1/3
+summed three times is exactly 1). Exact rationals would not be more exact: a
+runner's factors are floats, and the rational of the float 0.1 times 10 is not
+1. Non-finite coefficients (a runner scaling by NaN or inf) are kept as they
+are and reported by the simulator's checks.
+
+What is right, what is beyond repair
+------------------------------------
+At the layer output every expected source must have coefficient `expected`:
+the routed scaling factor (rsf) for `routed`, 1 for `shared`.
+
+Mid-program, a correct program may still (a) sum partials in (reductions only
+ever add: partials are summed with positive multiplicity) and (b) apply the
+routed scaling factor once, if routed has not been scaled yet. So the most a
+correct program can hold at any point, its *ceiling*, is 1 for every
+component, except routed once it has been through a scale op, where it is
+rsf. A coefficient below the ceiling is never a hazard mid-program (a 1/n
+pre-scaling waits for its sum). A coefficient above the ceiling is beyond
+repair by any such continuation: routed counted twice before its rsf scaling
+(2 > 1), shared summed twice (2 > 1); shared scaled 1/2 then summed twice
+(1 <= 1) is clean everywhere.
+
+A runner may also divide after summing (sum n copies, then scale by 1/n),
+which repairs an over-count with a scaling the ceiling does not expect. So
+the simulator treats a crossing of the ceiling as a *candidate*: it becomes a
+DOUBLE_REDUCTION, reported at the step that first crossed the ceiling, only
+when the value reaches a consumer that cannot undo it: the layer output with
+a coefficient above `expected`, a non-linear op (router, experts, shared
+experts, latent transforms) fed the over-counted input, or the end of a rank's
+program without any output (it crashed or hung with the over-count pending).
+Sums of different tokens' rows (foreign sources) are never right and are
+reported where they arise, whatever the scaling.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 Source = tuple[str, str, "str | None"]  # (component, shard, foreign token key)
 
 INPUT_COMPONENTS = ("x", "xlat")
+EPS = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +77,9 @@ class Block:
 @dataclass(frozen=True, slots=True)
 class Value:
     blocks: tuple[Block, ...]
-    scale: tuple[tuple[str, float], ...] = ()  # component -> product of scalings
+    # component -> product of the scale ops applied to it (already part of the
+    # coefficients; kept to know whether routed's scaling has happened).
+    scale: tuple[tuple[str, float], ...] = ()
 
     @property
     def rows(self) -> int:
@@ -53,9 +94,30 @@ class Value:
     def components(self) -> set[str]:
         return {src[0] for b in self.blocks for src, _ in b.terms}
 
+    def keys(self) -> tuple[str, ...]:
+        return tuple(b.key for b in self.blocks)
+
+
+def snap(v: float) -> float:
+    """v, or the integer within EPS of it (finite values only)."""
+    if v == 1.0 or v == 0.0:
+        return v
+    if math.isfinite(v):
+        r = round(v)
+        if abs(v - r) < EPS:
+            return float(r)
+    return v
+
 
 def _terms(d: dict[Source, float]) -> tuple[tuple[Source, float], ...]:
-    return tuple(sorted(((k, v) for k, v in d.items() if abs(v) > 1e-12), key=_src_sort))
+    items = []
+    for k, v in d.items():
+        v = snap(v)
+        if v != 0.0:  # NaN != 0.0: kept
+            items.append((k, v))
+    if len(items) > 1:
+        items.sort(key=_src_sort)
+    return tuple(items)
 
 
 def _src_sort(item: tuple[Source, float]) -> tuple[str, str, str]:
@@ -107,48 +169,48 @@ def _resegment(v: Value, cuts: Sequence[int]) -> list[Block]:
     return blocks
 
 
+def _merge_scale(values: Sequence[Value], own: int) -> tuple[tuple[str, float], ...]:
+    base = dict(values[own].scale)
+    for v in values:
+        for c, f in v.scale:
+            base.setdefault(c, f)
+    return tuple(sorted(base.items()))
+
+
 def add(values: Sequence[Value], own: int = 0) -> Value:
     """Elementwise sum of same-shaped values (an add, or an all-reduce).
 
     Row keys come from values[own] (the receiving rank); sources of other
     values whose rows hold different tokens become foreign sources.
+    Coefficients simply add: they already include every scaling.
     """
     if len(values) == 1:
         return values[0]
     layout = [b.rows for b in values[own].blocks]
     if all([b.rows for b in v.blocks] == layout for v in values):
         # Common case (same row layout everywhere): no re-segmentation.
-        cuts = layout
-        segs = [list(v.blocks) for v in values]
+        n = len(layout)
+        segs = [v.blocks for v in values]
     else:
         cuts = sorted(set().union(*(_boundaries(v) for v in values)))
-        segs = [_resegment(v, cuts) for v in values]
-    # Scale: rescale sources of a component whose scale differs from the receiver's.
-    base_scale = dict(values[own].scale)
-    for v in values:  # components the receiver never scaled take the first scale seen
-        for c, f in v.scale:
-            base_scale.setdefault(c, f)
-    # Every component's scale relative to the receiver's; a value that was never
-    # scaled has scale 1 for it (not "whatever the receiver has").
-    ratios = []
-    for v in values:
-        own_scale = dict(v.scale)
-        r = {c: own_scale.get(c, 1.0) / base for c, base in base_scale.items() if own_scale.get(c, 1.0) != base}
-        ratios.append(r)
+        n = len(cuts)
+        segs = [tuple(_resegment(v, cuts)) for v in values]
     out: list[Block] = []
-    for i in range(len(cuts)):
-        key = segs[own][i].key
+    for i in range(n):
+        mine = segs[own][i]
+        key = mine.key
         acc: dict[Source, float] = {}
-        for j in range(len(values)):
-            blk = segs[j][i]
-            foreign = blk.key != key
-            rj = ratios[j]
-            for (c, s, f), coef in blk.terms:
-                ratio = rj.get(c, 1.0) if rj else 1.0
-                src = (c, s, blk.key if (foreign and f is None) else f)
-                acc[src] = acc.get(src, 0.0) + coef * ratio
-        out.append(Block(key, segs[own][i].rows, _terms(acc)))
-    return Value(tuple(out), tuple(sorted(base_scale.items())))
+        for seg in segs:
+            blk = seg[i]
+            if blk.key == key:
+                for src, coef in blk.terms:
+                    acc[src] = acc.get(src, 0.0) + coef
+            else:
+                for (c, s, f), coef in blk.terms:
+                    src = (c, s, blk.key if f is None else f)
+                    acc[src] = acc.get(src, 0.0) + coef
+        out.append(Block(key, mine.rows, _terms(acc)))
+    return Value(tuple(out), _merge_scale(values, own))
 
 
 def concat(values: Iterable[Value]) -> Value:
@@ -162,11 +224,19 @@ def concat(values: Iterable[Value]) -> Value:
 
 
 def scale(v: Value, factor: float) -> Value:
-    comps = v.components()
+    """Every coefficient times `factor` (a non-finite factor gives non-finite
+    coefficients, which the checks report)."""
+    memo: dict[tuple, tuple] = {}
+    blocks = []
+    for b in v.blocks:
+        terms = memo.get(b.terms)
+        if terms is None:
+            terms = memo[b.terms] = _terms({src: coef * factor for src, coef in b.terms})
+        blocks.append(Block(b.key, b.rows, terms))
     cur = dict(v.scale)
-    for c in comps:
+    for c in v.components():
         cur[c] = cur.get(c, 1.0) * factor
-    return Value(v.blocks, tuple(sorted(cur.items())))
+    return Value(tuple(blocks), tuple(sorted(cur.items())))
 
 
 def reduce_scatter(values: Sequence[Value], index: int) -> Value:
@@ -177,20 +247,52 @@ def reduce_scatter(values: Sequence[Value], index: int) -> Value:
     return add(parts, own=index)
 
 
-def is_pure_input(v: Value) -> str | None:
-    """None if every block is exactly one input source with coefficient 1 on
-    its own rows; else a description of what is wrong (a non-linear op on it
-    would compute garbage)."""
+# ---- what checks ask of a value ----
+
+
+def ceiling(v: Value, component: str, rsf: float) -> float:
+    """The most a correct program can hold of one source of `component` at
+    this point (module docstring): rsf for routed once scaled, else 1."""
+    if component == "routed" and v.scale_of("routed") != 1.0:
+        return rsf
+    return 1.0
+
+
+def above(coef: float, bound: float) -> bool:
+    return coef > bound * (1.0 + EPS) + EPS
+
+
+def below(coef: float, bound: float) -> bool:
+    return coef < bound * (1.0 - EPS) - EPS
+
+
+def over_ceiling(v: Value, rsf: float) -> dict[str, tuple[Block, float, float]]:
+    """Per component: (first block, its largest coefficient, the ceiling) where
+    an own-rows source exceeds the ceiling. Foreign sources are checked apart."""
+    out: dict[str, tuple[Block, float, float]] = {}
+    bounds: dict[str, float] = {}
     for b in v.blocks:
-        if len(b.terms) != 1:
-            return f"rows {b.key} hold {describe_terms(b.terms)}"
-        (c, _s, f), coef = b.terms[0]
-        if c not in INPUT_COMPONENTS or f is not None or abs(coef - 1.0) > 1e-9:
-            return f"rows {b.key} hold {describe_terms(b.terms)}"
+        for (c, _s, f), coef in b.terms:
+            if f is not None or coef <= 1.0:
+                continue
+            bound = bounds.get(c)
+            if bound is None:
+                bound = bounds[c] = ceiling(v, c, rsf)
+            if above(coef, bound) and (c not in out or (out[c][0] is b and coef > out[c][1])):
+                out[c] = (b, coef, bound)
+    return out
+
+
+def non_finite(v: Value) -> tuple[Block, Source, float] | None:
+    for b in v.blocks:
+        for src, coef in b.terms:
+            if not math.isfinite(coef):
+                return b, src, coef
     return None
 
 
-def max_multiplicity(v: Value) -> tuple[float, Block | None, Source | None]:
+def max_coefficient(v: Value) -> tuple[float, Block | None, Source | None]:
+    """The largest coefficient of any source (scaling included)."""
     best, best_b, best_s = 0.0, None, None
     for b in v.blocks:
         for src, coef in b.terms:
@@ -202,6 +304,8 @@ def max_multiplicity(v: Value) -> tuple[float, Block | None, Source | None]:
 def foreign_sources(v: Value) -> list[tuple[Block, Source]]:
     return [(b, src) for b in v.blocks for src, _ in b.terms if src[2] is not None]
 
+
+# ---- labels and summaries ----
 
 _LABELS: dict[Source, str] = {}
 
@@ -221,7 +325,7 @@ def _make_label(src: Source) -> str:
     return text
 
 
-def _shard_range(shards: list[str]) -> str:
+def shard_range(shards: list[str]) -> str:
     """ep0, ep1, ep2, ep3 -> ep0..ep3 (when contiguous)."""
     if len(shards) <= 2:
         return ",".join(shards)
@@ -235,14 +339,26 @@ def _shard_range(shards: list[str]) -> str:
     return ",".join(shards)
 
 
+def group_label(component: str, shards: list[str]) -> str:
+    """routed + [ep0, ep1, ep2, ep3] -> routed@ep0..ep3."""
+    shards = sorted(shards, key=_shard_key)
+    return f"{component}@{shard_range(shards)}" if any(shards) else component
+
+
+def _shard_key(s: str) -> tuple[str, int]:
+    prefix = s.rstrip("0123456789")
+    tail = s[len(prefix):]
+    return (prefix, int(tail) if tail else -1)
+
+
 def describe_terms(terms: Iterable[tuple[Source, float]]) -> str:
     """Group sources of one component and coefficient: routed@ep0..ep3 x1."""
     groups: dict[tuple[str, float, str | None], list[str]] = {}
     for (c, s, f), coef in terms:
-        groups.setdefault((c, round(coef, 6), f), []).append(s)
+        groups.setdefault((c, round(coef, 6) if math.isfinite(coef) else coef, f), []).append(s)
     parts = []
     for (c, coef, f), shards in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2] or "")):
-        label = f"{c}@{_shard_range(shards)}" if any(shards) else c
+        label = group_label(c, shards)
         if f is not None:
             label += f"[tokens {f}]"
         parts.append(f"{label} x{coef:g}")
@@ -257,22 +373,41 @@ def summarize(v: Value) -> str:
     return "; ".join(f"{','.join(keys)}: {desc}" for desc, keys in seen.items())
 
 
-def coefficients(v: Value, expected_scale: dict[str, float]) -> dict[str, float]:
-    """Per-source coefficients in the reference unit: multiplicity times the
-    value's scaling relative to the intended one (what a least-squares fit of
-    the real tensor against float64 partials measures). Sources that differ
-    only by rows are folded (they carry the same coefficient in a correct run;
-    a disagreement keeps the extreme)."""
+def coefficients(
+    v: Value,
+    expected_scale: dict[str, float],
+    expected_sources: Iterable[str] | None = None,
+) -> dict[str, float]:
+    """Per-source coefficients in the reference unit: the coefficient divided
+    by the intended one (`expected_scale`, e.g. rsf for routed; what a
+    least-squares fit of the real tensor against float64 partials that include
+    the intended scaling measures). Sources that differ only by rows are
+    folded (they carry the same coefficient in a correct run; a disagreement
+    keeps the one farthest from 1). Every label of `expected_sources` appears,
+    with 0 when the value lacks it."""
     out: dict[str, float] = {}
-    ratios = {c: v.scale_of(c) / expected_scale.get(c, 1.0) for c in expected_scale}
+    want = tuple(expected_sources) if expected_sources is not None else ()
     seen_terms: set[tuple] = set()
     for b in v.blocks:
         if b.terms in seen_terms:  # identical blocks (same sources) say nothing new
             continue
         seen_terms.add(b.terms)
+        here: set[str] = set()
         for src, coef in b.terms:
             label = source_label(src)
-            val = coef * ratios.get(src[0], v.scale_of(src[0]))
-            if label not in out or abs(val - 1.0) > abs(out[label] - 1.0):
-                out[label] = round(val, 9)
+            here.add(label)
+            _keep_extreme(out, label, snap(coef / expected_scale.get(src[0], 1.0)))
+        for label in want:  # an expected source absent from these rows: 0 here
+            if label not in here:
+                _keep_extreme(out, label, 0.0)
+    for label in want:  # a value with no rows at all
+        out.setdefault(label, 0.0)
     return out
+
+
+def _keep_extreme(out: dict[str, float], label: str, val: float) -> None:
+    prev = out.get(label)
+    if not math.isfinite(val):
+        out[label] = val
+    elif prev is None or (math.isfinite(prev) and abs(val - 1.0) > abs(prev - 1.0)):
+        out[label] = round(val, 9)

@@ -2,8 +2,10 @@
 streams, overlap the backend contract forbids, and lost overlap (which needs a
 second simulation of the best safe order).
 
-The per-op detectors (double/missing reduction, shape mismatch, hang) live in
-sim/engine.py, where the values and shapes are computed.
+The per-op detectors (reductions, wrong inputs and tokens) live in
+sim/checks.py; shape errors in sim/simops.py, where shapes are computed; hangs
+in sim/engine.py, where collectives meet. Same-stream in-place writes are
+values (sim/simops.py: buffer versions), not races: only streams race here.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -69,24 +71,70 @@ def show_scenario(s: Scenario) -> RenderableType:
 
 
 def outputs_table(trace: Trace) -> RenderableType:
-    """Output coefficients per rank, ranks with identical coefficients folded."""
+    """Output coefficients per rank, ranks with identical coefficients folded.
+    Every expected source is listed (a missing one as 0); shards of one
+    component with one coefficient are folded into a range (routed@ep0..ep63=1)."""
     groups: dict[tuple, list[int]] = {}
     for r, coeffs in sorted(trace.outputs.items()):
         groups.setdefault(tuple(sorted(coeffs.items())), []).append(r)
-    t = Table(title="output coefficients (1 = reduced exactly once)", title_justify="left")
+    t = Table(title="output coefficients (1 = once, 0 = missing)", title_justify="left")
     t.add_column("ranks")
     t.add_column("sources")
     for coeffs, ranks in groups.items():
         parts = Text()
-        for i, (label, c) in enumerate(coeffs):
+        for i, (label, c) in enumerate(fold_sources(dict(coeffs))):
             if i:
                 parts.append("  ")
-            style = "green" if abs(c - 1.0) < 1e-6 else "bold red"
-            parts.append(f"{printable(label)}={c:g}", style=style)
+            ok = isinstance(c, float) and math.isfinite(c) and abs(c - 1.0) < 1e-6
+            parts.append(f"{printable(label)}={c:g}", style="green" if ok else "bold red")
         t.add_row(",".join(map(str, ranks)), parts)
     if not groups:
         t.add_row("-", "no fitted coefficients (no output, or no prediction to fit against)")
     return t
+
+
+_LABEL = re.compile(r"^([^@\[]+)(?:@([A-Za-z]*)(\d*))?(\[tokens [^\]]+\])?$")
+
+
+def fold_sources(coeffs: dict[str, float]) -> list[tuple[str, float]]:
+    """[("routed@ep0", 1), ("routed@ep1", 1), ("shared@full", 0)] ->
+    [("routed@ep0,ep1", 1), ("shared@full", 0)]: consecutive shards of one
+    component (same foreign tokens) with the same coefficient are one entry."""
+    rows: list[tuple[tuple[str, str, str, int], str, float]] = []
+    for label, c in coeffs.items():
+        m = _LABEL.match(label)
+        if m is None or not m.group(3):  # "x", "shared@full": nothing to fold
+            rows.append(((label, "", "", -1), label, c))
+        else:
+            rows.append(((m.group(1), m.group(4) or "", m.group(2), int(m.group(3))), label, c))
+    rows.sort(key=lambda r: r[0])
+    out: list[tuple[str, float]] = []
+    run: list[tuple[tuple[str, str, str, int], str, float]] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append((run[0][1], run[0][2]))
+        elif run:
+            (comp, foreign, prefix, lo), _label, c = run[0]
+            hi = run[-1][0][3]
+            sep = ".." if len(run) > 2 else ","
+            out.append((f"{comp}@{prefix}{lo}{sep}{prefix}{hi}{foreign}", c))
+        run.clear()
+
+    for key, label, c in rows:
+        if run:
+            prev, _pl, pc = run[-1]
+            if not (key[3] >= 0 and key[:3] == prev[:3] and key[3] == prev[3] + 1 and _same_coef(c, pc)):
+                flush()
+        run.append((key, label, c))
+    flush()
+    return out
+
+
+def _same_coef(a: float, b: float) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b):
+        return abs(a - b) < 1e-9
+    return str(a) == str(b)
 
 
 def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, real: bool) -> RenderableType:

@@ -1,0 +1,337 @@
+"""The per-op detectors: reductions, input identity, token identity.
+
+Rules (the algebra's docstring explains the coefficients and the ceiling):
+
+- Every value a step computes: a non-finite coefficient is a RUNNER_ERROR
+  (the runner computed a non-number; no count of reductions describes it,
+  and torch would not raise); rows of different tokens summed together are a
+  DOUBLE_REDUCTION where they arise (regression R1), whatever the scaling; a
+  coefficient above the ceiling is remembered as a *candidate* (the first step
+  per rank and component that crossed it).
+- A candidate becomes a DOUBLE_REDUCTION, reported at that first step, when a
+  consumer that cannot undo it sees the over-count: the layer output, a
+  non-linear op, or the end of a rank's program without any output.
+- Consumers declare what they must consume (`consume`): the router and the
+  latent down-projection the untransformed input `x`; the routed experts `x`,
+  or `xlat` for a latent MoE, on whatever rows dispatch delivered; the shared
+  experts `x` of the rows the model handed this rank's layer; the latent
+  up-projection the routed output and nothing else. Another component, other
+  rows, or a buffer clobbered by an in-place write is WRONG_INPUT; the right
+  component with the wrong coefficient is DOUBLE/MISSING_REDUCTION.
+- The layer output (`output`): the rank must return exactly its own tokens in
+  order (`scenarios.workload.owned_tokens`), else WRONG_TOKENS; every expected
+  source of every component must have its expected coefficient; one
+  MISSING_REDUCTION names every short source, one DOUBLE_REDUCTION per
+  crossing step names every over-counted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from scenarios.trace import HazardKind, Step
+from scenarios.workload import dp_of, owned_tokens, token_label, tokens_of
+from sim import algebra
+
+if TYPE_CHECKING:
+    from sim.engine import Simulation
+    from sim.simops import SimOps, SimTensor
+
+SHOW_ROWS = 6  # token labels shown in a WRONG_TOKENS detail before eliding
+WANT = {"x": "the layer input x", "xlat": "the latent projection xlat of the layer input"}
+
+
+@dataclass(slots=True)
+class Crossing:
+    """The first step of a rank where one component went above its ceiling."""
+
+    step: Step
+    detail: str
+    reported: bool = False
+
+
+class Checks:
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        s = sim.scenario
+        self.scenario = s
+        self.rsf = s.model.routed_scaling_factor
+        self.expected_scale = {"routed": self.rsf, "shared": 1.0}
+        self.crossings: dict[int, dict[str, Crossing]] = {}
+        self.reported: set[tuple] = set()
+        self.checked_output: set[int] = set()
+        self._tokens: dict[str, list[int]] = {}
+        self._labels: dict[tuple, tuple[str, ...]] = {}
+        self._memo: dict[tuple, tuple[algebra.Value, tuple]] = {}
+
+    def _once(self, key: tuple) -> bool:
+        if key in self.reported:
+            return False
+        self.reported.add(key)
+        return True
+
+    # ---- every computed value ----
+
+    def value(self, ops: SimOps, st: Step, v: algebra.Value) -> None:
+        over = False
+        routed_ceiling = None  # computed once, only if a routed coefficient exceeds 1
+        for b in v.blocks:
+            for (c, _s, f), coef in b.terms:
+                if coef == 1.0 and f is None:
+                    continue
+                if f is not None:
+                    self._foreign(ops, st, b)
+                elif not math.isfinite(coef):
+                    self.non_finite(ops, st, f"{algebra.source_label((c, _s, f))} coefficient {coef}")
+                elif coef > 1.0 and not over:
+                    if c == "routed":
+                        if routed_ceiling is None:
+                            routed_ceiling = algebra.ceiling(v, "routed", self.rsf)
+                        over = algebra.above(coef, routed_ceiling)
+                    else:
+                        over = algebra.above(coef, 1.0)
+        if over:
+            self._crossing(ops, st, v)
+
+    def _foreign(self, ops: SimOps, st: Step, b: algebra.Block) -> None:
+        if not self._once((ops.rank, "foreign")):
+            return
+        src = next(s for s, _ in b.terms if s[2] is not None)
+        n_foreign = sum(1 for (c, s, f), _ in b.terms if f is not None and (c, s) == src[:2])
+        self.sim.add_hazard(
+            HazardKind.DOUBLE_REDUCTION, ops.rank, st,
+            f"{src[0]}@{src[1]} of {1 + n_foreign} different token sets summed into each row "
+            f"(coefficient {1 + n_foreign} per row, expected 1: own tokens only)",
+        )
+
+    def _crossing(self, ops: SimOps, st: Step, v: algebra.Value) -> None:
+        mine = self.crossings.setdefault(ops.rank, {})
+        for comp, (b, coef, bound) in algebra.over_ceiling(v, self.rsf).items():
+            if comp in mine:
+                continue
+            shards = [s for (c, s, f), k in b.terms if c == comp and f is None and abs(k - coef) <= algebra.EPS * coef]
+            label = algebra.group_label(comp, shards)
+            mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}")
+
+    def non_finite(self, ops: SimOps, st: Step, what: str) -> None:
+        # No st.error: nothing raises here (torch computes NaN and goes on), so
+        # the step must still align with a real run that did not fail.
+        if self._once((ops.rank, "non-finite")):
+            self.sim.add_hazard(HazardKind.RUNNER_ERROR, ops.rank, st, f"non-finite coefficient: {what}")
+
+    def non_finite_factor(self, ops: SimOps, st: Step, factor: float) -> None:
+        self.non_finite(ops, st, f"{st.name} scales by {factor}")
+
+    def _report_crossings(self, ops: SimOps, comps: list[str], where: Step, fallback: str, note: str = "") -> None:
+        """One DOUBLE_REDUCTION per crossing step, naming every component crossed
+        there; `fallback` describes the over-count when no step crossed before
+        `where` (the consumer), `note` says who consumed it."""
+        mine = self.crossings.setdefault(ops.rank, {})
+        by_step: dict[int, tuple[Step, list[str]]] = {}
+        for comp in comps:
+            cr = mine.get(comp)
+            if cr is not None and cr.reported:
+                continue
+            if cr is None:  # over-counted without a recorded crossing: blame the consumer
+                cr = mine[comp] = Crossing(where, fallback)
+            cr.reported = True
+            by_step.setdefault(cr.step.index, (cr.step, []))[1].append(cr.detail)
+        for _i, (st, details) in sorted(by_step.items()):
+            self.sim.add_hazard(HazardKind.DOUBLE_REDUCTION, ops.rank, st,
+                                " and ".join(dict.fromkeys(details)) + ", expected 1" + note)
+
+    # ---- consumers ----
+
+    def consume(self, ops: SimOps, st: Step, x: SimTensor, consumer: str, want: str,
+                rows: tuple[str, ...] | None = None) -> None:
+        v = x.value
+        if not x.clobber_partial and _pure(v, want) and (rows is None or v.keys() == rows):
+            return  # the common case, decided without building sets
+        clobber = self._clobber_note(ops, x)
+        others = {c for c in v.components() if c != want}
+        expected = WANT[want] + (f" of rows {','.join(rows)}" if rows else "")
+        if others or x.clobber_partial:
+            self._wrong_input(ops, st, f"{consumer} input is {algebra.summarize(v) or 'zero'}{clobber}; expected {expected}")
+            return
+        if any(src[2] is not None for b in v.blocks for src, _ in b.terms):
+            return  # reported as a DOUBLE_REDUCTION where the tokens were mixed
+        coefs = [coef for b in v.blocks for _src, coef in b.terms]
+        if any(algebra.above(c, 1.0) for c in coefs):
+            self._report_crossings(ops, [want], st, f"{consumer} input {want} coefficient {max(coefs):g}",
+                                   f" (fed to {consumer} at step {st.index})")
+        elif any(algebra.below(c, 1.0) for c in coefs) or any(not b.terms for b in v.blocks):
+            if self._once((ops.rank, "missing", st.index)):
+                self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
+                                    f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1")
+        elif rows is not None and v.keys() != rows:
+            self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
+                                       f"expected {expected} (the tokens the model handed this rank's layer)")
+
+    def _clobber_note(self, ops: SimOps, x: SimTensor) -> str:
+        if x.clobbered_by is None:
+            return ""
+        w = ops.steps[x.clobbered_by]
+        part = "partly " if x.clobber_partial else ""
+        return f" (its buffer was {part}overwritten in place by step {w.index} {w.name})"
+
+    def _wrong_input(self, ops: SimOps, st: Step, detail: str) -> None:
+        if self._once((ops.rank, "wrong-input", st.index)):
+            self.sim.add_hazard(HazardKind.WRONG_INPUT, ops.rank, st, detail)
+
+    def latent_up(self, ops: SimOps, st: Step, x: SimTensor) -> None:
+        v = x.value
+        others = {c for c in v.components() if c != "routed"}
+        if others or x.clobber_partial:
+            self._wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
+                                       "expected the routed output only")
+            return
+        if not self.scenario.model.transform_nonlinear:
+            return
+        # A non-linear transform must see every routed partial, counted once
+        # (with or without the routed scaling factor applied).
+        bound = algebra.ceiling(v, "routed", self.rsf)
+        low = min(1.0, bound)
+        coeffs = algebra.coefficients(v, {}, self.expected_labels(ops, "routed"))
+        if any(algebra.above(c, bound) for c in coeffs.values() if math.isfinite(c)):
+            self._report_crossings(ops, ["routed"], st, f"routed coefficient {max(coeffs.values()):g}",
+                                   f" (fed to {st.name} at step {st.index})")
+        short = sorted((lab for lab, c in coeffs.items() if algebra.below(c, low)), key=_label_key)
+        if short and self._once((ops.rank, "missing", st.index)):
+            self.sim.add_hazard(
+                HazardKind.MISSING_REDUCTION, ops.rank, st,
+                f"non-linear routed-output transform applied to partial sums: {_describe(coeffs, short, low)}, expected 1",
+            )
+
+    # ---- the layer output ----
+
+    def expected_labels(self, ops: SimOps, component: str) -> tuple[str, ...]:
+        s = self.scenario
+        if component == "routed":
+            key: tuple = ("routed",)
+        else:
+            key = ("shared", ops.shared_sharded if ops.shared_sharded is not None else not s.sp)
+        labels = self._labels.get(key)
+        if labels is None:
+            if component == "routed":
+                prefix = "ep" if s.parallel.ep else "tp"
+                shards = [f"{prefix}{r}" for r in range(s.world)]
+            else:
+                shards = [f"tp{t}" for t in range(s.parallel.tp)] if key[1] else ["full"]
+            labels = self._labels[key] = tuple(algebra.source_label((component, sh, None)) for sh in shards)
+        return labels
+
+    def output_labels(self, ops: SimOps) -> tuple[str, ...]:
+        key = ("output", ops.shared_sharded)
+        labels = self._labels.get(key)
+        if labels is None:
+            routed = self.expected_labels(ops, "routed")
+            labels = routed + self.expected_labels(ops, "shared") if self.scenario.model.has_shared else routed
+            self._labels[key] = labels
+        return labels
+
+    def output_coefficients(self, v: algebra.Value, want: tuple[str, ...]) -> dict[str, float]:
+        """Coefficients of an output value with every expected source (0 if
+        missing); ranks that share one value (after an all-reduce) share this."""
+        return self._analyse(v, want)[0]
+
+    def _analyse(self, v: algebra.Value, want: tuple[str, ...]) -> tuple[dict[str, float], list[str], list[str], list[str]]:
+        key = (id(v), want)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is v:
+            return hit[1]
+        coeffs = algebra.coefficients(v, self.expected_scale, want)
+        wanted = set(want)
+        short = [lab for lab in want if math.isfinite(coeffs[lab]) and algebra.below(coeffs[lab], 1.0)]
+        over = [lab for lab in want if math.isfinite(coeffs[lab]) and algebra.above(coeffs[lab], 1.0)]
+        stray = sorted(lab for lab in coeffs if lab not in wanted and "[tokens" not in lab)
+        result = (coeffs, short, over, stray)
+        self._memo[key] = (v, result)
+        return result
+
+    def output(self, ops: SimOps, st: Step, x: SimTensor) -> None:
+        self.checked_output.add(ops.rank)
+        self._tokens_check(ops, st, x)
+        coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
+        if short and self._once((ops.rank, "missing", st.index)):
+            self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
+                                f"output holds {_describe(coeffs, short)}, expected 1")
+        if over:
+            comps = list(dict.fromkeys(lab.split("@")[0] for lab in over))
+            self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
+        if stray:
+            self._wrong_input(ops, st, f"the layer output holds {', '.join(stray)}, which the MoE layer "
+                                       "does not return (expected routed and shared outputs only)")
+
+    def _tokens_check(self, ops: SimOps, st: Step, x: SimTensor) -> None:
+        s = self.scenario
+        blocks = x.value.blocks
+        if len(blocks) == 1 and blocks[0].key == f"d{ops.d}" and blocks[0].rows == s.workload.tokens:
+            return  # all of this DP rank's tokens, in order (the common case)
+        got: list[tuple[int, int]] = []
+        for b in x.value.blocks:
+            toks = self._tokens.get(b.key)
+            if toks is None:
+                toks = self._tokens[b.key] = tokens_of(s, b.key)
+            d = dp_of(b.key)
+            got.extend((d, t) for t in toks[: b.rows])
+        want = owned_tokens(s, ops.rank)
+        if got == want:
+            return
+        first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        last = max(i for i in range(max(len(got), len(want)))
+                   if i >= len(got) or i >= len(want) or got[i] != want[i])
+        where = "" if (first == 0 and last >= len(want) - 1) else f" in rows {first}..{last}"
+        src = ops.steps[x.rows_from] if 0 <= x.rows_from < len(ops.steps) else None
+        since = f" (rows as set by step {src.index} {src.name})" if src is not None else ""
+        self.sim.add_hazard(
+            HazardKind.WRONG_TOKENS, ops.rank, st,
+            f"rank {ops.rank} returns {_rows(got[first:last + 1])} instead of {_rows(want[first:last + 1])}{where}{since}",
+        )
+
+    def finish(self) -> None:
+        """Ranks that ended without an output: their pending over-counts are reported."""
+        for ops in self.sim.rank_ops:
+            if ops.rank in self.checked_output:
+                continue
+            pending = [c for c, cr in self.crossings.get(ops.rank, {}).items() if not cr.reported]
+            if pending:
+                self._report_crossings(ops, pending, ops.steps[-1], "", " (the rank ended without an output)")
+
+
+def _pure(v: algebra.Value, want: str) -> bool:
+    """Every row holds exactly `want` on its own rows, coefficient 1."""
+    for b in v.blocks:
+        terms = b.terms
+        if len(terms) != 1:
+            return False
+        (c, _s, f), coef = terms[0]
+        if c != want or f is not None or coef != 1.0:
+            return False
+    return True
+
+
+def _rows(rows: list[tuple[int, int]]) -> str:
+    labels = [token_label(d, t) for d, t in rows[:SHOW_ROWS]]
+    if len(rows) > SHOW_ROWS:
+        labels.append(f"... {len(rows) - SHOW_ROWS} more")
+    return "[" + ", ".join(labels) + "]"
+
+
+def _label_key(label: str) -> tuple[str, str, int]:
+    comp, _, shard = label.partition("@")
+    prefix = shard.rstrip("0123456789")
+    tail = shard[len(prefix):]
+    return (comp, prefix, int(tail) if tail else -1)
+
+
+def _describe(coeffs: dict[str, float], labels: list[str], unit: float = 1.0) -> str:
+    """routed@tp0,tp1 coefficient 0 and shared@tp1 coefficient 0: grouped by
+    component and coefficient, every component named."""
+    groups: dict[tuple[str, float], list[str]] = {}
+    for lab in sorted(labels, key=_label_key):
+        comp, _, shard = lab.partition("@")
+        c = coeffs.get(lab, 0.0) / unit
+        groups.setdefault((comp, round(c, 6)), []).append(shard)
+    return " and ".join(f"{algebra.group_label(comp, shards)} coefficient {c:g}" for (comp, c), shards in groups.items())

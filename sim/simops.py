@@ -1,0 +1,499 @@
+"""One rank's Ops in the simulator: abstract values, symbolic shapes, buffers.
+
+Every call records a Step and a Plan (what the timing phase replays), checks
+shapes where torch would raise, and hands the value to the checks
+(sim/checks.py). Buffers have versions: an in-place op (`experts(...,
+inplace=True)`) writes a new version into its input's buffer, and every later
+read of an older handle of that buffer sees the new contents, on the same
+stream too (torch tensors are their storage). Misusing the interface (unknown
+group, a non-tensor argument, waiting on a non-event) raises RunnerUsageError.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from scenarios import contain
+from scenarios.ops import Ops
+from scenarios.trace import (
+    COLLECTIVE,
+    COMPUTE,
+    DECISION,
+    EVENT,
+    LIFECYCLE,
+    PADDING,
+    WAIT,
+    HazardKind,
+    Step,
+)
+from sim import algebra
+from sim.cost import collective_us, elementwise_us, gemm_us
+from sim.errors import RunnerUsageError, SimShapeError
+
+if TYPE_CHECKING:
+    from sim.engine import Simulation
+
+MODEL = "model"  # category of model-side steps (input, output, SP slicing)
+
+
+@dataclass(slots=True)
+class SimTensor:
+    shape: tuple[int, ...]
+    value: algebra.Value
+    buf: int
+    step: int  # index of the producing step
+    version: int = 0  # version of the buffer this handle's contents are
+    rows_from: int = -1  # the step that last changed the row set
+    clobbered_by: int | None = None  # in-place write that replaced the contents
+    clobber_partial: bool = False  # that write covered other rows than this handle's
+
+
+@dataclass(slots=True)
+class SimEvent:
+    id: int
+    stream: str
+
+
+@dataclass(slots=True)
+class Plan:
+    """What the timing phase needs to replay one step."""
+
+    step: Step
+    dur: float
+    coll: tuple | None = None
+    waits: tuple[int, ...] = ()
+    record: int | None = None
+    vc: dict[str, int] | None = None
+
+
+@dataclass(slots=True)
+class Access:
+    rank: int
+    step: int
+    buf: int
+    write: bool
+
+
+def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
+    ab, bb = a.blocks, b.blocks
+    if ab is bb:
+        return True
+    return len(ab) == len(bb) and all(x.key == y.key and x.rows == y.rows for x, y in zip(ab, bb))
+
+
+class SimOps(Ops):
+    """One rank's Ops in the simulator."""
+
+    def __init__(self, sim: Simulation, rank: int) -> None:
+        self.sim = sim
+        self.scenario = sim.scenario
+        self.rank = rank
+        self.current_stream = "main"
+        self.d, self.t = self.scenario.coords(rank)
+        self.steps: list[Step] = []
+        self.plans: list[Plan] = []
+        self.values: dict[int, algebra.Value] = {}
+        self.coll_seq: dict[tuple[int, ...], int] = {}
+        self.shared_sharded: bool | None = None
+        self.output: SimTensor | None = None
+        self.tokens = self.scenario.workload.tokens
+        # Row keys of the tokens the model handed the layer (layer input or its SP slice).
+        self.layer_rows: tuple[str, ...] = ()
+        # buffer -> (version, the handle written in place at that version)
+        self.writes: dict[int, tuple[int, SimTensor]] = {}
+
+    # ---- usage checks (the runner's code, not the configuration) ----
+
+    def _misuse(self, name: str, misuse: str) -> RunnerUsageError:
+        return RunnerUsageError(name, self.rank, misuse, self.sim.runner_label)
+
+    def _tensor(self, t: Any, name: str, what: str = "x") -> SimTensor:
+        if not isinstance(t, SimTensor):
+            raise self._misuse(name, f"argument {what} must be a tensor an op returned, got {type(t).__name__}")
+        return t
+
+    def _int(self, n: Any, name: str, what: str) -> int:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise self._misuse(name, f"argument {what} must be an int, got {type(n).__name__}")
+        return n
+
+    # ---- recording ----
+
+    def _step(
+        self,
+        op: str,
+        name: str,
+        category: str,
+        ins: tuple[SimTensor, ...] = (),
+        out_shape: tuple[int, ...] | None = None,
+        dur: float = 0.0,
+        component: str | None = None,
+        group: tuple[int, ...] | None = None,
+    ) -> Step:
+        # Op, wall-clock and value-size budgets (scenarios/contain.py): raises
+        # BudgetExceeded into the runner before anything is recorded.
+        contain.check_op(len(self.steps), ins, out_shape, self.scenario.world)
+        st = Step(self.rank, len(self.steps), op, name, self.current_stream, category, component,
+                  group, [t.shape for t in ins] if ins else [], out_shape)
+        self.steps.append(st)
+        self.plans.append(Plan(st, dur))
+        if self.writes:
+            for t in ins:
+                self._resolve(t)
+        return st
+
+    def _resolve(self, t: SimTensor) -> None:
+        """A handle older than its buffer's last in-place write reads the new contents."""
+        w = self.writes.get(t.buf)
+        if w is None or w[0] == t.version:
+            return
+        version, written = w
+        t.version = version
+        t.clobbered_by = written.step
+        if _same_rows(written.value, t.value):
+            t.value = written.value
+            t.clobber_partial = False
+        else:  # the write covered other rows of the buffer (a view of it)
+            t.clobber_partial = True
+
+    def _access(self, st: Step, t: SimTensor, write: bool) -> None:
+        self.sim.accesses.append(Access(self.rank, st.index, t.buf, write))
+
+    def _new(
+        self,
+        st: Step,
+        shape: tuple[int, ...],
+        value: algebra.Value,
+        ins: tuple[SimTensor, ...] = (),
+        buf: int | None = None,
+        fresh: bool = False,
+        rows_of: SimTensor | None = None,
+    ) -> SimTensor:
+        accesses = self.sim.accesses
+        for t in ins:
+            accesses.append(Access(self.rank, st.index, t.buf, False))
+        version = 0
+        if buf is None:
+            buf = self.sim.new_buffer()
+        elif self.writes:
+            w = self.writes.get(buf)
+            version = w[0] if w is not None else 0
+        # The earliest step that established this row set, along any input that has it.
+        rows_from = st.index
+        for t in (rows_of,) if rows_of is not None else ins:
+            if t.rows_from < rows_from and _same_rows(t.value, value):
+                rows_from = t.rows_from
+        out = SimTensor(shape, value, buf, st.index, version, rows_from)
+        accesses.append(Access(self.rank, st.index, buf, True))
+        self.values[st.index] = value
+        if not fresh:  # a fresh partial (one source, coefficient 1) cannot be wrong
+            self.sim.checks.value(self, st, value)
+        return out
+
+    def _shape_error(self, st: Step, message: str) -> None:
+        st.error = message
+        self.sim.add_hazard(HazardKind.SHAPE_MISMATCH, self.rank, st, message)
+        raise SimShapeError(f"{st.name}: {message}")
+
+    # ---- streams, lifecycle, decisions ----
+
+    def record_event(self, name: str = "record_event") -> SimEvent:
+        st = self._step("record_event", name, EVENT)
+        ev_id = self.sim.new_event()
+        self.plans[-1].record = ev_id
+        st.records = ev_id
+        return SimEvent(ev_id, self.current_stream)
+
+    def wait_event(self, event: Any, name: str = "wait_event") -> None:
+        if not isinstance(event, SimEvent):
+            raise self._misuse(name, f"wait_event needs an event from record_event, got {type(event).__name__}")
+        st = self._step("wait_event", name, WAIT)
+        st.waits = [event.id]
+        self.plans[-1].waits = (event.id,)
+
+    def assign_clocks(self) -> None:
+        """Vector clocks per step (happens-before across this rank's streams),
+        computed after the program phase and only for ranks that used more
+        than one stream: with one stream everything is ordered."""
+        if len({st.stream for st in self.steps}) < 2:
+            return
+        vcs: dict[str, dict[str, int]] = {}
+        ev_vc: dict[int, dict[str, int]] = {}
+        for pl in self.plans:
+            st = pl.step
+            cur = vcs.setdefault(st.stream, {})
+            cur[st.stream] = cur.get(st.stream, 0) + 1
+            for w in pl.waits:
+                for s, c in ev_vc.get(w, {}).items():
+                    if cur.get(s, 0) < c:
+                        cur[s] = c
+            pl.vc = dict(cur)
+            if pl.record is not None:
+                ev_vc[pl.record] = pl.vc
+
+    def lifecycle(self, phase: str) -> None:
+        self._step("lifecycle", phase, LIFECYCLE)
+
+    def decide(self, point: str, value: Any) -> None:
+        st = self._step("decide", point, DECISION)
+        st.detail = str(value)
+        if self.rank == 0:
+            self.sim.decisions[point] = str(value)
+
+    # ---- model side ----
+
+    def layer_input(self, name: str = "layer_input") -> SimTensor:
+        s = self.scenario
+        shape = (self.tokens, s.model.hidden)
+        st = self._step("layer_input", name, MODEL, (), shape)
+        out = self._new(st, shape, algebra.leaf(f"d{self.d}", self.tokens, "x", ""), fresh=True)
+        self.layer_rows = out.value.keys()
+        return out
+
+    def sp_slice(self, x: SimTensor, name: str = "sp_slice") -> SimTensor:
+        x = self._tensor(x, name)
+        tp = self.scenario.parallel.tp
+        per = -(-x.shape[0] // tp)
+        shape = (per, *x.shape[1:])
+        st = self._step("sp_slice", name, MODEL, (x,), shape, self.sim.view_us)
+        blocks = tuple(algebra.Block(f"{b.key}s{self.t}", per, b.terms) for b in x.value.blocks)
+        value = algebra.Value(blocks, x.value.scale) if len(blocks) == 1 else algebra.split_rows(x.value, self.t * per, (self.t + 1) * per)
+        # Padding to a multiple of tp copies (F.pad), so the slice is a new buffer.
+        out = self._new(st, shape, value, (x,))
+        self.layer_rows = out.value.keys()
+        return out
+
+    def trim_rows(self, x: SimTensor, rows: int, name: str = "trim_rows") -> SimTensor:
+        x = self._tensor(x, name)
+        rows = self._int(rows, name, "rows")
+        shape = (min(rows, x.shape[0]), *x.shape[1:])
+        st = self._step("trim_rows", name, PADDING, (x,), shape, self.sim.view_us)
+        return self._new(st, shape, algebra.split_rows(x.value, 0, rows), (x,), buf=x.buf)
+
+    def layer_output(self, x: SimTensor, name: str = "layer_output") -> SimTensor:
+        x = self._tensor(x, name)
+        st = self._step("layer_output", name, MODEL, (x,), x.shape)
+        expected = (self.tokens, self.scenario.model.hidden)
+        if tuple(x.shape) != expected:
+            self._shape_error(st, f"layer output {list(x.shape)}, the model expects {list(expected)}")
+        self.output = x
+        self.values[st.index] = x.value
+        self.sim.checks.output(self, st, x)
+        return x
+
+    def boundary(self, x: SimTensor, shape: tuple[int, ...], name: str = "custom_op_boundary") -> SimTensor:
+        x = self._tensor(x, name)
+        if not isinstance(shape, tuple | list):
+            raise self._misuse(name, f"argument shape must be a tuple, got {type(shape).__name__}")
+        st = self._step("boundary", name, MODEL, (x,), tuple(shape))
+        if tuple(x.shape) != tuple(shape):
+            self._shape_error(
+                st, f"returns {list(x.shape)} but its fake implementation declared {list(shape)}"
+            )
+        self.values[st.index] = x.value
+        return x
+
+    # ---- elementwise and layout ----
+
+    def _bytes(self, shape: tuple[int, ...]) -> float:
+        n = 1
+        for d in shape:
+            n *= d
+        return n * self.sim.profile.bytes_per_elem
+
+    def pad(self, x: SimTensor, width: int, name: str = "pad") -> SimTensor:
+        x = self._tensor(x, name)
+        width = self._int(width, name, "width")
+        shape = (x.shape[0], width)
+        st = self._step("pad", name, PADDING, (x,), shape, elementwise_us(self.sim.profile, 2 * self._bytes(shape)))
+        if width < x.shape[-1]:
+            self._shape_error(st, f"cannot pad width {x.shape[-1]} down to {width}")
+        return self._new(st, shape, x.value, (x,))
+
+    def trim(self, x: SimTensor, width: int, name: str = "trim") -> SimTensor:
+        x = self._tensor(x, name)
+        width = self._int(width, name, "width")
+        # torch slicing x[..., :w] with w beyond the width is a silent no-op.
+        shape = (x.shape[0], min(width, x.shape[-1]))
+        st = self._step("trim", name, PADDING, (x,), shape, self.sim.view_us)
+        return self._new(st, shape, x.value, (x,), buf=x.buf)
+
+    def add(self, a: SimTensor, b: SimTensor, name: str = "add") -> SimTensor:
+        a, b = self._tensor(a, name, "a"), self._tensor(b, name, "b")
+        st = self._step("add", name, COMPUTE, (a, b), a.shape, elementwise_us(self.sim.profile, 3 * self._bytes(a.shape)))
+        if tuple(a.shape) != tuple(b.shape):
+            self._shape_error(st, f"{list(a.shape)} + {list(b.shape)}")
+        return self._new(st, a.shape, algebra.add([a.value, b.value]), (a, b))
+
+    def scale(self, x: SimTensor, factor: float, name: str = "scale") -> SimTensor:
+        x = self._tensor(x, name)
+        if isinstance(factor, bool) or not isinstance(factor, int | float):
+            raise self._misuse(name, f"argument factor must be a number, got {type(factor).__name__}")
+        st = self._step("scale", name, COMPUTE, (x,), x.shape, elementwise_us(self.sim.profile, 2 * self._bytes(x.shape)))
+        if not math.isfinite(factor):
+            self.sim.checks.non_finite_factor(self, st, float(factor))
+        return self._new(st, x.shape, algebra.scale(x.value, float(factor)), (x,))
+
+    def clone(self, x: SimTensor, name: str = "clone") -> SimTensor:
+        x = self._tensor(x, name)
+        st = self._step("clone", name, COMPUTE, (x,), x.shape, elementwise_us(self.sim.profile, 2 * self._bytes(x.shape)))
+        return self._new(st, x.shape, x.value, (x,))
+
+    # ---- MoE compute ----
+
+    def router(self, x: SimTensor, name: str = "router") -> SimTensor:
+        x = self._tensor(x, name)
+        m, p = self.scenario.model, self.sim.profile
+        rows = x.shape[0]
+        shape = (rows, m.top_k)
+        dur = gemm_us(p, 2 * rows * m.hidden * m.num_experts, (m.hidden * m.num_experts + rows * m.hidden) * p.bytes_per_elem, 2)
+        st = self._step("router", name, COMPUTE, (x,), shape, dur)
+        if x.shape[-1] != m.hidden:
+            self._shape_error(st, f"gate expects width {m.hidden}, got {x.shape[-1]}")
+        routed_rows = self.scenario.sp_tokens  # the workload routes this rank's layer tokens
+        if rows != routed_rows:
+            self._shape_error(st, f"{rows} rows but the workload routes {routed_rows}")
+        self.sim.checks.consume(self, st, x, "router", "x")
+        return self._new(st, shape, x.value, (x,), fresh=True)
+
+    def latent_down(self, x: SimTensor, name: str = "latent_down") -> SimTensor:
+        x = self._tensor(x, name)
+        m, p = self.scenario.model, self.sim.profile
+        lat = m.latent_dim or m.hidden
+        shape = (x.shape[0], lat)
+        dur = gemm_us(p, 2 * x.shape[0] * m.hidden * lat, m.hidden * lat * p.bytes_per_elem, 1)
+        st = self._step("latent_down", name, COMPUTE, (x,), shape, dur, component="routed")
+        if x.shape[-1] != m.hidden:
+            self._shape_error(st, f"down-projection expects width {m.hidden}, got {x.shape[-1]}")
+        self.sim.checks.consume(self, st, x, "latent_down", "x")
+        return self._new(st, shape, algebra.relabel(x.value, "xlat", ""), (x,), fresh=True)
+
+    def latent_up(self, x: SimTensor, name: str = "latent_up") -> SimTensor:
+        x = self._tensor(x, name)
+        m, p = self.scenario.model, self.sim.profile
+        lat = m.latent_dim or m.hidden
+        shape = (x.shape[0], m.hidden)
+        dur = gemm_us(p, 2 * x.shape[0] * m.hidden * lat, m.hidden * lat * p.bytes_per_elem, 2 if m.transform_nonlinear else 1)
+        st = self._step("latent_up", name, COMPUTE, (x,), shape, dur, component="routed")
+        if x.shape[-1] != lat:
+            self._shape_error(st, f"up-projection expects width {lat}, got {x.shape[-1]}")
+        self.sim.checks.latent_up(self, st, x)
+        return self._new(st, shape, x.value, (x,))
+
+    def experts(self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts") -> SimTensor:
+        x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
+        s, m, p = self.scenario, self.scenario.model, self.sim.profile
+        width = m.kernel_width
+        shape = (x.shape[0], width)
+        pairs, active = self.sim.loads[self.rank]
+        inter = m.moe_intermediate // s.moe_tp
+        bpe = p.bytes_per_elem
+        dur = gemm_us(p, 6.0 * pairs * width * inter, active * 3 * width * inter * bpe + 2 * pairs * width * bpe, 4)
+        st = self._step("experts", name, COMPUTE, (x, routing_h), shape, dur, component="routed")
+        if x.shape[-1] != width:
+            self._shape_error(st, f"routed kernel expects width {width}, got {x.shape[-1]}")
+        if routing_h.shape[0] != x.shape[0]:
+            self._shape_error(st, f"{x.shape[0]} rows but routing for {routing_h.shape[0]}")
+        self.sim.checks.consume(self, st, x, "routed experts", "xlat" if m.has_transform else "x")
+        shard = f"ep{self.rank}" if s.parallel.ep else f"tp{self.rank}"
+        value = algebra.relabel(x.value, "routed", shard)
+        if not inplace:
+            return self._new(st, shape, value, (x, routing_h), fresh=True)
+        # The fused kernel writes into x's buffer: a new version of it.
+        self._access(st, routing_h, False)
+        out = self._new(st, shape, value, (x,), buf=x.buf, fresh=True)
+        prev = self.writes.get(x.buf)
+        out.version = (prev[0] if prev is not None else 0) + 1
+        self.writes[x.buf] = (out.version, out)
+        return out
+
+    def shared_experts(self, x: SimTensor, sharded: bool = True, name: str = "shared_experts") -> SimTensor:
+        x = self._tensor(x, name)
+        s, m, p = self.scenario, self.scenario.model, self.sim.profile
+        tp = s.parallel.tp
+        inter = m.shared_inter // tp if sharded else m.shared_inter
+        rows = x.shape[0]
+        shape = (rows, m.hidden)
+        bpe = p.bytes_per_elem
+        dur = gemm_us(p, 6.0 * rows * m.hidden * inter, (3 * m.hidden * inter + 2 * rows * m.hidden) * bpe, 3)
+        st = self._step("shared_experts", name, COMPUTE, (x,), shape, dur, component="shared")
+        if x.shape[-1] != m.hidden:
+            self._shape_error(st, f"shared MLP expects width {m.hidden}, got {x.shape[-1]}")
+        self.sim.checks.consume(self, st, x, "shared experts", "x", self.layer_rows)
+        if self.shared_sharded is None:
+            self.shared_sharded = bool(sharded)
+        shard = f"tp{self.t}" if sharded else "full"
+        return self._new(st, shape, algebra.relabel(x.value, "shared", shard), (x,), fresh=True)
+
+    # ---- communication ----
+
+    def _group(self, kind: Any, st_name: str) -> tuple[int, ...]:
+        try:
+            return self.scenario.group(kind, self.rank)
+        except ValueError as exc:
+            raise self._misuse(st_name, str(exc)) from None
+
+    def _collective(self, kind: str, x: SimTensor, group: tuple[int, ...], name: str, op: str, out_shape: tuple[int, ...], nbytes: float, component: str | None = None, a2a: bool = False) -> Any:
+        p = self.sim.profile
+        dur = collective_us(p, "all_to_all" if a2a else kind, len(group), nbytes)
+        st = self._step(op, name, COLLECTIVE, (x,), out_shape, dur, component=component, group=group)
+        seq = self.coll_seq.get(group, 0)
+        self.coll_seq[group] = seq + 1
+        key = (group, seq)
+        self.plans[-1].coll = key
+        self._access(st, x, False)
+        result = self.sim.arrive(self, key, kind, x, st)
+        if isinstance(result, Exception):
+            st.error = str(result)
+            raise result
+        out_shape_final, value = result
+        st.out_shape = out_shape_final
+        return self._new(st, out_shape_final, value, rows_of=x)
+
+    def all_reduce(self, x: SimTensor, group: str = "tp", name: str = "all_reduce") -> SimTensor:
+        x = self._tensor(x, name)
+        g = self._group(group, name)
+        return self._collective("all_reduce", x, g, name, "all_reduce", x.shape, self._bytes(x.shape))
+
+    def all_gather(self, x: SimTensor, group: str = "tp", name: str = "all_gather") -> SimTensor:
+        x = self._tensor(x, name)
+        g = self._group(group, name)
+        shape = (x.shape[0] * len(g), *x.shape[1:])
+        return self._collective("all_gather", x, g, name, "all_gather", shape, self._bytes(shape))
+
+    def reduce_scatter(self, x: SimTensor, group: str = "tp", name: str = "reduce_scatter") -> SimTensor:
+        x = self._tensor(x, name)
+        g = self._group(group, name)
+        shape = (x.shape[0] // len(g), *x.shape[1:])
+        return self._collective("reduce_scatter", x, g, name, "reduce_scatter", shape, self._bytes(x.shape))
+
+    def dispatch(self, x: SimTensor, routing_h: SimTensor, name: str = "dispatch") -> tuple[SimTensor, SimTensor]:
+        x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
+        s = self.scenario
+        if s.effective_backend == "none":
+            raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
+        group, token_routing = self.scenario.dispatch_group(self.rank)
+        if token_routing:
+            rows = self.sim.received_rows(self.rank, group)
+            kind = "dispatch_a2a"
+        else:
+            rows = x.shape[0] * len(group)
+            kind = "all_gather"
+        shape = (rows, x.shape[-1])
+        out = self._collective(kind, x, group, name, "dispatch", shape, self._bytes((x.shape[0] * min(s.model.top_k, len(group)), x.shape[-1])) if token_routing else self._bytes(shape), component="routed", a2a=token_routing)
+        out.shape = shape
+        self.steps[out.step].out_shape = shape
+        rh = SimTensor((rows, s.model.top_k), out.value, self.sim.new_buffer(), out.step, 0, out.rows_from)
+        return out, rh
+
+    def combine(self, y: SimTensor, name: str = "combine") -> SimTensor:
+        y = self._tensor(y, name, "y")
+        s = self.scenario
+        group, token_routing = self.scenario.dispatch_group(self.rank)
+        kind = "combine_a2a" if token_routing else "reduce_scatter"
+        rows = y.value.rows // len(group) if y.value.rows else 0
+        shape = (rows, y.shape[-1])
+        nbytes = self._bytes((rows * min(s.model.top_k, len(group)), y.shape[-1])) if token_routing else self._bytes(y.shape)
+        return self._collective(kind, y, group, name, "combine", shape, nbytes, component="routed", a2a=token_routing)
