@@ -123,3 +123,11 @@ def test_lost_overlap_says_it_is_about_time():
     h = Hazard(HazardKind.LOST_OVERLAP, 0, "shared_experts", 0, "serial")
     v = judge_lost_overlap(real, h, {0: 120.0}, 1000.0, 3)
     assert v.verdict == Verdict.CONFIRMED and "performance hazard" in v.reason
+
+
+def test_predicted_hang_confirmed_by_a_consequence_hang():
+    # Rank 1 raises, rank 0 waits for it forever: the simulator predicts both.
+    sim, real = _traces(False, None, None)
+    real.hazards.append(Hazard(HazardKind.HANG, 0, "final_all_reduce", 0, "timed out", caused_by=1))
+    h = Hazard(HazardKind.HANG, 0, "final_all_reduce", 0, "waits in all_reduce")
+    assert judge_failure(sim, real, h).verdict == Verdict.CONFIRMED

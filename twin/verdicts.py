@@ -146,7 +146,9 @@ def judge_failure(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
     sim_steps = sim.steps.get(h.rank, [])
     sim_step = sim_steps[h.step] if h.step < len(sim_steps) else None
     kinds = _accepted_error_kinds(h, sim_step)
-    obs = [o for o in real.hazards if o.rank == h.rank and o.kind in FAILURES and o.caused_by is None]
+    # A consequence of another rank's failure counts when it is what was
+    # predicted (the simulator also foresees a peer hanging on a dead rank).
+    obs = [o for o in real.hazards if o.rank == h.rank and o.kind in FAILURES]
     same = [o for o in obs if o.kind in kinds and o.step == h.step]
     if same:
         o = same[0]
