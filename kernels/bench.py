@@ -27,18 +27,23 @@ BENCH_SHAPE: dict[str, int] = {
 }
 
 
-def _median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+def _median_ms(fn: Callable[[], torch.Tensor], repeats: int, min_time_s: float) -> float:
+    """Median of at least `repeats` calls and at least `min_time_s` of calls:
+    a fast kernel gets hundreds of samples, so two runs agree."""
     fn()  # warm-up: first interpreter call pays one-off setup
     times = []
-    for _ in range(repeats):
+    end = time.perf_counter() + min_time_s
+    while len(times) < repeats or time.perf_counter() < end:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def bench_kernels(repeats: int = 5) -> dict[str, float]:
-    """Median wall time (ms) of the torch and Triton-interpreter kernels on CPU.
+def bench_kernels(repeats: int = 5, min_time_s: float = 1.0) -> dict[str, float]:
+    """Median wall time (ms) of the torch and Triton-interpreter kernels on CPU,
+    on one intra-op thread (as each rank runs), over at least `repeats` calls
+    and at least `min_time_s` of calls per kernel.
 
     Keys: kernel_torch_ms, kernel_triton_interp_ms, kernel_triton_over_torch,
     kernel_triton_max_abs_diff (sanity: both computed the same thing).
@@ -60,9 +65,14 @@ def bench_kernels(repeats: int = 5) -> dict[str, float]:
 
     torch_fn = get_kernel("torch")
     triton_fn = get_kernel("triton")
-    torch_ms = _median_ms(lambda: torch_fn(*args), repeats)
-    triton_ms = _median_ms(lambda: triton_fn(*args), repeats)
-    diff = (torch_fn(*args) - triton_fn(*args)).abs().max().item()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch_ms = _median_ms(lambda: torch_fn(*args), repeats, min_time_s)
+        triton_ms = _median_ms(lambda: triton_fn(*args), repeats, min_time_s)
+        diff = (torch_fn(*args) - triton_fn(*args)).abs().max().item()
+    finally:
+        torch.set_num_threads(threads)
     return {
         "kernel_torch_ms": torch_ms,
         "kernel_triton_interp_ms": triton_ms,
