@@ -15,7 +15,6 @@ Two sources, both in the way the ranks run (one intra-op thread):
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 
 from scenarios.spec import Scenario
 from scenarios.trace import COLLECTIVE, Step, Trace
-from sim.cost import Profile
+from sim.cost import Profile, usable_cores
 
 Say = Callable[[str], None]
 
@@ -308,7 +307,7 @@ def base_profile(comp: dict[str, float], bus_bw: float) -> Profile:
         coll_alpha_us=100.0, bus_bw=bus_bw, a2a_alpha_us=100.0, bytes_per_elem=4,
         elementwise_us=comp["elementwise_us"], calibrated=False, source="microbenchmarks",
         expert_active_us=comp["expert_active_us"], expert_idle_us=comp["expert_idle_us"], alpha_per_peer=True,
-        cores=os.cpu_count() or 1,
+        cores=usable_cores(),
     )
 
 

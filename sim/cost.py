@@ -104,11 +104,19 @@ def _torch_version() -> str:
         return "none"
 
 
+def usable_cores() -> int:
+    """Cores this process (and the ranks it starts) may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 @lru_cache(maxsize=1)
 def machine_key() -> dict[str, str]:
     """What a cpu profile is valid for: the host, its CPU, how many cores the
     ranks share, and the torch build whose eager ops were timed."""
-    return {"host": socket.gethostname(), "cpu": _cpu_model(), "cores": str(os.cpu_count() or 1),
+    return {"host": socket.gethostname(), "cpu": _cpu_model(), "cores": str(usable_cores()),
             "torch": _torch_version()}
 
 
@@ -155,8 +163,11 @@ def _read_cpu_profile(path: Path) -> Profile:
         machine = data["machine"]
         allowed = {f.name for f in fields(Profile)}
         prof = Profile(**{k: v for k, v in data["profile"].items() if k in allowed})
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"profile file {path} is unreadable ({exc}); rerun `moe-twin calibrate`") from exc
+        if not isinstance(machine, dict):
+            raise TypeError("no machine key")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        # Recalibrated (and overwritten) on the next real use, like a missing one.
+        return _defaults_because(f"{path} is unreadable: {type(exc).__name__}: {exc}")
     if machine != machine_key():  # a copied file, or a hash collision: never used silently
         return _defaults_because(f"{path} was calibrated on another machine: {machine_label(machine)}")
     return prof

@@ -119,6 +119,16 @@ def test_a_profile_without_machine_key_is_not_used(home: Any) -> None:
     assert not got.calibrated and "machine unknown" in got.source
 
 
+def test_an_unreadable_profile_file_is_the_defaults_until_recalibrated(home: Any, fake: FakeCalibrate,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cost.profile_path().write_text("{not json")
+    got = load_profile("cpu")
+    assert not got.calibrated and "is unreadable" in got.source
+    lines = autocalibrate(capsys)
+    assert fake.calls == 1 and "is unreadable" in lines[0]
+    assert load_profile("cpu").calibrated
+
+
 # ---- calibration on first real use ----
 
 
