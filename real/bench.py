@@ -130,6 +130,7 @@ def bench_timeline(repeats: int = 5) -> dict[str, float]:
         "residual_share_compute": round(resid[0] / total, 3),
         "residual_share_collectives": round(resid[1] / total, 3),
         "residual_share_host_gaps_and_waits": round(resid[2] / total, 3),
+        "cpu_profile_calibration_load_average": prof.calibration_load,
         "load_average_1min_before": round(load_before, 2),
         "load_average_1min_after": round(os.getloadavg()[0], 2),
         **per_scenario,

@@ -15,6 +15,7 @@ Two sources, both in the way the ranks run (one intra-op thread):
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -319,6 +320,7 @@ def calibrate(world_size: int = 2, repeats: int = 5, timeout_s: float = 120.0,
     from real.runner import get_pool
 
     say = progress or (lambda _m: None)
+    load = os.getloadavg()[0]
     say("microbenchmarks (one thread)")
     comp = compute_figures()
     say(f"gloo bus bandwidth ({world_size} ranks)")
@@ -327,7 +329,7 @@ def calibrate(world_size: int = 2, repeats: int = 5, timeout_s: float = 120.0,
     bus_bw = 2 * (world_size - 1) / world_size * n_elems * 4 / max(per)
     base = base_profile(comp, bus_bw)
     runs = measure_runs(CALIBRATION_SCENARIOS, base, repeats, timeout_s, say)
-    profile = fit_profile(base, runs)
+    profile = replace(fit_profile(base, runs), calibration_load=round((load + os.getloadavg()[0]) / 2, 2))
     return profile, figures_of(profile)
 
 
@@ -343,4 +345,5 @@ def figures_of(profile: Profile) -> dict[str, float]:
         "fitted_expert_active_us": round(profile.expert_active_us, 1),
         "fitted_expert_idle_us": round(profile.expert_idle_us, 1),
         "fitted_host_gap_us": round(profile.host_gap_us, 1),
+        "load_average_1min": profile.calibration_load,
     }

@@ -56,6 +56,9 @@ class Profile:
     # cores as with 2, the expert loop ~2x as long).
     cores: int = 0
     machine: str = ""  # the machine key a calibrated profile was fitted on
+    # 1-minute load average when it was fitted: on a shared machine the fixed
+    # costs follow the other processes' load.
+    calibration_load: float = 0.0
 
 
 # Published figures. H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink4
