@@ -10,7 +10,7 @@ Two sources, both in the way the ranks run (one intra-op thread):
   the other ranks, Python dispatch, gloo wake-ups), the collectives' latency
   and the host time between ops.
 
-`measure` runs things, `fit_profile` only computes (testable on stored traces).
+`measure_runs` runs ranks; `fit_profile` only computes (testable on any traces).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ Say = Callable[[str], None]
 
 # Scenarios the real runner executes to fit the fixed costs: TP-only (world 2),
 # token-routing all-to-all over 4 ranks, shared experts; CPU platform, small
-# dims. r3, r4-latent and r5 (all-to-all over 2 ranks) stay out: `bench real`
-# checks the fit on them out of sample.
+# dims. The other six r1..r5 scenarios (SP, the one-sided all-to-all, r3's
+# large shapes, latent projections, all-to-all over 2 ranks) stay out:
+# `bench real` checks the fit on them out of sample.
 CALIBRATION_SCENARIOS = ("r4-gpt-oss-padded", "r1-stale-cache", "r2-fi-two-sided", "r4-nemotron-padded")
 
 # Fixed-cost terms of the cost model, in the order of the feature vectors.
