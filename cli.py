@@ -154,6 +154,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from twin.replay_real import replay_real
 
         _startup_timeout(args)
+        _autocalibrate(args)
         with _progress("replaying on real ranks...") as status:
             results = replay_real(progress=lambda msg: status.update(f"real: {msg}"), timeout_s=args.timeout)
     else:
@@ -199,6 +200,23 @@ def _real_scenario(args: argparse.Namespace, real: bool = True):  # noqa: ANN202
     return s
 
 
+def _autocalibrate(args: argparse.Namespace) -> None:
+    """The first real use on this machine calibrates the cpu profile the
+    simulated CPU timeline is drawn with (real/autocal.py): said on stderr,
+    with progress; a failure is one line and the command goes on."""
+    from real import autocal
+
+    why = autocal.reason_to_calibrate()
+    if why is None:
+        return
+    print(f"moe-twin: {why}: calibrating the cpu profile now, once (~15-30 s; "
+          f"{autocal.OPT_OUT}=1 skips it)", file=sys.stderr)
+    with _progress("calibrating the cpu profile...") as status:
+        note = autocal.calibrate_now(progress=lambda m: status.update(f"calibrating the cpu profile: {m}"),
+                                     timeout_s=getattr(args, "timeout", None) or 120.0)
+    print(f"moe-twin: {note}", file=sys.stderr)
+
+
 def _startup_timeout(args: argparse.Namespace, apply: bool = True) -> None:
     """--startup-timeout bounds rank start-up (spawn, rendezvous, groups) on
     its own, so --timeout bounds only the run (validated while parsing)."""
@@ -226,6 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sim import simulate
 
     s = _real_scenario(args)
+    _autocalibrate(args)
     with _progress(f"running {s.name} on {s.world} real rank(s)..."):
         prediction = simulate(s, args.runner)  # shapes of async ops and the values to fit
         stop = _budget_stop(prediction)
@@ -254,6 +273,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from twin.report import check_report
 
     s = _real_scenario(args)
+    _autocalibrate(args)
     with _progress(f"checking {s.name}: simulate, then run on {s.world} real rank(s)...") as status:
         sim = simulate(s, args.runner)
         stop = _budget_stop(sim)
@@ -287,6 +307,8 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         bad = [r for r in ranks if not 0 <= r < s.world]
         if bad:
             raise BadInput(f"--ranks: {bad} not in this scenario's ranks 0..{s.world - 1}")
+    if args.real:
+        _autocalibrate(args)  # before simulating: a cpu scenario's timeline is the cpu profile's
     sim_trace = simulate(s, args.runner)
     real_trace = None
     div = None
@@ -333,8 +355,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from sim.cost import save_cpu_profile
 
     console = _console()
-    with _progress("calibrating the cpu profile (microbenchmarks, then real runs of calibration scenarios)..."):
-        profile, figures = calibrate(world_size=args.world, repeats=args.repeats)
+    with _progress("calibrating the cpu profile (microbenchmarks, then real runs of calibration scenarios)...") as status:
+        profile, figures = calibrate(world_size=args.world, repeats=args.repeats,
+                                     progress=lambda m: status.update(f"calibrating the cpu profile: {m}"))
     path = save_cpu_profile(profile)
     if args.json:
         _emit_json({"profile": path.as_posix(), **figures})
@@ -357,6 +380,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from real.bench import bench_real
 
+        _autocalibrate(args)
         figures = bench_real(repeats=args.repeats)
     if args.json:
         _emit_json(figures)

@@ -6,7 +6,7 @@ from scenarios.runners import FixedRunner, MoERunner, load_runner, runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import HazardKind, Trace
 from sim import hazards as hz
-from sim.cost import Profile, load_profile
+from sim.cost import Profile, for_world, load_profile
 from sim.engine import Simulation
 from sim.errors import RunnerUsageError
 
@@ -39,6 +39,7 @@ def simulate(
     """
     cls = load_runner(runner if runner is not None else scenario.runner)
     prof = profile if isinstance(profile, Profile) else load_profile(profile or scenario.cost_profile)
+    prof = for_world(prof, scenario.world)  # ranks sharing CPU cores (a no-op for GPU profiles)
     label = runner_label(cls)
     sim, trace = _run(scenario, cls, prof, label)
     if what_if and not any(h.kind in FATAL for h in trace.hazards):

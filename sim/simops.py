@@ -29,7 +29,7 @@ from scenarios.trace import (
     Step,
 )
 from sim import algebra
-from sim.cost import collective_us, elementwise_us, gemm_us
+from sim.cost import collective_us, elementwise_us, experts_us, gemm_us
 from sim.errors import RunnerUsageError, SimShapeError
 
 if TYPE_CHECKING:
@@ -389,8 +389,7 @@ class SimOps(Ops):
         shape = (x.shape[0], width)
         pairs, active = self.sim.loads[self.rank]
         inter = m.moe_intermediate // s.moe_tp
-        bpe = p.bytes_per_elem
-        dur = gemm_us(p, 6.0 * pairs * width * inter, active * 3 * width * inter * bpe + 2 * pairs * width * bpe, 4)
+        dur = experts_us(p, pairs, active, s.local_experts, width, inter)
         st = self._step("experts", name, COMPUTE, (x, routing_h), shape, dur, component="routed")
         if x.shape[-1] != width:
             self._shape_error(st, f"routed kernel expects width {width}, got {x.shape[-1]}")

@@ -459,6 +459,8 @@ def test_get_triton_kernel_and_bench_figures() -> None:
         "kernel_triton_interp_ms",
         "kernel_triton_over_torch",
         "kernel_triton_max_abs_diff",
+        "kernel_torch_median_ms",
+        "kernel_triton_interp_median_ms",
     }
     assert figures["kernel_torch_ms"] > 0 and figures["kernel_triton_interp_ms"] > 0
     assert figures["kernel_triton_max_abs_diff"] < 1e-3
