@@ -48,8 +48,9 @@ def test_real_confirms_the_wrong_runner(cls, scenario, kind, ranks, verdict):
     assert vs and all(v.verdict.value == verdict for v in vs), [v.to_dict() for v in res.verdicts]
     if kind != "UNSAFE_OVERLAP":  # a race shows in a perturbed run, not necessarily in this one
         assert wrong == set(ranks), [c.to_dict() for c in res.real.output_checks.values()]
-    # Never silent: every wrong output is CONFIRMED or UNPREDICTED, never "agree".
-    assert not res.agree or wrong <= {v.rank for v in res.verdicts if v.verdict == Verdict.CONFIRMED}
+    # Never silent: a wrong output is never "agree"; here every one is confirmed as predicted.
+    if wrong:
+        assert not res.agree and res.confirmed_as_predicted, [v.to_dict() for v in res.verdicts]
     for v in res.verdicts:
         if v.verdict == Verdict.CONFIRMED and v.rank is not None and kind != "UNSAFE_OVERLAP":
             assert not res.real.output_checks[v.rank].correct

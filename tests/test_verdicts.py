@@ -131,3 +131,17 @@ def test_predicted_hang_confirmed_by_a_consequence_hang():
     real.hazards.append(Hazard(HazardKind.HANG, 0, "final_all_reduce", 0, "timed out", caused_by=1))
     h = Hazard(HazardKind.HANG, 0, "final_all_reduce", 0, "waits in all_reduce")
     assert judge_failure(sim, real, h).verdict == Verdict.CONFIRMED
+
+
+def test_agree_is_never_said_over_a_wrong_output():
+    from scenarios.spec import Scenario
+    from twin.crosscheck import CheckResult
+    from twin.verdicts import VerdictItem
+
+    sim, real = _traces(False, None, "WRONG_TOKENS")
+    res = CheckResult(Scenario(), sim, real)
+    assert not res.agree and not res.confirmed_as_predicted  # wrong, nothing predicted or confirmed
+    res.verdicts = [VerdictItem("WRONG_TOKENS", Verdict.CONFIRMED, "x", 1, r) for r in (0, 1)]
+    assert not res.agree and res.confirmed_as_predicted
+    _sim, ok = _traces(True)
+    assert CheckResult(Scenario(), sim, ok).agree

@@ -54,12 +54,24 @@ class CheckResult:
 
     @property
     def agree(self) -> bool:
-        """Sim and real agree: no divergent step, no unpredicted finding and
-        no wrong output the prediction did not account for. Never true while
-        a rank's output is wrong and nothing predicted it."""
-        return (self.divergence is None
-                and not any(v.verdict.value in ("UNPREDICTED", "REFUTED") for v in self.verdicts)
-                and (not wrong_ranks(self.real) or bool(self.sim.hazards)))
+        """Sim and real agree, and reality is right: no divergent step, no
+        REFUTED or UNPREDICTED verdict, every rank's output equals the
+        reference. Never true while any rank's output is wrong."""
+        return self._verdicts_hold and not wrong_ranks(self.real)
+
+    @property
+    def confirmed_as_predicted(self) -> bool:
+        """Some output is wrong, and every wrong output is one the simulator
+        predicted and the real run confirmed (no divergence, nothing refuted
+        or unpredicted)."""
+        bad = wrong_ranks(self.real)
+        confirmed = {v.rank for v in self.verdicts if v.verdict.value == "CONFIRMED"}
+        return bool(bad) and self._verdicts_hold and set(bad) <= confirmed
+
+    @property
+    def _verdicts_hold(self) -> bool:
+        return self.divergence is None and not any(
+            v.verdict.value in ("UNPREDICTED", "REFUTED") for v in self.verdicts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +81,8 @@ class CheckResult:
             "observed": [h.to_dict() for h in self.real.hazards],
             "verdicts": [v.to_dict() for v in self.verdicts],
             "real_output": [self.real.output_checks[r].to_dict() for r in sorted(self.real.output_checks)],
+            "agree": self.agree,
+            "confirmed_as_predicted": self.confirmed_as_predicted,
             "first_divergence": (
                 {"rank": self.divergence[0], "step": self.divergence[1], "what": self.divergence[2]}
                 if self.divergence else None
@@ -94,25 +108,30 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
         lost = next((h for h in real.hazards if h.rank == r), None)
         where = lost.step if lost else 0
         return (r, where, f"real rank {r} returned no steps ({lost.detail if lost else 'no result'})")
+    # From a predicted wrong input on, the sim's values name the usual sources
+    # for what is not a combination of them: compare ops, shapes and errors only.
+    opaque = min((h.step for h in sim.hazards if h.rank == r and h.kind == HazardKind.WRONG_INPUT), default=None)
     for i, st in enumerate(ssteps):
         if i >= len(rsteps):
             if rsteps and not any(x.error for x in rsteps):
                 return (r, i, f"real rank stopped before step {i} {st.name}")
             return None
-        what = _step_divergence(sim, r, i, st, rsteps[i], routed_scale)
+        fits = opaque is None or i < opaque
+        what = _step_divergence(sim, r, i, st, rsteps[i], routed_scale if fits else None)
         if what is not None:
             return (r, i, what)
     return None
 
 
-def _step_divergence(sim: Trace, r: int, i: int, st: Any, rt: Any, routed_scale: float) -> str | None:
+def _step_divergence(sim: Trace, r: int, i: int, st: Any, rt: Any, routed_scale: float | None) -> str | None:
+    """What differs at one step; coefficients only when `routed_scale` is given."""
     if (rt.op, rt.name) != (st.op, st.name):
         return f"sim {st.op}/{st.name} vs real {rt.op}/{rt.name}"
     if bool(st.error) != bool(rt.error):
         return f"error: sim {st.error or 'none'} vs real {rt.error or 'none'}"
     if st.out_shape is not None and rt.out_shape is not None and tuple(st.out_shape) != tuple(rt.out_shape) and not st.error:
         return f"shape: sim {list(st.out_shape)} vs real {list(rt.out_shape)}"
-    if rt.value is not None:
+    if rt.value is not None and routed_scale is not None:
         pred = predicted_coeffs(sim, r, i, routed_scale)
         if pred is not None and not coeffs_match(pred, rt.value):
             return f"coefficients: sim {pred} vs real {rt.value}"

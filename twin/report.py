@@ -251,14 +251,19 @@ def agreement_line(result: Any, ran: bool = True) -> Text:
         return Text(f"first divergence: rank {r} step {i}: {printable(what)}", style="bold yellow")
     if not ran:
         return Text("no real run to compare with (see the notes below)", style="yellow")
+    bad = wrong_ranks(result.real)
+    ranks = ",".join(map(str, bad))
+    if result.confirmed_as_predicted:
+        return Text(f"prediction confirmed: the real output is wrong on ranks {ranks}, as predicted "
+                    "(see the verdicts)", style="bold yellow")
     if not result.agree:
-        bad = wrong_ranks(result.real)
-        what = f"real output wrong on ranks {','.join(map(str, bad))}" if bad else "verdicts disagree with the prediction"
+        what = f"real output wrong on ranks {ranks}" if bad else "verdicts disagree with the prediction"
         return Text(f"sim and real do NOT agree: {what} (see the verdicts)", style="bold red")
     steps = sum(len(v) for v in result.real.steps.values())
     fitted = sum(1 for v in result.real.steps.values() for st in v if st.value is not None)
     return Text(f"sim and real agree at every step compared: op, shape and error at {steps} steps, "
-                f"coefficients at the {fitted} fitted ones", style="green")
+                f"coefficients at the {fitted} fitted ones; every rank's output equals the exact reference",
+                style="green")
 
 
 def real_output_table(trace: Trace) -> RenderableType:
