@@ -55,8 +55,9 @@ reported where they arise, whatever the scaling.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Source = tuple[str, str, "str | None"]  # (component, shard, foreign token key)
 
@@ -80,10 +81,24 @@ class Value:
     # component -> product of the scale ops applied to it (already part of the
     # coefficients; kept to know whether routed's scaling has happened).
     scale: tuple[tuple[str, float], ...] = ()
+    # Row offset where each block starts, plus the total (built on first use):
+    # splitting a wide value bisects it instead of scanning every block.
+    _starts: list[int] | None = field(default=None, compare=False, repr=False, hash=False)
+
+    def starts(self) -> list[int]:
+        st = self._starts
+        if st is None:
+            st, pos = [], 0
+            for b in self.blocks:
+                st.append(pos)
+                pos += b.rows
+            st.append(pos)
+            object.__setattr__(self, "_starts", st)
+        return st
 
     @property
     def rows(self) -> int:
-        return sum(b.rows for b in self.blocks)
+        return self.starts()[-1]
 
     def scale_of(self, component: str) -> float:
         for c, f in self.scale:
@@ -140,24 +155,25 @@ def relabel(v: Value, component: str, shard: str) -> Value:
 def split_rows(v: Value, start: int, end: int) -> Value:
     """Rows [start, end) of v; cut blocks get a sub-range key."""
     out: list[Block] = []
-    pos = 0
-    for b in v.blocks:
+    starts = v.starts()
+    blocks = v.blocks
+    # First block that ends after `start` (zero-row blocks at the edge are skipped
+    # anyway: they hold no rows of the range).
+    i = max(0, bisect_right(starts, start) - 1)
+    while i < len(blocks) and starts[i] < end:
+        b, pos = blocks[i], starts[i]
         lo, hi = max(start, pos), min(end, pos + b.rows)
         if lo < hi:
             if lo == pos and hi == pos + b.rows:
                 out.append(b)
             else:
                 out.append(Block(f"{b.key}[{lo - pos}:{hi - pos}]", hi - lo, b.terms))
-        pos += b.rows
+        i += 1
     return Value(tuple(out), v.scale)
 
 
 def _boundaries(v: Value) -> list[int]:
-    out, pos = [], 0
-    for b in v.blocks:
-        pos += b.rows
-        out.append(pos)
-    return out
+    return v.starts()[1:]
 
 
 def _resegment(v: Value, cuts: Sequence[int]) -> list[Block]:
@@ -245,6 +261,29 @@ def reduce_scatter(values: Sequence[Value], index: int) -> Value:
     chunk = values[index].rows // n
     parts = [split_rows(v, index * chunk, (index + 1) * chunk) for v in values]
     return add(parts, own=index)
+
+
+def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:
+    """reduce_scatter(values, i) for every member i, sharing the work: when
+    every member's value has the same row layout (the usual case), each
+    chunk's blocks are found once by bisection and sliced from every value,
+    instead of n splits per member."""
+    n = len(values)
+    starts = values[0].starts()
+    if any(v.starts() != starts for v in values[1:]) or any(b.rows == 0 for b in values[0].blocks):
+        return [reduce_scatter(values, i) for i in range(n)]
+    chunk = starts[-1] // n
+    out = []
+    for i in range(n):
+        lo, hi = i * chunk, (i + 1) * chunk
+        a, b = bisect_right(starts, lo) - 1, bisect_right(starts, hi) - 1
+        if a >= 0 and starts[a] == lo and starts[b] == hi:
+            # The chunk is whole blocks a..b-1 of every value: no cutting.
+            parts = [Value(v.blocks[a:b], v.scale) for v in values]
+        else:
+            parts = [split_rows(v, lo, hi) for v in values]
+        out.append(add(parts, own=i))
+    return out
 
 
 # ---- what checks ask of a value ----

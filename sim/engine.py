@@ -169,6 +169,9 @@ class Simulation:
         values = [a[1].value for a in arrivals]
         kind = pend.kind
         shared_sum = None
+        scattered = None
+        if kind in ("reduce_scatter", "combine_a2a"):
+            scattered = algebra.reduce_scatter_all(values)
         if kind == "all_reduce":
             keys = {v.keys() for v in values}
             if len(keys) == 1:
@@ -182,7 +185,7 @@ class Simulation:
                 v = algebra.concat(values)
                 out = ((x.shape[0] * len(group), *x.shape[1:]), v)
             else:  # reduce_scatter, combine_a2a
-                v = algebra.reduce_scatter(values, i)
+                v = scattered[i] if scattered is not None else algebra.reduce_scatter(values, i)
                 rows = v.rows if kind == "combine_a2a" else x.shape[0] // len(group)
                 out = ((rows, *x.shape[1:]), v)
             pend.results[r] = out
