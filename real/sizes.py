@@ -8,6 +8,12 @@ import glob
 from scenarios.spec import Scenario
 
 MAX_REAL_BYTES = 3 * 2**30  # per rank; larger scenarios are refused with a clear error
+# Every real rank is a process with torch loaded (~0.4 GiB resident before any
+# weight). On this class of machine (2 cores, 24 GiB) more ranks than this
+# would swap or take minutes to start: refused before anything runs.
+MAX_REAL_RANKS = 16
+RANK_OVERHEAD_BYTES = 400 * 2**20
+MAX_REAL_TOTAL_BYTES = 20 * 2**30  # all ranks together
 
 
 class ScenarioTooLarge(ValueError):
@@ -24,7 +30,20 @@ def real_bytes_estimate(s: Scenario) -> int:
 
 
 def check_fits(s: Scenario) -> None:
+    """Refuses (ScenarioTooLarge, one line) a scenario this machine cannot run
+    for real: too many rank processes, or too much memory per rank or in all."""
+    if s.world > MAX_REAL_RANKS:
+        raise ScenarioTooLarge(
+            f"scenario {s.name!r} has {s.world} ranks: a real run on this machine holds at most "
+            f"{MAX_REAL_RANKS} rank processes (simulate it instead: `simulate` has no such limit)"
+        )
     need = real_bytes_estimate(s)
+    total = s.world * (need + RANK_OVERHEAD_BYTES)
+    if need <= MAX_REAL_BYTES and total > MAX_REAL_TOTAL_BYTES:
+        raise ScenarioTooLarge(
+            f"scenario {s.name!r} needs ~{total / 2**30:.1f} GiB over its {s.world} ranks for a real run "
+            f"(limit {MAX_REAL_TOTAL_BYTES / 2**30:.0f} GiB): use a scaled-down scenario"
+        )
     if need > MAX_REAL_BYTES:
         raise ScenarioTooLarge(
             f"scenario {s.name!r} needs ~{need / 2**30:.1f} GiB per rank for a real run on CPU "
@@ -40,4 +59,4 @@ def check_kernel_device(kernel: str) -> None:
                          "use kernel torch or triton on CPU")
 
 
-__all__ = ["MAX_REAL_BYTES", "ScenarioTooLarge", "check_fits", "check_kernel_device", "real_bytes_estimate"]
+__all__ = ["MAX_REAL_BYTES", "MAX_REAL_RANKS", "MAX_REAL_TOTAL_BYTES", "ScenarioTooLarge", "check_fits", "check_kernel_device", "real_bytes_estimate"]

@@ -1,0 +1,123 @@
+"""Wide worlds: vectorised routing and loads agree with their per-token
+definitions; the routing is deterministic per seed and a valid top-k."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scenarios.strategies import moe_scenarios
+from scenarios.workload import expert_loads, rank_token_ids, routing, routing_arrays
+from sim.engine import _received_rows
+
+
+def _loads_by_definition(s):
+    """expert_loads written token by token (the definition)."""
+    route = routing(s)
+    token_routing = s.use_all2all_kernels and s.effective_backend != "allgather_reducescatter"
+    dup = s.parallel.tp if (token_routing and not s.sp) else 1
+    out = []
+    for r in range(s.world):
+        d, _t = s.coords(r)
+        sources = [d] if s.effective_backend == "none" else range(s.parallel.dp)
+        per = s.local_experts
+        lo, hi = (r * per, r * per + per) if s.parallel.ep else (0, s.model.num_experts)
+        pairs, active = 0, set()
+        for sd in sources:
+            for tok in range(s.workload.tokens):
+                for e in route[sd][tok][0]:
+                    if lo <= e < hi:
+                        pairs += dup
+                        active.add(e)
+        out.append((pairs, len(active)))
+    return tuple(out)
+
+
+def _received_by_definition(s, group):
+    route = routing(s)
+    out = [0] * s.world
+    for m in group:
+        d, _ = s.coords(m)
+        for tok in rank_token_ids(s, m):
+            for o in {e // s.local_experts for e in route[d][max(tok, 0)][0]}:
+                out[o] += 1
+    return tuple(out)
+
+
+@given(moe_scenarios())
+@settings(max_examples=60, deadline=None)
+def test_vectorised_loads_match_their_definition(s):
+    assert expert_loads(s) == _loads_by_definition(s)
+    if s.effective_backend != "none":
+        group, _ = s.dispatch_group(0)
+        assert _received_rows(s, group) == _received_by_definition(s, group)
+
+
+@given(
+    st.integers(-(2**40), 2**40), st.sampled_from([0.0, 0.3, 0.9]),
+    st.sampled_from([(8, 2), (16, 16), (256, 8), (1024, 1)]), st.integers(1, 40), st.integers(1, 3),
+)
+@settings(max_examples=40, deadline=None)
+def test_routing_is_a_deterministic_valid_top_k(seed, skew, ek, tokens, dp):
+    experts, k = ek
+    routing_arrays.cache_clear()
+    ids, w = routing_arrays(seed, skew, experts, k, tokens, dp)
+    routing_arrays.cache_clear()
+    ids2, w2 = routing_arrays(seed, skew, experts, k, tokens, dp)
+    assert (ids == ids2).all() and (w == w2).all()
+    assert ids.shape == (dp, tokens, k) and ids.min() >= 0 and ids.max() < experts
+    for row in ids.reshape(-1, k).tolist():
+        assert len(set(row)) == k
+    assert abs(w.sum(axis=2) - 1.0).max() < 1e-12 and (w > 0).all()
+
+
+# ---- size caps: one line, exit 2, before anything is simulated ----
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_EP = """name = "wide"
+[model]
+num_experts = {experts}
+top_k = {top_k}
+[parallel]
+tp = {tp}
+dp = {dp}
+ep = true
+backend = "deepep_low_latency"
+[workload]
+tokens = {tokens}
+"""
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("verb", ["simulate", "show"])
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"experts": 8192, "top_k": 2, "tp": 1, "dp": 2, "tokens": 4}, "model.num_experts"),
+    ({"experts": 256, "top_k": 65, "tp": 1, "dp": 2, "tokens": 4}, "model.top_k"),
+    ({"experts": 2048, "top_k": 2, "tp": 2, "dp": 1024, "tokens": 4}, "at most 1024 ranks"),
+    ({"experts": 8, "top_k": 2, "tp": 1, "dp": 8, "tokens": 65536}, "over all DP ranks"),
+    ({"experts": 64, "top_k": 64, "tp": 1, "dp": 2, "tokens": 32768}, "token-expert pairs"),
+])
+def test_caps_are_one_line_exit_2(tmp_path, verb, fields, needle):
+    f = tmp_path / "wide.toml"
+    f.write_text(_EP.format(**fields))
+    p = _cli(verb, str(f))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_real_run_refuses_a_world_the_machine_cannot_hold(tmp_path):
+    f = tmp_path / "wide.toml"
+    f.write_text(_EP.format(experts=64, top_k=2, tp=2, dp=16, tokens=4))
+    p = _cli("run", str(f), "--runner", "fixed")
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "32 ranks" in lines[0] and "at most 16" in lines[0], p.stderr
