@@ -147,9 +147,10 @@ def leaf(key: str, rows: int, component: str, shard: str) -> Value:
 
 def relabel(v: Value, component: str, shard: str) -> Value:
     """Output of a (non-linear) op on v: same row blocks, one fresh source."""
-    return Value(
-        tuple(Block(b.key, b.rows, (((component, shard, None), 1.0),)) for b in v.blocks)
-    )
+    # One terms tuple for every block: sums over a group's values can then be
+    # shared across members (reduce_scatter_all) and checks memoised.
+    terms = (((component, shard, None), 1.0),)
+    return Value(tuple(Block(b.key, b.rows, terms) for b in v.blocks))
 
 
 def split_rows(v: Value, start: int, end: int) -> Value:
@@ -267,23 +268,51 @@ def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:
     """reduce_scatter(values, i) for every member i, sharing the work: when
     every member's value has the same row layout (the usual case), each
     chunk's blocks are found once by bisection and sliced from every value,
-    instead of n splits per member."""
+    and chunks whose parts hold the same terms objects (a relabelled value
+    shares one terms tuple over its blocks) are summed once for all members."""
     n = len(values)
-    starts = values[0].starts()
-    if any(v.starts() != starts for v in values[1:]) or any(b.rows == 0 for b in values[0].blocks):
+    v0 = values[0]
+    starts = v0.starts()
+    if any(v.starts() != starts for v in values[1:]) or any(b.rows == 0 for b in v0.blocks):
         return [reduce_scatter(values, i) for i in range(n)]
+    scale0 = v0.scale
+    same_scale = all(v.scale == scale0 for v in values)
     chunk = starts[-1] // n
+    sums: dict[tuple[int, ...], tuple] = {}  # ids of the parts' terms -> their sum
     out = []
     for i in range(n):
         lo, hi = i * chunk, (i + 1) * chunk
         a, b = bisect_right(starts, lo) - 1, bisect_right(starts, hi) - 1
+        if same_scale and a >= 0 and b == a + 1 and starts[a] == lo and starts[b] == hi:
+            # The chunk is block a of every value: one row set, no cutting.
+            out.append(_sum_block(values, a, i, sums, scale0))
+            continue
         if a >= 0 and starts[a] == lo and starts[b] == hi:
-            # The chunk is whole blocks a..b-1 of every value: no cutting.
             parts = [Value(v.blocks[a:b], v.scale) for v in values]
         else:
             parts = [split_rows(v, lo, hi) for v in values]
         out.append(add(parts, own=i))
     return out
+
+
+def _sum_block(values: Sequence[Value], a: int, own: int, sums: dict, scale0: tuple) -> Value:
+    """Block a summed over every value, as add() would with the receiving
+    rank's block as the row key: when every part holds those same rows, the
+    sum depends only on the terms, so equal terms are summed once."""
+    blocks = [v.blocks[a] for v in values]
+    mine = blocks[own]
+    key = mine.key
+    if any(bl.key != key for bl in blocks):
+        return add([Value((bl,), v.scale) for bl, v in zip(blocks, values, strict=True)], own=own)
+    ids = tuple(id(bl.terms) for bl in blocks)
+    hit = sums.get(ids)
+    if hit is None:
+        acc: dict[Source, float] = {}
+        for bl in blocks:
+            for src, coef in bl.terms:
+                acc[src] = acc.get(src, 0.0) + coef
+        hit = sums[ids] = _terms(acc)
+    return Value((Block(key, mine.rows, hit),), tuple(sorted(dict(scale0).items())) if len(values) > 1 else scale0)
 
 
 # ---- what checks ask of a value ----
