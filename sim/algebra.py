@@ -58,6 +58,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 Source = tuple[str, str, "str | None"]  # (component, shard, foreign token key)
 
@@ -65,8 +66,11 @@ INPUT_COMPONENTS = ("x", "xlat")
 EPS = 1e-9
 
 
-@dataclass(frozen=True, slots=True)
-class Block:
+class Block(NamedTuple):
+    """Rows of one token set and their linear combination of sources. A named
+    tuple: wide worlds build one per member block, and this is the cheapest
+    immutable record to build."""
+
     key: str
     rows: int
     terms: tuple[tuple[Source, float], ...]  # sorted, coefficient != 0
@@ -150,7 +154,8 @@ def relabel(v: Value, component: str, shard: str) -> Value:
     # One terms tuple for every block: sums over a group's values can then be
     # shared across members (reduce_scatter_all) and checks memoised.
     terms = (((component, shard, None), 1.0),)
-    return Value(tuple(Block(b.key, b.rows, terms) for b in v.blocks))
+    new = tuple.__new__  # Block(...) without the keyword-handling constructor
+    return Value(tuple(new(Block, (b[0], b[1], terms)) for b in v.blocks))
 
 
 def split_rows(v: Value, start: int, end: int) -> Value:
