@@ -1,6 +1,7 @@
 """Wide worlds: vectorised routing and loads agree with their per-token
 definitions; the routing is deterministic per seed and a valid top-k."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,55 @@ def test_real_run_refuses_a_world_the_machine_cannot_hold(tmp_path):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "32 ranks" in lines[0] and "at most 16" in lines[0], p.stderr
+
+
+# ---- simulate --json folds equivalent ranks ----
+
+
+def _unfold(folded: dict, rank: int) -> tuple[list[dict], dict | None]:
+    """A rank's steps and outputs rebuilt from the folded document."""
+    cls = next(c for c in folded["rank_classes"] if rank in c["ranks"])
+    rep = str(cls["representative"])
+    steps = []
+    for i, step in enumerate(folded["steps"][rep]):
+        step = dict(step, rank=rank)
+        if rank != cls["representative"]:
+            step["start"], step["end"] = folded["step_times"][str(rank)][i]
+            step.update(folded["step_shapes"].get(str(rank), {}).get(str(step["index"]), {}))
+        steps.append(step)
+    return steps, folded["outputs"].get(rep)
+
+
+def _shape_of(group):
+    return None if group is None else [g - group[0] for g in group]
+
+
+@given(moe_scenarios())
+@settings(max_examples=25, deadline=None)
+def test_folded_json_rebuilds_every_rank(s):
+    from sim import simulate
+
+    trace = simulate(s, "fixed")
+    full, folded = trace.to_dict(with_steps=True), trace.to_folded_dict()
+    members = sorted(r for c in folded["rank_classes"] for r in c["ranks"])
+    assert members == list(range(s.world))
+    for r in range(s.world):
+        steps, outputs = _unfold(folded, r)
+        assert outputs == full["outputs"].get(str(r))
+        mine = full["steps"][str(r)]
+        assert len(steps) == len(mine)
+        for a, b in zip(steps, mine, strict=True):
+            ga, gb = a.pop("group"), b.pop("group")
+            a.pop("waits"), b.pop("waits"), a.pop("records"), b.pop("records")  # numbered over all ranks
+            assert _shape_of(ga) == _shape_of(gb) and (gb is None or r in gb)
+            assert a == b
+
+
+def test_simulate_json_folds_wide_worlds_and_all_ranks_unfolds(tmp_path):
+    f = tmp_path / "wide.toml"
+    f.write_text(_EP.format(experts=64, top_k=2, tp=2, dp=32, tokens=4))
+    folded = json.loads(_cli("simulate", str(f), "--runner", "fixed", "--json").stdout)
+    full = json.loads(_cli("simulate", str(f), "--runner", "fixed", "--json", "--all-ranks").stdout)
+    assert folded["folded"] is True and "folded" not in full
+    assert len(folded["steps"]) == len(folded["rank_classes"]) < 64 == len(full["steps"])
+    assert folded["hazards"] == full["hazards"] and folded["latency_us"] == full["latency_us"]
