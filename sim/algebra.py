@@ -57,7 +57,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 Source = tuple[str, str, "str | None"]  # (component, shard, foreign token key)
@@ -79,15 +78,60 @@ class Block(NamedTuple):
         return dict(self.terms)
 
 
-@dataclass(frozen=True, slots=True)
 class Value:
-    blocks: tuple[Block, ...]
-    # component -> product of the scale ops applied to it (already part of the
-    # coefficients; kept to know whether routed's scaling has happened).
-    scale: tuple[tuple[str, float], ...] = ()
-    # Row offset where each block starts, plus the total (built on first use):
-    # splitting a wide value bisects it instead of scanning every block.
-    _starts: list[int] | None = field(default=None, compare=False, repr=False, hash=False)
+    """A simulated tensor's row blocks and, per component, the product of the
+    scale ops applied to it (already part of the coefficients; kept to know
+    whether routed's scaling has happened). Immutable.
+
+    A value whose blocks all hold one terms tuple (what a non-linear op makes)
+    may be built `uniform`: its row layout (offsets and keys, shared with the
+    value it was made from) plus that terms tuple, its blocks built only if
+    asked for. A wide world's expert outputs are such values: building world
+    blocks per rank would be world^2 work."""
+
+    __slots__ = ("_blocks", "scale", "_starts", "_keys", "uniform")
+
+    def __init__(
+        self,
+        blocks: tuple[Block, ...] | None,
+        scale: tuple[tuple[str, float], ...] = (),
+        starts: list[int] | None = None,
+        keys: tuple[str, ...] | None = None,
+        uniform: tuple[tuple[Source, float], ...] | None = None,
+    ) -> None:
+        if blocks is None and (starts is None or keys is None or uniform is None):
+            raise ValueError("a value without blocks needs its layout and uniform terms")
+        self._blocks = blocks
+        self.scale = scale
+        # Row offset where each block starts, plus the total (built on first
+        # use): splitting a wide value bisects it instead of scanning it.
+        self._starts = starts
+        self._keys = keys
+        self.uniform = uniform
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        bl = self._blocks
+        if bl is None:
+            st, terms, new = self._starts, self.uniform, tuple.__new__
+            bl = self._blocks = tuple(
+                new(Block, (k, st[i + 1] - st[i], terms)) for i, k in enumerate(self._keys))  # type: ignore[index]
+        return bl
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._keys) if self._blocks is None else len(self._blocks)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Value):
+            return NotImplemented
+        return self.blocks == other.blocks and self.scale == other.scale
+
+    def __hash__(self) -> int:
+        return hash((self.blocks, self.scale))
+
+    def __repr__(self) -> str:
+        return f"Value(blocks={self.blocks!r}, scale={self.scale!r})"
 
     def starts(self) -> list[int]:
         st = self._starts
@@ -97,7 +141,7 @@ class Value:
                 st.append(pos)
                 pos += b.rows
             st.append(pos)
-            object.__setattr__(self, "_starts", st)
+            self._starts = st
         return st
 
     @property
@@ -114,7 +158,19 @@ class Value:
         return {src[0] for b in self.blocks for src, _ in b.terms}
 
     def keys(self) -> tuple[str, ...]:
-        return tuple(b.key for b in self.blocks)
+        ks = self._keys
+        if ks is None:
+            ks = self._keys = tuple(b.key for b in self.blocks)
+        return ks
+
+    def same_rows(self, other: Value) -> bool:
+        """The same row blocks (keys and sizes) as `other`."""
+        if self._blocks is not None and self._blocks is other._blocks:
+            return True
+        if self.n_blocks != other.n_blocks:
+            return False
+        ka, kb, sa, sb = self.keys(), other.keys(), self.starts(), other.starts()
+        return (ka is kb or ka == kb) and (sa is sb or sa == sb)
 
 
 def snap(v: float) -> float:
@@ -154,8 +210,7 @@ def relabel(v: Value, component: str, shard: str) -> Value:
     # One terms tuple for every block: sums over a group's values can then be
     # shared across members (reduce_scatter_all) and checks memoised.
     terms = (((component, shard, None), 1.0),)
-    new = tuple.__new__  # Block(...) without the keyword-handling constructor
-    return Value(tuple(new(Block, (b[0], b[1], terms)) for b in v.blocks))
+    return Value(None, (), v.starts(), v.keys(), terms)
 
 
 def split_rows(v: Value, start: int, end: int) -> Value:
@@ -278,11 +333,16 @@ def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:
     n = len(values)
     v0 = values[0]
     starts = v0.starts()
-    if any(v.starts() != starts for v in values[1:]) or any(b.rows == 0 for b in v0.blocks):
+    if any(v.starts() is not starts and v.starts() != starts for v in values[1:]) or 0 in (
+            b.rows for b in v0.blocks):
         return [reduce_scatter(values, i) for i in range(n)]
     scale0 = v0.scale
     same_scale = all(v.scale == scale0 for v in values)
     chunk = starts[-1] // n
+    if same_scale:
+        fast = _uniform_scatter(values, chunk)
+        if fast is not None:
+            return fast
     sums: dict[tuple[int, ...], tuple] = {}  # ids of the parts' terms -> their sum
     out = []
     for i in range(n):
@@ -298,6 +358,27 @@ def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:
             parts = [split_rows(v, lo, hi) for v in values]
         out.append(add(parts, own=i))
     return out
+
+
+def _uniform_scatter(values: Sequence[Value], chunk: int) -> list[Value] | None:
+    """reduce_scatter_all when every value is uniform over one shared layout
+    whose blocks are the chunks (expert outputs of one dispatched value): the
+    sum of every chunk is the same terms, summed once; None otherwise."""
+    v0 = values[0]
+    keys, starts = v0._keys, v0._starts
+    if keys is None or len(keys) != len(values) or any(
+            v.uniform is None or v._keys is not keys or v._starts is not starts for v in values):
+        return None
+    if any(starts[i] != i * chunk for i in range(len(starts))):
+        return None
+    acc: dict[Source, float] = {}
+    for v in values:
+        for src, coef in v.uniform:  # type: ignore[union-attr]
+            acc[src] = acc.get(src, 0.0) + coef
+    terms = _terms(acc)
+    scale = tuple(sorted(dict(v0.scale).items())) if len(values) > 1 else v0.scale
+    new = tuple.__new__
+    return [Value((new(Block, (k, chunk, terms)),), scale) for k in keys]
 
 
 def _sum_block(values: Sequence[Value], a: int, own: int, sums: dict, scale0: tuple) -> Value:
