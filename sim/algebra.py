@@ -209,8 +209,41 @@ def relabel(v: Value, component: str, shard: str) -> Value:
     """Output of a (non-linear) op on v: same row blocks, one fresh source."""
     # One terms tuple for every block: sums over a group's values can then be
     # shared across members (reduce_scatter_all) and checks memoised.
-    terms = (((component, shard, None), 1.0),)
+    terms = _FRESH.get((component, shard))
+    if terms is None:
+        terms = _FRESH[(component, shard)] = (((component, shard, None), 1.0),)
     return Value(None, (), v.starts(), v.keys(), terms)
+
+
+# One terms tuple per fresh source (interned): equal terms are the same object,
+# so sums and analyses can be memoised by identity.
+_FRESH: dict[tuple[str, str], tuple[tuple[Source, float], ...]] = {}
+
+# Sums of blocks on the same rows by the identities of their terms tuples
+# (the tuples are kept in the entry, so an id cannot be reused while cached).
+_SUMS: dict[tuple[int, ...], tuple[list, tuple]] = {}
+_SUMS_MAX = 4096
+_SUM_MEMO_MIN_TERMS = 16  # below this a sum is cheaper than the lookup
+
+
+def _same_rows_sum(blocks: list[Block]) -> tuple[tuple[Source, float], ...]:
+    """_terms of the sum of blocks that all hold the same rows."""
+    memo = sum(len(b.terms) for b in blocks) >= _SUM_MEMO_MIN_TERMS
+    if memo:
+        ids = tuple(id(b.terms) for b in blocks)
+        hit = _SUMS.get(ids)
+        if hit is not None and all(a is b.terms for a, b in zip(hit[0], blocks, strict=True)):
+            return hit[1]
+    acc: dict[Source, float] = {}
+    for b in blocks:
+        for src, coef in b.terms:
+            acc[src] = acc.get(src, 0.0) + coef
+    terms = _terms(acc)
+    if memo:
+        if len(_SUMS) >= _SUMS_MAX:
+            _SUMS.clear()
+        _SUMS[ids] = ([b.terms for b in blocks], terms)
+    return terms
 
 
 def split_rows(v: Value, start: int, end: int) -> Value:
@@ -276,6 +309,10 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
     for i in range(n):
         mine = segs[own][i]
         key = mine.key
+        here = [seg[i] for seg in segs]
+        if all(blk.key == key for blk in here):
+            out.append(Block(key, mine.rows, _same_rows_sum(here)))
+            continue
         acc: dict[Source, float] = {}
         for seg in segs:
             blk = seg[i]
