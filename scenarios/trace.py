@@ -158,13 +158,18 @@ class OutputCheck:
         }
 
 
-def _step_key(st: Step, events: dict[int, int]) -> tuple:
+def _step_key(st: Step, events: dict[int, int], shapes_of: dict[int, tuple]) -> tuple:
     """A step without its rank, times and shapes; its group as offsets from
     the first member; event ids (numbered over all ranks) in the order the
     rank first uses them (`events` carries that numbering over its steps)."""
     waits = tuple(events.setdefault(e, len(events)) for e in st.waits)
     records = events.setdefault(st.records, len(events)) if st.records is not None else None
-    group = tuple(g - st.group[0] for g in st.group) if st.group else st.group
+    group = st.group
+    if group:
+        hit = shapes_of.get(id(group))
+        if hit is None or hit[0] is not group:
+            hit = shapes_of[id(group)] = (group, tuple(g - group[0] for g in group))
+        group = hit[1]
     value = tuple(sorted((k, repr(v)) for k, v in st.value.items())) if st.value is not None else None
     return (st.index, st.op, st.name, st.stream, st.category, st.component, group,
             len(st.in_shapes), st.out_shape is None, waits, records, value, st.residual,
@@ -221,7 +226,7 @@ class Trace:
     def hazard_kinds(self) -> set[str]:
         return {h.kind.value for h in self.hazards}
 
-    def to_dict(self, with_steps: bool = True) -> dict[str, Any]:
+    def to_dict(self, with_steps: bool = True, with_outputs: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
             "source": self.source,
             "scenario": self.scenario,
@@ -231,7 +236,7 @@ class Trace:
             "overlap_us": {str(r): round(v, 3) for r, v in self.overlap_us.items()},
             "decisions": dict(self.decisions),
             "hazards": [h.to_dict() for h in self.hazards],
-            "outputs": {str(r): _finite_map(c) for r, c in self.outputs.items()},
+            "outputs": {str(r): _finite_map(c) for r, c in self.outputs.items()} if with_outputs else {},
             "notes": list(self.notes),
         }
         if self.source == "real":
@@ -254,10 +259,11 @@ class Trace:
         per step) and its own shapes where they differ (`step_shapes`: rank ->
         step index -> in_shapes and out_shape; routing makes a dispatch's rows
         differ per rank)."""
-        d = self.to_dict(with_steps=False)
+        d = self.to_dict(with_steps=False, with_outputs=False)
         classes: dict[tuple, list[int]] = {}
+        shapes_of: dict[int, tuple] = {}  # id(group) -> offsets (groups are shared tuples)
         for r in sorted(set(self.steps) | set(self.outputs)):
-            classes.setdefault(self._class_key(r), []).append(r)
+            classes.setdefault(self._class_key(r, shapes_of), []).append(r)
         reps = [members[0] for members in classes.values()]
         d["folded"] = True
         d["rank_classes"] = [{"representative": m[0], "ranks": m} for m in classes.values()]
@@ -282,10 +288,10 @@ class Trace:
         d["step_shapes"] = shapes
         return d
 
-    def _class_key(self, rank: int) -> tuple:
+    def _class_key(self, rank: int, shapes_of: dict[int, tuple]) -> tuple:
         out = self.outputs.get(rank)
         events: dict[int, int] = {}
         return (
-            tuple(sorted((k, repr(v)) for k, v in out.items())) if out is not None else None,
-            tuple(_step_key(st, events) for st in self.steps.get(rank, [])),
+            tuple(out.items()) if out is not None else None,
+            tuple(_step_key(st, events, shapes_of) for st in self.steps.get(rank, [])),
         )
