@@ -174,3 +174,38 @@ def test_simulate_json_folds_wide_worlds_and_all_ranks_unfolds(tmp_path):
     assert folded["folded"] is True and "folded" not in full
     assert len(folded["steps"]) == len(folded["rank_classes"]) < 64 == len(full["steps"])
     assert folded["hazards"] == full["hazards"] and folded["latency_us"] == full["latency_us"]
+
+
+# ---- the shared-work paths of the algebra agree with the plain ones ----
+
+
+def _plain(v):
+    """The same value with its blocks built (no uniform layout to share)."""
+    from sim import algebra
+
+    return algebra.Value(tuple(v.blocks), v.scale)
+
+
+@given(st.integers(1, 12), st.integers(1, 5), st.lists(st.sampled_from(["routed", "shared"]), min_size=1, max_size=12),
+       st.booleans(), st.sampled_from([1.0, 0.5, 2.0]))
+@settings(max_examples=60, deadline=None)
+def test_shared_reduce_scatter_equals_per_member(n, rows, comps, scaled, factor):
+    from sim import algebra
+
+    gathered = algebra.concat([algebra.leaf(f"d{i}", rows, "x", "") for i in range(n)])
+    values = [algebra.relabel(gathered, comps[i % len(comps)], f"ep{i % 3}") for i in range(n)]
+    if scaled:
+        values = [algebra.scale(v, factor) for v in values]
+    shared = algebra.reduce_scatter_all(values)
+    plain = [algebra.reduce_scatter([_plain(v) for v in values], i) for i in range(n)]
+    assert shared == plain
+    # Sums memoised by the identities of their terms (memo forced on for any
+    # size, used twice) give what a fresh sum gives.
+    fresh = [algebra.add([_plain(p), _plain(algebra.relabel(p, "shared", "tp0"))]) for p in plain]
+    keep = algebra._SUM_MEMO_MIN_TERMS
+    algebra._SUM_MEMO_MIN_TERMS = 0
+    try:
+        for _ in range(2):
+            assert [algebra.add([s, algebra.relabel(s, "shared", "tp0")]) for s in shared] == fresh
+    finally:
+        algebra._SUM_MEMO_MIN_TERMS = keep
