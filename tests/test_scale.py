@@ -116,12 +116,16 @@ def test_caps_are_one_line_exit_2(tmp_path, verb, fields, needle):
 
 
 def test_real_run_refuses_a_world_the_machine_cannot_hold(tmp_path):
+    from real.sizes import max_real_ranks
+
+    if (max_real_ranks() or 0) >= 32:
+        pytest.skip("this machine holds 32 real ranks")
     f = tmp_path / "wide.toml"
     f.write_text(_EP.format(experts=64, top_k=2, tp=2, dp=16, tokens=4))
     p = _cli("run", str(f), "--runner", "fixed")
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "32 ranks" in lines[0] and "at most 16" in lines[0], p.stderr
+    assert len(lines) == 1 and "world size 32 is larger than this machine can hold" in lines[0], p.stderr
 
 
 # ---- simulate --json folds equivalent ranks ----
