@@ -20,6 +20,7 @@ from rich.console import Console
 
 EXIT_OK, EXIT_HAZARD, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 STARTUP_TIMEOUT_S = 120.0  # real.pool.DEFAULT_STARTUP_TIMEOUT_S (not imported: torch is slow to load)
+FOLD_WORLD = 32  # simulate --json folds equivalent ranks beyond this many ranks
 
 
 class BadInput(Exception):
@@ -137,8 +138,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     s = _load_scenario(args.scenario)
     trace = simulate(s, args.runner, profile=args.profile)
     if args.json:
+        # Wide worlds list each class of equivalent ranks once (--all-ranks: every rank).
+        fold = s.world > FOLD_WORLD and not args.all_ranks
         _emit_json({"scenario": s.name, "summary": s.summary_line(), "derived": s.derived(),
-                    **trace.to_dict(with_steps=True)})
+                    **(trace.to_folded_dict() if fold else trace.to_dict(with_steps=True))})
     else:
         from twin.report import simulate_report
 
@@ -422,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", help="cost profile: h100, h200, b200, cpu (default: by platform)")
     sp.add_argument("--width", type=int, help="timeline width in columns (default: terminal width)")
     sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when a hazard is predicted")
+    sp.add_argument("--all-ranks", action="store_true",
+                    help=f"with --json beyond {FOLD_WORLD} ranks: every rank's steps and outputs, "
+                         "not each class of equivalent ranks once")
     sp.set_defaults(func=cmd_simulate)
 
     def startup_flag(sp: argparse.ArgumentParser) -> None:

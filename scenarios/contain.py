@@ -118,10 +118,14 @@ def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...]
         raise _timeout()
     cap = value_block_cap(world)
     for t in ins:
-        blocks = getattr(getattr(t, "value", None), "blocks", None)
-        if blocks is not None and len(blocks) > cap:
+        v = getattr(t, "value", None)
+        n = getattr(v, "n_blocks", None)  # the simulator's values count blocks without building them
+        if n is None:
+            blocks = getattr(v, "blocks", None)
+            n = len(blocks) if blocks is not None else None
+        if n is not None and n > cap:
             raise BudgetExceeded("value size cap", f"{cap} row blocks per value at {world} rank(s)",
-                                 f"an input holds {len(blocks)} row blocks")
+                                 f"an input holds {n} row blocks")
     if out_shape:
         n = 1
         for d in out_shape:

@@ -28,7 +28,14 @@ PLATFORMS = ("cuda", "cpu", "rocm")
 KERNEL_CHOICES = ("auto", "torch", "triton", "flashinfer")
 PROFILES = ("h100", "h200", "b200", "cpu")
 SP_VERSIONS = ("newest", "previous")
-MAX_TOKENS = 65536  # routing is generated per token: keep simulation interactive
+# Size caps: anything within them simulates in seconds on one core (README,
+# "Sizes"); beyond them a scenario is refused with one line (exit 2).
+MAX_TOKENS = 65536  # per DP rank: routing is generated per token
+MAX_TOTAL_TOKENS = 262144  # over all DP ranks
+MAX_ROUTED_PAIRS = 2**21  # total tokens x top_k: the routing arrays
+MAX_EXPERTS = 4096
+MAX_TOP_K = 64
+MAX_WORLD = 1024  # ranks (tp x dp)
 
 
 def _positive(name: str, value: int) -> None:
@@ -65,6 +72,10 @@ class ModelTraits:
             _positive(f"model.{name}", getattr(self, name))
         if self.num_shared_experts < 0:
             raise ScenarioError("model.num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
+        if self.num_experts > MAX_EXPERTS:
+            raise ScenarioError("model.num_experts", f"at most {MAX_EXPERTS} experts, got {self.num_experts}")
+        if self.top_k > MAX_TOP_K:
+            raise ScenarioError("model.top_k", f"at most {MAX_TOP_K}, got {self.top_k}")
         if self.top_k > self.num_experts:
             raise ScenarioError(
                 "model.top_k", f"top_k {self.top_k} > num_experts {self.num_experts}"
@@ -152,6 +163,10 @@ class ParallelConfig:
             raise ScenarioError(
                 "parallel.version", f"unknown version {self.version!r} (known: {', '.join(SP_VERSIONS)})"
             )
+        if self.tp * self.dp > MAX_WORLD:
+            raise ScenarioError(
+                "parallel", f"at most {MAX_WORLD} ranks (tp x dp), got {self.tp} x {self.dp} = {self.tp * self.dp}"
+            )
         if self.eplb and not self.ep:
             raise ScenarioError("parallel.eplb", "EPLB needs expert parallelism (parallel.ep = true)")
         if backend_info(self.backend).token_routing and not self.ep:
@@ -235,6 +250,16 @@ class Scenario:
         if not isinstance(self.runner, str) or not self.runner:
             raise ScenarioError("runner", "must be a non-empty runner name or module:Class")
         m, p = self.model, self.parallel
+        total = self.workload.tokens * p.dp
+        if total > MAX_TOTAL_TOKENS:
+            raise ScenarioError(
+                "workload.tokens", f"at most {MAX_TOTAL_TOKENS} tokens over all DP ranks, got {self.workload.tokens} x {p.dp} = {total}"
+            )
+        if total * m.top_k > MAX_ROUTED_PAIRS:
+            raise ScenarioError(
+                "workload.tokens",
+                f"at most {MAX_ROUTED_PAIRS} routed token-expert pairs (tokens x dp x top_k), got {total * m.top_k}",
+            )
         if m.moe_intermediate % self.moe_tp:
             raise ScenarioError(
                 "parallel.tp",

@@ -158,6 +158,24 @@ class OutputCheck:
         }
 
 
+def _step_key(st: Step, events: dict[int, int], shapes_of: dict[int, tuple]) -> tuple:
+    """A step without its rank, times and shapes; its group as offsets from
+    the first member; event ids (numbered over all ranks) in the order the
+    rank first uses them (`events` carries that numbering over its steps)."""
+    waits = tuple(events.setdefault(e, len(events)) for e in st.waits)
+    records = events.setdefault(st.records, len(events)) if st.records is not None else None
+    group = st.group
+    if group:
+        hit = shapes_of.get(id(group))
+        if hit is None or hit[0] is not group:
+            hit = shapes_of[id(group)] = (group, tuple(g - group[0] for g in group))
+        group = hit[1]
+    value = tuple(sorted((k, repr(v)) for k, v in st.value.items())) if st.value is not None else None
+    return (st.index, st.op, st.name, st.stream, st.category, st.component, group,
+            len(st.in_shapes), st.out_shape is None, waits, records, value, st.residual,
+            st.detail, st.error)
+
+
 def _finite(x: float | None) -> float | str | None:
     """JSON has no NaN/inf: say them as strings."""
     if x is None:
@@ -208,7 +226,7 @@ class Trace:
     def hazard_kinds(self) -> set[str]:
         return {h.kind.value for h in self.hazards}
 
-    def to_dict(self, with_steps: bool = True) -> dict[str, Any]:
+    def to_dict(self, with_steps: bool = True, with_outputs: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
             "source": self.source,
             "scenario": self.scenario,
@@ -218,7 +236,7 @@ class Trace:
             "overlap_us": {str(r): round(v, 3) for r, v in self.overlap_us.items()},
             "decisions": dict(self.decisions),
             "hazards": [h.to_dict() for h in self.hazards],
-            "outputs": {str(r): _finite_map(c) for r, c in self.outputs.items()},
+            "outputs": {str(r): _finite_map(c) for r, c in self.outputs.items()} if with_outputs else {},
             "notes": list(self.notes),
         }
         if self.source == "real":
@@ -228,3 +246,52 @@ class Trace:
                 str(r): [s.to_dict() for s in steps] for r, steps in self.steps.items()
             }
         return d
+
+    def to_folded_dict(self) -> dict[str, Any]:
+        """to_dict() with every class of equivalent ranks listed once, for wide
+        worlds (`"folded": true`). Ranks are equivalent when their outputs
+        agree and their steps are the same ops with the same streams, values
+        and details, each collective's group the same shape (offsets from its
+        first member). `rank_classes` lists each class's members and its
+        representative; `steps` and `outputs` hold the representatives only.
+        A member's steps are the representative's with its own rank, its own
+        group of that shape, its own times (`step_times`: rank -> [start, end]
+        per step) and its own shapes where they differ (`step_shapes`: rank ->
+        step index -> in_shapes and out_shape; routing makes a dispatch's rows
+        differ per rank)."""
+        d = self.to_dict(with_steps=False, with_outputs=False)
+        classes: dict[tuple, list[int]] = {}
+        shapes_of: dict[int, tuple] = {}  # id(group) -> offsets (groups are shared tuples)
+        for r in sorted(set(self.steps) | set(self.outputs)):
+            classes.setdefault(self._class_key(r, shapes_of), []).append(r)
+        reps = [members[0] for members in classes.values()]
+        d["folded"] = True
+        d["rank_classes"] = [{"representative": m[0], "ranks": m} for m in classes.values()]
+        d["outputs"] = {str(r): _finite_map(self.outputs[r]) for r in reps if r in self.outputs}
+        d["steps"] = {str(r): [st.to_dict() for st in self.steps.get(r, [])] for r in reps}
+        times: dict[str, list[list[float]]] = {}
+        shapes: dict[str, dict[str, Any]] = {}
+        for members in classes.values():
+            rep = self.steps.get(members[0], [])
+            for r in members[1:]:
+                mine = self.steps.get(r, [])
+                times[str(r)] = [[st.start, st.end] for st in mine]
+                differ = {
+                    str(st.index): {"in_shapes": [list(x) for x in st.in_shapes],
+                                    "out_shape": list(st.out_shape) if st.out_shape is not None else None}
+                    for st, st0 in zip(mine, rep, strict=True)
+                    if st.out_shape != st0.out_shape or st.in_shapes != st0.in_shapes
+                }
+                if differ:
+                    shapes[str(r)] = differ
+        d["step_times"] = times
+        d["step_shapes"] = shapes
+        return d
+
+    def _class_key(self, rank: int, shapes_of: dict[int, tuple]) -> tuple:
+        out = self.outputs.get(rank)
+        events: dict[int, int] = {}
+        return (
+            tuple(out.items()) if out is not None else None,
+            tuple(_step_key(st, events, shapes_of) for st in self.steps.get(rank, [])),
+        )

@@ -7,47 +7,124 @@ still runs its gate GEMM, then takes these top-k ids and weights.
 
 from __future__ import annotations
 
-import random
 import re
 from functools import lru_cache
 
+import numpy as np
+
 from scenarios.spec import Scenario
 
+Route = tuple[tuple[tuple[tuple[int, ...], tuple[float, ...]], ...], ...]
 
-@lru_cache(maxsize=256)
-def _routing(
-    seed: int, skew: float, experts: int, top_k: int, tokens: int, dp: int
-) -> tuple[tuple[tuple[tuple[int, ...], tuple[float, ...]], ...], ...]:
-    rng = random.Random(seed * 1_000_003 + experts * 131 + top_k)
-    # Zipf-like popularity: skew 0 is uniform, towards 1 a few experts are hot.
+
+def _seed(seed: int, experts: int, top_k: int) -> list[int]:
+    # SeedSequence wants non-negative words: a negative seed keeps its bits.
+    return [seed & (2**64 - 1), experts, top_k, 1]
+
+
+def _popularity(rng: np.random.Generator, skew: float, experts: int) -> np.ndarray:
+    """Zipf-like popularity per expert id: skew 0 is uniform, towards 1 a few
+    experts are hot; the hot ones are shuffled (not always the low ids)."""
     alpha = 3.0 * skew
-    popularity = [1.0 / (i + 1) ** alpha for i in range(experts)]
-    order = list(range(experts))
-    rng.shuffle(order)  # hot experts are not always the low ids
-    weights_by_expert = [0.0] * experts
-    for rank_pos, e in enumerate(order):
-        weights_by_expert[e] = popularity[rank_pos]
-    ranks = []
-    for _d in range(dp):
-        toks = []
-        for _t in range(tokens):
-            chosen: list[int] = []
-            pool = list(range(experts))
-            w = [weights_by_expert[e] for e in pool]
-            for _ in range(top_k):
-                e = rng.choices(pool, weights=w)[0]
-                i = pool.index(e)
-                pool.pop(i)
-                w.pop(i)
-                chosen.append(e)
-            raw = [rng.random() + 0.1 for _ in chosen]
-            total = sum(raw)
-            toks.append((tuple(chosen), tuple(r / total for r in raw)))
-        ranks.append(tuple(toks))
-    return tuple(ranks)
+    pop = 1.0 / np.arange(1, experts + 1, dtype=np.float64) ** alpha
+    out = np.empty(experts)
+    out[rng.permutation(experts)] = pop
+    return out
 
 
-def routing(s: Scenario) -> tuple[tuple[tuple[tuple[int, ...], tuple[float, ...]], ...], ...]:
+def _draw_without_replacement(rng: np.random.Generator, w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """[n, k] expert ids, each row k distinct draws in order, each draw
+    proportional to `w` among the experts not yet chosen (sequential weighted
+    sampling without replacement, vectorised over rows).
+
+    Draw j first draws from all experts; a row that hit an expert it already
+    holds redraws from its remaining ones (together: exactly proportional to
+    the remaining weights). The redraw inverts the remaining weights' CDF: the
+    smallest id e with C(e) - S(e) >= u * R, where C is the cumulative weight
+    and S(e) the weight of already-chosen ids <= e; that e is the fixed point
+    of e <- searchsorted(C, u*R + S(e)), reached in at most j + 1 steps."""
+    cum = np.cumsum(w)
+    total = cum[-1]
+    last = len(w) - 1
+    ids = np.empty((n, k), dtype=np.int64)
+    chosen_w = np.empty((n, k), dtype=np.float64)
+    for j in range(k):
+        e = np.minimum(np.searchsorted(cum, rng.random(n) * total, side="right"), last)
+        if j:
+            again = np.nonzero((ids[:, :j] == e[:, None]).any(axis=1))[0]
+            if len(again):
+                e[again] = _redraw(rng, cum, ids[again, :j], chosen_w[again, :j], last)
+        ids[:, j] = e
+        chosen_w[:, j] = w[e]
+    _repair_duplicates(ids, w)
+    return ids
+
+
+def _redraw(rng: np.random.Generator, cum: np.ndarray, ids: np.ndarray, ws: np.ndarray, last: int) -> np.ndarray:
+    """One draw per row among the experts the row does not hold yet."""
+    t = rng.random(len(ids)) * (cum[-1] - ws.sum(axis=1))
+    e = np.minimum(np.searchsorted(cum, t, side="right"), last)
+    todo = np.arange(len(ids))
+    for _ in range(ids.shape[1] + 1):
+        s = (ws[todo] * (ids[todo] <= e[todo, None])).sum(axis=1)
+        nxt = np.minimum(np.searchsorted(cum, t[todo] + s, side="right"), last)
+        moved = nxt != e[todo]
+        e[todo] = nxt
+        todo = todo[moved]
+        if not len(todo):
+            break
+    return e
+
+
+def _repair_duplicates(ids: np.ndarray, w: np.ndarray) -> None:
+    """Rounding at a CDF boundary can repeat an id (never in exact arithmetic):
+    such a draw takes the next free id, so rows always hold distinct experts."""
+    srt = np.sort(ids, axis=1)
+    bad = np.nonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))[0]
+    for r in bad:
+        seen: set[int] = set()
+        for j in range(ids.shape[1]):
+            e = int(ids[r, j])
+            while e in seen:
+                e = (e + 1) % len(w)
+            seen.add(e)
+            ids[r, j] = e
+
+
+@lru_cache(maxsize=64)
+def routing_arrays(
+    seed: int, skew: float, experts: int, top_k: int, tokens: int, dp: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [dp, tokens, top_k] int64, weights [dp, tokens, top_k] float64):
+    the routing of every token, seeded; weights of a token sum to 1. Read-only."""
+    rng = np.random.default_rng(_seed(seed, experts, top_k))
+    w = _popularity(rng, skew, experts)
+    n = dp * tokens
+    ids = _draw_without_replacement(rng, w, n, top_k)
+    raw = rng.random((n, top_k)) + 0.1
+    weights = raw / raw.sum(axis=1, keepdims=True)
+    ids, weights = ids.reshape(dp, tokens, top_k), weights.reshape(dp, tokens, top_k)
+    ids.flags.writeable = False
+    weights.flags.writeable = False
+    return ids, weights
+
+
+def route_arrays(s: Scenario) -> tuple[np.ndarray, np.ndarray]:
+    """The scenario's routing as arrays (see routing_arrays)."""
+    w, m = s.workload, s.model
+    return routing_arrays(w.seed, w.skew, m.num_experts, m.top_k, w.tokens, s.parallel.dp)
+
+
+@lru_cache(maxsize=64)
+def _routing(seed: int, skew: float, experts: int, top_k: int, tokens: int, dp: int) -> Route:
+    ids, weights = routing_arrays(seed, skew, experts, top_k, tokens, dp)
+    return tuple(
+        tuple(zip(map(tuple, ids[d].tolist()), map(tuple, weights[d].tolist()), strict=True))
+        for d in range(dp)
+    )
+
+
+def routing(s: Scenario) -> Route:
     """routing(s)[d][t] = (expert ids, weights) of token t of DP rank d.
 
     Under SP the padding rows of the last slice route like token 0 (their
@@ -71,34 +148,27 @@ def rank_token_ids(s: Scenario, rank: int) -> list[int]:
 def expert_loads(s: Scenario) -> tuple[tuple[int, int], ...]:
     """Per world rank: (token-expert pairs computed, distinct experts active),
     after dispatch, for the expert cost model."""
-    route = routing(s)
-    world = s.world
-    ep = s.parallel.ep
-    per_rank_experts = s.local_experts
+    ids, _w = route_arrays(s)
+    E, world, dp = s.model.num_experts, s.world, s.parallel.dp
     # Token-routing all-to-all without SP: every TP rank of a DP group sends
     # the same tokens, so each expert sees them tp times.
     token_routing = s.use_all2all_kernels and s.effective_backend != "allgather_reducescatter"
     dup = s.parallel.tp if (token_routing and not s.sp) else 1
+    # hits[d, e]: how many of DP rank d's tokens chose expert e.
+    hits = np.bincount((np.arange(dp)[:, None] * E + ids.reshape(dp, -1)).ravel(), minlength=dp * E).reshape(dp, E)
+    # Which DP ranks' tokens reach a rank's experts: its own (backend none) or all.
+    own_only = s.effective_backend == "none"
+    per_source = hits if own_only else hits.sum(axis=0, keepdims=True)
+    zero = np.zeros((per_source.shape[0], 1), dtype=np.int64)
+    pairs_cum = np.concatenate([zero, np.cumsum(per_source, axis=1)], axis=1)
+    active_cum = np.concatenate([zero, np.cumsum(per_source > 0, axis=1)], axis=1)
+    per = s.local_experts
     out = []
     for r in range(world):
-        d, _t = s.coords(r)
-        # Which DP ranks' tokens reach this rank's experts.
-        if s.effective_backend == "none":
-            sources = [d]
-        else:
-            sources = list(range(s.parallel.dp))
-        lo = r * per_rank_experts if ep else 0
-        hi = lo + per_rank_experts if ep else s.model.num_experts
-        pairs = 0
-        active: set[int] = set()
-        for sd in sources:
-            for tok in range(s.workload.tokens):
-                experts, _w = route[sd][tok]
-                for e in experts:
-                    if lo <= e < hi:
-                        pairs += dup
-                        active.add(e)
-        out.append((pairs, len(active)))
+        row = s.coords(r)[0] if own_only else 0
+        lo, hi = (min(r * per, E), min(r * per + per, E)) if s.parallel.ep else (0, E)
+        pairs = int(pairs_cum[row, hi] - pairs_cum[row, lo]) * dup
+        out.append((pairs, int(active_cum[row, hi] - active_cum[row, lo])))
     return tuple(out)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from scenarios.runners import FixedRunner, MoERunner, load_runner, runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import HazardKind, Trace
@@ -12,12 +16,29 @@ from sim.errors import RunnerUsageError
 
 __all__ = ["simulate", "Simulation", "RunnerUsageError"]
 
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """A wide world builds ~world^2 small immutable records (row blocks) that
+    live until the trace is made; the cyclic collector would walk all of them
+    again and again (most of the time at 1024 ranks). They hold no cycles, so
+    it is paused while one scenario is simulated (the op and value-size
+    budgets bound what is allocated meanwhile) and resumed after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 FATAL = {HazardKind.SHAPE_MISMATCH, HazardKind.HANG, HazardKind.RUNNER_ERROR}
 
 
 def _run(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) -> tuple[Simulation, Trace]:
     sim = Simulation(scenario, cls, prof, label)
-    trace = sim.run()
+    with _no_cyclic_gc():
+        trace = sim.run()
     trace.hazards.extend(hz.detect_races(sim))
     trace.hazards.extend(hz.detect_forbidden_overlap(sim))
     for r, steps in trace.steps.items():

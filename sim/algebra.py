@@ -55,8 +55,9 @@ reported where they arise, whatever the scaling.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 Source = tuple[str, str, "str | None"]  # (component, shard, foreign token key)
 
@@ -64,8 +65,11 @@ INPUT_COMPONENTS = ("x", "xlat")
 EPS = 1e-9
 
 
-@dataclass(frozen=True, slots=True)
-class Block:
+class Block(NamedTuple):
+    """Rows of one token set and their linear combination of sources. A named
+    tuple: wide worlds build one per member block, and this is the cheapest
+    immutable record to build."""
+
     key: str
     rows: int
     terms: tuple[tuple[Source, float], ...]  # sorted, coefficient != 0
@@ -74,16 +78,75 @@ class Block:
         return dict(self.terms)
 
 
-@dataclass(frozen=True, slots=True)
 class Value:
-    blocks: tuple[Block, ...]
-    # component -> product of the scale ops applied to it (already part of the
-    # coefficients; kept to know whether routed's scaling has happened).
-    scale: tuple[tuple[str, float], ...] = ()
+    """A simulated tensor's row blocks and, per component, the product of the
+    scale ops applied to it (already part of the coefficients; kept to know
+    whether routed's scaling has happened). Immutable.
+
+    A value whose blocks all hold one terms tuple (what a non-linear op makes)
+    may be built `uniform`: its row layout (offsets and keys, shared with the
+    value it was made from) plus that terms tuple, its blocks built only if
+    asked for. A wide world's expert outputs are such values: building world
+    blocks per rank would be world^2 work."""
+
+    __slots__ = ("_blocks", "scale", "_starts", "_keys", "uniform")
+
+    def __init__(
+        self,
+        blocks: tuple[Block, ...] | None,
+        scale: tuple[tuple[str, float], ...] = (),
+        starts: list[int] | None = None,
+        keys: tuple[str, ...] | None = None,
+        uniform: tuple[tuple[Source, float], ...] | None = None,
+    ) -> None:
+        if blocks is None and (starts is None or keys is None or uniform is None):
+            raise ValueError("a value without blocks needs its layout and uniform terms")
+        self._blocks = blocks
+        self.scale = scale
+        # Row offset where each block starts, plus the total (built on first
+        # use): splitting a wide value bisects it instead of scanning it.
+        self._starts = starts
+        self._keys = keys
+        self.uniform = uniform
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        bl = self._blocks
+        if bl is None:
+            st, terms, new = self._starts, self.uniform, tuple.__new__
+            bl = self._blocks = tuple(
+                new(Block, (k, st[i + 1] - st[i], terms)) for i, k in enumerate(self._keys))  # type: ignore[index]
+        return bl
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._keys) if self._blocks is None else len(self._blocks)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Value):
+            return NotImplemented
+        return self.blocks == other.blocks and self.scale == other.scale
+
+    def __hash__(self) -> int:
+        return hash((self.blocks, self.scale))
+
+    def __repr__(self) -> str:
+        return f"Value(blocks={self.blocks!r}, scale={self.scale!r})"
+
+    def starts(self) -> list[int]:
+        st = self._starts
+        if st is None:
+            st, pos = [], 0
+            for b in self.blocks:
+                st.append(pos)
+                pos += b.rows
+            st.append(pos)
+            self._starts = st
+        return st
 
     @property
     def rows(self) -> int:
-        return sum(b.rows for b in self.blocks)
+        return self.starts()[-1]
 
     def scale_of(self, component: str) -> float:
         for c, f in self.scale:
@@ -95,7 +158,19 @@ class Value:
         return {src[0] for b in self.blocks for src, _ in b.terms}
 
     def keys(self) -> tuple[str, ...]:
-        return tuple(b.key for b in self.blocks)
+        ks = self._keys
+        if ks is None:
+            ks = self._keys = tuple(b.key for b in self.blocks)
+        return ks
+
+    def same_rows(self, other: Value) -> bool:
+        """The same row blocks (keys and sizes) as `other`."""
+        if self._blocks is not None and self._blocks is other._blocks:
+            return True
+        if self.n_blocks != other.n_blocks:
+            return False
+        ka, kb, sa, sb = self.keys(), other.keys(), self.starts(), other.starts()
+        return (ka is kb or ka == kb) and (sa is sb or sa == sb)
 
 
 def snap(v: float) -> float:
@@ -132,32 +207,67 @@ def leaf(key: str, rows: int, component: str, shard: str) -> Value:
 
 def relabel(v: Value, component: str, shard: str) -> Value:
     """Output of a (non-linear) op on v: same row blocks, one fresh source."""
-    return Value(
-        tuple(Block(b.key, b.rows, (((component, shard, None), 1.0),)) for b in v.blocks)
-    )
+    # One terms tuple for every block: sums over a group's values can then be
+    # shared across members (reduce_scatter_all) and checks memoised.
+    terms = _FRESH.get((component, shard))
+    if terms is None:
+        terms = _FRESH[(component, shard)] = (((component, shard, None), 1.0),)
+    return Value(None, (), v.starts(), v.keys(), terms)
+
+
+# One terms tuple per fresh source (interned): equal terms are the same object,
+# so sums and analyses can be memoised by identity.
+_FRESH: dict[tuple[str, str], tuple[tuple[Source, float], ...]] = {}
+
+# Sums of blocks on the same rows by the identities of their terms tuples
+# (the tuples are kept in the entry, so an id cannot be reused while cached).
+_SUMS: dict[tuple[int, ...], tuple[list, tuple]] = {}
+_SUMS_MAX = 4096
+_SUM_MEMO_MIN_TERMS = 16  # below this a sum is cheaper than the lookup
+
+
+def _same_rows_sum(blocks: list[Block]) -> tuple[tuple[Source, float], ...]:
+    """_terms of the sum of blocks that all hold the same rows."""
+    memo = sum(len(b.terms) for b in blocks) >= _SUM_MEMO_MIN_TERMS
+    if memo:
+        ids = tuple(id(b.terms) for b in blocks)
+        hit = _SUMS.get(ids)
+        if hit is not None and all(a is b.terms for a, b in zip(hit[0], blocks, strict=True)):
+            return hit[1]
+    acc: dict[Source, float] = {}
+    for b in blocks:
+        for src, coef in b.terms:
+            acc[src] = acc.get(src, 0.0) + coef
+    terms = _terms(acc)
+    if memo:
+        if len(_SUMS) >= _SUMS_MAX:
+            _SUMS.clear()
+        _SUMS[ids] = ([b.terms for b in blocks], terms)
+    return terms
 
 
 def split_rows(v: Value, start: int, end: int) -> Value:
     """Rows [start, end) of v; cut blocks get a sub-range key."""
     out: list[Block] = []
-    pos = 0
-    for b in v.blocks:
+    starts = v.starts()
+    blocks = v.blocks
+    # First block that ends after `start` (zero-row blocks at the edge are skipped
+    # anyway: they hold no rows of the range).
+    i = max(0, bisect_right(starts, start) - 1)
+    while i < len(blocks) and starts[i] < end:
+        b, pos = blocks[i], starts[i]
         lo, hi = max(start, pos), min(end, pos + b.rows)
         if lo < hi:
             if lo == pos and hi == pos + b.rows:
                 out.append(b)
             else:
                 out.append(Block(f"{b.key}[{lo - pos}:{hi - pos}]", hi - lo, b.terms))
-        pos += b.rows
+        i += 1
     return Value(tuple(out), v.scale)
 
 
 def _boundaries(v: Value) -> list[int]:
-    out, pos = [], 0
-    for b in v.blocks:
-        pos += b.rows
-        out.append(pos)
-    return out
+    return v.starts()[1:]
 
 
 def _resegment(v: Value, cuts: Sequence[int]) -> list[Block]:
@@ -199,6 +309,10 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
     for i in range(n):
         mine = segs[own][i]
         key = mine.key
+        here = [seg[i] for seg in segs]
+        if all(blk.key == key for blk in here):
+            out.append(Block(key, mine.rows, _same_rows_sum(here)))
+            continue
         acc: dict[Source, float] = {}
         for seg in segs:
             blk = seg[i]
@@ -245,6 +359,83 @@ def reduce_scatter(values: Sequence[Value], index: int) -> Value:
     chunk = values[index].rows // n
     parts = [split_rows(v, index * chunk, (index + 1) * chunk) for v in values]
     return add(parts, own=index)
+
+
+def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:
+    """reduce_scatter(values, i) for every member i, sharing the work: when
+    every member's value has the same row layout (the usual case), each
+    chunk's blocks are found once by bisection and sliced from every value,
+    and chunks whose parts hold the same terms objects (a relabelled value
+    shares one terms tuple over its blocks) are summed once for all members."""
+    n = len(values)
+    v0 = values[0]
+    starts = v0.starts()
+    if any(v.starts() is not starts and v.starts() != starts for v in values[1:]) or 0 in (
+            b.rows for b in v0.blocks):
+        return [reduce_scatter(values, i) for i in range(n)]
+    scale0 = v0.scale
+    same_scale = all(v.scale == scale0 for v in values)
+    chunk = starts[-1] // n
+    if same_scale:
+        fast = _uniform_scatter(values, chunk)
+        if fast is not None:
+            return fast
+    sums: dict[tuple[int, ...], tuple] = {}  # ids of the parts' terms -> their sum
+    out = []
+    for i in range(n):
+        lo, hi = i * chunk, (i + 1) * chunk
+        a, b = bisect_right(starts, lo) - 1, bisect_right(starts, hi) - 1
+        if same_scale and a >= 0 and b == a + 1 and starts[a] == lo and starts[b] == hi:
+            # The chunk is block a of every value: one row set, no cutting.
+            out.append(_sum_block(values, a, i, sums, scale0))
+            continue
+        if a >= 0 and starts[a] == lo and starts[b] == hi:
+            parts = [Value(v.blocks[a:b], v.scale) for v in values]
+        else:
+            parts = [split_rows(v, lo, hi) for v in values]
+        out.append(add(parts, own=i))
+    return out
+
+
+def _uniform_scatter(values: Sequence[Value], chunk: int) -> list[Value] | None:
+    """reduce_scatter_all when every value is uniform over one shared layout
+    whose blocks are the chunks (expert outputs of one dispatched value): the
+    sum of every chunk is the same terms, summed once; None otherwise."""
+    v0 = values[0]
+    keys, starts = v0._keys, v0._starts
+    if keys is None or len(keys) != len(values) or any(
+            v.uniform is None or v._keys is not keys or v._starts is not starts for v in values):
+        return None
+    if any(starts[i] != i * chunk for i in range(len(starts))):
+        return None
+    acc: dict[Source, float] = {}
+    for v in values:
+        for src, coef in v.uniform:  # type: ignore[union-attr]
+            acc[src] = acc.get(src, 0.0) + coef
+    terms = _terms(acc)
+    scale = tuple(sorted(dict(v0.scale).items())) if len(values) > 1 else v0.scale
+    new = tuple.__new__
+    return [Value((new(Block, (k, chunk, terms)),), scale) for k in keys]
+
+
+def _sum_block(values: Sequence[Value], a: int, own: int, sums: dict, scale0: tuple) -> Value:
+    """Block a summed over every value, as add() would with the receiving
+    rank's block as the row key: when every part holds those same rows, the
+    sum depends only on the terms, so equal terms are summed once."""
+    blocks = [v.blocks[a] for v in values]
+    mine = blocks[own]
+    key = mine.key
+    if any(bl.key != key for bl in blocks):
+        return add([Value((bl,), v.scale) for bl, v in zip(blocks, values, strict=True)], own=own)
+    ids = tuple(id(bl.terms) for bl in blocks)
+    hit = sums.get(ids)
+    if hit is None:
+        acc: dict[Source, float] = {}
+        for bl in blocks:
+            for src, coef in bl.terms:
+                acc[src] = acc.get(src, 0.0) + coef
+        hit = sums[ids] = _terms(acc)
+    return Value((Block(key, mine.rows, hit),), tuple(sorted(dict(scale0).items())) if len(values) > 1 else scale0)
 
 
 # ---- what checks ask of a value ----

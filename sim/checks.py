@@ -65,6 +65,13 @@ class Checks:
         self._tokens: dict[str, list[int]] = {}
         self._labels: dict[tuple, tuple[str, ...]] = {}
         self._memo: dict[tuple, tuple[algebra.Value, tuple]] = {}
+        # Terms tuples and values with every coefficient 1 on own rows (nothing
+        # to check), by id; the object is kept so its id cannot be reused.
+        self._clean_terms: dict[int, tuple] = {}
+        self._clean_values: dict[int, algebra.Value] = {}
+        self._pure_memo: dict[tuple, tuple[algebra.Value, bool]] = {}
+        # Output analyses by the ids of the blocks' terms (what they depend on).
+        self._by_terms: dict[tuple, tuple[list[tuple], tuple]] = {}
 
     def _once(self, key: tuple) -> bool:
         if key in self.reported:
@@ -75,10 +82,21 @@ class Checks:
     # ---- every computed value ----
 
     def value(self, ops: SimOps, st: Step, v: algebra.Value) -> None:
+        if self._clean_values.get(id(v)) is v:
+            return  # a value every member of a collective received: checked once
         over = False
         routed_ceiling = None  # computed once, only if a routed coefficient exceeds 1
+        clean = self._clean_terms
+        all_clean = True
         for b in v.blocks:
-            for (c, _s, f), coef in b.terms:
+            terms = b.terms
+            if clean.get(id(terms)) is terms:
+                continue
+            if all(coef == 1.0 and f is None for (_c, _s, f), coef in terms):
+                clean[id(terms)] = terms  # kept alive here, so the id stays its own
+                continue
+            all_clean = False
+            for (c, _s, f), coef in terms:
                 if coef == 1.0 and f is None:
                     continue
                 if f is not None:
@@ -94,6 +112,8 @@ class Checks:
                         over = algebra.above(coef, 1.0)
         if over:
             self._crossing(ops, st, v)
+        elif all_clean:
+            self._clean_values[id(v)] = v
 
     def _foreign(self, ops: SimOps, st: Step, b: algebra.Block) -> None:
         if not self._once((ops.rank, "foreign")):
@@ -147,7 +167,7 @@ class Checks:
     def consume(self, ops: SimOps, st: Step, x: SimTensor, consumer: str, want: str,
                 rows: tuple[str, ...] | None = None) -> None:
         v = x.value
-        if not x.clobber_partial and _pure(v, want) and (rows is None or v.keys() == rows):
+        if not x.clobber_partial and self._pure(v, want) and (rows is None or v.keys() == rows):
             return  # the common case, decided without building sets
         clobber = self._clobber_note(ops, x)
         others = {c for c in v.components() if c != want}
@@ -168,6 +188,14 @@ class Checks:
         elif rows is not None and v.keys() != rows:
             self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
                                        f"expected {expected} (the tokens the model handed this rank's layer)")
+
+    def _pure(self, v: algebra.Value, want: str) -> bool:
+        """_pure, once per value (members of a gather consume one value)."""
+        key = (id(v), want)
+        hit = self._pure_memo.get(key)
+        if hit is None or hit[0] is not v:
+            hit = self._pure_memo[key] = (v, _pure(v, want))
+        return hit[1]
 
     def _clobber_note(self, ops: SimOps, x: SimTensor) -> str:
         if x.clobbered_by is None:
@@ -241,6 +269,14 @@ class Checks:
         hit = self._memo.get(key)
         if hit is not None and hit[0] is v:
             return hit[1]
+        # Coefficients depend only on the blocks' terms: members whose outputs
+        # hold the same terms objects (a shared sum) share one analysis.
+        terms = [b.terms for b in v.blocks]
+        tkey = (tuple(map(id, terms)), want)
+        thit = self._by_terms.get(tkey)
+        if thit is not None and all(a is b for a, b in zip(thit[0], terms, strict=True)):
+            self._memo[key] = (v, thit[1])
+            return thit[1]
         coeffs = algebra.coefficients(v, self.expected_scale, want)
         wanted = set(want)
         short = [lab for lab in want if math.isfinite(coeffs[lab]) and algebra.below(coeffs[lab], 1.0)]
@@ -248,6 +284,7 @@ class Checks:
         stray = sorted(lab for lab in coeffs if lab not in wanted and "[tokens" not in lab)
         result = (coeffs, short, over, stray)
         self._memo[key] = (v, result)
+        self._by_terms[tkey] = (terms, result)
         return result
 
     def output(self, ops: SimOps, st: Step, x: SimTensor) -> None:

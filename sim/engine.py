@@ -23,13 +23,14 @@ from functools import lru_cache
 from typing import Any
 
 import greenlet
+import numpy as np
 
 from scenarios import contain
 from scenarios.ops import OpsUsageError
 from scenarios.runners import MoERunner, run_program
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace
-from scenarios.workload import expert_loads, rank_token_ids, routing
+from scenarios.workload import expert_loads, rank_token_ids, route_arrays
 from sim import algebra
 from sim.checks import Checks
 from sim.cost import Profile
@@ -65,20 +66,22 @@ class _Pending:
 
 @lru_cache(maxsize=1024)
 def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
-    route = routing(s)
+    """Per world rank: rows a token-routing dispatch over `group` delivers to
+    it, one per member token with at least one expert on that rank (SP
+    padding rows route like token 0)."""
+    ids, _w = route_arrays(s)
     per = s.local_experts
-    owners_of_token: dict[tuple[int, int], set[int]] = {}
-    out = [0] * s.world
+    rows = []
     for m in group:
         d, _ = s.coords(m)
-        for tok in rank_token_ids(s, m):
-            key = (d, tok if tok >= 0 else 0)
-            owners = owners_of_token.get(key)
-            if owners is None:
-                owners = owners_of_token[key] = {e // per for e in route[key[0]][key[1]][0]}
-            for o in owners:
-                out[o] += 1
-    return tuple(out)
+        toks = np.maximum(np.asarray(rank_token_ids(s, m), dtype=np.int64), 0)
+        rows.append(ids[d][toks] // per)
+    owners = np.sort(np.concatenate(rows), axis=1) if rows else np.zeros((0, 1), dtype=np.int64)
+    # Count each owner once per token: the first of equal sorted entries.
+    first = np.ones(owners.shape, dtype=bool)
+    first[:, 1:] = owners[:, 1:] != owners[:, :-1]
+    counts = np.bincount(owners[first], minlength=s.world)
+    return tuple(int(c) for c in counts[: s.world])
 
 
 class Simulation:
@@ -169,20 +172,23 @@ class Simulation:
         values = [a[1].value for a in arrivals]
         kind = pend.kind
         shared_sum = None
+        scattered = None
+        if kind in ("reduce_scatter", "combine_a2a"):
+            scattered = algebra.reduce_scatter_all(values)
         if kind == "all_reduce":
             keys = {v.keys() for v in values}
             if len(keys) == 1:
                 # Same rows on every member (TP): one sum serves them all.
                 shared_sum = algebra.add(values, own=0)
+        gathered = algebra.concat(values) if kind in ("all_gather", "dispatch_a2a") else None
         for i, r in enumerate(group):
             x = arrivals[i][1]
             if kind == "all_reduce":
                 out = (x.shape, shared_sum if shared_sum is not None else algebra.add(values, own=i))
-            elif kind in ("all_gather", "dispatch_a2a"):
-                v = algebra.concat(values)
-                out = ((x.shape[0] * len(group), *x.shape[1:]), v)
+            elif gathered is not None:  # every member receives the same value
+                out = ((x.shape[0] * len(group), *x.shape[1:]), gathered)
             else:  # reduce_scatter, combine_a2a
-                v = algebra.reduce_scatter(values, i)
+                v = scattered[i] if scattered is not None else algebra.reduce_scatter(values, i)
                 rows = v.rows if kind == "combine_a2a" else x.shape[0] // len(group)
                 out = ((rows, *x.shape[1:]), v)
             pend.results[r] = out

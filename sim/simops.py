@@ -77,10 +77,7 @@ class Access:
 
 
 def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
-    ab, bb = a.blocks, b.blocks
-    if ab is bb:
-        return True
-    return len(ab) == len(bb) and all(x.key == y.key and x.rows == y.rows for x, y in zip(ab, bb))
+    return a.same_rows(b)
 
 
 class SimOps(Ops):

@@ -1,18 +1,26 @@
 """`moe-twin bench sim`: simulator throughput and replay time, as medians.
 
 Figures are medians over repeats; they are printed, never asserted (the
-machine is shared and noisy).
+machine is shared and noisy). The wide-EP figures are medians over at least
+one second of samples each.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 from scenarios.loader import load
-from scenarios.spec import Scenario
+from scenarios.spec import ModelTraits, ParallelConfig, Scenario, Workload
+from scenarios.workload import routing_arrays
 from sim import simulate
+
+MIN_SAMPLE_S = 1.0  # each wide-EP figure: samples until this much time has passed (at least 3)
+EP_WORLDS = (8, 64, 256, 1024)
+ROUTING_TOKENS = 65536
 
 
 def _median_rate(fn: Callable[[], None], n: int, repeats: int) -> float:
@@ -35,6 +43,59 @@ def _tp_scenario(world: int, dp: int = 1) -> Scenario:
     })
 
 
+def _median_s(fn: Callable[[], object], min_total_s: float = MIN_SAMPLE_S, min_samples: int = 3) -> float:
+    """Median seconds of fn() over samples taken until min_total_s has passed."""
+    times: list[float] = []
+    t_end = time.perf_counter() + min_total_s
+    while len(times) < min_samples or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ep_scenario(world: int) -> Scenario:
+    """The wide expert-parallel layout: tp=2, dp=world/2, DeepEP low-latency,
+    16 tokens per DP rank, 1024 experts (top-8), one shared expert."""
+    return Scenario(
+        name=f"bench-ep{world}",
+        model=ModelTraits(hidden=2048, moe_intermediate=128, num_experts=1024, top_k=8,
+                          num_shared_experts=1),
+        parallel=ParallelConfig(tp=2, dp=world // 2, ep=True, backend="deepep_low_latency"),
+        workload=Workload(tokens=16),
+    )
+
+
+def bench_wide(min_total_s: float = MIN_SAMPLE_S) -> dict[str, float]:
+    """Wide EP: simulate time per world size and its growth exponent, the
+    routing generation time, and the size of `simulate --json` at 1024 ranks."""
+    figures: dict[str, float] = {}
+    for world in EP_WORLDS:
+        s = ep_scenario(world)
+        simulate(s, "fixed")  # warm: routing and loads are cached per scenario, as in a session
+        figures[f"sim_ep_s_{world}_ranks"] = round(_median_s(lambda s=s: simulate(s, "fixed"), min_total_s), 4)
+    lo, hi = EP_WORLDS[0], EP_WORLDS[-1]
+    figures[f"sim_ep_growth_exponent_{lo}_to_{hi}"] = round(
+        math.log(figures[f"sim_ep_s_{hi}_ranks"] / figures[f"sim_ep_s_{lo}_ranks"]) / math.log(hi / lo), 2)
+    figures["sim_ep_growth_exponent_256_to_1024"] = round(
+        math.log(figures["sim_ep_s_1024_ranks"] / figures["sim_ep_s_256_ranks"]) / math.log(4), 2)
+
+    def gen(skew: float) -> None:
+        routing_arrays.cache_clear()
+        routing_arrays(0, skew, 256, 8, ROUTING_TOKENS, 1)  # DeepSeek-V3's 256 experts, top-8
+
+    figures[f"routing_ms_{ROUTING_TOKENS}_tokens"] = round(1000 * _median_s(lambda: gen(0.0), min_total_s), 2)
+    # Skewed routing redraws the rows that hit an expert they hold: slower.
+    figures[f"routing_ms_{ROUTING_TOKENS}_tokens_skew_0.9"] = round(
+        1000 * _median_s(lambda: gen(0.9), min_total_s), 2)
+
+    s = ep_scenario(1024)
+    trace = simulate(s, "fixed")
+    doc = {"scenario": s.name, "summary": s.summary_line(), "derived": s.derived(), **trace.to_folded_dict()}
+    figures["json_bytes_1024_ranks"] = len(json.dumps(doc, indent=2)) + 1  # as `simulate --json` prints it
+    return figures
+
+
 def bench_sim(repeats: int = 5, n: int = 200) -> dict[str, float]:
     figures: dict[str, float] = {}
     for world in (2, 8, 64):
@@ -46,7 +107,8 @@ def bench_sim(repeats: int = 5, n: int = 200) -> dict[str, float]:
     figures["sim_scenarios_per_s_tp2_dp4"] = round(_median_rate(lambda: simulate(s, "fixed"), n, repeats), 1)
     ep = _tp_scenario(8, dp=4).with_(**{"parallel.ep": True, "parallel.backend": "deepep_low_latency"})
     figures["sim_scenarios_per_s_tp2_dp4_ep_deepep"] = round(
-        _median_rate(lambda: simulate(ep, "fixed"), n, repeats), 1)
+        1.0 / _median_s(lambda: simulate(ep, "fixed")), 1)
+    figures.update(bench_wide())
     figures["sim_cost_ratio_8_over_2_ranks"] = round(
         figures["sim_scenarios_per_s_tp2"] / figures["sim_scenarios_per_s_tp8"], 2)
     figures["sim_cost_ratio_64_over_8_ranks"] = round(
