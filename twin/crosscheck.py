@@ -92,6 +92,9 @@ class CheckResult:
         }
 
 
+OPAQUE_FROM = (HazardKind.WRONG_INPUT, HazardKind.UNSAFE_OVERLAP)
+
+
 def first_divergence(sim: Trace, real: Trace, routed_scale: float = 1.0) -> tuple[int, int, str] | None:
     best: tuple[int, int, str] | None = None
     for r, ssteps in sim.steps.items():
@@ -108,9 +111,10 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
         lost = next((h for h in real.hazards if h.rank == r), None)
         where = lost.step if lost else 0
         return (r, where, f"real rank {r} returned no steps ({lost.detail if lost else 'no result'})")
-    # From a predicted wrong input on, the sim's values name the usual sources
-    # for what is not a combination of them: compare ops, shapes and errors only.
-    opaque = min((h.step for h in sim.hazards if h.rank == r and h.kind == HazardKind.WRONG_INPUT), default=None)
+    # From a predicted wrong input or race on, the sim's values name the usual
+    # sources for what is not a combination of them (or depends on the
+    # schedule): compare ops, shapes and errors only.
+    opaque = min((h.step for h in sim.hazards if h.rank == r and h.kind in OPAQUE_FROM), default=None)
     for i, st in enumerate(ssteps):
         if i >= len(rsteps):
             if rsteps and not any(x.error for x in rsteps):
