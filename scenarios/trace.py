@@ -213,6 +213,10 @@ class Trace:
     # (what the real runner fits its tensors against).
     values: dict[int, dict[int, Any]] = field(default_factory=dict, repr=False)
 
+    def real_output(self) -> list[dict[str, Any]]:
+        """Each rank's output check, in rank order (the `"real_output"` JSON)."""
+        return [self.output_checks[r].to_dict() for r in sorted(self.output_checks)]
+
     def rank_steps(self, rank: int) -> list[Step]:
         return self.steps.get(rank, [])
 
@@ -240,7 +244,7 @@ class Trace:
             "notes": list(self.notes),
         }
         if self.source == "real":
-            d["real_output"] = [self.output_checks[r].to_dict() for r in sorted(self.output_checks)]
+            d["real_output"] = self.real_output()
         if with_steps:
             d["steps"] = {
                 str(r): [s.to_dict() for s in steps] for r, steps in self.steps.items()

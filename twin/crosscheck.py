@@ -80,7 +80,7 @@ class CheckResult:
             "predicted": [h.to_dict() for h in self.sim.hazards],
             "observed": [h.to_dict() for h in self.real.hazards],
             "verdicts": [v.to_dict() for v in self.verdicts],
-            "real_output": [self.real.output_checks[r].to_dict() for r in sorted(self.real.output_checks)],
+            "real_output": self.real.real_output(),
             "agree": self.agree,
             "confirmed_as_predicted": self.confirmed_as_predicted,
             "first_divergence": (

@@ -74,8 +74,7 @@ class RealCaseResult(CaseResult):
     def to_dict(self) -> dict[str, Any]:
         return {
             **super().to_dict(),
-            "verdicts": [{"kind": v.kind, "verdict": v.verdict.value, "reason": v.reason, "rank": v.rank,
-                          "step": v.step} for v in self.check_before.verdicts],
+            "verdicts": [v.to_dict() for v in self.check_before.verdicts],
             "fixed_real_ok": self.fixed_real_ok,
             "fixed_verdicts": [v.to_dict() for v in self.check_fixed.verdicts],
             "measured": {
@@ -84,15 +83,11 @@ class RealCaseResult(CaseResult):
                 "before_overlap_us": {str(r): round(v, 1) for r, v in self.check_before.real.overlap_us.items()},
                 "fixed_overlap_us": {str(r): round(v, 1) for r, v in self.check_fixed.real.overlap_us.items()},
             },
-            "real_output": _real_output(self.check_before.real),
-            "fixed_real_output": _real_output(self.check_fixed.real),
+            "real_output": self.check_before.real.real_output(),
+            "fixed_real_output": self.check_fixed.real.real_output(),
             "first_divergence": self.check_before.to_dict()["first_divergence"],
             "stand_ins": [n for n in self.check_before.real.notes if n.startswith("stand-in")],
         }
-
-
-def _real_output(trace: Any) -> list[dict[str, Any]]:
-    return [trace.output_checks[r].to_dict() for r in sorted(trace.output_checks)]
 
 
 def replay_real(progress: Callable[[str], None] | None = None, timeout_s: float = 120.0) -> list[RealCaseResult]:
