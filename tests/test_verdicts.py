@@ -145,3 +145,12 @@ def test_agree_is_never_said_over_a_wrong_output():
     assert not res.agree and res.confirmed_as_predicted
     _sim, ok = _traces(True)
     assert CheckResult(Scenario(), sim, ok).agree
+
+
+def test_reduction_not_confirmed_without_a_judged_output():
+    # A fit that matches the prediction is no claim about reality on its own.
+    sim, real = _traces(False, {"routed@tp0": 2.0, "routed@tp1": 2.0}, "DOUBLE_REDUCTION")
+    _with_value(sim, 2.0)
+    real.output_checks.clear()
+    h = Hazard(HazardKind.DOUBLE_REDUCTION, 0, "final_all_reduce", 0, "routed coefficient 2")
+    assert judge_reduction(sim, real, h, 1.0).verdict == Verdict.INCONCLUSIVE

@@ -110,7 +110,9 @@ def _item(h: Hazard, verdict: Verdict, reason: str) -> VerdictItem:
 
 def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> VerdictItem:
     out = output_of(real, h.rank)
-    if out is not None and out.correct:
+    if out is None:  # no ground truth: a matching fit alone confirms nothing
+        return _item(h, Verdict.INCONCLUSIVE, "the real output was not judged against the reference")
+    if out.correct:
         return _item(h, Verdict.REFUTED, describe_correct(out))
     rt = real_step(real, h.rank, h.step)
     wrong = describe_wrong(out)
@@ -120,7 +122,7 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
         if characterised(out) == h.kind.value:
             why = rt.error or "no fit at this step"
             return _item(h, Verdict.CONFIRMED, f"{wrong} ({why})")
-        if out is not None and characterised(out) is None:
+        if characterised(out) is None:
             return _item(h, Verdict.INCONCLUSIVE, f"{wrong}; no fit at step {h.step} to compare with")
         return _item(h, Verdict.REFUTED, f"{wrong}, not the predicted {h.kind.value}")
     pred = predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
