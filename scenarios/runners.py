@@ -202,61 +202,118 @@ class MoERunner:
         return ops.layer_output(out)
 
     def forward(self, ops: Ops, x: Any) -> Any:
-        s, m = self.scenario, self.scenario.model
+        """The layer: each decision is one of the small methods it calls, so a
+        wrong variant is an override of one method, never a copy of this body."""
         rows = x.shape[0]
         routing = ops.router(x)
+        routed_in = self.routed_input(ops, x)
+        order = self.decide_order(ops, rows)
+        sharded = self.shared_experts_sharded()
+        shared, shared_done = self.shared_before_routed(ops, x, order, sharded)
+        routed, inner_shared = self.routed_path(
+            ops, routed_in, routing, order, self.shared_inside_routed(ops, x, order, sharded)
+        )
+        if inner_shared is not None:
+            shared = inner_shared
+        shared = self.shared_after_routed_path(ops, x, order, sharded, shared, shared_done)
+        routed, reduced = self.finish_routed(ops, routed)
+        shared = self.maybe_reduce_shared(ops, shared, reduced)
+        result = self.join_outputs(ops, shared, routed)
+        result = ops.boundary(result, (rows, self.declared_output_width()))
+        result = self.final_reduce(ops, result, reduced)
+        return self.trim_output(ops, result)
+
+    # ---- the steps forward() is made of ----
+
+    def routed_input(self, ops: Ops, x: Any) -> Any:
+        """The routed experts' input: latent-projected, then padded to the kernel width."""
+        m = self.scenario.model
         routed_in = ops.latent_down(x) if m.has_transform else x
         if self.should_pad():
             routed_in = ops.pad(routed_in, m.kernel_width, name="pad_routed_input")
-        pre_trim, post_trim = self.pre_trim_width(), self.post_trim_width()
+        return routed_in
 
-        order = self.shared_experts_order(rows) if m.has_shared else Order.NO_OVERLAP
+    def decide_order(self, ops: Ops, rows: int) -> Order:
+        order = self.shared_experts_order(rows) if self.scenario.model.has_shared else Order.NO_OVERLAP
         ops.decide("shared_experts_order", order.value)
-        sharded = self.shared_experts_sharded()
+        return order
 
-        shared = None
-        shared_done = None
-        serial = m.has_shared and order in (Order.NO_OVERLAP, Order.EXTERNAL)
-        after = serial and self.shared_after_routed(order)
-        if serial and not after:
-            shared = ops.shared_experts(x, sharded=sharded)
-        elif m.has_shared and order == Order.MULTI_STREAM_OVERLAPPED:
-            shared, shared_done = self.launch_shared_on_aux(ops, x, sharded)
+    def runs_serially(self, order: Order) -> bool:
+        """The shared experts run on the main stream, outside the routed path."""
+        return self.scenario.model.has_shared and order in (Order.NO_OVERLAP, Order.EXTERNAL)
 
-        def run_shared_inside() -> Any:
-            return ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+    def shared_before_routed(self, ops: Ops, x: Any, order: Order, sharded: bool) -> tuple[Any, Any]:
+        """(shared output or None, event the main stream must join or None) for
+        the shared experts launched before the routed path."""
+        if self.runs_serially(order) and not self.shared_after_routed(order):
+            return self.run_shared(ops, x, sharded), None
+        if self.scenario.model.has_shared and order == Order.MULTI_STREAM_OVERLAPPED:
+            return self.launch_shared_on_aux(ops, self.before_aux_fork(ops, x), sharded)
+        return None, None
 
-        internal = m.has_shared and order == Order.MK_INTERNAL_OVERLAPPED
-        routed, inner_shared = self.routed_path(
-            ops, routed_in, routing, order, run_shared_inside if internal else None
-        )
-        if internal:
-            shared = inner_shared
-        if after:
-            shared = ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+    def shared_inside_routed(self, ops: Ops, x: Any, order: Order, sharded: bool) -> Any:
+        """MK_INTERNAL overlap: a callable the routed path runs between dispatch
+        and combine; None otherwise."""
+        if not (self.scenario.model.has_shared and order == Order.MK_INTERNAL_OVERLAPPED):
+            return None
+        return lambda: self.run_shared(ops, x, sharded)
+
+    def shared_after_routed_path(
+        self, ops: Ops, x: Any, order: Order, sharded: bool, shared: Any, shared_done: Any
+    ) -> Any:
+        """Serial shared experts placed after the routed path, and the join on
+        the aux stream's event."""
+        if self.runs_serially(order) and self.shared_after_routed(order):
+            shared = self.run_shared(ops, x, sharded)
         if shared_done is not None:
             ops.wait_event(shared_done, name="join_shared")
+        return shared
 
+    def run_shared(self, ops: Ops, x: Any, sharded: bool) -> Any:
+        return ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+
+    def before_aux_fork(self, ops: Ops, x: Any) -> Any:
+        """Hook before the aux-stream fork (e.g. clone the input or record it):
+        the tensor the aux stream's shared experts will read."""
+        return x
+
+    def finish_routed(self, ops: Ops, routed: Any) -> tuple[Any, bool]:
+        """Early trim and the early (pre-transform) reduction: (routed, reduced)."""
+        pre_trim = self.pre_trim_width()
         if pre_trim is not None:
             routed = ops.trim(routed, pre_trim, name="early_trim")
         reduced = self.fused_output_is_reduced()
-        if (
+        if self.needs_pre_transform_reduce(reduced):
+            routed = ops.all_reduce(routed, "tp", name="pre_transform_all_reduce")
+            reduced = True
+        return routed, reduced
+
+    def needs_pre_transform_reduce(self, reduced: bool) -> bool:
+        """A non-linear routed-output transform must see the complete routed sum."""
+        s, m = self.scenario, self.scenario.model
+        return (
             m.has_transform
             and m.transform_nonlinear
             and not self.is_sequence_parallel()
             and (s.moe_tp > 1 or s.moe_ep > 1)
             and not reduced
-        ):
-            routed = ops.all_reduce(routed, "tp", name="pre_transform_all_reduce")
-            reduced = True
-        shared = self.maybe_reduce_shared(ops, shared, reduced)
+        )
+
+    def join_outputs(self, ops: Ops, shared: Any, routed: Any) -> Any:
+        """Routed scaling, the latent up-projection, then the shared add."""
+        m = self.scenario.model
         if m.routed_scaling_factor != 1.0:
             routed = ops.scale(routed, m.routed_scaling_factor, name="routed_scaling")
         if m.has_transform:
             routed = ops.latent_up(routed)
-        result = ops.add(shared, routed, name="shared_add") if shared is not None else routed
-        result = ops.boundary(result, (rows, declared_output_width(s)))
-        result = self.final_reduce(ops, result, reduced)
+        return ops.add(shared, routed, name="shared_add") if shared is not None else routed
+
+    def declared_output_width(self) -> int:
+        """Width the fused-MoE custom op promises to return (its fake implementation)."""
+        return declared_output_width(self.scenario)
+
+    def trim_output(self, ops: Ops, result: Any) -> Any:
+        post_trim = self.post_trim_width()
         if post_trim is not None:
             result = ops.trim(result, post_trim, name="post_trim")
         return result
@@ -264,33 +321,43 @@ class MoERunner:
     def routed_path(
         self, ops: Ops, x: Any, routing: Any, order: Order, shared_inside: Any
     ) -> tuple[Any, Any]:
-        """Dispatch, experts, combine. With MK_INTERNAL overlap, the shared
-        experts run on the main stream while dispatch and combine are in
-        flight on the communication stream."""
-        s = self.scenario
-        shared = None
-        if s.effective_backend == "none":
-            y = ops.experts(x, routing, inplace=self.routed_inplace(order))
-            return y, None
+        """Dispatch, experts, combine: (routed output, shared output if the
+        shared experts ran inside, else None)."""
+        if self.scenario.effective_backend == "none":
+            return ops.experts(x, routing, inplace=self.routed_inplace(order)), None
         if shared_inside is not None:
-            go = ops.record_event("fork_to_comm")
-            with ops.stream("comm"):
-                ops.wait_event(go, name="comm_waits_fork")
-                xd, rd = ops.dispatch(x, routing)
-                dispatched = ops.record_event("dispatch_done")
-            shared = shared_inside()
-            ops.wait_event(dispatched, name="wait_dispatch")
-            y = ops.experts(xd, rd, inplace=False)
-            computed = ops.record_event("experts_done")
-            with ops.stream("comm"):
-                ops.wait_event(computed, name="comm_waits_experts")
-                out = ops.combine(y)
-                combined = ops.record_event("combine_done")
-            ops.wait_event(combined, name="wait_combine")
-            return out, shared
+            return self.overlapped_routed_path(ops, x, routing, shared_inside)
         xd, rd = ops.dispatch(x, routing)
         y = ops.experts(xd, rd, inplace=False)
         return ops.combine(y), None
+
+    def shared_before_dispatch(self) -> bool:
+        """MK_INTERNAL overlap: run the shared experts before the dispatch is
+        launched (no overlap) instead of while it is in flight."""
+        return False
+
+    def overlapped_routed_path(
+        self, ops: Ops, x: Any, routing: Any, shared_inside: Any
+    ) -> tuple[Any, Any]:
+        """MK_INTERNAL overlap: the shared experts run on the main stream while
+        dispatch and combine are in flight on the communication stream."""
+        shared = shared_inside() if self.shared_before_dispatch() else None
+        go = ops.record_event("fork_to_comm")
+        with ops.stream("comm"):
+            ops.wait_event(go, name="comm_waits_fork")
+            xd, rd = ops.dispatch(x, routing)
+            dispatched = ops.record_event("dispatch_done")
+        if shared is None:
+            shared = shared_inside()
+        ops.wait_event(dispatched, name="wait_dispatch")
+        y = ops.experts(xd, rd, inplace=False)
+        computed = ops.record_event("experts_done")
+        with ops.stream("comm"):
+            ops.wait_event(computed, name="comm_waits_experts")
+            out = ops.combine(y)
+            combined = ops.record_event("combine_done")
+        ops.wait_event(combined, name="wait_combine")
+        return out, shared
 
 
 class FixedRunner(MoERunner):

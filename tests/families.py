@@ -68,7 +68,49 @@ class DropFinalReduction(MoERunner):
         return False
 
 
+class SharedBeforeDispatch(MoERunner):
+    """MK_INTERNAL overlap chosen, but the shared MLP is run before the
+    dispatch is launched, so nothing is in flight while it computes."""
+
+    def shared_before_dispatch(self) -> bool:
+        return True
+
+
+class SkipPreTransformReduce(MoERunner):
+    """Skips the early routed reduction before a non-linear latent transform."""
+
+    def needs_pre_transform_reduce(self, reduced: bool) -> bool:
+        return False
+
+
+class DeclarePaddedWidth(MoERunner):
+    """The fused op's fake implementation promises the padded width even
+    though the shared add needs the routed output trimmed first."""
+
+    def declared_output_width(self) -> int:
+        return self.scenario.model.kernel_width
+
+
+class ScaleAfterSharedAdd(MoERunner):
+    """Applies the routed scaling factor after the shared add (scales shared too)."""
+
+    def join_outputs(self, ops: Ops, shared: Any, routed: Any) -> Any:
+        out = ops.add(shared, routed, name="shared_add") if shared is not None else routed
+        return ops.scale(out, self.scenario.model.routed_scaling_factor, name="routed_scaling")
+
+
 # ---- correct but unusual ----
+
+
+class CloneBeforeAuxFork(MoERunner):
+    """An in-place routed kernel under multi-stream overlap, made safe by
+    cloning the input for the aux stream before the fork."""
+
+    def routed_inplace(self, order: Order) -> bool:
+        return True
+
+    def before_aux_fork(self, ops: Ops, x: Any) -> Any:
+        return ops.clone(x, name="clone_for_aux")
 
 
 class ScaleThenSumSharedReplicas(MoERunner):
@@ -130,6 +172,10 @@ SP_DECODE = _s("sp-decode-1-token", {}, {"tp": 2, "dp": 2, "ep": True, "backend"
 LATENT_TP2 = _s("latent-tp2-multistream", {"latent_dim": 64}, {"tp": 2}, MULTI_STREAM)
 TP2 = _s("tp2", {}, {"tp": 2}, tokens=8)
 TP2_MULTI = _s("tp2-multistream", {}, {"tp": 2}, MULTI_STREAM)
+MK_DP2 = _s("mk-internal-dp2", {}, {"dp": 2, "ep": True, "backend": "deepep_low_latency"})
+LATENT_NL_TP2 = _s("latent-nonlinear-tp2", {"latent_dim": 64, "transform_nonlinear": True}, {"tp": 2})
+PADDED_TP2 = _s("padded-shared-tp2", {"moe_hidden": 192}, {"tp": 2})
+RSF_TP2 = _s("rsf-tp2", {"routed_scaling_factor": 2.5}, {"tp": 2})
 FI_TP2_DP2 = _s("fi-two-sided-tp2-dp2", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "flashinfer_nvlink_two_sided"})
 
 # (runner, scenario, predicted kind, the ranks it must hit, expected verdict)
@@ -139,10 +185,15 @@ WRONG = [
     (SharedAfterInplaceRouted, TP2, "WRONG_INPUT", (0, 1), "CONFIRMED"),
     (AuxNoWait, TP2_MULTI, "UNSAFE_OVERLAP", (0, 1), "CONFIRMED"),
     (DropFinalReduction, TP2, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    (SharedBeforeDispatch, MK_DP2, "LOST_OVERLAP", (0, 1), "CONFIRMED"),
+    (SkipPreTransformReduce, LATENT_NL_TP2, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    (DeclarePaddedWidth, PADDED_TP2, "SHAPE_MISMATCH", (0, 1), "CONFIRMED"),
+    (ScaleAfterSharedAdd, RSF_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
 ]
 
 CORRECT = [
     (ScaleThenSumSharedReplicas, TP2),
     (ReduceScatterAllGather, TP2),
+    (CloneBeforeAuxFork, TP2_MULTI),
     (SharedSummedWithReducedRouted, FI_TP2_DP2),
 ]

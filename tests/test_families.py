@@ -45,14 +45,19 @@ def test_real_confirms_the_wrong_runner(cls, scenario, kind, ranks, verdict):
     res = check(scenario, _spec(cls), timeout_s=120)
     wrong = {r for r, c in res.real.output_checks.items() if not c.correct}
     vs = [v for v in res.verdicts if v.kind == kind]
-    assert vs and all(v.verdict.value == verdict for v in vs), [v.to_dict() for v in res.verdicts]
-    if kind != "UNSAFE_OVERLAP":  # a race shows in a perturbed run, not necessarily in this one
+    # Whether two CPU threads overlap is up to the OS scheduler: a performance
+    # claim may stay INCONCLUSIVE on a loaded machine, never REFUTED.
+    allowed = {verdict, "INCONCLUSIVE"} if kind == "LOST_OVERLAP" else {verdict}
+    assert vs and all(v.verdict.value in allowed for v in vs), [v.to_dict() for v in res.verdicts]
+    if kind == "LOST_OVERLAP":  # a performance hazard: the output is right, the overlap is not
+        assert wrong == set(), [c.to_dict() for c in res.real.output_checks.values()]
+    elif kind != "UNSAFE_OVERLAP":  # a race shows in a perturbed run, not necessarily in this one
         assert wrong == set(ranks), [c.to_dict() for c in res.real.output_checks.values()]
     # Never silent: a wrong output is never "agree"; here every one is confirmed as predicted.
     if wrong:
         assert not res.agree and res.confirmed_as_predicted, [v.to_dict() for v in res.verdicts]
     for v in res.verdicts:
-        if v.verdict == Verdict.CONFIRMED and v.rank is not None and kind != "UNSAFE_OVERLAP":
+        if v.verdict == Verdict.CONFIRMED and v.rank is not None and kind not in ("UNSAFE_OVERLAP", "LOST_OVERLAP"):
             assert not res.real.output_checks[v.rank].correct
 
 

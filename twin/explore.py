@@ -59,24 +59,8 @@ DEFAULT_OUT = Path("explore-out")
 
 # Methods the runner programs call on a runner (the interface a user's class
 # must keep callable with the same arguments).
-INTERFACE = (
-    "process_weights",
-    "backend_output_is_reduced",
-    "is_sequence_parallel",
-    "fused_output_is_reduced",
-    "shared_experts_order",
-    "shared_experts_sharded",
-    "routed_inplace",
-    "should_pad",
-    "pre_trim_width",
-    "post_trim_width",
-    "shared_input",
-    "maybe_reduce_shared",
-    "needs_final_reduce",
-    "final_reduce",
-    "model_forward",
-    "forward",
-    "routed_path",
+INTERFACE = tuple(
+    name for name, member in vars(MoERunner).items() if callable(member) and not name.startswith("_")
 )
 
 

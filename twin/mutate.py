@@ -35,9 +35,13 @@ from scenarios.runners import MoERunner
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 DROPPABLE_OPS = (*COLLECTIVES, "wait_event", "pad", "trim", "trim_rows")
 # Methods holding the program (ops are issued here); the rest are decisions.
-PROGRAM_METHODS = ("model_forward", "forward", "routed_path", "final_reduce", "maybe_reduce_shared")
-NOT_DECISIONS = ("__init__", "process_weights", "model_forward", "forward", "routed_path",
-                 "final_reduce", "shared_input")
+PROGRAM_METHODS = ("model_forward", "forward", "routed_path", "overlapped_routed_path",
+                   "routed_input", "shared_before_routed", "shared_after_routed_path", "run_shared",
+                   "launch_shared_on_aux", "finish_routed", "join_outputs", "trim_output",
+                   "final_reduce", "maybe_reduce_shared")
+NOT_DECISIONS = ("__init__", "process_weights", "shared_input", "decide_order",
+                 "shared_inside_routed", "before_aux_fork", "declared_output_width",
+                 *(m for m in PROGRAM_METHODS if m != "maybe_reduce_shared"))
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,8 @@ KNOWN_EQUIVALENT: dict[str, str] = {
         "reduce either way), and with tp = 1 every reduction it skips is over a one-rank tp group"
     ),
     "M_dropcond_needs_final_reduce_2": _ONE_RANK,
-    "M_dropcond_forward_4": _ONE_RANK,
-    "M_dropcond_forward_1": (
+    "M_dropcond_needs_pre_transform_reduce_4": _ONE_RANK,
+    "M_dropcond_needs_pre_transform_reduce_1": (
         "transform_nonlinear implies has_transform (the spec rejects a non-linear transform "
         "without latent_dim)"
     ),
