@@ -179,7 +179,13 @@ class MoERunner:
             not self.is_sequence_parallel()
             and (s.moe_tp > 1 or s.moe_ep > 1)
             and not routed_reduced
+            and not self.defer_post_experts_reduce()
         )
+
+    def defer_post_experts_reduce(self) -> bool:
+        """Skip the post-experts reduction because someone downstream performs
+        it: the next layer's fused all-reduce + residual + RMSNorm."""
+        return self.scenario.next_layer_fuses_reduce
 
     def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
         if self.needs_final_reduce(routed_reduced):
@@ -199,7 +205,15 @@ class MoERunner:
         if sp:
             out = ops.all_gather(out, "tp", name="sp_all_gather")
             out = ops.trim_rows(out, tokens, name="sp_drop_pad_rows")
+        if self.scenario.next_layer_fuses_reduce:  # the model's choice too
+            out = self.next_layer_fused_reduce(ops, out)
         return ops.layer_output(out)
+
+    def next_layer_fused_reduce(self, ops: Ops, out: Any) -> Any:
+        """The next layer's fused all-reduce over tp, where the deferred sum is
+        completed (the layer output is judged after it: the values the next
+        layer's residual add and RMSNorm consume; those two are not modelled)."""
+        return ops.all_reduce(out, "tp", name="next_layer_fused_all_reduce")
 
     def forward(self, ops: Ops, x: Any) -> Any:
         """The layer: each decision is one of the small methods it calls, so a

@@ -36,6 +36,9 @@ MAX_ROUTED_PAIRS = 2**21  # total tokens x top_k: the routing arrays
 MAX_EXPERTS = 4096
 MAX_TOP_K = 64
 MAX_WORLD = 1024  # ranks (tp x dp)
+# The next layer's fused all-reduce + residual + RMSNorm runs for at most this
+# many tokens (SGLang's FlashInfer fusion: 0 < T <= 2048, moe_block.md section 5).
+FUSION_MAX_TOKENS = 2048
 
 
 def _positive(name: str, value: int) -> None:
@@ -188,6 +191,9 @@ class Runtime:
     aux_stream: bool = False
     token_threshold: int = 256
     profile: str | None = None  # cost profile; default by platform
+    # The engine fuses the next layer's input all-reduce with its residual add
+    # and RMSNorm (one kernel), so the MoE layer may leave its sum to it.
+    allreduce_fusion: bool = False
 
     def validate(self) -> None:
         if self.platform not in PLATFORMS:
@@ -298,6 +304,20 @@ class Scenario:
         )
 
     @property
+    def next_layer_fuses_reduce(self) -> bool:
+        """The model hands the layer output to the next layer's fused all-reduce
+        (+ residual + RMSNorm) over tp instead of expecting it reduced: fusion
+        on, tp > 1, one DP rank (no DP attention, so no all-to-all kernels and
+        the MoE output is a TP partial) and 0 < T <= FUSION_MAX_TOKENS."""
+        p = self.parallel
+        return (
+            self.runtime.allreduce_fusion
+            and p.tp > 1
+            and p.dp == 1
+            and 0 < self.workload.tokens <= FUSION_MAX_TOKENS
+        )
+
+    @property
     def use_all2all_kernels(self) -> bool:
         return self.parallel.ep and (self.parallel.dp > 1 or self.sp)
 
@@ -391,6 +411,7 @@ class Scenario:
             "moe_tp": self.moe_tp,
             "moe_ep": self.moe_ep,
             "use_all2all_kernels": self.use_all2all_kernels,
+            "next_layer_fuses_reduce": self.next_layer_fuses_reduce,
             "use_fi_two_sided": self.use_fi_two_sided,
             "effective_backend": self.effective_backend,
             "padded": self.model.padded,
@@ -412,6 +433,8 @@ class Scenario:
             bits.append(self.effective_backend)
         if self.sp:
             bits.append("SP")
+        if self.next_layer_fuses_reduce:
+            bits.append("fused-AR-next")
         shape = f"H={m.hidden}"
         if m.padded:
             shape += f"->{m.kernel_width}"

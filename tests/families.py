@@ -99,6 +99,23 @@ class ScaleAfterSharedAdd(MoERunner):
         return ops.scale(out, self.scenario.model.routed_scaling_factor, name="routed_scaling")
 
 
+class ReduceAndFuse(MoERunner):
+    """Keeps its post-experts all-reduce although the next layer's fused
+    all-reduce + residual + RMSNorm sums the output again."""
+
+    def defer_post_experts_reduce(self) -> bool:
+        return False
+
+
+class DeferIgnoringTokenCap(MoERunner):
+    """Leaves the sum to the next layer whenever fusion is on, forgetting that
+    the fused kernel only runs up to 2048 tokens."""
+
+    def defer_post_experts_reduce(self) -> bool:
+        s = self.scenario
+        return s.runtime.allreduce_fusion and s.parallel.tp > 1
+
+
 # ---- correct but unusual ----
 
 
@@ -176,6 +193,8 @@ MK_DP2 = _s("mk-internal-dp2", {}, {"dp": 2, "ep": True, "backend": "deepep_low_
 LATENT_NL_TP2 = _s("latent-nonlinear-tp2", {"latent_dim": 64, "transform_nonlinear": True}, {"tp": 2})
 PADDED_TP2 = _s("padded-shared-tp2", {"moe_hidden": 192}, {"tp": 2})
 RSF_TP2 = _s("rsf-tp2", {"routed_scaling_factor": 2.5}, {"tp": 2})
+FUSED_NEXT_TP2 = _s("fused-next-layer-tp2", {}, {"tp": 2}, {"allreduce_fusion": True}, tokens=8)
+FUSION_OFF_BY_SIZE = _s("fusion-too-many-tokens-tp2", {}, {"tp": 2}, {"allreduce_fusion": True}, tokens=2056)
 FI_TP2_DP2 = _s("fi-two-sided-tp2-dp2", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "flashinfer_nvlink_two_sided"})
 
 # (runner, scenario, predicted kind, the ranks it must hit, expected verdict)
@@ -189,11 +208,14 @@ WRONG = [
     (SkipPreTransformReduce, LATENT_NL_TP2, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
     (DeclarePaddedWidth, PADDED_TP2, "SHAPE_MISMATCH", (0, 1), "CONFIRMED"),
     (ScaleAfterSharedAdd, RSF_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
+    (ReduceAndFuse, FUSED_NEXT_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
+    (DeferIgnoringTokenCap, FUSION_OFF_BY_SIZE, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
 ]
 
 CORRECT = [
     (ScaleThenSumSharedReplicas, TP2),
     (ReduceScatterAllGather, TP2),
     (CloneBeforeAuxFork, TP2_MULTI),
+    (MoERunner, FUSED_NEXT_TP2),
     (SharedSummedWithReducedRouted, FI_TP2_DP2),
 ]

@@ -3,7 +3,7 @@
 import pytest
 
 from scenarios.loader import catalog, load, parse_toml
-from scenarios.spec import Scenario, ScenarioError, scenario_to_toml
+from scenarios.spec import ParallelConfig, Runtime, Scenario, ScenarioError, scenario_to_toml
 
 
 def bad(**kw):
@@ -59,3 +59,14 @@ def test_catalog_round_trips_through_toml():
 def test_unknown_scenario_lists_catalog():
     with pytest.raises(ScenarioError, match="unknown scenario 'nope'.*r1-sp-deepep"):
         load("nope")
+
+
+def test_next_layer_fusion_rule():
+    base = Scenario(parallel=ParallelConfig(tp=2), runtime=Runtime(allreduce_fusion=True))
+    assert base.next_layer_fuses_reduce and base.derived()["next_layer_fuses_reduce"]
+    assert "fused-AR-next" in base.summary_line()
+    assert not base.with_(**{"runtime.allreduce_fusion": False}).next_layer_fuses_reduce
+    assert not base.with_(**{"parallel.tp": 1}).next_layer_fuses_reduce
+    assert not base.with_(**{"parallel.dp": 2}).next_layer_fuses_reduce  # DP attention: no fusion
+    assert base.with_(**{"workload.tokens": 2048}).next_layer_fuses_reduce
+    assert not base.with_(**{"workload.tokens": 2049}).next_layer_fuses_reduce

@@ -38,7 +38,7 @@ DROPPABLE_OPS = (*COLLECTIVES, "wait_event", "pad", "trim", "trim_rows")
 PROGRAM_METHODS = ("model_forward", "forward", "routed_path", "overlapped_routed_path",
                    "routed_input", "shared_before_routed", "shared_after_routed_path", "run_shared",
                    "launch_shared_on_aux", "finish_routed", "join_outputs", "trim_output",
-                   "final_reduce", "maybe_reduce_shared")
+                   "final_reduce", "maybe_reduce_shared", "next_layer_fused_reduce")
 NOT_DECISIONS = ("__init__", "process_weights", "shared_input", "decide_order",
                  "shared_inside_routed", "before_aux_fork", "declared_output_width",
                  *(m for m in PROGRAM_METHODS if m != "maybe_reduce_shared"))
