@@ -465,7 +465,9 @@ class RealOps(CommOps, Ops):
             self._shared[sharded] = (w13.to(self.device), w2.to(self.device))
         return self._shared[sharded]
 
-    def shared_experts(self, x: RealTensor, sharded: bool = True, name: str = "shared_experts") -> RealTensor:
+    def shared_experts(
+        self, x: RealTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False
+    ) -> RealTensor:
         w13, w2 = self._shared_weights(sharded)
         hidden = self.scenario.model.hidden
 
@@ -474,4 +476,7 @@ class RealOps(CommOps, Ops):
                 raise OpsShapeError(f"shared MLP expects width {hidden}, got {v.shape[-1]}")
             return mlp(v, w13, w2)
 
-        return self._op("shared_experts", name, COMPUTE, (x,), fn, component="shared")
+        out = self._op("shared_experts", name, COMPUTE, (x,), fn, component="shared")
+        if reduce_results and sharded:
+            return self.all_reduce(out, "tp", name=f"{name}_all_reduce")
+        return out

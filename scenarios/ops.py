@@ -132,8 +132,13 @@ class Ops(ABC):
         `inplace` writes the result into x's buffer, as fused kernels can."""
 
     @abstractmethod
-    def shared_experts(self, x: Any, sharded: bool = True, name: str = "shared_experts") -> Any:
-        """The shared-expert MLP; TP-sharded (partial sums) or unsharded (complete)."""
+    def shared_experts(
+        self, x: Any, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False
+    ) -> Any:
+        """The shared-expert MLP; TP-sharded (partial sums) or unsharded (complete).
+        `reduce_results`: a sharded MLP all-reduces its own output over tp (a
+        collective step `<name>_all_reduce`), so it returns the complete sum; an
+        unsharded MLP has nothing to reduce."""
 
     # ---- communication ----
 

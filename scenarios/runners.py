@@ -164,7 +164,7 @@ class MoERunner:
         fork = ops.record_event("fork_to_aux")
         with ops.stream("aux"):
             ops.wait_event(fork, name="aux_waits_fork")
-            shared = ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+            shared = self.run_shared(ops, x, sharded)
             done = ops.record_event("shared_done")
         return shared, done
 
@@ -232,10 +232,14 @@ class MoERunner:
         shared = self.shared_after_routed_path(ops, x, order, sharded, shared, shared_done)
         routed, reduced = self.finish_routed(ops, routed)
         shared = self.maybe_reduce_shared(ops, shared, reduced)
-        result = self.join_outputs(ops, shared, routed)
+        after = shared is not None and self.shared_joins_after_reduce()
+        result = self.join_outputs(ops, None if after else shared, routed)
         result = ops.boundary(result, (rows, self.declared_output_width()))
         result = self.final_reduce(ops, result, reduced)
-        return self.trim_output(ops, result)
+        result = self.trim_output(ops, result)
+        if after:
+            result = ops.add(result, shared, name="shared_add_after_reduce")
+        return result
 
     # ---- the steps forward() is made of ----
 
@@ -284,7 +288,20 @@ class MoERunner:
         return shared
 
     def run_shared(self, ops: Ops, x: Any, sharded: bool) -> Any:
-        return ops.shared_experts(self.shared_input(ops, x), sharded=sharded)
+        return ops.shared_experts(
+            self.shared_input(ops, x), sharded=sharded, reduce_results=self.shared_reduce_results()
+        )
+
+    def shared_reduce_results(self) -> bool:
+        """The shared MLP reduces its own output (reduce_results=True). vLLM
+        builds it with False: the runner's reductions complete it."""
+        return False
+
+    def shared_joins_after_reduce(self) -> bool:
+        """Where the shared output joins the routed one: before the
+        post-experts reduction (inside the fused op, vLLM) or after it, on
+        the complete sum (SGLang's replicated shared experts)."""
+        return False
 
     def before_aux_fork(self, ops: Ops, x: Any) -> Any:
         """Hook before the aux-stream fork (e.g. clone the input or record it):

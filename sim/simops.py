@@ -405,7 +405,9 @@ class SimOps(Ops):
         self.writes[x.buf] = (out.version, out)
         return out
 
-    def shared_experts(self, x: SimTensor, sharded: bool = True, name: str = "shared_experts") -> SimTensor:
+    def shared_experts(
+        self, x: SimTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False
+    ) -> SimTensor:
         x = self._tensor(x, name)
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
         tp = s.parallel.tp
@@ -421,7 +423,10 @@ class SimOps(Ops):
         if self.shared_sharded is None:
             self.shared_sharded = bool(sharded)
         shard = f"tp{self.t}" if sharded else "full"
-        return self._new(st, shape, algebra.relabel(x.value, "shared", shard), (x,), fresh=True)
+        out = self._new(st, shape, algebra.relabel(x.value, "shared", shard), (x,), fresh=True)
+        if reduce_results and sharded:
+            return self.all_reduce(out, "tp", name=f"{name}_all_reduce")
+        return out
 
     # ---- communication ----
 

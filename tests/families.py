@@ -116,6 +116,22 @@ class DeferIgnoringTokenCap(MoERunner):
         return s.runtime.allreduce_fusion and s.parallel.tp > 1
 
 
+class ReplicatedSharedAddedBeforeReduce(MoERunner):
+    """Builds the shared MLP replicated (complete on every rank) but still adds
+    it before the post-experts all-reduce, which sums tp copies of it."""
+
+    def shared_experts_sharded(self) -> bool:
+        return False
+
+
+class SharedReducedInsideAndAgain(MoERunner):
+    """Lets the shared MLP reduce its own output, then adds it before the
+    post-experts all-reduce as if it were still a partial."""
+
+    def shared_reduce_results(self) -> bool:
+        return True
+
+
 # ---- correct but unusual ----
 
 
@@ -169,6 +185,26 @@ class SharedSummedWithReducedRouted(MoERunner):
         return not self.is_sequence_parallel() and self.scenario.parallel.tp > 1
 
 
+class ReplicatedSharedJoinsAfterReduce(MoERunner):
+    """SGLang's TP1 shared experts: replicated, added after the routed sum."""
+
+    def shared_experts_sharded(self) -> bool:
+        return False
+
+    def shared_joins_after_reduce(self) -> bool:
+        return True
+
+
+class SharedReducedInsideJoinsAfter(MoERunner):
+    """The shared MLP reduces its own output and joins the complete routed sum."""
+
+    def shared_reduce_results(self) -> bool:
+        return True
+
+    def shared_joins_after_reduce(self) -> bool:
+        return True
+
+
 # ---- scenarios ----
 
 
@@ -210,6 +246,8 @@ WRONG = [
     (ScaleAfterSharedAdd, RSF_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (ReduceAndFuse, FUSED_NEXT_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (DeferIgnoringTokenCap, FUSION_OFF_BY_SIZE, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    (ReplicatedSharedAddedBeforeReduce, TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
+    (SharedReducedInsideAndAgain, TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
 ]
 
 CORRECT = [
@@ -217,5 +255,7 @@ CORRECT = [
     (ReduceScatterAllGather, TP2),
     (CloneBeforeAuxFork, TP2_MULTI),
     (MoERunner, FUSED_NEXT_TP2),
+    (ReplicatedSharedJoinsAfterReduce, TP2),
+    (SharedReducedInsideJoinsAfter, TP2_MULTI),
     (SharedSummedWithReducedRouted, FI_TP2_DP2),
 ]

@@ -71,3 +71,14 @@ def test_real_clean_on_correct_unusual_runner(cls, scenario):
     assert len(res.real.output_checks) == scenario.world
     assert not any(v.verdict == Verdict.CONFIRMED for v in res.verdicts)
     assert not res.verdicts and res.agree
+
+
+def test_shared_reduce_results_is_a_collective_inside_the_mlp():
+    trace = simulate(families.TP2, families.SharedReducedInsideJoinsAfter)
+    names = [st.name for st in trace.steps[0]]
+    i = names.index("shared_experts")
+    assert names[i + 1] == "shared_experts_all_reduce" and trace.steps[0][i + 1].op == "all_reduce"
+    assert names[-2] == "shared_add_after_reduce"
+    # Unsharded, there is nothing to reduce: no collective is added.
+    trace = simulate(families.TP2, families.ReplicatedSharedJoinsAfterReduce)
+    assert "shared_experts_all_reduce" not in [st.name for st in trace.steps[0]]
