@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from scenarios import layout
 from scenarios.trace import HazardKind, Step
 from scenarios.workload import dp_of, owned_tokens, token_label, tokens_of
 from sim import algebra
@@ -243,8 +244,7 @@ class Checks:
         labels = self._labels.get(key)
         if labels is None:
             if component == "routed":
-                prefix = "ep" if s.parallel.ep else "tp"
-                shards = [f"{prefix}{r}" for r in range(s.world)]
+                shards = list(layout.routed_shards(s))
             else:
                 shards = [f"tp{t}" for t in range(s.parallel.tp)] if key[1] else ["full"]
             labels = self._labels[key] = tuple(algebra.source_label((component, sh, None)) for sh in shards)
