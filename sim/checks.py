@@ -35,6 +35,7 @@ from scenarios import layout
 from scenarios.trace import HazardKind, Step
 from scenarios.workload import dp_of, owned_tokens, token_label, tokens_of
 from sim import algebra
+from sim.reduce_groups import GroupNamer
 
 if TYPE_CHECKING:
     from sim.engine import Simulation
@@ -61,6 +62,7 @@ class Checks:
         self.rsf = s.model.routed_scaling_factor
         self.expected_scale = {"routed": self.rsf, "shared": 1.0}
         self.crossings: dict[int, dict[str, Crossing]] = {}
+        self.groups = GroupNamer(s)  # names the group of a missing reduction
         self.reported: set[tuple] = set()
         self.checked_output: set[int] = set()
         self._tokens: dict[str, list[int]] = {}
@@ -230,7 +232,8 @@ class Checks:
         if short and self._once((ops.rank, "missing", st.index)):
             self.sim.add_hazard(
                 HazardKind.MISSING_REDUCTION, ops.rank, st,
-                f"non-linear routed-output transform applied to partial sums: {_describe(coeffs, short, low)}, expected 1",
+                f"non-linear routed-output transform applied to partial sums: {_describe(coeffs, short, low)}, "
+                f"expected 1{self.groups.phrase(ops.rank, coeffs, short, tuple(coeffs))}",
             )
 
     # ---- the layer output ----
@@ -292,8 +295,9 @@ class Checks:
         self._tokens_check(ops, st, x)
         coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
         if short and self._once((ops.rank, "missing", st.index)):
+            which = self.groups.phrase(ops.rank, coeffs, short, self.output_labels(ops))
             self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
-                                f"output holds {_describe(coeffs, short)}, expected 1")
+                                f"output holds {_describe(coeffs, short)}, expected 1{which}")
         if over:
             comps = list(dict.fromkeys(lab.split("@")[0] for lab in over))
             self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
