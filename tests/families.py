@@ -68,6 +68,16 @@ class DropFinalReduction(MoERunner):
         return False
 
 
+class AllReduceOverMoeEpOnly(MoERunner):
+    """On a moe_ep x moe_tp layout, sums the routed output over moe_ep only
+    (as if experts were only expert-parallel): moe_tp partials stay apart."""
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if not self.needs_final_reduce(routed_reduced):
+            return result
+        return ops.all_reduce(result, "moe_ep", name="moe_ep_all_reduce")
+
+
 # ---- correct but unusual ----
 
 
@@ -110,6 +120,19 @@ class SharedSummedWithReducedRouted(MoERunner):
         return not self.is_sequence_parallel() and self.scenario.parallel.tp > 1
 
 
+class Qwen3TwoReductions(MoERunner):
+    """Qwen3's post-experts reductions: an all-reduce over moe_ep, then one
+    over moe_tp (two collectives when both are > 1), instead of one over tp."""
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if not self.needs_final_reduce(routed_reduced):
+            return result
+        s = self.scenario
+        if s.moe_ep > 1:
+            result = ops.all_reduce(result, "moe_ep", name="moe_ep_all_reduce")
+        return ops.all_reduce(result, "moe_tp", name="moe_tp_all_reduce") if s.moe_tp > 1 else result
+
+
 # ---- scenarios ----
 
 
@@ -130,6 +153,8 @@ SP_DECODE = _s("sp-decode-1-token", {}, {"tp": 2, "dp": 2, "ep": True, "backend"
 LATENT_TP2 = _s("latent-tp2-multistream", {"latent_dim": 64}, {"tp": 2}, MULTI_STREAM)
 TP2 = _s("tp2", {}, {"tp": 2}, tokens=8)
 TP2_MULTI = _s("tp2-multistream", {}, {"tp": 2}, MULTI_STREAM)
+# Qwen3-like (no shared experts), experts over moe_ep=2 x moe_tp=2.
+HYBRID_TP4 = _s("tp4-ep-size-2", {"num_shared_experts": 0}, {"tp": 4, "ep": True, "ep_size": 2})
 FI_TP2_DP2 = _s("fi-two-sided-tp2-dp2", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "flashinfer_nvlink_two_sided"})
 
 # (runner, scenario, predicted kind, the ranks it must hit, expected verdict)
@@ -139,10 +164,12 @@ WRONG = [
     (SharedAfterInplaceRouted, TP2, "WRONG_INPUT", (0, 1), "CONFIRMED"),
     (AuxNoWait, TP2_MULTI, "UNSAFE_OVERLAP", (0, 1), "CONFIRMED"),
     (DropFinalReduction, TP2, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    (AllReduceOverMoeEpOnly, HYBRID_TP4, "MISSING_REDUCTION", (0, 1, 2, 3), "CONFIRMED"),
 ]
 
 CORRECT = [
     (ScaleThenSumSharedReplicas, TP2),
     (ReduceScatterAllGather, TP2),
     (SharedSummedWithReducedRouted, FI_TP2_DP2),
+    (Qwen3TwoReductions, HYBRID_TP4),
 ]
