@@ -360,11 +360,9 @@ def _rows(rows: list[tuple[int, int]]) -> str:
     return "[" + ", ".join(labels) + "]"
 
 
-def _label_key(label: str) -> tuple[str, str, int]:
+def _label_key(label: str) -> tuple[str, tuple[str | int, ...]]:
     comp, _, shard = label.partition("@")
-    prefix = shard.rstrip("0123456789")
-    tail = shard[len(prefix):]
-    return (comp, prefix, int(tail) if tail else -1)
+    return (comp, algebra.shard_sort_key(shard))
 
 
 def _describe(coeffs: dict[str, float], labels: list[str], unit: float = 1.0) -> str:

@@ -183,3 +183,11 @@ def test_real_fixed_is_exact_on_hybrid_layouts(parallel, shared):
     assert len(res.real.output_checks) == s.world
     assert all(c.correct for c in res.real.output_checks.values()), [c.to_dict() for c in res.real.output_checks.values()]
     assert not res.sim.hazards and not res.verdicts and res.agree
+
+
+def test_hybrid_labels_sort_naturally():
+    from sim import algebra
+
+    assert algebra.group_label("routed", ["ep10.tp0", "ep2.tp1", "ep2.tp0", "ep1.tp3"]) == (
+        "routed@ep1.tp3,ep2.tp0,ep2.tp1,ep10.tp0")
+    assert algebra.group_label("routed", ["ep3", "ep1", "ep2", "ep0"]) == "routed@ep0..ep3"
