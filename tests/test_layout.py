@@ -191,3 +191,27 @@ def test_hybrid_labels_sort_naturally():
     assert algebra.group_label("routed", ["ep10.tp0", "ep2.tp1", "ep2.tp0", "ep1.tp3"]) == (
         "routed@ep1.tp3,ep2.tp0,ep2.tp1,ep10.tp0")
     assert algebra.group_label("routed", ["ep3", "ep1", "ep2", "ep0"]) == "routed@ep0..ep3"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hybrid_scenarios(dp=[1]))
+def test_two_stage_reduction_is_clean_on_one_dp_rank(s):
+    import families
+
+    # Qwen3's moe_ep then moe_tp all-reduces sum every shard once, whatever the split.
+    assert_no_hazard(families.Qwen3TwoReductions, s)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hybrid_scenarios())
+def test_symmetric_collapse_does_not_change_hybrid_timing(s):
+    from sim.engine import Simulation
+
+    collapsed = simulate(s, "fixed")
+    Simulation.collapse = False
+    try:
+        full = simulate(s, "fixed")
+    finally:
+        Simulation.collapse = True
+    assert abs(collapsed.latency_us - full.latency_us) < 1e-6
+    assert [str(h) for h in collapsed.hazards] == [str(h) for h in full.hazards]
