@@ -3,7 +3,7 @@ same-size one-axis layouts (medians over repeats).
 
     .venv/bin/python benchmarks/bench_layout.py [--repeats N] [--per-repeat K] [--json]
 
-Each repeat simulates K scenarios of one layout (the fixed runner, seeds
+Each repeat simulates K scenarios of every layout in turn (the fixed runner, seeds
 varied so no cache is reused across scenarios) and reports scenarios/s.
 """
 
@@ -52,8 +52,13 @@ def main() -> int:
     args = ap.parse_args()
     throughput(LAYOUTS["tp8 (moe_tp=8, old)"], -1, 3)  # warm imports
     out: dict[str, Any] = {}
-    for name, par in LAYOUTS.items():
-        runs = [throughput(par, r, args.per_repeat) for r in range(args.repeats)]
+    # Layouts interleaved within each repeat: a load change on a shared
+    # machine then hits every layout alike.
+    runs_by: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    for r in range(args.repeats):
+        for name, par in LAYOUTS.items():
+            runs_by[name].append(throughput(par, r, args.per_repeat))
+    for name, runs in runs_by.items():
         out[name] = {"scenarios_per_s_median": round(statistics.median(runs), 1),
                      "min": round(min(runs), 1), "max": round(max(runs), 1)}
     if args.json:
