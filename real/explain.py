@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from real.reference import ExactReference
+from scenarios import layout
 from scenarios.trace import HazardKind
 
 FIT_TOL = 1e-4  # relative residual: fp32 noise is ~1e-6 here
@@ -172,7 +173,7 @@ class Basis:
         cols = []
         shards = ref.routed_partials(self.toks[0][0])
         for q in s.group("tp", self.rank):
-            shard = f"ep{q}" if s.parallel.ep else f"tp{q}"
+            shard = layout.routed_shard(s, q)
             if shard not in shards:
                 continue
             _d, t_q = s.coords(q)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from real.sizes import MAX_REAL_BYTES, ScenarioTooLarge, check_fits, real_bytes_estimate  # noqa: F401 - re-exported
+from scenarios import layout
 from scenarios.spec import Scenario
 from scenarios.workload import dp_of, routing, tokens_of  # noqa: F401 - re-exported
 
@@ -64,22 +65,18 @@ class LayerWeights:
         return w13, w2
 
     def local_experts(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Stacked (w13, w2, expert_offset) this rank's routed kernel uses."""
+        """Stacked (w13, w2, expert_offset) this rank's routed kernel uses: the
+        experts of its EP index, sliced to its MoE-TP index's intermediate."""
         s = self.s
-        if s.parallel.ep:
-            per = s.local_experts
-            ids = range(rank * per, (rank + 1) * per)
-            offset = rank * per
-        else:
-            ids = range(s.model.num_experts)
-            offset = 0
-        w13 = torch.stack([self.expert(e)[0] for e in ids])
-        w2 = torch.stack([self.expert(e)[1] for e in ids])
-        if not s.parallel.ep and s.moe_tp > 1:
+        e, t = layout.moe_coords(s, rank)
+        lo, hi = layout.expert_range(s, e)
+        w13 = torch.stack([self.expert(i)[0] for i in range(lo, hi)])
+        w2 = torch.stack([self.expert(i)[1] for i in range(lo, hi)])
+        if s.moe_tp > 1:
             from kernels.torch_ref import shard_w13_w2
 
-            w13, w2 = shard_w13_w2(w13, w2, rank, s.moe_tp)
-        return w13.contiguous(), w2.contiguous(), offset
+            w13, w2 = shard_w13_w2(w13, w2, t, s.moe_tp)
+        return w13.contiguous(), w2.contiguous(), lo
 
     def shared_shard(self, t: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.shared_w13 is not None and self.shared_w2 is not None
@@ -89,6 +86,14 @@ class LayerWeights:
         per = i // n
         rows = torch.cat([torch.arange(t * per, (t + 1) * per), torch.arange(i + t * per, i + (t + 1) * per)])
         return self.shared_w13[rows].contiguous(), self.shared_w2[:, t * per : (t + 1) * per].contiguous()
+
+
+def _inter_slice(s: Scenario, w13: torch.Tensor, w2: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's weights restricted to MoE-TP index t's intermediate columns."""
+    i = s.model.moe_intermediate
+    a, b = layout.intermediate_range(s, t)
+    rows = torch.cat([torch.arange(a, b), torch.arange(i + a, i + b)])
+    return w13[rows], w2[:, a:b]
 
 
 def layer_input(s: Scenario, d: int) -> torch.Tensor:
@@ -159,18 +164,14 @@ class Reference:
         ids, weights = self.route[d][tok]
         v = self.routed_input(d, tok)
         out = torch.zeros(s.model.kernel_width, dtype=torch.float64)
-        r = int(shard[2:])
+        e_idx, t_idx = layout.shard_coords(s, shard)
+        lo, hi = layout.expert_range(s, e_idx)
         for e, w in zip(ids, weights):
+            if not lo <= e < hi:
+                continue
             w13, w2 = self.w.expert(e)
             w13, w2 = w13.double(), w2.double()
-            if shard.startswith("ep"):
-                per = s.local_experts
-                if not r * per <= e < (r + 1) * per:
-                    continue
-            elif s.moe_tp > 1:
-                i = s.model.moe_intermediate
-                per = i // s.moe_tp
-                rows = torch.cat([torch.arange(r * per, (r + 1) * per), torch.arange(i + r * per, i + (r + 1) * per)])
-                w13, w2 = w13[rows], w2[:, r * per : (r + 1) * per]
+            if s.moe_tp > 1:
+                w13, w2 = _inter_slice(s, w13, w2, t_idx)
             out = out + w * mlp(v, w13, w2)
         return out

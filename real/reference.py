@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from real.model import LayerWeights, layer_input, mlp
+from scenarios import layout
 from scenarios.spec import Scenario
 from scenarios.workload import owned_tokens, routing
 
@@ -117,7 +118,9 @@ class ExactReference:
         T, dp, kw = s.workload.tokens, s.parallel.dp, s.model.kernel_width
         xr = torch.cat(self.routed_in)
         total = torch.zeros(dp * T, kw, dtype=torch.float64)
-        ep = {f"ep{r}": torch.zeros(dp * T, kw, dtype=torch.float64) for r in range(s.world)} if s.parallel.ep else {}
+        # Per EP rank in the same pass when experts are not also TP-sharded.
+        by_rank = s.parallel.ep and s.moe_tp == 1
+        ep = {f"ep{r}": torch.zeros(dp * T, kw, dtype=torch.float64) for r in range(s.world)} if by_rank else {}
         for e, (rows, w) in self._pairs().items():
             w13, w2 = self.weights.expert(e, cache=False)
             y = w[:, None] * mlp(xr[rows], w13.double(), w2.double())
@@ -144,30 +147,33 @@ class ExactReference:
     # ---- per-source partials, for characterising wrong outputs ----
 
     def routed_partials(self, d: int) -> dict[str, torch.Tensor]:
-        """The routed kernel's output per source (unscaled, kernel width):
-        per EP rank ("ep3") under expert parallelism, else per TP shard of
-        the intermediate dimension ("tp1"; moe_tp = world). They sum to
-        `routed_kernel[d]`. TP shards are computed on first use only (a
-        second pass over the experts)."""
+        """The routed kernel's output per source (unscaled, kernel width), by
+        routed shard label (scenarios/layout.py): per EP rank ("ep3") under
+        pure expert parallelism, per TP shard of the intermediate dimension
+        ("tp1") without EP, per (EP, MoE-TP) shard ("ep1.tp0") when both axes
+        are > 1. They sum to `routed_kernel[d]`. Intermediate-sharded partials
+        are computed on first use only (a second pass over the experts)."""
         if not self._routed_parts:
-            self._routed_parts = self._tp_partials()
+            self._routed_parts = self._sharded_partials()
         return self._routed_parts[d]
 
-    def _tp_partials(self) -> dict[int, dict[str, torch.Tensor]]:
+    def _sharded_partials(self) -> dict[int, dict[str, torch.Tensor]]:
         s = self.s
         T, dp, kw, n = s.workload.tokens, s.parallel.dp, s.model.kernel_width, s.moe_tp
         inter = s.model.moe_intermediate
-        per = inter // n
         xr = torch.cat(self.routed_in)
-        parts = [torch.zeros(dp * T, kw, dtype=torch.float64) for _ in range(n)]
+        owner = {layout.moe_coords(s, r): layout.routed_shard(s, r) for r in range(s.world)}
+        parts = {label: torch.zeros(dp * T, kw, dtype=torch.float64) for label in owner.values()}
         for e, (rows, w) in self._pairs().items():
             w13, w2 = self.weights.expert(e, cache=False)
             h = xr[rows] @ w13.double().t()
             act = F.silu(h[:, :inter]) * h[:, inter:]
-            for r in range(n):
-                sl = slice(r * per, (r + 1) * per)
-                parts[r].index_add_(0, rows, w[:, None] * (act[:, sl] @ w2.double()[:, sl].t()))
-        return {d: {f"tp{r}": parts[r][d * T : (d + 1) * T] for r in range(n)} for d in range(dp)}
+            e_idx = e // s.local_experts
+            for t in range(n):
+                a, b = layout.intermediate_range(s, t)
+                y = w[:, None] * (act[:, a:b] @ w2.double()[:, a:b].t())
+                parts[owner[(e_idx, t)]].index_add_(0, rows, y)
+        return {d: {k: v[d * T : (d + 1) * T] for k, v in parts.items()} for d in range(dp)}
 
 
 @contextmanager

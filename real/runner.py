@@ -15,8 +15,8 @@ from scenarios.trace import Hazard, HazardKind, Step, Trace
 from sim.hazards import overlap_us
 
 _POOLS: dict[int, Any] = {}
-# Pool generations already prepared for a scenario shape: (pool, start, tp, dp, kernel).
-_PREPARED: set[tuple[int, int, int, int, str]] = set()
+# Pool generations already prepared for a scenario shape: (pool, start, tp, dp, moe_ep, kernel).
+_PREPARED: set[tuple[int, int, int, int, int, str]] = set()
 
 __all__ = ["RealResult", "RunnerUsageError", "close_pools", "get_pool", "resolve_kernel", "run_real"]
 
@@ -58,7 +58,7 @@ def start_ranks(pool: Any, s: Scenario, kernel: str) -> None:
     from real.worker import prepare_rank
 
     pool.start()
-    key = (id(pool), pool.starts, s.parallel.tp, s.parallel.dp, kernel)
+    key = (id(pool), pool.starts, s.parallel.tp, s.parallel.dp, s.moe_ep, kernel)
     if key in _PREPARED:
         return
     limit = pool.startup_timeout_s

@@ -18,29 +18,29 @@ from scenarios import contain
 from scenarios.runners import load_runner, run_program
 from scenarios.spec import Scenario
 
-_GROUPS: dict[tuple[int, int], dict[tuple[int, ...], Any]] = {}
+# Process groups by member ranks, kept for the worker's life: every scenario's
+# groups are created once, new ones only when a scenario needs them.
+_GROUPS: dict[tuple[int, ...], Any] = {}
 
 
 def _groups(s: Scenario) -> dict[tuple[int, ...], Any]:
-    """Process groups for every TP, DP and EP group; every rank creates all of
-    them in the same order (torch.distributed requires it)."""
-    key = (s.parallel.tp, s.parallel.dp)
-    if key not in _GROUPS:
-        world = s.world
-        members: list[tuple[int, ...]] = []
-        for r in range(world):
-            for kind in ("tp", "dp"):
-                g = s.group(kind, r)
-                if g not in members:
-                    members.append(g)
-        full = tuple(range(world))
-        if full not in members:
-            members.append(full)
-        made: dict[tuple[int, ...], Any] = {}
-        for g in members:
-            made[g] = dist.new_group(list(g)) if len(g) > 1 else None
-        _GROUPS[key] = made
-    return _GROUPS[key]
+    """Process groups for every TP, DP, MoE-EP and MoE-TP group (EP spans the
+    world); every rank creates the missing ones in the same order
+    (torch.distributed requires it: all ranks run the same scenarios)."""
+    world = s.world
+    members: list[tuple[int, ...]] = []
+    for r in range(world):
+        for kind in ("tp", "dp", "moe_ep", "moe_tp"):
+            g = s.group(kind, r)
+            if g not in members:
+                members.append(g)
+    full = tuple(range(world))
+    if full not in members:
+        members.append(full)
+    for g in members:
+        if g not in _GROUPS:
+            _GROUPS[g] = dist.new_group(list(g)) if len(g) > 1 else None
+    return _GROUPS
 
 
 def _kernel(name: str):  # noqa: ANN202

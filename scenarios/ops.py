@@ -31,7 +31,7 @@ class EventLike(Protocol):
     def id(self) -> int: ...
 
 
-GROUPS = ("tp", "dp", "ep", "world")
+GROUPS = ("tp", "dp", "ep", "world", "moe_ep", "moe_tp")
 
 
 class Ops(ABC):

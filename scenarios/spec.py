@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from scenarios import layout
 from scenarios.backends import BACKENDS, backend_info, sp_backends
 
 
@@ -153,6 +154,10 @@ class ParallelConfig:
     # Which engine version's SP backend list applies (runner_semantics.md):
     # deepep_v2 and flashinfer_nvlink_one_sided are SP only in the newest.
     version: str = "newest"
+    # Expert-parallel size inside the MoE group (world = tp x dp): None = EP
+    # over every rank when `ep`, else none. Set: moe_ep = ep_size and
+    # moe_tp = world / ep_size (scenarios/layout.py).
+    ep_size: int | None = None
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
@@ -176,6 +181,21 @@ class ParallelConfig:
             raise ScenarioError(
                 "parallel.backend",
                 f"{self.backend} routes tokens with an all-to-all and needs parallel.ep = true",
+            )
+        if self.ep_size is not None:
+            self._validate_ep_size()
+
+    def _validate_ep_size(self) -> None:
+        _positive("parallel.ep_size", self.ep_size)  # type: ignore[arg-type]
+        world = self.world
+        if not self.ep:
+            raise ScenarioError("parallel.ep_size", "needs expert parallelism (parallel.ep = true)")
+        if world % self.ep_size:  # type: ignore[operator]
+            raise ScenarioError("parallel.ep_size", f"must divide the world tp x dp = {world}, got {self.ep_size}")
+        if backend_info(self.backend).token_routing and self.ep_size != world:
+            raise ScenarioError(
+                "parallel.ep_size",
+                f"{self.backend} routes tokens over every rank and needs ep_size = tp x dp = {world}, got {self.ep_size}",
             )
 
     @property
@@ -266,14 +286,15 @@ class Scenario:
                 "workload.tokens",
                 f"at most {MAX_ROUTED_PAIRS} routed token-expert pairs (tokens x dp x top_k), got {total * m.top_k}",
             )
+        size_field = "parallel.ep_size" if p.ep_size is not None else None
         if m.moe_intermediate % self.moe_tp:
             raise ScenarioError(
-                "parallel.tp",
+                size_field or "parallel.tp",
                 f"moe intermediate {m.moe_intermediate} is not divisible by moe_tp={self.moe_tp}",
             )
         if m.num_experts % self.moe_ep:
             raise ScenarioError(
-                "parallel.ep",
+                size_field or "parallel.ep",
                 f"{m.num_experts} experts are not divisible by moe_ep={self.moe_ep}",
             )
         if m.has_shared and not self.sp and m.shared_inter % p.tp:
@@ -290,11 +311,14 @@ class Scenario:
 
     @property
     def moe_tp(self) -> int:
-        return 1 if self.parallel.ep else self.parallel.world
+        return self.parallel.world // self.moe_ep
 
     @property
     def moe_ep(self) -> int:
-        return self.parallel.world if self.parallel.ep else 1
+        p = self.parallel
+        if p.ep_size is not None:
+            return p.ep_size
+        return p.world if p.ep else 1
 
     @property
     def sp(self) -> bool:
@@ -366,9 +390,13 @@ class Scenario:
         return rank // tp, rank % tp
 
     def group(self, kind: str, rank: int) -> tuple[int, ...]:
-        """World ranks of `rank`'s group of the given kind (tp, dp, ep, world)."""
+        """World ranks of `rank`'s group of the given kind (tp, dp, ep, world,
+        moe_ep, moe_tp). `ep` is the whole MoE group under EP (what dispatch
+        and combine span), whatever ep_size; moe_ep/moe_tp are its two axes."""
         tp, dp = self.parallel.tp, self.parallel.dp
         d, t = self.coords(rank)
+        if kind in layout.MOE_GROUPS:
+            return layout.moe_group(self, kind, rank)
         if kind == "tp":
             return tuple(d * tp + i for i in range(tp))
         if kind == "dp":
@@ -377,7 +405,7 @@ class Scenario:
             if kind == "ep" and not self.parallel.ep:
                 return (rank,)
             return tuple(range(tp * dp))
-        raise ValueError(f"unknown group kind {kind!r} (known: tp, dp, ep, world)")
+        raise ValueError(f"unknown group kind {kind!r} (known: tp, dp, ep, world, moe_ep, moe_tp)")
 
     def dispatch_group(self, rank: int) -> tuple[tuple[int, ...], bool]:
         """(members, token_routing) of `rank`'s dispatch/combine: token-routing
@@ -410,6 +438,7 @@ class Scenario:
             "sp": self.sp,
             "moe_tp": self.moe_tp,
             "moe_ep": self.moe_ep,
+            "ep_size": self.parallel.ep_size,
             "use_all2all_kernels": self.use_all2all_kernels,
             "next_layer_fuses_reduce": self.next_layer_fuses_reduce,
             "use_fi_two_sided": self.use_fi_two_sided,
@@ -426,7 +455,7 @@ class Scenario:
         m, p = self.model, self.parallel
         bits = [f"tp={p.tp}", f"dp={p.dp}"]
         if p.ep:
-            bits.append("ep")
+            bits.append("ep" if p.ep_size is None else f"ep_size={p.ep_size} (moe_ep={self.moe_ep} x moe_tp={self.moe_tp})")
         if p.eplb:
             bits.append("eplb")
         if self.use_all2all_kernels or p.dp > 1:

@@ -97,3 +97,24 @@ def assert_no_hazard(runner: type[MoERunner] | str, scenario: Scenario, profile:
         raise AssertionError(
             f"{trace.runner} on {scenario.summary_line()}:\n{lines}"
         )
+
+
+@st.composite
+def hybrid_scenarios(
+    draw: Any, max_world: int = 8, runner: str = "fixed", max_tokens: int = 16, dp: list[int] | None = None
+) -> Scenario:
+    """Valid scenarios whose experts are sharded on both axes (moe_ep > 1 and
+    moe_tp > 1, parallel.ep_size set): a moe_scenarios draw on a world of at
+    least 4 ranks, re-laid out. Token-routing backends need ep_size = world,
+    so the backend is the naive gather (the only one that allows a hybrid)."""
+    worlds = [(t, d) for t in (1, 2, 4, 8) for d in (dp or [1, 2, 4]) if 4 <= t * d <= max_world]
+    tp_, dp_ = draw(st.sampled_from(worlds))
+    base = draw(moe_scenarios(max_world=max_world, tp=[tp_], dp=[dp_], runner=runner, max_tokens=max_tokens))
+    world = base.world
+    ep_size = draw(st.sampled_from([e for e in range(2, world) if world % e == 0]))
+    experts = ep_size * draw(st.integers(1, 4))
+    return base.with_(**{
+        "parallel.ep": True, "parallel.ep_size": ep_size, "parallel.backend": "allgather_reducescatter",
+        "parallel.eplb": draw(st.booleans()), "model.num_experts": experts,
+        "model.top_k": min(base.model.top_k, experts),
+    })

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from scenarios import layout
 from scenarios.spec import Scenario
 
 Route = tuple[tuple[tuple[tuple[int, ...], tuple[float, ...]], ...], ...]
@@ -166,7 +167,8 @@ def expert_loads(s: Scenario) -> tuple[tuple[int, int], ...]:
     out = []
     for r in range(world):
         row = s.coords(r)[0] if own_only else 0
-        lo, hi = (min(r * per, E), min(r * per + per, E)) if s.parallel.ep else (0, E)
+        e = layout.moe_coords(s, r)[0]  # the EP index owns experts [e*per, (e+1)*per)
+        lo, hi = (min(e * per, E), min(e * per + per, E))
         pairs = int(pairs_cum[row, hi] - pairs_cum[row, lo]) * dup
         out.append((pairs, int(active_cum[row, hi] - active_cum[row, lo])))
     return tuple(out)

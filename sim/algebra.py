@@ -55,6 +55,7 @@ reported where they arise, whatever the scaling.
 from __future__ import annotations
 
 import math
+import re
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -532,14 +533,14 @@ def shard_range(shards: list[str]) -> str:
 
 def group_label(component: str, shards: list[str]) -> str:
     """routed + [ep0, ep1, ep2, ep3] -> routed@ep0..ep3."""
-    shards = sorted(shards, key=_shard_key)
+    shards = sorted(shards, key=shard_sort_key)
     return f"{component}@{shard_range(shards)}" if any(shards) else component
 
 
-def _shard_key(s: str) -> tuple[str, int]:
-    prefix = s.rstrip("0123456789")
-    tail = s[len(prefix):]
-    return (prefix, int(tail) if tail else -1)
+def shard_sort_key(s: str) -> tuple[str | int, ...]:
+    """Natural order: ep2 before ep10, ep1.tp3 before ep10.tp0."""
+    parts = re.split(r"(\d+)", s)  # text, number, text, ...: the types line up across labels
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def describe_terms(terms: Iterable[tuple[Source, float]]) -> str:

@@ -31,9 +31,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from scenarios import layout
 from scenarios.trace import HazardKind, Step
 from scenarios.workload import dp_of, owned_tokens, token_label, tokens_of
 from sim import algebra
+from sim.reduce_groups import GroupNamer
 
 if TYPE_CHECKING:
     from sim.engine import Simulation
@@ -60,6 +62,7 @@ class Checks:
         self.rsf = s.model.routed_scaling_factor
         self.expected_scale = {"routed": self.rsf, "shared": 1.0}
         self.crossings: dict[int, dict[str, Crossing]] = {}
+        self.groups = GroupNamer(s)  # names the group of a missing reduction
         self.reported: set[tuple] = set()
         self.checked_output: set[int] = set()
         self._tokens: dict[str, list[int]] = {}
@@ -229,7 +232,8 @@ class Checks:
         if short and self._once((ops.rank, "missing", st.index)):
             self.sim.add_hazard(
                 HazardKind.MISSING_REDUCTION, ops.rank, st,
-                f"non-linear routed-output transform applied to partial sums: {_describe(coeffs, short, low)}, expected 1",
+                f"non-linear routed-output transform applied to partial sums: {_describe(coeffs, short, low)}, "
+                f"expected 1{self.groups.phrase(ops.rank, coeffs, short, tuple(coeffs))}",
             )
 
     # ---- the layer output ----
@@ -243,8 +247,7 @@ class Checks:
         labels = self._labels.get(key)
         if labels is None:
             if component == "routed":
-                prefix = "ep" if s.parallel.ep else "tp"
-                shards = [f"{prefix}{r}" for r in range(s.world)]
+                shards = list(layout.routed_shards(s))
             else:
                 shards = [f"tp{t}" for t in range(s.parallel.tp)] if key[1] else ["full"]
             labels = self._labels[key] = tuple(algebra.source_label((component, sh, None)) for sh in shards)
@@ -292,8 +295,9 @@ class Checks:
         self._tokens_check(ops, st, x)
         coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
         if short and self._once((ops.rank, "missing", st.index)):
+            which = self.groups.phrase(ops.rank, coeffs, short, self.output_labels(ops))
             self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
-                                f"output holds {_describe(coeffs, short)}, expected 1")
+                                f"output holds {_describe(coeffs, short)}, expected 1{which}")
         if over:
             comps = list(dict.fromkeys(lab.split("@")[0] for lab in over))
             self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
@@ -356,11 +360,9 @@ def _rows(rows: list[tuple[int, int]]) -> str:
     return "[" + ", ".join(labels) + "]"
 
 
-def _label_key(label: str) -> tuple[str, str, int]:
+def _label_key(label: str) -> tuple[str, tuple[str | int, ...]]:
     comp, _, shard = label.partition("@")
-    prefix = shard.rstrip("0123456789")
-    tail = shard[len(prefix):]
-    return (comp, prefix, int(tail) if tail else -1)
+    return (comp, algebra.shard_sort_key(shard))
 
 
 def _describe(coeffs: dict[str, float], labels: list[str], unit: float = 1.0) -> str:

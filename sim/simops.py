@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scenarios import contain
+from scenarios import contain, layout
 from scenarios.ops import Ops
 from scenarios.trace import (
     COLLECTIVE,
@@ -96,6 +96,7 @@ class SimOps(Ops):
         self.shared_sharded: bool | None = None
         self.output: SimTensor | None = None
         self.tokens = self.scenario.workload.tokens
+        self.routed_shard = layout.routed_shard(self.scenario, rank)
         # Row keys of the tokens the model handed the layer (layer input or its SP slice).
         self.layer_rows: tuple[str, ...] = ()
         # buffer -> (version, the handle written in place at that version)
@@ -393,8 +394,7 @@ class SimOps(Ops):
         if routing_h.shape[0] != x.shape[0]:
             self._shape_error(st, f"{x.shape[0]} rows but routing for {routing_h.shape[0]}")
         self.sim.checks.consume(self, st, x, "routed experts", "xlat" if m.has_transform else "x")
-        shard = f"ep{self.rank}" if s.parallel.ep else f"tp{self.rank}"
-        value = algebra.relabel(x.value, "routed", shard)
+        value = algebra.relabel(x.value, "routed", self.routed_shard)
         if not inplace:
             return self._new(st, shape, value, (x, routing_h), fresh=True)
         # The fused kernel writes into x's buffer: a new version of it.

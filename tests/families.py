@@ -130,6 +130,14 @@ class SharedReducedInsideAndAgain(MoERunner):
 
     def shared_reduce_results(self) -> bool:
         return True
+class AllReduceOverMoeEpOnly(MoERunner):
+    """On a moe_ep x moe_tp layout, sums the routed output over moe_ep only
+    (as if experts were only expert-parallel): moe_tp partials stay apart."""
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if not self.needs_final_reduce(routed_reduced):
+            return result
+        return ops.all_reduce(result, "moe_ep", name="moe_ep_all_reduce")
 
 
 # ---- correct but unusual ----
@@ -205,6 +213,19 @@ class SharedReducedInsideJoinsAfter(MoERunner):
         return True
 
 
+class Qwen3TwoReductions(MoERunner):
+    """Qwen3's post-experts reductions: an all-reduce over moe_ep, then one
+    over moe_tp (two collectives when both are > 1), instead of one over tp."""
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if not self.needs_final_reduce(routed_reduced):
+            return result
+        s = self.scenario
+        if s.moe_ep > 1:
+            result = ops.all_reduce(result, "moe_ep", name="moe_ep_all_reduce")
+        return ops.all_reduce(result, "moe_tp", name="moe_tp_all_reduce") if s.moe_tp > 1 else result
+
+
 # ---- scenarios ----
 
 
@@ -231,6 +252,8 @@ PADDED_TP2 = _s("padded-shared-tp2", {"moe_hidden": 192}, {"tp": 2})
 RSF_TP2 = _s("rsf-tp2", {"routed_scaling_factor": 2.5}, {"tp": 2})
 FUSED_NEXT_TP2 = _s("fused-next-layer-tp2", {}, {"tp": 2}, {"allreduce_fusion": True}, tokens=8)
 FUSION_OFF_BY_SIZE = _s("fusion-too-many-tokens-tp2", {}, {"tp": 2}, {"allreduce_fusion": True}, tokens=2056)
+# Qwen3-like (no shared experts), experts over moe_ep=2 x moe_tp=2.
+HYBRID_TP4 = _s("tp4-ep-size-2", {"num_shared_experts": 0}, {"tp": 4, "ep": True, "ep_size": 2})
 FI_TP2_DP2 = _s("fi-two-sided-tp2-dp2", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "flashinfer_nvlink_two_sided"})
 
 # (runner, scenario, predicted kind, the ranks it must hit, expected verdict)
@@ -248,6 +271,7 @@ WRONG = [
     (DeferIgnoringTokenCap, FUSION_OFF_BY_SIZE, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
     (ReplicatedSharedAddedBeforeReduce, TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (SharedReducedInsideAndAgain, TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
+    (AllReduceOverMoeEpOnly, HYBRID_TP4, "MISSING_REDUCTION", (0, 1, 2, 3), "CONFIRMED"),
 ]
 
 CORRECT = [
@@ -258,4 +282,5 @@ CORRECT = [
     (ReplicatedSharedJoinsAfterReduce, TP2),
     (SharedReducedInsideJoinsAfter, TP2_MULTI),
     (SharedSummedWithReducedRouted, FI_TP2_DP2),
+    (Qwen3TwoReductions, HYBRID_TP4),
 ]

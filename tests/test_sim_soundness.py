@@ -195,7 +195,8 @@ def test_dropped_final_reduction_shows_zero_coefficients():
     trace = simulate(TP_SERIAL, DropFinalReduce)
     assert trace.hazard_kinds() == {"MISSING_REDUCTION"}
     h = next(h for h in trace.hazards if h.rank == 0)
-    assert h.detail == "output holds routed@tp1 coefficient 0 and shared@tp1 coefficient 0, expected 1"
+    assert h.detail == ("output holds routed@tp1 coefficient 0 and shared@tp1 coefficient 0, expected 1: "
+                        "routed and shared partials of tp never summed")
     assert trace.outputs[0] == {"routed@tp0": 1.0, "routed@tp1": 0.0, "shared@tp0": 1.0, "shared@tp1": 0.0}
 
 

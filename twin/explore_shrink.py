@@ -23,7 +23,10 @@ def _candidates(s: Scenario) -> Iterator[dict[str, Any]]:
         if dp < p.dp:
             yield {"parallel.dp": dp}
     if p.ep:
-        yield {"parallel.ep": False, "parallel.eplb": False, "parallel.backend": "allgather_reducescatter"}
+        yield {"parallel.ep": False, "parallel.eplb": False, "parallel.backend": "allgather_reducescatter",
+               "parallel.ep_size": None}
+    if p.ep_size is not None:
+        yield {"parallel.ep_size": None}
     if p.eplb:
         yield {"parallel.eplb": False}
     if p.backend != "allgather_reducescatter":
