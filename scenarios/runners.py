@@ -36,6 +36,10 @@ class RunnerLoadError(ValueError):
     """An unknown runner name, or something that is not a runner."""
 
 
+class RunnerUnsupported(RunnerLoadError):
+    """The runner does not model this scenario (its `unsupported()` says why)."""
+
+
 class ModularKernel:
     """The prepare/finalize + experts object a runner builds lazily.
 
@@ -100,6 +104,12 @@ class MoERunner:
         self.kernel: ModularKernel | None = None
 
     # ---- lifecycle ----
+
+    def unsupported(self) -> str | None:
+        """Why this runner does not model the scenario, or None. A reference
+        runner of another engine declares what it leaves out here, so a
+        scenario outside it is refused in one line instead of judged."""
+        return None
 
     def process_weights(self, ops: Ops) -> None:
         """Lazy kernel build: only now does `output_is_reduced` have an answer."""
@@ -585,6 +595,9 @@ def run_program(runner_cls: type[MoERunner], scenario: Scenario, ops: Ops) -> An
     """The lifecycle both interpreters drive: construct, lazy build, forward."""
     ops.lifecycle("construct")
     runner = runner_cls(scenario)
+    reason = runner.unsupported()
+    if reason:
+        raise RunnerUnsupported(f"runner {runner_label(runner_cls)!r} does not model this scenario: {reason}")
     ops.lifecycle("build_kernel")
     runner.process_weights(ops)
     ops.lifecycle("forward")

@@ -27,7 +27,7 @@ import numpy as np
 
 from scenarios import contain
 from scenarios.ops import OpsUsageError
-from scenarios.runners import MoERunner, run_program
+from scenarios.runners import MoERunner, RunnerUnsupported, run_program
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace
 from scenarios.workload import expert_loads, rank_token_ids, route_arrays
@@ -102,7 +102,7 @@ class Simulation:
         self.pending: dict[tuple, _Pending] = {}
         self.rank_ops: list[SimOps] = []
         self.finished: dict[int, str] = {}
-        self.usage_error: OpsUsageError | None = None
+        self.usage_error: OpsUsageError | RunnerUnsupported | None = None
         self.budget_stop: str | None = None  # why a budget stopped the program phase
         self._buf = 0
         self._ev = 0
@@ -204,7 +204,7 @@ class Simulation:
             self.finished[rank] = "done"
         except (SimShapeError, CollectiveFailed) as exc:
             self.finished[rank] = f"failed: {exc}"
-        except OpsUsageError as exc:  # the runner's code misuses Ops: not a finding
+        except (OpsUsageError, RunnerUnsupported) as exc:  # misuse, or out of the runner's scope: not a finding
             if self.usage_error is None:
                 self.usage_error = exc
             self.finished[rank] = f"misused Ops: {exc}"
@@ -251,7 +251,9 @@ class Simulation:
         self.pending.clear()
         if self.usage_error is not None:
             err = self.usage_error
-            raise err if isinstance(err, RunnerUsageError) else RunnerUsageError("?", -1, str(err), self.runner_label)
+            if isinstance(err, RunnerUsageError | RunnerUnsupported):
+                raise err
+            raise RunnerUsageError("?", -1, str(err), self.runner_label)
         self.checks.finish()
         for ops in self.rank_ops:
             ops.assign_clocks()

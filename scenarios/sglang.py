@@ -1,0 +1,190 @@
+"""SGLang's MoE block as a reference runner (`--runner sglang`).
+
+The block of SGLang's DeepSeek-V2/V3 family (`DeepseekV2MoE`, shared experts)
+and Qwen3-MoE family (`Qwen3MoeSparseMoeBlock`, none), with the layer
+communicator around it, written from the facts in docs/moe_block.md
+(sections 1-6), in this project's vocabulary:
+
+- SGLang's TP group is the whole world here (tp x dp ranks); DP attention is
+  on when dp > 1 (attn_dp = dp, attn_tp = tp); moe_ep x moe_tp as the
+  scenario's layout gives them (`parallel.ep_size`).
+- `moe_a2a_backend` is the scenario's backend when it routes tokens under EP,
+  else "none". With an all-to-all the MLP runs SCATTERED (each attention-TP
+  rank takes its slice of its DP rank's rows; dispatch and combine give
+  complete per-token sums); otherwise FULL (DP attention gathers every DP
+  rank's rows first, a post-experts all-reduce completes the sum, the
+  communicator scatters back, or a reduce-scatterv does both).
+- Shared experts: replicated (TP1) with an all-to-all, else sharded over the
+  whole TP group; TP1 output joins after the routed sum.
+- The next layer's fused all-reduce + residual + RMSNorm takes the sum over
+  when `runtime.allreduce_fusion` applies (no DP attention, tp > 1, T <= 2048)
+  and the sum is one all-reduce (not both moe_ep and moe_tp > 1).
+
+Not modelled (declared by `unsupported`): latent MoE (not in these blocks),
+an all-to-all without DP attention (this project's dispatch op follows the
+rule that all-to-all kernels run only with DP > 1), shared experts fused
+into the routed kernel, two-batch overlap, MoE-DP and context parallelism.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scenarios.backends import backend_info
+from scenarios.ops import Ops
+from scenarios.runners import MoERunner, Order
+
+
+class SGLangRunner(MoERunner):
+    name = "sglang"
+    description = "SGLang MoE block reference (DeepSeek-V2/V3 and Qwen3-MoE, DP-attention communicator)"
+
+    # ---- what this reference models ----
+
+    def unsupported(self) -> str | None:
+        s, m = self.scenario, self.scenario.model
+        if m.has_transform:
+            return "latent MoE is not part of SGLang's DeepSeek-V2/V3 or Qwen3-MoE blocks"
+        if self.a2a_backend() != "none" and not self.dp_attention():
+            return ("an all-to-all backend without DP attention (dp = 1): the twin's dispatch "
+                    "runs all-to-all kernels only with dp > 1")
+        if s.parallel.ep_size is not None and self.a2a_backend() != "none" and s.moe_tp > 1:
+            return "an all-to-all backend with moe_tp > 1 (SGLang sets ep_size = tp_size for it)"
+        return None
+
+    # ---- the layout (model side) ----
+
+    def a2a_backend(self) -> str:
+        """SGLang's moe_a2a_backend: the scenario's token-routing backend under EP."""
+        p = self.scenario.parallel
+        if p.ep and backend_info(p.backend).token_routing:
+            return p.backend
+        return "none"
+
+    def mlp_scattered(self) -> bool:
+        """The MLP's rows are SCATTERED (all-to-all) rather than FULL."""
+        return self.a2a_backend() != "none"
+
+    def dp_attention(self) -> bool:
+        return self.scenario.parallel.dp > 1
+
+    def use_reduce_scatterv(self) -> bool:
+        """should_use_dp_reduce_scatterv: one reduce-scatterv over the TP group
+        both sums and returns each DP rank its rows (attn_tp = 1, moe_ep = attn_dp)."""
+        s = self.scenario
+        return (not self.mlp_scattered() and self.dp_attention()
+                and s.moe_ep == s.parallel.dp and s.parallel.tp == 1)
+
+    def fuse_with_next_layer(self) -> bool:
+        """should_fuse_mlp_allreduce_with_next_layer, where the sum is one all-reduce."""
+        s = self.scenario
+        return (s.next_layer_fuses_reduce and not self.mlp_scattered()
+                and not (s.moe_ep > 1 and s.moe_tp > 1))
+
+    def fused_reduce_group(self) -> str:
+        """The next layer's fused all-reduce runs on moe_ep if moe_ep > 1, else moe_tp."""
+        return "moe_ep" if self.scenario.moe_ep > 1 else "moe_tp"
+
+    def skip_post_experts_reduce(self) -> bool:
+        return self.fuse_with_next_layer() or self.use_reduce_scatterv()
+
+    # ---- the program: the communicator around the MoE ----
+
+    def model_forward(self, ops: Ops) -> Any:
+        x = ops.layer_input()
+        tokens = x.shape[0]
+        h = self.prepare_mlp(ops, x)
+        out = self.forward(ops, h)
+        out = self.postprocess_layer(ops, out, tokens)
+        if self.fuse_with_next_layer():
+            out = self.next_layer_fused_reduce(ops, out)
+        return ops.layer_output(out)
+
+    def prepare_mlp(self, ops: Ops, x: Any) -> Any:
+        """TP_ATTN_FULL -> the MLP's layout. The layer input is complete on
+        every attention-TP rank, so scattering it is taking this rank's slice."""
+        if self.mlp_scattered():
+            return ops.sp_slice(x, name="attn_tp_scatter")
+        if self.dp_attention():
+            return ops.dp_gather(x, name="dp_gather")
+        return x
+
+    def postprocess_layer(self, ops: Ops, out: Any, tokens: int) -> Any:
+        """The MLP's layout -> TP_ATTN_FULL."""
+        if self.mlp_scattered():
+            out = ops.all_gather(out, "tp", name="attn_tp_all_gather")
+            return ops.trim_rows(out, tokens, name="attn_tp_drop_pad_rows")
+        if not self.dp_attention():
+            return out
+        if self.use_reduce_scatterv():
+            sizes = self.scenario.token_counts
+            return ops.reduce_scatterv(out, sizes, "world", name="dp_reduce_scatterv")
+        return ops.dp_scatter(out, name="dp_scatter")
+
+    def next_layer_fused_reduce(self, ops: Ops, out: Any) -> Any:
+        return ops.all_reduce(out, self.fused_reduce_group(), name="next_layer_fused_all_reduce")
+
+    # ---- the MoE block's decisions ----
+
+    def is_sequence_parallel(self) -> bool:
+        # SCATTERED rows: each rank returns complete sums for its own slice.
+        return self.mlp_scattered()
+
+    def fused_output_is_reduced(self) -> bool:
+        return self.mlp_scattered()  # the combine sums per token at its home rank
+
+    def shared_tp1(self) -> bool:
+        """Shared experts replicated (TP1): with an all-to-all backend."""
+        return self.mlp_scattered()
+
+    def shared_experts_sharded(self) -> bool:
+        return not self.shared_tp1()
+
+    def shared_experts_group(self) -> str:
+        # Sharded over SGLang's whole TP group (the world); "tp" when that is it.
+        return "tp" if self.scenario.parallel.dp == 1 else "world"
+
+    def shared_joins_after_reduce(self) -> bool:
+        return self.shared_tp1()
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        """Dual stream (shared on the alternate stream) when one exists: CUDA-
+        alike with an aux stream, T > 0 and a captured (decode-sized) batch."""
+        rt = self.scenario.runtime
+        if rt.platform in ("cuda", "rocm") and rt.aux_stream and 0 < num_tokens <= rt.token_threshold:
+            return Order.MULTI_STREAM_OVERLAPPED
+        return Order.NO_OVERLAP
+
+    def routed_inplace(self, order: Order) -> bool:
+        return False
+
+    def maybe_reduce_shared(self, ops: Ops, shared: Any, routed_reduced: bool) -> Any:
+        return shared  # summed with the routed partials (sharded) or added after (TP1)
+
+    def needs_final_reduce(self, routed_reduced: bool) -> bool:
+        return (not self.mlp_scattered() and self.scenario.world > 1
+                and not self.skip_post_experts_reduce())
+
+    def defer_post_experts_reduce(self) -> bool:
+        return self.fuse_with_next_layer()
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        """DeepSeek: one all-reduce over the TP group (the world). Qwen3 (no
+        shared experts): over moe_ep, then over moe_tp."""
+        if not self.needs_final_reduce(routed_reduced):
+            return result
+        s = self.scenario
+        if s.model.has_shared:
+            return ops.all_reduce(result, "world", name="post_experts_all_reduce")
+        if s.moe_ep > 1:
+            result = ops.all_reduce(result, "moe_ep", name="moe_ep_all_reduce")
+        if s.moe_tp > 1:
+            result = ops.all_reduce(result, "moe_tp", name="moe_tp_all_reduce")
+        return result
+
+    def routed_path(self, ops: Ops, x: Any, routing: Any, order: Order, shared_inside: Any) -> tuple[Any, Any]:
+        """FULL rows: every rank's local experts on every gathered token (no
+        dispatch); SCATTERED: dispatch, experts, combine."""
+        if not self.mlp_scattered():
+            return ops.experts(x, routing, inplace=self.routed_inplace(order)), None
+        return super().routed_path(ops, x, routing, order, shared_inside)
