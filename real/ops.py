@@ -6,7 +6,9 @@ decision logic chooses multi-stream overlap) is kept apart from the
 
 - streams are stand-ins: the main stream runs on the rank's own thread; every
   other stream ("aux", "comm") is a worker thread executing its ops in issue
-  order, with threading.Event as CUDA events. torch ops release the GIL, so
+  order, with threading.Event as CUDA events. A modeled `rocm` platform takes
+  the same path (HIP streams and events order work as CUDA's do); the note
+  names the stream it stands in for. torch ops release the GIL, so
   two streams really run at once (one intra-op thread per rank).
 - token-routing all-to-all backends (DeepEP, FlashInfer NVLink, MORI, NIXL)
   are stand-ins built on torch.distributed all_to_all: dispatch sends each
@@ -122,8 +124,13 @@ class RealOps(CommOps, Ops):
             raise RuntimeError("stream threads are the CPU stand-in; CUDA uses torch.cuda.Stream")
         if name not in self.streams:
             self.streams[name] = StreamThread(name)
-            self.stand_ins.add(f"stream '{name}': worker thread with threading.Event events (stands in for a CUDA stream)")
+            self.stand_ins.add(f"stream '{name}': worker thread with threading.Event events "
+                               f"(stands in for a {self._modeled_stream_kind()})")
         return self.streams[name]
+
+    def _modeled_stream_kind(self) -> str:
+        # ROCm streams (HIP) behave like CUDA streams for ordering; both take the thread stand-in.
+        return "HIP stream (ROCm)" if self.scenario.runtime.platform == "rocm" else "CUDA stream"
 
     def _step(self, op: str, name: str, category: str, ins: tuple[Any, ...] = (), component: str | None = None, group: tuple[int, ...] | None = None) -> Step:
         contain.check_op(len(self.steps))  # the op budget (--max-ops) applies on real ranks too
