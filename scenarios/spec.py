@@ -26,8 +26,10 @@ class ScenarioError(ValueError):
 
 PLATFORMS = ("cuda", "cpu", "rocm")
 KERNEL_CHOICES = ("auto", "torch", "triton", "flashinfer")
-PROFILES = ("h100", "h200", "b200", "cpu")
+PROFILES = ("h100", "h200", "b200", "mi300x", "mi355x", "cpu")
 SP_VERSIONS = ("newest", "previous")
+# The cost profile a platform gets unless runtime.profile names one.
+DEFAULT_PROFILE = {"cuda": "h100", "rocm": "mi300x", "cpu": "cpu"}
 # Size caps: anything within them simulates in seconds on one core (README,
 # "Sizes"); beyond them a scenario is refused with one line (exit 2).
 MAX_TOKENS = 65536  # per DP rank: routing is generated per token
@@ -205,7 +207,7 @@ class Runtime:
     def cost_profile(self) -> str:
         if self.profile is not None:
             return self.profile
-        return "h100" if self.platform == "cuda" else "cpu"
+        return DEFAULT_PROFILE[self.platform]
 
 
 @dataclass(frozen=True)

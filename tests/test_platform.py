@@ -59,3 +59,25 @@ def test_real_rocm_clean_against_reference():
     assert res.agree and not res.verdicts, [v.to_dict() for v in res.verdicts]
     assert res.real.decisions["shared_experts_order"] == "MULTI_STREAM_OVERLAPPED"
     assert any("HIP stream (ROCm)" in n for n in res.real.notes), res.real.notes
+
+
+def test_amd_profiles_present_and_sane():
+    from scenarios.spec import PROFILES
+    from sim.cost import load_profile
+
+    for name in ("mi300x", "mi355x"):
+        assert name in PROFILES
+        p = load_profile(name)
+        assert min(p.flops, p.mem_bw, p.bus_bw, p.kernel_us, p.coll_alpha_us, p.a2a_alpha_us) > 0
+        assert "latency terms assumed" in p.source
+    old, new = load_profile("mi300x"), load_profile("mi355x")
+    assert new.flops > old.flops and new.mem_bw > old.mem_bw and new.bus_bw > old.bus_bw
+    assert new.coll_alpha_us <= old.coll_alpha_us and new.kernel_us <= old.kernel_us
+
+
+def test_rocm_defaults_to_mi300x_and_mi355x_simulates_faster():
+    s = _tp2("rocm")
+    assert s.cost_profile == "mi300x" and _tp2("cuda").cost_profile == "h100"
+    slow = simulate(s, "fixed").latency_us
+    fast = simulate(s.with_(**{"runtime.profile": "mi355x"}), "fixed").latency_us
+    assert 0 < fast < slow
