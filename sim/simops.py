@@ -382,6 +382,8 @@ class SimOps(Ops):
     def experts(self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts") -> SimTensor:
         x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
+        if m.quantized_input:
+            x = self._quantize_input(x)
         width = m.kernel_width
         shape = (x.shape[0], width)
         pairs, active = self.sim.loads[self.rank]
@@ -404,6 +406,15 @@ class SimOps(Ops):
         out.version = (prev[0] if prev is not None else 0) + 1
         self.writes[x.buf] = (out.version, out)
         return out
+
+    def _quantize_input(self, x: SimTensor) -> SimTensor:
+        """model.quantized_input: the routed kernel reads (and writes in place)
+        a quantized copy in a new buffer; a stale read of x stays visible."""
+        st = self._step("quantize", "quantize_routed_input", COMPUTE, (x,), x.shape,
+                        elementwise_us(self.sim.profile, 2 * self._bytes(x.shape)), component="routed")
+        q = self._new(st, x.shape, x.value, (x,))
+        q.clobbered_by, q.clobber_partial = x.clobbered_by, x.clobber_partial
+        return q
 
     def shared_experts(self, x: SimTensor, sharded: bool = True, name: str = "shared_experts") -> SimTensor:
         x = self._tensor(x, name)
