@@ -68,6 +68,17 @@ class DropFinalReduction(MoERunner):
         return False
 
 
+class CudaOnlyMultiStream(MoERunner):
+    """Takes "CUDA-alike" to mean `platform == "cuda"`: ROCm loses the
+    multi-stream overlap the newest engine version gives it."""
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        order = super().shared_experts_order(num_tokens)
+        if order == Order.MULTI_STREAM_OVERLAPPED and self.scenario.runtime.platform != "cuda":
+            return Order.NO_OVERLAP
+        return order
+
+
 # ---- correct but unusual ----
 
 
@@ -126,6 +137,7 @@ def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None, toke
 
 
 MULTI_STREAM = {"platform": "cuda", "aux_stream": True}
+ROCM_TP2_MULTI = _s("rocm-tp2-multistream", {}, {"tp": 2}, {"platform": "rocm", "aux_stream": True})
 SP_DECODE = _s("sp-decode-1-token", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "deepep_low_latency"}, tokens=1)
 LATENT_TP2 = _s("latent-tp2-multistream", {"latent_dim": 64}, {"tp": 2}, MULTI_STREAM)
 TP2 = _s("tp2", {}, {"tp": 2}, tokens=8)

@@ -81,3 +81,32 @@ def test_rocm_defaults_to_mi300x_and_mi355x_simulates_faster():
     slow = simulate(s, "fixed").latency_us
     fast = simulate(s.with_(**{"runtime.profile": "mi355x"}), "fixed").latency_us
     assert 0 < fast < slow
+
+
+def test_sim_predicts_lost_overlap_for_cuda_only_check_on_rocm():
+    import families
+
+    trace = simulate(families.ROCM_TP2_MULTI, families.CudaOnlyMultiStream)
+    lost = [h for h in trace.hazards if h.kind.value == "LOST_OVERLAP"]
+    assert {h.rank for h in lost} == {0, 1} and all(h.step_name == "shared_experts" for h in lost)
+    assert all(h.cost_us and h.cost_us > 0 for h in lost)
+    assert len(lost) == len(trace.hazards)
+    # The same runner on CUDA, or on ROCm with the previous version, loses nothing.
+    for other in ({"runtime.platform": "cuda"}, {"parallel.version": "previous"}):
+        assert not simulate(families.ROCM_TP2_MULTI.with_(**other), families.CudaOnlyMultiStream).hazards
+
+
+@pytest.mark.slow
+def test_real_confirms_lost_overlap_on_rocm():
+    from pathlib import Path
+
+    import families
+
+    from twin.crosscheck import check
+
+    spec = f"{Path(families.__file__)}:CudaOnlyMultiStream"
+    res = check(families.ROCM_TP2_MULTI, spec, timeout_s=120)
+    assert all(c.correct for c in res.real.output_checks.values())
+    vs = [v for v in res.verdicts if v.kind == "LOST_OVERLAP"]
+    assert {v.rank for v in vs} == {0, 1}
+    assert all(v.verdict.value == "CONFIRMED" and "performance hazard" in v.reason for v in vs), [v.to_dict() for v in vs]
