@@ -79,6 +79,17 @@ class CudaOnlyMultiStream(MoERunner):
         return order
 
 
+class SharedReducedForNothing(MoERunner):
+    """All-reduces the shared partials "to have them ready", then adds the
+    unreduced ones anyway (the final all-reduce sums them): the early
+    reduction's result is never used."""
+
+    def maybe_reduce_shared(self, ops: Ops, shared: Any, routed_reduced: bool) -> Any:
+        if shared is not None and self.needs_final_reduce(routed_reduced):
+            ops.all_reduce(shared, "tp", name="early_shared_all_reduce")
+        return super().maybe_reduce_shared(ops, shared, routed_reduced)
+
+
 # ---- correct but unusual ----
 
 

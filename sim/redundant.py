@@ -1,0 +1,73 @@
+"""REDUNDANT_COLLECTIVE: a collective the layer does not need.
+
+A what-if per collective of the program (scenarios/whatif.py): the same
+runner with that call removed on every rank, its output replaced by its
+input. The collective is redundant when that program runs without any
+hazard and every rank's layer output keeps exactly the coefficients it had
+(which, the run having no correctness hazard, are the correct ones); its cost
+is the latency the removal saves. Looked for only on a run with no
+correctness hazard (a performance hazard on a wrong output means nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from scenarios.runners import MoERunner
+from scenarios.trace import Hazard, HazardKind, Trace
+from scenarios.whatif import REMOVABLE, Removed, removed_at, without_collective
+
+TOL = 1e-9
+# Performance hazards: they do not stop the search.
+PERFORMANCE = (HazardKind.LOST_OVERLAP, HazardKind.REDUNDANT_COLLECTIVE)
+
+
+def candidates(trace: Trace) -> dict[Removed, list[tuple[int, int]]]:
+    """Every removable collective call, with the (rank, step) where it runs."""
+    found: dict[Removed, list[tuple[int, int]]] = {}
+    for r, steps in sorted(trace.steps.items()):
+        for st in steps:
+            if st.op in REMOVABLE and st.group is not None and len(st.group) > 1:
+                found.setdefault(removed_at(steps, st.index), []).append((r, st.index))
+    return found
+
+
+def same_outputs(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> bool:
+    if set(a) != set(b):
+        return False
+    for r, coeffs in a.items():
+        other = b[r]
+        labels = set(coeffs) | set(other)
+        if any(abs(coeffs.get(k, 0.0) - other.get(k, 0.0)) > TOL for k in labels):
+            return False
+    return True
+
+
+def redundant_collectives(scenario: Any, cls: type[MoERunner], trace: Trace,
+                          run: Callable[[type[MoERunner]], Trace]) -> list[Hazard]:
+    """The REDUNDANT_COLLECTIVE hazards of `trace` (see module doc); `run`
+    simulates a runner class on the same scenario and profile."""
+    if any(h.kind not in PERFORMANCE for h in trace.hazards) or not trace.outputs:
+        return []
+    out: list[Hazard] = []
+    for target, where in candidates(trace).items():
+        alt = run(without_collective(cls, target))
+        if alt.hazards or not same_outputs(trace.outputs, alt.outputs):
+            continue
+        saved = trace.latency_us - alt.latency_us
+        if saved <= TOL:
+            continue
+        pct = 100.0 * saved / alt.latency_us if alt.latency_us > 0 else 0.0
+        for r, index in where:
+            st = trace.steps[r][index]
+            out.append(Hazard(
+                HazardKind.REDUNDANT_COLLECTIVE, index, st.name, r,
+                f"{st.op} {target} can be removed: without it every rank's output is unchanged and "
+                f"correct; layer {trace.latency_us:.1f} us vs {alt.latency_us:.1f} us (+{pct:.1f}%)",
+                cost_us=saved,
+            ))
+    return out
+
+
+__all__ = ["candidates", "redundant_collectives", "same_outputs"]
