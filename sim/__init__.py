@@ -77,6 +77,6 @@ def simulate(
                 alt_name = "the fixed runner"
             if not alt.hazards:
                 trace.hazards.extend(hz.lost_overlap_hazards(sim, trace.latency_us, alt.latency_us, order, alt_name))
-        trace.hazards.extend(redundant_collectives(scenario, cls, trace, lambda c: _run(scenario, c, prof, label)[1]))
+        trace.hazards.extend(redundant_collectives(sim, cls, trace, lambda c: _run(scenario, c, prof, label)[1]))
     trace.notes.append(f"profile {prof.name}: {prof.source}")
     return trace

@@ -44,7 +44,43 @@ def same_outputs(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]])
     return True
 
 
-def redundant_collectives(scenario: Any, cls: type[MoERunner], trace: Trace,
+# Ops that keep every row of their input where it was: a value change flows
+# through them to the output unless a later op drops or moves rows.
+ROW_MOVING = ("trim_rows", "all_gather", "reduce_scatter", "dispatch", "combine", "sp_slice")
+
+
+def surely_needed(sim: Any, where: list[tuple[int, int]]) -> bool:
+    """A shortcut that spares the what-if: on some rank the collective changes
+    its input's value and its result reaches the layer output through ops
+    that keep every row, so removing it changes that rank's output. (It can
+    only miss a redundant collective, in contrived programs that cancel the
+    change, e.g. a scale by 0; it never reports one.)"""
+    for r, index in where:
+        ops = sim.rank_ops[r]
+        ins = ops.inputs[index] if index < len(ops.inputs) else ()
+        before, after = (ops.values.get(ins[0]) if ins else None), ops.values.get(index)
+        if before is None or after is None or before == after:
+            continue
+        if _reaches_output(ops, index):
+            return True
+    return False
+
+
+def _reaches_output(ops: Any, start: int) -> bool:
+    todo, seen = [start], {start}
+    while todo:
+        i = todo.pop()
+        for j in range(i + 1, len(ops.steps)):
+            if i in ops.inputs[j] and j not in seen:
+                if ops.steps[j].op == "layer_output":
+                    return True
+                seen.add(j)
+                if ops.steps[j].op not in ROW_MOVING:
+                    todo.append(j)
+    return False
+
+
+def redundant_collectives(sim: Any, cls: type[MoERunner], trace: Trace,
                           run: Callable[[type[MoERunner]], Trace]) -> list[Hazard]:
     """The REDUNDANT_COLLECTIVE hazards of `trace` (see module doc); `run`
     simulates a runner class on the same scenario and profile."""
@@ -52,6 +88,8 @@ def redundant_collectives(scenario: Any, cls: type[MoERunner], trace: Trace,
         return []
     out: list[Hazard] = []
     for target, where in candidates(trace).items():
+        if surely_needed(sim, where):
+            continue
         alt = run(without_collective(cls, target))
         if alt.hazards or not same_outputs(trace.outputs, alt.outputs):
             continue
@@ -70,4 +108,4 @@ def redundant_collectives(scenario: Any, cls: type[MoERunner], trace: Trace,
     return out
 
 
-__all__ = ["candidates", "redundant_collectives", "same_outputs"]
+__all__ = ["candidates", "redundant_collectives", "same_outputs", "surely_needed"]

@@ -91,6 +91,7 @@ class SimOps(Ops):
         self.d, self.t = self.scenario.coords(rank)
         self.steps: list[Step] = []
         self.plans: list[Plan] = []
+        self.inputs: list[tuple[int, ...]] = []
         self.values: dict[int, algebra.Value] = {}
         self.coll_seq: dict[tuple[int, ...], int] = {}
         self.shared_sharded: bool | None = None
@@ -136,6 +137,7 @@ class SimOps(Ops):
                   group, [t.shape for t in ins] if ins else [], out_shape)
         self.steps.append(st)
         self.plans.append(Plan(st, dur))
+        self.inputs.append(tuple(t.step for t in ins))  # producer steps (dataflow, for what-ifs)
         if self.writes:
             for t in ins:
                 self._resolve(t)
@@ -408,8 +410,7 @@ class SimOps(Ops):
         return out
 
     def _quantize_input(self, x: SimTensor) -> SimTensor:
-        """model.quantized_input: the routed kernel reads (and writes in place)
-        a quantized copy in a new buffer; a stale read of x stays visible."""
+        """The routed kernel's own quantized copy of x (a stale x stays visible)."""
         st = self._step("quantize", "quantize_routed_input", COMPUTE, (x,), x.shape,
                         elementwise_us(self.sim.profile, 2 * self._bytes(x.shape)), component="routed")
         q = self._new(st, x.shape, x.value, (x,))

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import families
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scenarios.loader import catalog, load
 from scenarios.runners import RUNNERS, MoERunner
+from scenarios.strategies import moe_scenarios
 from scenarios.whatif import Removed, removed_at, without_collective
 from sim import simulate
 
@@ -101,3 +104,19 @@ def test_real_refutes_when_the_output_goes_wrong_without_it():
     v = judge_redundant_collective(base, claim, without)
     assert v.verdict.value == "REFUTED" and "wrong" in v.reason, v.to_dict()
     assert any("what-if run" in n for n in without.notes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(moe_scenarios(max_world=4, platforms=("cpu", "cuda", "rocm")),
+       st.sampled_from(["fixed", "before-38990", families.SharedReducedForNothing]))
+def test_shortcut_never_hides_a_redundant_collective(scenario, runner):
+    import sim.redundant as red
+
+    fast = [str(h) for h in _redundant(simulate(scenario, runner))]
+    real_check = red.surely_needed
+    red.surely_needed = lambda *_a: False  # every collective through the what-if
+    try:
+        slow = [str(h) for h in _redundant(simulate(scenario, runner))]
+    finally:
+        red.surely_needed = real_check
+    assert fast == slow
