@@ -50,33 +50,68 @@ ROW_MOVING = ("trim_rows", "all_gather", "reduce_scatter", "dispatch", "combine"
 
 
 def surely_needed(sim: Any, where: list[tuple[int, int]]) -> bool:
-    """A shortcut that spares the what-if: on some rank the collective changes
-    its input's value and its result reaches the layer output through ops
-    that keep every row, so removing it changes that rank's output. (It can
-    only miss a redundant collective, in contrived programs that cancel the
-    change, e.g. a scale by 0; it never reports one.)"""
+    """A shortcut that spares the what-if: on some rank, removing the
+    collective provably changes the layer output, because the collective
+    changes its input's value and its result reaches the output through ops
+    that keep every row, or it changes the row count and that change reaches
+    the output's row count. (It can only miss a redundant collective, in
+    contrived programs that cancel a change, e.g. a scale by 0; it never
+    reports one.)"""
     for r, index in where:
         ops = sim.rank_ops[r]
         ins = ops.inputs[index] if index < len(ops.inputs) else ()
         before, after = (ops.values.get(ins[0]) if ins else None), ops.values.get(index)
-        if before is None or after is None or before == after:
-            continue
-        if _reaches_output(ops, index):
+        if before is not None and after is not None and before != after and _reaches_output(ops, index):
+            return True
+        if _row_count_reaches_output(ops, index):
             return True
     return False
+
+
+def _consumers(ops: Any, i: int) -> list[int]:
+    return [j for j in range(i + 1, len(ops.steps)) if i in ops.inputs[j]]
 
 
 def _reaches_output(ops: Any, start: int) -> bool:
     todo, seen = [start], {start}
     while todo:
-        i = todo.pop()
-        for j in range(i + 1, len(ops.steps)):
-            if i in ops.inputs[j] and j not in seen:
-                if ops.steps[j].op == "layer_output":
-                    return True
+        for j in _consumers(ops, todo.pop()):
+            if ops.steps[j].op == "layer_output":
+                return True
+            if j not in seen and ops.steps[j].op not in ROW_MOVING:
                 seen.add(j)
-                if ops.steps[j].op not in ROW_MOVING:
-                    todo.append(j)
+                todo.append(j)
+    return False
+
+
+def _row_count_reaches_output(ops: Any, start: int) -> bool:
+    """Without a gather or scatter its input's row count flows on: through
+    row-keeping ops unchanged, through a row trim as far as the trim allows."""
+    st = ops.steps[start]
+    if not st.in_shapes or not st.in_shapes[0] or st.out_shape is None or st.in_shapes[0][0] == st.out_shape[0]:
+        return False
+    todo, seen = [(start, st.in_shapes[0][0])], {start}
+    while todo:
+        i, rows = todo.pop()
+        for j in _consumers(ops, i):
+            sj = ops.steps[j]
+            base = sj.in_shapes[0][0] if sj.in_shapes and sj.in_shapes[0] else None
+            if base is None or j in seen:
+                continue
+            if sj.op == "layer_output":
+                if rows != base:
+                    return True
+                continue
+            after = rows
+            if sj.op == "trim_rows" and sj.out_shape is not None:
+                if sj.out_shape[0] < base:  # the trim's bound is its output's row count
+                    after = min(rows, sj.out_shape[0])
+                elif rows > base:
+                    continue  # the bound is unknown above the base row count
+            elif sj.op in ROW_MOVING:
+                continue
+            seen.add(j)
+            todo.append((j, after))
     return False
 
 
