@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("simulate", help="predict hazards and the timeline of a runner on a scenario")
     common(sp)
     add_budgets(sp)
-    sp.add_argument("--profile", help="cost profile: h100, h200, b200, cpu (default: by platform)")
+    sp.add_argument("--profile", help="cost profile: h100, h200, b200, mi300x, mi355x, cpu (default: by platform)")
     sp.add_argument("--width", type=int, help="timeline width in columns (default: terminal width)")
     sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when a hazard is predicted")
     sp.add_argument("--all-ranks", action="store_true",

@@ -6,7 +6,9 @@ decision logic chooses multi-stream overlap) is kept apart from the
 
 - streams are stand-ins: the main stream runs on the rank's own thread; every
   other stream ("aux", "comm") is a worker thread executing its ops in issue
-  order, with threading.Event as CUDA events. torch ops release the GIL, so
+  order, with threading.Event as CUDA events. A modeled `rocm` platform takes
+  the same path (HIP streams and events order work as CUDA's do); the note
+  names the stream it stands in for. torch ops release the GIL, so
   two streams really run at once (one intra-op thread per rank).
 - token-routing all-to-all backends (DeepEP, FlashInfer NVLink, MORI, NIXL)
   are stand-ins built on torch.distributed all_to_all: dispatch sends each
@@ -122,8 +124,13 @@ class RealOps(CommOps, Ops):
             raise RuntimeError("stream threads are the CPU stand-in; CUDA uses torch.cuda.Stream")
         if name not in self.streams:
             self.streams[name] = StreamThread(name)
-            self.stand_ins.add(f"stream '{name}': worker thread with threading.Event events (stands in for a CUDA stream)")
+            self.stand_ins.add(f"stream '{name}': worker thread with threading.Event events "
+                               f"(stands in for a {self._modeled_stream_kind()})")
         return self.streams[name]
+
+    def _modeled_stream_kind(self) -> str:
+        # ROCm streams (HIP) behave like CUDA streams for ordering; both take the thread stand-in.
+        return "HIP stream (ROCm)" if self.scenario.runtime.platform == "rocm" else "CUDA stream"
 
     def _step(self, op: str, name: str, category: str, ins: tuple[Any, ...] = (), component: str | None = None, group: tuple[int, ...] | None = None) -> Step:
         contain.check_op(len(self.steps))  # the op budget (--max-ops) applies on real ranks too
@@ -440,6 +447,8 @@ class RealOps(CommOps, Ops):
     def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
         w13, w2, offset = self._local_weights()
         width = self.scenario.model.kernel_width
+        if self.scenario.model.quantized_input:
+            x = self._quantize_input(x)
 
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             if v.shape[-1] != width:
@@ -457,6 +466,15 @@ class RealOps(CommOps, Ops):
             return y
 
         return self._op("experts", name, COMPUTE, (x, routing_h), fn, component="routed")
+
+    def _quantize_input(self, x: RealTensor) -> RealTensor:
+        # A real fp8 cast would change values and fail the exact judge: the
+        # copy into a new buffer is kept, the precision change is not.
+        q = self._op("quantize", "quantize_routed_input", COMPUTE, (x,), lambda v: v.clone(), component="routed")
+        what = "quantize_routed_input: a copy into a new buffer, no precision change (stands in for the fp8 quantization)"
+        self.steps[q.step].detail = what
+        self.stand_ins.add(what)
+        return q
 
     def _shared_weights(self, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if sharded not in self._shared:

@@ -12,6 +12,7 @@ from scenarios import contain
 from scenarios.runners import MoERunner, load_runner, runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace
+from scenarios.whatif import Removed
 from sim.hazards import overlap_us
 
 _POOLS: dict[int, Any] = {}
@@ -95,6 +96,7 @@ def run_real(
     timeout_s: float = 60.0,
     delay: dict[str, float] | None = None,
     pool: Any = None,
+    without: Removed | None = None,
 ) -> RealResult:
     """Execute the runner program on `scenario.world` real ranks.
 
@@ -102,7 +104,9 @@ def run_real(
     issued on auxiliary streams and the values to fit at every step.
     `timeout_s` bounds the run itself; rank start-up has its own timeout (the
     pool's) and fails with `real.pool.PoolStartupError`. A runner that misuses
-    Ops raises `RunnerUsageError` (rank and step named), not a finding."""
+    Ops raises `RunnerUsageError` (rank and step named), not a finding.
+    `without` removes one collective from the program on every rank (a what-if
+    run; `prediction` should then be the what-if's simulation)."""
     from real.pool import RankFailure
 
     check_fits(scenario)
@@ -115,7 +119,8 @@ def run_real(
     # stays a file path); a class object must be importable by its name.
     spec = ref if isinstance(ref, str) else runner_label(cls)
     payload: dict[str, Any] = {"scenario": scenario, "runner": spec, "kernel": kernel, "delay": delay or {},
-                               "limits": contain.limits()}  # the op budget applies on the ranks too
+                               "limits": contain.limits(),  # the op budget applies on the ranks too
+                               "without": without}
     if prediction is not None:
         payload["predicted"] = prediction.values
         payload["shapes"] = {
@@ -142,6 +147,8 @@ def run_real(
     if misuse is not None:
         raise misuse
     result = _assemble(scenario, runner_label(cls), results, failures, notes_at_failure, times)
+    if without is not None:
+        result.trace.notes.append(f"what-if run: {without.op} {without} removed on every rank")
     _judge_outputs(scenario, result)
     return result
 

@@ -17,6 +17,7 @@ from real.ops import RealOps
 from scenarios import contain
 from scenarios.runners import load_runner, run_program
 from scenarios.spec import Scenario
+from scenarios.whatif import without_collective
 
 # Process groups by member ranks, kept for the worker's life: every scenario's
 # groups are created once, new ones only when a scenario needs them.
@@ -83,6 +84,8 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
 
     groups = _groups(s)
     runner_cls = load_runner(payload["runner"])
+    if payload.get("without") is not None:  # a what-if run: one collective removed
+        runner_cls = without_collective(runner_cls, payload["without"])
     kernel_name = payload.get("kernel") or s.kernel_choice  # run_real resolves "auto" by device
     kernel = _kernel(kernel_name)
     delay = payload.get("delay") or {}

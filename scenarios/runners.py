@@ -77,9 +77,18 @@ def overlap_order(s: Scenario, num_tokens: int) -> Order:
     if s.use_all2all_kernels and backend_info(s.effective_backend).async_shared_overlap:
         return Order.MK_INTERNAL_OVERLAPPED
     rt = s.runtime
-    if rt.platform == "cuda" and rt.aux_stream and num_tokens <= rt.token_threshold:
+    if multi_stream_platform(s) and rt.aux_stream and num_tokens <= rt.token_threshold:
         return Order.MULTI_STREAM_OVERLAPPED
     return Order.NO_OVERLAP
+
+
+def multi_stream_platform(s: Scenario) -> bool:
+    """Rule 3's platform check: the newest engine version treats every
+    CUDA-alike platform (CUDA, ROCm) alike; the previous one overlapped on
+    CUDA only (moe_block.md section 8)."""
+    if s.parallel.version == "newest":
+        return s.runtime.platform in ("cuda", "rocm")
+    return s.runtime.platform == "cuda"
 
 
 def declared_output_width(s: Scenario) -> int:
@@ -138,8 +147,10 @@ class MoERunner:
         return not self.is_sequence_parallel()
 
     def routed_inplace(self, order: Order) -> bool:
-        # In-place only when no shared expert reads the same input.
-        return not self.scenario.model.has_shared
+        # In-place only when no shared expert reads the same input: none
+        # exist, or the routed kernel writes its own quantized copy.
+        m = self.scenario.model
+        return not m.has_shared or m.quantized_input
 
     def should_pad(self) -> bool:
         return self.scenario.model.padded

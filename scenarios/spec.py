@@ -27,8 +27,10 @@ class ScenarioError(ValueError):
 
 PLATFORMS = ("cuda", "cpu", "rocm")
 KERNEL_CHOICES = ("auto", "torch", "triton", "flashinfer")
-PROFILES = ("h100", "h200", "b200", "cpu")
+PROFILES = ("h100", "h200", "b200", "mi300x", "mi355x", "cpu")
 SP_VERSIONS = ("newest", "previous")
+# The cost profile a platform gets unless runtime.profile names one.
+DEFAULT_PROFILE = {"cuda": "h100", "rocm": "mi300x", "cpu": "cpu"}
 # Size caps: anything within them simulates in seconds on one core (README,
 # "Sizes"); beyond them a scenario is refused with one line (exit 2).
 MAX_TOKENS = 65536  # per DP rank: routing is generated per token
@@ -70,6 +72,10 @@ class ModelTraits:
     # A non-linear routed-output transform must see the reduced routed output.
     transform_nonlinear: bool = False
     routed_scaling_factor: float = 1.0
+    # The routed experts quantize their input into a new buffer (an fp8 path):
+    # the routed kernel then never reads, nor writes in place, the buffer the
+    # shared experts read.
+    quantized_input: bool = False
 
     def validate(self) -> None:
         for name in ("hidden", "moe_intermediate", "num_experts", "top_k"):
@@ -106,6 +112,8 @@ class ModelTraits:
                     "model.moe_hidden",
                     f"padded width {self.moe_hidden} < routed input width {self.routed_width}",
                 )
+        if not isinstance(self.quantized_input, bool):
+            raise ScenarioError("model.quantized_input", f"must be bool, got {self.quantized_input!r}")
         if not (0 < self.routed_scaling_factor < float("inf")):
             raise ScenarioError(
                 "model.routed_scaling_factor", f"must be finite and > 0, got {self.routed_scaling_factor}"
@@ -231,7 +239,7 @@ class Runtime:
     def cost_profile(self) -> str:
         if self.profile is not None:
             return self.profile
-        return "h100" if self.platform == "cuda" else "cpu"
+        return DEFAULT_PROFILE[self.platform]
 
 
 @dataclass(frozen=True)
@@ -472,6 +480,8 @@ class Scenario:
         shape += f" E={m.num_experts} k={m.top_k} I={m.moe_intermediate}"
         if m.has_shared:
             shape += f" shared={m.num_shared_experts}"
+        if m.quantized_input:
+            shape += " quantized-input"
         rt = self.runtime
         plat = rt.platform + ("+aux" if rt.aux_stream else "")
         return f"{shape}; {' '.join(bits)}; {plat}; T={self.workload.tokens}"

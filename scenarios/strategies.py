@@ -74,7 +74,7 @@ def moe_scenarios(
     platform = draw(st.sampled_from(list(platforms)))
     runtime = Runtime(
         platform=platform,
-        aux_stream=platform == "cuda" and draw(st.booleans()),
+        aux_stream=platform in ("cuda", "rocm") and draw(st.booleans()),
         token_threshold=draw(st.sampled_from([256, 4])),
     )
     workload = Workload(

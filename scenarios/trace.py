@@ -31,6 +31,10 @@ class HazardKind(StrEnum):
     # Real only: a rank's output differs from the exact reference and no known
     # cause explains it (the verdicts treat it as uncharacterised).
     WRONG_OUTPUT = "WRONG_OUTPUT"
+    # Performance: a collective whose removal (its output replaced by its
+    # input on every member) leaves every rank's layer output unchanged and
+    # correct; the cost is the latency it adds (a what-if simulation).
+    REDUNDANT_COLLECTIVE = "REDUNDANT_COLLECTIVE"
 
 
 class Verdict(StrEnum):
@@ -95,7 +99,7 @@ class Hazard:
     step_name: str
     rank: int
     detail: str
-    cost_us: float | None = None  # LOST_OVERLAP: predicted latency cost
+    cost_us: float | None = None  # LOST_OVERLAP, REDUNDANT_COLLECTIVE: predicted latency cost
     # Real only: this failure is a consequence of another rank's (e.g. a peer's
     # "connection closed" after rank `caused_by` died), not a finding of its own.
     caused_by: int | None = None

@@ -13,6 +13,7 @@ from sim import hazards as hz
 from sim.cost import Profile, for_world, load_profile
 from sim.engine import Simulation
 from sim.errors import RunnerUsageError
+from sim.redundant import redundant_collectives
 
 __all__ = ["simulate", "Simulation", "RunnerUsageError"]
 
@@ -54,7 +55,8 @@ def simulate(
 ) -> Trace:
     """Predict hazards and the timeline of `runner` (default: the scenario's) on `scenario`.
 
-    `what_if` runs the second simulation LOST_OVERLAP needs (the best safe order).
+    `what_if` runs the what-if simulations LOST_OVERLAP (the best safe order)
+    and REDUNDANT_COLLECTIVE (each collective removed) need.
     Raises RunnerUsageError (an OpsUsageError, a ValueError) when the runner
     calls an Ops method wrongly: that is a mistake in its code, not a finding.
     """
@@ -75,5 +77,6 @@ def simulate(
                 alt_name = "the fixed runner"
             if not alt.hazards:
                 trace.hazards.extend(hz.lost_overlap_hazards(sim, trace.latency_us, alt.latency_us, order, alt_name))
+        trace.hazards.extend(redundant_collectives(sim, cls, trace, lambda c: _run(scenario, c, prof, label)[1]))
     trace.notes.append(f"profile {prof.name}: {prof.source}")
     return trace

@@ -75,6 +75,41 @@ GPU_PROFILES: dict[str, Profile] = {
                     False, "published B200 figures"),
 }
 
+# AMD Instinct (ROCm). Same achieved fractions as above; each figure's source
+# is next to it. The latency terms have no published figure: they are
+# assumptions, named as such.
+GPU_PROFILES["mi300x"] = Profile(
+    "mi300x",
+    # 1307.4 TFLOP/s dense BF16 (AMD MI300X spec, quoted in
+    # github.com/alpharomercoma/MI300X-vs-H200 REPORT.md).
+    0.70 * 1307.4e12,
+    # 5.3 TB/s HBM3 (AMD spec; aiwiki.ai/wiki/amd_instinct_mi300x).
+    0.85 * 5.3e12,
+    4.0,  # assumption: HIP launch + tail a little above CUDA's
+    18.0,  # assumption: RCCL small all-reduce ~1.5x NCCL's on H100
+    # xGMI: 7 Infinity Fabric links, 128 GB/s bidirectional each, 896 GB/s
+    # aggregate (gpu.blog/gpus/instinct-mi300x-mi300x), i.e. 448 GB/s one way;
+    # assumption: collectives achieve 75% of it over the fully connected mesh.
+    0.75 * 448e9,
+    20.0,  # assumption: all-to-all latency scaled like the collective one
+    2, 2.5, False, "published MI300X figures (latency terms assumed)")
+GPU_PROFILES["mi355x"] = Profile(
+    "mi355x",
+    # ~2.5 PFLOP/s dense BF16: half the ~5 PFLOP/s FP8 reported at ISSCC 2026
+    # (world-today-news.com/?p=7253162); "a dead heat" with B200 at BF16
+    # (theregister.com/2025/06/12/amd_mi355x).
+    0.70 * 2500e12,
+    # 8 TB/s HBM3E (theregister.com/2025/06/12/amd_mi355x).
+    0.85 * 8.0e12,
+    3.5,  # assumption: as MI300X, less for the higher clock
+    15.0,  # assumption: between MI300X and H100
+    # xGMI: ~153.6 GB/s bidirectional per link (humeconsulting.co, "AMD
+    # MI355X: strong node-level inference"), 7 links: 537.6 GB/s one way;
+    # the same 75% achieved as MI300X.
+    0.75 * 537.6e9,
+    18.0,  # assumption
+    2, 2.2, False, "published MI355X figures (latency terms assumed)")
+
 # Used until this machine is calibrated: order-of-magnitude figures for one
 # CPU core running torch eager ops and gloo over loopback.
 DEFAULT_CPU = Profile("cpu", 20e9, 10e9, 15.0, 150.0, 1.0e9, 300.0, 4, 8.0, False,

@@ -91,6 +91,7 @@ class SimOps(Ops):
         self.d, self.t = self.scenario.coords(rank)
         self.steps: list[Step] = []
         self.plans: list[Plan] = []
+        self.inputs: list[tuple[int, ...]] = []
         self.values: dict[int, algebra.Value] = {}
         self.coll_seq: dict[tuple[int, ...], int] = {}
         self.shared_sharded: bool | None = None
@@ -137,6 +138,7 @@ class SimOps(Ops):
                   group, [t.shape for t in ins] if ins else [], out_shape)
         self.steps.append(st)
         self.plans.append(Plan(st, dur))
+        self.inputs.append(tuple(t.step for t in ins))  # producer steps (dataflow, for what-ifs)
         if self.writes:
             for t in ins:
                 self._resolve(t)
@@ -383,6 +385,8 @@ class SimOps(Ops):
     def experts(self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts") -> SimTensor:
         x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
+        if m.quantized_input:
+            x = self._quantize_input(x)
         width = m.kernel_width
         shape = (x.shape[0], width)
         pairs, active = self.sim.loads[self.rank]
@@ -404,6 +408,14 @@ class SimOps(Ops):
         out.version = (prev[0] if prev is not None else 0) + 1
         self.writes[x.buf] = (out.version, out)
         return out
+
+    def _quantize_input(self, x: SimTensor) -> SimTensor:
+        """The routed kernel's own quantized copy of x (a stale x stays visible)."""
+        st = self._step("quantize", "quantize_routed_input", COMPUTE, (x,), x.shape,
+                        elementwise_us(self.sim.profile, 2 * self._bytes(x.shape)), component="routed")
+        q = self._new(st, x.shape, x.value, (x,))
+        q.clobbered_by, q.clobber_partial = x.clobbered_by, x.clobber_partial
+        return q
 
     def shared_experts(
         self, x: SimTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False

@@ -130,6 +130,8 @@ class SharedReducedInsideAndAgain(MoERunner):
 
     def shared_reduce_results(self) -> bool:
         return True
+
+
 class AllReduceOverMoeEpOnly(MoERunner):
     """On a moe_ep x moe_tp layout, sums the routed output over moe_ep only
     (as if experts were only expert-parallel): moe_tp partials stay apart."""
@@ -138,6 +140,28 @@ class AllReduceOverMoeEpOnly(MoERunner):
         if not self.needs_final_reduce(routed_reduced):
             return result
         return ops.all_reduce(result, "moe_ep", name="moe_ep_all_reduce")
+
+
+class CudaOnlyMultiStream(MoERunner):
+    """Takes "CUDA-alike" to mean `platform == "cuda"`: ROCm loses the
+    multi-stream overlap the newest engine version gives it."""
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        order = super().shared_experts_order(num_tokens)
+        if order == Order.MULTI_STREAM_OVERLAPPED and self.scenario.runtime.platform != "cuda":
+            return Order.NO_OVERLAP
+        return order
+
+
+class SharedReducedForNothing(MoERunner):
+    """All-reduces the shared partials "to have them ready", then adds the
+    unreduced ones anyway (the final all-reduce sums them): the early
+    reduction's result is never used."""
+
+    def maybe_reduce_shared(self, ops: Ops, shared: Any, routed_reduced: bool) -> Any:
+        if shared is not None and self.needs_final_reduce(routed_reduced):
+            ops.all_reduce(shared, "tp", name="early_shared_all_reduce")
+        return super().maybe_reduce_shared(ops, shared, routed_reduced)
 
 
 # ---- correct but unusual ----
@@ -242,6 +266,7 @@ def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None, toke
 
 
 MULTI_STREAM = {"platform": "cuda", "aux_stream": True}
+ROCM_TP2_MULTI = _s("rocm-tp2-multistream", {}, {"tp": 2}, {"platform": "rocm", "aux_stream": True})
 SP_DECODE = _s("sp-decode-1-token", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "deepep_low_latency"}, tokens=1)
 LATENT_TP2 = _s("latent-tp2-multistream", {"latent_dim": 64}, {"tp": 2}, MULTI_STREAM)
 TP2 = _s("tp2", {}, {"tp": 2}, tokens=8)

@@ -27,6 +27,7 @@ from twin.verdicts import (
     judge_failure,
     judge_lost_overlap,
     judge_reduction,
+    judge_redundant_collective,
     predicted_coeffs,
     unpredicted,
     wrong_ranks,
@@ -46,6 +47,7 @@ class CheckResult:
     timeline_sim: Trace | None = None
     fixed_overlap_us: dict[int, float] | None = None  # best measured overlap of the fixed runner
     race_runs: dict[str, Any] = field(default_factory=dict)  # perturbed runs shared by race verdicts
+    whatif_runs: dict[Any, Trace] = field(default_factory=dict)  # real runs with one collective removed
 
     @property
     def real_clean(self) -> bool:
@@ -182,10 +184,31 @@ def _judge(result: CheckResult, runner: str | None, base: Any, h: Hazard, scale:
         return judge_lost_overlap(real, h, result.fixed_overlap_us, result.fixed_real.latency_us, OVERLAP_TRIES)
     if h.kind == HazardKind.UNSAFE_OVERLAP:
         return judge_race(scenario, runner, sim, base, h, timeout_s, say, result.race_runs)
+    if h.kind == HazardKind.REDUNDANT_COLLECTIVE:
+        return judge_redundant_collective(real, h, _without_run(result, runner, h, timeout_s, say))
     return judge_failure(sim, real, h)
 
 
 OVERLAP_TRIES = 3
+
+
+def _without_run(result: CheckResult, runner: str | None, h: Hazard, timeout_s: float,
+                 say: Callable[[str], None]) -> Trace:
+    """The real run of the runner with the hazard's collective removed on
+    every rank (one per collective, shared by its ranks' verdicts)."""
+    from real.runner import run_real
+    from scenarios.runners import load_runner
+    from scenarios.whatif import removed_at, without_collective
+
+    scenario = result.scenario
+    target = removed_at(result.sim.steps[h.rank], h.step)
+    if target not in result.whatif_runs:
+        cls = without_collective(load_runner(runner or scenario.runner), target)
+        say(f"{scenario.name}: real run without {target}")
+        pred = simulate(scenario, cls, what_if=False)
+        result.whatif_runs[target] = run_real(scenario, runner, prediction=pred, timeout_s=timeout_s,
+                                               without=target).trace
+    return result.whatif_runs[target]
 
 
 def _fixed_overlap(scenario: Scenario, result: CheckResult, timeout_s: float, say: Callable[[str], None]) -> dict[int, float]:

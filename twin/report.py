@@ -24,6 +24,7 @@ KIND_STYLE = {
     "MISSING_REDUCTION": "bold red",
     "SHAPE_MISMATCH": "bold magenta",
     "LOST_OVERLAP": "bold yellow",
+    "REDUNDANT_COLLECTIVE": "bold yellow",
     "UNSAFE_OVERLAP": "bold red",
     "HANG": "bold red",
     "RUNNER_ERROR": "bold red",

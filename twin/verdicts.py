@@ -21,8 +21,10 @@ step, the error class and step, the characterised cause of a wrong output).
   simulator predicted nothing for that rank.
 
 A hazard is never CONFIRMED on a rank whose output equals the reference.
-LOST_OVERLAP is the one exception by nature: a performance hazard on a
-correct output, judged by measured overlap, and its verdict says so.
+The performance hazards are the exception by nature, on a correct output,
+and their verdicts say so: LOST_OVERLAP is judged by measured overlap;
+REDUNDANT_COLLECTIVE by a real run of the runner without the collective,
+whose every rank's output must equal the exact reference.
 """
 
 from __future__ import annotations
@@ -194,6 +196,32 @@ def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], 
     return _item(h, Verdict.INCONCLUSIVE, detail + ": the fixed runner did not overlap here either")
 
 
+def judge_redundant_collective(real: Trace, h: Hazard, without: Trace) -> VerdictItem:
+    """The claim: the collective can be removed and every rank's output stays
+    correct. Evidence: `without`, the real run with it removed on every rank,
+    judged against the exact reference. CPU timings are reported, not judged
+    (the latency saved is the simulator's figure on the scenario's profile)."""
+    detail = ("performance hazard, judged by a real run without the collective against the exact "
+              f"reference: layer {real.latency_us:.0f} us with it, {without.latency_us:.0f} us without "
+              "(CPU timings, reported only)")
+    base, out = output_of(real, h.rank), output_of(without, h.rank)
+    if base is None or out is None or len(without.output_checks) < len(real.output_checks):
+        return _item(h, Verdict.INCONCLUSIVE, detail + "; an output was not judged")
+    if not base.correct:
+        return _item(h, Verdict.INCONCLUSIVE, detail + f"; the run with it is already wrong: {describe_wrong(base)}")
+    failed = [o for o in without.hazards if o.kind in FAILURES]
+    if failed:
+        o = failed[0]
+        return _item(h, Verdict.REFUTED, detail + f"; without it rank {o.rank} failed: {o.kind.value} at step "
+                     f"{o.step} {o.step_name}: {o.detail}")
+    bad = wrong_ranks(without)
+    if bad:
+        worst = without.output_checks[bad[0]]
+        return _item(h, Verdict.REFUTED, detail + f"; without it ranks {','.join(map(str, bad))} are wrong "
+                     f"(rank {worst.rank}: {describe_wrong(worst)})")
+    return _item(h, Verdict.CONFIRMED, detail + f"; without it {describe_correct(out)}, and every other rank's too")
+
+
 def unpredicted(sim: Trace, real: Trace) -> list[VerdictItem]:
     """Real failures and wrong outputs on ranks the simulator said nothing
     about (of that kind). A consequence of another rank's failure is never a
@@ -242,6 +270,7 @@ __all__ = [
     "judge_characterised",
     "judge_failure",
     "judge_lost_overlap",
+    "judge_redundant_collective",
     "judge_reduction",
     "output_summary",
     "unpredicted",
