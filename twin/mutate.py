@@ -33,7 +33,7 @@ from scenarios import runners as _runners
 from scenarios.runners import MoERunner
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
-DROPPABLE_OPS = (*COLLECTIVES, "wait_event", "pad", "trim", "trim_rows")
+DROPPABLE_OPS = (*COLLECTIVES, "wait_event", "pad", "trim", "trim_rows", "view")
 # Methods holding the program (ops are issued here); the rest are decisions.
 PROGRAM_METHODS = ("model_forward", "forward", "routed_path", "final_reduce", "maybe_reduce_shared")
 NOT_DECISIONS = ("__init__", "process_weights", "model_forward", "forward", "routed_path",
@@ -503,7 +503,7 @@ def behaviour(trace: Any) -> tuple[Any, ...]:
     def effective(st: Any) -> bool:
         if st.category in (LIFECYCLE, DECISION):
             return False
-        if st.op in ("pad", "trim", "trim_rows") and st.in_shapes and st.out_shape is not None:
+        if st.op in ("pad", "trim", "trim_rows", "view") and st.in_shapes and st.out_shape is not None:
             return tuple(st.in_shapes[0]) != tuple(st.out_shape)
         if st.group is not None and len(st.group) == 1:
             return False
