@@ -309,10 +309,14 @@ def describe(ref: ExactReference, f: Fit) -> tuple[HazardKind | None, str]:
     if not devs:
         return None, f"not explained by any known source: the sources fit with the right coefficients (residual {f.residual:.2g})"
     families = {c.family for c, _ in devs}
-    wrong_input = [fam for fam in (LATENT, CLOBBER, CLOBBER_TOTAL, NL_PARTIAL) if fam in families]
+    wrong_input = [fam for fam in (LATENT, CLOBBER, CLOBBER_TOTAL) if fam in families]
     detail = "; ".join(_grouped(devs))
     if wrong_input:
         return HazardKind.WRONG_INPUT, f"{WRONG_INPUT_WORDS[wrong_input[0]]}: {detail}"
+    if NL_PARTIAL in families:
+        # The reduction the transform needed before it is missing: the
+        # simulator's kind for this defect (sim/checks.py, latent_up).
+        return HazardKind.MISSING_REDUCTION, f"{WRONG_INPUT_WORDS[NL_PARTIAL]}: {detail}"
     if NL_SCALED in families:
         c = next(col.scale for col, _ in devs if col.family == NL_SCALED and col.scale is not None)
         kind = HazardKind.DOUBLE_REDUCTION if c > 1 else HazardKind.MISSING_REDUCTION
