@@ -88,8 +88,12 @@ def moe_scenarios(
         skew=draw(st.sampled_from([0.0, 0.5])),
     )
     parallel = ParallelConfig(tp=tp_, dp=dp_, ep=ep, eplb=eplb, backend=backend, version=version)
-    return Scenario(name="generated", model=model, parallel=parallel, runtime=runtime,
-                    workload=workload, runner=runner)
+    s = Scenario(name="generated", model=model, parallel=parallel, runtime=runtime,
+                 workload=workload, runner=runner)
+    # Drawn last, applied only where it means something (a padded routed kernel).
+    if draw(st.booleans()) and s.padded:
+        s = s.with_(kernel_writes_unpadded=True)
+    return s
 
 
 def assert_no_hazard(runner: type[MoERunner] | str, scenario: Scenario, profile: str | None = None) -> None:

@@ -77,10 +77,14 @@ KNOWN_EQUIVALENT: dict[str, str] = {
         "reduce either way), and with tp = 1 every reduction it skips is over a one-rank tp group"
     ),
     "M_dropcond_needs_final_reduce_2": _ONE_RANK,
-    "M_dropcond_forward_4": _ONE_RANK,
-    "M_dropcond_forward_1": (
+    "M_dropcond_needs_pre_transform_reduce_5": _ONE_RANK,
+    "M_dropcond_needs_pre_transform_reduce_1": (
         "transform_nonlinear implies has_transform (the spec rejects a non-linear transform "
         "without latent_dim)"
+    ),
+    "M_dropcond_routed_output_padded_1": (
+        "without padding every trim it adds keeps the shape (the routed output already has "
+        "the routed width) and the declared width is the kernel width = hidden"
     ),
     "M_dropcond_order_mk_1": (
         "without all-to-all kernels the effective backend is `none` or allgather_reducescatter, "
