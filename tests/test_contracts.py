@@ -173,6 +173,11 @@ def test_eplb_overlap_decided_on_the_configured_backend():
     assert reference_order(s.with_(**{"parallel.eplb": False}), 4).value == "MULTI_STREAM_OVERLAPPED"
 
 
+def test_forbidden_overlap_names_the_configured_backend():
+    h = simulate(cf.EPLB_DP1, cf.EplbOnEffectiveBackend).hazards[0]
+    assert "EPLB is on and deepep_low_latency is not EPLB-overlap safe" in h.detail
+
+
 def test_pre_transform_reduce_is_newest_only():
     s = cf.NONLINEAR_LATENT_TP2
     assert MoERunner(s).needs_pre_transform_reduce(False)
