@@ -80,16 +80,6 @@ def overlap_order(s: Scenario, num_tokens: int) -> Order:
     return Order.NO_OVERLAP
 
 
-def declared_output_width(s: Scenario) -> int:
-    """Width the fused-MoE custom op promises to return (its fake implementation):
-    the padded width when the caller trims later (no shared experts, no
-    transform), unless the kernel already writes its output unpadded."""
-    m = s.model
-    if s.padded and not s.kernel_writes_unpadded and not (m.has_shared or m.has_transform):
-        return s.kernel_width
-    return m.hidden
-
-
 class MoERunner:
     """Base class of runner programs. Subclass and override decision points."""
 
