@@ -142,7 +142,7 @@ class CommOps:
             try:
                 self._fi = FlashInferA2A(
                     s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
-                    s.model.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
+                    s.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
                 )
                 self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
             except A2AUnavailable as exc:

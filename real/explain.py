@@ -168,7 +168,7 @@ class Basis:
         """Shared experts of this rank's TP group members on their own routed
         kernel output (what `experts(..., inplace=True)` leaves in the buffer)."""
         s, ref, m = self.s, self.ref, self.s.model
-        if not m.has_shared or m.kernel_width != m.hidden:
+        if not m.has_shared or s.kernel_width != m.hidden:
             return []
         cols = []
         shards = ref.routed_partials(self.toks[0][0])
@@ -184,7 +184,7 @@ class Basis:
 
     def clobber_total(self) -> list[Column]:
         ref, m = self.ref, self.s.model
-        if not m.has_shared or m.kernel_width != m.hidden:
+        if not m.has_shared or self.s.kernel_width != m.hidden:
             return []
         return [Column(f"shared@{label}(routed output)", self._stack(
             lambda d, t, i=i, n=n: ref.shared_mlp(ref.routed_kernel[d][t], i, n)), CLOBBER_TOTAL, 0.0)

@@ -31,7 +31,7 @@ class LayerWeights:
     def __init__(self, s: Scenario) -> None:
         self.s = s
         m = s.model
-        self.kw = m.kernel_width
+        self.kw = s.kernel_width
         self.rw = m.routed_width
         self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         g = _gen(s, "gate")
@@ -123,11 +123,10 @@ class Reference:
         return self._x[d]
 
     def routed_input(self, d: int, tok: int) -> torch.Tensor:
-        m = self.s.model
         v = self.x(d)[tok]
         if self.w.down is not None:
             v = self.w.down.double() @ v
-        return F.pad(v, (0, m.kernel_width - v.shape[0]))
+        return F.pad(v, (0, self.s.kernel_width - v.shape[0]))
 
     def partial(self, component: str, shard: str, d: int, tok: int, up: bool = False) -> torch.Tensor:
         """The source's output on token (d, tok), in its native width."""
@@ -136,7 +135,7 @@ class Reference:
             return self._cache[key]
         s, m = self.s, self.s.model
         if tok < 0:
-            width = {"x": m.hidden, "shared": m.hidden, "xlat": m.kernel_width}.get(component, m.kernel_width)
+            width = {"x": m.hidden, "shared": m.hidden, "xlat": s.kernel_width}.get(component, s.kernel_width)
             if component == "routed" and up:
                 width = m.hidden
             out = torch.zeros(width, dtype=torch.float64)
@@ -163,7 +162,7 @@ class Reference:
         s = self.s
         ids, weights = self.route[d][tok]
         v = self.routed_input(d, tok)
-        out = torch.zeros(s.model.kernel_width, dtype=torch.float64)
+        out = torch.zeros(s.kernel_width, dtype=torch.float64)
         e_idx, t_idx = layout.shard_coords(s, shard)
         lo, hi = layout.expert_range(s, e_idx)
         for e, w in zip(ids, weights):

@@ -42,7 +42,14 @@ from real.errors import UpstreamFailure
 from real.model import LayerWeights, layer_input, mlp
 from real.streams import RealEvent, RealTensor, StreamThread
 from scenarios import contain
-from scenarios.ops import Ops, OpsShapeError, OpsUsageError
+from scenarios.ops import (
+    VIEW_ROWS_UNMODELED,
+    Ops,
+    OpsShapeError,
+    OpsUsageError,
+    trim_error,
+    view_shape,
+)
 from scenarios.spec import Scenario
 from scenarios.trace import COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
 from scenarios.workload import rank_token_ids, routing
@@ -367,7 +374,27 @@ class RealOps(CommOps, Ops):
         return self._op("pad", name, PADDING, (x,), fn)
 
     def trim(self, x: RealTensor, width: int, name: str = "trim") -> RealTensor:
-        return self._op("trim", name, PADDING, (x,), lambda v: v[..., :width])
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            # torch's slice would silently keep everything: the twin's contract is an error.
+            if width > v.shape[-1] or width <= 0:
+                raise OpsShapeError(trim_error(tuple(v.shape), width))
+            return v[..., :width]
+
+        return self._op("trim", name, PADDING, (x,), fn)
+
+    def view(self, x: RealTensor, shape: tuple[int, ...], name: str = "view") -> RealTensor:
+        if not isinstance(shape, tuple | list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise OpsUsageError(f"{name}: argument shape must be a tuple of ints, got {shape!r}")
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            out_shape, problem = view_shape(tuple(v.shape), tuple(shape))
+            if problem is not None:
+                raise OpsShapeError(problem)
+            if out_shape[0] != v.shape[0]:
+                raise OpsUsageError(f"{name}: {VIEW_ROWS_UNMODELED}")
+            return v.view(out_shape)
+
+        return self._op("view", name, PADDING, (x,), fn)
 
     def add(self, a: RealTensor, b: RealTensor, name: str = "add") -> RealTensor:
         def fn(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -446,7 +473,8 @@ class RealOps(CommOps, Ops):
 
     def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
         w13, w2, offset = self._local_weights()
-        width = self.scenario.model.kernel_width
+        width = self.scenario.kernel_width
+        out_width = self.scenario.expert_output_width
         if self.scenario.model.quantized_input:
             x = self._quantize_input(x)
 
@@ -460,9 +488,14 @@ class RealOps(CommOps, Ops):
             if ids.shape[0] != v.shape[0]:
                 raise OpsShapeError(f"{v.shape[0]} rows but routing for {ids.shape[0]}")
             y = self.kernel(v, ids, wts, w13, w2, offset)
+            if out_width != width:  # a kernel that writes its output unpadded
+                y = y[..., :out_width].contiguous()
             if inplace:
-                v.copy_(y)  # the fused kernel writes into its input buffer
-                return v
+                # The fused kernel writes into its input buffer (the leading
+                # columns of it when it writes unpadded).
+                target = v if out_width == width else v[..., :out_width]
+                target.copy_(y)
+                return target
             return y
 
         return self._op("experts", name, COMPUTE, (x, routing_h), fn, component="routed")

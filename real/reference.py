@@ -80,9 +80,8 @@ class ExactReference:
     def project_down(self, x: torch.Tensor) -> torch.Tensor:
         """The routed experts' input: latent down-projection (if any), padded
         to the kernel width."""
-        m = self.s.model
         v = x @ self.weights.down.double().t() if self.weights.down is not None else x
-        return F.pad(v, (0, m.kernel_width - v.shape[-1]))
+        return F.pad(v, (0, self.s.kernel_width - v.shape[-1]))
 
     def transform(self, routed: torch.Tensor) -> torch.Tensor:
         """The routed output transform on kernel-width rows: keep the routed
@@ -115,7 +114,7 @@ class ExactReference:
 
     def _routed_pass(self) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
         s = self.s
-        T, dp, kw = s.workload.tokens, s.parallel.dp, s.model.kernel_width
+        T, dp, kw = s.workload.tokens, s.parallel.dp, s.kernel_width
         xr = torch.cat(self.routed_in)
         total = torch.zeros(dp * T, kw, dtype=torch.float64)
         # Per EP rank in the same pass when experts are not also TP-sharded.
@@ -159,7 +158,7 @@ class ExactReference:
 
     def _sharded_partials(self) -> dict[int, dict[str, torch.Tensor]]:
         s = self.s
-        T, dp, kw, n = s.workload.tokens, s.parallel.dp, s.model.kernel_width, s.moe_tp
+        T, dp, kw, n = s.workload.tokens, s.parallel.dp, s.kernel_width, s.moe_tp
         inter = s.model.moe_intermediate
         xr = torch.cat(self.routed_in)
         owner = {layout.moe_coords(s, r): layout.routed_shard(s, r) for r in range(s.world)}

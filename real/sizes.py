@@ -25,7 +25,7 @@ class ScenarioTooLarge(ValueError):
 def real_bytes_estimate(s: Scenario) -> int:
     """Weights a rank holds (fp32) plus the reference copies the fit needs."""
     m = s.model
-    kw = m.kernel_width
+    kw = s.kernel_width
     routed = s.local_experts * 3 * kw * (m.moe_intermediate // s.moe_tp)
     shared = 3 * m.hidden * m.shared_inter if m.has_shared else 0
     return 4 * (routed + shared + m.num_experts * m.hidden) * 2

@@ -30,7 +30,12 @@ _TABLE = (
     BackendInfo("deepep_high_throughput", True, False, True, False, True, True, True, "DeepEP"),
     BackendInfo("deepep_low_latency", True, True, True, False, True, True, True, "DeepEP"),
     BackendInfo("deepep_v2", True, False, True, True, True, True, False, "DeepEP"),
+    # "mori" is the older name of mori_high_throughput (kept so scenarios load).
     BackendInfo("mori", True, False, False, False, True, True, True, "MORI"),
+    BackendInfo("mori_high_throughput", True, False, False, False, True, True, True, "MORI"),
+    BackendInfo("mori_low_latency", True, True, False, False, True, True, True, "MORI"),
+    # MoonEP: token routing, reduces in its combine, never sequence parallel.
+    BackendInfo("moonep", True, False, False, False, True, False, False, "MoonEP"),
     BackendInfo("nixl_ep", True, True, True, False, True, True, True, "NIXL"),
     BackendInfo(
         "flashinfer_nvlink_one_sided", True, False, False, True, True, True, False, "FlashInfer"
@@ -53,6 +58,43 @@ def backend_info(name: str) -> BackendInfo:
         raise ValueError(
             f"unknown backend {name!r} (known: {', '.join(BACKENDS)})"
         ) from None
+
+
+# Backends only the newest engine version has.
+_NEWEST_ONLY = frozenset({"deepep_v2"})
+
+
+def exists_in(name: str, version: str) -> bool:
+    """Whether the engine version has this backend at all."""
+    return version == "newest" or name not in _NEWEST_ONLY
+
+
+# Activation bytes per element the backends' rounding is computed for (bf16).
+ACT_BYTES = 2
+# Row sizes the low-latency kernels are compiled for (sorted).
+LL_HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+_ROUND_BYTES_512 = frozenset({"deepep_high_throughput", "deepep_v2"})
+_ROUND_TO_LIST = frozenset({"deepep_low_latency", "nixl_ep"})
+
+
+def rounded_hidden(name: str, hidden: int, act_bytes: int = ACT_BYTES) -> int | None:
+    """The row width a backend's own kernels need for a layer of width `hidden`
+    (the engine rounds the layer's hidden size up for them), or None when the
+    backend takes any width. DeepEP high-throughput and v2: row bytes up to a
+    multiple of 512. DeepEP low-latency and NIXL: the smallest compiled size
+    >= hidden; above the largest the engine refuses the layer (ValueError),
+    see `too_wide_for`."""
+    if name in _ROUND_BYTES_512:
+        row = hidden * act_bytes
+        return -(-row // 512) * 512 // act_bytes
+    if name in _ROUND_TO_LIST:
+        return next((h for h in LL_HIDDEN_SIZES if h >= hidden), None)
+    return None
+
+
+def too_wide_for(name: str, hidden: int) -> bool:
+    """A list-rounding backend has no compiled size for this width."""
+    return name in _ROUND_TO_LIST and hidden > LL_HIDDEN_SIZES[-1]
 
 
 # EPLB-overlap safe only from the newest version on (runner_semantics.md table).

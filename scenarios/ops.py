@@ -100,7 +100,14 @@ class Ops(ABC):
     def pad(self, x: Any, width: int, name: str = "pad") -> Any: ...
 
     @abstractmethod
-    def trim(self, x: Any, width: int, name: str = "trim") -> Any: ...
+    def trim(self, x: Any, width: int, name: str = "trim") -> Any:
+        """Keep the first `width` columns; `width` beyond x's width is a shape error."""
+
+    @abstractmethod
+    def view(self, x: Any, shape: tuple[int, ...], name: str = "view") -> Any:
+        """Reshape like torch's `view` (one dimension may be -1): a shape error
+        when the element counts differ. Only views that keep the row count are
+        modeled (values are tracked per token row)."""
 
     @abstractmethod
     def add(self, a: Any, b: Any, name: str = "add") -> Any: ...
@@ -169,3 +176,37 @@ class OpsUsageError(ValueError):
     """A runner called an Ops method wrongly (unknown group name, a value that
     is not a tensor handle or event): a mistake in the runner's code, reported
     with the step of the call, not a finding about the configuration."""
+
+
+VIEW_ROWS_UNMODELED = (
+    "a view that changes the row count is outside the twin's model "
+    "(values are tracked per token row): keep the rows, change the columns only"
+)
+
+
+def trim_error(shape: tuple[int, ...], width: int) -> str:
+    """The one message both interpreters give for a trim past the width."""
+    return f"cannot trim width {shape[-1]} to {width} (keeps 1..{shape[-1]} columns)"
+
+
+def view_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> tuple[tuple[int, ...], str | None]:
+    """torch `view` shape rules: (the resolved shape, None) or (a best-effort
+    shape, the error torch would raise), so both interpreters agree."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if len(want) != 2:
+        return tuple(want), f"view to {list(want)}: tensors here are 2-D [rows, width]"
+    if sum(1 for d in want if d == -1) > 1 or any(d < -1 for d in want):
+        return tuple(want), f"view to {list(want)}: only one dimension can be inferred (-1)"
+    known = 1
+    for d in want:
+        if d != -1:
+            known *= d
+    if -1 in want:
+        if known == 0 or numel % known:
+            return tuple(want), f"shape {list(want)} is invalid for input of size {numel}"
+        want = tuple(numel // known if d == -1 else d for d in want)
+    elif known != numel:
+        return tuple(want), f"shape {list(want)} is invalid for input of size {numel}"
+    return tuple(want), None

@@ -60,7 +60,9 @@ class ModularKernel:
 
 def overlap_disabled(s: Scenario) -> bool:
     """Rule 1 of the order function: overlap is unsafe or pointless here."""
-    eplb_unsafe = s.parallel.eplb and not eplb_overlap_safe(s.effective_backend, s.parallel.version)
+    # The engine checks the backend name given in the config, even where no
+    # all-to-all kernel ends up in use (runner_semantics.md step 3.1).
+    eplb_unsafe = s.parallel.eplb and not eplb_overlap_safe(s.parallel.backend, s.parallel.version)
     return eplb_unsafe or s.use_fi_two_sided
 
 
@@ -89,15 +91,6 @@ def multi_stream_platform(s: Scenario) -> bool:
     if s.parallel.version == "newest":
         return s.runtime.platform in ("cuda", "rocm")
     return s.runtime.platform == "cuda"
-
-
-def declared_output_width(s: Scenario) -> int:
-    """Width the fused-MoE custom op promises to return (its fake implementation):
-    the padded width when the caller trims later (no shared experts, no transform)."""
-    m = s.model
-    if m.padded and not (m.has_shared or m.has_transform):
-        return m.kernel_width
-    return m.hidden
 
 
 class MoERunner:
@@ -153,11 +146,25 @@ class MoERunner:
         return not m.has_shared or m.quantized_input
 
     def should_pad(self) -> bool:
-        return self.scenario.model.padded
+        # Padded by the model's kernel or by the all-to-all backend's rounding.
+        return self.scenario.padded
+
+    def routed_output_padded(self) -> bool:
+        """The routed output still carries the padding (the kernel did not drop it)."""
+        s = self.scenario
+        return s.padded and not s.kernel_writes_unpadded
+
+    def declared_output_width(self) -> int:
+        """What the custom op's fake implementation promises: the padded width
+        only when the padding is still there and trimmed after the op."""
+        s, m = self.scenario, self.scenario.model
+        if self.routed_output_padded() and not (m.has_shared or m.has_transform):
+            return s.kernel_width
+        return m.hidden
 
     def pre_trim_width(self) -> int | None:
         m = self.scenario.model
-        if m.padded and (m.has_shared or m.has_transform):
+        if self.routed_output_padded() and (m.has_shared or m.has_transform):
             return m.routed_width
         return None
 
@@ -167,7 +174,7 @@ class MoERunner:
         # would cut the up-projected output to the latent width, so we trim to
         # the layer's hidden width, which equals the spec in every other case.
         m = self.scenario.model
-        if m.padded or (m.has_transform and m.has_shared):
+        if self.routed_output_padded() or (m.has_transform and m.has_shared):
             return m.hidden
         return None
 
@@ -193,6 +200,20 @@ class MoERunner:
         if shared is not None and not self.is_sequence_parallel() and routed_reduced:
             return ops.all_reduce(shared, "tp", name="shared_all_reduce")
         return shared
+
+    def needs_pre_transform_reduce(self, reduced: bool) -> bool:
+        """Step 6: a non-linear routed-output transform must see the reduced
+        routed output, so reduce before it (newest version only; the previous
+        one applies the transform first and reduces the result)."""
+        s, m = self.scenario, self.scenario.model
+        return (
+            m.has_transform
+            and m.transform_nonlinear
+            and s.parallel.version == "newest"
+            and not self.is_sequence_parallel()
+            and (s.moe_tp > 1 or s.moe_ep > 1)
+            and not reduced
+        )
 
     def needs_final_reduce(self, routed_reduced: bool) -> bool:
         s = self.scenario
@@ -269,7 +290,7 @@ class MoERunner:
         m = self.scenario.model
         routed_in = ops.latent_down(x) if m.has_transform else x
         if self.should_pad():
-            routed_in = ops.pad(routed_in, m.kernel_width, name="pad_routed_input")
+            routed_in = ops.pad(routed_in, self.scenario.kernel_width, name="pad_routed_input")
         return routed_in
 
     def decide_order(self, ops: Ops, rows: int) -> Order:
@@ -340,17 +361,6 @@ class MoERunner:
             reduced = True
         return routed, reduced
 
-    def needs_pre_transform_reduce(self, reduced: bool) -> bool:
-        """A non-linear routed-output transform must see the complete routed sum."""
-        s, m = self.scenario, self.scenario.model
-        return (
-            m.has_transform
-            and m.transform_nonlinear
-            and not self.is_sequence_parallel()
-            and (s.moe_tp > 1 or s.moe_ep > 1)
-            and not reduced
-        )
-
     def join_outputs(self, ops: Ops, shared: Any, routed: Any) -> Any:
         """Routed scaling, the latent up-projection, then the shared add."""
         m = self.scenario.model
@@ -359,10 +369,6 @@ class MoERunner:
         if m.has_transform:
             routed = ops.latent_up(routed)
         return ops.add(shared, routed, name="shared_add") if shared is not None else routed
-
-    def declared_output_width(self) -> int:
-        """Width the fused-MoE custom op promises to return (its fake implementation)."""
-        return declared_output_width(self.scenario)
 
     def trim_output(self, ops: Ops, result: Any) -> Any:
         post_trim = self.post_trim_width()
@@ -480,7 +486,7 @@ class Before40865(MoERunner):
 
     def pre_trim_width(self) -> int | None:
         m = self.scenario.model
-        return m.routed_width if m.padded else None
+        return m.routed_width if self.scenario.padded else None
 
 
 class NoEarlyTrim40865(MoERunner):
@@ -501,7 +507,7 @@ class FirstFix40865(MoERunner):
 
     def pre_trim_width(self) -> int | None:
         m = self.scenario.model
-        return m.routed_width if (m.padded and m.has_shared) else None
+        return m.routed_width if (self.scenario.padded and m.has_shared) else None
 
 
 class Before39222(MoERunner):

@@ -8,12 +8,18 @@ only here, following docs/runner_semantics.md.
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from scenarios import layout
-from scenarios.backends import BACKENDS, backend_info, sp_backends
+from scenarios.backends import (
+    BACKENDS,
+    backend_info,
+    exists_in,
+    rounded_hidden,
+    sp_backends,
+    too_wide_for,
+)
 
 
 class ScenarioError(ValueError):
@@ -183,13 +189,16 @@ class ParallelConfig:
             raise ScenarioError(
                 "parallel", f"at most {MAX_WORLD} ranks (tp x dp), got {self.tp} x {self.dp} = {self.tp * self.dp}"
             )
+        if not exists_in(self.backend, self.version):
+            raise ScenarioError(
+                "parallel.backend", f"{self.backend} exists in the newest version only (parallel.version = {self.version!r})"
+            )
         if self.eplb and not self.ep:
             raise ScenarioError("parallel.eplb", "EPLB needs expert parallelism (parallel.ep = true)")
-        if backend_info(self.backend).token_routing and not self.ep:
-            raise ScenarioError(
-                "parallel.backend",
-                f"{self.backend} routes tokens with an all-to-all and needs parallel.ep = true",
-            )
+        if self.eplb and self.world == 1:
+            raise ScenarioError("parallel.eplb", "EPLB needs more than one rank (tp x dp > 1)")
+        # A token-routing backend without EP is not rejected: the engine ignores
+        # it and uses what it uses without EP (Scenario.backend_ignored).
         if self.ep_size is not None:
             self._validate_ep_size()
 
@@ -205,6 +214,11 @@ class ParallelConfig:
                 "parallel.ep_size",
                 f"{self.backend} routes tokens over every rank and needs ep_size = tp x dp = {world}, got {self.ep_size}",
             )
+
+    @property
+    def backend_ignored(self) -> bool:
+        """The configured all-to-all backend is ignored for want of EP."""
+        return not self.ep and backend_info(self.backend).token_routing
 
     @property
     def world(self) -> int:
@@ -268,6 +282,8 @@ class Scenario:
     workload: Workload = field(default_factory=Workload)
     kernel: str = "auto"
     runner: str = "fixed"
+    # The routed kernel writes its output unpadded (routed width) from a padded input.
+    kernel_writes_unpadded: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -283,6 +299,9 @@ class Scenario:
             )
         if not isinstance(self.runner, str) or not self.runner:
             raise ScenarioError("runner", "must be a non-empty runner name or module:Class")
+        if not isinstance(self.kernel_writes_unpadded, bool):
+            raise ScenarioError("kernel_writes_unpadded", f"must be true or false, got {self.kernel_writes_unpadded!r}")
+        self._validate_backend_width()
         m, p = self.model, self.parallel
         total = self.workload.tokens * p.dp
         if total > MAX_TOTAL_TOKENS:
@@ -311,7 +330,37 @@ class Scenario:
                 f"shared intermediate {m.shared_inter} is not divisible by tp={p.tp}",
             )
 
+    def _validate_backend_width(self) -> None:
+        m, backend = self.model, self.parallel.backend
+        if self.use_all2all_kernels and too_wide_for(backend, m.routed_width):
+            field_name = "model.latent_dim" if m.has_transform else "model.hidden"
+            raise ScenarioError(
+                field_name, f"width {m.routed_width} exceeds the largest size {backend} is compiled for (8192)"
+            )
+
     # ---- derived quantities (runner_semantics.md, "Parallel configuration") ----
+
+    @property
+    def backend_width(self) -> int | None:
+        """Width the all-to-all backend rounds the routed rows up to (None: any)."""
+        if not self.use_all2all_kernels:
+            return None
+        return rounded_hidden(self.parallel.backend, self.model.routed_width)
+
+    @property
+    def kernel_width(self) -> int:
+        """Width the routed kernel works in: the model's own padding or the
+        backend's rounding, whichever is wider."""
+        return max(self.model.kernel_width, self.backend_width or 0)
+
+    @property
+    def padded(self) -> bool:
+        return self.kernel_width != self.model.routed_width
+
+    @property
+    def expert_output_width(self) -> int:
+        """Width of the routed experts' output (unpadded if the kernel says so)."""
+        return self.model.routed_width if self.kernel_writes_unpadded else self.kernel_width
 
     @property
     def world(self) -> int:
@@ -451,8 +500,11 @@ class Scenario:
             "next_layer_fuses_reduce": self.next_layer_fuses_reduce,
             "use_fi_two_sided": self.use_fi_two_sided,
             "effective_backend": self.effective_backend,
-            "padded": self.model.padded,
-            "kernel_width": self.model.kernel_width,
+            "padded": self.padded,
+            "kernel_width": self.kernel_width,
+            "backend_kernel_width": self.backend_width,
+            "expert_output_width": self.expert_output_width,
+            "backend_ignored": self.parallel.backend_ignored,
             "rows_per_rank": self.sp_tokens,
             "local_experts": self.local_experts,
             "kernel": self.kernel_choice,
@@ -473,8 +525,8 @@ class Scenario:
         if self.next_layer_fuses_reduce:
             bits.append("fused-AR-next")
         shape = f"H={m.hidden}"
-        if m.padded:
-            shape += f"->{m.kernel_width}"
+        if self.padded:
+            shape += f"->{self.kernel_width}"
         if m.latent_dim:
             shape += f" latent={m.latent_dim}"
         shape += f" E={m.num_experts} k={m.top_k} I={m.moe_intermediate}"
@@ -487,89 +539,25 @@ class Scenario:
         return f"{shape}; {' '.join(bits)}; {plat}; T={self.workload.tokens}"
 
 
-SECTIONS = {
-    "model": ModelTraits,
-    "parallel": ParallelConfig,
-    "runtime": Runtime,
-    "workload": Workload,
-}
-TOP_LEVEL = ("name", "summary", "kernel", "runner")
+# Reading and writing scenarios lives in scenarios/spec_io.py; these names stay importable from here.
+from scenarios.spec_io import (  # noqa: E402
+    SECTIONS,
+    TOP_LEVEL,
+    TOP_LEVEL_FLAGS,
+    scenario_from_dict,
+    scenario_to_toml,
+)
 
-
-def scenario_from_dict(data: dict[str, Any], default_name: str = "scenario") -> Scenario:
-    """Build a Scenario from a TOML-shaped dict, rejecting unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ScenarioError("scenario", "must be a table")
-    kwargs: dict[str, Any] = {"name": default_name}
-    for key, value in data.items():
-        if key in SECTIONS:
-            cls = SECTIONS[key]
-            if not isinstance(value, dict):
-                raise ScenarioError(key, "must be a table")
-            known = {f.name: f for f in fields(cls)}
-            for sub, subval in value.items():
-                if sub not in known:
-                    raise ScenarioError(
-                        f"{key}.{sub}", f"unknown field (known: {', '.join(known)})"
-                    )
-                _check_type(f"{key}.{sub}", subval, known[sub].type)
-            kwargs[key] = cls(**value)
-        elif key in TOP_LEVEL:
-            if not isinstance(value, str):
-                raise ScenarioError(key, f"must be a string, got {value!r}")
-            kwargs[key] = value
-        else:
-            raise ScenarioError(
-                key, f"unknown field (known: {', '.join(TOP_LEVEL + tuple(SECTIONS))})"
-            )
-    return Scenario(**kwargs)
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    ann = str(annotation)
-    if value is None:
-        if "None" not in ann:
-            raise ScenarioError(name, "must not be empty")
-        return
-    if ann.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif ann.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif ann.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif ann.startswith("str"):
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise ScenarioError(name, f"must be {ann.split(' ')[0]}, got {value!r}")
-
-
-def scenario_to_toml(s: Scenario) -> str:
-    """Serialise a Scenario as TOML that scenario_from_dict reads back."""
-    lines = [f"name = {_toml_value(s.name)}"]
-    if s.summary:
-        lines.append(f"summary = {_toml_value(s.summary)}")
-    lines.append(f"runner = {_toml_value(s.runner)}")
-    lines.append(f"kernel = {_toml_value(s.kernel)}")
-    for section, cls in SECTIONS.items():
-        lines.append("")
-        lines.append(f"[{section}]")
-        obj = getattr(s, section)
-        for f in fields(cls):
-            value = getattr(obj, f.name)
-            if value is None:
-                continue
-            lines.append(f"{f.name} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    text = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    # TOML basic strings may not hold control characters raw.
-    text = re.sub("[\x00-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", text)
-    return f'"{text}"'
+__all__ = [
+    "SECTIONS",
+    "TOP_LEVEL",
+    "TOP_LEVEL_FLAGS",
+    "ModelTraits",
+    "ParallelConfig",
+    "Runtime",
+    "Scenario",
+    "ScenarioError",
+    "Workload",
+    "scenario_from_dict",
+    "scenario_to_toml",
+]

@@ -96,7 +96,7 @@ def shared_routed_pairs(sim, rank: int) -> list[tuple[Step, Step]]:  # noqa: ANN
 
 
 def forbidden_reason(s: Scenario) -> str:
-    backend = s.effective_backend
+    backend = s.parallel.backend  # the engine decides on the configured name
     if s.use_fi_two_sided:
         return "FlashInfer NVLink two-sided kernels are in use (overlap must be off: no gain under DP, streams wasted)"
     return f"EPLB is on and {backend} is not EPLB-overlap safe"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scenarios import contain, layout
-from scenarios.ops import Ops
+from scenarios.ops import VIEW_ROWS_UNMODELED, Ops, trim_error, view_shape
 from scenarios.trace import (
     COLLECTIVE,
     COMPUTE,
@@ -170,6 +170,7 @@ class SimOps(Ops):
         buf: int | None = None,
         fresh: bool = False,
         rows_of: SimTensor | None = None,
+        writes: bool = True,
     ) -> SimTensor:
         accesses = self.sim.accesses
         for t in ins:
@@ -186,7 +187,8 @@ class SimOps(Ops):
             if t.rows_from < rows_from and _same_rows(t.value, value):
                 rows_from = t.rows_from
         out = SimTensor(shape, value, buf, st.index, version, rows_from)
-        accesses.append(Access(self.rank, st.index, buf, True))
+        if writes:  # a view only reads its buffer (its input access is recorded above)
+            accesses.append(Access(self.rank, st.index, buf, True))
         self.values[st.index] = value
         if not fresh:  # a fresh partial (one source, coefficient 1) cannot be wrong
             self.sim.checks.value(self, st, value)
@@ -315,10 +317,25 @@ class SimOps(Ops):
     def trim(self, x: SimTensor, width: int, name: str = "trim") -> SimTensor:
         x = self._tensor(x, name)
         width = self._int(width, name, "width")
-        # torch slicing x[..., :w] with w beyond the width is a silent no-op.
+        # Trimming past the width is the runner assuming a wider tensor than it
+        # holds (torch's slice would hide it): an error in both interpreters.
         shape = (x.shape[0], min(width, x.shape[-1]))
         st = self._step("trim", name, PADDING, (x,), shape, self.sim.view_us)
+        if width > x.shape[-1] or width <= 0:
+            self._shape_error(st, trim_error(x.shape, width))
         return self._new(st, shape, x.value, (x,), buf=x.buf)
+
+    def view(self, x: SimTensor, shape: tuple[int, ...], name: str = "view") -> SimTensor:
+        x = self._tensor(x, name)
+        if not isinstance(shape, tuple | list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise self._misuse(name, f"argument shape must be a tuple of ints, got {shape!r}")
+        out_shape, problem = view_shape(tuple(x.shape), tuple(shape))
+        st = self._step("view", name, PADDING, (x,), out_shape, self.sim.view_us)
+        if problem is not None:
+            self._shape_error(st, problem)
+        if out_shape[0] != x.shape[0]:
+            raise self._misuse(name, VIEW_ROWS_UNMODELED)
+        return self._new(st, out_shape, x.value, (x,), buf=x.buf, writes=False)
 
     def add(self, a: SimTensor, b: SimTensor, name: str = "add") -> SimTensor:
         a, b = self._tensor(a, name, "a"), self._tensor(b, name, "b")
@@ -387,8 +404,8 @@ class SimOps(Ops):
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
         if m.quantized_input:
             x = self._quantize_input(x)
-        width = m.kernel_width
-        shape = (x.shape[0], width)
+        width = s.kernel_width
+        shape = (x.shape[0], s.expert_output_width)
         pairs, active = self.sim.loads[self.rank]
         inter = m.moe_intermediate // s.moe_tp
         dur = experts_us(p, pairs, active, s.local_experts, width, inter)

@@ -79,9 +79,13 @@ def test_bad_toml_file(capsys, tmp_path):
     f.write_text("[model]\nhidden = 0\n")
     code, _, err = run(capsys, "simulate", str(f))
     assert code == 2 and "model.hidden: must be > 0" in err
+    # A token-routing backend without EP is ignored, as the engine does; show says so.
     f.write_text("[parallel]\ntp = 1\nbackend = \"deepep_low_latency\"\n")
+    code, out, _ = run(capsys, "show", str(f))
+    assert code == 0 and "backend deepep_low_latency ignored: needs parallel.ep" in out
+    f.write_text("[parallel]\ndp = 2\nep = true\nversion = \"previous\"\nbackend = \"deepep_v2\"\n")
     code, _, err = run(capsys, "show", str(f))
-    assert code == 2 and "parallel.backend" in err and "ep = true" in err
+    assert code == 2 and "parallel.backend: deepep_v2 exists in the newest version only" in err
 
 
 def test_timeline_export_and_width(capsys, tmp_path):

@@ -81,7 +81,9 @@ def test_reference_is_independent_of_parallelism():
     for kw in (dict(tp=2), dict(tp=2, ep=True), dict(tp=2, ep=True, backend="deepep_high_throughput")):
         other = ExactReference(scenario(dp=2, num_shared_experts=1, **kw))
         for d in range(2):
-            assert torch.equal(base.output(d), other.output(d)), kw
+            # DeepEP HT rounds the rows to 256 here: zero columns, but float64
+            # sums in another order, so equal to rounding, not bit for bit.
+            assert torch.allclose(base.output(d), other.output(d), rtol=0, atol=1e-13), kw
 
 
 def test_contract_rows_per_rank():

@@ -17,7 +17,9 @@ def test_validation_names_field_and_rule():
     assert bad(**{"model.top_k": 9}).startswith("model.top_k: top_k 9 > num_experts 8")
     assert "not divisible by moe_tp=3" in bad(**{"parallel.tp": 3})
     assert bad(**{"parallel.backend": "nccl_magic"}).startswith("parallel.backend: unknown backend")
-    assert "needs parallel.ep = true" in bad(**{"parallel.backend": "deepep_low_latency", "parallel.dp": 2})
+    # A token-routing backend without EP is ignored (as the engine does), not rejected.
+    ignored = Scenario().with_(**{"parallel.backend": "deepep_low_latency", "parallel.dp": 2})
+    assert ignored.parallel.backend_ignored and ignored.effective_backend == "allgather_reducescatter"
     assert bad(**{"runtime.profile": "tpu"}).startswith("runtime.profile: unknown profile")
     assert bad(**{"runtime.platform": "metal"}).startswith("runtime.platform")
     assert bad(**{"model.num_experts": -1}).startswith("model.num_experts")

@@ -43,6 +43,8 @@ def _candidates(s: Scenario) -> Iterator[dict[str, Any]]:
                "model.moe_hidden": (m.hidden + pad) if pad else None}
     if m.transform_nonlinear:
         yield {"model.transform_nonlinear": False}
+    if s.kernel_writes_unpadded:
+        yield {"kernel_writes_unpadded": False}
     if m.moe_hidden is not None:
         yield {"model.moe_hidden": None}
         if m.moe_hidden > m.routed_width + 8:

@@ -33,14 +33,14 @@ from scenarios import runners as _runners
 from scenarios.runners import MoERunner
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
-DROPPABLE_OPS = (*COLLECTIVES, "wait_event", "pad", "trim", "trim_rows")
+DROPPABLE_OPS = (*COLLECTIVES, "wait_event", "pad", "trim", "trim_rows", "view")
 # Methods holding the program (ops are issued here); the rest are decisions.
 PROGRAM_METHODS = ("model_forward", "forward", "routed_path", "overlapped_routed_path",
                    "routed_input", "shared_before_routed", "shared_after_routed_path", "run_shared",
                    "launch_shared_on_aux", "finish_routed", "join_outputs", "trim_output",
                    "final_reduce", "maybe_reduce_shared", "next_layer_fused_reduce")
 NOT_DECISIONS = ("__init__", "process_weights", "shared_input", "decide_order",
-                 "shared_inside_routed", "before_aux_fork", "declared_output_width",
+                 "shared_inside_routed", "before_aux_fork",
                  *(m for m in PROGRAM_METHODS if m != "maybe_reduce_shared"))
 
 
@@ -81,10 +81,14 @@ KNOWN_EQUIVALENT: dict[str, str] = {
         "reduce either way), and with tp = 1 every reduction it skips is over a one-rank tp group"
     ),
     "M_dropcond_needs_final_reduce_2": _ONE_RANK,
-    "M_dropcond_needs_pre_transform_reduce_4": _ONE_RANK,
+    "M_dropcond_needs_pre_transform_reduce_5": _ONE_RANK,
     "M_dropcond_needs_pre_transform_reduce_1": (
         "transform_nonlinear implies has_transform (the spec rejects a non-linear transform "
         "without latent_dim)"
+    ),
+    "M_dropcond_routed_output_padded_1": (
+        "without padding every trim it adds keeps the shape (the routed output already has "
+        "the routed width) and the declared width is the kernel width = hidden"
     ),
     "M_dropcond_order_mk_1": (
         "without all-to-all kernels the effective backend is `none` or allgather_reducescatter, "
@@ -507,7 +511,7 @@ def behaviour(trace: Any) -> tuple[Any, ...]:
     def effective(st: Any) -> bool:
         if st.category in (LIFECYCLE, DECISION):
             return False
-        if st.op in ("pad", "trim", "trim_rows") and st.in_shapes and st.out_shape is not None:
+        if st.op in ("pad", "trim", "trim_rows", "view") and st.in_shapes and st.out_shape is not None:
             return tuple(st.in_shapes[0]) != tuple(st.out_shape)
         if st.group is not None and len(st.group) == 1:
             return False

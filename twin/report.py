@@ -64,7 +64,22 @@ def scenario_panel(s: Scenario) -> RenderableType:
     t.add_row("shape", Text(printable(s.summary_line())))
     derived = ", ".join(f"{k}={v}" for k, v in s.derived().items())
     t.add_row("derived", Text(printable(derived)))
+    for note in scenario_notes(s):
+        t.add_row("note", Text(printable(note)))
     return t
+
+
+def scenario_notes(s: Scenario) -> list[str]:
+    """One line per engine rule that changes the configuration as written."""
+    notes = []
+    backend = s.parallel.backend
+    if s.parallel.backend_ignored:
+        notes.append(f"backend {backend} ignored: needs parallel.ep")
+    bw = s.backend_width
+    if bw is not None and bw != s.model.routed_width:
+        notes.append(f"backend {backend} rounds the routed rows {s.model.routed_width} -> {bw}; "
+                     f"the routed kernel works in width {s.kernel_width}")
+    return notes
 
 
 def show_scenario(s: Scenario) -> RenderableType:
