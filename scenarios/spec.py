@@ -210,16 +210,28 @@ class Runtime:
 
 @dataclass(frozen=True)
 class Workload:
-    tokens: int = 8  # tokens per DP rank (decode batch or prefill chunk)
+    # Tokens per DP rank (decode batch or prefill chunk): one int for every DP
+    # rank, or one count per DP rank (a list in TOML, kept as a tuple).
+    tokens: int | tuple[int, ...] = 8
     seed: int = 0
     skew: float = 0.0  # 0 = uniform routing; towards 1 = a few hot experts
 
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, list):  # TOML arrays; a tuple keeps the scenario hashable
+            object.__setattr__(self, "tokens", tuple(self.tokens))
+
     def validate(self) -> None:
-        _positive("workload.tokens", self.tokens)
-        if self.tokens > MAX_TOKENS:
-            raise ScenarioError(
-                "workload.tokens", f"at most {MAX_TOKENS} tokens per rank (a large prefill chunk), got {self.tokens}"
-            )
+        counts = self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
+        if not counts:
+            raise ScenarioError("workload.tokens", "a list needs one count per DP rank, got []")
+        for i, t in enumerate(counts):
+            where = f"workload.tokens[{i}]" if isinstance(self.tokens, tuple) else "workload.tokens"
+            # An idle DP rank (0 tokens) is refused: every path would need empty tensors.
+            _positive(where, t)
+            if t > MAX_TOKENS:
+                raise ScenarioError(
+                    where, f"at most {MAX_TOKENS} tokens per rank (a large prefill chunk), got {t}"
+                )
         if not 0.0 <= self.skew < 1.0:
             raise ScenarioError("workload.skew", f"must be in [0, 1), got {self.skew}")
 
@@ -250,10 +262,16 @@ class Scenario:
         if not isinstance(self.runner, str) or not self.runner:
             raise ScenarioError("runner", "must be a non-empty runner name or module:Class")
         m, p = self.model, self.parallel
-        total = self.workload.tokens * p.dp
-        if total > MAX_TOTAL_TOKENS:
+        tokens = self.workload.tokens
+        if isinstance(tokens, tuple) and len(tokens) != p.dp:
             raise ScenarioError(
-                "workload.tokens", f"at most {MAX_TOTAL_TOKENS} tokens over all DP ranks, got {self.workload.tokens} x {p.dp} = {total}"
+                "workload.tokens", f"a list needs one count per DP rank: {len(tokens)} counts for dp={p.dp}"
+            )
+        total = self.total_tokens
+        if total > MAX_TOTAL_TOKENS:
+            how = f"{tokens} x {p.dp}" if isinstance(tokens, int) else "+".join(map(str, tokens))
+            raise ScenarioError(
+                "workload.tokens", f"at most {MAX_TOTAL_TOKENS} tokens over all DP ranks, got {how} = {total}"
             )
         if total * m.top_k > MAX_ROUTED_PAIRS:
             raise ScenarioError(
@@ -317,14 +335,47 @@ class Scenario:
             return "allgather_reducescatter"
         return "none"
 
+    # ---- tokens per DP rank (every consumer asks these, never workload.tokens) ----
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        """Tokens of each DP rank (workload.tokens as one count per DP rank)."""
+        t = self.workload.tokens
+        return t if isinstance(t, tuple) else (t,) * self.parallel.dp
+
+    def dp_tokens(self, d: int) -> int:
+        """Tokens the model hands DP rank d's layer."""
+        return self.token_counts[d]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    @property
+    def uneven_tokens(self) -> bool:
+        return len(set(self.token_counts)) > 1
+
+    def layer_rows(self, d: int) -> int:
+        """Token rows each rank of DP rank d holds inside the layer (its SP
+        slice, ceil(T_d / tp), or all T_d tokens without SP)."""
+        t = self.dp_tokens(d)
+        return -(-t // self.parallel.tp) if self.sp else t
+
+    def rank_rows(self, rank: int) -> int:
+        """layer_rows of a world rank's DP rank."""
+        return self.layer_rows(self.coords(rank)[0])
+
+    def group_rows(self, kind: str, rank: int) -> tuple[int, ...]:
+        """Layer rows of each member of `rank`'s group, in group order: the
+        `sizes` a runner passes to Ops.reduce_scatterv to undo an all_gatherv
+        of the members' layer tokens."""
+        return tuple(self.rank_rows(m) for m in self.group(kind, rank))
+
     @property
     def sp_tokens(self) -> int:
-        """Token rows each rank holds inside the layer (SP slices, padded to tp)."""
-        t = self.workload.tokens
-        if not self.sp:
-            return t
-        tp = self.parallel.tp
-        return -(-t // tp)
+        """Token rows a rank holds inside the layer (SP slices, padded to tp);
+        with uneven DP tokens the most any rank holds (see layer_rows)."""
+        return max(self.layer_rows(d) for d in range(self.parallel.dp))
 
     @property
     def local_experts(self) -> int:
@@ -396,6 +447,7 @@ class Scenario:
             "padded": self.model.padded,
             "kernel_width": self.model.kernel_width,
             "rows_per_rank": self.sp_tokens,
+            "rows_per_dp_rank": [self.layer_rows(d) for d in range(self.parallel.dp)],
             "local_experts": self.local_experts,
             "kernel": self.kernel_choice,
             "profile": self.cost_profile,
@@ -422,7 +474,11 @@ class Scenario:
             shape += f" shared={m.num_shared_experts}"
         rt = self.runtime
         plat = rt.platform + ("+aux" if rt.aux_stream else "")
-        return f"{shape}; {' '.join(bits)}; {plat}; T={self.workload.tokens}"
+        return f"{shape}; {' '.join(bits)}; {plat}; T={self._tokens_label()}"
+
+    def _tokens_label(self) -> str:
+        t = self.workload.tokens
+        return str(t) if isinstance(t, int) else "[" + ",".join(map(str, t)) + "]"
 
 
 SECTIONS = {
@@ -469,7 +525,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         if "None" not in ann:
             raise ScenarioError(name, "must not be empty")
         return
-    if ann.startswith("int"):
+    if "tuple" in ann:  # an int, or a list of them (checked by validate)
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    elif ann.startswith("int"):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif ann.startswith("float"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -480,7 +539,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
     else:
         ok = True
     if not ok:
-        raise ScenarioError(name, f"must be {ann.split(' ')[0]}, got {value!r}")
+        what = "an int or a list of ints" if "tuple" in ann else ann.split(" ")[0]
+        raise ScenarioError(name, f"must be {what}, got {value!r}")
 
 
 def scenario_to_toml(s: Scenario) -> str:
@@ -505,6 +565,8 @@ def scenario_to_toml(s: Scenario) -> str:
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, (int, float)):
         return repr(v)
     text = str(v).replace("\\", "\\\\").replace('"', '\\"')

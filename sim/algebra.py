@@ -361,6 +361,16 @@ def reduce_scatter(values: Sequence[Value], index: int) -> Value:
     return add(parts, own=index)
 
 
+def reduce_scatterv(values: Sequence[Value], sizes: Sequence[int]) -> list[Value]:
+    """Member i keeps rows [sum(sizes[:i]), +sizes[i]) of the sum (sizes
+    given per member, summing to the rows of every value)."""
+    out, start = [], 0
+    for i, n in enumerate(sizes):
+        out.append(add([split_rows(v, start, start + n) for v in values], own=i))
+        start += n
+    return out
+
+
 def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:
     """reduce_scatter(values, i) for every member i, sharing the work: when
     every member's value has the same row layout (the usual case), each

@@ -304,7 +304,7 @@ class Checks:
     def _tokens_check(self, ops: SimOps, st: Step, x: SimTensor) -> None:
         s = self.scenario
         blocks = x.value.blocks
-        if len(blocks) == 1 and blocks[0].key == f"d{ops.d}" and blocks[0].rows == s.workload.tokens:
+        if len(blocks) == 1 and blocks[0].key == f"d{ops.d}" and blocks[0].rows == s.dp_tokens(ops.d):
             return  # all of this DP rank's tokens, in order (the common case)
         got: list[tuple[int, int]] = []
         for b in x.value.blocks:
