@@ -13,7 +13,7 @@ On CUDA it is skipped (it would synchronise the host with the device).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,8 +28,9 @@ from scenarios.trace import COLLECTIVE
 
 # Collective kinds as the simulator names them (dispatch/combine without token
 # routing are an all-gather / a reduce-scatter there too).
-_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch_a2a", "combine_a2a")
-_SHAPED = ("all_reduce", "all_gather", "reduce_scatter")  # a2a rows differ per rank by design
+_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch_a2a", "combine_a2a", "all_gatherv", "reduce_scatterv")
+_SHAPED = ("all_reduce", "all_gather", "reduce_scatter", "reduce_scatterv")  # a2a rows differ per rank by design
+_WIDTH_ONLY = ("all_gatherv",)  # rows may differ per member, the width may not
 
 
 class CommOps:
@@ -79,7 +80,8 @@ class CommOps:
                 raise OpsShapeError("ranks disagree on the collective: " + ", ".join(
                     f"rank {m} {_KINDS[k]}" for m, (k, *_) in zip(members, seen)))
             shapes = [d[2 : 2 + d[1]] for d in seen]
-            if kind in _SHAPED and len({tuple(x) for x in shapes}) > 1:
+            keyed = [tuple(x[1:]) for x in shapes] if kind in _WIDTH_ONLY else [tuple(x) for x in shapes]
+            if (kind in _SHAPED or kind in _WIDTH_ONLY) and len(set(keyed)) > 1:
                 raise OpsShapeError("ranks disagree on the shape: " + ", ".join(
                     f"rank {m} {x}" for m, x in zip(members, shapes)))
 
@@ -114,6 +116,61 @@ class CommOps:
         chunk = v.shape[0] // n
         return total[i * chunk : (i + 1) * chunk].clone()
 
+    def _all_gatherv(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        """Stand-in for all_gatherv (gloo has none): exchange the row counts,
+        pad every member to the largest, all-gather, drop the padding rows."""
+        if len(members) == 1:
+            return v.clone()
+        pg = self._pg(members)
+        mine = torch.tensor([v.shape[0]], dtype=torch.int64)
+        counts = [torch.empty_like(mine) for _ in members]
+        self._dist(dist.all_gather, counts, mine, group=pg)
+        rows = [int(c) for c in counts]
+        if len(set(rows)) == 1:
+            return self._all_gather(v, members)
+        self.stand_ins.add("all_gatherv on gloo: pad to the largest member, all-gather, unpad (a stand-in)")
+        top = max(rows)
+        padded = torch.zeros((top, *v.shape[1:]), dtype=v.dtype, device=v.device)
+        padded[: v.shape[0]] = v
+        parts = [torch.empty_like(padded) for _ in members]
+        self._dist(dist.all_gather, parts, padded, group=pg)
+        return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)], dim=0)
+
+    def _reduce_scatterv(self, v: torch.Tensor, sizes: tuple[int, ...], members: tuple[int, ...]) -> torch.Tensor:
+        """Stand-in for reduce_scatterv (gloo has none): all-reduce, then keep
+        this member's rows. The members' sizes are exchanged and must agree."""
+        n = len(members)
+        if len(sizes) != n or any(k < 0 for k in sizes) or sum(sizes) != v.shape[0]:
+            raise OpsShapeError(f"reduce_scatterv sizes {list(sizes)} do not split {v.shape[0]} rows over {n} ranks")
+        if len(set(sizes)) == 1:
+            return self._reduce_scatter(v, members)
+        if n > 1:
+            mine = torch.tensor(sizes, dtype=torch.int64)
+            seen = [torch.empty_like(mine) for _ in members]
+            self._dist(dist.all_gather, seen, mine, group=self._pg(members))
+            if len({tuple(x.tolist()) for x in seen}) > 1:
+                raise OpsShapeError("ranks disagree on reduce_scatterv sizes: " + ", ".join(
+                    f"rank {m} {x.tolist()}" for m, x in zip(members, seen)))
+        self.stand_ins.add("reduce_scatterv on gloo: all-reduce then this rank's rows (a stand-in)")
+        total = self._all_reduce(v, members)
+        i = members.index(self.rank)
+        start = sum(sizes[:i])
+        return total[start : start + sizes[i]].clone()
+
+    def all_gatherv(self, x: RealTensor, group: str = "dp", name: str = "all_gatherv") -> RealTensor:
+        g = self._group(group, name)
+        return self._op("all_gatherv", name, COLLECTIVE, (x,), lambda v: self._all_gatherv(v, g), group=g,
+                        agree=self._agreement("all_gatherv", g))
+
+    def reduce_scatterv(self, x: RealTensor, sizes: Sequence[int], group: str = "dp", name: str = "reduce_scatterv") -> RealTensor:
+        g = self._group(group, name)
+        if not isinstance(sizes, Sequence) or isinstance(sizes, str) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in sizes):
+            raise OpsUsageError(f"{name}: argument sizes must be a sequence of ints, got {sizes!r}")
+        sz = tuple(sizes)
+        return self._op("reduce_scatterv", name, COLLECTIVE, (x,), lambda v: self._reduce_scatterv(v, sz, g), group=g,
+                        agree=self._agreement("reduce_scatterv", g))
+
     def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
         g = self._group(group, name)
         return self._op("all_reduce", name, COLLECTIVE, (x,), lambda v: self._all_reduce(v, g), group=g,
@@ -142,6 +199,7 @@ class CommOps:
             try:
                 self._fi = FlashInferA2A(
                     s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
+                    # Capacity: the most rows any rank sends (DP ranks may hold different counts).
                     s.model.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
                 )
                 self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
@@ -159,9 +217,9 @@ class CommOps:
         library = self._flashinfer(members) if token_routing else None
 
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            if not token_routing:
-                xd = self._all_gather(v, members)
-                state["routing"] = self._all_gather(r, members)
+            if not token_routing:  # the naive gather: every member's own rows
+                xd = self._all_gatherv(v, members)
+                state["routing"] = self._all_gatherv(r, members)
                 return xd
             if library is not None:
                 from real.flashinfer_a2a import join_routing, split_routing
@@ -181,7 +239,7 @@ class CommOps:
                 f"combine sums one row per contributing rank in fp32){why}"
             )
         out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members,
-                       agree=self._agreement("dispatch_a2a" if token_routing else "all_gather", members))
+                       agree=self._agreement("dispatch_a2a" if token_routing else "all_gatherv", members))
         out.extra["state"] = state
         rh = RealTensor((), out.step, out.stream)
 
@@ -232,9 +290,12 @@ class CommOps:
                 break
         del source
 
+        # Each member gets back its own layer rows (the DP metadata's counts).
+        sizes = tuple(self.scenario.rank_rows(m) for m in members)
+
         def fn(v: torch.Tensor) -> torch.Tensor:
             if not token_routing:
-                return self._reduce_scatter(v, members)
+                return self._reduce_scatterv(v, sizes, members)
             if state is not None and "fi" in state and self._fi is not None:
                 return self._fi.combine(v, state["fi"])
             if state is None or "order" not in state:
@@ -246,4 +307,4 @@ class CommOps:
             return out.to(v.dtype)
 
         return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members,
-                        agree=self._agreement("combine_a2a" if token_routing else "reduce_scatter", members))
+                        agree=self._agreement("combine_a2a" if token_routing else "reduce_scatterv", members))

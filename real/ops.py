@@ -328,7 +328,7 @@ class RealOps(CommOps, Ops):
         return self._op("trim_rows", name, PADDING, (x,), lambda v: v[:rows])
 
     def layer_output(self, x: RealTensor, name: str = "layer_output") -> RealTensor:
-        expected = (self.scenario.workload.tokens, self.scenario.model.hidden)
+        expected = (self.scenario.dp_tokens(self.d), self.scenario.model.hidden)
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if tuple(v.shape) != expected:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from real.model import LayerWeights, layer_input, mlp
 from scenarios.spec import Scenario
-from scenarios.workload import owned_tokens, routing
+from scenarios.workload import owned_tokens, routing, token_offsets
 
 Route = tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]  # routing(s)[d]
 
@@ -99,13 +99,13 @@ class ExactReference:
         return mlp(x, w13.double(), w2.double())
 
     def _pairs(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """expert -> (rows into the stacked [dp*T] tokens, routing weights)."""
-        T = self.s.workload.tokens
+        """expert -> (rows into the stacked [total tokens] tokens, routing weights)."""
+        off = token_offsets(self.s)
         by_expert: dict[int, list[tuple[int, float]]] = {}
         for d, toks in enumerate(self.route):
             for tok, (ids, wts) in enumerate(toks):
                 for e, w in zip(ids, wts):
-                    by_expert.setdefault(e, []).append((d * T + tok, w))
+                    by_expert.setdefault(e, []).append((off[d] + tok, w))
         return {
             e: (torch.tensor([r for r, _ in v], dtype=torch.int64),
                 torch.tensor([w for _, w in v], dtype=torch.float64))
@@ -114,18 +114,19 @@ class ExactReference:
 
     def _routed_pass(self) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
         s = self.s
-        T, dp, kw = s.workload.tokens, s.parallel.dp, s.model.kernel_width
+        dp, kw, off = s.parallel.dp, s.model.kernel_width, token_offsets(s)
+        n = s.total_tokens
         xr = torch.cat(self.routed_in)
-        total = torch.zeros(dp * T, kw, dtype=torch.float64)
-        ep = {f"ep{r}": torch.zeros(dp * T, kw, dtype=torch.float64) for r in range(s.world)} if s.parallel.ep else {}
+        total = torch.zeros(n, kw, dtype=torch.float64)
+        ep = {f"ep{r}": torch.zeros(n, kw, dtype=torch.float64) for r in range(s.world)} if s.parallel.ep else {}
         for e, (rows, w) in self._pairs().items():
             w13, w2 = self.weights.expert(e, cache=False)
             y = w[:, None] * mlp(xr[rows], w13.double(), w2.double())
             total.index_add_(0, rows, y)
             if ep:
                 ep[f"ep{e // s.local_experts}"].index_add_(0, rows, y)
-        parts = {d: {k: v[d * T : (d + 1) * T] for k, v in ep.items()} for d in range(dp)} if ep else {}
-        return [total[d * T : (d + 1) * T] for d in range(dp)], parts
+        parts = {d: {k: v[off[d] : off[d + 1]] for k, v in ep.items()} for d in range(dp)} if ep else {}
+        return [total[off[d] : off[d + 1]] for d in range(dp)], parts
 
     # ---- what a rank must return ----
 
@@ -155,11 +156,11 @@ class ExactReference:
 
     def _tp_partials(self) -> dict[int, dict[str, torch.Tensor]]:
         s = self.s
-        T, dp, kw, n = s.workload.tokens, s.parallel.dp, s.model.kernel_width, s.moe_tp
+        dp, kw, n, off = s.parallel.dp, s.model.kernel_width, s.moe_tp, token_offsets(s)
         inter = s.model.moe_intermediate
         per = inter // n
         xr = torch.cat(self.routed_in)
-        parts = [torch.zeros(dp * T, kw, dtype=torch.float64) for _ in range(n)]
+        parts = [torch.zeros(s.total_tokens, kw, dtype=torch.float64) for _ in range(n)]
         for e, (rows, w) in self._pairs().items():
             w13, w2 = self.weights.expert(e, cache=False)
             h = xr[rows] @ w13.double().t()
@@ -167,7 +168,7 @@ class ExactReference:
             for r in range(n):
                 sl = slice(r * per, (r + 1) * per)
                 parts[r].index_add_(0, rows, w[:, None] * (act[:, sl] @ w2.double()[:, sl].t()))
-        return {d: {f"tp{r}": parts[r][d * T : (d + 1) * T] for r in range(n)} for d in range(dp)}
+        return {d: {f"tp{r}": parts[r][off[d] : off[d + 1]] for r in range(n)} for d in range(dp)}
 
 
 @contextmanager
