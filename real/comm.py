@@ -24,13 +24,16 @@ from real.streams import RealTensor, StreamThread
 from scenarios.backends import backend_info
 from scenarios.ops import OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
-from scenarios.trace import COLLECTIVE
+from scenarios.trace import COLLECTIVE, Step
 
 # Collective kinds as the simulator names them (dispatch/combine without token
 # routing are an all-gather / a reduce-scatter there too).
 _KINDS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch_a2a", "combine_a2a", "all_gatherv", "reduce_scatterv")
 _SHAPED = ("all_reduce", "all_gather", "reduce_scatter", "reduce_scatterv")  # a2a rows differ per rank by design
 _WIDTH_ONLY = ("all_gatherv",)  # rows may differ per member, the width may not
+# gloo (and torch.distributed's equal-size collectives) have no v-variants.
+_GATHERV = "pad every member to the largest, all-gather, unpad (gloo has no all_gatherv)"
+_SCATTERV = "all-reduce, then keep this member's rows (gloo has no reduce_scatterv)"
 
 
 class CommOps:
@@ -40,6 +43,7 @@ class CommOps:
     rank: int
     groups: dict[tuple[int, ...], Any]
     tensors: dict[int, RealTensor]
+    steps: list[Step]
     stand_ins: set[str]
     cuda: bool
     _fi: Any
@@ -128,7 +132,7 @@ class CommOps:
         rows = [int(c) for c in counts]
         if len(set(rows)) == 1:
             return self._all_gather(v, members)
-        self.stand_ins.add("all_gatherv on gloo: pad to the largest member, all-gather, unpad (a stand-in)")
+        self.stand_ins.add(f"all_gatherv: {_GATHERV}")
         top = max(rows)
         padded = torch.zeros((top, *v.shape[1:]), dtype=v.dtype, device=v.device)
         padded[: v.shape[0]] = v
@@ -151,16 +155,22 @@ class CommOps:
             if len({tuple(x.tolist()) for x in seen}) > 1:
                 raise OpsShapeError("ranks disagree on reduce_scatterv sizes: " + ", ".join(
                     f"rank {m} {x.tolist()}" for m, x in zip(members, seen)))
-        self.stand_ins.add("reduce_scatterv on gloo: all-reduce then this rank's rows (a stand-in)")
+        self.stand_ins.add(f"reduce_scatterv: {_SCATTERV}")
         total = self._all_reduce(v, members)
         i = members.index(self.rank)
         start = sum(sizes[:i])
         return total[start : start + sizes[i]].clone()
 
+    def _stand_in_detail(self, out: RealTensor, what: str) -> RealTensor:
+        """Name the stand-in in the step's detail (timeline, export)."""
+        self.steps[out.step].detail = f"stand-in: {what}"
+        return out
+
     def all_gatherv(self, x: RealTensor, group: str = "dp", name: str = "all_gatherv") -> RealTensor:
         g = self._group(group, name)
-        return self._op("all_gatherv", name, COLLECTIVE, (x,), lambda v: self._all_gatherv(v, g), group=g,
-                        agree=self._agreement("all_gatherv", g))
+        out = self._op("all_gatherv", name, COLLECTIVE, (x,), lambda v: self._all_gatherv(v, g), group=g,
+                       agree=self._agreement("all_gatherv", g))
+        return self._stand_in_detail(out, _GATHERV)
 
     def reduce_scatterv(self, x: RealTensor, sizes: Sequence[int], group: str = "dp", name: str = "reduce_scatterv") -> RealTensor:
         g = self._group(group, name)
@@ -168,8 +178,9 @@ class CommOps:
                 isinstance(k, int) and not isinstance(k, bool) for k in sizes):
             raise OpsUsageError(f"{name}: argument sizes must be a sequence of ints, got {sizes!r}")
         sz = tuple(sizes)
-        return self._op("reduce_scatterv", name, COLLECTIVE, (x,), lambda v: self._reduce_scatterv(v, sz, g), group=g,
-                        agree=self._agreement("reduce_scatterv", g))
+        out = self._op("reduce_scatterv", name, COLLECTIVE, (x,), lambda v: self._reduce_scatterv(v, sz, g), group=g,
+                       agree=self._agreement("reduce_scatterv", g))
+        return self._stand_in_detail(out, _SCATTERV)
 
     def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
         g = self._group(group, name)
@@ -241,6 +252,8 @@ class CommOps:
         out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members,
                        agree=self._agreement("dispatch_a2a" if token_routing else "all_gatherv", members))
         out.extra["state"] = state
+        if not token_routing:
+            self._stand_in_detail(out, f"all_gatherv: {_GATHERV}")
         rh = RealTensor((), out.step, out.stream)
 
         # The dispatched routing is produced by the same step.
@@ -306,5 +319,6 @@ class CommOps:
             out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
             return out.to(v.dtype)
 
-        return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members,
-                        agree=self._agreement("combine_a2a" if token_routing else "reduce_scatterv", members))
+        out = self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members,
+                       agree=self._agreement("combine_a2a" if token_routing else "reduce_scatterv", members))
+        return out if token_routing else self._stand_in_detail(out, f"reduce_scatterv: {_SCATTERV}")

@@ -14,6 +14,10 @@ decision logic chooses multi-stream overlap) is kept apart from the
   contributing rank in fp32, as those libraries' combine does.
 - gloo has no reduce-scatter: it is an all-reduce followed by taking this
   rank's chunk (same result, more traffic).
+- nor all_gatherv / reduce_scatterv (row counts that differ per member, e.g.
+  the naive DP dispatch/combine with uneven tokens per DP rank): the members
+  exchange row counts, pad to the largest, all-gather and unpad; and
+  all-reduce, then keep this member's rows. Named in the step's detail.
 - the custom-op boundary check stands in for torch.compile's fake-tensor
   shape assertion.
 
