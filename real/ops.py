@@ -46,7 +46,7 @@ from real.streams import RealEvent, RealTensor, StreamThread
 from scenarios import contain
 from scenarios.ops import Ops, OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
-from scenarios.trace import COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
+from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
 from scenarios.workload import rank_token_ids, routing
 
 MODEL = "model"
@@ -229,7 +229,8 @@ class RealOps(CommOps, Ops):
         hint = self.predicted_shapes.get(st.index, ())
         sp = space or next((t.space for t in ins if isinstance(t, RealTensor) and t.space != "native"), "native")
         out = RealTensor(hint, st.index, st.stream, sp)
-        if op == "router":
+        # A routing handle (and a collective of one) reports [rows, top_k] like the simulator's.
+        if op == "router" or (category == COLLECTIVE and ins and ins[0].extra.get("routing")):
             out.extra["routing"] = True
         self.tensors[st.index] = out
 

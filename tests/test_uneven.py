@@ -224,7 +224,7 @@ def test_real_fixed_matches_the_reference_on_uneven(scenario):
     res = check(scenario, "fixed", timeout_s=120)
     assert len(res.real.output_checks) == scenario.world
     assert all(c.correct for c in res.real.output_checks.values()), [c.to_dict() for c in res.real.output_checks.values()]
-    assert res.agree and not res.verdicts
+    assert res.divergence is None and res.agree and not res.verdicts
 
 
 @pytest.mark.slow
@@ -233,8 +233,9 @@ def test_real_clean_on_correct_uneven_runner(cls, scenario):
     from twin.crosscheck import check
 
     res = check(scenario, _spec(cls), timeout_s=120)
+    assert len(res.real.output_checks) == scenario.world
     assert all(c.correct for c in res.real.output_checks.values()), [c.to_dict() for c in res.real.output_checks.values()]
-    assert res.agree and not res.verdicts
+    assert res.divergence is None and res.agree and not res.verdicts
     steps = res.real.steps[0]
     assert any(st.op == "reduce_scatterv" and st.detail.startswith("stand-in:") for st in steps)
 
