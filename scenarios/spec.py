@@ -8,8 +8,7 @@ only here, following docs/runner_semantics.md.
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from scenarios.backends import BACKENDS, backend_info, sp_backends
@@ -481,95 +480,10 @@ class Scenario:
         return str(t) if isinstance(t, int) else "[" + ",".join(map(str, t)) + "]"
 
 
-SECTIONS = {
-    "model": ModelTraits,
-    "parallel": ParallelConfig,
-    "runtime": Runtime,
-    "workload": Workload,
-}
-TOP_LEVEL = ("name", "summary", "kernel", "runner")
+# TOML reading and writing live in scenarios/spec_toml.py; importable from here.
+from scenarios.spec_toml import SECTIONS, TOP_LEVEL, scenario_from_dict, scenario_to_toml  # noqa: E402
 
-
-def scenario_from_dict(data: dict[str, Any], default_name: str = "scenario") -> Scenario:
-    """Build a Scenario from a TOML-shaped dict, rejecting unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ScenarioError("scenario", "must be a table")
-    kwargs: dict[str, Any] = {"name": default_name}
-    for key, value in data.items():
-        if key in SECTIONS:
-            cls = SECTIONS[key]
-            if not isinstance(value, dict):
-                raise ScenarioError(key, "must be a table")
-            known = {f.name: f for f in fields(cls)}
-            for sub, subval in value.items():
-                if sub not in known:
-                    raise ScenarioError(
-                        f"{key}.{sub}", f"unknown field (known: {', '.join(known)})"
-                    )
-                _check_type(f"{key}.{sub}", subval, known[sub].type)
-            kwargs[key] = cls(**value)
-        elif key in TOP_LEVEL:
-            if not isinstance(value, str):
-                raise ScenarioError(key, f"must be a string, got {value!r}")
-            kwargs[key] = value
-        else:
-            raise ScenarioError(
-                key, f"unknown field (known: {', '.join(TOP_LEVEL + tuple(SECTIONS))})"
-            )
-    return Scenario(**kwargs)
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    ann = str(annotation)
-    if value is None:
-        if "None" not in ann:
-            raise ScenarioError(name, "must not be empty")
-        return
-    if "tuple" in ann:  # an int, or a list of them (checked by validate)
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-    elif ann.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif ann.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif ann.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif ann.startswith("str"):
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        what = "an int or a list of ints" if "tuple" in ann else ann.split(" ")[0]
-        raise ScenarioError(name, f"must be {what}, got {value!r}")
-
-
-def scenario_to_toml(s: Scenario) -> str:
-    """Serialise a Scenario as TOML that scenario_from_dict reads back."""
-    lines = [f"name = {_toml_value(s.name)}"]
-    if s.summary:
-        lines.append(f"summary = {_toml_value(s.summary)}")
-    lines.append(f"runner = {_toml_value(s.runner)}")
-    lines.append(f"kernel = {_toml_value(s.kernel)}")
-    for section, cls in SECTIONS.items():
-        lines.append("")
-        lines.append(f"[{section}]")
-        obj = getattr(s, section)
-        for f in fields(cls):
-            value = getattr(obj, f.name)
-            if value is None:
-                continue
-            lines.append(f"{f.name} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, tuple | list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    text = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    # TOML basic strings may not hold control characters raw.
-    text = re.sub("[\x00-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", text)
-    return f'"{text}"'
+__all__ = [
+    "SECTIONS", "TOP_LEVEL", "ModelTraits", "ParallelConfig", "Runtime", "Scenario", "ScenarioError",
+    "Workload", "scenario_from_dict", "scenario_to_toml",
+]
