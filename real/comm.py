@@ -210,8 +210,10 @@ class CommOps:
             try:
                 self._fi = FlashInferA2A(
                     s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
-                    # Capacity: the most rows any rank sends (DP ranks may hold different counts).
-                    s.model.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
+                    # Capacity: the static one if set, else the most rows any rank sends
+                    # (DP ranks may hold different counts).
+                    s.model.kernel_width, s.parallel.max_dispatch_tokens or s.sp_tokens, torch.float32,
+                    group=self._pg(members),
                 )
                 self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
             except A2AUnavailable as exc:

@@ -149,6 +149,10 @@ class ParallelConfig:
     # Which engine version's SP backend list applies (runner_semantics.md):
     # deepep_v2 and flashinfer_nvlink_one_sided are SP only in the newest.
     version: str = "newest"
+    # Static per-rank dispatch capacity (e.g. DeepEP low-latency's max dispatch
+    # tokens per rank, 128 in engines by default), fixed when the buffers are
+    # built. None: sized at run time from the gathered counts.
+    max_dispatch_tokens: int | None = None
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
@@ -166,6 +170,8 @@ class ParallelConfig:
             raise ScenarioError(
                 "parallel", f"at most {MAX_WORLD} ranks (tp x dp), got {self.tp} x {self.dp} = {self.tp * self.dp}"
             )
+        if self.max_dispatch_tokens is not None:
+            _positive("parallel.max_dispatch_tokens", self.max_dispatch_tokens)
         if self.eplb and not self.ep:
             raise ScenarioError("parallel.eplb", "EPLB needs expert parallelism (parallel.ep = true)")
         if backend_info(self.backend).token_routing and not self.ep:
@@ -277,6 +283,7 @@ class Scenario:
                 "workload.tokens",
                 f"at most {MAX_ROUTED_PAIRS} routed token-expert pairs (tokens x dp x top_k), got {total * m.top_k}",
             )
+        self._check_dispatch_capacity()
         if m.moe_intermediate % self.moe_tp:
             raise ScenarioError(
                 "parallel.tp",
@@ -291,6 +298,21 @@ class Scenario:
             raise ScenarioError(
                 "parallel.tp",
                 f"shared intermediate {m.shared_inter} is not divisible by tp={p.tp}",
+            )
+
+    def _check_dispatch_capacity(self) -> None:
+        """A rank dispatching more rows than the static capacity is the
+        engine's error (its buffers cannot hold the batch), not a runner
+        decision: refused here, as neither interpreter could run it."""
+        cap = self.parallel.max_dispatch_tokens
+        if cap is None or self.effective_backend == "none":
+            return
+        d = max(range(self.parallel.dp), key=self.layer_rows)
+        if self.layer_rows(d) > cap:
+            raise ScenarioError(
+                "parallel.max_dispatch_tokens",
+                f"DP rank {d} dispatches {self.layer_rows(d)} rows per rank, more than the static capacity "
+                f"{cap} (the engine's dispatch buffers cannot hold them)",
             )
 
     # ---- derived quantities (runner_semantics.md, "Parallel configuration") ----

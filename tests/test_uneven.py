@@ -69,6 +69,36 @@ def test_bad_token_lists_are_refused_by_name(data, field):
     assert err.value.field_name == field and "\n" not in str(err.value)
 
 
+def test_static_dispatch_capacity_refuses_a_larger_batch():
+    ll = {"dp": 2, "ep": True, "backend": "deepep_low_latency", "max_dispatch_tokens": 128}
+    with pytest.raises(ScenarioError) as err:
+        scenario_from_dict({"parallel": ll, "workload": {"tokens": [200, 3]}})
+    assert err.value.field_name == "parallel.max_dispatch_tokens" and "DP rank 0 dispatches 200" in str(err.value)
+    ok = scenario_from_dict({"parallel": ll, "workload": {"tokens": [128, 3]}})
+    assert scenario_from_dict(tomllib.loads(scenario_to_toml(ok))) == ok
+    # Under SP a rank dispatches its slice: 200 tokens over tp=2 fit.
+    sp = scenario_from_dict({"parallel": {**ll, "tp": 2, "backend": "deepep_high_throughput"},
+                             "workload": {"tokens": [200, 3]}})
+    assert sp.sp and sp.layer_rows(0) == 100
+    # Without a dispatch there is nothing to hold.
+    assert scenario_from_dict({"parallel": {"max_dispatch_tokens": 1}, "workload": {"tokens": 4}})
+    with pytest.raises(ScenarioError):
+        scenario_from_dict({"parallel": {"max_dispatch_tokens": 0}})
+
+
+def test_cli_refuses_an_over_capacity_batch_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "cap.toml"
+    f.write_text('name = "cap"\n[parallel]\ndp = 2\nep = true\nbackend = "deepep_low_latency"\n'
+                 'max_dispatch_tokens = 4\n[workload]\ntokens = [5, 2]\n')
+    out = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "simulate", str(f)],
+                         cwd=HERE.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "parallel.max_dispatch_tokens" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 @given(moe_scenarios(max_world=8))
 @settings(max_examples=60, deadline=None)
 def test_generated_scenarios_round_trip_and_hold_one_count_per_dp_rank(s):
@@ -108,6 +138,13 @@ def test_sp_slices_per_dp_rank():
     assert rank_token_ids(s, 0) == [0, 1, 2] and rank_token_ids(s, 1) == [3, 4, -1]
     assert rank_token_ids(s, 2) == [0] and rank_token_ids(s, 3) == [1]
     assert tokens_of(s, "d1s1") == [1] and tokens_of(s, "d0s1") == [3, 4, -1]
+
+
+def test_explore_shrinks_per_dp_rank_counts():
+    from twin.explore_shrink import _fewer_tokens
+
+    assert list(_fewer_tokens((5, 2))) == [2, (1, 2), (2, 2), (4, 2), (5, 1)]
+    assert list(_fewer_tokens(4)) == [1, 2, 2, 3]
 
 
 # ---- the algebra ----
