@@ -71,6 +71,8 @@ DEEPEP_DP2 = _s("deepep-ll-dp2-uneven", {"dp": 2, "ep": True, "backend": "deepep
 SP_TP2_DP2 = _s("sp-tp2-dp2-uneven", {"tp": 2, "dp": 2, "ep": True}, [5, 2])
 SP_DEEPEP_TP2_DP2 = _s("sp-deepep-ht-tp2-dp2-uneven", {"tp": 2, "dp": 2, "ep": True,
                                                       "backend": "deepep_high_throughput"}, [7, 2])
+FI_TWO_SIDED_TP2_DP2 = _s("fi-two-sided-tp2-dp2-uneven", {"tp": 2, "dp": 2, "ep": True,
+                                                        "backend": "flashinfer_nvlink_two_sided"}, [2, 5])
 
 # (runner, scenario, predicted kind, the ranks it must hit, expected verdict)
 WRONG = [
@@ -85,4 +87,4 @@ CORRECT = [
 ]
 
 # The reference runner on uneven scenarios: clean in sim and real.
-FIXED = [NAIVE_DP2, NAIVE_TP2_DP2, DEEPEP_DP2, SP_TP2_DP2, SP_DEEPEP_TP2_DP2]
+FIXED = [NAIVE_DP2, NAIVE_TP2_DP2, DEEPEP_DP2, SP_TP2_DP2, SP_DEEPEP_TP2_DP2, FI_TWO_SIDED_TP2_DP2]

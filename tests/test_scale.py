@@ -28,7 +28,7 @@ def _loads_by_definition(s):
         lo, hi = (r * per, r * per + per) if s.parallel.ep else (0, s.model.num_experts)
         pairs, active = 0, set()
         for sd in sources:
-            for tok in range(s.workload.tokens):
+            for tok in range(s.dp_tokens(sd)):
                 for e in route[sd][tok][0]:
                     if lo <= e < hi:
                         pairs += dup

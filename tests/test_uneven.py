@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from scenarios.runners import MoERunner
 from scenarios.spec import (
+    ModelTraits,
     ParallelConfig,
     Scenario,
     ScenarioError,
@@ -145,6 +146,20 @@ def test_explore_shrinks_per_dp_rank_counts():
 
     assert list(_fewer_tokens((5, 2))) == [2, (1, 2), (2, 2), (4, 2), (5, 1)]
     assert list(_fewer_tokens(4)) == [1, 2, 2, 3]
+
+
+def test_exact_reference_of_every_dp_rank_follows_its_own_count():
+    import torch
+    from test_reference import direct_output
+
+    from real.reference import ExactReference
+
+    s = Scenario(parallel=ParallelConfig(dp=3, ep=True), model=ModelTraits(num_experts=6, num_shared_experts=1),
+                 workload=Workload(tokens=(4, 1, 3), seed=2))
+    ref = ExactReference(s)
+    for d, n in enumerate((4, 1, 3)):
+        assert ref.output(d).shape == (n, 128)
+        assert torch.allclose(ref.output(d), direct_output(s, d), rtol=0, atol=1e-12)
 
 
 # ---- the algebra ----
