@@ -108,6 +108,18 @@ def _shape_problem(pend: _Pending, arrivals: list[tuple[str, SimTensor, Step]]) 
     return None
 
 
+def _scatter(kind: str, values: list[algebra.Value], sizes: tuple[int, ...] | None) -> list[algebra.Value] | None:
+    """Each member's part of a reduce-scatter-like collective (None for other kinds).
+    Members keep their own rows (reduce_scatterv, a combine); equal sizes, or a
+    combine whose value no longer holds every member's rows, are a plain
+    reduce-scatter, whose work shared over members wide worlds need."""
+    if kind not in ("reduce_scatter", "reduce_scatterv", "combine_a2a"):
+        return None
+    if sizes is None or len(set(sizes)) == 1 or sum(sizes) != values[0].rows:
+        return algebra.reduce_scatter_all(values)
+    return algebra.reduce_scatterv(values, sizes)
+
+
 class Simulation:
     """Simulates one scenario with one runner class."""
 
@@ -193,23 +205,13 @@ class Simulation:
         values = [a[1].value for a in arrivals]
         kind = pend.kind
         shared_sum = None
-        scattered = None
         sizes = pend.sizes[group[0]]
-        # A token-routing combine returns each member's own rows: uneven ones by
-        # their sizes (when the value still holds every member's rows).
-        even_a2a = sizes is None or len(set(sizes)) == 1 or sum(sizes) != values[0].rows
-        if kind == "reduce_scatter" or (kind == "combine_a2a" and even_a2a):
-            scattered = algebra.reduce_scatter_all(values)
+        scattered = _scatter(kind, values, sizes)
         if kind == "all_reduce":
             keys = {v.keys() for v in values}
             if len(keys) == 1:
                 # Same rows on every member (TP): one sum serves them all.
                 shared_sum = algebra.add(values, own=0)
-        if kind == "reduce_scatterv" or (kind == "combine_a2a" and scattered is None):
-            assert sizes is not None
-            # Equal sizes are a plain reduce-scatter (whose shared work wide worlds need).
-            even = len(set(sizes)) == 1
-            scattered = algebra.reduce_scatter_all(values) if even else algebra.reduce_scatterv(values, sizes)
         gathered = algebra.concat(values) if kind in ("all_gather", "all_gatherv", "dispatch_a2a") else None
         total_rows = sum(a[1].shape[0] for a in arrivals)
         for i, r in enumerate(group):
