@@ -248,14 +248,20 @@ def test_sim_clean_on_correct_uneven_runner(cls, scenario):
     assert not trace.hazards, [str(h) for h in trace.hazards]
 
 
+def _force_uneven(s: Scenario, data, most: int = 9) -> Scenario:
+    """The scenario with one count per DP rank, not all equal."""
+    if s.uneven_tokens:
+        return s
+    counts = data.draw(st.lists(st.integers(1, most), min_size=s.parallel.dp, max_size=s.parallel.dp))
+    assume(len(set(counts)) > 1)
+    return s.with_(**{"workload.tokens": tuple(counts)})
+
+
 @given(moe_scenarios(max_world=4, tp=[1, 2], dp=[2, 4]), st.data())
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fixed_is_clean_on_generated_uneven_scenarios(s, data):
     assume(s.parallel.dp > 1)
-    if not s.uneven_tokens:
-        counts = data.draw(st.lists(st.integers(1, 9), min_size=s.parallel.dp, max_size=s.parallel.dp))
-        assume(len(set(counts)) > 1)
-        s = s.with_(**{"workload.tokens": tuple(counts)})
+    s = _force_uneven(s, data)
     trace = simulate(s, "fixed")
     assert not trace.hazards, (s.summary_line(), [str(h) for h in trace.hazards])
     assert all(abs(c - 1.0) < 1e-9 for coeffs in trace.outputs.values() for c in coeffs.values()), trace.outputs
@@ -306,3 +312,17 @@ def test_real_confirms_the_wrong_uneven_runner(cls, scenario, kind, ranks, verdi
     for v in res.verdicts:
         if v.verdict == Verdict.CONFIRMED and v.rank is not None:
             assert not res.real.output_checks[v.rank].correct
+
+
+@pytest.mark.slow
+@given(moe_scenarios(max_world=4, tp=[1, 2], dp=[2], max_tokens=6, platforms=("cpu",)), st.data())
+@settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_real_fixed_matches_the_reference_on_generated_uneven(s, data):
+    from twin.crosscheck import check
+
+    s = _force_uneven(s, data, most=6)
+    res = check(s, "fixed", timeout_s=120)
+    assert len(res.real.output_checks) == s.world
+    assert all(c.correct for c in res.real.output_checks.values()), (
+        s.summary_line(), [c.to_dict() for c in res.real.output_checks.values()])
+    assert res.agree, (s.summary_line(), res.divergence, [v.to_dict() for v in res.verdicts])
