@@ -37,6 +37,17 @@ class KeepFirstRowsOfSum(MoERunner):
         return ops.trim_rows(y, x.shape[0], name="keep_own_count"), None
 
 
+class ScatterBySizesOfItsOwn(MoERunner):
+    """Passes reduce_scatterv sizes made up from its own count (this rank's
+    tokens first, the rest to the others), so the members disagree."""
+
+    def routed_path(self, ops: Ops, x: Any, routing: Any, order: Order, shared_inside: Any) -> tuple[Any, Any]:
+        xd, rd = ops.dispatch(x, routing)
+        y = ops.experts(xd, rd)
+        mine, rest = x.shape[0], y.shape[0] - x.shape[0]
+        return ops.reduce_scatterv(y, (mine, rest), "dp", name="scatterv"), None
+
+
 # ---- correct ----
 
 
@@ -78,6 +89,7 @@ FI_TWO_SIDED_TP2_DP2 = _s("fi-two-sided-tp2-dp2-uneven", {"tp": 2, "dp": 2, "ep"
 WRONG = [
     (GatherAssumingEqualCounts, NAIVE_DP2, "SHAPE_MISMATCH", (0, 1), "CONFIRMED"),
     (KeepFirstRowsOfSum, NAIVE_DP2_ROUTED_ONLY, "WRONG_TOKENS", (1,), "CONFIRMED"),
+    (ScatterBySizesOfItsOwn, NAIVE_DP2_ROUTED_ONLY, "SHAPE_MISMATCH", (0, 1), "CONFIRMED"),
 ]
 
 # (runner, scenario): clean in sim and real
