@@ -286,7 +286,8 @@ class CommOps:
         pg = self._pg(members)
         self._dist(dist.all_to_all_single, recv_counts, counts, group=pg)
         order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64, device=v.device)
-        payload = torch.cat([v[order], r[order].reshape(len(order), -1)], dim=1)
+        # Explicit width: an idle rank sends zero rows (reshape cannot infer -1 then).
+        payload = torch.cat([v[order], r[order].reshape(len(order), r.shape[1] * r.shape[2])], dim=1)
         recv = torch.empty(int(recv_counts.sum()), payload.shape[1], device=v.device)
         self._dist(dist.all_to_all_single, recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
         h = v.shape[1]

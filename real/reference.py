@@ -140,6 +140,8 @@ class ExactReference:
     def expected(self, rank: int) -> torch.Tensor:
         """What `rank` must return: its owned tokens' rows, in order."""
         toks = owned_tokens(self.s, rank)
+        if not toks:  # an idle DP rank returns no rows
+            return torch.zeros(0, self.s.model.hidden, dtype=torch.float64)
         return torch.stack([self.row(d, t) for d, t in toks])
 
     # ---- per-source partials, for characterising wrong outputs ----

@@ -44,6 +44,13 @@ def _positive(name: str, value: int) -> None:
         raise ScenarioError(name, f"must be > 0, got {value}")
 
 
+def _non_negative(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(name, f"must be an integer, got {value!r}")
+    if value < 0:
+        raise ScenarioError(name, f"must be >= 0, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelTraits:
     """Shape of one MoE layer."""
@@ -230,13 +237,18 @@ class Workload:
         if not counts:
             raise ScenarioError("workload.tokens", "a list needs one count per DP rank, got []")
         for i, t in enumerate(counts):
+            if isinstance(self.tokens, tuple):
+                # An idle DP rank (0 tokens) is a real case in a list; one count for all must be > 0.
+                _non_negative(f"workload.tokens[{i}]", t)
+            else:
+                _positive("workload.tokens", t)
             where = f"workload.tokens[{i}]" if isinstance(self.tokens, tuple) else "workload.tokens"
-            # An idle DP rank (0 tokens) is refused: every path would need empty tensors.
-            _positive(where, t)
             if t > MAX_TOKENS:
                 raise ScenarioError(
                     where, f"at most {MAX_TOKENS} tokens per rank (a large prefill chunk), got {t}"
                 )
+        if sum(counts) == 0:
+            raise ScenarioError("workload.tokens", "every DP rank is idle: at least one token is needed")
         if not 0.0 <= self.skew < 1.0:
             raise ScenarioError("workload.skew", f"must be in [0, 1), got {self.skew}")
 

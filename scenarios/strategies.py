@@ -90,10 +90,11 @@ def moe_scenarios(
 
 @st.composite
 def _token_counts(draw: Any, dp: int, max_tokens: int, uneven: bool) -> int | tuple[int, ...]:
-    """One count for every DP rank, or sometimes (dp > 1) one per DP rank;
-    shrinks toward the single count."""
+    """One count for every DP rank, or sometimes (dp > 1) one per DP rank,
+    possibly 0 (an idle DP rank; not all of them); shrinks toward the single count."""
     if uneven and dp > 1 and draw(st.booleans()):
-        return tuple(draw(st.lists(st.integers(1, max_tokens), min_size=dp, max_size=dp)))
+        counts = draw(st.lists(st.integers(0, max_tokens), min_size=dp, max_size=dp))
+        return tuple(counts) if any(counts) else (1, *counts[1:])
     return draw(st.integers(1, max_tokens))
 
 

@@ -296,6 +296,8 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
     """
     if len(values) == 1:
         return values[0]
+    if values[own].rows == 0:  # an idle DP rank's empty rows: nothing to sum
+        return Value(values[own].blocks, _merge_scale(values, own))
     layout = [b.rows for b in values[own].blocks]
     if all([b.rows for b in v.blocks] == layout for v in values):
         # Common case (same row layout everywhere): no re-segmentation.

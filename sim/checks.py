@@ -90,7 +90,7 @@ class Checks:
         all_clean = True
         for b in v.blocks:
             terms = b.terms
-            if clean.get(id(terms)) is terms:
+            if clean.get(id(terms)) is terms or not b.rows:  # (no rows: nothing observable)
                 continue
             if all(coef == 1.0 and f is None for (_c, _s, f), coef in terms):
                 clean[id(terms)] = terms  # kept alive here, so the id stays its own
@@ -169,6 +169,8 @@ class Checks:
         v = x.value
         if not x.clobber_partial and self._pure(v, want) and (rows is None or v.keys() == rows):
             return  # the common case, decided without building sets
+        if v.rows == 0:
+            return  # an idle DP rank's empty input: nothing to be wrong
         clobber = self._clobber_note(ops, x)
         others = {c for c in v.components() if c != want}
         expected = WANT[want] + (f" of rows {','.join(rows)}" if rows else "")
@@ -210,6 +212,8 @@ class Checks:
 
     def latent_up(self, ops: SimOps, st: Step, x: SimTensor) -> None:
         v = x.value
+        if v.rows == 0:
+            return  # an idle DP rank's empty rows
         others = {c for c in v.components() if c != "routed"}
         if others or x.clobber_partial:
             self._wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
@@ -290,6 +294,8 @@ class Checks:
     def output(self, ops: SimOps, st: Step, x: SimTensor) -> None:
         self.checked_output.add(ops.rank)
         self._tokens_check(ops, st, x)
+        if x.value.rows == 0:
+            return  # an idle DP rank's output: no row to hold a wrong sum
         coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
         if short and self._once((ops.rank, "missing", st.index)):
             self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,

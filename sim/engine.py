@@ -329,7 +329,9 @@ class Simulation:
         for ops in self.rank_ops:
             trace.steps[ops.rank] = ops.steps
             trace.values[ops.rank] = ops.values
-            if ops.output is not None:
+            if ops.output is not None and ops.output.value.rows == 0:
+                trace.outputs[ops.rank] = {}  # an idle DP rank: no row holds any source
+            elif ops.output is not None:
                 # Every expected source appears, a missing one as 0.
                 coeffs = self.checks.output_coefficients(ops.output.value, self.checks.output_labels(ops))
                 trace.outputs[ops.rank] = dict(coeffs)

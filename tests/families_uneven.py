@@ -84,6 +84,11 @@ SP_DEEPEP_TP2_DP2 = _s("sp-deepep-ht-tp2-dp2-uneven", {"tp": 2, "dp": 2, "ep": T
                                                       "backend": "deepep_high_throughput"}, [7, 2])
 FI_TWO_SIDED_TP2_DP2 = _s("fi-two-sided-tp2-dp2-uneven", {"tp": 2, "dp": 2, "ep": True,
                                                         "backend": "flashinfer_nvlink_two_sided"}, [2, 5])
+# An idle DP rank (0 tokens): empty tensors on every path.
+IDLE_NAIVE_DP2 = _s("naive-dp2-idle", {"dp": 2}, [5, 0])
+IDLE_DEEPEP_DP2 = _s("deepep-ll-dp2-idle", {"dp": 2, "ep": True, "backend": "deepep_low_latency"}, [0, 4])
+IDLE_SP_TP2_DP2 = _s("sp-deepep-ht-tp2-dp2-idle", {"tp": 2, "dp": 2, "ep": True,
+                                                  "backend": "deepep_high_throughput"}, [0, 3])
 
 # (runner, scenario, predicted kind, the ranks it must hit, expected verdict)
 WRONG = [
@@ -96,7 +101,9 @@ WRONG = [
 CORRECT = [
     (ExplicitGatherv, NAIVE_DP2),
     (ExplicitGatherv, NAIVE_TP2_DP2),
+    (ExplicitGatherv, IDLE_NAIVE_DP2),
 ]
 
 # The reference runner on uneven scenarios: clean in sim and real.
-FIXED = [NAIVE_DP2, NAIVE_TP2_DP2, DEEPEP_DP2, SP_TP2_DP2, SP_DEEPEP_TP2_DP2, FI_TWO_SIDED_TP2_DP2]
+FIXED = [NAIVE_DP2, NAIVE_TP2_DP2, DEEPEP_DP2, SP_TP2_DP2, SP_DEEPEP_TP2_DP2, FI_TWO_SIDED_TP2_DP2,
+         IDLE_NAIVE_DP2, IDLE_DEEPEP_DP2, IDLE_SP_TP2_DP2]
