@@ -233,16 +233,14 @@ class Workload:
             object.__setattr__(self, "tokens", tuple(self.tokens))
 
     def validate(self) -> None:
-        counts = self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
+        listed = isinstance(self.tokens, tuple)
+        counts = self.tokens if listed else (self.tokens,)
         if not counts:
             raise ScenarioError("workload.tokens", "a list needs one count per DP rank, got []")
         for i, t in enumerate(counts):
-            if isinstance(self.tokens, tuple):
-                # An idle DP rank (0 tokens) is a real case in a list; one count for all must be > 0.
-                _non_negative(f"workload.tokens[{i}]", t)
-            else:
-                _positive("workload.tokens", t)
-            where = f"workload.tokens[{i}]" if isinstance(self.tokens, tuple) else "workload.tokens"
+            where = f"workload.tokens[{i}]" if listed else "workload.tokens"
+            # A 0 in a list is an idle DP rank (a real case); one count for every rank must be > 0.
+            (_non_negative if listed else _positive)(where, t)
             if t > MAX_TOKENS:
                 raise ScenarioError(
                     where, f"at most {MAX_TOKENS} tokens per rank (a large prefill chunk), got {t}"
