@@ -122,6 +122,7 @@ class Basis:
         """Other tokens at the same row position (SP slice / DP rank)."""
         s, ref = self.s, self.ref
         cols: list[Column] = []
+
         def add(key: str, partner: Callable[[int, int], Tok | None]) -> None:
             def pick(fn: Callable[[int, int], torch.Tensor]) -> Callable[[int, int], torch.Tensor | None]:
                 def at(d: int, t: int) -> torch.Tensor | None:
