@@ -13,7 +13,7 @@ On CUDA it is skipped (it would synchronise the host with the device).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,12 +24,16 @@ from real.streams import RealTensor, StreamThread
 from scenarios.backends import backend_info
 from scenarios.ops import OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
-from scenarios.trace import COLLECTIVE
+from scenarios.trace import COLLECTIVE, Step
 
 # Collective kinds as the simulator names them (dispatch/combine without token
 # routing are an all-gather / a reduce-scatter there too).
-_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch_a2a", "combine_a2a")
-_SHAPED = ("all_reduce", "all_gather", "reduce_scatter")  # a2a rows differ per rank by design
+_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch_a2a", "combine_a2a", "all_gatherv", "reduce_scatterv")
+_SHAPED = ("all_reduce", "all_gather", "reduce_scatter", "reduce_scatterv")  # a2a rows differ per rank by design
+_WIDTH_ONLY = ("all_gatherv",)  # rows may differ per member, the width may not
+# gloo (and torch.distributed's equal-size collectives) have no v-variants.
+_GATHERV = "pad every member to the largest, all-gather, unpad (gloo has no all_gatherv)"
+_SCATTERV = "all-reduce, then keep this member's rows (gloo has no reduce_scatterv)"
 
 
 class CommOps:
@@ -39,6 +43,7 @@ class CommOps:
     rank: int
     groups: dict[tuple[int, ...], Any]
     tensors: dict[int, RealTensor]
+    steps: list[Step]
     stand_ins: set[str]
     cuda: bool
     _fi: Any
@@ -79,7 +84,8 @@ class CommOps:
                 raise OpsShapeError("ranks disagree on the collective: " + ", ".join(
                     f"rank {m} {_KINDS[k]}" for m, (k, *_) in zip(members, seen)))
             shapes = [d[2 : 2 + d[1]] for d in seen]
-            if kind in _SHAPED and len({tuple(x) for x in shapes}) > 1:
+            keyed = [tuple(x[1:]) for x in shapes] if kind in _WIDTH_ONLY else [tuple(x) for x in shapes]
+            if (kind in _SHAPED or kind in _WIDTH_ONLY) and len(set(keyed)) > 1:
                 raise OpsShapeError("ranks disagree on the shape: " + ", ".join(
                     f"rank {m} {x}" for m, x in zip(members, shapes)))
 
@@ -114,6 +120,68 @@ class CommOps:
         chunk = v.shape[0] // n
         return total[i * chunk : (i + 1) * chunk].clone()
 
+    def _all_gatherv(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+        """Stand-in for all_gatherv (gloo has none): exchange the row counts,
+        pad every member to the largest, all-gather, drop the padding rows."""
+        if len(members) == 1:
+            return v.clone()
+        pg = self._pg(members)
+        mine = torch.tensor([v.shape[0]], dtype=torch.int64)
+        counts = [torch.empty_like(mine) for _ in members]
+        self._dist(dist.all_gather, counts, mine, group=pg)
+        rows = [int(c) for c in counts]
+        if len(set(rows)) == 1:
+            return self._all_gather(v, members)
+        self.stand_ins.add(f"all_gatherv: {_GATHERV}")
+        top = max(rows)
+        padded = torch.zeros((top, *v.shape[1:]), dtype=v.dtype, device=v.device)
+        padded[: v.shape[0]] = v
+        parts = [torch.empty_like(padded) for _ in members]
+        self._dist(dist.all_gather, parts, padded, group=pg)
+        return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)], dim=0)
+
+    def _reduce_scatterv(self, v: torch.Tensor, sizes: tuple[int, ...], members: tuple[int, ...]) -> torch.Tensor:
+        """Stand-in for reduce_scatterv (gloo has none): all-reduce, then keep
+        this member's rows. The members' sizes are exchanged and must agree."""
+        n = len(members)
+        if len(sizes) != n or any(k < 0 for k in sizes) or sum(sizes) != v.shape[0]:
+            raise OpsShapeError(f"reduce_scatterv sizes {list(sizes)} do not split {v.shape[0]} rows over {n} ranks")
+        if len(set(sizes)) == 1:
+            return self._reduce_scatter(v, members)
+        if n > 1:
+            mine = torch.tensor(sizes, dtype=torch.int64)
+            seen = [torch.empty_like(mine) for _ in members]
+            self._dist(dist.all_gather, seen, mine, group=self._pg(members))
+            if len({tuple(x.tolist()) for x in seen}) > 1:
+                raise OpsShapeError("ranks disagree on reduce_scatterv sizes: " + ", ".join(
+                    f"rank {m} {x.tolist()}" for m, x in zip(members, seen)))
+        self.stand_ins.add(f"reduce_scatterv: {_SCATTERV}")
+        total = self._all_reduce(v, members)
+        i = members.index(self.rank)
+        start = sum(sizes[:i])
+        return total[start : start + sizes[i]].clone()
+
+    def _stand_in_detail(self, out: RealTensor, what: str) -> RealTensor:
+        """Name the stand-in in the step's detail (timeline, export)."""
+        self.steps[out.step].detail = f"stand-in: {what}"
+        return out
+
+    def all_gatherv(self, x: RealTensor, group: str = "dp", name: str = "all_gatherv") -> RealTensor:
+        g = self._group(group, name)
+        out = self._op("all_gatherv", name, COLLECTIVE, (x,), lambda v: self._all_gatherv(v, g), group=g,
+                       agree=self._agreement("all_gatherv", g))
+        return self._stand_in_detail(out, _GATHERV)
+
+    def reduce_scatterv(self, x: RealTensor, sizes: Sequence[int], group: str = "dp", name: str = "reduce_scatterv") -> RealTensor:
+        g = self._group(group, name)
+        if not isinstance(sizes, Sequence) or isinstance(sizes, str) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in sizes):
+            raise OpsUsageError(f"{name}: argument sizes must be a sequence of ints, got {sizes!r}")
+        sz = tuple(sizes)
+        out = self._op("reduce_scatterv", name, COLLECTIVE, (x,), lambda v: self._reduce_scatterv(v, sz, g), group=g,
+                       agree=self._agreement("reduce_scatterv", g))
+        return self._stand_in_detail(out, _SCATTERV)
+
     def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
         g = self._group(group, name)
         return self._op("all_reduce", name, COLLECTIVE, (x,), lambda v: self._all_reduce(v, g), group=g,
@@ -142,7 +210,10 @@ class CommOps:
             try:
                 self._fi = FlashInferA2A(
                     s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
-                    s.kernel_width, s.sp_tokens, torch.float32, group=self._pg(members),
+                    # Capacity: the static one if set, else the most rows any rank sends
+                    # (DP ranks may hold different counts).
+                    s.kernel_width, s.parallel.max_dispatch_tokens or s.sp_tokens, torch.float32,
+                    group=self._pg(members),
                 )
                 self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
             except A2AUnavailable as exc:
@@ -159,9 +230,9 @@ class CommOps:
         library = self._flashinfer(members) if token_routing else None
 
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            if not token_routing:
-                xd = self._all_gather(v, members)
-                state["routing"] = self._all_gather(r, members)
+            if not token_routing:  # the naive gather: every member's own rows
+                xd = self._all_gatherv(v, members)
+                state["routing"] = self._all_gatherv(r, members)
                 return xd
             if library is not None:
                 from real.flashinfer_a2a import join_routing, split_routing
@@ -181,8 +252,10 @@ class CommOps:
                 f"combine sums one row per contributing rank in fp32){why}"
             )
         out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members,
-                       agree=self._agreement("dispatch_a2a" if token_routing else "all_gather", members))
+                       agree=self._agreement("dispatch_a2a" if token_routing else "all_gatherv", members))
         out.extra["state"] = state
+        if not token_routing:
+            self._stand_in_detail(out, f"all_gatherv: {_GATHERV}")
         rh = RealTensor((), out.step, out.stream)
 
         # The dispatched routing is produced by the same step.
@@ -213,7 +286,8 @@ class CommOps:
         pg = self._pg(members)
         self._dist(dist.all_to_all_single, recv_counts, counts, group=pg)
         order = torch.cat(send_rows) if send_rows else torch.empty(0, dtype=torch.int64, device=v.device)
-        payload = torch.cat([v[order], r[order].reshape(len(order), -1)], dim=1)
+        # Explicit width: an idle rank sends zero rows (reshape cannot infer -1 then).
+        payload = torch.cat([v[order], r[order].reshape(len(order), r.shape[1] * r.shape[2])], dim=1)
         recv = torch.empty(int(recv_counts.sum()), payload.shape[1], device=v.device)
         self._dist(dist.all_to_all_single, recv, payload.contiguous(), recv_counts.tolist(), counts.tolist(), group=pg)
         h = v.shape[1]
@@ -232,9 +306,12 @@ class CommOps:
                 break
         del source
 
+        # Each member gets back its own layer rows (the DP metadata's counts).
+        sizes = tuple(self.scenario.rank_rows(m) for m in members)
+
         def fn(v: torch.Tensor) -> torch.Tensor:
             if not token_routing:
-                return self._reduce_scatter(v, members)
+                return self._reduce_scatterv(v, sizes, members)
             if state is not None and "fi" in state and self._fi is not None:
                 return self._fi.combine(v, state["fi"])
             if state is None or "order" not in state:
@@ -245,5 +322,6 @@ class CommOps:
             out.index_add_(0, state["order"], back.float())  # one row per contributing rank, fp32
             return out.to(v.dtype)
 
-        return self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members,
-                        agree=self._agreement("combine_a2a" if token_routing else "reduce_scatter", members))
+        out = self._op("combine", name, COLLECTIVE, (y,), fn, component="routed", group=members,
+                       agree=self._agreement("combine_a2a" if token_routing else "reduce_scatterv", members))
+        return out if token_routing else self._stand_in_detail(out, f"reduce_scatterv: {_SCATTERV}")

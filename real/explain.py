@@ -123,13 +123,12 @@ class Basis:
         """Other tokens at the same row position (SP slice / DP rank)."""
         s, ref = self.s, self.ref
         cols: list[Column] = []
-        T = s.workload.tokens
 
         def add(key: str, partner: Callable[[int, int], Tok | None]) -> None:
             def pick(fn: Callable[[int, int], torch.Tensor]) -> Callable[[int, int], torch.Tensor | None]:
                 def at(d: int, t: int) -> torch.Tensor | None:
                     p = partner(d, t)
-                    return None if p is None or p[1] >= T else fn(*p)
+                    return None if p is None or p[1] >= s.dp_tokens(p[0]) else fn(*p)
                 return at
 
             if s.model.has_shared:
@@ -139,10 +138,10 @@ class Basis:
                                self._stack(pick(lambda d, t: self.routed_out(ref.routed_kernel[d][t]))), FOREIGN, 0.0))
 
         if s.sp:
-            per = s.sp_tokens
             for d in sorted({d for d, _ in self.toks}):
+                per = s.layer_rows(d)
                 for slc in range(s.parallel.tp):
-                    add(f"d{d}s{slc}", lambda d_, t, slc=slc, d=d: (
+                    add(f"d{d}s{slc}", lambda d_, t, slc=slc, d=d, per=per: (
                         None if d_ != d or t // per == slc else (d, slc * per + t % per)))
         own = {d for d, _ in self.toks}
         for other in range(s.parallel.dp):

@@ -19,8 +19,8 @@ def fit_value(ref: Reference, predicted: algebra.Value, real: torch.Tensor, spac
     """Return (coefficients by source label, relative residual), or None when
     the tensor cannot be fitted (rows differ from the prediction, a
     non-linear transform was applied)."""
-    if space == "up-nonlinear" or real.dim() != 2 or real.shape[0] != predicted.rows:
-        return None
+    if space == "up-nonlinear" or real.dim() != 2 or real.shape[0] != predicted.rows or real.numel() == 0:
+        return None  # (an idle DP rank's empty tensors have nothing to fit)
     s = ref.s
     y = real.detach().double()
     rows, width = y.shape

@@ -34,13 +34,15 @@ caller's kind (the failure's own hazard already reports it).
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import torch
 
 from real.explain import explain
 from real.reference import ExactReference, exact_reference
 from scenarios.spec import Scenario
 from scenarios.trace import HazardKind, OutputCheck
-from scenarios.workload import owned_tokens, token_label
+from scenarios.workload import owned_tokens, token_label, token_offsets
 
 REL_TOL = 1e-4
 UNEXPLAINED = HazardKind.WRONG_OUTPUT
@@ -115,8 +117,9 @@ def identify(ref: ExactReference, row: torch.Tensor, scale: float) -> Tok | None
     dist = (every - row).abs().amax(dim=1)
     best = int(dist.argmin())
     if float(dist[best]) <= REL_TOL * scale:
-        T = ref.s.workload.tokens
-        return best // T, best % T
+        off = token_offsets(ref.s)
+        d = bisect_right(off, best) - 1
+        return d, best - off[d]
     return None
 
 
@@ -189,7 +192,7 @@ def _explain_rows(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tens
     s = ref.s
     if ex.kind is not None or not s.sp:
         return ex.kind, ex.cause
-    per = s.sp_tokens
+    per = s.rank_rows(rank)
     slices: dict[int, list[int]] = {}
     for i in rows:
         slices.setdefault(toks[i][1] // per, []).append(i)

@@ -98,7 +98,7 @@ def _inter_slice(s: Scenario, w13: torch.Tensor, w2: torch.Tensor, t: int) -> tu
 
 def layer_input(s: Scenario, d: int) -> torch.Tensor:
     g = _gen(s, "x", d)
-    return torch.randn(s.workload.tokens, s.model.hidden, generator=g)
+    return torch.randn(s.dp_tokens(d), s.model.hidden, generator=g)
 
 
 def mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,10 @@ decision logic chooses multi-stream overlap) is kept apart from the
   contributing rank in fp32, as those libraries' combine does.
 - gloo has no reduce-scatter: it is an all-reduce followed by taking this
   rank's chunk (same result, more traffic).
+- nor all_gatherv / reduce_scatterv (row counts that differ per member, e.g.
+  the naive DP dispatch/combine with uneven tokens per DP rank): the members
+  exchange row counts, pad to the largest, all-gather and unpad; and
+  all-reduce, then keep this member's rows. Named in the step's detail.
 - the custom-op boundary check stands in for torch.compile's fake-tensor
   shape assertion.
 
@@ -51,7 +55,7 @@ from scenarios.ops import (
     view_shape,
 )
 from scenarios.spec import Scenario
-from scenarios.trace import COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
+from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
 from scenarios.workload import rank_token_ids, routing
 
 MODEL = "model"
@@ -239,7 +243,8 @@ class RealOps(CommOps, Ops):
         hint = self.predicted_shapes.get(st.index, ())
         sp = space or next((t.space for t in ins if isinstance(t, RealTensor) and t.space != "native"), "native")
         out = RealTensor(hint, st.index, st.stream, sp)
-        if op == "router":
+        # A routing handle (and a collective of one) reports [rows, top_k] like the simulator's.
+        if op == "router" or (category == COLLECTIVE and ins and ins[0].extra.get("routing")):
             out.extra["routing"] = True
         self.tensors[st.index] = out
 
@@ -342,7 +347,7 @@ class RealOps(CommOps, Ops):
         return self._op("trim_rows", name, PADDING, (x,), lambda v: v[:rows])
 
     def layer_output(self, x: RealTensor, name: str = "layer_output") -> RealTensor:
-        expected = (self.scenario.workload.tokens, self.scenario.model.hidden)
+        expected = (self.scenario.dp_tokens(self.d), self.scenario.model.hidden)
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if tuple(v.shape) != expected:

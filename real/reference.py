@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from real.model import LayerWeights, layer_input, mlp
 from scenarios import layout
 from scenarios.spec import Scenario
-from scenarios.workload import owned_tokens, routing
+from scenarios.workload import owned_tokens, routing, token_offsets
 
 Route = tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]  # routing(s)[d]
 
@@ -99,13 +99,13 @@ class ExactReference:
         return mlp(x, w13.double(), w2.double())
 
     def _pairs(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """expert -> (rows into the stacked [dp*T] tokens, routing weights)."""
-        T = self.s.workload.tokens
+        """expert -> (rows into the stacked [total tokens] tokens, routing weights)."""
+        off = token_offsets(self.s)
         by_expert: dict[int, list[tuple[int, float]]] = {}
         for d, toks in enumerate(self.route):
             for tok, (ids, wts) in enumerate(toks):
                 for e, w in zip(ids, wts):
-                    by_expert.setdefault(e, []).append((d * T + tok, w))
+                    by_expert.setdefault(e, []).append((off[d] + tok, w))
         return {
             e: (torch.tensor([r for r, _ in v], dtype=torch.int64),
                 torch.tensor([w for _, w in v], dtype=torch.float64))
@@ -114,20 +114,21 @@ class ExactReference:
 
     def _routed_pass(self) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
         s = self.s
-        T, dp, kw = s.workload.tokens, s.parallel.dp, s.kernel_width
+        dp, kw, off = s.parallel.dp, s.kernel_width, token_offsets(s)
+        n = s.total_tokens
         xr = torch.cat(self.routed_in)
-        total = torch.zeros(dp * T, kw, dtype=torch.float64)
+        total = torch.zeros(n, kw, dtype=torch.float64)
         # Per EP rank in the same pass when experts are not also TP-sharded.
         by_rank = s.parallel.ep and s.moe_tp == 1
-        ep = {f"ep{r}": torch.zeros(dp * T, kw, dtype=torch.float64) for r in range(s.world)} if by_rank else {}
+        ep = {f"ep{r}": torch.zeros(n, kw, dtype=torch.float64) for r in range(s.world)} if by_rank else {}
         for e, (rows, w) in self._pairs().items():
             w13, w2 = self.weights.expert(e, cache=False)
             y = w[:, None] * mlp(xr[rows], w13.double(), w2.double())
             total.index_add_(0, rows, y)
             if ep:
                 ep[f"ep{e // s.local_experts}"].index_add_(0, rows, y)
-        parts = {d: {k: v[d * T : (d + 1) * T] for k, v in ep.items()} for d in range(dp)} if ep else {}
-        return [total[d * T : (d + 1) * T] for d in range(dp)], parts
+        parts = {d: {k: v[off[d] : off[d + 1]] for k, v in ep.items()} for d in range(dp)} if ep else {}
+        return [total[off[d] : off[d + 1]] for d in range(dp)], parts
 
     # ---- what a rank must return ----
 
@@ -141,6 +142,8 @@ class ExactReference:
     def expected(self, rank: int) -> torch.Tensor:
         """What `rank` must return: its owned tokens' rows, in order."""
         toks = owned_tokens(self.s, rank)
+        if not toks:  # an idle DP rank returns no rows
+            return torch.zeros(0, self.s.model.hidden, dtype=torch.float64)
         return torch.stack([self.row(d, t) for d, t in toks])
 
     # ---- per-source partials, for characterising wrong outputs ----
@@ -158,11 +161,11 @@ class ExactReference:
 
     def _sharded_partials(self) -> dict[int, dict[str, torch.Tensor]]:
         s = self.s
-        T, dp, kw, n = s.workload.tokens, s.parallel.dp, s.kernel_width, s.moe_tp
+        dp, kw, n, off = s.parallel.dp, s.kernel_width, s.moe_tp, token_offsets(s)
         inter = s.model.moe_intermediate
         xr = torch.cat(self.routed_in)
         owner = {layout.moe_coords(s, r): layout.routed_shard(s, r) for r in range(s.world)}
-        parts = {label: torch.zeros(dp * T, kw, dtype=torch.float64) for label in owner.values()}
+        parts = {label: torch.zeros(s.total_tokens, kw, dtype=torch.float64) for label in owner.values()}
         for e, (rows, w) in self._pairs().items():
             w13, w2 = self.weights.expert(e, cache=False)
             h = xr[rows] @ w13.double().t()
@@ -172,7 +175,7 @@ class ExactReference:
                 a, b = layout.intermediate_range(s, t)
                 y = w[:, None] * (act[:, a:b] @ w2.double()[:, a:b].t())
                 parts[owner[(e_idx, t)]].index_add_(0, rows, y)
-        return {d: {k: v[d * T : (d + 1) * T] for k, v in parts.items()} for d in range(dp)}
+        return {d: {k: v[off[d] : off[d + 1]] for k, v in parts.items()} for d in range(dp)}
 
 
 @contextmanager

@@ -14,7 +14,7 @@ twin's premise is that the bugs live in decisions, not in numbers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -165,6 +165,22 @@ class Ops(ABC):
 
     @abstractmethod
     def reduce_scatter(self, x: Any, group: str = "tp", name: str = "reduce_scatter") -> Any: ...
+
+    # Row counts that differ per member (uneven tokens per DP rank). torch's
+    # all_gather / reduce_scatter need equal sizes; these do not. gloo on CPU
+    # has neither: the real interpreter's stand-ins pad to the largest member
+    # and all-gather then unpad, and all-reduce then keep this member's rows.
+
+    @abstractmethod
+    def all_gatherv(self, x: Any, group: str = "dp", name: str = "all_gatherv") -> Any:
+        """Every member's rows (any count, equal width), concatenated in group order."""
+
+    @abstractmethod
+    def reduce_scatterv(self, x: Any, sizes: Sequence[int], group: str = "dp", name: str = "reduce_scatterv") -> Any:
+        """The sum over the group; member i keeps rows [sum(sizes[:i]), +sizes[i]).
+        `sizes` is each member's row count in group order, the same on every
+        member; to undo an all_gatherv of the members' layer tokens it is
+        `scenario.group_rows(group, rank)`."""
 
 
 class OpsShapeError(RuntimeError):

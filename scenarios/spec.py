@@ -57,6 +57,13 @@ def _positive(name: str, value: int) -> None:
         raise ScenarioError(name, f"must be > 0, got {value}")
 
 
+def _non_negative(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(name, f"must be an integer, got {value!r}")
+    if value < 0:
+        raise ScenarioError(name, f"must be >= 0, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelTraits:
     """Shape of one MoE layer."""
@@ -172,6 +179,10 @@ class ParallelConfig:
     # over every rank when `ep`, else none. Set: moe_ep = ep_size and
     # moe_tp = world / ep_size (scenarios/layout.py).
     ep_size: int | None = None
+    # Static per-rank dispatch capacity (e.g. DeepEP low-latency's max dispatch
+    # tokens per rank, 128 in engines by default), fixed when the buffers are
+    # built. None: sized at run time from the gathered counts.
+    max_dispatch_tokens: int | None = None
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
@@ -193,6 +204,8 @@ class ParallelConfig:
             raise ScenarioError(
                 "parallel.backend", f"{self.backend} exists in the newest version only (parallel.version = {self.version!r})"
             )
+        if self.max_dispatch_tokens is not None:
+            _positive("parallel.max_dispatch_tokens", self.max_dispatch_tokens)
         if self.eplb and not self.ep:
             raise ScenarioError("parallel.eplb", "EPLB needs expert parallelism (parallel.ep = true)")
         if self.eplb and self.world == 1:
@@ -258,16 +271,31 @@ class Runtime:
 
 @dataclass(frozen=True)
 class Workload:
-    tokens: int = 8  # tokens per DP rank (decode batch or prefill chunk)
+    # Tokens per DP rank (decode batch or prefill chunk): one int for every DP
+    # rank, or one count per DP rank (a list in TOML, kept as a tuple).
+    tokens: int | tuple[int, ...] = 8
     seed: int = 0
     skew: float = 0.0  # 0 = uniform routing; towards 1 = a few hot experts
 
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, list):  # TOML arrays; a tuple keeps the scenario hashable
+            object.__setattr__(self, "tokens", tuple(self.tokens))
+
     def validate(self) -> None:
-        _positive("workload.tokens", self.tokens)
-        if self.tokens > MAX_TOKENS:
-            raise ScenarioError(
-                "workload.tokens", f"at most {MAX_TOKENS} tokens per rank (a large prefill chunk), got {self.tokens}"
-            )
+        listed = isinstance(self.tokens, tuple)
+        counts = self.tokens if listed else (self.tokens,)
+        if not counts:
+            raise ScenarioError("workload.tokens", "a list needs one count per DP rank, got []")
+        for i, t in enumerate(counts):
+            where = f"workload.tokens[{i}]" if listed else "workload.tokens"
+            # A 0 in a list is an idle DP rank (a real case); one count for every rank must be > 0.
+            (_non_negative if listed else _positive)(where, t)
+            if t > MAX_TOKENS:
+                raise ScenarioError(
+                    where, f"at most {MAX_TOKENS} tokens per rank (a large prefill chunk), got {t}"
+                )
+        if sum(counts) == 0:
+            raise ScenarioError("workload.tokens", "every DP rank is idle: at least one token is needed")
         if not 0.0 <= self.skew < 1.0:
             raise ScenarioError("workload.skew", f"must be in [0, 1), got {self.skew}")
 
@@ -303,16 +331,23 @@ class Scenario:
             raise ScenarioError("kernel_writes_unpadded", f"must be true or false, got {self.kernel_writes_unpadded!r}")
         self._validate_backend_width()
         m, p = self.model, self.parallel
-        total = self.workload.tokens * p.dp
-        if total > MAX_TOTAL_TOKENS:
+        tokens = self.workload.tokens
+        if isinstance(tokens, tuple) and len(tokens) != p.dp:
             raise ScenarioError(
-                "workload.tokens", f"at most {MAX_TOTAL_TOKENS} tokens over all DP ranks, got {self.workload.tokens} x {p.dp} = {total}"
+                "workload.tokens", f"a list needs one count per DP rank: {len(tokens)} counts for dp={p.dp}"
+            )
+        total = self.total_tokens
+        if total > MAX_TOTAL_TOKENS:
+            how = f"{tokens} x {p.dp}" if isinstance(tokens, int) else "+".join(map(str, tokens))
+            raise ScenarioError(
+                "workload.tokens", f"at most {MAX_TOTAL_TOKENS} tokens over all DP ranks, got {how} = {total}"
             )
         if total * m.top_k > MAX_ROUTED_PAIRS:
             raise ScenarioError(
                 "workload.tokens",
                 f"at most {MAX_ROUTED_PAIRS} routed token-expert pairs (tokens x dp x top_k), got {total * m.top_k}",
             )
+        self._check_dispatch_capacity()
         size_field = "parallel.ep_size" if p.ep_size is not None else None
         if m.moe_intermediate % self.moe_tp:
             raise ScenarioError(
@@ -336,6 +371,21 @@ class Scenario:
             field_name = "model.latent_dim" if m.has_transform else "model.hidden"
             raise ScenarioError(
                 field_name, f"width {m.routed_width} exceeds the largest size {backend} is compiled for (8192)"
+            )
+
+    def _check_dispatch_capacity(self) -> None:
+        """A rank dispatching more rows than the static capacity is the
+        engine's error (its buffers cannot hold the batch), not a runner
+        decision: refused here, as neither interpreter could run it."""
+        cap = self.parallel.max_dispatch_tokens
+        if cap is None or self.effective_backend == "none":
+            return
+        d = max(range(self.parallel.dp), key=self.layer_rows)
+        if self.layer_rows(d) > cap:
+            raise ScenarioError(
+                "parallel.max_dispatch_tokens",
+                f"DP rank {d} dispatches {self.layer_rows(d)} rows per rank, more than the static capacity "
+                f"{cap} (the engine's dispatch buffers cannot hold them)",
             )
 
     # ---- derived quantities (runner_semantics.md, "Parallel configuration") ----
@@ -395,7 +445,7 @@ class Scenario:
             self.runtime.allreduce_fusion
             and p.tp > 1
             and p.dp == 1
-            and 0 < self.workload.tokens <= FUSION_MAX_TOKENS
+            and 0 < self.total_tokens <= FUSION_MAX_TOKENS
         )
 
     @property
@@ -418,14 +468,47 @@ class Scenario:
             return "allgather_reducescatter"
         return "none"
 
+    # ---- tokens per DP rank (every consumer asks these, never workload.tokens) ----
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        """Tokens of each DP rank (workload.tokens as one count per DP rank)."""
+        t = self.workload.tokens
+        return t if isinstance(t, tuple) else (t,) * self.parallel.dp
+
+    def dp_tokens(self, d: int) -> int:
+        """Tokens the model hands DP rank d's layer."""
+        return self.token_counts[d]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    @property
+    def uneven_tokens(self) -> bool:
+        return len(set(self.token_counts)) > 1
+
+    def layer_rows(self, d: int) -> int:
+        """Token rows each rank of DP rank d holds inside the layer (its SP
+        slice, ceil(T_d / tp), or all T_d tokens without SP)."""
+        t = self.dp_tokens(d)
+        return -(-t // self.parallel.tp) if self.sp else t
+
+    def rank_rows(self, rank: int) -> int:
+        """layer_rows of a world rank's DP rank."""
+        return self.layer_rows(self.coords(rank)[0])
+
+    def group_rows(self, kind: str, rank: int) -> tuple[int, ...]:
+        """Layer rows of each member of `rank`'s group, in group order: the
+        `sizes` a runner passes to Ops.reduce_scatterv to undo an all_gatherv
+        of the members' layer tokens."""
+        return tuple(self.rank_rows(m) for m in self.group(kind, rank))
+
     @property
     def sp_tokens(self) -> int:
-        """Token rows each rank holds inside the layer (SP slices, padded to tp)."""
-        t = self.workload.tokens
-        if not self.sp:
-            return t
-        tp = self.parallel.tp
-        return -(-t // tp)
+        """Token rows a rank holds inside the layer (SP slices, padded to tp);
+        with uneven DP tokens the most any rank holds (see layer_rows)."""
+        return max(self.layer_rows(d) for d in range(self.parallel.dp))
 
     @property
     def local_experts(self) -> int:
@@ -506,6 +589,7 @@ class Scenario:
             "expert_output_width": self.expert_output_width,
             "backend_ignored": self.parallel.backend_ignored,
             "rows_per_rank": self.sp_tokens,
+            "rows_per_dp_rank": [self.layer_rows(d) for d in range(self.parallel.dp)],
             "local_experts": self.local_experts,
             "kernel": self.kernel_choice,
             "profile": self.cost_profile,
@@ -536,7 +620,11 @@ class Scenario:
             shape += " quantized-input"
         rt = self.runtime
         plat = rt.platform + ("+aux" if rt.aux_stream else "")
-        return f"{shape}; {' '.join(bits)}; {plat}; T={self.workload.tokens}"
+        return f"{shape}; {' '.join(bits)}; {plat}; T={self._tokens_label()}"
+
+    def _tokens_label(self) -> str:
+        t = self.workload.tokens
+        return str(t) if isinstance(t, int) else "[" + ",".join(map(str, t)) + "]"
 
 
 # Reading and writing scenarios lives in scenarios/spec_io.py; these names stay importable from here.

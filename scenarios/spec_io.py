@@ -58,7 +58,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         if "None" not in ann:
             raise ScenarioError(name, "must not be empty")
         return
-    if ann.startswith("int"):
+    if "tuple" in ann:  # an int, or a list of them (checked by validate)
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    elif ann.startswith("int"):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif ann.startswith("float"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -69,7 +72,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
     else:
         ok = True
     if not ok:
-        raise ScenarioError(name, f"must be {ann.split(' ')[0]}, got {value!r}")
+        what = "an int or a list of ints" if "tuple" in ann else ann.split(" ")[0]
+        raise ScenarioError(name, f"must be {what}, got {value!r}")
 
 
 def scenario_to_toml(s: Scenario) -> str:
@@ -94,6 +98,8 @@ def scenario_to_toml(s: Scenario) -> str:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

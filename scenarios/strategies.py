@@ -34,6 +34,7 @@ def moe_scenarios(
     platforms: tuple[str, ...] = ("cpu", "cuda"),
     runner: str = "fixed",
     max_tokens: int = 32,
+    uneven: bool = True,
 ) -> Scenario:
     tps = [t for t in (tp or [1, 2, 4, 8]) if t <= max_world]
     tp_ = draw(st.sampled_from(tps))
@@ -83,7 +84,7 @@ def moe_scenarios(
         token_threshold=draw(st.sampled_from([256, 4])),
     )
     workload = Workload(
-        tokens=draw(st.integers(1, max_tokens)),
+        tokens=draw(_token_counts(dp_, max_tokens, uneven)),
         seed=draw(st.integers(0, 3)),
         skew=draw(st.sampled_from([0.0, 0.5])),
     )
@@ -94,6 +95,16 @@ def moe_scenarios(
     if draw(st.booleans()) and s.padded:
         s = s.with_(kernel_writes_unpadded=True)
     return s
+
+
+@st.composite
+def _token_counts(draw: Any, dp: int, max_tokens: int, uneven: bool) -> int | tuple[int, ...]:
+    """One count for every DP rank, or sometimes (dp > 1) one per DP rank,
+    possibly 0 (an idle DP rank; not all of them); shrinks toward the single count."""
+    if uneven and dp > 1 and draw(st.booleans()):
+        counts = draw(st.lists(st.integers(0, max_tokens), min_size=dp, max_size=dp))
+        return tuple(counts) if any(counts) else (1, *counts[1:])
+    return draw(st.integers(1, max_tokens))
 
 
 def assert_no_hazard(runner: type[MoERunner] | str, scenario: Scenario, profile: str | None = None) -> None:

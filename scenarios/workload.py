@@ -94,35 +94,52 @@ def _repair_duplicates(ids: np.ndarray, w: np.ndarray) -> None:
 
 @lru_cache(maxsize=64)
 def routing_arrays(
-    seed: int, skew: float, experts: int, top_k: int, tokens: int, dp: int
+    seed: int, skew: float, experts: int, top_k: int, tokens: int | tuple[int, ...], dp: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [dp, tokens, top_k] int64, weights [dp, tokens, top_k] float64):
-    the routing of every token, seeded; weights of a token sum to 1. Read-only."""
+    """(ids [n, top_k] int64, weights [n, top_k] float64) over every token of
+    every DP rank, DP rank 0's first (n = total tokens): the routing of every
+    token, seeded; weights of a token sum to 1. Read-only. `tokens` is one
+    count for every DP rank or one per DP rank; equal counts route alike
+    either way (one draw over all tokens, in DP-rank order)."""
     rng = np.random.default_rng(_seed(seed, experts, top_k))
     w = _popularity(rng, skew, experts)
-    n = dp * tokens
+    n = sum(tokens) if isinstance(tokens, tuple) else dp * tokens
     ids = _draw_without_replacement(rng, w, n, top_k)
     raw = rng.random((n, top_k)) + 0.1
     weights = raw / raw.sum(axis=1, keepdims=True)
-    ids, weights = ids.reshape(dp, tokens, top_k), weights.reshape(dp, tokens, top_k)
     ids.flags.writeable = False
     weights.flags.writeable = False
     return ids, weights
 
 
-def route_arrays(s: Scenario) -> tuple[np.ndarray, np.ndarray]:
-    """The scenario's routing as arrays (see routing_arrays)."""
+def token_offsets(s: Scenario) -> tuple[int, ...]:
+    """Row of each DP rank's first token in the stacked [total tokens] order,
+    plus the total at the end."""
+    out = [0]
+    for t in s.token_counts:
+        out.append(out[-1] + t)
+    return tuple(out)
+
+
+def route_arrays(s: Scenario) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The scenario's routing as arrays: ids[d] [T_d, top_k], weights[d] likewise."""
     w, m = s.workload, s.model
-    return routing_arrays(w.seed, w.skew, m.num_experts, m.top_k, w.tokens, s.parallel.dp)
+    ids, weights = routing_arrays(w.seed, w.skew, m.num_experts, m.top_k, w.tokens, s.parallel.dp)
+    off = token_offsets(s)
+    dp = s.parallel.dp
+    return [ids[off[d] : off[d + 1]] for d in range(dp)], [weights[off[d] : off[d + 1]] for d in range(dp)]
 
 
 @lru_cache(maxsize=64)
-def _routing(seed: int, skew: float, experts: int, top_k: int, tokens: int, dp: int) -> Route:
+def _routing(seed: int, skew: float, experts: int, top_k: int, tokens: int | tuple[int, ...], dp: int) -> Route:
     ids, weights = routing_arrays(seed, skew, experts, top_k, tokens, dp)
-    return tuple(
-        tuple(zip(map(tuple, ids[d].tolist()), map(tuple, weights[d].tolist()), strict=True))
-        for d in range(dp)
-    )
+    counts = tokens if isinstance(tokens, tuple) else (tokens,) * dp
+    pairs = list(zip(map(tuple, ids.tolist()), map(tuple, weights.tolist()), strict=True))
+    out, start = [], 0
+    for t in counts:
+        out.append(tuple(pairs[start : start + t]))
+        start += t
+    return tuple(out)
 
 
 def routing(s: Scenario) -> Route:
@@ -138,10 +155,10 @@ def rank_token_ids(s: Scenario, rank: int) -> list[int]:
     """Token indices (within its DP rank) that `rank` holds inside the layer;
     -1 for SP padding rows."""
     d, t = s.coords(rank)
-    T = s.workload.tokens
+    T = s.dp_tokens(d)
     if not s.sp:
         return list(range(T))
-    per = s.sp_tokens
+    per = s.layer_rows(d)
     return [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
 
 
@@ -149,14 +166,14 @@ def rank_token_ids(s: Scenario, rank: int) -> list[int]:
 def expert_loads(s: Scenario) -> tuple[tuple[int, int], ...]:
     """Per world rank: (token-expert pairs computed, distinct experts active),
     after dispatch, for the expert cost model."""
-    ids, _w = route_arrays(s)
+    ids_d, _w = route_arrays(s)
     E, world, dp = s.model.num_experts, s.world, s.parallel.dp
     # Token-routing all-to-all without SP: every TP rank of a DP group sends
     # the same tokens, so each expert sees them tp times.
     token_routing = s.use_all2all_kernels and s.effective_backend != "allgather_reducescatter"
     dup = s.parallel.tp if (token_routing and not s.sp) else 1
     # hits[d, e]: how many of DP rank d's tokens chose expert e.
-    hits = np.bincount((np.arange(dp)[:, None] * E + ids.reshape(dp, -1)).ravel(), minlength=dp * E).reshape(dp, E)
+    hits = np.stack([np.bincount(ids.ravel(), minlength=E) for ids in ids_d]).reshape(dp, E)
     # Which DP ranks' tokens reach a rank's experts: its own (backend none) or all.
     own_only = s.effective_backend == "none"
     per_source = hits if own_only else hits.sum(axis=0, keepdims=True)
@@ -185,11 +202,11 @@ def tokens_of(s: Scenario, key: str) -> list[int]:
     m = _KEY.match(key)
     if m is None:
         raise ValueError(f"unknown row-block key {key!r}")
-    T = s.workload.tokens
+    T = s.dp_tokens(int(m.group(1)))
     if m.group(2) is None:
         toks = list(range(T))
     else:
-        per, t = s.sp_tokens, int(m.group(2))
+        per, t = s.layer_rows(int(m.group(1))), int(m.group(2))
         toks = [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
     for a, b in _CUT.findall(m.group(3)):
         toks = toks[int(a) : int(b)]
@@ -208,7 +225,7 @@ def owned_tokens(s: Scenario, rank: int) -> list[tuple[int, int]]:
     back, in order. Each rank returns its DP rank's tokens in their original
     order; under SP every TP rank of the DP group returns all of them."""
     d, _t = s.coords(rank)
-    return [(d, i) for i in range(s.workload.tokens)]
+    return [(d, i) for i in range(s.dp_tokens(d))]
 
 
 def token_label(d: int, tok: int) -> str:

@@ -297,6 +297,8 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
     """
     if len(values) == 1:
         return values[0]
+    if values[own].rows == 0:  # an idle DP rank's empty rows: nothing to sum
+        return Value(values[own].blocks, _merge_scale(values, own))
     layout = [b.rows for b in values[own].blocks]
     if all([b.rows for b in v.blocks] == layout for v in values):
         # Common case (same row layout everywhere): no re-segmentation.
@@ -360,6 +362,16 @@ def reduce_scatter(values: Sequence[Value], index: int) -> Value:
     chunk = values[index].rows // n
     parts = [split_rows(v, index * chunk, (index + 1) * chunk) for v in values]
     return add(parts, own=index)
+
+
+def reduce_scatterv(values: Sequence[Value], sizes: Sequence[int]) -> list[Value]:
+    """Member i keeps rows [sum(sizes[:i]), +sizes[i]) of the sum (sizes
+    given per member, summing to the rows of every value)."""
+    out, start = [], 0
+    for i, n in enumerate(sizes):
+        out.append(add([split_rows(v, start, start + n) for v in values], own=i))
+        start += n
+    return out
 
 
 def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:

@@ -93,7 +93,7 @@ class Checks:
         all_clean = True
         for b in v.blocks:
             terms = b.terms
-            if clean.get(id(terms)) is terms:
+            if clean.get(id(terms)) is terms or not b.rows:  # (no rows: nothing observable)
                 continue
             if all(coef == 1.0 and f is None for (_c, _s, f), coef in terms):
                 clean[id(terms)] = terms  # kept alive here, so the id stays its own
@@ -172,6 +172,8 @@ class Checks:
         v = x.value
         if not x.clobber_partial and self._pure(v, want) and (rows is None or v.keys() == rows):
             return  # the common case, decided without building sets
+        if v.rows == 0:
+            return  # an idle DP rank's empty input: nothing to be wrong
         clobber = self._clobber_note(ops, x)
         others = {c for c in v.components() if c != want}
         expected = WANT[want] + (f" of rows {','.join(rows)}" if rows else "")
@@ -213,6 +215,8 @@ class Checks:
 
     def latent_up(self, ops: SimOps, st: Step, x: SimTensor) -> None:
         v = x.value
+        if v.rows == 0:
+            return  # an idle DP rank's empty rows
         others = {c for c in v.components() if c != "routed"}
         if others or x.clobber_partial:
             self._wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
@@ -293,6 +297,8 @@ class Checks:
     def output(self, ops: SimOps, st: Step, x: SimTensor) -> None:
         self.checked_output.add(ops.rank)
         self._tokens_check(ops, st, x)
+        if x.value.rows == 0:
+            return  # an idle DP rank's output: no row to hold a wrong sum
         coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
         if short and self._once((ops.rank, "missing", st.index)):
             which = self.groups.phrase(ops.rank, coeffs, short, self.output_labels(ops))
@@ -308,7 +314,7 @@ class Checks:
     def _tokens_check(self, ops: SimOps, st: Step, x: SimTensor) -> None:
         s = self.scenario
         blocks = x.value.blocks
-        if len(blocks) == 1 and blocks[0].key == f"d{ops.d}" and blocks[0].rows == s.workload.tokens:
+        if len(blocks) == 1 and blocks[0].key == f"d{ops.d}" and blocks[0].rows == s.dp_tokens(ops.d):
             return  # all of this DP rank's tokens, in order (the common case)
         got: list[tuple[int, int]] = []
         for b in x.value.blocks:

@@ -279,7 +279,8 @@ def elementwise_us(p: Profile, bytes_moved: float) -> float:
 
 def collective_us(p: Profile, kind: str, n: int, nbytes: float) -> float:
     """nbytes: the per-rank buffer (all-reduce input, all-gather output,
-    reduce-scatter input, all-to-all send)."""
+    reduce-scatter input, all-to-all send); for all_gatherv the other members'
+    rows received, for reduce_scatterv the other members' rows sent."""
     if n <= 1:
         return 0.0  # engines skip collectives over a group of one
     if kind == "all_reduce":
@@ -287,6 +288,9 @@ def collective_us(p: Profile, kind: str, n: int, nbytes: float) -> float:
         alpha = p.coll_alpha_us
     elif kind in ("all_gather", "reduce_scatter"):
         factor = (n - 1) / n
+        alpha = p.coll_alpha_us
+    elif kind in ("all_gatherv", "reduce_scatterv"):  # nbytes: what really moves in (out)
+        factor = 1.0
         alpha = p.coll_alpha_us
     else:  # token-routing all-to-all dispatch / combine
         factor = (n - 1) / n

@@ -61,6 +61,7 @@ class _Pending:
     kind: str
     group: tuple[int, ...]
     arrivals: dict[int, tuple[str, SimTensor, Step]] = field(default_factory=dict)
+    sizes: dict[int, tuple[int, ...] | None] = field(default_factory=dict)  # reduce_scatterv's argument
     results: dict[int, Any] = field(default_factory=dict)
 
 
@@ -82,6 +83,41 @@ def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
     first[:, 1:] = owners[:, 1:] != owners[:, :-1]
     counts = np.bincount(owners[first], minlength=s.world)
     return tuple(int(c) for c in counts[: s.world])
+
+
+def _shape_problem(pend: _Pending, arrivals: list[tuple[str, SimTensor, Step]]) -> str | None:
+    """Why the members' shapes (or reduce_scatterv sizes) cannot go together, or None."""
+    group, kind = pend.group, pend.kind
+    shapes = [tuple(a[1].shape) for a in arrivals]
+    if kind in ("dispatch_a2a", "combine_a2a"):
+        return None  # a2a rows differ per rank by design
+    # all_gatherv: rows may differ, the width may not (torch's all_gather needs equal sizes).
+    keyed = [sh[1:] for sh in shapes] if kind == "all_gatherv" else shapes
+    if len(set(keyed)) > 1:
+        return "ranks disagree on the shape: " + ", ".join(f"rank {r} {list(sh)}" for r, sh in zip(group, shapes))
+    if kind == "reduce_scatter" and shapes[0][0] % len(group):
+        return f"{shapes[0][0]} rows do not split over {len(group)} ranks"
+    if kind == "reduce_scatterv":
+        sizes = [pend.sizes[r] for r in group]
+        if len(set(sizes)) > 1:
+            return "ranks disagree on reduce_scatterv sizes: " + ", ".join(
+                f"rank {r} {list(sz or ())}" for r, sz in zip(group, sizes))
+        sz = sizes[0] or ()
+        if len(sz) != len(group) or any(n < 0 for n in sz) or sum(sz) != shapes[0][0]:
+            return f"reduce_scatterv sizes {list(sz)} do not split {shapes[0][0]} rows over {len(group)} ranks"
+    return None
+
+
+def _scatter(kind: str, values: list[algebra.Value], sizes: tuple[int, ...] | None) -> list[algebra.Value] | None:
+    """Each member's part of a reduce-scatter-like collective (None for other kinds).
+    Members keep their own rows (reduce_scatterv, a combine); equal sizes, or a
+    combine whose value no longer holds every member's rows, are a plain
+    reduce-scatter, whose work shared over members wide worlds need."""
+    if kind not in ("reduce_scatter", "reduce_scatterv", "combine_a2a"):
+        return None
+    if sizes is None or len(set(sizes)) == 1 or sum(sizes) != values[0].rows:
+        return algebra.reduce_scatter_all(values)
+    return algebra.reduce_scatterv(values, sizes)
 
 
 class Simulation:
@@ -133,12 +169,14 @@ class Simulation:
         with at least one expert on this rank."""
         return _received_rows(self.scenario, group)[rank]
 
-    def arrive(self, ops: SimOps, key: tuple, kind: str, x: SimTensor, st: Step) -> Any:
+    def arrive(self, ops: SimOps, key: tuple, kind: str, x: SimTensor, st: Step,
+               sizes: tuple[int, ...] | None = None) -> Any:
         group = key[0]
         pend = self.pending.get(key)
         if pend is None:
             pend = self.pending[key] = _Pending(kind, group)
         pend.arrivals[ops.rank] = (kind, x, st)
+        pend.sizes[ops.rank] = sizes
         if len(pend.arrivals) == len(group):
             self._complete(pend, ops.rank)
             del self.pending[key]
@@ -150,18 +188,13 @@ class Simulation:
         group = pend.group
         arrivals = [pend.arrivals[r] for r in group]
         kinds = {a[0] for a in arrivals}
-        shapes = {tuple(a[1].shape) for a in arrivals}
         problem = None
         if len(kinds) > 1:
             problem = "ranks disagree on the collective: " + ", ".join(
                 f"rank {r} {a[0]} ({a[2].name})" for r, a in zip(group, arrivals)
             )
-        elif pend.kind not in ("dispatch_a2a", "combine_a2a") and len(shapes) > 1:
-            problem = "ranks disagree on the shape: " + ", ".join(
-                f"rank {r} {list(a[1].shape)}" for r, a in zip(group, arrivals)
-            )
-        elif pend.kind == "reduce_scatter" and arrivals[0][1].shape[0] % len(group):
-            problem = f"{arrivals[0][1].shape[0]} rows do not split over {len(group)} ranks"
+        else:
+            problem = _shape_problem(pend, arrivals)
         if problem is not None:
             for r, (_k, _x, st) in zip(group, arrivals):
                 self.add_hazard(HazardKind.SHAPE_MISMATCH, r, st, problem)
@@ -172,19 +205,24 @@ class Simulation:
         values = [a[1].value for a in arrivals]
         kind = pend.kind
         shared_sum = None
-        scattered = None
-        if kind in ("reduce_scatter", "combine_a2a"):
-            scattered = algebra.reduce_scatter_all(values)
+        sizes = pend.sizes[group[0]]
+        scattered = _scatter(kind, values, sizes)
         if kind == "all_reduce":
             keys = {v.keys() for v in values}
             if len(keys) == 1:
                 # Same rows on every member (TP): one sum serves them all.
                 shared_sum = algebra.add(values, own=0)
-        gathered = algebra.concat(values) if kind in ("all_gather", "dispatch_a2a") else None
+        gathered = algebra.concat(values) if kind in ("all_gather", "all_gatherv", "dispatch_a2a") else None
+        total_rows = sum(a[1].shape[0] for a in arrivals)
         for i, r in enumerate(group):
             x = arrivals[i][1]
             if kind == "all_reduce":
                 out = (x.shape, shared_sum if shared_sum is not None else algebra.add(values, own=i))
+            elif kind == "all_gatherv":  # every member's own rows, in group order
+                out = ((total_rows, *x.shape[1:]), gathered)
+            elif kind == "reduce_scatterv":
+                assert scattered is not None and sizes is not None
+                out = ((sizes[i], *x.shape[1:]), scattered[i])
             elif gathered is not None:  # every member receives the same value
                 out = ((x.shape[0] * len(group), *x.shape[1:]), gathered)
             else:  # reduce_scatter, combine_a2a
@@ -293,7 +331,9 @@ class Simulation:
         for ops in self.rank_ops:
             trace.steps[ops.rank] = ops.steps
             trace.values[ops.rank] = ops.values
-            if ops.output is not None:
+            if ops.output is not None and ops.output.value.rows == 0:
+                trace.outputs[ops.rank] = {}  # an idle DP rank: no row holds any source
+            elif ops.output is not None:
                 # Every expected source appears, a missing one as 0.
                 coeffs = self.checks.output_coefficients(ops.output.value, self.checks.output_labels(ops))
                 trace.outputs[ops.rank] = dict(coeffs)

@@ -12,13 +12,11 @@ group, a non-tensor argument, waiting on a non-event) raises RunnerUsageError.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scenarios import contain, layout
 from scenarios.ops import VIEW_ROWS_UNMODELED, Ops, trim_error, view_shape
 from scenarios.trace import (
-    COLLECTIVE,
     COMPUTE,
     DECISION,
     EVENT,
@@ -29,8 +27,12 @@ from scenarios.trace import (
     Step,
 )
 from sim import algebra
-from sim.cost import collective_us, elementwise_us, experts_us, gemm_us
+from sim.cost import elementwise_us, experts_us, gemm_us
 from sim.errors import RunnerUsageError, SimShapeError
+from sim.simcomm import SimComm
+from sim.simtypes import Access, Plan, SimEvent, SimTensor
+
+__all__ = ["MODEL", "Access", "Plan", "SimEvent", "SimOps", "SimTensor"]
 
 if TYPE_CHECKING:
     from sim.engine import Simulation
@@ -38,49 +40,11 @@ if TYPE_CHECKING:
 MODEL = "model"  # category of model-side steps (input, output, SP slicing)
 
 
-@dataclass(slots=True)
-class SimTensor:
-    shape: tuple[int, ...]
-    value: algebra.Value
-    buf: int
-    step: int  # index of the producing step
-    version: int = 0  # version of the buffer this handle's contents are
-    rows_from: int = -1  # the step that last changed the row set
-    clobbered_by: int | None = None  # in-place write that replaced the contents
-    clobber_partial: bool = False  # that write covered other rows than this handle's
-
-
-@dataclass(slots=True)
-class SimEvent:
-    id: int
-    stream: str
-
-
-@dataclass(slots=True)
-class Plan:
-    """What the timing phase needs to replay one step."""
-
-    step: Step
-    dur: float
-    coll: tuple | None = None
-    waits: tuple[int, ...] = ()
-    record: int | None = None
-    vc: dict[str, int] | None = None
-
-
-@dataclass(slots=True)
-class Access:
-    rank: int
-    step: int
-    buf: int
-    write: bool
-
-
 def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
     return a.same_rows(b)
 
 
-class SimOps(Ops):
+class SimOps(SimComm, Ops):
     """One rank's Ops in the simulator."""
 
     def __init__(self, sim: Simulation, rank: int) -> None:
@@ -96,7 +60,7 @@ class SimOps(Ops):
         self.coll_seq: dict[tuple[int, ...], int] = {}
         self.shared_sharded: bool | None = None
         self.output: SimTensor | None = None
-        self.tokens = self.scenario.workload.tokens
+        self.tokens = self.scenario.dp_tokens(self.d)
         self.routed_shard = layout.routed_shard(self.scenario, rank)
         # Row keys of the tokens the model handed the layer (layer input or its SP slice).
         self.layer_rows: tuple[str, ...] = ()
@@ -369,7 +333,7 @@ class SimOps(Ops):
         st = self._step("router", name, COMPUTE, (x,), shape, dur)
         if x.shape[-1] != m.hidden:
             self._shape_error(st, f"gate expects width {m.hidden}, got {x.shape[-1]}")
-        routed_rows = self.scenario.sp_tokens  # the workload routes this rank's layer tokens
+        routed_rows = self.scenario.rank_rows(self.rank)  # the workload routes this rank's layer tokens
         if rows != routed_rows:
             self._shape_error(st, f"{rows} rows but the workload routes {routed_rows}")
         self.sim.checks.consume(self, st, x, "router", "x")
@@ -456,74 +420,3 @@ class SimOps(Ops):
         if reduce_results and sharded:
             return self.all_reduce(out, "tp", name=f"{name}_all_reduce")
         return out
-
-    # ---- communication ----
-
-    def _group(self, kind: Any, st_name: str) -> tuple[int, ...]:
-        try:
-            return self.scenario.group(kind, self.rank)
-        except ValueError as exc:
-            raise self._misuse(st_name, str(exc)) from None
-
-    def _collective(self, kind: str, x: SimTensor, group: tuple[int, ...], name: str, op: str, out_shape: tuple[int, ...], nbytes: float, component: str | None = None, a2a: bool = False) -> Any:
-        p = self.sim.profile
-        dur = collective_us(p, "all_to_all" if a2a else kind, len(group), nbytes)
-        st = self._step(op, name, COLLECTIVE, (x,), out_shape, dur, component=component, group=group)
-        seq = self.coll_seq.get(group, 0)
-        self.coll_seq[group] = seq + 1
-        key = (group, seq)
-        self.plans[-1].coll = key
-        self._access(st, x, False)
-        result = self.sim.arrive(self, key, kind, x, st)
-        if isinstance(result, Exception):
-            st.error = str(result)
-            raise result
-        out_shape_final, value = result
-        st.out_shape = out_shape_final
-        return self._new(st, out_shape_final, value, rows_of=x)
-
-    def all_reduce(self, x: SimTensor, group: str = "tp", name: str = "all_reduce") -> SimTensor:
-        x = self._tensor(x, name)
-        g = self._group(group, name)
-        return self._collective("all_reduce", x, g, name, "all_reduce", x.shape, self._bytes(x.shape))
-
-    def all_gather(self, x: SimTensor, group: str = "tp", name: str = "all_gather") -> SimTensor:
-        x = self._tensor(x, name)
-        g = self._group(group, name)
-        shape = (x.shape[0] * len(g), *x.shape[1:])
-        return self._collective("all_gather", x, g, name, "all_gather", shape, self._bytes(shape))
-
-    def reduce_scatter(self, x: SimTensor, group: str = "tp", name: str = "reduce_scatter") -> SimTensor:
-        x = self._tensor(x, name)
-        g = self._group(group, name)
-        shape = (x.shape[0] // len(g), *x.shape[1:])
-        return self._collective("reduce_scatter", x, g, name, "reduce_scatter", shape, self._bytes(x.shape))
-
-    def dispatch(self, x: SimTensor, routing_h: SimTensor, name: str = "dispatch") -> tuple[SimTensor, SimTensor]:
-        x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
-        s = self.scenario
-        if s.effective_backend == "none":
-            raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
-        group, token_routing = self.scenario.dispatch_group(self.rank)
-        if token_routing:
-            rows = self.sim.received_rows(self.rank, group)
-            kind = "dispatch_a2a"
-        else:
-            rows = x.shape[0] * len(group)
-            kind = "all_gather"
-        shape = (rows, x.shape[-1])
-        out = self._collective(kind, x, group, name, "dispatch", shape, self._bytes((x.shape[0] * min(s.model.top_k, len(group)), x.shape[-1])) if token_routing else self._bytes(shape), component="routed", a2a=token_routing)
-        out.shape = shape
-        self.steps[out.step].out_shape = shape
-        rh = SimTensor((rows, s.model.top_k), out.value, self.sim.new_buffer(), out.step, 0, out.rows_from)
-        return out, rh
-
-    def combine(self, y: SimTensor, name: str = "combine") -> SimTensor:
-        y = self._tensor(y, name, "y")
-        s = self.scenario
-        group, token_routing = self.scenario.dispatch_group(self.rank)
-        kind = "combine_a2a" if token_routing else "reduce_scatter"
-        rows = y.value.rows // len(group) if y.value.rows else 0
-        shape = (rows, y.shape[-1])
-        nbytes = self._bytes((rows * min(s.model.top_k, len(group)), y.shape[-1])) if token_routing else self._bytes(y.shape)
-        return self._collective(kind, y, group, name, "combine", shape, nbytes, component="routed", a2a=token_routing)

@@ -86,7 +86,7 @@ def test_written_toml_loads_back_and_reproduces(before_results, runner):
 def test_shrunk_scenario_is_minimal(before_results, runner):
     for f in before_results[runner].findings:
         s = f.scenario
-        assert s.world <= 4 and s.workload.tokens <= 2, s.summary_line()
+        assert s.world <= 4 and max(s.token_counts) <= 2, s.summary_line()
         assert s.model.hidden == 32 and s.model.top_k == 1
         cls = load_runner(runner)
         # 1-minimal: no single simplification keeps the finding.

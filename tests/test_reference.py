@@ -26,7 +26,7 @@ def direct_output(s: Scenario, d: int) -> torch.Tensor:
     w = LayerWeights(s)
     x = layer_input(s, d).double()
     rows = []
-    for tok in range(s.workload.tokens):
+    for tok in range(s.dp_tokens(d)):
         v = x[tok]
         if w.down is not None:
             v = w.down.double() @ v

@@ -28,7 +28,7 @@ def _loads_by_definition(s):
         lo, hi = (r * per, r * per + per) if s.parallel.ep else (0, s.model.num_experts)
         pairs, active = 0, set()
         for sd in sources:
-            for tok in range(s.workload.tokens):
+            for tok in range(s.dp_tokens(sd)):
                 for e in route[sd][tok][0]:
                     if lo <= e < hi:
                         pairs += dup
@@ -69,10 +69,13 @@ def test_routing_is_a_deterministic_valid_top_k(seed, skew, ek, tokens, dp):
     routing_arrays.cache_clear()
     ids2, w2 = routing_arrays(seed, skew, experts, k, tokens, dp)
     assert (ids == ids2).all() and (w == w2).all()
-    assert ids.shape == (dp, tokens, k) and ids.min() >= 0 and ids.max() < experts
-    for row in ids.reshape(-1, k).tolist():
+    assert ids.shape == (dp * tokens, k) and ids.min() >= 0 and ids.max() < experts
+    for row in ids.tolist():
         assert len(set(row)) == k
-    assert abs(w.sum(axis=2) - 1.0).max() < 1e-12 and (w > 0).all()
+    assert abs(w.sum(axis=1) - 1.0).max() < 1e-12 and (w > 0).all()
+    # The same counts given per DP rank route identically.
+    ids3, w3 = routing_arrays(seed, skew, experts, k, (tokens,) * dp, dp)
+    assert (ids3 == ids).all() and (w3 == w).all()
 
 
 # ---- size caps: one line, exit 2, before anything is simulated ----

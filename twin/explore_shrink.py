@@ -79,13 +79,25 @@ def _candidates(s: Scenario) -> Iterator[dict[str, Any]]:
         yield {"runtime.aux_stream": False}
     if rt.token_threshold != 256:
         yield {"runtime.token_threshold": 256}
-    for t in (1, 2, w.tokens // 2, w.tokens - 1):
-        if 1 <= t < w.tokens:
-            yield {"workload.tokens": t}
+    for t in _fewer_tokens(w.tokens):
+        yield {"workload.tokens": t}
     if w.seed:
         yield {"workload.seed": 0}
     if w.skew:
         yield {"workload.skew": 0.0}
+
+
+def _fewer_tokens(tokens: int | tuple[int, ...]) -> Iterator[int | tuple[int, ...]]:
+    """Smaller token counts: one count for every DP rank first, then one DP
+    rank's count at a time."""
+    if isinstance(tokens, int):
+        yield from (t for t in (1, 2, tokens // 2, tokens - 1) if 1 <= t < tokens)
+        return
+    yield min(tokens)
+    for i, n in enumerate(tokens):
+        for t in dict.fromkeys((1, n // 2, n - 1)):
+            if 1 <= t < n:
+                yield (*tokens[:i], t, *tokens[i + 1 :])
 
 
 def polish(s: Scenario, keep: Callable[[Scenario], bool], max_tries: int = 400) -> Scenario:

@@ -32,7 +32,7 @@ from typing import Any
 from scenarios import runners as _runners
 from scenarios.runners import MoERunner
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv")
 DROPPABLE_OPS = (*COLLECTIVES, "wait_event", "pad", "trim", "trim_rows", "view")
 # Methods holding the program (ops are issued here); the rest are decisions.
 PROGRAM_METHODS = ("model_forward", "forward", "routed_path", "overlapped_routed_path",

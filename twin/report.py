@@ -97,7 +97,7 @@ def outputs_table(trace: Trace) -> RenderableType:
     t.add_column("ranks")
     t.add_column("sources")
     for coeffs, ranks in groups.items():
-        parts = Text()
+        parts = Text("no rows (an idle DP rank)" if not coeffs else "")
         for i, (label, c) in enumerate(fold_sources(dict(coeffs))):
             if i:
                 parts.append("  ")

@@ -41,7 +41,7 @@ REDUCTIONS = (HazardKind.DOUBLE_REDUCTION, HazardKind.MISSING_REDUCTION)
 FAILURES = (HazardKind.SHAPE_MISMATCH, HazardKind.RUNNER_ERROR, HazardKind.HANG)
 # Real hazards that speak about the values a rank returned (from the reference).
 OUTPUT_KINDS = (*REDUCTIONS, HazardKind.WRONG_TOKENS, HazardKind.WRONG_INPUT, HazardKind.WRONG_OUTPUT)
-COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "dispatch", "combine")
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv", "dispatch", "combine")
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""The simulator's per-rank records: tensor handles, events, step plans, buffer accesses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scenarios.trace import Step
+from sim import algebra
+
+
+@dataclass(slots=True)
+class SimTensor:
+    shape: tuple[int, ...]
+    value: algebra.Value
+    buf: int
+    step: int  # index of the producing step
+    version: int = 0  # version of the buffer this handle's contents are
+    rows_from: int = -1  # the step that last changed the row set
+    clobbered_by: int | None = None  # in-place write that replaced the contents
+    clobber_partial: bool = False  # that write covered other rows than this handle's
+
+
+@dataclass(slots=True)
+class SimEvent:
+    id: int
+    stream: str
+
+
+@dataclass(slots=True)
+class Plan:
+    """What the timing phase needs to replay one step."""
+
+    step: Step
+    dur: float
+    coll: tuple | None = None
+    waits: tuple[int, ...] = ()
+    record: int | None = None
+    vc: dict[str, int] | None = None
+
+
+@dataclass(slots=True)
+class Access:
+    rank: int
+    step: int
+    buf: int
+    write: bool
