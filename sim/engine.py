@@ -63,6 +63,7 @@ class _Pending:
     arrivals: dict[int, tuple[str, SimTensor, Step]] = field(default_factory=dict)
     sizes: dict[int, tuple[int, ...] | None] = field(default_factory=dict)  # reduce_scatterv's argument
     results: dict[int, Any] = field(default_factory=dict)
+    number: int = 0  # its index in Simulation.meetings
 
 
 @lru_cache(maxsize=1024)
@@ -83,6 +84,14 @@ def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
     first[:, 1:] = owners[:, 1:] != owners[:, :-1]
     counts = np.bincount(owners[first], minlength=s.world)
     return tuple(int(c) for c in counts[: s.world])
+
+
+@lru_cache(maxsize=1024)
+def _member_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
+    """Layer rows of each member of `group`, in group order (what a naive
+    gather collects and every combine hands back). Cached: every member of a
+    wide group asks for the same tuple, which is world-long."""
+    return tuple(s.rank_rows(m) for m in group)
 
 
 def _shape_problem(pend: _Pending, arrivals: list[tuple[str, SimTensor, Step]]) -> str | None:
@@ -136,6 +145,9 @@ class Simulation:
         self.decisions: dict[str, str] = {}
         self.accesses: list[Access] = []
         self.pending: dict[tuple, _Pending] = {}
+        # Per collective, in the order first reached: (rank, plan index) of each
+        # arrival (sim/symmetry.py reads it; keys hold world-long groups).
+        self.meetings: list[list[tuple[int, int]]] = []
         self.rank_ops: list[SimOps] = []
         self.finished: dict[int, str] = {}
         self.usage_error: OpsUsageError | RunnerUnsupported | None = None
@@ -169,12 +181,18 @@ class Simulation:
         with at least one expert on this rank."""
         return _received_rows(self.scenario, group)[rank]
 
+    def member_rows(self, group: tuple[int, ...]) -> tuple[int, ...]:
+        """Layer rows of each member of `group` (the DP metadata's counts)."""
+        return _member_rows(self.scenario, group)
+
     def arrive(self, ops: SimOps, key: tuple, kind: str, x: SimTensor, st: Step,
                sizes: tuple[int, ...] | None = None) -> Any:
         group = key[0]
         pend = self.pending.get(key)
         if pend is None:
-            pend = self.pending[key] = _Pending(kind, group)
+            pend = self.pending[key] = _Pending(kind, group, number=len(self.meetings))
+            self.meetings.append([])
+        self.meetings[pend.number].append((ops.rank, len(ops.plans) - 1))
         pend.arrivals[ops.rank] = (kind, x, st)
         pend.sizes[ops.rank] = sizes
         if len(pend.arrivals) == len(group):

@@ -121,7 +121,7 @@ class SimComm:
             kind = "dispatch_a2a"
             nbytes = self._bytes((x.shape[0] * min(s.model.top_k, len(group)), x.shape[-1]))
         else:  # the naive gather: all_gatherv of every member's rows (costed as the all-gather it is)
-            rows = sum(s.rank_rows(m) for m in group)
+            rows = sum(self.sim.member_rows(group))
             kind = "all_gatherv"
             nbytes = self._bytes((rows, x.shape[-1]))
         shape = (rows, x.shape[-1])
@@ -138,7 +138,7 @@ class SimComm:
         s = self.sim.scenario
         group, token_routing = s.dispatch_group(self.rank)
         # Every member gets back its own layer rows (the DP metadata's counts).
-        sizes = tuple(s.rank_rows(m) for m in group)
+        sizes = self.sim.member_rows(group)
         mine = sizes[group.index(self.rank)]
         shape = (mine, y.shape[-1])
         if not token_routing:  # the naive combine: reduce_scatterv
