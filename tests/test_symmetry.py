@@ -1,0 +1,94 @@
+"""The timing collapse (sim/symmetry.py) changes nothing a trace says: every
+hazard, output coefficient, decision, note-free step field and step time is
+the same as when every rank is replayed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import families
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scenarios.runners import BEFORE_RUNNERS, MoERunner
+from scenarios.strategies import hybrid_scenarios, moe_scenarios
+from scenarios.trace import Trace
+from sim import simulate
+from sim.engine import Simulation
+
+
+class CloneOnOddRanks(MoERunner):
+    """Branches on the rank: odd ranks clone the shared input first (a longer
+    timeline), so the collapse must tell them apart."""
+
+    def shared_input(self, ops: Any, x: Any) -> Any:
+        return ops.clone(x, name="odd_clone") if ops.rank % 2 else x
+
+
+class CloneOnRankZero(MoERunner):
+    """Only rank 0 runs longer: its peers wait for it in every collective."""
+
+    def shared_input(self, ops: Any, x: Any) -> Any:
+        return ops.clone(x, name="rank0_clone") if ops.rank == 0 else x
+
+
+RUNNERS = ("fixed", *BEFORE_RUNNERS, *(w[0] for w in families.WRONG), CloneOnOddRanks, CloneOnRankZero)
+
+
+def _facts(trace: Trace) -> dict:
+    """Everything a trace claims, the collapse note aside."""
+    return {
+        "latency": round(trace.latency_us, 9),
+        "hazards": [(h.kind, h.rank, h.step, h.step_name, h.detail, h.cost_us) for h in trace.hazards],
+        "outputs": trace.outputs,
+        "decisions": trace.decisions,
+        "steps": {r: [(s.index, s.op, s.name, s.stream, s.out_shape, s.error, round(s.start, 9), round(s.end, 9))
+                      for s in steps] for r, steps in trace.steps.items()},
+        "notes": [n for n in trace.notes if not n.startswith("timing:")],
+    }
+
+
+def _both(s: Any, runner: Any) -> tuple[dict, dict]:
+    collapsed = simulate(s, runner)
+    Simulation.collapse = False
+    try:
+        full = simulate(s, runner)
+    finally:
+        Simulation.collapse = True
+    return _facts(collapsed), _facts(full)
+
+
+@given(moe_scenarios(max_world=8), st.sampled_from(RUNNERS))
+@settings(max_examples=150)
+def test_collapse_changes_nothing(s, runner):
+    a, b = _both(s, runner)
+    assert a == b
+
+
+@given(hybrid_scenarios(), st.sampled_from(("fixed", families.AllReduceOverMoeEpOnly, CloneOnOddRanks)))
+@settings(max_examples=40)
+def test_collapse_changes_nothing_hybrid(s, runner):
+    a, b = _both(s, runner)
+    assert a == b
+
+
+@given(moe_scenarios(max_world=8), st.lists(st.integers(0, 9), min_size=4, max_size=4), st.sampled_from(RUNNERS))
+@settings(max_examples=60)
+def test_collapse_changes_nothing_uneven_tokens(s, counts, runner):
+    counts = tuple(counts[: s.parallel.dp])
+    if sum(counts) == 0:
+        counts = (1, *counts[1:])
+    a, b = _both(s.with_(**{"workload.tokens": counts}), runner)
+    assert a == b
+
+
+def test_rank_branch_splits_classes():
+    """A runner that branches on the rank gets its own timing classes, and
+    the peers of a slow rank wait for it (seen in the step times)."""
+    s = families.TP2.with_(**{"parallel.tp": 4})
+    trace = simulate(s, CloneOnRankZero)
+    assert any(n == "timing: 4 rank programs simulated as 2 classes" for n in trace.notes), trace.notes
+    a, b = _both(s, CloneOnRankZero)
+    assert a == b
+    fixed = simulate(s, "fixed")
+    assert any(n == "timing: 4 identical rank programs simulated once" for n in fixed.notes), fixed.notes
