@@ -42,6 +42,9 @@ class CommOps:
     scenario: Scenario
     rank: int
     groups: dict[tuple[int, ...], Any]
+    # (DP rank, token) of the rows the layer routes, once a model-side
+    # communicator changed them (None: this rank's own layer tokens).
+    layer_tokens: list[tuple[int, int]] | None = None
     tensors: dict[int, RealTensor]
     steps: list[Step]
     stand_ins: set[str]
@@ -181,6 +184,35 @@ class CommOps:
         out = self._op("reduce_scatterv", name, COLLECTIVE, (x,), lambda v: self._reduce_scatterv(v, sz, g), group=g,
                        agree=self._agreement("reduce_scatterv", g))
         return self._stand_in_detail(out, _SCATTERV)
+
+    def dp_gather(self, x: RealTensor, name: str = "dp_gather") -> RealTensor:
+        s = self.scenario
+        d = s.coords(self.rank)[0]
+        mine = s.dp_tokens(d)
+        g = self._group("dp", name)
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[0] != mine:
+                raise OpsShapeError(f"gathers {v.shape[0]} rows but DP rank {d} holds {mine} tokens")
+            return self._all_gatherv(v, g)
+
+        out = self._op("all_gatherv", name, COLLECTIVE, (x,), fn, group=g, agree=self._agreement("all_gatherv", g))
+        self.layer_tokens = [(e, t) for e in range(s.parallel.dp) for t in range(s.dp_tokens(e))]
+        return self._stand_in_detail(out, _GATHERV)
+
+    def dp_scatter(self, x: RealTensor, name: str = "dp_scatter") -> RealTensor:
+        s = self.scenario
+        d = s.coords(self.rank)[0]
+        counts = s.token_counts
+        lo, n = sum(counts[:d]), counts[d]
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[0] != s.total_tokens:
+                raise OpsShapeError(f"{v.shape[0]} rows, but the DP ranks' tokens are {s.total_tokens} rows")
+            return v[lo : lo + n]
+
+        self.layer_tokens = [(d, t) for t in range(n)]
+        return self._op("dp_scatter", name, "model", (x,), fn)
 
     def all_reduce(self, x: RealTensor, group: str = "tp", name: str = "all_reduce") -> RealTensor:
         g = self._group(group, name)

@@ -98,7 +98,7 @@ class RealOps(CommOps, Ops):
         self.output: RealTensor | None = None
         self._events = 0
         self._local: tuple[torch.Tensor, torch.Tensor, int] | None = None
-        self._shared: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shared: dict[tuple[bool, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._fi: Any = None  # FlashInferA2A on CUDA
         self._fi_reason: str | None = None
         self.cuda = torch.cuda.is_available()
@@ -341,6 +341,9 @@ class RealOps(CommOps, Ops):
             v = F.pad(v, (0, 0, 0, per * tp - v.shape[0]))
             return v[self.t * per : (self.t + 1) * per]
 
+        T = self.scenario.dp_tokens(self.d)
+        per = -(-T // tp)
+        self.layer_tokens = [(self.d, i if i < T else -1) for i in range(self.t * per, (self.t + 1) * per)]
         return self._op("sp_slice", name, MODEL, (x,), fn)
 
     def trim_rows(self, x: RealTensor, rows: int, name: str = "trim_rows") -> RealTensor:
@@ -419,6 +422,10 @@ class RealOps(CommOps, Ops):
     # ---- MoE compute ----
 
     def _rows_tokens(self) -> list[tuple[int, int]]:
+        """(DP rank, token) of each row the layer routes: this rank's layer
+        tokens, or what a model-side communicator made of them."""
+        if self.layer_tokens is not None:
+            return self.layer_tokens
         return [(self.d, t) for t in rank_token_ids(self.scenario, self.rank)]
 
     def router(self, x: RealTensor, name: str = "router") -> RealTensor:
@@ -514,17 +521,23 @@ class RealOps(CommOps, Ops):
         self.stand_ins.add(what)
         return q
 
-    def _shared_weights(self, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if sharded not in self._shared:
-            n = self.scenario.parallel.tp if sharded else 1
-            w13, w2 = self.weights.shared_shard(self.t if sharded else 0, n)
-            self._shared[sharded] = (w13.to(self.device), w2.to(self.device))
-        return self._shared[sharded]
+    def _shared_weights(self, sharded: bool, group: str = "tp") -> tuple[torch.Tensor, torch.Tensor]:
+        key = (sharded, group if sharded else "")
+        if key not in self._shared:
+            members = self._group(group, "shared_experts") if sharded else (self.rank,)
+            n = len(members)
+            if self.scenario.model.shared_inter % n:
+                raise OpsUsageError(f"shared_experts: shared intermediate {self.scenario.model.shared_inter} "
+                                    f"is not divisible by the {group} group's {n} ranks")
+            w13, w2 = self.weights.shared_shard(members.index(self.rank), n)
+            self._shared[key] = (w13.to(self.device), w2.to(self.device))
+        return self._shared[key]
 
     def shared_experts(
-        self, x: RealTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False
+        self, x: RealTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False,
+        group: str = "tp",
     ) -> RealTensor:
-        w13, w2 = self._shared_weights(sharded)
+        w13, w2 = self._shared_weights(sharded, group)
         hidden = self.scenario.model.hidden
 
         def fn(v: torch.Tensor) -> torch.Tensor:
@@ -534,5 +547,5 @@ class RealOps(CommOps, Ops):
 
         out = self._op("shared_experts", name, COMPUTE, (x,), fn, component="shared")
         if reduce_results and sharded:
-            return self.all_reduce(out, "tp", name=f"{name}_all_reduce")
+            return self.all_reduce(out, group, name=f"{name}_all_reduce")
         return out

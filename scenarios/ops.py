@@ -140,12 +140,15 @@ class Ops(ABC):
 
     @abstractmethod
     def shared_experts(
-        self, x: Any, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False
+        self, x: Any, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False,
+        group: str = "tp",
     ) -> Any:
-        """The shared-expert MLP; TP-sharded (partial sums) or unsharded (complete).
-        `reduce_results`: a sharded MLP all-reduces its own output over tp (a
-        collective step `<name>_all_reduce`), so it returns the complete sum; an
-        unsharded MLP has nothing to reduce."""
+        """The shared-expert MLP: sharded over `group` (its intermediate split
+        over the group's ranks: partial sums, sources `shared@tp1`, or e.g.
+        `shared@world3` over the whole world) or unsharded (complete on every
+        rank, `shared@full`). `reduce_results`: a sharded MLP all-reduces its
+        own output over its group (a collective step `<name>_all_reduce`), so it
+        returns the complete sum; an unsharded MLP has nothing to reduce."""
 
     # ---- communication ----
 
@@ -170,6 +173,22 @@ class Ops(ABC):
     # all_gather / reduce_scatter need equal sizes; these do not. gloo on CPU
     # has neither: the real interpreter's stand-ins pad to the largest member
     # and all-gather then unpad, and all-reduce then keep this member's rows.
+
+    # Model-side communicator of attention data parallelism (SGLang's DP
+    # attention, moe_block.md section 2): the MoE runs on every DP rank's rows
+    # (FULL layout), then each DP rank takes its own rows back.
+
+    @abstractmethod
+    def dp_gather(self, x: Any, name: str = "dp_gather") -> Any:
+        """Every DP rank's layer-input rows, gathered over the dp group in DP-rank
+        order (an all_gatherv: counts may differ). The gathered rows become the
+        tokens the layer routes (the router and the shared experts expect them)."""
+
+    @abstractmethod
+    def dp_scatter(self, x: Any, name: str = "dp_scatter") -> Any:
+        """This DP rank's rows of a gathered (FULL-layout) tensor: a local copy of
+        rows [offset, offset + T_d), which must already hold complete sums. The
+        layer's tokens are this DP rank's again."""
 
     @abstractmethod
     def all_gatherv(self, x: Any, group: str = "dp", name: str = "all_gatherv") -> Any:

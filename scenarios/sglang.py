@@ -32,7 +32,7 @@ from typing import Any
 
 from scenarios.backends import backend_info
 from scenarios.ops import Ops
-from scenarios.runners import MoERunner, Order
+from scenarios.runner_base import MoERunner, Order
 
 
 class SGLangRunner(MoERunner):

@@ -247,18 +247,19 @@ class Checks:
         if component == "routed":
             key: tuple = ("routed",)
         else:
-            key = ("shared", ops.shared_sharded if ops.shared_sharded is not None else not s.sp)
+            default = tuple(f"tp{t}" for t in range(s.parallel.tp)) if not s.sp else ("full",)
+            key = ("shared", ops.shared_shards if ops.shared_shards is not None else default)
         labels = self._labels.get(key)
         if labels is None:
             if component == "routed":
                 shards = list(layout.routed_shards(s))
             else:
-                shards = [f"tp{t}" for t in range(s.parallel.tp)] if key[1] else ["full"]
+                shards = list(key[1])
             labels = self._labels[key] = tuple(algebra.source_label((component, sh, None)) for sh in shards)
         return labels
 
     def output_labels(self, ops: SimOps) -> tuple[str, ...]:
-        key = ("output", ops.shared_sharded)
+        key = ("output", ops.shared_shards)
         labels = self._labels.get(key)
         if labels is None:
             routed = self.expected_labels(ops, "routed")

@@ -58,12 +58,17 @@ class SimOps(SimComm, Ops):
         self.inputs: list[tuple[int, ...]] = []
         self.values: dict[int, algebra.Value] = {}
         self.coll_seq: dict[tuple[int, ...], int] = {}
-        self.shared_sharded: bool | None = None
+        # Shard labels of the shared MLP as first run ("tp0", "tp1" or "full").
+        self.shared_shards: tuple[str, ...] | None = None
         self.output: SimTensor | None = None
         self.tokens = self.scenario.dp_tokens(self.d)
         self.routed_shard = layout.routed_shard(self.scenario, rank)
         # Row keys of the tokens the model handed the layer (layer input or its SP slice).
         self.layer_rows: tuple[str, ...] = ()
+        # Rows the router expects: this rank's layer tokens, until a model-side
+        # communicator (sp_slice, dp_gather, dp_scatter) changes the token set.
+        self.layer_nrows = self.scenario.rank_rows(rank)
+        self.input_rows: tuple[str, ...] = ()
         # buffer -> (version, the handle written in place at that version)
         self.writes: dict[int, tuple[int, SimTensor]] = {}
 
@@ -215,7 +220,7 @@ class SimOps(SimComm, Ops):
         shape = (self.tokens, s.model.hidden)
         st = self._step("layer_input", name, MODEL, (), shape)
         out = self._new(st, shape, algebra.leaf(f"d{self.d}", self.tokens, "x", ""), fresh=True)
-        self.layer_rows = out.value.keys()
+        self.layer_rows = self.input_rows = out.value.keys()
         return out
 
     def sp_slice(self, x: SimTensor, name: str = "sp_slice") -> SimTensor:
@@ -228,8 +233,30 @@ class SimOps(SimComm, Ops):
         value = algebra.Value(blocks, x.value.scale) if len(blocks) == 1 else algebra.split_rows(x.value, self.t * per, (self.t + 1) * per)
         # Padding to a multiple of tp copies (F.pad), so the slice is a new buffer.
         out = self._new(st, shape, value, (x,))
-        self.layer_rows = out.value.keys()
+        self.layer_rows, self.layer_nrows = out.value.keys(), shape[0]
         return out
+
+    def dp_gather(self, x: SimTensor, name: str = "dp_gather") -> SimTensor:
+        x = self._tensor(x, name)
+        s = self.sim.scenario
+        if x.shape[0] != s.dp_tokens(self.d):
+            st = self._step("dp_gather", name, MODEL, (x,), x.shape)
+            self._shape_error(st, f"gathers {x.shape[0]} rows but DP rank {self.d} holds {s.dp_tokens(self.d)} tokens")
+        out = self.all_gatherv(x, "dp", name=name)
+        self.layer_rows, self.layer_nrows = out.value.keys(), out.shape[0]
+        return out
+
+    def dp_scatter(self, x: SimTensor, name: str = "dp_scatter") -> SimTensor:
+        x = self._tensor(x, name)
+        s = self.sim.scenario
+        counts = s.token_counts
+        lo, n = sum(counts[: self.d]), counts[self.d]
+        shape = (n, *x.shape[1:])
+        st = self._step("dp_scatter", name, MODEL, (x,), shape, self.sim.view_us)
+        if x.shape[0] != s.total_tokens:
+            self._shape_error(st, f"{x.shape[0]} rows, but the DP ranks' tokens are {s.total_tokens} rows")
+        self.layer_rows, self.layer_nrows = self.input_rows, n
+        return self._new(st, shape, algebra.split_rows(x.value, lo, lo + n), (x,))
 
     def trim_rows(self, x: SimTensor, rows: int, name: str = "trim_rows") -> SimTensor:
         x = self._tensor(x, name)
@@ -333,7 +360,7 @@ class SimOps(SimComm, Ops):
         st = self._step("router", name, COMPUTE, (x,), shape, dur)
         if x.shape[-1] != m.hidden:
             self._shape_error(st, f"gate expects width {m.hidden}, got {x.shape[-1]}")
-        routed_rows = self.scenario.rank_rows(self.rank)  # the workload routes this rank's layer tokens
+        routed_rows = self.layer_nrows  # the workload routes this rank's layer tokens
         if rows != routed_rows:
             self._shape_error(st, f"{rows} rows but the workload routes {routed_rows}")
         self.sim.checks.consume(self, st, x, "router", "x")
@@ -399,12 +426,16 @@ class SimOps(SimComm, Ops):
         return q
 
     def shared_experts(
-        self, x: SimTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False
+        self, x: SimTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False,
+        group: str = "tp",
     ) -> SimTensor:
         x = self._tensor(x, name)
-        s, m, p = self.scenario, self.scenario.model, self.sim.profile
-        tp = s.parallel.tp
-        inter = m.shared_inter // tp if sharded else m.shared_inter
+        m, p = self.scenario.model, self.sim.profile
+        members = self._group(group, name) if sharded else (self.rank,)
+        n = len(members)
+        if m.shared_inter % n:
+            raise self._misuse(name, f"shared intermediate {m.shared_inter} is not divisible by the {group} group's {n} ranks")
+        inter = m.shared_inter // n
         rows = x.shape[0]
         shape = (rows, m.hidden)
         bpe = p.bytes_per_elem
@@ -413,10 +444,11 @@ class SimOps(SimComm, Ops):
         if x.shape[-1] != m.hidden:
             self._shape_error(st, f"shared MLP expects width {m.hidden}, got {x.shape[-1]}")
         self.sim.checks.consume(self, st, x, "shared experts", "x", self.layer_rows)
-        if self.shared_sharded is None:
-            self.shared_sharded = bool(sharded)
-        shard = f"tp{self.t}" if sharded else "full"
+        shards = tuple(f"{group}{i}" for i in range(n)) if sharded else ("full",)
+        if self.shared_shards is None:
+            self.shared_shards = shards
+        shard = shards[members.index(self.rank)] if sharded else "full"
         out = self._new(st, shape, algebra.relabel(x.value, "shared", shard), (x,), fresh=True)
         if reduce_results and sharded:
-            return self.all_reduce(out, "tp", name=f"{name}_all_reduce")
+            return self.all_reduce(out, group, name=f"{name}_all_reduce")
         return out

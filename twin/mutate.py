@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scenarios import runners as _runners
+from scenarios import runner_base as _runners
 from scenarios.runners import MoERunner
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv")
