@@ -10,7 +10,7 @@ import families
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scenarios.runners import BEFORE_RUNNERS, MoERunner
+from scenarios.runners import BEFORE_RUNNERS, MoERunner, RunnerUnsupported
 from scenarios.strategies import hybrid_scenarios, moe_scenarios
 from scenarios.trace import Trace
 from sim import simulate
@@ -32,7 +32,7 @@ class CloneOnRankZero(MoERunner):
         return ops.clone(x, name="rank0_clone") if ops.rank == 0 else x
 
 
-RUNNERS = ("fixed", *BEFORE_RUNNERS, *(w[0] for w in families.WRONG), CloneOnOddRanks, CloneOnRankZero)
+RUNNERS = ("fixed", "sglang", *BEFORE_RUNNERS, *(w[0] for w in families.WRONG), CloneOnOddRanks, CloneOnRankZero)
 
 
 def _facts(trace: Trace) -> dict:
@@ -48,14 +48,21 @@ def _facts(trace: Trace) -> dict:
     }
 
 
-def _both(s: Any, runner: Any) -> tuple[dict, dict]:
-    collapsed = simulate(s, runner)
+def _facts_or_refusal(s: Any, runner: Any) -> dict | str:
+    try:
+        return _facts(simulate(s, runner))
+    except RunnerUnsupported as exc:  # out of the runner's scope: both modes must say so
+        return str(exc)
+
+
+def _both(s: Any, runner: Any) -> tuple[dict | str, dict | str]:
+    collapsed = _facts_or_refusal(s, runner)
     Simulation.collapse = False
     try:
-        full = simulate(s, runner)
+        full = _facts_or_refusal(s, runner)
     finally:
         Simulation.collapse = True
-    return _facts(collapsed), _facts(full)
+    return collapsed, full
 
 
 @given(moe_scenarios(max_world=8), st.sampled_from(RUNNERS))
