@@ -56,7 +56,7 @@ class Classes:
 def classes(sim: Simulation) -> Classes | None:
     """The timing classes of the simulated ranks, or None (replay every rank)."""
     ops_all = sim.rank_ops
-    if not sim.collapse or len(ops_all) < 2 or any(v != "done" for v in sim.finished.values()):
+    if not _eligible(sim):
         return None
     sigs = [_own_signature(ops) for ops in ops_all]
     if any(sig is None for sig in sigs):
@@ -79,6 +79,14 @@ def classes(sim: Simulation) -> Classes | None:
     if max(of) + 1 == len(ops_all):
         return None
     return _with_rendezvous(of, ops_all, at, members)
+
+
+def _eligible(sim: Simulation) -> bool:
+    """Collapse on, several ranks, and every rank finished its program (a
+    rank still blocked is not in `finished`; one that failed is not done)."""
+    n = len(sim.rank_ops)
+    return (sim.collapse and n > 1 and len(sim.finished) == n
+            and all(v == "done" for v in sim.finished.values()))
 
 
 def _own_signature(ops: SimOps) -> tuple | None:
