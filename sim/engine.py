@@ -66,6 +66,21 @@ class _Pending:
     number: int = 0  # its index in Simulation.meetings
 
 
+class RankGroup(tuple):
+    """A group's world ranks, hashed once: a wide group is a world-long tuple
+    that every member's collective key and row lookups would rehash."""
+
+    _hash: int
+
+    def __new__(cls, ranks: tuple[int, ...]) -> RankGroup:
+        g = super().__new__(cls, ranks)
+        g._hash = tuple.__hash__(g)
+        return g
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 @lru_cache(maxsize=1024)
 def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
     """Per world rank: rows a token-routing dispatch over `group` delivers to
@@ -160,6 +175,8 @@ class Simulation:
         self.checks = Checks(self)
         self.expected_scale = self.checks.expected_scale
         self.loads = expert_loads(scenario)  # hashing the scenario once, not per op
+        self._groups: dict[tuple[str, int], RankGroup] = {}
+        self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
 
     # ---- counters ----
 
@@ -175,6 +192,31 @@ class Simulation:
         self.hazards.append(Hazard(kind, st.index, st.name, rank, detail, cost))
 
     # ---- collectives ----
+
+    # Groups of one kind partition the ranks (tests/test_symmetry.py checks
+    # it for every kind): a group found for one member is every member's, so
+    # a world-wide group is built once, not once per rank.
+
+    def group(self, kind: str, rank: int) -> tuple[int, ...]:
+        """Scenario.group, one shared object per group."""
+        if not isinstance(kind, str):  # a runner's bad argument: Scenario.group says why
+            return self.scenario.group(kind, rank)
+        g = self._groups.get((kind, rank))
+        if g is None:
+            g = RankGroup(self.scenario.group(kind, rank))
+            for m in g:
+                self._groups[(kind, m)] = g
+        return g
+
+    def dispatch_group(self, rank: int) -> tuple[tuple[int, ...], bool]:
+        """Scenario.dispatch_group, one shared object per group."""
+        found = self._dispatch.get(rank)
+        if found is None:
+            members, token_routing = self.scenario.dispatch_group(rank)
+            found = (RankGroup(members), token_routing)
+            for m in members:
+                self._dispatch[m] = found
+        return found
 
     def received_rows(self, rank: int, group: tuple[int, ...]) -> int:
         """Rows a token-routing dispatch delivers to `rank`: each member's tokens

@@ -47,7 +47,7 @@ class SimComm:
 
     def _group(self, kind: Any, st_name: str) -> tuple[int, ...]:
         try:
-            return self.sim.scenario.group(kind, self.rank)
+            return self.sim.group(kind, self.rank)
         except ValueError as exc:
             raise self._misuse(st_name, str(exc)) from None
 
@@ -115,7 +115,7 @@ class SimComm:
         s = self.sim.scenario
         if s.effective_backend == "none":
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
-        group, token_routing = s.dispatch_group(self.rank)
+        group, token_routing = self.sim.dispatch_group(self.rank)
         if token_routing:
             rows = self.sim.received_rows(self.rank, group)
             kind = "dispatch_a2a"
@@ -136,7 +136,7 @@ class SimComm:
     def combine(self, y: SimTensor, name: str = "combine") -> SimTensor:
         y = self._tensor(y, name, "y")
         s = self.sim.scenario
-        group, token_routing = s.dispatch_group(self.rank)
+        group, token_routing = self.sim.dispatch_group(self.rank)
         # Every member gets back its own layer rows (the DP metadata's counts).
         sizes = self.sim.member_rows(group)
         mine = sizes[group.index(self.rank)]

@@ -14,6 +14,7 @@ from scenarios.runners import BEFORE_RUNNERS, MoERunner, RunnerUnsupported
 from scenarios.strategies import hybrid_scenarios, moe_scenarios
 from scenarios.trace import Trace
 from sim import simulate
+from sim.cost import load_profile
 from sim.engine import Simulation
 
 
@@ -99,3 +100,28 @@ def test_rank_branch_splits_classes():
     assert a == b
     fixed = simulate(s, "fixed")
     assert any(n == "timing: 4 identical rank programs simulated once" for n in fixed.notes), fixed.notes
+
+
+@given(st.one_of(moe_scenarios(max_world=8), hybrid_scenarios()))
+@settings(max_examples=100)
+def test_groups_of_a_kind_partition_the_ranks(s):
+    """The simulator shares one group object among its members
+    (Simulation.group): sound only if every member's group is that group."""
+    for kind in ("tp", "dp", "ep", "world", "moe_ep", "moe_tp"):
+        for r in range(s.world):
+            g = s.group(kind, r)
+            assert r in g
+            assert all(s.group(kind, m) == g for m in g), (kind, r, g)
+    for r in range(s.world):
+        g, routing = s.dispatch_group(r)
+        assert all(s.dispatch_group(m) == (g, routing) for m in g)
+
+
+def test_shared_groups_are_the_scenarios():
+    s = families.TP2.with_(**{"parallel.tp": 2, "parallel.dp": 2})
+    sim = Simulation(s, MoERunner, load_profile("cpu"), "fixed")
+    for kind in ("tp", "dp", "ep", "world"):
+        for r in range(s.world):
+            assert sim.group(kind, r) == s.group(kind, r)
+            assert hash(sim.group(kind, r)) == hash(s.group(kind, r))
+    assert [sim.dispatch_group(r) for r in range(4)] == [s.dispatch_group(r) for r in range(4)]
