@@ -1,5 +1,6 @@
-"""Simulator throughput on hybrid expert layouts (parallel.ep_size) vs the
-same-size one-axis layouts (medians over repeats).
+"""Simulator throughput on hybrid expert layouts (parallel.ep_size) and the
+SGLang block with attention DP vs the same-size one-axis vLLM layouts
+(medians over repeats, and each layout's ratio to the first).
 
     .venv/bin/python benchmarks/bench_layout.py [--repeats N] [--per-repeat K] [--json]
 
@@ -25,21 +26,25 @@ from scenarios.spec import ModelTraits, ParallelConfig, Scenario, Workload  # no
 from sim import simulate  # noqa: E402
 
 MODEL = ModelTraits(hidden=256, moe_intermediate=128, num_experts=16, top_k=4, num_shared_experts=1)
-LAYOUTS: dict[str, ParallelConfig] = {
-    "tp8 (moe_tp=8, old)": ParallelConfig(tp=8),
-    "tp8 ep (moe_ep=8, old)": ParallelConfig(tp=8, ep=True),
-    "tp8 ep_size=2 (2x4, hybrid)": ParallelConfig(tp=8, ep=True, ep_size=2),
-    "tp8 ep_size=4 (4x2, hybrid)": ParallelConfig(tp=8, ep=True, ep_size=4),
-    "tp2 dp4 ep (moe_ep=8, old, SP)": ParallelConfig(tp=2, dp=4, ep=True),
-    "tp2 dp4 ep_size=4 (4x2, hybrid, SP)": ParallelConfig(tp=2, dp=4, ep=True, ep_size=4),
+# (layout, runner)
+LAYOUTS: dict[str, tuple[ParallelConfig, str]] = {
+    "tp8 (moe_tp=8, old)": (ParallelConfig(tp=8), "fixed"),
+    "tp8 ep (moe_ep=8, old)": (ParallelConfig(tp=8, ep=True), "fixed"),
+    "tp8 ep_size=2 (2x4, hybrid)": (ParallelConfig(tp=8, ep=True, ep_size=2), "fixed"),
+    "tp8 ep_size=4 (4x2, hybrid)": (ParallelConfig(tp=8, ep=True, ep_size=4), "fixed"),
+    "tp2 dp4 ep (moe_ep=8, old, SP)": (ParallelConfig(tp=2, dp=4, ep=True), "fixed"),
+    "tp2 dp4 ep_size=4 (4x2, hybrid, SP)": (ParallelConfig(tp=2, dp=4, ep=True, ep_size=4), "fixed"),
+    "sglang tp2 dp4 ep_size=4 (attn DP)": (ParallelConfig(tp=2, dp=4, ep=True, ep_size=4), "sglang"),
+    "sglang tp1 dp8 ep (attn DP, rsv)": (ParallelConfig(tp=1, dp=8, ep=True), "sglang"),
 }
 
 
-def throughput(parallel: ParallelConfig, repeat: int, k: int) -> float:
+def throughput(layout: tuple[ParallelConfig, str], repeat: int, k: int) -> float:
+    parallel, runner = layout
     t0 = time.perf_counter()
     for i in range(k):
         s = Scenario(model=MODEL, parallel=parallel, workload=Workload(tokens=32, seed=1000 * repeat + i))
-        trace = simulate(s, "fixed")
+        trace = simulate(s, runner)
         assert not trace.hazards, [str(h) for h in trace.hazards]
     return k / (time.perf_counter() - t0)
 
@@ -58,15 +63,18 @@ def main() -> int:
     for r in range(args.repeats):
         for name, par in LAYOUTS.items():
             runs_by[name].append(throughput(par, r, args.per_repeat))
+    base = statistics.median(runs_by[next(iter(LAYOUTS))])
     for name, runs in runs_by.items():
-        out[name] = {"scenarios_per_s_median": round(statistics.median(runs), 1),
-                     "min": round(min(runs), 1), "max": round(max(runs), 1)}
+        med = statistics.median(runs)
+        out[name] = {"scenarios_per_s_median": round(med, 1), "min": round(min(runs), 1),
+                     "max": round(max(runs), 1), "ratio_to_first": round(med / base, 2)}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"sim throughput, 8 ranks, fixed runner ({args.repeats} repeats x {args.per_repeat} scenarios)")
+    print(f"sim throughput, 8 ranks ({args.repeats} repeats x {args.per_repeat} scenarios)")
     for name, r in out.items():
-        print(f"  {name:38s} {r['scenarios_per_s_median']:7.1f} scenarios/s  (min {r['min']}, max {r['max']})")
+        print(f"  {name:38s} {r['scenarios_per_s_median']:7.1f} scenarios/s  x{r['ratio_to_first']:.2f}"
+              f"  (min {r['min']}, max {r['max']})")
     return 0
 
 

@@ -144,9 +144,7 @@ class Reference:
         elif component == "xlat":
             out = self.routed_input(d, tok)
         elif component == "shared":
-            n = s.parallel.tp if shard.startswith("tp") else 1
-            t = int(shard[2:]) if shard.startswith("tp") else 0
-            w13, w2 = self.w.shared_shard(t, n)
+            w13, w2 = self.w.shared_shard(*shared_shard_index(s, shard))
             out = mlp(self.x(d)[tok], w13.double(), w2.double())
         elif component == "routed":
             out = self._routed(shard, d, tok) * m.routed_scaling_factor
@@ -174,3 +172,12 @@ class Reference:
                 w13, w2 = _inter_slice(s, w13, w2, t_idx)
             out = out + w * mlp(v, w13, w2)
         return out
+
+
+def shared_shard_index(s: Scenario, shard: str) -> tuple[int, int]:
+    """(index, count) of a shared-MLP shard label: "full" is (0, 1); "tp1" or
+    "world3" is that position in a group of that kind (Ops.shared_experts)."""
+    if shard == "full":
+        return 0, 1
+    kind = shard.rstrip("0123456789")
+    return int(shard[len(kind):]), len(s.group(kind, 0))

@@ -88,8 +88,38 @@ def multi_stream_platform(s: Scenario) -> bool:
     return s.runtime.platform == "cuda"
 
 
+class EngineRules:
+    """What the engine itself guarantees about shared-expert overlap: the
+    simulator's yardstick for UNSAFE_OVERLAP (overlap the contract forbids)
+    and LOST_OVERLAP (the best safe order), never a decision of the runner
+    under test (a wrong variant overrides its decisions, not these)."""
+
+    name = "vllm"
+
+    def overlap_forbidden(self, s: Scenario) -> bool:
+        return overlap_disabled(s)
+
+    def forbidden_reason(self, s: Scenario) -> str:
+        if s.use_fi_two_sided:
+            return "FlashInfer NVLink two-sided kernels are in use (overlap must be off: no gain under DP, streams wasted)"
+        return f"EPLB is on and {s.parallel.backend} is not EPLB-overlap safe"  # the configured name decides
+
+    def best_safe_order(self, s: Scenario) -> Order:
+        """The order the engine's reference logic picks for this scenario."""
+        return reference_order(s, s.sp_tokens)
+
+    def async_overlap_possible(self, s: Scenario) -> bool:
+        return backend_info(s.effective_backend).async_shared_overlap
+
+
+VLLM_RULES = EngineRules()
+
+
 class MoERunner:
     """Base class of runner programs. Subclass and override decision points."""
+
+    # The engine whose overlap contract judges this runner (EngineRules).
+    engine_rules: EngineRules = VLLM_RULES
 
     name = "fixed"
     description = "reference logic (docs/runner_semantics.md)"

@@ -20,10 +20,14 @@ communicator around it, written from the facts in docs/moe_block.md
   when `runtime.allreduce_fusion` applies (no DP attention, tp > 1, T <= 2048)
   and the sum is one all-reduce (not both moe_ep and moe_tp > 1).
 
-Not modelled (declared by `unsupported`): latent MoE (not in these blocks),
-an all-to-all without DP attention (this project's dispatch op follows the
-rule that all-to-all kernels run only with DP > 1), shared experts fused
-into the routed kernel, two-batch overlap, MoE-DP and context parallelism.
+Not modelled (declared by `unsupported`, refused in one line): latent MoE
+(not in these blocks); an all-to-all without DP attention (this project's
+dispatch op follows the rule that all-to-all kernels run only with DP > 1);
+an all-to-all with attention TP > 1 whose backend is outside the
+sequence-parallel list (the dispatch stand-in slices tokens only there).
+Also not modelled: shared experts fused into the routed kernel, two-batch
+overlap, MoE-DP, context parallelism, the MAX_LEN/SUM_LEN padding of the DP
+gather (the gather is an all_gatherv of the true counts).
 """
 
 from __future__ import annotations
@@ -32,13 +36,73 @@ from typing import Any
 
 from scenarios.backends import backend_info
 from scenarios.ops import Ops
-from scenarios.runner_base import MoERunner, Order
+from scenarios.runner_base import EngineRules, MoERunner, Order
+from scenarios.spec import Scenario
+
+# ---- the engine's layout rules (functions of the scenario) ----
+
+
+def a2a_backend(s: Scenario) -> str:
+    """SGLang's moe_a2a_backend: the scenario's token-routing backend under EP."""
+    p = s.parallel
+    if p.ep and backend_info(p.backend).token_routing:
+        return p.backend
+    return "none"
+
+
+def mlp_scattered(s: Scenario) -> bool:
+    """The MLP's rows are SCATTERED (all-to-all) rather than FULL."""
+    return a2a_backend(s) != "none"
+
+
+def moe_rows(s: Scenario) -> int:
+    """Rows the MoE sees on the busiest rank: its attention-TP slice when
+    SCATTERED, every DP rank's tokens when FULL under DP attention."""
+    if mlp_scattered(s):
+        tp = s.parallel.tp
+        return max(-(-t // tp) for t in s.token_counts)
+    return s.total_tokens if s.parallel.dp > 1 else s.token_counts[0]
+
+
+def has_alt_stream(s: Scenario) -> bool:
+    """DeepseekV2Model's alt_stream: CUDA, or ROCm with the multi-stream env set
+    (here: runtime.aux_stream on a CUDA-alike platform)."""
+    return s.runtime.platform in ("cuda", "rocm") and s.runtime.aux_stream
+
+
+def reference_order(s: Scenario, num_tokens: int) -> Order:
+    """Shared experts on the alternate stream: always with an all-to-all
+    (forward_deepep), else the dual-stream path needs T > 0 and a captured
+    (decode-sized, <= token_threshold) batch."""
+    if not s.model.has_shared or not has_alt_stream(s):
+        return Order.NO_OVERLAP
+    if mlp_scattered(s) or 0 < num_tokens <= s.runtime.token_threshold:
+        return Order.MULTI_STREAM_OVERLAPPED
+    return Order.NO_OVERLAP
+
+
+class SGLangRules(EngineRules):
+    """SGLang forbids no shared-expert overlap; its best order is its own rule."""
+
+    name = "sglang"
+
+    def overlap_forbidden(self, s: Scenario) -> bool:
+        return False
+
+    def best_safe_order(self, s: Scenario) -> Order:
+        return reference_order(s, moe_rows(s))
+
+    def async_overlap_possible(self, s: Scenario) -> bool:
+        return False  # SGLang overlaps on the alternate stream, not inside the kernel
+
+
+SGLANG_RULES = SGLangRules()
 
 
 class SGLangRunner(MoERunner):
     name = "sglang"
     description = "SGLang MoE block reference (DeepSeek-V2/V3 and Qwen3-MoE, DP-attention communicator)"
-
+    engine_rules = SGLANG_RULES
     # ---- what this reference models ----
 
     def unsupported(self) -> str | None:
@@ -48,6 +112,9 @@ class SGLangRunner(MoERunner):
         if self.a2a_backend() != "none" and not self.dp_attention():
             return ("an all-to-all backend without DP attention (dp = 1): the twin's dispatch "
                     "runs all-to-all kernels only with dp > 1")
+        if self.a2a_backend() != "none" and s.parallel.tp > 1 and not s.sp:
+            return (f"{s.parallel.backend} with attention TP > 1: the twin's all-to-all slices "
+                    "tokens over attention TP only for the backends of the sequence-parallel list")
         if s.parallel.ep_size is not None and self.a2a_backend() != "none" and s.moe_tp > 1:
             return "an all-to-all backend with moe_tp > 1 (SGLang sets ep_size = tp_size for it)"
         return None
@@ -55,15 +122,10 @@ class SGLangRunner(MoERunner):
     # ---- the layout (model side) ----
 
     def a2a_backend(self) -> str:
-        """SGLang's moe_a2a_backend: the scenario's token-routing backend under EP."""
-        p = self.scenario.parallel
-        if p.ep and backend_info(p.backend).token_routing:
-            return p.backend
-        return "none"
+        return a2a_backend(self.scenario)
 
     def mlp_scattered(self) -> bool:
-        """The MLP's rows are SCATTERED (all-to-all) rather than FULL."""
-        return self.a2a_backend() != "none"
+        return mlp_scattered(self.scenario)
 
     def dp_attention(self) -> bool:
         return self.scenario.parallel.dp > 1
@@ -148,12 +210,7 @@ class SGLangRunner(MoERunner):
         return self.shared_tp1()
 
     def shared_experts_order(self, num_tokens: int) -> Order:
-        """Dual stream (shared on the alternate stream) when one exists: CUDA-
-        alike with an aux stream, T > 0 and a captured (decode-sized) batch."""
-        rt = self.scenario.runtime
-        if rt.platform in ("cuda", "rocm") and rt.aux_stream and 0 < num_tokens <= rt.token_threshold:
-            return Order.MULTI_STREAM_OVERLAPPED
-        return Order.NO_OVERLAP
+        return reference_order(self.scenario, num_tokens)
 
     def routed_inplace(self, order: Order) -> bool:
         return False

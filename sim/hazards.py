@@ -12,15 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from scenarios.backends import backend_info
-from scenarios.runners import (
-    OVERLAPPED,
-    MoERunner,
-    Order,
-    overlap_disabled,
-    reference_order,
-)
-from scenarios.spec import Scenario
+from scenarios.runners import OVERLAPPED, MoERunner, Order
 from scenarios.trace import Hazard, HazardKind, Step
 
 ROUTED_OPS = ("dispatch", "experts", "combine")
@@ -95,16 +87,9 @@ def shared_routed_pairs(sim, rank: int) -> list[tuple[Step, Step]]:  # noqa: ANN
     return pairs
 
 
-def forbidden_reason(s: Scenario) -> str:
-    backend = s.parallel.backend  # the engine decides on the configured name
-    if s.use_fi_two_sided:
-        return "FlashInfer NVLink two-sided kernels are in use (overlap must be off: no gain under DP, streams wasted)"
-    return f"EPLB is on and {backend} is not EPLB-overlap safe"
-
-
 def detect_forbidden_overlap(sim) -> list[Hazard]:  # noqa: ANN001
-    s = sim.scenario
-    if not overlap_disabled(s):
+    s, rules = sim.scenario, sim.runner_cls.engine_rules
+    if not rules.overlap_forbidden(s):
         return []
     out = []
     order = sim.decisions.get("shared_experts_order", "?")
@@ -114,7 +99,7 @@ def detect_forbidden_overlap(sim) -> list[Hazard]:  # noqa: ANN001
             sh, rt = pairs[0]
             out.append(Hazard(
                 HazardKind.UNSAFE_OVERLAP, sh.index, sh.name, ops.rank,
-                f"shared experts overlap {rt.name} (order {order}) but {forbidden_reason(s)}",
+                f"shared experts overlap {rt.name} (order {order}) but {rules.forbidden_reason(s)}",
             ))
     return out
 
@@ -152,13 +137,13 @@ def with_order(runner_cls: type[MoERunner], order: Order) -> type[MoERunner]:
 
 def lost_overlap_candidate(sim) -> Order | None:  # noqa: ANN001
     """The safe overlapped order this scenario allows, if the runner used no overlap."""
-    s = sim.scenario
-    if not s.model.has_shared or overlap_disabled(s):
+    s, rules = sim.scenario, sim.runner_cls.engine_rules
+    if not s.model.has_shared or rules.overlap_forbidden(s):
         return None
-    ref = reference_order(s, s.sp_tokens)
+    ref = rules.best_safe_order(s)
     if ref not in OVERLAPPED:
         return None
-    if ref == Order.MK_INTERNAL_OVERLAPPED and not backend_info(s.effective_backend).async_shared_overlap:
+    if ref == Order.MK_INTERNAL_OVERLAPPED and not rules.async_overlap_possible(s):
         return None
     if any(shared_routed_pairs(sim, ops.rank) for ops in sim.rank_ops):
         return None

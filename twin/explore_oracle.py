@@ -70,10 +70,15 @@ def target_signals(trace: Trace) -> dict[str, float]:
 
 def simulate_safe(scenario: Scenario, runner_cls: type[MoERunner]) -> Trace:
     """simulate(); a simulator crash on this scenario becomes a finding, not a lost search."""
+    from scenarios.runners import RunnerUnsupported
     from sim import simulate
 
     try:
         return simulate(scenario, runner_cls)
+    except RunnerUnsupported as exc:  # outside what the runner models: no finding either way
+        trace = Trace(source="sim", scenario=scenario.name, runner=runner_cls.__name__, world=scenario.world)
+        trace.notes.append(f"skipped: {exc}")
+        return trace
     except Exception as exc:  # noqa: BLE001 - reported as a RUNNER_ERROR finding
         trace = Trace(source="sim", scenario=scenario.name, runner=runner_cls.__name__,
                       world=scenario.world)

@@ -1,0 +1,145 @@
+"""The SGLang MoE block reference runner: clean on its layouts (sim and, for
+world <= 4, real against the exact reference), its communicator ops
+(dp_gather, dp_scatter) in the algebra, what it refuses, and its wrong
+variants predicted with the right kind and confirmed on real ranks."""
+
+from pathlib import Path
+
+import families_sglang as F
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scenarios.runners import RUNNERS, RunnerUnsupported, SGLangRunner, unsupported_reason
+from scenarios.sglang import moe_rows, reference_order
+from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario
+from scenarios.strategies import hybrid_scenarios, moe_scenarios
+from sim import simulate
+
+HERE = Path(__file__).parent
+
+
+def _names(trace, rank=0):
+    return [st.name for st in trace.steps[rank]]
+
+
+def test_registered_as_a_preset():
+    assert RUNNERS["sglang"] is SGLangRunner
+
+
+@pytest.mark.parametrize("s", F.CLEAN, ids=lambda s: s.name)
+def test_clean_on_each_path_in_sim(s):
+    trace = simulate(s, "sglang")
+    assert not trace.hazards, [str(h) for h in trace.hazards]
+    assert all(abs(c - 1.0) < 1e-9 for coeffs in trace.outputs.values() for c in coeffs.values())
+
+
+def test_paths_issue_the_engines_collectives():
+    full = _names(simulate(F.DS_TP2, "sglang"))
+    assert "post_experts_all_reduce" in full and "dp_gather" not in full
+    rsv = simulate(F.DS_DPATTN_RSV, "sglang")
+    assert {"dp_gather", "dp_reduce_scatterv"} <= set(_names(rsv)) and "post_experts_all_reduce" not in _names(rsv)
+    attn_tp2 = _names(simulate(F.DS_DPATTN_ATTN_TP2, "sglang"))
+    assert attn_tp2.index("post_experts_all_reduce") < attn_tp2.index("dp_scatter")
+    deepep = _names(simulate(F.DS_DPATTN_DEEPEP, "sglang"))
+    assert {"attn_tp_scatter", "dispatch", "combine", "attn_tp_all_gather", "shared_add_after_reduce"} <= set(deepep)
+    qwen = _names(simulate(F.QWEN3_HYBRID, "sglang"))
+    assert qwen.index("moe_ep_all_reduce") < qwen.index("moe_tp_all_reduce")
+    fused = _names(simulate(F.DS_FUSED_NEXT, "sglang"))
+    assert "next_layer_fused_all_reduce" in fused and "post_experts_all_reduce" not in fused
+
+
+def test_shared_experts_sharded_over_the_world_under_dp_attention():
+    trace = simulate(F.DS_DPATTN_ATTN_TP2, "sglang")
+    assert set(trace.outputs[3]) >= {"shared@world0", "shared@world3"}
+
+
+def test_dp_gather_makes_every_dp_ranks_tokens_the_routed_ones():
+    trace = simulate(F.DS_DPATTN_ATTN_TP2, "sglang")
+    st_ = next(st for st in trace.steps[2] if st.name == "dp_gather")
+    router = next(st for st in trace.steps[2] if st.name == "router")
+    assert tuple(st_.out_shape) == (8, 128) and tuple(router.out_shape) == (8, 2)
+    out = next(st for st in trace.steps[2] if st.name == "dp_scatter")
+    assert tuple(out.out_shape) == (5, 128)  # DP rank 1 holds 5 of the 3 + 5 tokens
+
+
+def test_unsupported_scenarios_are_refused_in_one_line():
+    latent = Scenario(model=ModelTraits(latent_dim=64), parallel=ParallelConfig(tp=2))
+    assert "latent" in unsupported_reason(SGLangRunner, latent)
+    with pytest.raises(RunnerUnsupported, match="does not model this scenario: latent MoE"):
+        simulate(latent, "sglang")
+    a2a_no_dp = Scenario(parallel=ParallelConfig(tp=2, ep=True, backend="deepep_low_latency"))
+    assert "without DP attention" in unsupported_reason(SGLangRunner, a2a_no_dp)
+    assert unsupported_reason(RUNNERS["fixed"], latent) is None
+
+
+def test_cli_refuses_an_unsupported_scenario(tmp_path, capsys):
+    import cli
+
+    f = tmp_path / "latent.toml"
+    f.write_text('[model]\nlatent_dim = 64\n[parallel]\ntp = 2\n')
+    code = cli.main(["simulate", str(f), "--runner", "sglang"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "does not model this scenario" in err[0]
+
+
+def test_reference_order_is_the_engines():
+    cuda = Scenario(model=ModelTraits(num_shared_experts=1), parallel=ParallelConfig(tp=2),
+                    runtime=Runtime(platform="cuda", aux_stream=True, token_threshold=4), )
+    assert reference_order(cuda, 4).value == "MULTI_STREAM_OVERLAPPED"
+    assert reference_order(cuda, 5).value == "NO_OVERLAP"  # not a captured batch
+    dp = cuda.with_(**{"parallel.dp": 2, "parallel.ep": True, "workload.tokens": 3})
+    assert moe_rows(dp) == 6  # the gathered tokens of both DP ranks
+    a2a = dp.with_(**{"parallel.backend": "deepep_low_latency"})
+    assert reference_order(a2a, 100).value == "MULTI_STREAM_OVERLAPPED"  # forward_deepep: always
+
+
+def _sglang_layouts():
+    return st.tuples(
+        st.one_of(moe_scenarios(platforms=("cpu", "cuda", "rocm")), hybrid_scenarios()), st.booleans()
+    ).map(lambda p: p[0].with_(**{"runtime.allreduce_fusion": p[1]}))
+
+
+@given(_sglang_layouts())
+def test_clean_on_generated_scenarios_of_its_layouts(s):
+    if unsupported_reason(SGLangRunner, s):
+        return
+    trace = simulate(s, "sglang")
+    assert not trace.hazards, (s.summary_line(), [str(h) for h in trace.hazards])
+
+
+@pytest.mark.parametrize("cls,scenario,kind,ranks,_v", F.WRONG, ids=lambda x: getattr(x, "__name__", None))
+def test_sim_predicts_the_wrong_variant(cls, scenario, kind, ranks, _v):
+    trace = simulate(scenario, cls)
+    assert {h.rank for h in trace.hazards if h.kind.value == kind} == set(ranks), [str(h) for h in trace.hazards]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("s", F.CLEAN, ids=lambda s: s.name)
+def test_real_equals_the_reference(s):
+    from twin.crosscheck import check
+
+    res = check(s, "sglang", timeout_s=120)
+    assert all(c.correct for c in res.real.output_checks.values()), [c.to_dict() for c in res.real.output_checks.values()]
+    assert res.agree and not res.verdicts, res.to_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls,scenario,kind,ranks,verdict", F.WRONG, ids=lambda x: getattr(x, "__name__", None))
+def test_real_confirms_the_wrong_variant(cls, scenario, kind, ranks, verdict):
+    from twin.crosscheck import check
+
+    res = check(scenario, f"{HERE / 'families_sglang.py'}:{cls.__name__}", timeout_s=120)
+    vs = [v for v in res.verdicts if v.kind == kind]
+    assert vs and all(v.verdict.value == verdict for v in vs), [v.to_dict() for v in res.verdicts]
+    wrong = {r for r, c in res.real.output_checks.items() if not c.correct}
+    if kind != "SHAPE_MISMATCH":
+        assert wrong == set(ranks), [c.to_dict() for c in res.real.output_checks.values()]
+    assert not res.agree
+
+
+def test_explore_skips_what_the_runner_does_not_model(tmp_path):
+    from twin.explore import explore
+
+    res = explore("sglang", budget=40, seed=1, out=tmp_path)
+    assert not res.findings, [f.summary for f in res.findings]
