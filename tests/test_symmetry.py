@@ -125,3 +125,15 @@ def test_shared_groups_are_the_scenarios():
             assert sim.group(kind, r) == s.group(kind, r)
             assert hash(sim.group(kind, r)) == hash(s.group(kind, r))
     assert [sim.dispatch_group(r) for r in range(4)] == [s.dispatch_group(r) for r in range(4)]
+
+
+def test_collapse_changes_nothing_on_sglang_layouts():
+    """SGLang's block (attention DP, dp_gather/dp_scatter) and its wrong variants."""
+    import families_sglang as fs
+
+    from scenarios.sglang import SGLangRunner
+
+    cases = [(SGLangRunner, s) for s in fs.CLEAN] + [(w[0], w[1]) for w in fs.WRONG]
+    for runner, s in cases:
+        a, b = _both(s, runner)
+        assert a == b, (runner, s.name)
