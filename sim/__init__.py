@@ -38,12 +38,12 @@ FATAL = {HazardKind.SHAPE_MISMATCH, HazardKind.HANG, HazardKind.RUNNER_ERROR}
 
 def _run(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) -> tuple[Simulation, Trace]:
     sim = Simulation(scenario, cls, prof, label)
-    with _no_cyclic_gc():
+    with _no_cyclic_gc():  # the detectors too: they allocate while the records are alive
         trace = sim.run()
-    trace.hazards.extend(hz.detect_races(sim))
-    trace.hazards.extend(hz.detect_forbidden_overlap(sim))
-    for r, steps in trace.steps.items():
-        trace.overlap_us[r] = hz.overlap_us(steps)
+        trace.hazards.extend(hz.detect_races(sim))
+        trace.hazards.extend(hz.detect_forbidden_overlap(sim))
+        for r, steps in trace.steps.items():
+            trace.overlap_us[r] = hz.overlap_us(steps)
     return sim, trace
 
 

@@ -63,6 +63,22 @@ class _Pending:
     arrivals: dict[int, tuple[str, SimTensor, Step]] = field(default_factory=dict)
     sizes: dict[int, tuple[int, ...] | None] = field(default_factory=dict)  # reduce_scatterv's argument
     results: dict[int, Any] = field(default_factory=dict)
+    number: int = 0  # its index in Simulation.meetings
+
+
+class RankGroup(tuple):
+    """A group's world ranks, hashed once: a wide group is a world-long tuple
+    that every member's collective key and row lookups would rehash."""
+
+    _hash: int
+
+    def __new__(cls, ranks: tuple[int, ...]) -> RankGroup:
+        g = super().__new__(cls, ranks)
+        g._hash = tuple.__hash__(g)
+        return g
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @lru_cache(maxsize=1024)
@@ -83,6 +99,14 @@ def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
     first[:, 1:] = owners[:, 1:] != owners[:, :-1]
     counts = np.bincount(owners[first], minlength=s.world)
     return tuple(int(c) for c in counts[: s.world])
+
+
+@lru_cache(maxsize=1024)
+def _member_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
+    """Layer rows of each member of `group`, in group order (what a naive
+    gather collects and every combine hands back). Cached: every member of a
+    wide group asks for the same tuple, which is world-long."""
+    return tuple(s.rank_rows(m) for m in group)
 
 
 def _shape_problem(pend: _Pending, arrivals: list[tuple[str, SimTensor, Step]]) -> str | None:
@@ -136,6 +160,9 @@ class Simulation:
         self.decisions: dict[str, str] = {}
         self.accesses: list[Access] = []
         self.pending: dict[tuple, _Pending] = {}
+        # Per collective, in the order first reached: (rank, plan index) of each
+        # arrival (sim/symmetry.py reads it; keys hold world-long groups).
+        self.meetings: list[list[tuple[int, int]]] = []
         self.rank_ops: list[SimOps] = []
         self.finished: dict[int, str] = {}
         self.usage_error: OpsUsageError | RunnerUnsupported | None = None
@@ -148,6 +175,8 @@ class Simulation:
         self.checks = Checks(self)
         self.expected_scale = self.checks.expected_scale
         self.loads = expert_loads(scenario)  # hashing the scenario once, not per op
+        self._groups: dict[tuple[str, int], RankGroup] = {}
+        self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
 
     # ---- counters ----
 
@@ -164,17 +193,48 @@ class Simulation:
 
     # ---- collectives ----
 
+    # Groups of one kind partition the ranks (tests/test_symmetry.py checks
+    # it for every kind): a group found for one member is every member's, so
+    # a world-wide group is built once, not once per rank.
+
+    def group(self, kind: str, rank: int) -> tuple[int, ...]:
+        """Scenario.group, one shared object per group."""
+        if not isinstance(kind, str):  # a runner's bad argument: Scenario.group says why
+            return self.scenario.group(kind, rank)
+        g = self._groups.get((kind, rank))
+        if g is None:
+            g = RankGroup(self.scenario.group(kind, rank))
+            for m in g:
+                self._groups[(kind, m)] = g
+        return g
+
+    def dispatch_group(self, rank: int) -> tuple[tuple[int, ...], bool]:
+        """Scenario.dispatch_group, one shared object per group."""
+        found = self._dispatch.get(rank)
+        if found is None:
+            members, token_routing = self.scenario.dispatch_group(rank)
+            found = (RankGroup(members), token_routing)
+            for m in members:
+                self._dispatch[m] = found
+        return found
+
     def received_rows(self, rank: int, group: tuple[int, ...]) -> int:
         """Rows a token-routing dispatch delivers to `rank`: each member's tokens
         with at least one expert on this rank."""
         return _received_rows(self.scenario, group)[rank]
+
+    def member_rows(self, group: tuple[int, ...]) -> tuple[int, ...]:
+        """Layer rows of each member of `group` (the DP metadata's counts)."""
+        return _member_rows(self.scenario, group)
 
     def arrive(self, ops: SimOps, key: tuple, kind: str, x: SimTensor, st: Step,
                sizes: tuple[int, ...] | None = None) -> Any:
         group = key[0]
         pend = self.pending.get(key)
         if pend is None:
-            pend = self.pending[key] = _Pending(kind, group)
+            pend = self.pending[key] = _Pending(kind, group, number=len(self.meetings))
+            self.meetings.append([])
+        self.meetings[pend.number].append((ops.rank, len(ops.plans) - 1))
         pend.arrivals[ops.rank] = (kind, x, st)
         pend.sizes[ops.rank] = sizes
         if len(pend.arrivals) == len(group):

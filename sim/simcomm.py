@@ -47,7 +47,7 @@ class SimComm:
 
     def _group(self, kind: Any, st_name: str) -> tuple[int, ...]:
         try:
-            return self.sim.scenario.group(kind, self.rank)
+            return self.sim.group(kind, self.rank)
         except ValueError as exc:
             raise self._misuse(st_name, str(exc)) from None
 
@@ -115,13 +115,13 @@ class SimComm:
         s = self.sim.scenario
         if s.effective_backend == "none":
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
-        group, token_routing = s.dispatch_group(self.rank)
+        group, token_routing = self.sim.dispatch_group(self.rank)
         if token_routing:
             rows = self.sim.received_rows(self.rank, group)
             kind = "dispatch_a2a"
             nbytes = self._bytes((x.shape[0] * min(s.model.top_k, len(group)), x.shape[-1]))
         else:  # the naive gather: all_gatherv of every member's rows (costed as the all-gather it is)
-            rows = sum(s.rank_rows(m) for m in group)
+            rows = sum(self.sim.member_rows(group))
             kind = "all_gatherv"
             nbytes = self._bytes((rows, x.shape[-1]))
         shape = (rows, x.shape[-1])
@@ -136,9 +136,9 @@ class SimComm:
     def combine(self, y: SimTensor, name: str = "combine") -> SimTensor:
         y = self._tensor(y, name, "y")
         s = self.sim.scenario
-        group, token_routing = s.dispatch_group(self.rank)
+        group, token_routing = self.sim.dispatch_group(self.rank)
         # Every member gets back its own layer rows (the DP metadata's counts).
-        sizes = tuple(s.rank_rows(m) for m in group)
+        sizes = self.sim.member_rows(group)
         mine = sizes[group.index(self.rank)]
         shape = (mine, y.shape[-1])
         if not token_routing:  # the naive combine: reduce_scatterv

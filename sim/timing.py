@@ -2,6 +2,7 @@
 
 Durations come from the cost model (sim/cost.py); event waits and collective
 rendezvous are SimPy events. This gives start/end per step and the latency.
+Ranks with the same timeline (sim/symmetry.py) are replayed once per class.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from typing import TYPE_CHECKING
 
 import simpy
 
+from sim import symmetry
+
 if TYPE_CHECKING:
     from sim.engine import Simulation
-    from sim.simops import Plan, SimOps
+    from sim.simops import Plan
 
 
 def timing_phase(sim: Simulation) -> float:
     env = simpy.Environment()
     events: dict[int, simpy.Event] = {}
-    rendezvous: dict[tuple, list] = {}
+    rendezvous: dict[object, list] = {}
 
     def ev(i: int) -> simpy.Event:
         e = events.get(i)
@@ -26,11 +29,17 @@ def timing_phase(sim: Simulation) -> float:
             e = events[i] = env.event()
         return e
 
-    sym = symmetric(sim)
+    cls = symmetry.classes(sim)
     gap = sim.profile.host_gap_us
 
-    def proc(plans: list[Plan]):  # noqa: ANN202 - SimPy generator
-        for n, pl in enumerate(plans):
+    def meeting(rank: int, index: int, pl: Plan) -> tuple[object, int]:
+        """A collective's rendezvous key and how many arrivals complete it."""
+        if cls is None:
+            return pl.coll, len(pl.coll[0])  # type: ignore[index]
+        return cls.rendezvous[(rank, index)]
+
+    def proc(rank: int, plans: list[tuple[int, Plan]]):  # noqa: ANN202 - SimPy generator
+        for n, (index, pl) in enumerate(plans):
             if gap and n:
                 yield env.timeout(gap)
             for w in pl.waits:
@@ -38,11 +47,10 @@ def timing_phase(sim: Simulation) -> float:
                 if not e.triggered:
                     yield e
             if pl.coll is not None:
-                rv = rendezvous.get(pl.coll)
+                key, count = meeting(rank, index, pl)
+                rv = rendezvous.get(key)
                 if rv is None:
-                    # Symmetric ranks arrive together: the representative completes it.
-                    n = 1 if sym else len(pl.coll[0])
-                    rv = rendezvous[pl.coll] = [0, env.event(), n]
+                    rv = rendezvous[key] = [0, env.event(), count]
                 rv[0] += 1
                 if rv[0] == rv[2]:
                     rv[1].succeed()
@@ -55,36 +63,27 @@ def timing_phase(sim: Simulation) -> float:
             if pl.record is not None:
                 ev(pl.record).succeed()
 
-    simulated = sim.rank_ops[:1] if sym else sim.rank_ops
-    for ops in simulated:
-        by_stream: dict[str, list[Plan]] = {}
-        for pl in ops.plans:
-            by_stream.setdefault(pl.step.stream, []).append(pl)
+    replayed = range(len(sim.rank_ops)) if cls is None else cls.reps
+    for r in replayed:
+        by_stream: dict[str, list[tuple[int, Plan]]] = {}
+        for i, pl in enumerate(sim.rank_ops[r].plans):
+            by_stream.setdefault(pl.step.stream, []).append((i, pl))
         for plans in by_stream.values():
-            env.process(proc(plans))
+            env.process(proc(r, plans))
     env.run()
-    if sym:
-        rep = sim.rank_ops[0].steps
-        for ops in sim.rank_ops[1:]:
-            for a, b in zip(rep, ops.steps):
-                b.start, b.end = a.start, a.end
-        sim.notes.append(f"timing: {len(sim.rank_ops)} identical rank programs simulated once")
+    if cls is not None:
+        _copy_timelines(sim, cls)
     return float(env.now)
 
 
-def symmetric(sim: Simulation) -> bool:
-    """True when every rank issued the same program with the same costs
-    (then their timelines are identical and one SimPy rank stands for all)."""
-    if not sim.collapse or len(sim.rank_ops) < 2 or any(v != "done" for v in sim.finished.values()):
-        return False
-
-    def signature(ops: SimOps) -> tuple:
-        rec_pos = {pl.record: i for i, pl in enumerate(ops.plans) if pl.record is not None}
-        return tuple(
-            (pl.step.stream, pl.dur, tuple(rec_pos.get(w, -1) for w in pl.waits),
-             pl.record is not None, None if pl.coll is None else len(pl.coll[0]))
-            for pl in ops.plans
-        )
-
-    first = signature(sim.rank_ops[0])
-    return all(signature(ops) == first for ops in sim.rank_ops[1:])
+def _copy_timelines(sim: Simulation, cls: symmetry.Classes) -> None:
+    """Every rank takes its class representative's step times."""
+    for r, c in enumerate(cls.of):
+        rep = cls.reps[c]
+        if r != rep:
+            for a, b in zip(sim.rank_ops[rep].steps, sim.rank_ops[r].steps):
+                b.start, b.end = a.start, a.end
+    if cls.count == 1:
+        sim.notes.append(f"timing: {len(sim.rank_ops)} identical rank programs simulated once")
+    elif cls.count < len(sim.rank_ops):
+        sim.notes.append(f"timing: {len(sim.rank_ops)} rank programs simulated as {cls.count} classes")

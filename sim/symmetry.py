@@ -1,0 +1,162 @@
+"""Symmetry classes of rank timelines: simulate one rank per class, copy the rest.
+
+The timing phase (sim/timing.py) replays each rank's issued steps in SimPy. A
+rank's timeline is a function of three things only: its own plans (stream,
+duration, which of its own events each step waits for or records), the host
+gap, and when each of its collectives completes, which is the latest arrival
+over the collective's members. So two ranks have the same timeline if
+(1) they issued the same plans up to relabelling of their own events, and
+(2) at each of their collectives, the members are, as a set, the same
+classes at the same plan positions.
+
+`classes` finds the coarsest partition with (1) and (2) by refinement: start
+from (1), then split any class whose members meet different class sets at some
+collective, until nothing splits. In the result, by induction over simulated
+time, every member of a class has its representative's timeline: the
+representative starts each step when its own previous step and event waits
+allow, which are the same plans, and completes each collective when the same
+classes arrive at the same positions. The timing phase then runs one SimPy
+process set per class, and a collective rendezvous waits for one arrival per
+(class, position) of its members.
+
+What is proved and what is checked: nothing here trusts the runner's code.
+Both conditions are checked on the plans every rank actually issued in the
+program phase (every rank's program still runs there); only the timing
+replay is shared. When in doubt it declines (returns None) and every rank is
+replayed: collapse switched off, a rank that did not finish, a collective some
+member never reached, a wait on an event the rank did not record itself (a
+runner handing events between ranks), or one class meeting itself at two
+positions of one collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sim.engine import Simulation
+    from sim.simops import SimOps
+
+
+@dataclass
+class Classes:
+    """A stable partition of the ranks' timelines."""
+
+    of: list[int]  # class id per rank
+    reps: list[int]  # one representative rank per class, in class order
+    # (representative, plan index) -> (rendezvous key, arrivals it waits for)
+    rendezvous: dict[tuple[int, int], tuple[int, int]]
+
+    @property
+    def count(self) -> int:
+        return len(self.reps)
+
+
+def classes(sim: Simulation) -> Classes | None:
+    """The timing classes of the simulated ranks, or None (replay every rank)."""
+    ops_all = sim.rank_ops
+    if not _eligible(sim):
+        return None
+    sigs = [_own_signature(ops) for ops in ops_all]
+    if any(sig is None for sig in sigs):
+        return None
+    of = _numbered(sigs)
+    if max(of) + 1 == len(ops_all):
+        return None  # every rank differs already: nothing to share
+    found = _instances(sim)
+    if found is None:
+        return None
+    instances, at = found
+    while True:
+        members = _member_sets(instances, of)
+        if members is None:
+            return None
+        refined = _numbered([(of[r], tuple(members[k] for k in at[r])) for r in range(len(ops_all))])
+        if max(refined) == max(of):
+            break
+        of = refined
+    if max(of) + 1 == len(ops_all):
+        return None
+    return _with_rendezvous(of, ops_all, at, members)
+
+
+def _eligible(sim: Simulation) -> bool:
+    """Collapse on, several ranks, and every rank finished its program (a
+    rank still blocked is not in `finished`; one that failed is not done)."""
+    n = len(sim.rank_ops)
+    return (sim.collapse and n > 1 and len(sim.finished) == n
+            and all(v == "done" for v in sim.finished.values()))
+
+
+def _own_signature(ops: SimOps) -> tuple | None:
+    """A rank's plans with its own events as positions (None: a wait on an
+    event it did not record, whose time another rank decides)."""
+    rec_pos = {pl.record: i for i, pl in enumerate(ops.plans) if pl.record is not None}
+    out = []
+    for pl in ops.plans:
+        waits = ()
+        if pl.waits:
+            waits = tuple(rec_pos.get(w, -1) for w in pl.waits)
+            if -1 in waits:
+                return None
+        out.append((pl.step.stream, pl.dur, waits, pl.record is not None,
+                    None if pl.coll is None else len(pl.coll[0])))
+    return tuple(out)
+
+
+def _instances(sim: Simulation) -> tuple[list[list[tuple[int, int]]], list[list[int]]] | None:
+    """Per collective (numbered by the engine): the (rank, plan index) of each
+    arrival, and per rank its collectives' numbers in program order; None
+    when some member never arrived."""
+    inst = sim.meetings
+    ops_all = sim.rank_ops
+    mine: list[list[tuple[int, int]]] = [[] for _ in ops_all]
+    for n, arrivals in enumerate(inst):
+        for r, i in arrivals:
+            mine[r].append((i, n))
+    for r, ops in enumerate(ops_all):
+        coll = [i for i, pl in enumerate(ops.plans) if pl.coll is not None]
+        mine[r].sort()
+        if [i for i, _ in mine[r]] != coll:
+            return None
+        for i, n in mine[r]:
+            group = ops.plans[i].coll[0]  # type: ignore[index]
+            if len(inst[n]) != len(group):
+                return None
+    return inst, [[n for _, n in m] for m in mine]
+
+
+def _member_sets(instances: list[list[tuple[int, int]]], of: list[int]) -> list[frozenset] | None:
+    """Per collective: the set of (class, plan index) of its members, interned
+    (equal sets are one object, so rank signatures compare cheaply). None when
+    one class meets itself at two positions of one collective."""
+    interned: dict[frozenset, frozenset] = {}
+    out = []
+    for arrivals in instances:
+        fs = frozenset((of[r], i) for r, i in arrivals)
+        if len({c for c, _ in fs}) != len(fs):
+            return None
+        out.append(interned.setdefault(fs, fs))
+    return out
+
+
+def _numbered(sigs: list) -> list[int]:
+    """Class ids by first appearance of each distinct signature."""
+    ids: dict = {}
+    return [ids.setdefault(sig, len(ids)) for sig in sigs]
+
+
+def _with_rendezvous(of: list[int], ops_all: list[SimOps], at: list[list[int]],
+                     members: list[frozenset]) -> Classes:
+    reps: dict[int, int] = {}
+    for r, c in enumerate(of):
+        reps.setdefault(c, r)
+    keys: dict[int, int] = {}  # by the identity of the interned member set
+    rendezvous = {}
+    for r in reps.values():
+        positions = [i for i, pl in enumerate(ops_all[r].plans) if pl.coll is not None]
+        for i, n in zip(positions, at[r], strict=True):
+            fs = members[n]
+            rendezvous[(r, i)] = (keys.setdefault(id(fs), len(keys)), len(fs))
+    return Classes(of, list(reps.values()), rendezvous)

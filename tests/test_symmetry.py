@@ -1,0 +1,139 @@
+"""The timing collapse (sim/symmetry.py) changes nothing a trace says: every
+hazard, output coefficient, decision, note-free step field and step time is
+the same as when every rank is replayed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import families
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scenarios.runners import BEFORE_RUNNERS, MoERunner, RunnerUnsupported
+from scenarios.strategies import hybrid_scenarios, moe_scenarios
+from scenarios.trace import Trace
+from sim import simulate
+from sim.cost import load_profile
+from sim.engine import Simulation
+
+
+class CloneOnOddRanks(MoERunner):
+    """Branches on the rank: odd ranks clone the shared input first (a longer
+    timeline), so the collapse must tell them apart."""
+
+    def shared_input(self, ops: Any, x: Any) -> Any:
+        return ops.clone(x, name="odd_clone") if ops.rank % 2 else x
+
+
+class CloneOnRankZero(MoERunner):
+    """Only rank 0 runs longer: its peers wait for it in every collective."""
+
+    def shared_input(self, ops: Any, x: Any) -> Any:
+        return ops.clone(x, name="rank0_clone") if ops.rank == 0 else x
+
+
+RUNNERS = ("fixed", "sglang", *BEFORE_RUNNERS, *(w[0] for w in families.WRONG), CloneOnOddRanks, CloneOnRankZero)
+
+
+def _facts(trace: Trace) -> dict:
+    """Everything a trace claims, the collapse note aside."""
+    return {
+        "latency": round(trace.latency_us, 9),
+        "hazards": [(h.kind, h.rank, h.step, h.step_name, h.detail, h.cost_us) for h in trace.hazards],
+        "outputs": trace.outputs,
+        "decisions": trace.decisions,
+        "steps": {r: [(s.index, s.op, s.name, s.stream, s.out_shape, s.error, round(s.start, 9), round(s.end, 9))
+                      for s in steps] for r, steps in trace.steps.items()},
+        "notes": [n for n in trace.notes if not n.startswith("timing:")],
+    }
+
+
+def _facts_or_refusal(s: Any, runner: Any) -> dict | str:
+    try:
+        return _facts(simulate(s, runner))
+    except RunnerUnsupported as exc:  # out of the runner's scope: both modes must say so
+        return str(exc)
+
+
+def _both(s: Any, runner: Any) -> tuple[dict | str, dict | str]:
+    collapsed = _facts_or_refusal(s, runner)
+    Simulation.collapse = False
+    try:
+        full = _facts_or_refusal(s, runner)
+    finally:
+        Simulation.collapse = True
+    return collapsed, full
+
+
+@given(moe_scenarios(max_world=8), st.sampled_from(RUNNERS))
+@settings(max_examples=150)
+def test_collapse_changes_nothing(s, runner):
+    a, b = _both(s, runner)
+    assert a == b
+
+
+@given(hybrid_scenarios(), st.sampled_from(("fixed", families.AllReduceOverMoeEpOnly, CloneOnOddRanks)))
+@settings(max_examples=40)
+def test_collapse_changes_nothing_hybrid(s, runner):
+    a, b = _both(s, runner)
+    assert a == b
+
+
+@given(moe_scenarios(max_world=8), st.lists(st.integers(0, 9), min_size=4, max_size=4), st.sampled_from(RUNNERS))
+@settings(max_examples=60)
+def test_collapse_changes_nothing_uneven_tokens(s, counts, runner):
+    counts = tuple(counts[: s.parallel.dp])
+    if sum(counts) == 0:
+        counts = (1, *counts[1:])
+    a, b = _both(s.with_(**{"workload.tokens": counts}), runner)
+    assert a == b
+
+
+def test_rank_branch_splits_classes():
+    """A runner that branches on the rank gets its own timing classes, and
+    the peers of a slow rank wait for it (seen in the step times)."""
+    s = families.TP2.with_(**{"parallel.tp": 4})
+    trace = simulate(s, CloneOnRankZero)
+    assert any(n == "timing: 4 rank programs simulated as 2 classes" for n in trace.notes), trace.notes
+    a, b = _both(s, CloneOnRankZero)
+    assert a == b
+    fixed = simulate(s, "fixed")
+    assert any(n == "timing: 4 identical rank programs simulated once" for n in fixed.notes), fixed.notes
+
+
+@given(st.one_of(moe_scenarios(max_world=8), hybrid_scenarios()))
+@settings(max_examples=100)
+def test_groups_of_a_kind_partition_the_ranks(s):
+    """The simulator shares one group object among its members
+    (Simulation.group): sound only if every member's group is that group."""
+    for kind in ("tp", "dp", "ep", "world", "moe_ep", "moe_tp"):
+        for r in range(s.world):
+            g = s.group(kind, r)
+            assert r in g
+            assert all(s.group(kind, m) == g for m in g), (kind, r, g)
+    for r in range(s.world):
+        g, routing = s.dispatch_group(r)
+        assert all(s.dispatch_group(m) == (g, routing) for m in g)
+
+
+def test_shared_groups_are_the_scenarios():
+    s = families.TP2.with_(**{"parallel.tp": 2, "parallel.dp": 2})
+    sim = Simulation(s, MoERunner, load_profile("cpu"), "fixed")
+    for kind in ("tp", "dp", "ep", "world"):
+        for r in range(s.world):
+            assert sim.group(kind, r) == s.group(kind, r)
+            assert hash(sim.group(kind, r)) == hash(s.group(kind, r))
+    assert [sim.dispatch_group(r) for r in range(4)] == [s.dispatch_group(r) for r in range(4)]
+
+
+def test_collapse_changes_nothing_on_sglang_layouts():
+    """SGLang's block (attention DP, dp_gather/dp_scatter) and its wrong variants."""
+    import families_sglang as fs
+
+    from scenarios.sglang import SGLangRunner
+
+    cases = [(SGLangRunner, s) for s in fs.CLEAN] + [(w[0], w[1]) for w in fs.WRONG]
+    for runner, s in cases:
+        a, b = _both(s, runner)
+        assert a == b, (runner, s.name)
