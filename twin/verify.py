@@ -26,7 +26,14 @@ from typing import Any
 
 from scenarios import contain
 from scenarios.runners import MoERunner, load_runner
-from scenarios.space import DEFAULT_MAX_WORLD, Axis, assignment_scenario, assignments, axes_dict, space_axes
+from scenarios.space import (
+    DEFAULT_MAX_WORLD,
+    Axis,
+    assignment_scenario,
+    assignments,
+    axes_dict,
+    space_axes,
+)
 from scenarios.spec import Scenario, ScenarioError
 from twin.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
 from twin.explore_store import slug as _slug
@@ -73,10 +80,7 @@ class VerifyResult:
         return not self.findings
 
     def statement(self) -> str:
-        over = "{" + ", ".join(f"{k}: {'/'.join(map(str, v))}" for k, v in self.axes.items()) + "}"
-        if self.proved_clean:
-            return f"no hazard in {self.classes} decision classes over {over}"
-        return f"{len(self.findings)} distinct finding(s) in {self.classes} decision classes over {over}"
+        return statement(self.classes, len(self.findings), self.axes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +100,14 @@ class VerifyResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "statement": self.statement(),
         }
+
+
+def statement(classes: int, findings: int, axes: dict[str, list[Any]]) -> str:
+    """What was proved (no finding) or found, over which axes and values."""
+    over = "{" + ", ".join(f"{k}: {'/'.join(map(str, v))}" for k, v in axes.items()) + "}"
+    if not findings:
+        return f"no hazard in {classes} decision classes over {over}"
+    return f"{findings} distinct finding(s) in {classes} decision classes over {over}"
 
 
 # ---------------------------------------------------------------- one class (worker side)
@@ -208,12 +220,58 @@ def verify(
                        outcomes={} if keep_outcomes else None)
     every = list(assignments(axes, max_world))
     lo, hi = _shard_range(len(every), shard_t)
-    _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings,
-          progress or (lambda _d, _t, _f: None)).run(jobs)
+    say = progress or (lambda _d, _t, _f: None)
+    if jobs == 1:
+        _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings, say).run()
+    else:
+        _parallel(space, max_world, every, lo, hi, spec, res, store, prune, polish_findings, jobs, say)
     res.findings = sorted(store.findings.values(), key=lambda f: f.signature)
     res.elapsed_s = time.perf_counter() - t0
     store.save()
     return res
+
+
+# Blocks per worker: enough to balance the load (the first blocks, one rank,
+# are the cheapest), few enough that pruning across block edges is not lost.
+BLOCKS_PER_JOB = 3
+
+
+def _parallel(space: str, max_world: int, every: list[Assignment], lo: int, hi: int, spec: str,
+              res: VerifyResult, store: FindingStore, prune: bool, polish_findings: bool, jobs: int,
+              say: ProgressFn) -> None:
+    """Contiguous blocks of the range, each enumerated (and pruned) by one worker."""
+    import multiprocessing as mp
+
+    k = min(jobs * BLOCKS_PER_JOB, max(hi - lo, 1))
+    bounds = [(lo + (hi - lo) * b // k, lo + (hi - lo) * (b + 1) // k) for b in range(k)]
+    tasks = [(spec, space, max_world, a, b, prune, polish_findings, res.outcomes is not None) for a, b in bounds]
+    done = 0
+    ctx = mp.get_context("forkserver")  # no fork of a process that may run a progress thread
+    with ctx.Pool(jobs, initializer=_init_worker, initargs=(contain.limits(),)) as pool:
+        for part, (a, b) in zip(pool.imap(_walk_block, tasks), bounds):
+            for key in ("classes", "pruned", "invalid", "opaque"):
+                setattr(res, key, getattr(res, key) + getattr(part, key))
+            if res.outcomes is not None and part.outcomes is not None:
+                res.outcomes.update(part.outcomes)
+            for f in part.findings:  # blocks arrive in order: the first is the simplest
+                if f.signature not in store.findings:
+                    store.findings[f.signature] = f
+                    store.write_scenario(f)
+                    store.save()
+            done += b - a
+            say(done, hi - lo, len(store.findings))
+
+
+def _walk_block(task: tuple[Any, ...]) -> VerifyResult:
+    spec, space, max_world, lo, hi, prune, polish_findings, keep = task
+    axes = space_axes(space)
+    cls = _RUNNERS.get(spec) or _RUNNERS.setdefault(spec, load_runner(spec))
+    part = VerifyResult(spec, space, max_world, {}, outcomes={} if keep else None)
+    store = FindingStore(None, spec)
+    _Walk(axes, list(assignments(axes, max_world)), lo, hi, spec, cls, part, store, prune, polish_findings,
+          lambda _d, _t, _f: None).run()
+    part.findings = list(store.findings.values())
+    return part
 
 
 def _shard_range(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -239,22 +297,9 @@ class _Walk:
         self.scenarios: dict[int, Scenario] = {}
         self.done = 0
 
-    def run(self, jobs: int) -> None:
-        if jobs == 1:
-            for i, s in self._classes():
-                self._record(simulate_class(self.spec, i, s))
-            return
-        import multiprocessing as mp
-
-        ctx = mp.get_context("forkserver")
-        with ctx.Pool(jobs, initializer=_init_worker, initargs=(contain.limits(),)) as pool:
-            inflight: list[Any] = []
-            for i, s in self._classes():
-                inflight.append(pool.apply_async(simulate_class, (self.spec, i, s)))
-                while len(inflight) >= 2 * jobs or (inflight and inflight[0].ready()):
-                    self._record(inflight.pop(0).get())
-            for r in inflight:
-                self._record(r.get())
+    def run(self) -> None:
+        for i, s in self._classes():
+            self._record(simulate_class(self.spec, i, s))
 
     def _classes(self) -> Any:
         """The classes still to simulate (valid, not yet proved equivalent)."""
@@ -352,6 +397,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["proved_clean"] = not findings
     out["shards"] = len(results)
     out["elapsed_s"] = round(sum(float(r.get("elapsed_s", 0.0)) for r in results), 3)
+    out["statement"] = statement(out["classes"], len(findings), out["axes"] or {})
     return out
 
 
@@ -367,4 +413,4 @@ def assert_verified(runner: str | type[MoERunner], space: str = "default", max_w
 
 
 __all__ = ["Outcome", "VerifyResult", "assert_verified", "check_shard", "equivalents", "merge",
-           "simulate_class", "verify"]
+           "simulate_class", "statement", "verify"]
