@@ -132,7 +132,25 @@ SPACES: dict[str, tuple[Axis, ...]] = {"default": _axes(False), "wide": _axes(Tr
 DEFAULT_MAX_WORLD = {"default": 4, "wide": 8}
 
 
-def space_axes(space: str) -> tuple[Axis, ...]:
+def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, ...]:
+    """The same axes with some limited to the given values (a smaller space)."""
+    unknown = set(values) - {a.name for a in axes}
+    if unknown:
+        raise ScenarioError("space", f"unknown axes {sorted(unknown)} (known: {', '.join(a.name for a in axes)})")
+    out = []
+    for a in axes:
+        if a.name in values:
+            vs = tuple(v for v in a.values if v in values[a.name])
+            if not vs:
+                raise ScenarioError(f"space.{a.name}", f"none of {values[a.name]!r} is a value of the axis")
+            a = Axis(a.name, vs, a.apply)
+        out.append(a)
+    return tuple(out)
+
+
+def space_axes(space: str | tuple[Axis, ...]) -> tuple[Axis, ...]:
+    if isinstance(space, tuple):
+        return space
     if space not in SPACES:
         raise ScenarioError("--space", f"unknown space {space!r} (known: {', '.join(SPACES)})")
     return SPACES[space]
@@ -183,4 +201,4 @@ def axes_dict(axes: tuple[Axis, ...], max_world: int) -> dict[str, list[Any]]:
 
 
 __all__ = ["Axis", "DEFAULT_MAX_WORLD", "SPACES", "assignment_scenario", "assignments", "axes_dict",
-           "base_scenario", "space_axes"]
+           "base_scenario", "restrict", "space_axes"]

@@ -16,13 +16,83 @@ For users' own test files:
 
 from __future__ import annotations
 
+import itertools
+from functools import lru_cache
 from typing import Any
 
 from hypothesis import strategies as st
 
 from scenarios.backends import BACKENDS, backend_info
-from scenarios.runners import MoERunner
-from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario, Workload
+from scenarios.runners import MoERunner, overlap_disabled
+from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario, ScenarioError, Workload
+
+# The predicates the runners' decisions turn on that a uniformly drawn
+# layout rarely has (SP needs tp > 1, dp > 1, EP and an SP backend; the
+# all-to-all kernels need EP and dp > 1; shared experts) are drawn before
+# anything else, each a boolean (shrinks toward False: the simplest class),
+# so that their combinations are covered within the first examples; the
+# layout is then drawn among those that have them, where the rest (a
+# reducing backend, overlap disabled) are common. Relaxed in RELAX order when
+# no layout within the limits has them all.
+PREDICATES = ("shared", "sp", "all2all")
+RELAX = ("sp", "all2all")
+
+
+def _layout_predicates(s: Scenario) -> dict[str, bool]:
+    return {
+        "sp": s.sp,
+        "all2all": s.use_all2all_kernels,
+        "reducing": backend_info(s.effective_backend).output_is_reduced,
+        "overlap_disabled": overlap_disabled(s),
+    }
+
+
+@lru_cache(maxsize=64)
+def layouts(max_world: int, tps: tuple[int, ...], dps: tuple[int, ...]) -> tuple[tuple[Any, ...], ...]:
+    """Every valid (tp, dp, ep, backend, version, eplb) with tp x dp <= max_world,
+    simplest first, with its predicate values."""
+    backends = ["allgather_reducescatter"] + [b for b in BACKENDS if b != "allgather_reducescatter"]
+    out = []
+    for tp_, dp_, ep, backend, version, eplb in itertools.product(
+            tps, dps, (False, True), backends, ("newest", "previous"), (False, True)):
+        if tp_ * dp_ > max_world:
+            continue
+        try:
+            s = Scenario(parallel=ParallelConfig(tp=tp_, dp=dp_, ep=ep, eplb=eplb, backend=backend,
+                                                 version=version),
+                         model=ModelTraits(num_experts=8 * tp_ * dp_, moe_intermediate=8 * tp_ * dp_))
+        except ScenarioError:
+            continue
+        out.append(((tp_, dp_, ep, backend, version, eplb), _layout_predicates(s)))
+    return tuple(out)
+
+
+def _matching(items: tuple[tuple[Any, ...], ...], want: dict[str, bool]) -> list[tuple[Any, ...]]:
+    want = dict(want)
+    for name in (None, *RELAX):
+        if name is not None:
+            want.pop(name, None)
+        found = [lay for lay, preds in items if all(preds[k] == v for k, v in want.items())]
+        if found:
+            return found
+    return [lay for lay, _p in items]
+
+
+@st.composite
+def decision_vectors(draw: Any) -> dict[str, bool]:
+    """The predicate vector (see PREDICATES), made consistent."""
+    want = {name: draw(st.booleans()) for name in PREDICATES}
+    want["all2all"] = want["all2all"] or want["sp"]  # SP always runs the all-to-all kernels
+    return want
+
+
+def layout_for(draw: Any, want: dict[str, bool], max_world: int = 8, tp: list[int] | None = None,
+               dp: list[int] | None = None) -> tuple[Any, ...]:
+    """(tp, dp, ep, backend, version, eplb): a layout with the predicate values."""
+    tps = tuple(t for t in (tp or [1, 2, 4, 8]) if t <= max_world)
+    dps = tuple(d for d in (dp or [1, 2, 4]) if min(tps, default=1) * d <= max_world)
+    items = layouts(max_world, tps, dps)
+    return draw(st.sampled_from(_matching(items, {k: v for k, v in want.items() if k != "shared"})))
 
 
 @st.composite
@@ -35,31 +105,25 @@ def moe_scenarios(
     runner: str = "fixed",
     max_tokens: int = 32,
 ) -> Scenario:
-    tps = [t for t in (tp or [1, 2, 4, 8]) if t <= max_world]
-    tp_ = draw(st.sampled_from(tps))
-    dps = [d for d in (dp or [1, 2, 4]) if tp_ * d <= max_world]
-    dp_ = draw(st.sampled_from(dps))
+    want = draw(decision_vectors())
+    has_shared = want["shared"]
+    tp_, dp_, ep, backend, version, eplb = layout_for(draw, want, max_world, tp, dp)
     world = tp_ * dp_
-    ep = draw(st.booleans())
-    backends = ["allgather_reducescatter"] + [b for b in BACKENDS if b != "allgather_reducescatter"]
-    backend = draw(st.sampled_from(backends))
-    if backend_info(backend).token_routing and not ep:
-        backend = "allgather_reducescatter"
-    eplb = ep and draw(st.booleans())
-    version = draw(st.sampled_from(["newest", "previous"]))
+    latent_kind = draw(st.sampled_from(["none", "linear", "nonlinear"]))
+    padded = draw(st.booleans())
 
     hidden = 8 * draw(st.integers(4, 16))
     latent = None
-    if draw(st.booleans()) and draw(st.booleans()):
+    if latent_kind != "none":
         latent = 8 * draw(st.integers(1, hidden // 8 - 1))
     routed_width = latent or hidden
-    pad = 8 * draw(st.integers(0, 2))
+    pad = 8 * draw(st.integers(1, 2)) if padded else 0
     moe_hidden = routed_width + pad if pad else None
     experts = world * draw(st.integers(1, 4)) if ep else draw(st.integers(2, 8))
     experts = max(experts, 2)
     top_k = draw(st.integers(1, min(4, experts)))
     inter = 8 * world * draw(st.integers(1, 2))
-    shared = draw(st.integers(0, 2))
+    shared = draw(st.integers(1, 2)) if has_shared else 0
     model = ModelTraits(
         hidden=hidden,
         moe_intermediate=inter,
@@ -68,14 +132,16 @@ def moe_scenarios(
         num_shared_experts=shared,
         moe_hidden=moe_hidden,
         latent_dim=latent,
-        transform_nonlinear=bool(latent) and draw(st.booleans()),
+        transform_nonlinear=latent_kind == "nonlinear",
         routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
+        quantized_input=has_shared and draw(st.booleans()),
     )
     platform = draw(st.sampled_from(list(platforms)))
     runtime = Runtime(
         platform=platform,
         aux_stream=platform in ("cuda", "rocm") and draw(st.booleans()),
         token_threshold=draw(st.sampled_from([256, 4])),
+        allreduce_fusion=dp_ == 1 and tp_ > 1 and draw(st.booleans()),
     )
     workload = Workload(
         tokens=draw(st.integers(1, max_tokens)),

@@ -57,7 +57,7 @@ class Outcome:
 @dataclass
 class VerifyResult:
     runner: str
-    space: str
+    space: str  # its name ("custom": a table given by the caller)
     max_world: int
     axes: dict[str, list[Any]]
     classes: int = 0
@@ -184,7 +184,7 @@ def check_shard(shard: Any) -> tuple[int, int] | None:
 
 def verify(
     runner: str | type[MoERunner],
-    space: str = "default",
+    space: str | tuple[Axis, ...] = "default",
     max_world: int | None = None,
     jobs: int = 1,
     shard: str | tuple[int, int] | None = None,
@@ -199,14 +199,19 @@ def verify(
 
     t0 = time.perf_counter()
     axes = space_axes(space)
-    max_world = DEFAULT_MAX_WORLD[space] if max_world is None else max_world
+    if not isinstance(space, str):
+        space, jobs = "custom", 1  # a table of its own: not re-created by name in a worker
+    max_world = DEFAULT_MAX_WORLD.get(space, 4) if max_world is None else max_world
     if isinstance(max_world, bool) or not isinstance(max_world, int) or max_world < 1:
         raise ExploreInputError(f"--max-world: must be a positive number of ranks, got {max_world!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ExploreInputError(f"--jobs: must be a positive number of processes, got {jobs!r}")
     shard_t = check_shard(shard)
     if isinstance(runner, type):
+        from twin.explore import check_interface
+
         runner_cls, spec = load_runner(runner), f"{runner.__module__}:{runner.__qualname__}"
+        check_interface(runner_cls, spec)
         if spec.startswith("__main__:") or "<locals>" in spec:
             spec = runner_cls.__name__  # not importable by name: simulate in-process only
             jobs = 1
@@ -401,7 +406,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def assert_verified(runner: str | type[MoERunner], space: str = "default", max_world: int | None = None,
+def assert_verified(runner: str | type[MoERunner], space: str | tuple[Axis, ...] = "default",
+                    max_world: int | None = None,
                     jobs: int = 1) -> VerifyResult:
     """For users' test files: fail (AssertionError listing every finding with its
     scenario) unless `verify` proves the runner clean over the space."""
