@@ -179,6 +179,28 @@ def assignment_scenario(axes: tuple[Axis, ...], assignment: dict[str, Any], runn
     return base_scenario(runner, world).with_(name=name, **changes)
 
 
+def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
+    """The assignment of `axes` whose class `s` belongs to (its decisions'
+    inputs, whatever its sizes), or None if `s` is outside the space."""
+    m, p, rt = s.model, s.parallel, s.runtime
+    latent = "none" if m.latent_dim is None else ("nonlinear" if m.transform_nonlinear else "linear")
+    full = {
+        "tp": p.tp, "dp": p.dp, "ep": p.ep, "backend": p.backend, "version": p.version, "eplb": p.eplb,
+        "ep_size": "all" if p.ep_size is None else ("half" if 2 * p.ep_size == s.world else None),
+        "platform": rt.platform, "aux_stream": rt.aux_stream,
+        "tokens": "small" if s.workload.tokens <= rt.token_threshold else "large",
+        "shared": int(m.has_shared), "latent": latent, "padded": m.padded,
+        "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
+        "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": False,
+    }
+    out = {}
+    for a in axes:
+        if full.get(a.name) not in a.values:
+            return None
+        out[a.name] = full[a.name]
+    return out
+
+
 def assignments(axes: tuple[Axis, ...], max_world: int) -> Iterator[dict[str, Any]]:
     """Every assignment, simplest first (the product of the axes' value lists),
     with tp x dp <= max_world."""
@@ -201,4 +223,4 @@ def axes_dict(axes: tuple[Axis, ...], max_world: int) -> dict[str, list[Any]]:
 
 
 __all__ = ["Axis", "DEFAULT_MAX_WORLD", "SPACES", "assignment_scenario", "assignments", "axes_dict",
-           "base_scenario", "restrict", "space_axes"]
+           "base_scenario", "classify", "restrict", "space_axes"]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from scenarios.loader import load
 from scenarios.runners import BEFORE_RUNNERS, MoERunner
-from scenarios.space import SPACES, assignment_scenario, assignments, restrict, space_axes
+from scenarios.space import SPACES, assignment_scenario, assignments, classify, restrict, space_axes
 from scenarios.spec import ScenarioError
 from sim import simulate
 from twin.explore_oracle import trace_findings
@@ -151,21 +151,21 @@ def test_default_space_finds_every_historical_regression(case):
         assert f.signature in trace_findings(simulate(f.scenario, case.runner))
 
 
-@pytest.mark.parametrize("runner", ("fixed", "before-40673", "before-39222", "before-38990"))
-def test_whatever_explore_finds_on_the_small_space_verify_finds_too(runner, seed=0):
-    """explore's search (Hypothesis, sizes drawn freely) meets nothing on the
-    small space's classes that verify's one representative per class misses."""
+@pytest.mark.parametrize("runner", ("before-40673", "stale-cache-40673", "before-39222", "before-40865"))
+def test_whatever_explore_finds_verify_finds_on_its_class(runner):
+    """explore's search (Hypothesis, sizes drawn freely) meets no finding
+    that verify's one small representative of the same class misses."""
     from twin.explore import explore
 
-    res = explore(runner, budget=40, seed=seed, out=None, do_shrink=False,
-                  strategy_kwargs={"max_world": 4, "tp": [1, 2], "dp": [1, 2]})
-    seen = {f.signature for f in res.findings
-            if f.scenario.parallel.backend in ("allgather_reducescatter", "deepep_low_latency",
-                                               "flashinfer_nvlink_two_sided")
-            and f.scenario.parallel.version == "newest" and f.scenario.runtime.platform in ("cpu", "cuda")
-            and not f.scenario.model.quantized_input
-            and (f.scenario.model.latent_dim is None or f.scenario.model.transform_nonlinear)}
-    assert seen <= _signatures(_verified(runner))
+    wide = SPACES["wide"]
+    res = explore(runner, budget=150, seed=0, out=None, do_shrink=False)
+    assert res.findings
+    for f in res.findings:
+        a = classify(f.found, wide)
+        assert a is not None, f.found.summary_line()
+        one = verify(runner, restrict(wide, **{k: (v,) for k, v in a.items()}), max_world=8,
+                     polish_findings=False)
+        assert one.classes == 1 and f.signature in _signatures(one), (f.signature, a)
 
 
 # ---------------------------------------------------------------- helper, shards, CLI
