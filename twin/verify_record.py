@@ -15,6 +15,10 @@ e.g. for a runner that never looks at tp but whose missing reduction matters
 only when tp > 1). A read whose value is not plain data (a scenario copy
 from `with_`, a dict from `to_dict`) cannot be compared with another
 assignment's: such a run is marked `opaque` and never stands for another.
+The argument assumes the runner's decisions are a function of what it reads
+from the scenario and from Ops (shapes the simulator derives from logged
+reads); a runner that keeps state across scenarios (a module-level cache)
+or draws random numbers is outside it.
 """
 
 from __future__ import annotations
