@@ -28,14 +28,18 @@ from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario, Scena
 
 # The predicates the runners' decisions turn on that a uniformly drawn
 # layout rarely has (SP needs tp > 1, dp > 1, EP and an SP backend; the
-# all-to-all kernels need EP and dp > 1; shared experts) are drawn before
+# all-to-all kernels need EP and dp > 1; shared experts; a multi-stream
+# overlap needs a CUDA-alike platform, an aux stream and a batch within the
+# token threshold) are drawn before
 # anything else, each a boolean (shrinks toward False: the simplest class),
 # so that their combinations are covered within the first examples; the
-# layout is then drawn among those that have them, where the rest (a
-# reducing backend, overlap disabled) are common. Relaxed in RELAX order when
-# no layout within the limits has them all.
-PREDICATES = ("shared", "sp", "all2all")
-RELAX = ("sp", "all2all")
+# layout is then drawn among those that have them (with a reducing backend
+# or not: the first layout of a list, allgather_reducescatter, is drawn far
+# more often than the rest). Relaxed in RELAX order when no layout within the
+# limits has them all.
+PREDICATES = ("shared", "sp", "all2all", "reducing", "multi_stream")
+RELAX = ("reducing", "sp", "all2all")
+LAYOUT_CHOICES = 8  # at least the most values a layout axis has (backends)
 
 
 def _layout_predicates(s: Scenario) -> dict[str, bool]:
@@ -81,8 +85,18 @@ def _matching(items: tuple[tuple[Any, ...], ...], want: dict[str, bool]) -> list
 @st.composite
 def decision_vectors(draw: Any) -> dict[str, bool]:
     """The predicate vector (see PREDICATES), made consistent."""
-    want = {name: draw(st.booleans()) for name in PREDICATES}
-    want["all2all"] = want["all2all"] or want["sp"]  # SP always runs the all-to-all kernels
+    want = {"shared": draw(st.booleans())}
+    # Communication, one draw: 0 none, 1 all-to-all kernels, 2-3 SP (which
+    # always runs them); shrinking steps from SP to the plain all-to-all.
+    comm = draw(st.integers(0, 3))
+    want["all2all"], want["sp"] = comm >= 1, comm >= 2
+    # A reducing backend is the common case (every backend but the naive
+    # gather): 1 to 3 of 0..3, so a class that needs one rarely gets the
+    # gather; 0 (the gather) is still where it shrinks to.
+    want["reducing"] = draw(st.integers(0, 3)) >= 1
+    want["multi_stream"] = draw(st.booleans())
+    if not want["all2all"]:
+        del want["reducing"]  # without all-to-all kernels no backend combines
     return want
 
 
@@ -92,7 +106,16 @@ def layout_for(draw: Any, want: dict[str, bool], max_world: int = 8, tp: list[in
     tps = tuple(t for t in (tp or [1, 2, 4, 8]) if t <= max_world)
     dps = tuple(d for d in (dp or [1, 2, 4]) if min(tps, default=1) * d <= max_world)
     items = layouts(max_world, tps, dps)
-    return draw(st.sampled_from(_matching(items, {k: v for k, v in want.items() if k != "shared"})))
+    cands = _matching(items, {k: v for k, v in want.items() if k in ("sp", "all2all", "reducing")})
+    # One axis at a time, each among the values some matching layout has: each
+    # shrinks on its own toward its simplest value (fewer ranks first).
+    # Every axis draws one choice of the same range whatever the number of
+    # values left, so shrinking one axis does not shift the choices after it.
+    for k in range(len(cands[0])):
+        values = list(dict.fromkeys(c[k] for c in cands))
+        v = values[draw(st.integers(0, LAYOUT_CHOICES - 1)) % len(values)]
+        cands = [c for c in cands if c[k] == v]
+    return cands[0]
 
 
 @st.composite
@@ -109,7 +132,7 @@ def moe_scenarios(
     has_shared = want["shared"]
     tp_, dp_, ep, backend, version, eplb = layout_for(draw, want, max_world, tp, dp)
     world = tp_ * dp_
-    latent_kind = draw(st.sampled_from(["none", "linear", "nonlinear"]))
+    latent_kind = ("nonlinear" if draw(st.booleans()) else "linear") if draw(st.booleans()) else "none"
     padded = draw(st.booleans())
 
     hidden = 8 * draw(st.integers(4, 16))
@@ -136,15 +159,18 @@ def moe_scenarios(
         routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
         quantized_input=has_shared and draw(st.booleans()),
     )
-    platform = draw(st.sampled_from(list(platforms)))
+    cuda_alike = [p for p in platforms if p in ("cuda", "rocm")]
+    multi_stream = want["multi_stream"] and bool(cuda_alike)
+    platform = draw(st.sampled_from(cuda_alike if multi_stream else list(platforms)))
+    threshold = draw(st.sampled_from([256, 4]))
     runtime = Runtime(
         platform=platform,
-        aux_stream=platform in ("cuda", "rocm") and draw(st.booleans()),
-        token_threshold=draw(st.sampled_from([256, 4])),
+        aux_stream=multi_stream or (platform in ("cuda", "rocm") and draw(st.booleans())),
+        token_threshold=threshold,
         allreduce_fusion=dp_ == 1 and tp_ > 1 and draw(st.booleans()),
     )
     workload = Workload(
-        tokens=draw(st.integers(1, max_tokens)),
+        tokens=draw(st.integers(1, min(max_tokens, threshold) if multi_stream else max_tokens)),
         seed=draw(st.integers(0, 3)),
         skew=draw(st.sampled_from([0.0, 0.5])),
     )

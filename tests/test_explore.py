@@ -168,10 +168,11 @@ def test_resume_marks_only_later_findings_new(tmp_path):
     # Stop at the first finding, then search on: what the second run adds is new.
     first = explore("twin.mutate:M_negate_is_sequence_parallel",
                     budget=200, seed=0, out=tmp_path, stop_on_first=True)
-    assert len(first.findings) == 1
+    # One example, so its signatures only (one example may show two at once).
+    assert first.findings and len({f.found_at for f in first.findings}) == 1
     second = explore("twin.mutate:M_negate_is_sequence_parallel", budget=200, seed=0, out=tmp_path)
     old = {f.signature for f in first.findings}
-    assert len(second.findings) > 1
+    assert len(second.findings) > len(first.findings)
     for f in second.findings:
         assert f.new == (f.signature not in old)
 
