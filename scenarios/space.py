@@ -15,7 +15,6 @@ and counted.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -201,13 +200,51 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
     return out
 
 
+class Enumeration:
+    """The assignments of `axes` by index in product order (the last axis
+    varies fastest), without listing them (the wide space has over a million);
+    an index whose tp x dp exceeds max_world holds no assignment."""
+
+    def __init__(self, axes: tuple[Axis, ...], max_world: int) -> None:
+        self.axes, self.max_world = axes, max_world
+        self.names = [a.name for a in axes]
+        self.sizes = [len(a.values) for a in axes]
+        self._pos = [{v: k for k, v in enumerate(a.values)} for a in axes]
+        self.total = 1
+        for n in self.sizes:
+            self.total *= n
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _in_world(self, a: dict[str, Any]) -> bool:
+        return a.get("tp", 1) * a.get("dp", 1) <= self.max_world
+
+    def get(self, i: int) -> dict[str, Any] | None:
+        values = []
+        for axis, n in zip(reversed(self.axes), reversed(self.sizes)):
+            i, k = divmod(i, n)
+            values.append(axis.values[k])
+        a = dict(zip(self.names, reversed(values)))
+        return a if self._in_world(a) else None
+
+    def index(self, values: tuple[Any, ...]) -> int | None:
+        i = 0
+        for pos, n, v in zip(self._pos, self.sizes, values):
+            k = pos.get(v)
+            if k is None:
+                return None
+            i = i * n + k
+        return i if self._in_world(dict(zip(self.names, values))) else None
+
+
 def assignments(axes: tuple[Axis, ...], max_world: int) -> Iterator[dict[str, Any]]:
     """Every assignment, simplest first (the product of the axes' value lists),
     with tp x dp <= max_world."""
-    names = [a.name for a in axes]
-    for values in itertools.product(*(a.values for a in axes)):
-        a = dict(zip(names, values))
-        if a.get("tp", 1) * a.get("dp", 1) <= max_world:
+    e = Enumeration(axes, max_world)
+    for i in range(len(e)):
+        a = e.get(i)
+        if a is not None:
             yield a
 
 
@@ -222,5 +259,5 @@ def axes_dict(axes: tuple[Axis, ...], max_world: int) -> dict[str, list[Any]]:
     return out
 
 
-__all__ = ["Axis", "DEFAULT_MAX_WORLD", "SPACES", "assignment_scenario", "assignments", "axes_dict",
+__all__ = ["Axis", "DEFAULT_MAX_WORLD", "Enumeration", "SPACES", "assignment_scenario", "assignments", "axes_dict",
            "base_scenario", "classify", "restrict", "space_axes"]

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from scenarios.loader import load
 from scenarios.runners import BEFORE_RUNNERS, MoERunner
-from scenarios.space import SPACES, assignment_scenario, assignments, classify, restrict, space_axes
+from scenarios.space import (
+    SPACES,
+    Enumeration,
+    assignment_scenario,
+    assignments,
+    classify,
+    restrict,
+    space_axes,
+)
 from scenarios.spec import ScenarioError
 from sim import simulate
 from twin.explore_oracle import trace_findings
@@ -54,6 +62,17 @@ def test_assignments_are_representative_and_invalid_ones_are_skipped():
         assert s.model.has_shared == bool(a["shared"]) and s.model.padded == a["padded"]
         assert s.workload.tokens % 2 == 1  # an uneven SP split over tp = 2
     assert invalid > 0
+
+
+def test_enumeration_indexes_the_product_without_listing_it():
+    e = Enumeration(DEFAULT, 2)
+    listed = list(assignments(DEFAULT, 2))
+    got = [a for a in (e.get(i) for i in range(len(e))) if a is not None]
+    assert got == listed
+    for i in (0, 1, 777, len(e) - 1):
+        a = e.get(i)
+        assert a is None or e.index(tuple(a.values())) == i
+    assert len(Enumeration(SPACES["wide"], 8)) > 10**6
 
 
 def test_restrict_names_unknown_axes_and_values():
@@ -105,9 +124,8 @@ def test_a_pruned_class_has_the_outcome_of_its_representative(data):
     findings verify assigned to it (from the class it was pruned into)."""
     runner = data.draw(st.sampled_from(("fixed", "before-40673", "before-39222", "before-38990")))
     res = _verified(runner)
-    every = list(assignments(SMALL, 4))
     i = data.draw(st.sampled_from(sorted(res.outcomes)))
-    s = assignment_scenario(SMALL, every[i], runner)
+    s = assignment_scenario(SMALL, Enumeration(SMALL, 4).get(i), runner)
     assert frozenset(trace_findings(simulate(s, runner))) == res.outcomes[i]
 
 

@@ -29,8 +29,8 @@ from scenarios.runners import MoERunner, load_runner
 from scenarios.space import (
     DEFAULT_MAX_WORLD,
     Axis,
+    Enumeration,
     assignment_scenario,
-    assignments,
     axes_dict,
     space_axes,
 )
@@ -223,7 +223,7 @@ def verify(
     store = FindingStore(out_path, spec)
     res = VerifyResult(spec, space, max_world, axes_dict(axes, max_world), shard=shard_t, jobs=jobs,
                        outcomes={} if keep_outcomes else None)
-    every = list(assignments(axes, max_world))
+    every = Enumeration(axes, max_world)
     lo, hi = _shard_range(len(every), shard_t)
     say = progress or (lambda _d, _t, _f: None)
     if jobs == 1:
@@ -241,7 +241,7 @@ def verify(
 BLOCKS_PER_JOB = 3
 
 
-def _parallel(space: str, max_world: int, every: list[Assignment], lo: int, hi: int, spec: str,
+def _parallel(space: str, max_world: int, every: Enumeration, lo: int, hi: int, spec: str,
               res: VerifyResult, store: FindingStore, prune: bool, polish_findings: bool, jobs: int,
               say: ProgressFn) -> None:
     """Contiguous blocks of the range, each enumerated (and pruned) by one worker."""
@@ -273,7 +273,7 @@ def _walk_block(task: tuple[Any, ...]) -> VerifyResult:
     cls = _RUNNERS.get(spec) or _RUNNERS.setdefault(spec, load_runner(spec))
     part = VerifyResult(spec, space, max_world, {}, outcomes={} if keep else None)
     store = FindingStore(None, spec)
-    _Walk(axes, list(assignments(axes, max_world)), lo, hi, spec, cls, part, store, prune, polish_findings,
+    _Walk(axes, Enumeration(axes, max_world), lo, hi, spec, cls, part, store, prune, polish_findings,
           lambda _d, _t, _f: None).run()
     part.findings = list(store.findings.values())
     return part
@@ -291,15 +291,15 @@ def _shard_range(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:
 class _Walk:
     """The enumeration of one shard, in product order, `jobs` classes in flight."""
 
-    def __init__(self, axes: tuple[Axis, ...], every: list[Assignment], lo: int, hi: int, spec: str,
+    def __init__(self, axes: tuple[Axis, ...], every: Enumeration, lo: int, hi: int, spec: str,
                  runner_cls: type[MoERunner], res: VerifyResult, store: FindingStore, prune: bool,
                  polish_findings: bool, progress: ProgressFn) -> None:
         self.axes, self.every, self.lo, self.hi = axes, every, lo, hi
         self.spec, self.runner_cls, self.res, self.store = spec, runner_cls, res, store
         self.prune, self.polish_findings, self.progress = prune, polish_findings, progress
-        self.index = {tuple(a.values()): i for i, a in enumerate(every)}
         self.covered: dict[int, int] = {}  # pruned index -> the simulated index it is equivalent to
         self.scenarios: dict[int, Scenario] = {}
+        self.assignment: dict[int, Assignment] = {}  # of the classes in flight
         self.done = 0
 
     def run(self) -> None:
@@ -309,16 +309,20 @@ class _Walk:
     def _classes(self) -> Any:
         """The classes still to simulate (valid, not yet proved equivalent)."""
         for i in range(self.lo, self.hi):
+            a = self.every.get(i)
+            if a is None:  # tp x dp over max_world: not part of the space
+                self._tick()
+                continue
             if i in self.covered:
                 continue
             try:
-                s = assignment_scenario(self.axes, self.every[i], self.spec)
+                s = assignment_scenario(self.axes, a, self.spec)
             except ScenarioError:
                 self.res.invalid += 1
                 self._tick()
                 continue
             self.res.classes += 1
-            self.scenarios[i] = s
+            self.scenarios[i], self.assignment[i] = s, a
             yield i, s
 
     def _tick(self, n: int = 1) -> None:
@@ -326,7 +330,7 @@ class _Walk:
         self.progress(self.done, self.hi - self.lo, len(self.store.findings))
 
     def _record(self, o: Outcome) -> None:
-        s = self.scenarios.pop(o.index)
+        s, a = self.scenarios.pop(o.index), self.assignment.pop(o.index)
         self.res.opaque += o.reads.opaque
         for sig, (kind, detail, step, rank) in o.findings.items():
             if sig not in self.store.findings:
@@ -335,15 +339,16 @@ class _Walk:
             self.res.outcomes[o.index] = frozenset(o.findings)
         self._tick()
         if self.prune:
-            self._prune(o)
+            self._prune(o, a)
 
-    def _prune(self, o: Outcome) -> None:
+    def _prune(self, o: Outcome, a: Assignment) -> None:
         def wanted(values: tuple[Any, ...]) -> bool:
-            j = self.index.get(values)
+            j = self.every.index(values)
             return j is not None and o.index < j < self.hi and j not in self.covered
 
-        for values in equivalents(self.axes, self.every[o.index], o.reads, self.spec, wanted):
-            j = self.index[values]
+        for values in equivalents(self.axes, a, o.reads, self.spec, wanted):
+            j = self.every.index(values)
+            assert j is not None
             self.covered[j] = o.index
             self.res.classes += 1
             self.res.pruned += 1
