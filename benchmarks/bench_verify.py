@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_verify.py [--seeds N] [--jobs N] [--json] [--skip-rates]
 
 1. verify over the default space, for `fixed` and every `before` runner:
-   classes, pruned share, simulated classes, wall time (one process; and with
-   --jobs N > 1 also N processes), and the distinct findings.
+   classes, pruned share, simulated classes, wall and CPU time of one process
+   (the CPU time is what one core costs, whatever else loads the machine; with
+   --jobs N > 1 also the wall time of N processes), and the distinct findings.
 2. Detection rate: over seeds 0..N-1, the share of plain `@given(moe_scenarios())`
    runs (Hypothesis defaults: 100 examples, no shrinking) that meet a hazard,
    for the README example (`moe_scenarios(max_world=4)`) and every `before`
@@ -39,10 +40,12 @@ class ReadmeRunner(MoERunner):
 def bench_verify(jobs: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for runner in ("fixed", *BEFORE_RUNNERS):
+        cpu0 = time.process_time()
         res = verify(runner, jobs=1)
+        cpu = time.process_time() - cpu0
         row = {"classes": res.classes, "pruned": res.pruned, "simulated": res.simulated,
                "pruned_share": round(res.pruned / res.classes, 3), "invalid": res.invalid,
-               "wall_s_one_process": round(res.elapsed_s, 1),
+               "wall_s_one_process": round(res.elapsed_s, 1), "cpu_s_one_process": round(cpu, 1),
                "findings": sorted(f.signature for f in res.findings)}
         if jobs > 1:
             row[f"wall_s_{jobs}_jobs"] = round(verify(runner, jobs=jobs).elapsed_s, 1)
