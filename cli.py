@@ -486,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     from twin.explore_cli import add_parsers as add_explore_parsers
 
     add_explore_parsers(sub)  # explore, mutate
+    from twin.verify_cli import add_parser as add_verify_parser
+
+    add_verify_parser(sub)
 
     sp = sub.add_parser("bench", help="benchmarks (medians and ratios)")
     sp.add_argument("what", choices=["sim", "real"], help="which side to benchmark")

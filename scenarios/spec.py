@@ -439,13 +439,17 @@ class Scenario:
         """The model hands the layer output to the next layer's fused all-reduce
         (+ residual + RMSNorm) over tp instead of expecting it reduced: fusion
         on, tp > 1, one DP rank (no DP attention, so no all-to-all kernels and
-        the MoE output is a TP partial) and 0 < T <= FUSION_MAX_TOKENS."""
+        the MoE output is a TP partial) and 0 < T <= FUSION_MAX_TOKENS.
+        A non-linear routed-output transform needs the complete routed sum, so
+        the layer reduces before it and its output is no partial to hand on
+        (the next layer's all-reduce would sum tp complete copies)."""
         p = self.parallel
         return (
             self.runtime.allreduce_fusion
             and p.tp > 1
             and p.dp == 1
             and 0 < self.total_tokens <= FUSION_MAX_TOKENS
+            and not self.model.transform_nonlinear
         )
 
     @property

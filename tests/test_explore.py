@@ -168,10 +168,11 @@ def test_resume_marks_only_later_findings_new(tmp_path):
     # Stop at the first finding, then search on: what the second run adds is new.
     first = explore("twin.mutate:M_negate_is_sequence_parallel",
                     budget=200, seed=0, out=tmp_path, stop_on_first=True)
-    assert len(first.findings) == 1
+    # One example, so its signatures only (one example may show two at once).
+    assert first.findings and len({f.found_at for f in first.findings}) == 1
     second = explore("twin.mutate:M_negate_is_sequence_parallel", budget=200, seed=0, out=tmp_path)
     old = {f.signature for f in first.findings}
-    assert len(second.findings) > 1
+    assert len(second.findings) > len(first.findings)
     for f in second.findings:
         assert f.new == (f.signature not in old)
 
@@ -209,12 +210,14 @@ def test_a_finding_that_no_longer_reproduces_is_flagged(tmp_path):
 
 
 def test_cli_json_is_the_only_stdout(capsys, tmp_path):
-    code, out, err = cli(capsys, "explore", "--runner", "before-38990", "--budget", "60",
+    # 100 examples: the generated scenarios find this runner's bug in ~90% of
+    # seeded 100-example runs (benchmarks/bench_verify.py), this seed included.
+    code, out, err = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100",
                          "--seed", "0", "--out", str(tmp_path), "--json")
     assert code == 0
     data = json.loads(out)
     assert set(data) >= {"runner", "examples", "findings"}
-    assert data["runner"] == "before-38990" and data["examples"] >= 60
+    assert data["runner"] == "before-38990" and data["examples"] >= 100
     (f,) = data["findings"]
     assert set(f) >= {"kind", "signature", "scenario_file", "minimal", "verdict", "detail", "new"}
     assert f["kind"] == "LOST_OVERLAP" and f["new"] is True and f["verdict"] is None

@@ -310,7 +310,8 @@ class ReplicatedSharedScaled(MoERunner):
         return False  # every rank computes the whole shared MLP
 
     def maybe_reduce_shared(self, ops, shared, routed_reduced):
-        if shared is None or not self.needs_final_reduce(routed_reduced):
+        summed_later = self.needs_final_reduce(routed_reduced) or self.scenario.next_layer_fuses_reduce
+        if shared is None or not summed_later:
             return shared  # complete already, and nothing sums it again
         return ops.scale(shared, 1 / self.scenario.parallel.tp, name="shared_pre_scale")
 

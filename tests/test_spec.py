@@ -72,3 +72,7 @@ def test_next_layer_fusion_rule():
     assert not base.with_(**{"parallel.dp": 2}).next_layer_fuses_reduce  # DP attention: no fusion
     assert base.with_(**{"workload.tokens": 2048}).next_layer_fuses_reduce
     assert not base.with_(**{"workload.tokens": 2049}).next_layer_fuses_reduce
+    # The layer completes the sum itself before a non-linear transform: nothing to defer.
+    latent = {"model.latent_dim": 64}
+    assert base.with_(**latent).next_layer_fuses_reduce
+    assert not base.with_(**latent, **{"model.transform_nonlinear": True}).next_layer_fuses_reduce

@@ -1,0 +1,269 @@
+"""The discrete decision space `verify` enumerates: one table of axes.
+
+An axis is a name, its values (simplest first) and how a value changes the
+representative scenario (a dict of dotted `Scenario.with_` changes, or a
+callable of the assignment for values that depend on other axes). A new axis
+(a backend, a platform, a per-rank token list) is one row here.
+
+Each assignment (one value per axis) becomes one small concrete scenario
+whose sizes still exercise the corner cases: token counts that do not divide
+by tp (SP padding rows), a padded kernel width, expert counts that are
+multiples of every layout's moe_ep, an intermediate width divisible by every
+moe_tp. Assignments that make an invalid scenario (ScenarioError) are skipped
+and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from scenarios.backends import BACKENDS
+from scenarios.spec import PLATFORMS, SP_VERSIONS, Scenario, ScenarioError
+
+Changes = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    values: tuple[Any, ...]
+    # value, whole assignment -> Scenario.with_ changes (applied in table order)
+    apply: Callable[[Any, dict[str, Any]], Changes]
+
+
+def _field(path: str) -> Callable[[Any, dict[str, Any]], Changes]:
+    return lambda v, _a: {path: v}
+
+
+# Sizes of the representative scenario: small, but every corner case stays
+# reachable (see the module docstring).
+HIDDEN = 32
+LATENT = 16
+PAD = 8
+THRESHOLD = 4  # runtime.token_threshold: "small" batches are at or below it
+TOKENS = {"small": 3, "large": 5}  # both odd: an uneven SP split over tp = 2
+
+
+def _latent(v: str, a: dict[str, Any]) -> Changes:
+    if v == "none":
+        return {"model.latent_dim": None, "model.transform_nonlinear": False}
+    if v == "nonlinear" and a.get("version") == "previous":
+        # The previous engine version applies a non-linear transform to partial
+        # sums (runner_semantics.md step 6): a known defect of that version,
+        # which the reference runner reproduces, not a class to verify.
+        raise ScenarioError("model.transform_nonlinear",
+                            "the previous version's known defect (transform of partial sums): outside the space")
+    return {"model.latent_dim": LATENT, "model.transform_nonlinear": v == "nonlinear"}
+
+
+def _padded(v: bool, a: dict[str, Any]) -> Changes:
+    width = LATENT if a.get("latent", "none") != "none" else HIDDEN
+    return {"model.moe_hidden": width + PAD if v else None}
+
+
+def _shared(v: int, a: dict[str, Any]) -> Changes:
+    return {"model.num_shared_experts": v}
+
+
+def _ep_size(v: str, a: dict[str, Any]) -> Changes:
+    # "half": a hybrid layout, moe_ep = world / 2 and moe_tp = 2.
+    world = a["tp"] * a["dp"]
+    if v == "all":
+        return {"parallel.ep_size": None}
+    if world < 4:
+        raise ScenarioError("parallel.ep_size", "a hybrid layout needs at least 4 ranks")
+    return {"parallel.ep_size": world // 2}
+
+
+def _tokens(v: str, a: dict[str, Any]) -> Changes:
+    return {"workload.tokens": TOKENS[v], "runtime.token_threshold": THRESHOLD}
+
+
+def _uneven_tokens_supported() -> bool:
+    """A per-DP-rank token list (workload.tokens = [..]) is a newer spec feature."""
+    from scenarios.spec import ParallelConfig, Workload
+
+    try:
+        Scenario(parallel=ParallelConfig(dp=2), workload=Workload(tokens=[3, 5]))  # type: ignore[arg-type]
+    except (ScenarioError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _uneven(v: bool, a: dict[str, Any]) -> Changes:
+    # DP ranks with different batches: rank d holds TOKENS + 2 d tokens.
+    if not v:
+        return {}
+    base = TOKENS[a.get("tokens", "small")]
+    return {"workload.tokens": [base + 2 * d for d in range(a.get("dp", 1))]}
+
+
+def _axes(wide: bool) -> tuple[Axis, ...]:
+    backends = ("allgather_reducescatter", *[b for b in BACKENDS if b != "allgather_reducescatter"])
+    axes = [
+        Axis("tp", (1, 2), _field("parallel.tp")),
+        Axis("dp", (1, 2), _field("parallel.dp")),
+        Axis("ep", (False, True), _field("parallel.ep")),
+        Axis("backend", backends, _field("parallel.backend")),
+        Axis("version", SP_VERSIONS, _field("parallel.version")),
+        Axis("eplb", (False, True), _field("parallel.eplb")),
+        Axis("platform", ("cpu", "cuda", "rocm"), _field("runtime.platform")),
+        Axis("aux_stream", (False, True), _field("runtime.aux_stream")),
+        Axis("shared", (0, 1), _shared),
+        Axis("latent", ("none", "linear", "nonlinear"), _latent),
+        Axis("padded", (False, True), _padded),
+        Axis("allreduce_fusion", (False, True), _field("runtime.allreduce_fusion")),
+    ]
+    if wide:
+        # Each of these doubles the classes the simulator must see (it reads
+        # them on every path), so the default space leaves them to `wide`:
+        # more ranks, hybrid layouts, a batch over the multi-stream token
+        # threshold, a quantized routed input, routed scaling.
+        axes[0] = Axis("tp", (1, 2, 4), _field("parallel.tp"))
+        axes[1] = Axis("dp", (1, 2, 4), _field("parallel.dp"))
+        axes.insert(3, Axis("ep_size", ("all", "half"), _ep_size))
+        axes.insert(9, Axis("tokens", ("small", "large"), _tokens))
+        axes.append(Axis("quantized_input", (False, True), _field("model.quantized_input")))
+        if _uneven_tokens_supported():
+            axes.insert(10, Axis("uneven_tokens", (False, True), _uneven))
+        axes.append(Axis("routed_scaling_factor", (1.0, 2.5), _field("model.routed_scaling_factor")))
+    assert {a.values[0] for a in axes if a.name == "platform"} <= set(PLATFORMS)
+    return tuple(axes)
+
+
+SPACES: dict[str, tuple[Axis, ...]] = {"default": _axes(False), "wide": _axes(True)}
+DEFAULT_MAX_WORLD = {"default": 4, "wide": 8}
+
+
+def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, ...]:
+    """The same axes with some limited to the given values (a smaller space)."""
+    unknown = set(values) - {a.name for a in axes}
+    if unknown:
+        raise ScenarioError("space", f"unknown axes {sorted(unknown)} (known: {', '.join(a.name for a in axes)})")
+    out = []
+    for a in axes:
+        if a.name in values:
+            vs = tuple(v for v in a.values if v in values[a.name])
+            if not vs:
+                raise ScenarioError(f"space.{a.name}", f"none of {values[a.name]!r} is a value of the axis")
+            a = Axis(a.name, vs, a.apply)
+        out.append(a)
+    return tuple(out)
+
+
+def space_axes(space: str | tuple[Axis, ...]) -> tuple[Axis, ...]:
+    if isinstance(space, tuple):
+        return space
+    if space not in SPACES:
+        raise ScenarioError("--space", f"unknown space {space!r} (known: {', '.join(SPACES)})")
+    return SPACES[space]
+
+
+def base_scenario(runner: str, world: int) -> Scenario:
+    """The sizes every assignment starts from (world = tp x dp of the assignment)."""
+    from scenarios.spec import ModelTraits, Runtime, Workload
+
+    return Scenario(
+        name="verify",
+        model=ModelTraits(hidden=HIDDEN, moe_intermediate=8 * world, num_experts=2 * world, top_k=2),
+        runtime=Runtime(token_threshold=THRESHOLD),
+        workload=Workload(tokens=TOKENS["small"]),
+        runner=runner,
+    )
+
+
+def assignment_scenario(axes: tuple[Axis, ...], assignment: dict[str, Any], runner: str) -> Scenario:
+    """The representative scenario of one assignment (raises ScenarioError if invalid)."""
+    world = assignment.get("tp", 1) * assignment.get("dp", 1)
+    changes: Changes = {}
+    for axis in axes:
+        changes.update(axis.apply(assignment[axis.name], assignment))
+    name = "verify-" + "-".join(f"{k}={v}" for k, v in assignment.items())
+    return base_scenario(runner, world).with_(name=name, **changes)
+
+
+def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
+    """The assignment of `axes` whose class `s` belongs to (its decisions'
+    inputs, whatever its sizes), or None if `s` is outside the space."""
+    m, p, rt = s.model, s.parallel, s.runtime
+    latent = "none" if m.latent_dim is None else ("nonlinear" if m.transform_nonlinear else "linear")
+    full = {
+        "tp": p.tp, "dp": p.dp, "ep": p.ep, "backend": p.backend, "version": p.version, "eplb": p.eplb,
+        "ep_size": "all" if p.ep_size is None else ("half" if 2 * p.ep_size == s.world else None),
+        "platform": rt.platform, "aux_stream": rt.aux_stream,
+        "tokens": "small" if max(s.token_counts) <= rt.token_threshold else "large",
+        "shared": int(m.has_shared), "latent": latent, "padded": m.padded,
+        "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
+        "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len(set(s.token_counts)) > 1,
+    }
+    out = {}
+    for a in axes:
+        if full.get(a.name) not in a.values:
+            return None
+        out[a.name] = full[a.name]
+    return out
+
+
+class Enumeration:
+    """The assignments of `axes` by index in product order (the last axis
+    varies fastest), without listing them (the wide space has over a million);
+    an index whose tp x dp exceeds max_world holds no assignment."""
+
+    def __init__(self, axes: tuple[Axis, ...], max_world: int) -> None:
+        self.axes, self.max_world = axes, max_world
+        self.names = [a.name for a in axes]
+        self.sizes = [len(a.values) for a in axes]
+        self._pos = [{v: k for k, v in enumerate(a.values)} for a in axes]
+        self.total = 1
+        for n in self.sizes:
+            self.total *= n
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _in_world(self, a: dict[str, Any]) -> bool:
+        return a.get("tp", 1) * a.get("dp", 1) <= self.max_world
+
+    def get(self, i: int) -> dict[str, Any] | None:
+        values = []
+        for axis, n in zip(reversed(self.axes), reversed(self.sizes)):
+            i, k = divmod(i, n)
+            values.append(axis.values[k])
+        a = dict(zip(self.names, reversed(values)))
+        return a if self._in_world(a) else None
+
+    def index(self, values: tuple[Any, ...]) -> int | None:
+        i = 0
+        for pos, n, v in zip(self._pos, self.sizes, values):
+            k = pos.get(v)
+            if k is None:
+                return None
+            i = i * n + k
+        return i if self._in_world(dict(zip(self.names, values))) else None
+
+
+def assignments(axes: tuple[Axis, ...], max_world: int) -> Iterator[dict[str, Any]]:
+    """Every assignment, simplest first (the product of the axes' value lists),
+    with tp x dp <= max_world."""
+    e = Enumeration(axes, max_world)
+    for i in range(len(e)):
+        a = e.get(i)
+        if a is not None:
+            yield a
+
+
+def axes_dict(axes: tuple[Axis, ...], max_world: int) -> dict[str, list[Any]]:
+    """The axes and their values, as reported (tp/dp limited by max_world)."""
+    out: dict[str, list[Any]] = {}
+    for a in axes:
+        values = list(a.values)
+        if a.name in ("tp", "dp"):
+            values = [v for v in values if v <= max_world]
+        out[a.name] = values
+    return out
+
+
+__all__ = ["Axis", "DEFAULT_MAX_WORLD", "Enumeration", "SPACES", "assignment_scenario", "assignments", "axes_dict",
+           "base_scenario", "classify", "restrict", "space_axes"]

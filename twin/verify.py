@@ -1,0 +1,427 @@
+"""`verify`: bounded exhaustive enumeration of the discrete decision space.
+
+Every assignment of the space's axes (scenarios/space.py) becomes one small
+representative scenario (a decision class); each is simulated, or proved
+equivalent to one already simulated and pruned. Pruning is concolic: a run
+logs every scenario predicate it consulted and its value (twin/verify_record.py);
+an assignment on which all of them have the same values runs the same
+program and is judged the same way, so it is not simulated again. The
+candidates are the assignments that differ from the simulated one only in
+axes whose change alone left every consulted value unchanged; each candidate
+is checked against the whole log before it is pruned.
+
+Findings are those of `explore` (same signatures, same TOML files); the
+first class that shows a signature is the simplest one (axes' values are
+listed simplest first) and is polished like explore's findings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scenarios import contain
+from scenarios.runners import MoERunner, load_runner
+from scenarios.space import (
+    DEFAULT_MAX_WORLD,
+    Axis,
+    Enumeration,
+    assignment_scenario,
+    axes_dict,
+    space_axes,
+)
+from scenarios.spec import Scenario, ScenarioError
+from twin.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
+from twin.explore_store import slug as _slug
+from twin.verify_record import Reads, reads, recording, same_reads
+
+Assignment = dict[str, Any]
+ProgressFn = Callable[[int, int, int], None]  # (assignments done, total, findings)
+
+
+@dataclass
+class Outcome:
+    """What a worker sends back for one simulated class."""
+
+    index: int
+    reads: Reads
+    findings: dict[str, tuple[str, str, int, int]]  # signature -> (kind, detail, step, rank)
+    decisions: dict[str, str]
+    budget_stop: str | None
+
+
+@dataclass
+class VerifyResult:
+    runner: str
+    space: str  # its name ("custom": a table given by the caller)
+    max_world: int
+    axes: dict[str, list[Any]]
+    classes: int = 0
+    pruned: int = 0
+    invalid: int = 0
+    opaque: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    shard: tuple[int, int] | None = None
+    jobs: int = 1
+    # assignment index -> signatures, for every valid class (kept on request)
+    outcomes: dict[int, frozenset[str]] | None = None
+
+    @property
+    def simulated(self) -> int:
+        return self.classes - self.pruned
+
+    @property
+    def proved_clean(self) -> bool:
+        return not self.findings
+
+    def statement(self) -> str:
+        return statement(self.classes, len(self.findings), self.axes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runner": self.runner,
+            "classes": self.classes,
+            "pruned": self.pruned,
+            "axes": self.axes,
+            "findings": [f.to_dict() for f in self.findings],
+            "proved_clean": self.proved_clean,
+            "simulated": self.simulated,
+            "invalid": self.invalid,
+            "opaque": self.opaque,
+            "space": self.space,
+            "max_world": self.max_world,
+            "shard": list(self.shard) if self.shard else None,
+            "jobs": self.jobs,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "statement": self.statement(),
+        }
+
+
+def statement(classes: int, findings: int, axes: dict[str, list[Any]]) -> str:
+    """What was proved (no finding) or found, over which axes and values."""
+    over = "{" + ", ".join(f"{k}: {'/'.join(map(str, v))}" for k, v in axes.items()) + "}"
+    if not findings:
+        return f"no hazard in {classes} decision classes over {over}"
+    return f"{findings} distinct finding(s) in {classes} decision classes over {over}"
+
+
+# ---------------------------------------------------------------- one class (worker side)
+
+_RUNNERS: dict[str, type[MoERunner]] = {}
+
+
+def _init_worker(limits: contain.Limits) -> None:
+    contain.set_limits(limits)
+
+
+def simulate_class(spec: str, index: int, scenario: Scenario) -> Outcome:
+    """Simulate one class with its reads logged (runs in a worker; torch-free)."""
+    from twin.explore_oracle import simulate_safe, trace_findings
+
+    cls = _RUNNERS.get(spec) or _RUNNERS.setdefault(spec, load_runner(spec))
+    with reads() as log:
+        trace = simulate_safe(recording(scenario), cls)
+    found = {sig: (h.kind.value, str(h), h.step, h.rank) for sig, h in trace_findings(trace).items()}
+    return Outcome(index, log, found, dict(trace.decisions), contain.budget_stop(trace.notes))
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def equivalents(axes: tuple[Axis, ...], a: Assignment, log: Reads, runner: str,
+                wanted: Callable[[tuple[Any, ...]], bool]) -> list[tuple[Any, ...]]:
+    """Assignments (as value tuples, `wanted` ones only) on which every read of
+    `log` has the same value as on `a`: candidates vary only axes whose change
+    alone kept the reads, and each candidate is checked on the whole log."""
+    if log.opaque:
+        return []
+    keep: list[list[Any]] = []
+    for axis in axes:
+        same = [a[axis.name]]
+        for v in axis.values:
+            if v != a[axis.name] and _same(axes, {**a, axis.name: v}, log, runner):
+                same.append(v)
+        keep.append(same)
+    own = tuple(a[x.name] for x in axes)
+    out = []
+    for values in itertools.product(*keep):
+        if values == own or not wanted(values):
+            continue
+        if _same(axes, dict(zip((x.name for x in axes), values)), log, runner):
+            out.append(values)
+    return out
+
+
+def _same(axes: tuple[Axis, ...], a: Assignment, log: Reads, runner: str) -> bool:
+    try:
+        s = assignment_scenario(axes, a, runner)
+    except ScenarioError:
+        return False
+    return same_reads(s, log)
+
+
+# ---------------------------------------------------------------- the enumeration
+
+
+def check_shard(shard: Any) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        i, sep, n = shard.partition("/")
+        try:
+            shard = (int(i), int(n)) if sep else None
+        except ValueError:
+            shard = None
+    if not (isinstance(shard, tuple) and len(shard) == 2 and 1 <= shard[1] and 0 <= shard[0] < shard[1]):
+        raise ExploreInputError(f"--shard: must be i/n with 0 <= i < n, got {shard!r}")
+    return shard
+
+
+def verify(
+    runner: str | type[MoERunner],
+    space: str | tuple[Axis, ...] = "default",
+    max_world: int | None = None,
+    jobs: int = 1,
+    shard: str | tuple[int, int] | None = None,
+    out: Path | str | None = None,
+    prune: bool = True,
+    progress: ProgressFn | None = None,
+    keep_outcomes: bool = False,
+    polish_findings: bool = True,
+) -> VerifyResult:
+    """Enumerate `space` (tp x dp <= max_world) for `runner`; see the module docstring."""
+    from twin.explore import resolve_runner
+
+    t0 = time.perf_counter()
+    axes = space_axes(space)
+    if not isinstance(space, str):
+        space, jobs = "custom", 1  # a table of its own: not re-created by name in a worker
+    max_world = DEFAULT_MAX_WORLD.get(space, 4) if max_world is None else max_world
+    if isinstance(max_world, bool) or not isinstance(max_world, int) or max_world < 1:
+        raise ExploreInputError(f"--max-world: must be a positive number of ranks, got {max_world!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ExploreInputError(f"--jobs: must be a positive number of processes, got {jobs!r}")
+    shard_t = check_shard(shard)
+    if isinstance(runner, type):
+        from twin.explore import check_interface
+
+        runner_cls, spec = load_runner(runner), f"{runner.__module__}:{runner.__qualname__}"
+        check_interface(runner_cls, spec)
+        if spec.startswith("__main__:") or "<locals>" in spec:
+            spec = runner_cls.__name__  # not importable by name: simulate in-process only
+            jobs = 1
+            _RUNNERS[spec] = runner_cls
+    else:
+        runner_cls, spec = resolve_runner(runner)
+    _RUNNERS.setdefault(spec, runner_cls)
+    out_path = prepare_out(Path(out)) if out is not None else None
+    store = FindingStore(out_path, spec)
+    res = VerifyResult(spec, space, max_world, axes_dict(axes, max_world), shard=shard_t, jobs=jobs,
+                       outcomes={} if keep_outcomes else None)
+    every = Enumeration(axes, max_world)
+    lo, hi = _shard_range(len(every), shard_t)
+    say = progress or (lambda _d, _t, _f: None)
+    if jobs == 1:
+        _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings, say).run()
+    else:
+        _parallel(space, max_world, every, lo, hi, spec, res, store, prune, polish_findings, jobs, say)
+    res.findings = sorted(store.findings.values(), key=lambda f: f.signature)
+    res.elapsed_s = time.perf_counter() - t0
+    store.save()
+    return res
+
+
+# Blocks per worker: enough to balance the load (the first blocks, one rank,
+# are the cheapest), few enough that pruning across block edges is not lost.
+BLOCKS_PER_JOB = 3
+
+
+def _parallel(space: str, max_world: int, every: Enumeration, lo: int, hi: int, spec: str,
+              res: VerifyResult, store: FindingStore, prune: bool, polish_findings: bool, jobs: int,
+              say: ProgressFn) -> None:
+    """Contiguous blocks of the range, each enumerated (and pruned) by one worker."""
+    import multiprocessing as mp
+
+    k = min(jobs * BLOCKS_PER_JOB, max(hi - lo, 1))
+    bounds = [(lo + (hi - lo) * b // k, lo + (hi - lo) * (b + 1) // k) for b in range(k)]
+    tasks = [(spec, space, max_world, a, b, prune, polish_findings, res.outcomes is not None) for a, b in bounds]
+    done = 0
+    ctx = mp.get_context("forkserver")  # no fork of a process that may run a progress thread
+    with ctx.Pool(jobs, initializer=_init_worker, initargs=(contain.limits(),)) as pool:
+        for part, (a, b) in zip(pool.imap(_walk_block, tasks), bounds):
+            for key in ("classes", "pruned", "invalid", "opaque"):
+                setattr(res, key, getattr(res, key) + getattr(part, key))
+            if res.outcomes is not None and part.outcomes is not None:
+                res.outcomes.update(part.outcomes)
+            for f in part.findings:  # blocks arrive in order: the first is the simplest
+                if f.signature not in store.findings:
+                    store.findings[f.signature] = f
+                    store.write_scenario(f)
+                    store.save()
+            done += b - a
+            say(done, hi - lo, len(store.findings))
+
+
+def _walk_block(task: tuple[Any, ...]) -> VerifyResult:
+    spec, space, max_world, lo, hi, prune, polish_findings, keep = task
+    axes = space_axes(space)
+    cls = _RUNNERS.get(spec) or _RUNNERS.setdefault(spec, load_runner(spec))
+    part = VerifyResult(spec, space, max_world, {}, outcomes={} if keep else None)
+    store = FindingStore(None, spec)
+    _Walk(axes, Enumeration(axes, max_world), lo, hi, spec, cls, part, store, prune, polish_findings,
+          lambda _d, _t, _f: None).run()
+    part.findings = list(store.findings.values())
+    return part
+
+
+def _shard_range(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    # Contiguous blocks: a class's equivalents are mostly its neighbours in
+    # the product order, so a block prunes almost as well as the whole space.
+    if shard is None:
+        return 0, n
+    i, k = shard
+    return n * i // k, n * (i + 1) // k
+
+
+class _Walk:
+    """The enumeration of one shard, in product order, `jobs` classes in flight."""
+
+    def __init__(self, axes: tuple[Axis, ...], every: Enumeration, lo: int, hi: int, spec: str,
+                 runner_cls: type[MoERunner], res: VerifyResult, store: FindingStore, prune: bool,
+                 polish_findings: bool, progress: ProgressFn) -> None:
+        self.axes, self.every, self.lo, self.hi = axes, every, lo, hi
+        self.spec, self.runner_cls, self.res, self.store = spec, runner_cls, res, store
+        self.prune, self.polish_findings, self.progress = prune, polish_findings, progress
+        self.covered: dict[int, int] = {}  # pruned index -> the simulated index it is equivalent to
+        self.scenarios: dict[int, Scenario] = {}
+        self.assignment: dict[int, Assignment] = {}  # of the classes in flight
+        self.done = 0
+
+    def run(self) -> None:
+        for i, s in self._classes():
+            self._record(simulate_class(self.spec, i, s))
+
+    def _classes(self) -> Any:
+        """The classes still to simulate (valid, not yet proved equivalent)."""
+        for i in range(self.lo, self.hi):
+            a = self.every.get(i)
+            if a is None:  # tp x dp over max_world: not part of the space
+                self._tick()
+                continue
+            if i in self.covered:
+                continue
+            try:
+                s = assignment_scenario(self.axes, a, self.spec)
+            except ScenarioError:
+                self.res.invalid += 1
+                self._tick()
+                continue
+            self.res.classes += 1
+            self.scenarios[i], self.assignment[i] = s, a
+            yield i, s
+
+    def _tick(self, n: int = 1) -> None:
+        self.done += n
+        self.progress(self.done, self.hi - self.lo, len(self.store.findings))
+
+    def _record(self, o: Outcome) -> None:
+        s, a = self.scenarios.pop(o.index), self.assignment.pop(o.index)
+        self.res.opaque += o.reads.opaque
+        for sig, (kind, detail, step, rank) in o.findings.items():
+            if sig not in self.store.findings:
+                self._new_finding(sig, kind, detail, step, rank, s, o)
+        if self.res.outcomes is not None:
+            self.res.outcomes[o.index] = frozenset(o.findings)
+        self._tick()
+        if self.prune:
+            self._prune(o, a)
+
+    def _prune(self, o: Outcome, a: Assignment) -> None:
+        def wanted(values: tuple[Any, ...]) -> bool:
+            j = self.every.index(values)
+            return j is not None and o.index < j < self.hi and j not in self.covered
+
+        for values in equivalents(self.axes, a, o.reads, self.spec, wanted):
+            j = self.every.index(values)
+            assert j is not None
+            self.covered[j] = o.index
+            self.res.classes += 1
+            self.res.pruned += 1
+            if self.res.outcomes is not None:
+                self.res.outcomes[j] = frozenset(o.findings)
+            self._tick()
+
+    def _new_finding(self, sig: str, kind: str, detail: str, step: int, rank: int, s: Scenario,
+                     o: Outcome) -> None:
+        named = s.with_(name=f"verify-{_slug(sig)}", summary=detail)
+        f = Finding(kind, sig, detail, named, found_at=self.done + 1, decisions=o.decisions,
+                    step=step, rank=rank, found=named)
+        if o.budget_stop is not None:
+            f.unshrinkable = f"stopped by a budget ({o.budget_stop})"
+        elif self.polish_findings:
+            self._polish(f)
+        self.store.findings[sig] = f
+        self.store.write_scenario(f)
+        self.store.save()
+
+    def _polish(self, f: Finding) -> None:
+        from twin.explore_oracle import simulate_safe, trace_findings
+        from twin.explore_shrink import polish
+
+        def keep(c: Scenario) -> bool:
+            return f.signature in trace_findings(simulate_safe(c, self.runner_cls))
+
+        small = polish(f.scenario, keep, max_tries=60)
+        h = trace_findings(simulate_safe(small, self.runner_cls)).get(f.signature)
+        if h is not None:
+            f.scenario = small.with_(summary=str(h))
+            f.detail, f.step, f.rank, f.shrunk = str(h), h.step, h.rank, True
+
+
+# ---------------------------------------------------------------- shards, helper
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from the --json outputs of the shards of one space: counts
+    added, findings merged by signature (the first shard's minimal scenario)."""
+    if not results:
+        raise ExploreInputError("--merge: no shard outputs given")
+    head = results[0]
+    for r in results[1:]:
+        for key in ("runner", "axes"):
+            if r.get(key) != head.get(key):
+                raise ExploreInputError(f"--merge: shards disagree on {key!r}: {r.get(key)!r} vs {head.get(key)!r}")
+    findings: dict[str, Any] = {}
+    for r in results:
+        for f in r.get("findings", []):
+            findings.setdefault(f["signature"], f)
+    out = {k: head.get(k) for k in ("runner", "axes", "space", "max_world")}
+    for key in ("classes", "pruned", "simulated", "invalid", "opaque"):
+        out[key] = sum(int(r.get(key, 0)) for r in results)
+    out["findings"] = [findings[k] for k in sorted(findings)]
+    out["proved_clean"] = not findings
+    out["shards"] = len(results)
+    out["elapsed_s"] = round(sum(float(r.get("elapsed_s", 0.0)) for r in results), 3)
+    out["statement"] = statement(out["classes"], len(findings), out["axes"] or {})
+    return out
+
+
+def assert_verified(runner: str | type[MoERunner], space: str | tuple[Axis, ...] = "default",
+                    max_world: int | None = None,
+                    jobs: int = 1) -> VerifyResult:
+    """For users' test files: fail (AssertionError listing every finding with its
+    scenario) unless `verify` proves the runner clean over the space."""
+    res = verify(runner, space=space, max_world=max_world, jobs=jobs)
+    if res.findings:
+        lines = "\n".join(f"  {f.signature} on {f.scenario.summary_line()}\n    {f.detail}" for f in res.findings)
+        raise AssertionError(f"{res.runner}: {res.statement()}:\n{lines}")
+    return res
+
+
+__all__ = ["Outcome", "VerifyResult", "assert_verified", "check_shard", "equivalents", "merge",
+           "simulate_class", "statement", "verify"]
