@@ -226,7 +226,7 @@ def test_cli_json_is_the_only_stdout(capsys, tmp_path):
 
 
 def test_cli_text_and_fail_on_hazard(capsys, tmp_path):
-    code, out, _ = cli(capsys, "explore", "--runner", "before-38990", "--budget", "60",
+    code, out, _ = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100",
                        "--seed", "0", "--out", str(tmp_path / "a"), "--fail-on-hazard")
     assert code == 1 and "NEW" in out
     # Brackets in signatures are text, not rich markup.
@@ -379,7 +379,9 @@ def test_mutation_report_tells_survivors_apart():
 
 
 def test_mutate_cli_json(capsys):
-    code, out, err = cli(capsys, "mutate", "--budget", "50", "--mutant", "M_dropop_final_*",
+    # 100 examples: enough for the generated scenarios to reach both mutants'
+    # triggers (a padded kernel; tp > 1 without SP) with this default seed.
+    code, out, err = cli(capsys, "mutate", "--budget", "100", "--mutant", "M_dropop_final_*",
                          "--mutant", "negate_should_pad", "--json")
     assert code == 0
     d = json.loads(out)

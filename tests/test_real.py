@@ -109,8 +109,12 @@ def test_sim_and_real_agree_on_output_coefficients(s):
             continue
         real = run_real(s, runner, prediction=pred, timeout_s=60).trace
         if not s.model.transform_nonlinear:  # a non-linear output is not fittable
-            assert set(real.outputs) == set(pred.outputs), (runner, real.notes)
+            # An idle DP rank (0 tokens) returns no rows: nothing to fit there.
+            busy = {r for r in pred.outputs if s.dp_tokens(s.coords(r)[0]) > 0}
+            assert set(real.outputs) == busy, (runner, real.notes)
             for r, steps in real.steps.items():
+                if r not in busy:
+                    continue
                 out = next(st for st in steps if st.op == "layer_output")
                 assert out.residual is not None and out.residual < 1e-4, (runner, r, out.residual)
         for r, coeffs in real.outputs.items():
