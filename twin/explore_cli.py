@@ -76,8 +76,9 @@ def _bad_input(message: str) -> Exception:
 # ---------------------------------------------------------------- progress
 
 
-class ExploreProgress:
-    """Examples tried, findings, confirmations: a live bar on a terminal, lines otherwise."""
+class LiveBar:
+    """A live progress bar on stderr when it is a terminal (subclasses print
+    plain lines otherwise): the set-up explore and verify share."""
 
     def __init__(self, title: str, stream: Any = None) -> None:
         self.title = title
@@ -85,10 +86,8 @@ class ExploreProgress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar: Any = None
         self._task: Any = None
-        self._last_line = -PLAIN_EVERY
-        self._phase = ""
 
-    def __enter__(self) -> ExploreProgress:
+    def __enter__(self) -> LiveBar:
         if self.tty:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -99,13 +98,22 @@ class ExploreProgress:
                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                             console=console, transient=True)
             self._bar.start()
-            self._task = self._bar.add_task(self.title, total=None, status="")
+            self._task = self._bar.add_task(printable(self.title, one_line=True), total=None, status="")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+class ExploreProgress(LiveBar):
+    """Examples tried, findings, confirmations: a live bar on a terminal, lines otherwise."""
+
+    def __init__(self, title: str, stream: Any = None) -> None:
+        super().__init__(title, stream)
+        self._last_line = -PLAIN_EVERY
+        self._phase = ""
 
     def __call__(self, p: Progress) -> None:
         status = f"{p.findings} finding(s), {p.new_findings} new"

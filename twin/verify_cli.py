@@ -12,9 +12,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from twin.explore_cli import LiveBar
 from twin.textsafe import printable
 
 PLAIN_EVERY_PCT = 10
@@ -44,34 +44,12 @@ def add_parser(sub: Any) -> None:
     sp.set_defaults(func=cmd_verify)
 
 
-class VerifyProgress:
+class VerifyProgress(LiveBar):
     """Classes done out of the shard's assignments: a bar on a terminal, lines otherwise."""
 
     def __init__(self, title: str, stream: Any = None) -> None:
-        self.title = title
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._bar: Any = None
-        self._task: Any = None
+        super().__init__(title, stream)
         self._pct = -PLAIN_EVERY_PCT
-
-    def __enter__(self) -> VerifyProgress:
-        if self.tty:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as Bar
-
-            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                            console=Console(file=self.stream, highlight=False), transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task(printable(self.title, one_line=True), total=None, status="")
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
     def __call__(self, done: int, total: int, findings: int) -> None:
         status = f"{findings} finding(s)"
