@@ -56,7 +56,7 @@ from scenarios.ops import (
 )
 from scenarios.spec import Scenario
 from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
-from scenarios.workload import rank_token_ids, routing
+from scenarios.workload import rank_token_ids, routing, slice_token_ids
 
 MODEL = "model"
 
@@ -341,9 +341,8 @@ class RealOps(CommOps, Ops):
             v = F.pad(v, (0, 0, 0, per * tp - v.shape[0]))
             return v[self.t * per : (self.t + 1) * per]
 
-        T = self.scenario.dp_tokens(self.d)
-        per = -(-T // tp)
-        self.layer_tokens = [(self.d, i if i < T else -1) for i in range(self.t * per, (self.t + 1) * per)]
+        ids = slice_token_ids(self.scenario.dp_tokens(self.d), tp, self.t)
+        self.layer_tokens = [(self.d, i) for i in ids]
         return self._op("sp_slice", name, MODEL, (x,), fn)
 
     def trim_rows(self, x: RealTensor, rows: int, name: str = "trim_rows") -> RealTensor:

@@ -158,8 +158,14 @@ def rank_token_ids(s: Scenario, rank: int) -> list[int]:
     T = s.dp_tokens(d)
     if not s.sp:
         return list(range(T))
-    per = s.layer_rows(d)
-    return [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
+    return slice_token_ids(T, s.parallel.tp, t)
+
+
+def slice_token_ids(tokens: int, tp: int, t: int) -> list[int]:
+    """Token indices in TP rank t's slice of `tokens` rows padded to a multiple
+    of tp (ops.sp_slice); -1 for padding rows."""
+    per = -(-tokens // tp)
+    return [i if i < tokens else -1 for i in range(t * per, (t + 1) * per)]
 
 
 @lru_cache(maxsize=4096)
