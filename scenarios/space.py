@@ -198,6 +198,7 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
         "shared": int(m.has_shared), "latent": latent, "padded": m.padded,
         "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
         "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len(set(s.token_counts)) > 1,
+        "phase": s.workload.phase,
     }
     out = {}
     for a in axes:
