@@ -24,7 +24,8 @@ from real.streams import RealTensor, StreamThread
 from scenarios.backends import backend_info
 from scenarios.ops import OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
-from scenarios.trace import COLLECTIVE, Step
+from scenarios.trace import COLLECTIVE, PADDING, Step
+from scenarios.workload import dp_slot, gathered_tokens
 
 # Collective kinds as the simulator names them (dispatch/combine without token
 # routing are an all-gather / a reduce-scatter there too).
@@ -185,30 +186,46 @@ class CommOps:
                        agree=self._agreement("reduce_scatterv", g))
         return self._stand_in_detail(out, _SCATTERV)
 
-    def dp_gather(self, x: RealTensor, name: str = "dp_gather") -> RealTensor:
+    def dp_gather(self, x: RealTensor, name: str = "dp_gather", padded: bool = False) -> RealTensor:
         s = self.scenario
         d = s.coords(self.rank)[0]
         mine = s.dp_tokens(d)
         g = self._group("dp", name)
 
-        def fn(v: torch.Tensor) -> torch.Tensor:
+        def check(v: torch.Tensor) -> None:
             if v.shape[0] != mine:
                 raise OpsShapeError(f"gathers {v.shape[0]} rows but DP rank {d} holds {mine} tokens")
-            return self._all_gatherv(v, g)
 
-        out = self._op("all_gatherv", name, COLLECTIVE, (x,), fn, group=g, agree=self._agreement("all_gatherv", g))
-        self.layer_tokens = [(e, t) for e in range(s.parallel.dp) for t in range(s.dp_tokens(e))]
-        return self._stand_in_detail(out, _GATHERV)
+        if padded:
+            out = self.all_gather(self._pad_rows_to_max(x, name, check), "dp", name=name)
+        else:
+            def fn(v: torch.Tensor) -> torch.Tensor:
+                check(v)
+                return self._all_gatherv(v, g)
 
-    def dp_scatter(self, x: RealTensor, name: str = "dp_scatter") -> RealTensor:
-        s = self.scenario
-        d = s.coords(self.rank)[0]
-        counts = s.token_counts
-        lo, n = sum(counts[:d]), counts[d]
+            out = self._op("all_gatherv", name, COLLECTIVE, (x,), fn, group=g, agree=self._agreement("all_gatherv", g))
+            out = self._stand_in_detail(out, _GATHERV)
+        self.layer_tokens = gathered_tokens(s, padded)
+        return out
+
+    def _pad_rows_to_max(self, x: RealTensor, name: str, check: Callable[[torch.Tensor], None]) -> RealTensor:
+        """MAX_LEN: this DP rank's rows, zero-padded to the largest DP count."""
+        most = max(self.scenario.token_counts)
 
         def fn(v: torch.Tensor) -> torch.Tensor:
-            if v.shape[0] != s.total_tokens:
-                raise OpsShapeError(f"{v.shape[0]} rows, but the DP ranks' tokens are {s.total_tokens} rows")
+            check(v)
+            return torch.cat([v, v.new_zeros((most - v.shape[0], *v.shape[1:]))])
+
+        return self._op("pad_rows", f"{name}_pad_rows", PADDING, (x,), fn)
+
+    def dp_scatter(self, x: RealTensor, name: str = "dp_scatter", padded: bool = False) -> RealTensor:
+        s = self.scenario
+        d = s.coords(self.rank)[0]
+        lo, n = dp_slot(s, d, padded)
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[0] < lo + n:
+                raise OpsShapeError(f"{v.shape[0]} rows, but DP rank {d}'s slot is rows {lo}..{lo + n - 1}")
             return v[lo : lo + n]
 
         self.layer_tokens = [(d, t) for t in range(n)]

@@ -179,16 +179,24 @@ class Ops(ABC):
     # (FULL layout), then each DP rank takes its own rows back.
 
     @abstractmethod
-    def dp_gather(self, x: Any, name: str = "dp_gather") -> Any:
+    def dp_gather(self, x: Any, name: str = "dp_gather", padded: bool = False) -> Any:
         """Every DP rank's layer-input rows, gathered over the dp group in DP-rank
-        order (an all_gatherv: counts may differ). The gathered rows become the
-        tokens the layer routes (the router and the shared experts expect them)."""
+        order. The gathered rows become the tokens the layer routes (the router
+        and the shared experts expect them).
+
+        `padded=False` (SGLang's SUM_LEN): an all_gatherv of the true counts,
+        DP rank e's rows at [sum(counts[:e]), +counts[e]). `padded=True`
+        (MAX_LEN): each rank pads its rows with zeros to the largest count M
+        and all-gathers equal blocks: e's rows at [e*M, e*M + counts[e]),
+        padding rows after them, routed like e's first token."""
 
     @abstractmethod
-    def dp_scatter(self, x: Any, name: str = "dp_scatter") -> Any:
+    def dp_scatter(self, x: Any, name: str = "dp_scatter", padded: bool = False) -> Any:
         """This DP rank's rows of a gathered (FULL-layout) tensor: a local copy of
-        rows [offset, offset + T_d), which must already hold complete sums. The
-        layer's tokens are this DP rank's again."""
+        T_d rows from its slot (`padded` as in dp_gather says where the slot
+        starts), which must already hold complete sums. Like a copy out of a
+        buffer, it only fails when the buffer is too short. The layer's tokens
+        are this DP rank's again."""
 
     @abstractmethod
     def all_gatherv(self, x: Any, group: str = "dp", name: str = "all_gatherv") -> Any:

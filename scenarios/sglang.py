@@ -14,6 +14,9 @@ communicator around it, written from the facts in docs/moe_block.md
   complete per-token sums); otherwise FULL (DP attention gathers every DP
   rank's rows first, a post-experts all-reduce completes the sum, the
   communicator scatters back, or a reduce-scatterv does both).
+- The DP gather pads every DP rank to the largest count (MAX_LEN) or gathers
+  the true counts (SUM_LEN), by `workload.phase` and the counts (`dp_max_len`);
+  the scatter back (or the reduce-scatterv) reads the same layout.
 - Shared experts: replicated (TP1) with an all-to-all, else sharded over the
   whole TP group; TP1 output joins after the routed sum.
 - The next layer's fused all-reduce + residual + RMSNorm takes the sum over
@@ -26,8 +29,8 @@ dispatch op follows the rule that all-to-all kernels run only with DP > 1);
 an all-to-all with attention TP > 1 whose backend is outside the
 sequence-parallel list (the dispatch stand-in slices tokens only there).
 Also not modelled: shared experts fused into the routed kernel, two-batch
-overlap, MoE-DP, context parallelism, the MAX_LEN/SUM_LEN padding of the DP
-gather (the gather is an all_gatherv of the true counts).
+overlap, MoE-DP, context parallelism, CUDA-graph capture (which always pads
+the DP gather to MAX_LEN; decode batches here follow SGLang's cost rule).
 """
 
 from __future__ import annotations
@@ -55,13 +58,27 @@ def mlp_scattered(s: Scenario) -> bool:
     return a2a_backend(s) != "none"
 
 
+def dp_max_len(s: Scenario) -> bool:
+    """DpPaddingMode: MAX_LEN (pad every DP rank to the largest count, equal
+    all-gather) or SUM_LEN (true counts). A prefill batch over several DP
+    ranks takes SUM_LEN; otherwise the cheaper of the two, MAX_LEN on a tie
+    (2 * sum >= max * dp). CUDA-graph capture (always MAX_LEN) is not a
+    scenario field: decode batches follow the cost rule."""
+    counts, dp = s.token_counts, s.parallel.dp
+    if s.workload.phase == "prefill" and dp > 1:
+        return False
+    return 2 * sum(counts) >= max(counts) * dp
+
+
 def moe_rows(s: Scenario) -> int:
     """Rows the MoE sees on the busiest rank: its attention-TP slice when
-    SCATTERED, every DP rank's tokens when FULL under DP attention."""
+    SCATTERED, every DP rank's (padded) tokens when FULL under DP attention."""
     if mlp_scattered(s):
         tp = s.parallel.tp
         return max(-(-t // tp) for t in s.token_counts)
-    return s.total_tokens if s.parallel.dp > 1 else s.token_counts[0]
+    if s.parallel.dp == 1:
+        return s.token_counts[0]
+    return max(s.token_counts) * s.parallel.dp if dp_max_len(s) else s.total_tokens
 
 
 def has_alt_stream(s: Scenario) -> bool:
@@ -168,7 +185,7 @@ class SGLangRunner(MoERunner):
         if self.mlp_scattered():
             return ops.sp_slice(x, name="attn_tp_scatter")
         if self.dp_attention():
-            return ops.dp_gather(x, name="dp_gather")
+            return ops.dp_gather(x, name="dp_gather", padded=self.dp_max_len())
         return x
 
     def postprocess_layer(self, ops: Ops, out: Any, tokens: int) -> Any:
@@ -179,9 +196,19 @@ class SGLangRunner(MoERunner):
         if not self.dp_attention():
             return out
         if self.use_reduce_scatterv():
-            sizes = self.scenario.token_counts
-            return ops.reduce_scatterv(out, sizes, "world", name="dp_reduce_scatterv")
-        return ops.dp_scatter(out, name="dp_scatter")
+            out = ops.reduce_scatterv(out, self.dp_buffer_counts(), "world", name="dp_reduce_scatterv")
+            return ops.trim_rows(out, tokens, name="dp_drop_pad_rows") if self.dp_max_len() else out
+        return ops.dp_scatter(out, name="dp_scatter", padded=self.dp_max_len())
+
+    def dp_max_len(self) -> bool:
+        """The DP gather's padding mode (MAX_LEN or SUM_LEN), for this batch."""
+        return dp_max_len(self.scenario)
+
+    def dp_buffer_counts(self) -> tuple[int, ...]:
+        """Each DP rank's rows in the gathered buffer (get_dp_global_num_tokens):
+        the padded counts under MAX_LEN, the true ones under SUM_LEN."""
+        counts = self.scenario.token_counts
+        return (max(counts),) * len(counts) if self.dp_max_len() else counts
 
     def next_layer_fused_reduce(self, ops: Ops, out: Any) -> Any:
         return ops.all_reduce(out, self.fused_reduce_group(), name="next_layer_fused_all_reduce")

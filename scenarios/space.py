@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scenarios.backends import BACKENDS
-from scenarios.spec import PLATFORMS, SP_VERSIONS, Scenario, ScenarioError
+from scenarios.spec import PHASES, PLATFORMS, SP_VERSIONS, Scenario, ScenarioError
 
 Changes = dict[str, Any]
 
@@ -129,6 +129,7 @@ def _axes(wide: bool) -> tuple[Axis, ...]:
         if _uneven_tokens_supported():
             axes.insert(10, Axis("uneven_tokens", (False, True), _uneven))
         axes.append(Axis("routed_scaling_factor", (1.0, 2.5), _field("model.routed_scaling_factor")))
+        axes.append(Axis("phase", PHASES, _field("workload.phase")))
     assert {a.values[0] for a in axes if a.name == "platform"} <= set(PLATFORMS)
     return tuple(axes)
 
@@ -197,6 +198,7 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
         "shared": int(m.has_shared), "latent": latent, "padded": m.padded,
         "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
         "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len(set(s.token_counts)) > 1,
+        "phase": s.workload.phase,
     }
     out = {}
     for a in axes:

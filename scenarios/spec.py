@@ -33,6 +33,7 @@ class ScenarioError(ValueError):
 
 PLATFORMS = ("cuda", "cpu", "rocm")
 KERNEL_CHOICES = ("auto", "torch", "triton", "flashinfer")
+PHASES = ("decode", "prefill")
 PROFILES = ("h100", "h200", "b200", "mi300x", "mi355x", "cpu")
 SP_VERSIONS = ("newest", "previous")
 # The cost profile a platform gets unless runtime.profile names one.
@@ -276,6 +277,9 @@ class Workload:
     tokens: int | tuple[int, ...] = 8
     seed: int = 0
     skew: float = 0.0  # 0 = uniform routing; towards 1 = a few hot experts
+    # "decode" or "prefill" (an extend batch): engines pick the DP gather's
+    # padding by it (SGLang: SUM_LEN for prefill under DP attention).
+    phase: str = "decode"
 
     def __post_init__(self) -> None:
         if isinstance(self.tokens, list):  # TOML arrays; a tuple keeps the scenario hashable
@@ -298,6 +302,8 @@ class Workload:
             raise ScenarioError("workload.tokens", "every DP rank is idle: at least one token is needed")
         if not 0.0 <= self.skew < 1.0:
             raise ScenarioError("workload.skew", f"must be in [0, 1), got {self.skew}")
+        if self.phase not in PHASES:
+            raise ScenarioError("workload.phase", f"unknown phase {self.phase!r} (known: {', '.join(PHASES)})")
 
 
 @dataclass(frozen=True)

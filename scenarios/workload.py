@@ -198,8 +198,9 @@ def expert_loads(s: Scenario) -> tuple[tuple[int, int], ...]:
 
 
 # Row-block keys of the simulator's values name token sets: "d1" = all tokens
-# of DP rank 1, "d1s0" = SP slice 0 of them, "[a:b]" a sub-range of rows.
-_KEY = re.compile(r"^d(\d+)(?:s(\d+))?((?:\[\d+:\d+\])*)$")
+# of DP rank 1, "d1s0" = SP slice 0 of them, "d1m4" = them padded to 4 rows
+# (a MAX_LEN DP gather), "[a:b]" a sub-range of rows.
+_KEY = re.compile(r"^d(\d+)(?:s(\d+)|m(\d+))?((?:\[\d+:\d+\])*)$")
 _CUT = re.compile(r"\[(\d+):(\d+)\]")
 
 
@@ -209,12 +210,14 @@ def tokens_of(s: Scenario, key: str) -> list[int]:
     if m is None:
         raise ValueError(f"unknown row-block key {key!r}")
     T = s.dp_tokens(int(m.group(1)))
-    if m.group(2) is None:
-        toks = list(range(T))
-    else:
+    if m.group(2) is not None:
         per, t = s.layer_rows(int(m.group(1))), int(m.group(2))
         toks = [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
-    for a, b in _CUT.findall(m.group(3)):
+    elif m.group(3) is not None:  # padded to M rows for a MAX_LEN DP gather
+        toks = padded_token_ids(T, int(m.group(3)))
+    else:
+        toks = list(range(T))
+    for a, b in _CUT.findall(m.group(4)):
         toks = toks[int(a) : int(b)]
     return toks
 
@@ -224,6 +227,28 @@ def dp_of(key: str) -> int:
     if m is None:
         raise ValueError(f"unknown row-block key {key!r}")
     return int(m.group(1))
+
+
+def padded_token_ids(tokens: int, rows: int) -> list[int]:
+    """A DP rank's token indices padded to `rows` (-1 for the padding rows)."""
+    return list(range(tokens)) + [-1] * (rows - tokens)
+
+
+def dp_slot(s: Scenario, d: int, padded: bool) -> tuple[int, int]:
+    """(first row, rows) of DP rank d's tokens in a DP-gathered buffer: after
+    the other ranks' true counts (SUM_LEN) or at d * the largest count (MAX_LEN)."""
+    counts = s.token_counts
+    return (d * max(counts) if padded else sum(counts[:d])), counts[d]
+
+
+def gathered_tokens(s: Scenario, padded: bool) -> list[tuple[int, int]]:
+    """(dp rank, token) of every row of a DP-gathered buffer; token -1 for
+    MAX_LEN padding rows."""
+    counts = s.token_counts
+    if not padded:
+        return [(e, t) for e, n in enumerate(counts) for t in range(n)]
+    most = max(counts)
+    return [(e, t) for e, n in enumerate(counts) for t in padded_token_ids(n, most)]
 
 
 def owned_tokens(s: Scenario, rank: int) -> list[tuple[int, int]]:

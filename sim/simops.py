@@ -26,6 +26,7 @@ from scenarios.trace import (
     HazardKind,
     Step,
 )
+from scenarios.workload import dp_slot
 from sim import algebra
 from sim.cost import elementwise_us, experts_us, gemm_us
 from sim.errors import RunnerUsageError, SimShapeError
@@ -236,25 +237,39 @@ class SimOps(SimComm, Ops):
         self.layer_rows, self.layer_nrows = out.value.keys(), shape[0]
         return out
 
-    def dp_gather(self, x: SimTensor, name: str = "dp_gather") -> SimTensor:
+    def dp_gather(self, x: SimTensor, name: str = "dp_gather", padded: bool = False) -> SimTensor:
         x = self._tensor(x, name)
         s = self.sim.scenario
         if x.shape[0] != s.dp_tokens(self.d):
             st = self._step("dp_gather", name, MODEL, (x,), x.shape)
             self._shape_error(st, f"gathers {x.shape[0]} rows but DP rank {self.d} holds {s.dp_tokens(self.d)} tokens")
-        out = self.all_gatherv(x, "dp", name=name)
+        if padded:
+            out = self.all_gather(self._pad_rows_to_max(x, name), "dp", name=name)
+        else:
+            out = self.all_gatherv(x, "dp", name=name)
         self.layer_rows, self.layer_nrows = out.value.keys(), out.shape[0]
         return out
 
-    def dp_scatter(self, x: SimTensor, name: str = "dp_scatter") -> SimTensor:
+    def _pad_rows_to_max(self, x: SimTensor, name: str) -> SimTensor:
+        """MAX_LEN: this DP rank's rows, zero-padded to the largest DP count
+        (a copy into the gather's send buffer)."""
+        most = max(self.sim.scenario.token_counts)
+        blocks = x.value.blocks
+        if len(blocks) != 1 or blocks[0].key != f"d{self.d}":
+            raise self._misuse(name, "a padded dp_gather takes this DP rank's layer rows, as the model handed them")
+        shape = (most, *x.shape[1:])
+        st = self._step("pad_rows", f"{name}_pad_rows", PADDING, (x,), shape, self.sim.view_us)
+        value = algebra.Value((algebra.Block(f"d{self.d}m{most}", most, blocks[0].terms),), x.value.scale)
+        return self._new(st, shape, value, (x,))
+
+    def dp_scatter(self, x: SimTensor, name: str = "dp_scatter", padded: bool = False) -> SimTensor:
         x = self._tensor(x, name)
         s = self.sim.scenario
-        counts = s.token_counts
-        lo, n = sum(counts[: self.d]), counts[self.d]
+        lo, n = dp_slot(s, self.d, padded)
         shape = (n, *x.shape[1:])
         st = self._step("dp_scatter", name, MODEL, (x,), shape, self.sim.view_us)
-        if x.shape[0] != s.total_tokens:
-            self._shape_error(st, f"{x.shape[0]} rows, but the DP ranks' tokens are {s.total_tokens} rows")
+        if x.shape[0] < lo + n:
+            self._shape_error(st, f"{x.shape[0]} rows, but DP rank {self.d}'s slot is rows {lo}..{lo + n - 1}")
         self.layer_rows, self.layer_nrows = self.input_rows, n
         return self._new(st, shape, algebra.split_rows(x.value, lo, lo + n), (x,))
 

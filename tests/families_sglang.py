@@ -45,12 +45,30 @@ class FusedReduceOnMoeEp(SGLangRunner):
         return "moe_ep"
 
 
+class ScatterAtSumLenOffset(SGLangRunner):
+    """Copies its rows back from the true-count offset, as if the gather had
+    been SUM_LEN, while the buffer is padded to the largest count (MAX_LEN)."""
+
+    def postprocess_layer(self, ops: Ops, out: Any, tokens: int) -> Any:
+        if self.dp_attention() and not self.mlp_scattered() and not self.use_reduce_scatterv():
+            return ops.dp_scatter(out, name="dp_scatter", padded=False)
+        return super().postprocess_layer(ops, out, tokens)
+
+
+class ReduceScatterTrueCounts(SGLangRunner):
+    """Reduce-scatters a MAX_LEN buffer by the DP ranks' true counts
+    (global_num_tokens_cpu instead of the padded list)."""
+
+    def dp_buffer_counts(self) -> tuple[int, ...]:
+        return self.scenario.token_counts
+
+
 def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None,
-       tokens: int | tuple[int, ...] = 4) -> Scenario:
+       tokens: int | tuple[int, ...] = 4, phase: str = "decode") -> Scenario:
     base = {"hidden": 128, "moe_intermediate": 64, "num_experts": 8, "top_k": 2, "num_shared_experts": 1}
     return Scenario(
         name=name, model=ModelTraits(**{**base, **model}), parallel=ParallelConfig(**parallel),
-        runtime=Runtime(**(runtime or {})), workload=Workload(tokens=tokens, seed=3), kernel="torch",
+        runtime=Runtime(**(runtime or {})), workload=Workload(tokens=tokens, seed=3, phase=phase), kernel="torch",
         runner="sglang",
     )
 
@@ -60,11 +78,14 @@ DS_TP2 = _s("ds-tp2", {}, {"tp": 2})
 DS_DPATTN_RSV = _s("ds-dp-attention-ep-reduce-scatterv", {}, {"dp": 2, "ep": True}, tokens=(3, 5))
 DS_DPATTN_DEEPEP = _s("ds-dp-attention-deepep", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "deepep_low_latency"},
                       {"platform": "cuda", "aux_stream": True})
+# Prefill under DP attention gathers the true counts (SUM_LEN); decode pads (MAX_LEN).
+DS_DPATTN_RSV_PREFILL = _s("ds-dp-attention-ep-reduce-scatterv-prefill", {}, {"dp": 2, "ep": True},
+                           tokens=(3, 5), phase="prefill")
 QWEN3_HYBRID = _s("qwen3-hybrid-ep2-tp2", {"num_shared_experts": 0}, {"tp": 4, "ep": True, "ep_size": 2})
 DS_DPATTN_ATTN_TP2 = _s("ds-dp-attention-attn-tp2", {}, {"tp": 2, "dp": 2, "ep": True}, tokens=(3, 5))
 DS_FUSED_NEXT = _s("ds-fused-next-layer", {}, {"tp": 2}, {"allreduce_fusion": True}, tokens=8)
 
-CLEAN = [DS_TP2, DS_DPATTN_RSV, DS_DPATTN_DEEPEP, QWEN3_HYBRID, DS_DPATTN_ATTN_TP2, DS_FUSED_NEXT]
+CLEAN = [DS_TP2, DS_DPATTN_RSV, DS_DPATTN_RSV_PREFILL, DS_DPATTN_DEEPEP, QWEN3_HYBRID, DS_DPATTN_ATTN_TP2, DS_FUSED_NEXT]
 
 # (runner, scenario, predicted kind, ranks, expected verdict)
 WRONG = [
@@ -72,4 +93,6 @@ WRONG = [
     (ScatterFirstRows, DS_DPATTN_ATTN_TP2, "WRONG_TOKENS", (2, 3), "CONFIRMED"),
     (GatherAsEqual, DS_DPATTN_ATTN_TP2, "SHAPE_MISMATCH", (0, 1, 2, 3), "CONFIRMED"),
     (FusedReduceOnMoeEp, DS_FUSED_NEXT, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    (ScatterAtSumLenOffset, DS_DPATTN_ATTN_TP2, "WRONG_TOKENS", (2, 3), "CONFIRMED"),
+    (ReduceScatterTrueCounts, DS_DPATTN_RSV, "SHAPE_MISMATCH", (0, 1), "CONFIRMED"),
 ]

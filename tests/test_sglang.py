@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scenarios.runners import RUNNERS, RunnerUnsupported, SGLangRunner, unsupported_reason
-from scenarios.sglang import moe_rows, reference_order
-from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario
+from scenarios.sglang import dp_max_len, moe_rows, reference_order
+from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario, Workload
 from scenarios.strategies import hybrid_scenarios, moe_scenarios
 from sim import simulate
 
@@ -54,13 +54,39 @@ def test_shared_experts_sharded_over_the_world_under_dp_attention():
     assert set(trace.outputs[3]) >= {"shared@world0", "shared@world3"}
 
 
-def test_dp_gather_makes_every_dp_ranks_tokens_the_routed_ones():
-    trace = simulate(F.DS_DPATTN_ATTN_TP2, "sglang")
+@pytest.mark.parametrize("phase, rows, op", [("decode", 10, "all_gather"), ("prefill", 8, "all_gatherv")])
+def test_dp_gather_makes_every_dp_ranks_tokens_the_routed_ones(phase, rows, op):
+    """Decode pads both DP ranks to 5 rows (MAX_LEN, 2 * 8 >= 5 * 2); prefill
+    gathers the true 3 + 5 (SUM_LEN). Either way DP rank 1 gets its 5 back."""
+    s = F.DS_DPATTN_ATTN_TP2.with_(**{"workload.phase": phase})
+    trace = simulate(s, "sglang")
     st_ = next(st for st in trace.steps[2] if st.name == "dp_gather")
     router = next(st for st in trace.steps[2] if st.name == "router")
-    assert tuple(st_.out_shape) == (8, 128) and tuple(router.out_shape) == (8, 2)
+    assert st_.op == op and tuple(st_.out_shape) == (rows, 128) and tuple(router.out_shape) == (rows, 2)
     out = next(st for st in trace.steps[2] if st.name == "dp_scatter")
-    assert tuple(out.out_shape) == (5, 128)  # DP rank 1 holds 5 of the 3 + 5 tokens
+    assert tuple(out.out_shape) == (5, 128) and not trace.hazards
+
+
+@pytest.mark.parametrize("counts, phase, max_len", [
+    ((4, 4), "decode", True), ((3, 5), "decode", True), ((1, 9), "decode", True), ((0, 9, 1, 0), "decode", False),
+    ((0, 4), "decode", True),
+    ((0, 5, 0, 0), "decode", False), ((3, 5), "prefill", False), ((4,), "prefill", True),
+])
+def test_dp_padding_mode_is_the_engines(counts, phase, max_len):
+    """MAX_LEN iff 2 * sum >= max * dp (always with two DP ranks), except a
+    prefill batch over several DP ranks."""
+    s = Scenario(parallel=ParallelConfig(dp=len(counts)), workload=Workload(tokens=counts, phase=phase))
+    assert dp_max_len(s) is max_len
+
+
+def test_max_len_padding_rows_are_dropped_before_the_output():
+    """The reduce-scatterv path under MAX_LEN hands each DP rank its padded slot;
+    the padding rows are dropped, and the idle rank of (0, 4) returns nothing."""
+    s = F.DS_DPATTN_RSV.with_(**{"workload.tokens": (0, 4)})
+    trace = simulate(s, "sglang")
+    assert not trace.hazards and trace.outputs[0] == {}
+    names = [st.name for st in trace.steps[1]]
+    assert names.index("dp_reduce_scatterv") < names.index("dp_drop_pad_rows")
 
 
 def test_unsupported_scenarios_are_refused_in_one_line():
