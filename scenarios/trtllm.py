@@ -99,6 +99,12 @@ def attention_dp(s: Scenario) -> bool:
     return s.parallel.dp > 1
 
 
+def tp_size(s: Scenario) -> int:
+    """TensorRT-LLM's mapping.tp_size: the whole world (every rank under
+    attention DP, where parallel.tp is 1; parallel.tp ranks otherwise)."""
+    return s.world
+
+
 def token_routing(s: Scenario) -> bool:
     """The scenario's backend routes tokens (the twin's dispatch would)."""
     return s.use_all2all_kernels and backend_info(s.effective_backend).token_routing
@@ -130,12 +136,12 @@ def shared_tp_size(s: Scenario) -> int:
     if attention_dp(s):
         return 1
     block = s.model.weight_block_size or 1
-    return math.gcd(s.model.shared_inter // block, s.parallel.tp)
+    return math.gcd(s.model.shared_inter // block, tp_size(s))
 
 
 def post_moe_fusion(s: Scenario) -> bool:
     """POST_MOE_FUSION = enable_fusion (not under attention DP) and has_tp."""
-    return s.runtime.allreduce_fusion and not attention_dp(s) and s.parallel.tp > 1
+    return s.runtime.allreduce_fusion and not attention_dp(s) and tp_size(s) > 1
 
 
 class TRTLLMRules(EngineRules):
@@ -179,8 +185,8 @@ class TRTLLMRunner(MoERunner):
         if token_routing(s) and s.moe_ep < m.top_k:
             return (f"moe_ep {s.moe_ep} < top_k {m.top_k}: TensorRT-LLM falls back to all-gather/reduce-scatter, "
                     "which the twin's dispatch for this backend does not do")
-        if m.has_shared and 1 < shared_tp_size(s) < p.tp:
-            return (f"shared-expert TP size {shared_tp_size(s)} strictly between 1 and tp {p.tp}: "
+        if m.has_shared and 1 < shared_tp_size(s) < tp_size(s):
+            return (f"shared-expert TP size {shared_tp_size(s)} strictly between 1 and tp {tp_size(s)}: "
                     "its shard groups are not one of the twin's groups")
         return None
 
@@ -198,14 +204,14 @@ class TRTLLMRunner(MoERunner):
     def moe_allreduce_enabled(self) -> bool:
         """The AllReduceParams the decoder layer hands the MoE:
         enable_allreduce = not (POST_MOE_FUSION or tp == 1)."""
-        return not (self.post_moe_fusion() or self.scenario.parallel.tp == 1)
+        return not (self.post_moe_fusion() or tp_size(self.scenario) == 1)
 
     def shared_tp_size(self) -> int:
         return shared_tp_size(self.scenario)
 
     def shared_output_scale(self) -> float | None:
         """shared_tp / tp when the shared MLP's TP size is not tp (never under attention DP)."""
-        tp = self.scenario.parallel.tp
+        tp = tp_size(self.scenario)
         if self.attention_dp() or self.shared_tp_size() == tp:
             return None
         return self.shared_tp_size() / tp
@@ -223,7 +229,7 @@ class TRTLLMRunner(MoERunner):
         """POST_MOE_FUSION: the layer's AllReduce with RESIDUAL_RMS_NORM (or
         MoEAllReduce) sums the MoE output over tp; residual add and the
         next layer's RMSNorm are not modelled, the sum is judged after it."""
-        return ops.all_reduce(out, "tp", name="allreduce_residual_rmsnorm")
+        return ops.all_reduce(out, self.tp_group(), name="allreduce_residual_rmsnorm")
 
     # ---- the MoE block's decisions ----
 
@@ -234,8 +240,15 @@ class TRTLLMRunner(MoERunner):
         # Under attention DP the reduce-scatter (or the combine) leaves complete sums.
         return self.attention_dp()
 
+    def tp_group(self) -> str:
+        """TensorRT-LLM's TP group, over which every reduction here runs: the world."""
+        return "world"
+
     def shared_experts_sharded(self) -> bool:
         return self.shared_tp_size() > 1
+
+    def shared_experts_group(self) -> str:
+        return self.tp_group()  # sharded only when shared_tp = tp
 
     def shared_experts_order(self, num_tokens: int) -> Order:
         return reference_order(self.scenario)
@@ -265,7 +278,7 @@ class TRTLLMRunner(MoERunner):
 
     def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
         if self.needs_final_reduce(routed_reduced):
-            return ops.all_reduce(result, "tp", name="moe_all_reduce")
+            return ops.all_reduce(result, self.tp_group(), name="moe_all_reduce")
         return result
 
     def routed_path(self, ops: Ops, x: Any, routing: Any, order: Order, shared_inside: Any) -> tuple[Any, Any]:

@@ -35,6 +35,15 @@ class ReduceScatterSkipped(TRTLLMRunner):
         return ops.dp_scatter(y, name="reducescatter")
 
 
+class AllReduceUnderAttentionDP(TRTLLMRunner):
+    """Forgets the use_dp guard: all-reduces shared + routed over the TP group
+    (the world) although the reduce-scatter already completed the sum and
+    the shared experts are replicated."""
+
+    def needs_final_reduce(self, routed_reduced: bool) -> bool:
+        return self.moe_allreduce_enabled()
+
+
 class SharedAddedAfterReduce(TRTLLMRunner):
     """Adds the shared output after the all-reduce, as for replicated shared
     experts, although it is sharded over tp (its partials are never summed)."""
@@ -62,11 +71,13 @@ DS_TP2_FUSED = _s("ds-tp2-post-moe-fusion", {}, {"tp": 2}, {"allreduce_fusion": 
 QWEN3_HYBRID_FUSED = _s("qwen3-tp4-ep2-fusion", {"num_shared_experts": 0}, {"tp": 4, "ep": True, "ep_size": 2},
                         {"allreduce_fusion": True})
 DS_ADP_ALLGATHER = _s("ds-adp-allgather-reducescatter", {}, {"dp": 2, "ep": True}, tokens=(3, 5))
+DS_ADP_EVEN = _s("ds-adp-allgather-even", {}, {"dp": 2, "ep": True}, tokens=4)
 DS_ADP_TP_MOE = _s("ds-adp-moe-tp", {}, {"dp": 2}, tokens=(4, 1))
 DS_ADP_DEEPEP = _s("ds-adp-deepep-ll", {"hidden": 2048}, {"dp": 4, "ep": True, "backend": "deepep_low_latency"},
                    {"platform": "cuda", "aux_stream": True}, tokens=(3, 2, 0, 4))
 
-CLEAN = [DS_TP2, DS_TP2_SHARED_TP1, DS_TP2_FUSED, QWEN3_HYBRID_FUSED, DS_ADP_ALLGATHER, DS_ADP_TP_MOE, DS_ADP_DEEPEP]
+CLEAN = [DS_TP2, DS_TP2_SHARED_TP1, DS_TP2_FUSED, QWEN3_HYBRID_FUSED, DS_ADP_ALLGATHER, DS_ADP_EVEN, DS_ADP_TP_MOE,
+         DS_ADP_DEEPEP]
 
 # (runner, scenario, predicted kind, ranks, expected verdict)
 WRONG = [
@@ -74,4 +85,7 @@ WRONG = [
     (AllReduceKeptUnderFusion, DS_TP2_FUSED, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (ReduceScatterSkipped, DS_ADP_ALLGATHER, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
     (SharedAddedAfterReduce, DS_TP2, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    # Equal token counts: other ranks' tokens summed into each row; unequal: the shapes disagree.
+    (AllReduceUnderAttentionDP, DS_ADP_EVEN, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
+    (AllReduceUnderAttentionDP, DS_ADP_DEEPEP, "SHAPE_MISMATCH", (0, 1, 2, 3), "CONFIRMED"),
 ]

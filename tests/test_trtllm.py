@@ -168,7 +168,8 @@ def test_real_confirms_the_wrong_variant(cls, scenario, kind, ranks, verdict):
     vs = [v for v in res.verdicts if v.kind == kind]
     assert vs and all(v.verdict.value == verdict for v in vs), [v.to_dict() for v in res.verdicts]
     wrong = {r for r, c in res.real.output_checks.items() if not c.correct}
-    assert wrong == set(ranks), [c.to_dict() for c in res.real.output_checks.values()]
+    if kind != "SHAPE_MISMATCH":
+        assert wrong == set(ranks), [c.to_dict() for c in res.real.output_checks.values()]
     assert not res.agree
 
 
