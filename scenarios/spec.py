@@ -634,6 +634,8 @@ class Scenario:
             shape += f" shared={m.num_shared_experts}"
         if m.quantized_input:
             shape += " quantized-input"
+        if m.weight_block_size is not None:
+            shape += f" block={m.weight_block_size}"
         rt = self.runtime
         plat = rt.platform + ("+aux" if rt.aux_stream else "")
         return f"{shape}; {' '.join(bits)}; {plat}; T={self._tokens_label()}"

@@ -2,10 +2,12 @@
 
 The MoE layer of TensorRT-LLM's PyTorch backend for the DeepSeek-V3 family
 (shared experts) and the Qwen3-MoE family (none), with the decoder layer's
-all-reduce fusion around it, in this project's vocabulary. Facts used (read
-from NVIDIA/TensorRT-LLM, unpinned main; docs/moe_block.md section 9):
+all-reduce fusion around it, in this project's vocabulary. Facts used, read
+from stored copies of NVIDIA/TensorRT-LLM (`tensorrt_llm/` paths; each file
+at the commit noted, not one release, so the files may differ in age;
+docs/moe_block.md section 9 has the same facts):
 
-- `_torch/models/modeling_deepseekv3.py`:
+- `_torch/models/modeling_deepseekv3.py` (000561df):
   `Deepseekv3MoE` builds its experts with `reduce_results=False`; the shared
   MLP's TP size (`_compute_shared_expert_tp_size`) is 1 under attention DP,
   else gcd(shared_intermediate / block, tp), and when that is not tp the
@@ -22,25 +24,27 @@ from NVIDIA/TensorRT-LLM, unpinned main; docs/moe_block.md section 9):
   (`AllReduceFusionOp.RESIDUAL_RMS_NORM`), or `MoEAllReduce`, which also
   fuses the experts' finalize (single node, TRTLLM-gen NVFP4, T <= max_token,
   P2P): either way one all-reduce over tp of the same sum.
-- `_torch/models/modeling_qwen3_moe.py`: `Qwen3MoE` (no shared experts),
+- `_torch/models/modeling_qwen3_moe.py` (03441af1): `Qwen3MoE` (no shared experts),
   experts `reduce_results=False`, all-reduce over tp iff not attention DP
   and tp > 1, gated the same way; `POST_MOE_FUSION = PRE_MOE_FUSION and not
   has_pp` (no PP here).
-- `_torch/modules/fused_moe/interface.py`: `parallel_size = mapping.tp_size`
+- `_torch/modules/fused_moe/interface.py` (00a3c47d): `parallel_size = mapping.tp_size`
   ("all ranks participate in allreduce regardless of EP/TP combination");
-  moe_tp x moe_ep = tp. `fused_moe_cutlass.py`: under attention DP the routing
+  moe_tp x moe_ep = tp. `fused_moe_cutlass.py` (000a01de): under attention DP the routing
   is computed on the local tokens, then tokens and routing are all-gathered
   over the TP group (`allgather(..., sizes=all_rank_num_tokens)` unless DP
   padding, off in these models) and the output reduce-scattered with the
   same sizes (`reducescatter_or_allreduce`); without attention DP and with
-  reduce_results=False it reduces nothing. `fused_moe_wide_ep.py`: with
+  reduce_results=False it reduces nothing. `fused_moe_wide_ep.py` (01303b38): with
   `enable_alltoall` (attention DP, tp > 1, moe_ep >= top_k, MNNVL or DeepEP /
   DeepEP low-latency available) dispatch and combine replace the all-gather
   and the reduce-scatter (`reducescatter_or_allreduce` skips it).
-- `_torch/modules/multi_stream_utils.py`: `maybe_execute_in_parallel` uses
-  the aux stream only while a CUDA graph is captured; otherwise fn0 (routed)
-  then fn1 (shared) run on the main stream.
-- `tensorrt_llm/mapping.py`: moe_ep_rank = tp_rank % moe_ep (EP fastest).
+- `_torch/modules/multi_stream_utils.py` (05b58881): `maybe_execute_in_parallel`
+  uses the aux stream only when `do_multi_stream()` is set ("only enabled
+  when cuda graph is turned on", its docstring); the aux stream waits on an
+  event recorded before fn0. Otherwise fn0 (routed) then fn1 (shared) run on
+  the main stream.
+- `mapping.py`: moe_ep_rank = tp_rank % moe_ep (EP fastest).
 
 Mapping onto the scenario:
 - attention DP is on when `parallel.dp > 1`; TensorRT-LLM's attention DP has
