@@ -3,7 +3,8 @@
 `FixedRunner` follows docs/runner_semantics.md step by step (its decisions are
 the methods of `MoERunner`, scenarios/runner_base.py). Each historical
 regression (docs/regressions.md) is a subclass overriding one decision point.
-`sglang` is SGLang's MoE block (scenarios/sglang.py). A user's own runner is
+`sglang` is SGLang's MoE block (scenarios/sglang.py), `trtllm` TensorRT-LLM's
+(scenarios/trtllm.py). A user's own runner is
 any `MoERunner` subclass, loaded as `module:Class`.
 """
 
@@ -31,10 +32,11 @@ from scenarios.runner_base import (
 )
 from scenarios.sglang import SGLangRunner
 from scenarios.spec import Scenario
+from scenarios.trtllm import TRTLLMRunner
 
 __all__ = [
     "BEFORE_RUNNERS", "OVERLAPPED", "RUNNERS", "ModularKernel", "MoERunner", "Order", "RunnerLoadError",
-    "RunnerUnsupported", "SGLangRunner", "load_runner", "multi_stream_platform", "overlap_disabled",
+    "RunnerUnsupported", "SGLangRunner", "TRTLLMRunner", "load_runner", "multi_stream_platform", "overlap_disabled",
     "overlap_order", "reference_order", "run_program", "runner_label", "unsupported_reason",
 ]
 
@@ -154,6 +156,7 @@ RUNNERS: dict[str, type[MoERunner]] = {
         NoEarlyTrim40865,
         FirstFix40865,
         SGLangRunner,
+        TRTLLMRunner,
     )
 }
 

@@ -90,6 +90,11 @@ class ModelTraits:
     # the routed kernel then never reads, nor writes in place, the buffer the
     # shared experts read.
     quantized_input: bool = False
+    # The weights' quantization scale block along the intermediate dimension
+    # (FP8 block scales 128, NVFP4 16); None: unquantized. TensorRT-LLM caps
+    # the shared MLP's TP size by it (scenarios/trtllm.py); the other runners
+    # do not read it.
+    weight_block_size: int | None = None
 
     def validate(self) -> None:
         for name in ("hidden", "moe_intermediate", "num_experts", "top_k"):
@@ -128,6 +133,13 @@ class ModelTraits:
                 )
         if not isinstance(self.quantized_input, bool):
             raise ScenarioError("model.quantized_input", f"must be bool, got {self.quantized_input!r}")
+        if self.weight_block_size is not None:
+            _positive("model.weight_block_size", self.weight_block_size)
+            if self.has_shared and self.shared_inter % self.weight_block_size:
+                raise ScenarioError(
+                    "model.weight_block_size",
+                    f"shared intermediate {self.shared_inter} is not a multiple of the block {self.weight_block_size}",
+                )
         if not (0 < self.routed_scaling_factor < float("inf")):
             raise ScenarioError(
                 "model.routed_scaling_factor", f"must be finite and > 0, got {self.routed_scaling_factor}"
@@ -628,6 +640,8 @@ class Scenario:
             shape += f" shared={m.num_shared_experts}"
         if m.quantized_input:
             shape += " quantized-input"
+        if m.weight_block_size is not None:
+            shape += f" block={m.weight_block_size}"
         rt = self.runtime
         plat = rt.platform + ("+aux" if rt.aux_stream else "")
         return f"{shape}; {' '.join(bits)}; {plat}; T={self._tokens_label()}"

@@ -33,7 +33,7 @@ class CloneOnRankZero(MoERunner):
         return ops.clone(x, name="rank0_clone") if ops.rank == 0 else x
 
 
-RUNNERS = ("fixed", "sglang", *BEFORE_RUNNERS, *(w[0] for w in families.WRONG), CloneOnOddRanks, CloneOnRankZero)
+RUNNERS = ("fixed", "sglang", "trtllm", *BEFORE_RUNNERS, *(w[0] for w in families.WRONG), CloneOnOddRanks, CloneOnRankZero)
 
 
 def _facts(trace: Trace) -> dict:
