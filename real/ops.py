@@ -33,6 +33,7 @@ That path cannot be exercised on this project's CPU-only machines.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,8 @@ from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PAD
 from scenarios.workload import rank_token_ids, routing, slice_token_ids
 
 MODEL = "model"
+FUSED_SLOT = ("fused shared-expert slot: the shared MLP shard runs beside the routed kernel call, added with "
+              "the slot weight (stands in for one more expert inside the kernel)")
 
 
 class RealOps(CommOps, Ops):
@@ -482,8 +485,12 @@ class RealOps(CommOps, Ops):
             self._local = (w13.to(self.device), w2.to(self.device), offset)
         return self._local
 
-    def experts(self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts") -> RealTensor:
+    def experts(
+        self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts",
+        fused_shared: float = 0.0,
+    ) -> RealTensor:
         w13, w2, offset = self._local_weights()
+        slot = self._fused_shared_slot(name, fused_shared)
         width = self.scenario.kernel_width
         out_width = self.scenario.expert_output_width
         if self.scenario.model.quantized_input:
@@ -501,6 +508,8 @@ class RealOps(CommOps, Ops):
             y = self.kernel(v, ids, wts, w13, w2, offset)
             if out_width != width:  # a kernel that writes its output unpadded
                 y = y[..., :out_width].contiguous()
+            if slot is not None:
+                y = y + slot(v, y.shape[-1])
             if inplace:
                 # The fused kernel writes into its input buffer (the leading
                 # columns of it when it writes unpadded).
@@ -510,6 +519,28 @@ class RealOps(CommOps, Ops):
             return y
 
         return self._op("experts", name, COMPUTE, (x, routing_h), fn, component="routed")
+
+    def _fused_shared_slot(self, name: str, weight: Any) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+        """The fused shared-expert slot's contribution, None when not fused.
+        Stand-in: the shared MLP's moe_tp shard runs beside the kernel call
+        and is added with the slot's weight (the same arithmetic as one more
+        expert inside the kernel, which the CPU kernels here do not take)."""
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+            raise OpsUsageError(f"{name}: argument fused_shared must be a finite weight >= 0, got {weight!r}")
+        if not weight:
+            return None
+        s = self.scenario
+        if not s.model.has_shared or s.model.has_transform:
+            raise OpsUsageError(f"{name}: fused_shared needs shared experts and no latent transform")
+        w13, w2 = self._shared_weights(s.moe_tp > 1, "moe_tp")
+        hidden = s.model.hidden
+        self.stand_ins.add(FUSED_SLOT)
+
+        def slot(v: torch.Tensor, width: int) -> torch.Tensor:
+            out = mlp(v[..., :hidden], w13, w2) * float(weight)
+            return F.pad(out, (0, width - hidden)) if width > hidden else out
+
+        return slot
 
     def _quantize_input(self, x: RealTensor) -> RealTensor:
         # A real fp8 cast would change values and fail the exact judge: the

@@ -134,9 +134,18 @@ class Ops(ABC):
         scenario says so (then it must see the reduced routed output)."""
 
     @abstractmethod
-    def experts(self, x: Any, routing: Any, inplace: bool = False, name: str = "routed_experts") -> Any:
+    def experts(
+        self, x: Any, routing: Any, inplace: bool = False, name: str = "routed_experts", fused_shared: float = 0.0,
+    ) -> Any:
         """This rank's routed experts (fused kernel): a partial routed output.
-        `inplace` writes the result into x's buffer, as fused kernels can."""
+        `inplace` writes the result into x's buffer, as fused kernels can.
+
+        `fused_shared` > 0: the shared expert is one more expert slot of the
+        kernel (shared-experts fusion), every token routed to it with this
+        weight; like the routed experts it is split over moe_tp (sources
+        `shared@moe_tp1`, or `shared@full` without MoE-TP) and replicated over
+        moe_ep, so a sum over moe_ep counts moe_ep copies. Later ops on the
+        output (routed scaling) apply to the slot too."""
 
     @abstractmethod
     def shared_experts(

@@ -28,8 +28,9 @@ Not modelled (declared by `unsupported`, refused in one line): latent MoE
 dispatch op follows the rule that all-to-all kernels run only with DP > 1);
 an all-to-all with attention TP > 1 whose backend is outside the
 sequence-parallel list (the dispatch stand-in slices tokens only there).
-Also not modelled: shared experts fused into the routed kernel, two-batch
-overlap, MoE-DP, context parallelism, CUDA-graph capture (which always pads
+Shared-experts fusion (`runtime.shared_experts_fusion`, `shared_fused`): the
+shared expert is one more slot of the routed kernel with weight
+1 / (routed_scaling_factor x moe_ep). Also not modelled: two-batch overlap, MoE-DP, context parallelism, CUDA-graph capture (which always pads
 the DP gather to MAX_LEN; decode batches here follow SGLang's cost rule).
 """
 
@@ -87,11 +88,20 @@ def has_alt_stream(s: Scenario) -> bool:
     return s.runtime.platform in ("cuda", "rocm") and s.runtime.aux_stream
 
 
+def shared_fused(s: Scenario) -> bool:
+    """Shared-experts fusion (determine_num_fused_shared_experts): asked for,
+    one shared expert, not with a DeepEP-class all-to-all, and without expert
+    parallelism except on ROCm (the AITER path)."""
+    return (s.runtime.shared_experts_fusion and s.model.num_shared_experts == 1
+            and not mlp_scattered(s) and (s.moe_ep == 1 or s.runtime.platform == "rocm"))
+
+
 def reference_order(s: Scenario, num_tokens: int) -> Order:
     """Shared experts on the alternate stream: always with an all-to-all
     (forward_deepep), else the dual-stream path needs T > 0 and a captured
-    (decode-sized, <= token_threshold) batch."""
-    if not s.model.has_shared or not has_alt_stream(s):
+    (decode-sized, <= token_threshold) batch. Fused shared experts have no
+    MLP of their own to overlap."""
+    if not s.model.has_shared or not has_alt_stream(s) or shared_fused(s):
         return Order.NO_OVERLAP
     if mlp_scattered(s) or 0 < num_tokens <= s.runtime.token_threshold:
         return Order.MULTI_STREAM_OVERLAPPED
@@ -222,6 +232,21 @@ class SGLangRunner(MoERunner):
     def fused_output_is_reduced(self) -> bool:
         return self.mlp_scattered()  # the combine sums per token at its home rank
 
+    def shared_fused(self) -> bool:
+        return shared_fused(self.scenario)
+
+    def fused_shared_weight(self) -> float:
+        """The shared slot's top-k weight: 1 / routed_scaling_factor (the routed
+        scaling is applied to the kernel's output, slot included), and 1 / moe_ep
+        when every EP rank computes the slot for every token (the sum over
+        moe_ep counts moe_ep copies: fused_shared_experts_scaling_factor)."""
+        if not self.shared_fused():
+            return 0.0
+        return 1.0 / (self.scenario.model.routed_scaling_factor * self.scenario.moe_ep)
+
+    def run_shared(self, ops: Ops, x: Any, sharded: bool) -> Any:
+        return None if self.shared_fused() else super().run_shared(ops, x, sharded)
+
     def shared_tp1(self) -> bool:
         """Shared experts replicated (TP1): with an all-to-all backend."""
         return self.mlp_scattered()
@@ -270,5 +295,6 @@ class SGLangRunner(MoERunner):
         """FULL rows: every rank's local experts on every gathered token (no
         dispatch); SCATTERED: dispatch, experts, combine."""
         if not self.mlp_scattered():
-            return ops.experts(x, routing, inplace=self.routed_inplace(order)), None
+            return ops.experts(x, routing, inplace=self.routed_inplace(order),
+                               fused_shared=self.fused_shared_weight()), None
         return super().routed_path(ops, x, routing, order, shared_inside)

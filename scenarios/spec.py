@@ -262,6 +262,9 @@ class Runtime:
     # The engine fuses the next layer's input all-reduce with its residual add
     # and RMSNorm (one kernel), so the MoE layer may leave its sum to it.
     allreduce_fusion: bool = False
+    # The engine may fuse the shared experts into the routed kernel as one more
+    # expert slot (SGLang's shared-experts fusion); its rules decide when.
+    shared_experts_fusion: bool = False
 
     def validate(self) -> None:
         if self.platform not in PLATFORMS:

@@ -405,16 +405,22 @@ class SimOps(SimComm, Ops):
         self.sim.checks.latent_up(self, st, x)
         return self._new(st, shape, x.value, (x,))
 
-    def experts(self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts") -> SimTensor:
+    def experts(
+        self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts",
+        fused_shared: float = 0.0,
+    ) -> SimTensor:
         x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
+        shared_shard = self._fused_shared_shard(name, fused_shared)
         if m.quantized_input:
             x = self._quantize_input(x)
         width = s.kernel_width
         shape = (x.shape[0], s.expert_output_width)
         pairs, active = self.sim.loads[self.rank]
         inter = m.moe_intermediate // s.moe_tp
-        dur = experts_us(p, pairs, active, s.local_experts, width, inter)
+        if shared_shard is not None:  # every token also visits the shared slot
+            pairs, active = pairs + x.shape[0], active + 1
+        dur = experts_us(p, pairs, active, s.local_experts + (shared_shard is not None), width, inter)
         st = self._step("experts", name, COMPUTE, (x, routing_h), shape, dur, component="routed")
         if x.shape[-1] != width:
             self._shape_error(st, f"routed kernel expects width {width}, got {x.shape[-1]}")
@@ -422,6 +428,9 @@ class SimOps(SimComm, Ops):
             self._shape_error(st, f"{x.shape[0]} rows but routing for {routing_h.shape[0]}")
         self.sim.checks.consume(self, st, x, "routed experts", "xlat" if m.has_transform else "x")
         value = algebra.relabel(x.value, "routed", self.routed_shard)
+        if shared_shard is not None:
+            slot = algebra.scale(algebra.relabel(x.value, "shared", shared_shard), float(fused_shared))
+            value = algebra.add([value, slot])
         if not inplace:
             return self._new(st, shape, value, (x, routing_h), fresh=True)
         # The fused kernel writes into x's buffer: a new version of it.
@@ -431,6 +440,25 @@ class SimOps(SimComm, Ops):
         out.version = (prev[0] if prev is not None else 0) + 1
         self.writes[x.buf] = (out.version, out)
         return out
+
+    def _fused_shared_shard(self, name: str, weight: Any) -> str | None:
+        """The shard label of a fused shared-expert slot, None when not fused."""
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+            raise self._misuse(name, f"argument fused_shared must be a finite weight >= 0, got {weight!r}")
+        if not weight:
+            return None
+        s, m = self.scenario, self.scenario.model
+        if not m.has_shared or m.has_transform:
+            raise self._misuse(name, "fused_shared needs shared experts and no latent transform")
+        if s.moe_tp == 1:
+            shards: tuple[str, ...] = ("full",)
+        else:
+            if m.shared_inter % s.moe_tp:
+                raise self._misuse(name, f"shared intermediate {m.shared_inter} is not divisible by moe_tp={s.moe_tp}")
+            shards = tuple(f"moe_tp{i}" for i in range(s.moe_tp))
+        if self.shared_shards is None:
+            self.shared_shards = shards
+        return shards[0] if s.moe_tp == 1 else shards[self._group("moe_tp", name).index(self.rank)]
 
     def _quantize_input(self, x: SimTensor) -> SimTensor:
         """The routed kernel's own quantized copy of x (a stale x stays visible)."""

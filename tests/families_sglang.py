@@ -63,6 +63,22 @@ class ReduceScatterTrueCounts(SGLangRunner):
         return self.scenario.token_counts
 
 
+class FusedSharedNoEpScale(SGLangRunner):
+    """Fuses the shared expert into the routed kernel with weight 1/rsf only,
+    forgetting that every EP rank computes the slot for every token."""
+
+    def fused_shared_weight(self) -> float:
+        return 1.0 / self.scenario.model.routed_scaling_factor if self.shared_fused() else 0.0
+
+
+class FusedSharedScaledTwice(SGLangRunner):
+    """Gives the fused shared slot weight 1 / moe_ep but not 1 / rsf, so the
+    routed scaling applied to the kernel's output scales the shared expert too."""
+
+    def fused_shared_weight(self) -> float:
+        return 1.0 / self.scenario.moe_ep if self.shared_fused() else 0.0
+
+
 def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None,
        tokens: int | tuple[int, ...] = 4, phase: str = "decode") -> Scenario:
     base = {"hidden": 128, "moe_intermediate": 64, "num_experts": 8, "top_k": 2, "num_shared_experts": 1}
@@ -83,9 +99,15 @@ DS_DPATTN_RSV_PREFILL = _s("ds-dp-attention-ep-reduce-scatterv-prefill", {}, {"d
                            tokens=(3, 5), phase="prefill")
 QWEN3_HYBRID = _s("qwen3-hybrid-ep2-tp2", {"num_shared_experts": 0}, {"tp": 4, "ep": True, "ep_size": 2})
 DS_DPATTN_ATTN_TP2 = _s("ds-dp-attention-attn-tp2", {}, {"tp": 2, "dp": 2, "ep": True}, tokens=(3, 5))
+# Shared-experts fusion: TP (one slot split over moe_tp) and ROCm EP (the slot on every EP rank).
+DS_FUSED_SHARED_TP2 = _s("ds-fused-shared-tp2", {"routed_scaling_factor": 2.5}, {"tp": 2},
+                         {"shared_experts_fusion": True})
+DS_FUSED_SHARED_ROCM_EP = _s("ds-fused-shared-rocm-ep2", {"routed_scaling_factor": 2.5}, {"tp": 2, "ep": True},
+                             {"shared_experts_fusion": True, "platform": "rocm"})
 DS_FUSED_NEXT = _s("ds-fused-next-layer", {}, {"tp": 2}, {"allreduce_fusion": True}, tokens=8)
 
-CLEAN = [DS_TP2, DS_DPATTN_RSV, DS_DPATTN_RSV_PREFILL, DS_DPATTN_DEEPEP, QWEN3_HYBRID, DS_DPATTN_ATTN_TP2, DS_FUSED_NEXT]
+CLEAN = [DS_TP2, DS_DPATTN_RSV, DS_DPATTN_RSV_PREFILL, DS_DPATTN_DEEPEP, QWEN3_HYBRID, DS_DPATTN_ATTN_TP2, DS_FUSED_NEXT,
+         DS_FUSED_SHARED_TP2, DS_FUSED_SHARED_ROCM_EP]
 
 # (runner, scenario, predicted kind, ranks, expected verdict)
 WRONG = [
@@ -95,4 +117,6 @@ WRONG = [
     (FusedReduceOnMoeEp, DS_FUSED_NEXT, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
     (ScatterAtSumLenOffset, DS_DPATTN_ATTN_TP2, "WRONG_TOKENS", (2, 3), "CONFIRMED"),
     (ReduceScatterTrueCounts, DS_DPATTN_RSV, "SHAPE_MISMATCH", (0, 1), "CONFIRMED"),
+    (FusedSharedNoEpScale, DS_FUSED_SHARED_ROCM_EP, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
+    (FusedSharedScaledTwice, DS_FUSED_SHARED_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
 ]

@@ -169,3 +169,44 @@ def test_explore_skips_what_the_runner_does_not_model(tmp_path):
 
     res = explore("sglang", budget=40, seed=1, out=tmp_path)
     assert not res.findings, [f.summary for f in res.findings]
+
+
+@pytest.mark.parametrize("s, shared", [
+    (F.DS_FUSED_SHARED_TP2, {"shared@moe_tp0", "shared@moe_tp1"}),  # one slot split over moe_tp
+    (F.DS_FUSED_SHARED_ROCM_EP, {"shared@full"}),  # the whole slot on every EP rank, weight 1/moe_ep
+])
+def test_fused_shared_experts_are_a_slot_of_the_routed_kernel(s, shared):
+    trace = simulate(s, "sglang")
+    assert not trace.hazards and "shared_experts" not in _names(trace)
+    assert {k for k in trace.outputs[0] if k.startswith("shared")} == shared
+    assert all(v == 1.0 for v in trace.outputs[0].values())
+
+
+def test_no_fusion_with_a_deepep_class_all_to_all_or_ep_off_rocm():
+    on = {"runtime.shared_experts_fusion": True}
+    assert not SGLangRunner(F.DS_DPATTN_DEEPEP.with_(**on)).shared_fused()
+    assert not SGLangRunner(F.DS_FUSED_SHARED_ROCM_EP.with_(**{"runtime.platform": "cuda"})).shared_fused()
+    assert SGLangRunner(F.DS_FUSED_SHARED_ROCM_EP).shared_fused()
+
+
+@pytest.mark.parametrize("weight, why", [(-1.0, "finite weight"), (float("nan"), "finite weight"), ("1", "finite weight")])
+def test_fused_shared_weight_must_be_a_finite_non_negative_number(weight, why):
+    from sim.errors import RunnerUsageError
+
+    class BadWeight(SGLangRunner):
+        def fused_shared_weight(self):
+            return weight
+
+    with pytest.raises(RunnerUsageError, match=why):
+        simulate(F.DS_FUSED_SHARED_TP2, BadWeight)
+
+
+def test_fused_shared_needs_shared_experts():
+    from sim.errors import RunnerUsageError
+
+    class FusesNothing(SGLangRunner):
+        def fused_shared_weight(self):
+            return 1.0
+
+    with pytest.raises(RunnerUsageError, match="needs shared experts"):
+        simulate(F.QWEN3_HYBRID, FusesNothing)
