@@ -252,3 +252,21 @@ def test_cli_bad_input_is_one_line(capsys):
     assert cli.main(["verify", "--jobs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("moe-twin: error: --") for line in err)
+
+
+class RefusesLatent(MoERunner):
+    """The fixed runner, declaring latent MoE out of its scope."""
+
+    def unsupported(self) -> str | None:
+        return "no latent MoE here" if self.scenario.model.has_transform else None
+
+
+def test_classes_the_runner_refuses_are_counted_apart_not_proved():
+    space = restrict(SPACES["default"], tp=(2,), dp=(1,), ep=(False,), backend=("allgather_reducescatter",),
+                     version=("newest",), eplb=(False,), platform=("cuda",), aux_stream=(True,), shared=(1,),
+                     padded=(False,), allreduce_fusion=(False,))
+    everything = verify("fixed", space)
+    res = verify(RefusesLatent, space)
+    assert everything.classes == 3 and everything.unsupported == 0
+    assert res.classes == 1 and res.unsupported == 2
+    assert "2 more refused by the runner" in res.statement() and res.to_dict()["unsupported"] == 2

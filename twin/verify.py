@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from scenarios import contain
-from scenarios.runners import MoERunner, load_runner
+from scenarios.runners import MoERunner, load_runner, unsupported_reason
 from scenarios.space import (
     DEFAULT_MAX_WORLD,
     Axis,
@@ -64,6 +64,9 @@ class VerifyResult:
     pruned: int = 0
     invalid: int = 0
     opaque: int = 0
+    # Valid assignments the runner refuses as out of its scope (its
+    # `unsupported()`): not classes, nothing is proved about them.
+    unsupported: int = 0
     findings: list[Finding] = field(default_factory=list)
     elapsed_s: float = 0.0
     shard: tuple[int, int] | None = None
@@ -80,7 +83,7 @@ class VerifyResult:
         return not self.findings
 
     def statement(self) -> str:
-        return statement(self.classes, len(self.findings), self.axes)
+        return statement(self.classes, len(self.findings), self.axes, self.unsupported)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +96,7 @@ class VerifyResult:
             "simulated": self.simulated,
             "invalid": self.invalid,
             "opaque": self.opaque,
+            "unsupported": self.unsupported,
             "space": self.space,
             "max_world": self.max_world,
             "shard": list(self.shard) if self.shard else None,
@@ -102,12 +106,13 @@ class VerifyResult:
         }
 
 
-def statement(classes: int, findings: int, axes: dict[str, list[Any]]) -> str:
+def statement(classes: int, findings: int, axes: dict[str, list[Any]], unsupported: int = 0) -> str:
     """What was proved (no finding) or found, over which axes and values."""
     over = "{" + ", ".join(f"{k}: {'/'.join(map(str, v))}" for k, v in axes.items()) + "}"
+    refused = f" ({unsupported} more refused by the runner as out of its scope)" if unsupported else ""
     if not findings:
-        return f"no hazard in {classes} decision classes over {over}"
-    return f"{findings} distinct finding(s) in {classes} decision classes over {over}"
+        return f"no hazard in {classes} decision classes over {over}{refused}"
+    return f"{findings} distinct finding(s) in {classes} decision classes over {over}{refused}"
 
 
 # ---------------------------------------------------------------- one class (worker side)
@@ -254,7 +259,7 @@ def _parallel(space: str, max_world: int, every: Enumeration, lo: int, hi: int, 
     ctx = mp.get_context("forkserver")  # no fork of a process that may run a progress thread
     with ctx.Pool(jobs, initializer=_init_worker, initargs=(contain.limits(),)) as pool:
         for part, (a, b) in zip(pool.imap(_walk_block, tasks), bounds):
-            for key in ("classes", "pruned", "invalid", "opaque"):
+            for key in ("classes", "pruned", "invalid", "opaque", "unsupported"):
                 setattr(res, key, getattr(res, key) + getattr(part, key))
             if res.outcomes is not None and part.outcomes is not None:
                 res.outcomes.update(part.outcomes)
@@ -321,9 +326,21 @@ class _Walk:
                 self.res.invalid += 1
                 self._tick()
                 continue
+            if self._refused(s):
+                self.res.unsupported += 1
+                self._tick()
+                continue
             self.res.classes += 1
             self.scenarios[i], self.assignment[i] = s, a
             yield i, s
+
+    def _refused(self, s: Scenario) -> bool:
+        """The runner declares the scenario out of its scope. Its own code
+        failing here is left to the contained simulation to report."""
+        try:
+            return unsupported_reason(self.runner_cls, s) is not None
+        except Exception:
+            return False
 
     def _tick(self, n: int = 1) -> None:
         self.done += n
@@ -401,13 +418,13 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         for f in r.get("findings", []):
             findings.setdefault(f["signature"], f)
     out = {k: head.get(k) for k in ("runner", "axes", "space", "max_world")}
-    for key in ("classes", "pruned", "simulated", "invalid", "opaque"):
+    for key in ("classes", "pruned", "simulated", "invalid", "opaque", "unsupported"):
         out[key] = sum(int(r.get(key, 0)) for r in results)
     out["findings"] = [findings[k] for k in sorted(findings)]
     out["proved_clean"] = not findings
     out["shards"] = len(results)
     out["elapsed_s"] = round(sum(float(r.get("elapsed_s", 0.0)) for r in results), 3)
-    out["statement"] = statement(out["classes"], len(findings), out["axes"] or {})
+    out["statement"] = statement(out["classes"], len(findings), out["axes"] or {}, out["unsupported"])
     return out
 
 

@@ -72,7 +72,7 @@ def verify_report(d: dict[str, Any]) -> list[str]:
     lines = [f"[bold]verify {e(d['runner'])}[/bold]: {e(d['statement'])}",
              f"  {classes} classes: {d['classes'] - d['pruned']} simulated, {d['pruned']} pruned "
              f"({share:.1f}%: same values of every consulted predicate), {d['invalid']} invalid "
-             f"assignments skipped; {d['elapsed_s']:.1f} s"]
+             f"assignments skipped, {d.get('unsupported', 0)} refused by the runner; {d['elapsed_s']:.1f} s"]
     if d.get("shard"):
         lines[1] += f"; shard {d['shard'][0]}/{d['shard'][1]}"
     for f in d["findings"]:
