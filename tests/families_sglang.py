@@ -45,6 +45,14 @@ class FusedReduceOnMoeEp(SGLangRunner):
         return "moe_ep"
 
 
+class ShardedSharedAddedAfterReduce(SGLangRunner):
+    """Under DP attention, adds the shared output after the post-experts
+    all-reduce as if it were replicated, but it is this rank's world shard."""
+
+    def shared_joins_after_reduce(self) -> bool:
+        return self.dp_attention() or super().shared_joins_after_reduce()
+
+
 def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None,
        tokens: int | tuple[int, ...] = 4) -> Scenario:
     base = {"hidden": 128, "moe_intermediate": 64, "num_experts": 8, "top_k": 2, "num_shared_experts": 1}
@@ -72,4 +80,5 @@ WRONG = [
     (ScatterFirstRows, DS_DPATTN_ATTN_TP2, "WRONG_TOKENS", (2, 3), "CONFIRMED"),
     (GatherAsEqual, DS_DPATTN_ATTN_TP2, "SHAPE_MISMATCH", (0, 1, 2, 3), "CONFIRMED"),
     (FusedReduceOnMoeEp, DS_FUSED_NEXT, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    (ShardedSharedAddedAfterReduce, DS_DPATTN_ATTN_TP2, "MISSING_REDUCTION", (0, 1, 2, 3), "CONFIRMED"),
 ]
