@@ -6,7 +6,8 @@ of columns, every column a float64 vector per row in the output space
 (width `hidden`):
 
 - the layer's own sources (expected coefficient 1): routed experts per EP
-  rank or TP shard, shared experts per TP shard (or full);
+  rank or TP shard, shared experts per shard of the group the run sharded
+  them over (TP by default, e.g. the world under SGLang's DP attention);
 - other tokens summed in (expected 0): the routed/shared output of the token
   at the same row position in another SP slice or another DP rank, which is
   what a reduction over rows holding different tokens adds;
@@ -74,19 +75,30 @@ class Explanation:
 class Basis:
     """Column builders for the rows `toks` of one rank."""
 
-    def __init__(self, ref: ExactReference, rank: int, toks: list[Tok]) -> None:
+    def __init__(self, ref: ExactReference, rank: int, toks: list[Tok], shared_group: str | None = None) -> None:
         self.ref = ref
         self.s = ref.s
         self.rank = rank
         self.toks = toks
-        m = self.s.model
-        tp = self.s.parallel.tp
-        self.shared_shards: list[tuple[str, int, int]] = []  # (label, shard, n)
-        if m.has_shared:
-            if tp > 1 and m.shared_inter % tp == 0:
-                self.shared_shards = [(f"tp{t}", t, tp) for t in range(tp)]
-            else:
-                self.shared_shards = [("full", 0, 1)]
+        # The group the run sharded its shared MLP over ("tp", "world", ...);
+        # unsharded or unknown: the TP shards, whose sum is the full MLP too.
+        self.shared_kind = shared_group if shared_group not in (None, "full") else "tp"
+        self.shared_shards = self._shared_shards()  # (label, shard, n)
+
+    def _shared_shards(self) -> list[tuple[str, int, int]]:
+        m, kind = self.s.model, self.shared_kind
+        if not m.has_shared:
+            return []
+        n = len(self.s.group(kind, self.rank))
+        if n > 1 and m.shared_inter % n == 0:
+            return [(f"{kind}{j}", j, n) for j in range(n)]
+        return [("full", 0, 1)]
+
+    def shard_of(self, q: int) -> tuple[str, int, int]:
+        """The shared shard world rank q computes (its index in its shard group)."""
+        if len(self.shared_shards) == 1:
+            return self.shared_shards[0]
+        return self.shared_shards[self.s.group(self.shared_kind, q).index(q)]
 
     # ---- per-row vectors ----
 
@@ -175,8 +187,7 @@ class Basis:
             shard = layout.routed_shard(s, q)
             if shard not in shards:
                 continue
-            _d, t_q = s.coords(q)
-            label, i, n = self.shared_shards[t_q] if len(self.shared_shards) > 1 else self.shared_shards[0]
+            label, i, n = self.shard_of(q)
             cols.append(Column(f"shared@{label}(routed@{shard} buffer)", self._stack(
                 lambda d, t, sh=shard, i=i, n=n: ref.shared_mlp(ref.routed_partials(d)[sh][t], i, n)), CLOBBER, 0.0))
         return cols
@@ -245,10 +256,12 @@ def fit(cols: list[Column], y: torch.Tensor) -> Fit | None:
     return Fit(cols, [float(v) for v in sol], resid)
 
 
-def explain(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor) -> Explanation:
+def explain(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor,
+            shared_group: str | None = None) -> Explanation:
     """Characterise rows `y` ([rows, hidden], float64) that should be the
-    reference outputs of `toks`."""
-    basis = Basis(ref, rank, toks)
+    reference outputs of `toks`; `shared_group` is the group the run sharded
+    its shared experts over (None: unknown, the TP group's shards)."""
+    basis = Basis(ref, rank, toks, shared_group)
     fits = [f for f in (fit(h, y) for h in basis.hypotheses()) if f is not None]
     if not fits:
         return Explanation(None, "not explained by any known source (no observable source on these rows)", 1.0)

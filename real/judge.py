@@ -41,7 +41,7 @@ import torch
 from real.explain import explain
 from real.reference import ExactReference, exact_reference
 from scenarios.spec import Scenario
-from scenarios.trace import HazardKind, OutputCheck
+from scenarios.trace import HazardKind, OutputCheck, Trace
 from scenarios.workload import owned_tokens, token_label, token_offsets
 
 REL_TOL = 1e-4
@@ -59,11 +59,14 @@ def judge_output(
     exact: ExactReference | None = None,
     failure: str | None = None,
     failure_kind: HazardKind | str | None = None,
+    shared_group: str | None = None,
 ) -> OutputCheck:
     """Judge what `rank` returned (None: nothing) against the exact reference.
 
     `failure` names why there is no output (raised/hung/died) and
-    `failure_kind` is the kind the OutputCheck carries in that case."""
+    `failure_kind` is the kind the OutputCheck carries in that case.
+    `shared_group` is the group the run sharded its shared experts over
+    (`shared_group_of` its trace): wrong rows are fitted over its shards."""
     ref = exact if exact is not None else exact_reference(s)
     toks = owned_tokens(s, rank)
     n, hidden = len(toks), s.model.hidden
@@ -84,7 +87,7 @@ def judge_output(
     check = OutputCheck(rank, not wrong, _max(abs_err), _max(rel_err), len(wrong), n,
                         [labels[i] for i in wrong], shape=shape)
     if wrong:
-        kind, check.cause = characterise(ref, rank, toks, y, wrong)
+        kind, check.cause = characterise(ref, rank, toks, y, wrong, shared_group)
         check.kind = kind.value
     return check
 
@@ -154,7 +157,18 @@ def _identity_phrases(rank: int, ids: dict[int, Tok], toks: list[Tok]) -> list[s
     return out
 
 
-def characterise(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, wrong: list[int]) -> tuple[HazardKind, str]:
+def shared_group_of(trace: Trace) -> str | None:
+    """The group every rank's shared experts were sharded over ("tp", "world";
+    "full" unsharded), from the shard labels the real ops put on their steps;
+    None when the run has none or mixes groups."""
+    kinds = {st.detail.removeprefix("shared@").rstrip("0123456789")
+             for steps in trace.steps.values() for st in steps
+             if st.op == "shared_experts" and st.detail.startswith("shared@")}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def characterise(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, wrong: list[int],
+                 shared_group: str | None = None) -> tuple[HazardKind, str]:
     """Kind and cause of wrong rows `wrong` of a correctly shaped output."""
     scales = _scales(ref.expected(rank))
     ids = {i: identify(ref, y[i], scales[i]) for i in wrong}
@@ -168,7 +182,7 @@ def characterise(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tenso
     rest = [i for i in wrong if ids[i] is None]
     kind = HazardKind.WRONG_TOKENS if known else None
     if rest:
-        rkind, rcause = _explain_rows(ref, rank, toks, y, rest)
+        rkind, rcause = _explain_rows(ref, rank, toks, y, rest, shared_group)
         if len(rest) < len(toks):
             rcause = f"rank {rank} {_rows_words(rest, toks)}: {rcause}"
         parts.append(rcause)
@@ -182,13 +196,14 @@ def _rows_words(rows: list[int], toks: list[Tok]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}"
 
 
-def _explain_rows(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, rows: list[int]) -> tuple[HazardKind | None, str]:
+def _explain_rows(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, rows: list[int],
+                  shared_group: str | None = None) -> tuple[HazardKind | None, str]:
     """Fit the rows jointly; under SP, per sequence slice when the joint fit
     explains nothing (a slice may have gone wrong on its own)."""
     if not bool(torch.isfinite(y[rows]).all()):
         bad = [i for i in rows if not bool(torch.isfinite(y[i]).all())]
         return None, f"non-finite values (nan/inf) in {_rows_words(bad, toks)}"
-    ex = explain(ref, rank, [toks[i] for i in rows], y[rows])
+    ex = explain(ref, rank, [toks[i] for i in rows], y[rows], shared_group)
     s = ref.s
     if ex.kind is not None or not s.sp:
         return ex.kind, ex.cause
@@ -200,7 +215,7 @@ def _explain_rows(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tens
         return ex.kind, ex.cause
     parts, kinds = [], []
     for slc, idx in sorted(slices.items()):
-        sub = explain(ref, rank, [toks[i] for i in idx], y[idx])
+        sub = explain(ref, rank, [toks[i] for i in idx], y[idx], shared_group)
         if sub.kind is None:
             return ex.kind, ex.cause
         kinds.append(sub.kind)
@@ -250,4 +265,4 @@ def _extra_phrases(rows: dict[int, Tok]) -> list[str]:
     return out[:MAX_PHRASES] + ([f"(+{len(out) - MAX_PHRASES} more)"] if len(out) > MAX_PHRASES else [])
 
 
-__all__ = ["judge_output", "REL_TOL", "row_errors", "identify", "characterise"]
+__all__ = ["judge_output", "REL_TOL", "row_errors", "identify", "characterise", "shared_group_of"]

@@ -576,6 +576,9 @@ class RealOps(CommOps, Ops):
             return mlp(v, w13, w2)
 
         out = self._op("shared_experts", name, COMPUTE, (x,), fn, component="shared")
+        # The shard this rank computed, as the simulator labels it: the judge fits over the same group.
+        where = f"{group}{self._group(group, name).index(self.rank)}" if sharded else "full"
+        self.steps[out.step].detail = f"shared@{where}"
         if reduce_results and sharded:
             return self.all_reduce(out, group, name=f"{name}_all_reduce")
         return out

@@ -204,16 +204,17 @@ def _judge_outputs(s: Scenario, result: RealResult) -> None:
     real hazard per rank whose returned output is wrong, of the check's kind,
     at the layer_output step. A rank that returned nothing is judged wrong
     with its failure as the cause; its failure hazard already reports it."""
-    from real.judge import judge_output
+    from real.judge import judge_output, shared_group_of
     from real.reference import exact_reference, one_thread
 
     trace = result.trace
     ref = exact_reference(s)
+    shared_group = shared_group_of(trace)
     with one_thread():
         for r in range(s.world):
             output = result.outputs.get(r)
             failure, kind = _failure_of(result, r)
-            check = judge_output(s, r, output, ref, failure, kind)
+            check = judge_output(s, r, output, ref, failure, kind, shared_group)
             trace.output_checks[r] = check
             if output is not None and not check.correct:
                 idx, name = _output_step(trace.steps.get(r, []))

@@ -79,6 +79,14 @@ class FusedSharedScaledTwice(SGLangRunner):
         return 1.0 / self.scenario.moe_ep if self.shared_fused() else 0.0
 
 
+class ShardedSharedAddedAfterReduce(SGLangRunner):
+    """Under DP attention, adds the shared output after the post-experts
+    all-reduce as if it were replicated, but it is this rank's world shard."""
+
+    def shared_joins_after_reduce(self) -> bool:
+        return self.dp_attention() or super().shared_joins_after_reduce()
+
+
 def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None,
        tokens: int | tuple[int, ...] = 4, phase: str = "decode") -> Scenario:
     base = {"hidden": 128, "moe_intermediate": 64, "num_experts": 8, "top_k": 2, "num_shared_experts": 1}
@@ -119,4 +127,5 @@ WRONG = [
     (ReduceScatterTrueCounts, DS_DPATTN_RSV, "SHAPE_MISMATCH", (0, 1), "CONFIRMED"),
     (FusedSharedNoEpScale, DS_FUSED_SHARED_ROCM_EP, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (FusedSharedScaledTwice, DS_FUSED_SHARED_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
+    (ShardedSharedAddedAfterReduce, DS_DPATTN_ATTN_TP2, "MISSING_REDUCTION", (0, 1, 2, 3), "CONFIRMED"),
 ]

@@ -3,7 +3,9 @@
 This machine has no GPU, so the library kernels never run here. What is
 tested: availability reporting, the error raised on construction, that every
 FlashInfer entry point the adapter calls exists and accepts the arguments it
-passes (signature binding: catches API drift on upgrade), the packing
+passes (signature binding: on the pinned flashinfer-python an absent or
+changed entry point fails; on any other version it is reported as drift
+from the pin), that the pin in pyproject.toml is the one the code checks, the packing
 helpers, the adapter's wrapper logic over a fake engine in the library's
 padded layout, and the contract checker itself over gloo, including that it
 flags a combine that does not reduce. Rank functions are module-level so
@@ -14,21 +16,26 @@ from __future__ import annotations
 
 import inspect
 import re
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
+import real.fi_api as api
+import real.fi_contract as fc
+import real.fi_engines as fe
 import real.flashinfer_a2a as fa
+from real.fi_contract import StandInA2A, StandInState
+from real.fi_engines import Padded
 from real.flashinfer_a2a import (
     BACKENDS,
     FALLBACK,
     ONE_SIDED,
+    PINNED_FLASHINFER,
     TWO_SIDED,
     A2AUnavailable,
     FlashInferA2A,
-    StandInA2A,
-    StandInState,
-    _Padded,
 )
 
 # ---- availability -----------------------------------------------------------------------
@@ -73,12 +80,27 @@ def test_available_never_raises_when_a_probe_breaks(monkeypatch):
     def boom(_backend):
         raise RuntimeError("probe exploded")
 
-    monkeypatch.setattr(fa, "api_problems", boom)
+    monkeypatch.setattr(api, "api_problems", boom)
     ok, reason = fa.available()
     assert not ok and "probe exploded" in reason
 
 
-# ---- the installed API ------------------------------------------------------------------
+# ---- the installed API against the pin ---------------------------------------------------
+
+
+def _absent(what: str) -> None:
+    """An entry point is missing: a failure on the pinned version, drift on any other."""
+    report = fa.drift_report()
+    if report["is_pinned"]:
+        pytest.fail(f"the pinned flashinfer {PINNED_FLASHINFER} lacks {what}")
+    pytest.skip(f"drift: installed flashinfer {report['installed']} is not the pinned "
+                f"{PINNED_FLASHINFER}; {what}; all drift: {report['problems']}")
+
+
+def test_pyproject_pins_the_version_the_code_checks():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pins = [d for d in pyproject["project"]["dependencies"] if d.startswith("flashinfer-python")]
+    assert pins == [f"flashinfer-python=={PINNED_FLASHINFER}"]
 
 
 def _calls():
@@ -94,18 +116,33 @@ def test_entry_point_exists_and_accepts_our_arguments(call):
     try:
         fn = fa.resolve(call.target)
     except (ImportError, AttributeError) as exc:
-        pytest.skip(f"{call.target} is absent from the installed flashinfer "
-                    f"{fa.flashinfer_version()}: {exc}")
-    sig = inspect.signature(fn)
+        _absent(f"{call.target} ({exc})")
+    sig, lead = api.call_signature(fn)
     # Raises TypeError (test failure) if a parameter was renamed, removed or added as required.
-    sig.bind(*call.args, **call.kwargs)
+    sig.bind(*lead, *call.args, **call.kwargs)
 
 
 def test_api_problems_empty_for_installed_version():
-    if any(_api_ok(b) is False for b in BACKENDS):
-        pytest.skip(f"installed flashinfer {fa.flashinfer_version()} lacks an entry point: "
-                    f"{fa.api_problems()}")
+    if fa.api_problems():
+        _absent(f"entry points: {fa.api_problems()}")
     assert fa.api_problems() == []
+    report = fa.drift_report()
+    assert report["problems"] == [] and report["defect"] is False
+
+
+def test_engine_entry_points_are_the_engines_path():
+    # The one-sided engine goes through MoeAlltoAll (as vLLM's one-sided
+    # manager does), the two-sided one through MnnvlMoe's static methods.
+    one = {c.target for c in fa.library_calls(ONE_SIDED)}
+    two = {c.target for c in fa.library_calls(TWO_SIDED)}
+    assert {"flashinfer.comm.trtllm_moe_alltoall:MoeAlltoAll",
+            "flashinfer.comm.trtllm_moe_alltoall:MoeAlltoAll.dispatch",
+            "flashinfer.comm.trtllm_moe_alltoall:MoeAlltoAll.combine",
+            "flashinfer.comm.trtllm_moe_alltoall:moe_a2a_get_workspace_size_per_rank"} <= one
+    assert {f"flashinfer.comm.trtllm_alltoall:MnnvlMoe.{m}" for m in (
+        "get_moe_workspaces", "get_moe_prepare_workspace",
+        "mnnvl_moe_alltoallv_prepare_without_allgather", "mnnvl_moe_alltoallv",
+        "mnnvl_moe_alltoallv_combine")} <= two
 
 
 def _engine_call_names(obj) -> set[str]:
@@ -114,28 +151,28 @@ def _engine_call_names(obj) -> set[str]:
 
 def test_library_calls_cover_every_call_the_engines_make():
     # An engine call missing from library_calls would escape the API check.
-    listed = _engine_call_names(fa.library_calls)
+    listed = _engine_call_names(api.library_calls)
     used = set()
-    for obj in (fa._mnnvl_setup, fa._OneSidedEngine, fa._TwoSidedEngine):
+    for obj in (fe.mnnvl_setup, fe.OneSidedEngine, fe.TwoSidedEngine):
         used |= _engine_call_names(obj)
     assert used and used <= listed, used - listed
 
 
 def test_api_drift_is_reported_as_api_not_found(monkeypatch):
-    real_resolve = fa.resolve
+    real_resolve = api.resolve
 
     def drifted(target):
-        if target.endswith(":moe_a2a_dispatch"):
-            def moe_a2a_dispatch(token_selected_experts, payloads, workspace):  # renamed/dropped
+        if target.endswith(":MoeAlltoAll.dispatch"):
+            def dispatch(self, token_selected_experts, payloads, max_tokens):  # renamed
                 raise AssertionError("never called")
-            return moe_a2a_dispatch
+            return dispatch
         if target.endswith("MnnvlMoe.mnnvl_moe_alltoallv"):
             raise AttributeError("type object 'MnnvlMoe' has no attribute 'mnnvl_moe_alltoallv'")
         return real_resolve(target)
 
-    monkeypatch.setattr(fa, "resolve", drifted)
+    monkeypatch.setattr(api, "resolve", drifted)
     problems = fa.api_problems()
-    assert any("moe_a2a_dispatch" in p and "rejects our arguments" in p for p in problems)
+    assert any("MoeAlltoAll.dispatch" in p and "rejects our arguments" in p for p in problems)
     assert any("mnnvl_moe_alltoallv not found" in p for p in problems)
     for backend in BACKENDS:
         ok, reason = fa.available(backend)
@@ -144,14 +181,47 @@ def test_api_drift_is_reported_as_api_not_found(monkeypatch):
             FlashInferA2A(backend, 0, 2, 8, 2, 64, 16, torch.bfloat16)
 
 
-def test_deprecated_entry_points_are_known():
-    # 0.7.2.post1 deprecates the classes (not the functional one-sided API);
-    # when they disappear the binding tests above skip and available() says why.
+def _without_trtllm_modules(monkeypatch, version):
+    # What 0.7.4 looks like: both trtllm_* all-to-all modules are gone.
+    real_resolve = api.resolve
+
+    def resolve(target):
+        if target.startswith(("flashinfer.comm.trtllm_alltoall:", "flashinfer.comm.trtllm_moe_alltoall:")):
+            raise ModuleNotFoundError(f"No module named {target.split(':')[0]!r}")
+        return real_resolve(target)
+
+    monkeypatch.setattr(api, "resolve", resolve)
+    monkeypatch.setattr(api, "flashinfer_version", lambda: version)
+
+
+def test_drift_report_on_another_version_is_drift_not_defect(monkeypatch):
+    _without_trtllm_modules(monkeypatch, "0.7.4")
+    report = fa.drift_report()
+    assert report["installed"] == "0.7.4" and report["pinned"] == PINNED_FLASHINFER
+    assert not report["is_pinned"] and not report["defect"]
+    assert len(report["problems"]) == 9 and all("not found" in p for p in report["problems"])
+    ok, reason = fa.available(ONE_SIDED)
+    assert not ok and f"flashinfer 0.7.4 (this project pins {PINNED_FLASHINFER})" in reason
+
+
+def test_drift_report_on_the_pinned_version_is_a_defect(monkeypatch):
+    _without_trtllm_modules(monkeypatch, PINNED_FLASHINFER)
+    report = fa.drift_report(TWO_SIDED)
+    assert report["is_pinned"] and report["defect"] and len(report["problems"]) == 5
+    assert "this project pins" not in fa.available(TWO_SIDED)[1]
+
+
+@pytest.mark.parametrize("deprecated, successor", sorted(api.SUCCESSORS.items()))
+def test_deprecated_entry_points_and_their_successors(deprecated, successor):
+    # The pinned version deprecates the classes the engine calls in favour of
+    # flashinfer.moe_ep's, which wrap the same calls; a later version drops them.
     try:
-        from flashinfer.comm.trtllm_alltoall import MnnvlMoe
-    except ImportError:
-        pytest.skip("MnnvlMoe removed from this flashinfer")
-    assert "deprecated" in (MnnvlMoe.__doc__ or "").lower()
+        old, new = fa.resolve(deprecated), fa.resolve(successor)
+    except (ImportError, AttributeError) as exc:
+        _absent(f"{deprecated} or {successor} ({exc})")
+    assert "deprecated" in (old.__doc__ or "").lower()
+    assert successor.rsplit(":", 1)[1] in (old.__doc__ or "")
+    assert new.__name__ == successor.rsplit(":", 1)[1]
 
 
 # ---- configuration ----------------------------------------------------------------------
@@ -183,8 +253,8 @@ def test_config_problems(backend, args, needle):
 
 
 def test_one_sided_workspace_bytes_per_token():
-    assert fa.one_sided_bytes_per_token(8, 4096, torch.bfloat16) == (8 * 4 * 2 + 4096 * 2, 4096 * 2)
-    assert fa.one_sided_bytes_per_token(2, 64, torch.float32) == (16 + 256, 256)
+    assert api.one_sided_bytes_per_token(8, 4096, torch.bfloat16) == (8 * 4 * 2 + 4096 * 2, 4096 * 2)
+    assert api.one_sided_bytes_per_token(2, 64, torch.float32) == (16 + 256, 256)
 
 
 # ---- packing helpers --------------------------------------------------------------------
@@ -280,7 +350,7 @@ class _FakeEngine:
         ids = torch.full((r, ids32.shape[1]), self.invalid_id, dtype=torch.int32)
         wp = torch.full((r, ids32.shape[1]), float("nan"))
         xp[:t], ids[:t], wp[:t] = x[slot], ids32[slot], w32[slot]
-        return _Padded(xp, ids, wp, torch.tensor([t]), slot)
+        return Padded(xp, ids, wp, torch.tensor([t]), slot)
 
     def combine(self, y_pad, slot, local_tokens):
         assert y_pad.shape[0] == self.padded_rows
@@ -313,11 +383,11 @@ def test_adapter_roundtrip_over_padded_layout(dtype):
     assert xr.shape == (5, 16) and ir.dtype == torch.int64 and wr.dtype == torch.float32
     assert not torch.isnan(xr.float()).any() and not torch.isnan(wr).any()  # padding dropped
     assert st.recv_counts == [5] and st.padded_rows == 8 and st.local_tokens == 5
-    y = fa.reference_experts(xr, ir, wr, rank=0, local_experts=4, num_experts=4)
+    y = fc.reference_experts(xr, ir, wr, rank=0, local_experts=4, num_experts=4)
     out = a.combine(y, st)
-    atol, rtol = fa._TOLERANCE[dtype]
+    atol, rtol = fc._TOLERANCE[dtype]
     assert out.dtype == dtype and out.shape == (5, 16)
-    torch.testing.assert_close(out.float(), fa.expected_combine(x, ids, w, 4), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.float(), fc.expected_combine(x, ids, w, 4), atol=atol, rtol=rtol)
 
 
 def test_adapter_accepts_the_ops_routing_tensor_parts():
@@ -388,24 +458,24 @@ def test_adapter_refuses_a_real_expert_id_as_invalid_id():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_contract_check_does_not_run_on_cpu(backend):
-    report = fa.contract_check(backend, 0, 2, 8, 2, 64, 16, torch.bfloat16)
+    report = fc.contract_check(backend, 0, 2, 8, 2, 64, 16, torch.bfloat16)
     assert report["ran"] is False and report["backend"] == backend
     assert report["reason"] == fa.available(backend)[1]
 
 
 def test_expected_combine_is_the_sum_of_reference_experts_over_ranks():
     x, ids, w = _batch(t=6, num_experts=8, top_k=4)
-    parts = sum(fa.reference_experts(x, ids, w, r, 2, 8).float() for r in range(4))
-    torch.testing.assert_close(parts, fa.expected_combine(x, ids, w, 8))
+    parts = sum(fc.reference_experts(x, ids, w, r, 2, 8).float() for r in range(4))
+    torch.testing.assert_close(parts, fc.expected_combine(x, ids, w, 8))
 
 
 def test_diagnose_names_the_failure():
     exp = torch.ones(3, 2) * 4
     contrib = torch.tensor([2, 2, 1])
-    assert "contract holds" in fa._diagnose(exp.clone(), exp, contrib, 1e-5, 1e-5)
-    assert "mean" in fa._diagnose(exp / contrib[:, None], exp, contrib, 1e-5, 1e-5)
-    assert "zeros" in fa._diagnose(torch.zeros(3, 2), exp, contrib, 1e-5, 1e-5)
-    assert "unexplained" in fa._diagnose(exp * 3, exp, contrib, 1e-5, 1e-5)
+    assert "contract holds" in fc._diagnose(exp.clone(), exp, contrib, 1e-5, 1e-5)
+    assert "mean" in fc._diagnose(exp / contrib[:, None], exp, contrib, 1e-5, 1e-5)
+    assert "zeros" in fc._diagnose(torch.zeros(3, 2), exp, contrib, 1e-5, 1e-5)
+    assert "unexplained" in fc._diagnose(exp * 3, exp, contrib, 1e-5, 1e-5)
 
 
 class _PaddedStandInEngine:
@@ -433,7 +503,7 @@ class _PaddedStandInEngine:
         xp[pos] = xr
         ids[pos] = torch.where(local, ir, torch.full_like(ir, self.invalid_id)).to(torch.int32)
         wp[pos] = wr
-        return _Padded(xp, ids, wp, torch.tensor(st.recv), (pos, st))
+        return Padded(xp, ids, wp, torch.tensor(st.recv), (pos, st))
 
     def combine(self, y_pad, handle, local_tokens):
         pos, st = handle
@@ -478,7 +548,7 @@ def _rank_contracts(rank: int, world: int) -> dict[str, dict]:
             "no_reduce": lambda: _NoReduceStandIn(rank, world, _E, _K),
         }
         for variant, factory in variants.items():
-            reports[f"{variant}-{name}"] = fa.contract_check(
+            reports[f"{variant}-{name}"] = fc.contract_check(
                 TWO_SIDED, rank, world, _E, _K, _H, _T, dtype, adapter_factory=factory, device="cpu")
     return reports
 

@@ -295,3 +295,56 @@ def test_judge_outputs_fills_every_rank_and_one_hazard_per_wrong_output(ref):
     trace.hazards, trace.output_checks = [], {}
     _judge_outputs(S, RealResult(trace, outputs={0: ref.expected(0).float(), 1: ref.expected(1).float()}))
     assert not trace.hazards and all(c.correct for c in trace.output_checks.values())
+
+
+# ---- shared experts sharded over another group than TP ----
+
+
+def _world_sharded():
+    # SGLang's DP-attention layout: the shared MLP is split over all 4 ranks
+    # ("shared@world0".."shared@world3"), not over the TP group of 2.
+    return scenario(tp=2, dp=2, ep=True, tokens=3, num_shared_experts=1)
+
+
+def test_world_sharded_shared_shards_missing_are_named():
+    s = _world_sharded()
+    r = exact_reference(s)
+    x = r.x[1]  # rank 2 holds DP rank 1's tokens
+    y = r.expected(2) - sum(r.shared_mlp(x, j, 4) for j in (0, 1, 3))  # only its own shard
+    c = judge_output(s, 2, y.float(), r, shared_group="world")
+    assert c.kind == "MISSING_REDUCTION" and c.wrong_rows == 3
+    assert c.cause == "shared@world0,world1,world3 coefficient 0 (expected 1)"
+    # Over the TP shards the same rows are not explained: why the run's group matters.
+    assert judge_output(s, 2, y.float(), r).kind == "WRONG_OUTPUT"
+
+
+def test_world_sharded_shared_shard_added_twice_is_a_double_reduction():
+    s = _world_sharded()
+    r = exact_reference(s)
+    y = r.expected(0) + r.shared_mlp(r.x[0], 0, 4)
+    c = judge_output(s, 0, y.float(), r, shared_group="world")
+    assert c.kind == "DOUBLE_REDUCTION" and c.cause == "shared@world0 coefficient 2 (expected 1)"
+
+
+def test_world_sharded_correct_output_stays_correct():
+    s = _world_sharded()
+    r = exact_reference(s)
+    for rank in range(4):
+        assert judge_output(s, rank, r.expected(rank).float(), r, shared_group="world").correct
+
+
+def test_shared_group_of_reads_the_shard_labels_of_the_real_steps():
+    from real.judge import shared_group_of
+
+    def trace(details):
+        t = Trace(source="real", scenario="s", runner="x", world=len(details))
+        for r, ds in enumerate(details):
+            t.steps[r] = [Step(rank=r, index=i, op="shared_experts", name="shared", detail=d)
+                          for i, d in enumerate(ds)]
+        return t
+
+    assert shared_group_of(trace([[f"shared@world{r}"] for r in range(4)])) == "world"
+    assert shared_group_of(trace([["shared@tp0"], ["shared@tp1"]])) == "tp"
+    assert shared_group_of(trace([["shared@full"]])) == "full"
+    assert shared_group_of(trace([["shared@tp0"], ["shared@world1"]])) is None  # mixed: unknown
+    assert shared_group_of(trace([[]])) is None

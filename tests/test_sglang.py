@@ -210,3 +210,27 @@ def test_fused_shared_needs_shared_experts():
 
     with pytest.raises(RunnerUsageError, match="needs shared experts"):
         simulate(F.QWEN3_HYBRID, FusesNothing)
+
+
+@pytest.mark.slow
+def test_world_sharded_shared_missing_reduction_is_characterised_and_confirmed():
+    """Under DP attention the shared MLP is split over the world: a rank that
+    adds only its own shard after the reduce is characterised over the world
+    shards, and confirmed from that characterisation alone where no fit exists."""
+    from twin.crosscheck import check
+    from twin.verdicts import judge_reduction
+
+    res = check(F.DS_DPATTN_ATTN_TP2, f"{HERE / 'families_sglang.py'}:ShardedSharedAddedAfterReduce", timeout_s=120)
+    real = res.real
+    assert {r: [st.detail for st in steps if st.op == "shared_experts"] for r, steps in real.steps.items()} == {
+        r: [f"shared@world{r}"] for r in range(4)}
+    for r, c in real.output_checks.items():
+        others = ",".join(f"world{j}" for j in range(4) if j != r).replace("world0,world1,world2", "world0..world2")
+        others = others.replace("world1,world2,world3", "world1..world3")
+        assert c.kind == "MISSING_REDUCTION" and c.cause == f"shared@{others} coefficient 0 (expected 1)", c.to_dict()
+    hazards = [h for h in res.sim.hazards if h.kind.value == "MISSING_REDUCTION"]
+    assert {h.rank for h in hazards} == {0, 1, 2, 3}
+    assert all(v.verdict.value == "CONFIRMED" for v in res.verdicts if v.kind == "MISSING_REDUCTION")
+    for h in hazards:  # the predicted step without a fit: the characterised kind decides
+        next(st for st in real.steps[h.rank] if st.index == h.step).value = None
+        assert judge_reduction(res.sim, real, h, 1.0).verdict.value == "CONFIRMED"
