@@ -5,11 +5,20 @@ Exit codes: 0 when the command itself worked (whatever it found); 1 with
 2 for bad input, including a runner that misuses Ops (one line naming the
 cause); 3 for an internal or infrastructure error (e.g. rank processes that
 cannot start: one line).
+
+Adding a sub-command defined in its own module is one line: append the
+module's dotted name to SUBCOMMANDS. The module defines
+`add_parsers(sub) -> None`, which adds its parser(s) to `sub` (argparse's
+sub-parsers object) with `set_defaults(func=cmd)`, where
+`cmd(args) -> int` returns the exit code. It raises
+`twin.cli_flags.BadInput` for bad input and never imports this file (the
+dependencies point down: cli.py -> twin/ -> sim/, real/ -> scenarios/).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -18,13 +27,17 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
+from twin.cli_flags import BadInput
+
 EXIT_OK, EXIT_HAZARD, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 STARTUP_TIMEOUT_S = 120.0  # real.pool.DEFAULT_STARTUP_TIMEOUT_S (not imported: torch is slow to load)
 FOLD_WORLD = 32  # simulate --json folds equivalent ranks beyond this many ranks
 
-
-class BadInput(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+# Sub-commands defined in their own modules (see the module docstring): one line each.
+SUBCOMMANDS = (
+    "twin.search.explore_cli",  # explore, mutate
+    "twin.search.verify_cli",  # verify
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +104,7 @@ def _load_scenario(ref: str):  # noqa: ANN202
 
 def _timeline(trace: Any, width: int | None, compact: bool = True, **kw: Any) -> Any:
     try:
-        from twin.timeline import render_timeline, terminal_width
+        from twin.view.timeline import render_timeline, terminal_width
     except ImportError:  # renderer not installed in this build
         return None
     return render_timeline(trace, width=width or terminal_width(), compact=compact, **kw)
@@ -126,7 +139,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"scenario": s.to_dict(), "derived": s.derived()})
         return EXIT_OK
-    from twin.report import show_scenario
+    from twin.check.report import show_scenario
 
     _print(show_scenario(s))
     return EXIT_OK
@@ -143,31 +156,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _emit_json({"scenario": s.name, "summary": s.summary_line(), "derived": s.derived(),
                     **(trace.to_folded_dict() if fold else trace.to_dict(with_steps=True))})
     else:
-        from twin.report import simulate_report
+        from twin.check.report import simulate_report
 
         _print(simulate_report(s, trace, _timeline(trace, args.width)))
     return EXIT_HAZARD if (args.fail_on_hazard and trace.hazards) else EXIT_OK
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from twin.report import replay_table
+    from twin.check.report import replay_table
 
     console = _console()
     if args.real:
-        from twin.replay_real import replay_real
+        from twin.check.replay_real import replay_real
 
         _startup_timeout(args)
         _autocalibrate(args)
         with _progress("replaying on real ranks...") as status:
             results = replay_real(progress=lambda msg: status.update(f"real: {msg}"), timeout_s=args.timeout)
     else:
-        from twin.replay import replay_sim
+        from twin.check.replay import replay_sim
 
         results = replay_sim()
     if args.json:
         _emit_json({"cases": [r.to_dict() for r in results]})
     else:
-        from twin.report import replay_details
+        from twin.check.report import replay_details
 
         _print(replay_table(results, real=args.real))
         _print(replay_details(results, real=args.real, width=console.width))
@@ -264,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "errors": {str(r): {"step": st, "error": e} for r, (st, e) in errors.items()},
                     "failures": {str(r): f for r, f in failures.items()}})
     else:
-        from twin.report import real_report
+        from twin.check.report import real_report
 
         _print(real_report(s, trace, _timeline(trace, args.width)))
     return EXIT_HAZARD if (args.fail_on_hazard and trace.hazards) else EXIT_OK
@@ -272,8 +285,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from sim import simulate
-    from twin.crosscheck import CheckResult, VerdictItem, check
-    from twin.report import check_report
+    from twin.check.crosscheck import CheckResult, VerdictItem, check
+    from twin.check.report import check_report
 
     s = _real_scenario(args)
     _autocalibrate(args)
@@ -321,17 +334,17 @@ def cmd_timeline(args: argparse.Namespace) -> int:
               file=sys.stderr)
     elif args.real:
         from real.runner import run_real
-        from twin.crosscheck import first_divergence
+        from twin.check.crosscheck import first_divergence
 
         with _progress(f"running {s.name} on {s.world} real rank(s)..."):
             real_trace = run_real(s, args.runner, prediction=sim_trace, timeout_s=args.timeout).trace
         d = first_divergence(sim_trace, real_trace, s.model.routed_scaling_factor)
         div = d[:2] if d else None
-        from twin.crosscheck import cpu_timeline
+        from twin.check.crosscheck import cpu_timeline
 
         sim_trace = cpu_timeline(s, args.runner, sim_trace)  # comparable with the CPU run
     if args.export:
-        from twin.export import write_chrome_trace
+        from twin.view.export import write_chrome_trace
 
         try:
             path = write_chrome_trace([sim_trace] + ([real_trace] if real_trace else []), args.export)
@@ -340,7 +353,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         from twin.textsafe import printable
 
         print(f"wrote {printable(path, one_line=True)}", file=sys.stderr)
-    from twin.timeline import render_text, terminal_width
+    from twin.view.timeline import render_text, terminal_width
 
     width = args.width or terminal_width()
     view = _timeline(sim_trace, width, compact=False, ranks=ranks, compare=real_trace, first_divergence=div)
@@ -483,12 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_calibrate)
 
-    from twin.explore_cli import add_parsers as add_explore_parsers
-
-    add_explore_parsers(sub)  # explore, mutate
-    from twin.verify_cli import add_parser as add_verify_parser
-
-    add_verify_parser(sub)
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).add_parsers(sub)
 
     sp = sub.add_parser("bench", help="benchmarks (medians and ratios)")
     sp.add_argument("what", choices=["sim", "real"], help="which side to benchmark")

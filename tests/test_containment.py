@@ -227,7 +227,7 @@ def test_check_and_run_skip_the_real_run_with_the_reason():
 
 def test_explore_with_a_looping_runner_returns(tmp_path):
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "twin.explore_cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
+    p = subprocess.run([sys.executable, "-m", "cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
                         "--budget", "5", "--sim-timeout", "1", "--out", str(tmp_path), "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
     assert p.returncode == 0, p.stderr

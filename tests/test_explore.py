@@ -5,13 +5,15 @@ from pathlib import Path
 
 import pytest
 
+import cli as moe_cli
 from scenarios.loader import load_file
 from scenarios.runners import BEFORE_RUNNERS, MoERunner, load_runner
 from scenarios.spec import ModelTraits, ParallelConfig, Scenario, ScenarioError, Workload
 from scenarios.trace import Hazard, HazardKind, Trace
 from sim import simulate
-from twin import explore_cli
-from twin.explore import (
+from twin.mutate import INFO, KNOWN_EQUIVALENT, MUTANTS, behaviour, run_mutation
+from twin.search import explore_cli
+from twin.search.explore import (
     Finding,
     Progress,
     _candidates,
@@ -20,7 +22,6 @@ from twin.explore import (
     target_signals,
     trace_findings,
 )
-from twin.mutate import INFO, KNOWN_EQUIVALENT, MUTANTS, behaviour, run_mutation
 
 EXPECTED = {
     "before-40673": "DOUBLE_REDUCTION",
@@ -34,7 +35,7 @@ BUDGET = 200  # what the default-budget search needs for all six at seed 0
 
 
 def cli(capsys, *argv):
-    code = explore_cli.main(list(argv))
+    code = moe_cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -301,7 +302,7 @@ def test_user_runner_from_a_file_gets_an_absolute_spec(tmp_path, monkeypatch):
 
 
 def test_confirm_error_when_the_real_run_cannot_be_done():
-    from twin.explore import confirm_finding
+    from twin.search.explore import confirm_finding
 
     big = Scenario(model=ModelTraits(hidden=32, moe_intermediate=512, num_experts=64),
                    parallel=ParallelConfig(tp=8, dp=8), workload=Workload(tokens=1))

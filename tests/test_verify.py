@@ -21,10 +21,10 @@ from scenarios.space import (
 )
 from scenarios.spec import ScenarioError
 from sim import simulate
-from twin.explore_oracle import trace_findings
-from twin.replay import CASES
-from twin.verify import assert_verified, check_shard, merge, verify
-from twin.verify_record import reads, recording, same_reads
+from twin.check.replay import CASES
+from twin.search.explore_oracle import trace_findings
+from twin.search.verify import assert_verified, check_shard, merge, verify
+from twin.search.verify_record import reads, recording, same_reads
 
 DEFAULT = space_axes("default")
 # Small enough to simulate every class in a few seconds, with every kind of
@@ -180,7 +180,7 @@ def test_default_space_finds_every_historical_regression(case):
 def test_whatever_explore_finds_verify_finds_on_its_class(runner):
     """explore's search (Hypothesis, sizes drawn freely) meets no finding
     that verify's one small representative of the same class misses."""
-    from twin.explore import explore
+    from twin.search.explore import explore
 
     wide = SPACES["wide"]
     res = explore(runner, budget=150, seed=0, out=None, do_shrink=False)
@@ -221,7 +221,7 @@ def test_shards_cover_the_space_once_and_merge_by_signature():
 
 @pytest.mark.parametrize("bad", ["1", "3/3", "-1/2", "a/b", "0/0"])
 def test_bad_shard_is_one_line(bad):
-    from twin.explore_store import ExploreInputError
+    from twin.search.explore_store import ExploreInputError
 
     with pytest.raises(ExploreInputError, match="--shard"):
         check_shard(bad)

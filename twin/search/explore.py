@@ -12,7 +12,7 @@ database keeps the pareto front of those scenarios for the next run and for a
 resumed search. Each distinct finding is then shrunk to a minimal scenario
 (`hypothesis.find` on "this signature occurs", then a greedy field-by-field
 `polish`) and written as a TOML file the other commands load. With `confirm`,
-every finding is run on the real ranks (`twin.crosscheck.check`) and gets a
+every finding is run on the real ranks (`twin.check.crosscheck.check`) and gets a
 verdict.
 
 Everything found is on disk as soon as it is found (`findings.json` plus one
@@ -35,14 +35,14 @@ from typing import Any
 from scenarios.contain import budget_stop
 from scenarios.runners import MoERunner, RunnerLoadError, load_runner
 from scenarios.spec import Scenario
-from twin.explore_oracle import (
+from twin.search.explore_oracle import (
     finding_signature,
     simulate_safe,
     target_signals,
     trace_findings,
 )
-from twin.explore_shrink import _candidates, polish, shrink  # noqa: F401 - _candidates re-exported for tests
-from twin.explore_store import (
+from twin.search.explore_shrink import _candidates, polish, shrink  # noqa: F401 - _candidates re-exported for tests
+from twin.search.explore_store import (
     FINDINGS_FILE,
     ExploreInputError,
     ExploreResult,
@@ -50,7 +50,7 @@ from twin.explore_store import (
     FindingStore,
     prepare_out,
 )
-from twin.explore_store import slug as _slug
+from twin.search.explore_store import slug as _slug
 
 DB_DIR = "hypothesis-db"
 DEFAULT_BUDGET = 300
@@ -134,7 +134,7 @@ VERDICT_RANK = {"CONFIRMED": 0, "INCONCLUSIVE": 1, "REFUTED": 2}
 
 def _verdict(f: Finding, scenario: Scenario, runner_spec: str, timeout_s: float,
              step: int | None, rank: int | None) -> tuple[str, str | None]:
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     try:
         result = check(scenario, runner_spec, timeout_s=timeout_s)

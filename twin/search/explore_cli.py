@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from twin.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
+from twin.cli_flags import BadInput
+from twin.search.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
 from twin.textsafe import printable
 
 MUTATE_BUDGET = 200
@@ -65,12 +66,6 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
     add_budgets(sp)
     json_flag(sp)
     sp.set_defaults(func=cmd_mutate)
-
-
-def _bad_input(message: str) -> Exception:
-    from cli import BadInput
-
-    return BadInput(message)
 
 
 # ---------------------------------------------------------------- progress
@@ -207,7 +202,7 @@ def explore_report(res: ExploreResult) -> list[str]:
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.contain import GracefulInterrupts
-    from twin.explore import explore
+    from twin.search.explore import explore
 
     # Ctrl-C: the search stops before its next example (a second Ctrl-C: at
     # once), saves, and returns what it has: printed below, then exit 130.
@@ -265,12 +260,12 @@ def mutate_report(d: dict[str, Any]) -> list[str]:
 
 
 def cmd_mutate(args: argparse.Namespace) -> int:
-    from twin.explore import check_budget
     from twin.mutate import run_mutation
+    from twin.search.explore import check_budget
 
     check_budget(args.budget)
     if args.equivalence < 0:
-        raise _bad_input(f"--equivalence: must be >= 0, got {args.equivalence}")
+        raise BadInput(f"--equivalence: must be >= 0, got {args.equivalence}")
     with MessageProgress() as progress:
         rep = run_mutation(budget=args.budget, confirm=args.confirm, seed=args.seed,
                            only=args.mutant, equivalence_examples=args.equivalence,
@@ -281,38 +276,3 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     else:
         _print_lines(mutate_report(d))
     return 0
-
-
-# ---------------------------------------------------------------- stand-alone entry
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> Any:
-    for action in parser._actions:  # noqa: SLF001 - argparse keeps no public handle
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            return action
-    raise RuntimeError("the parser has no sub-commands")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m twin.explore_cli explore ...`: cli.main with these sub-commands
-    registered (for as long as cli.py does not register them itself)."""
-    import cli
-
-    original = cli.build_parser
-
-    def build() -> argparse.ArgumentParser:
-        parser = original()
-        sub = _subparsers(parser)
-        if "explore" not in sub.choices:
-            add_parsers(sub)
-        return parser
-
-    cli.build_parser = build  # type: ignore[assignment]
-    try:
-        return cli.main(argv)
-    finally:
-        cli.build_parser = original  # type: ignore[assignment]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

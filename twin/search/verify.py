@@ -35,9 +35,9 @@ from scenarios.space import (
     space_axes,
 )
 from scenarios.spec import Scenario, ScenarioError
-from twin.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
-from twin.explore_store import slug as _slug
-from twin.verify_record import Reads, reads, recording, same_reads
+from twin.search.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
+from twin.search.explore_store import slug as _slug
+from twin.search.verify_record import Reads, reads, recording, same_reads
 
 Assignment = dict[str, Any]
 ProgressFn = Callable[[int, int, int], None]  # (assignments done, total, findings)
@@ -121,7 +121,7 @@ def _init_worker(limits: contain.Limits) -> None:
 
 def simulate_class(spec: str, index: int, scenario: Scenario) -> Outcome:
     """Simulate one class with its reads logged (runs in a worker; torch-free)."""
-    from twin.explore_oracle import simulate_safe, trace_findings
+    from twin.search.explore_oracle import simulate_safe, trace_findings
 
     cls = _RUNNERS.get(spec) or _RUNNERS.setdefault(spec, load_runner(spec))
     with reads() as log:
@@ -195,7 +195,7 @@ def verify(
     polish_findings: bool = True,
 ) -> VerifyResult:
     """Enumerate `space` (tp x dp <= max_world) for `runner`; see the module docstring."""
-    from twin.explore import resolve_runner
+    from twin.search.explore import resolve_runner
 
     t0 = time.perf_counter()
     axes = space_axes(space)
@@ -208,7 +208,7 @@ def verify(
         raise ExploreInputError(f"--jobs: must be a positive number of processes, got {jobs!r}")
     shard_t = check_shard(shard)
     if isinstance(runner, type):
-        from twin.explore import check_interface
+        from twin.search.explore import check_interface
 
         runner_cls, spec = load_runner(runner), f"{runner.__module__}:{runner.__qualname__}"
         check_interface(runner_cls, spec)
@@ -370,8 +370,8 @@ class _Walk:
         self.store.save()
 
     def _polish(self, f: Finding) -> None:
-        from twin.explore_oracle import simulate_safe, trace_findings
-        from twin.explore_shrink import polish
+        from twin.search.explore_oracle import simulate_safe, trace_findings
+        from twin.search.explore_shrink import polish
 
         def keep(c: Scenario) -> bool:
             return f.signature in trace_findings(simulate_safe(c, self.runner_cls))
