@@ -213,7 +213,7 @@ def test_a_finding_that_no_longer_reproduces_is_flagged(tmp_path):
 def test_cli_json_is_the_only_stdout(capsys, tmp_path):
     # 100 examples: the generated scenarios find this runner's bug in ~90% of
     # seeded 100-example runs (benchmarks/bench_verify.py), this seed included.
-    code, out, err = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100",
+    code, out, err = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100", "--no-enumerate",
                          "--seed", "0", "--out", str(tmp_path), "--json")
     assert code == 0
     data = json.loads(out)
@@ -227,12 +227,12 @@ def test_cli_json_is_the_only_stdout(capsys, tmp_path):
 
 
 def test_cli_text_and_fail_on_hazard(capsys, tmp_path):
-    code, out, _ = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100",
+    code, out, _ = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100", "--no-enumerate",
                        "--seed", "0", "--out", str(tmp_path / "a"), "--fail-on-hazard")
     assert code == 1 and "NEW" in out
     # Brackets in signatures are text, not rich markup.
     assert "LOST_OVERLAP@shared_experts[shared_experts_order=EXTERNAL]" in out
-    code, out, _ = cli(capsys, "explore", "--runner", "fixed", "--budget", "40",
+    code, out, _ = cli(capsys, "explore", "--runner", "fixed", "--budget", "40", "--no-enumerate",
                        "--seed", "0", "--out", str(tmp_path / "b"), "--fail-on-hazard")
     assert code == 0 and "no hazard found" in out
 
