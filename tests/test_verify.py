@@ -116,6 +116,27 @@ def test_a_read_that_is_not_plain_data_makes_the_run_stand_for_nothing():
     assert log.opaque and not same_reads(s, log)
 
 
+@pytest.mark.parametrize("space,max_world", [("default", 4), ("wide", 8)])
+def test_each_representative_is_in_its_own_class(space, max_world):
+    """The scenario an assignment becomes classifies back to that assignment:
+    its sizes (e.g. uneven batches) keep it on the assignment's side of every
+    predicate, so a finding of explore in a class is a finding of verify there."""
+    axes = SPACES[space]
+    every = Enumeration(axes, max_world)
+    checked = 0
+    for i in range(0, len(every), max(1, len(every) // 3000)):
+        a = every.get(i)
+        if a is None:
+            continue
+        try:
+            s = assignment_scenario(axes, a, "fixed")
+        except ScenarioError:
+            continue
+        assert classify(s, axes) == a, s.summary_line()
+        checked += 1
+    assert checked > 500
+
+
 # ---------------------------------------------------------------- soundness of the pruning
 
 
