@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scenarios.runners import BEFORE_RUNNERS  # noqa: E402
-from twin.explore import DEFAULT_BUDGET, explore  # noqa: E402
+from twin.search.explore import DEFAULT_BUDGET, explore  # noqa: E402
 
 MISS_BUDGET = 300  # a search that finds nothing in this many examples counts as a miss
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import families  # noqa: E402
 
 from scenarios.loader import load  # noqa: E402
-from twin.crosscheck import check  # noqa: E402
+from twin.check.crosscheck import check  # noqa: E402
 
 
 def _spec(cls: type) -> str:
@@ -72,7 +72,7 @@ def families_report() -> dict[str, Any]:
 
 
 def replay_time(n: int) -> float:
-    from twin.replay_real import replay_real
+    from twin.check.replay_real import replay_real
 
     times = []
     for _ in range(n):

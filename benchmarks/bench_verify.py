@@ -24,8 +24,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scenarios.runners import BEFORE_RUNNERS, MoERunner  # noqa: E402
-from twin.detection import detection_rate  # noqa: E402
-from twin.verify import verify  # noqa: E402
+from twin.search.detection import detection_rate  # noqa: E402
+from twin.search.verify import verify  # noqa: E402
 
 
 class ReadmeRunner(MoERunner):

@@ -93,10 +93,17 @@ def _uneven_tokens_supported() -> bool:
 
 
 def _uneven(v: bool, a: dict[str, Any]) -> Changes:
-    # DP ranks with different batches: rank d holds TOKENS + 2 d tokens.
+    # DP ranks with different batches, every count odd and on the class's side
+    # of the token threshold (the largest decides it): a small batch
+    # alternates 3 and 1 tokens, a large one grows by 2 per rank.
     if not v:
         return {}
-    base = TOKENS[a.get("tokens", "small")]
+    if a.get("dp", 1) < 2:
+        raise ScenarioError("workload.tokens", "uneven batches need at least 2 DP ranks")
+    size = a.get("tokens", "small")
+    base = TOKENS[size]
+    if size == "small":
+        return {"workload.tokens": [base - 2 * (d % 2) for d in range(a.get("dp", 1))]}
     return {"workload.tokens": [base + 2 * d for d in range(a.get("dp", 1))]}
 
 

@@ -27,6 +27,7 @@ from sim.cost import (
     machine_label,
     save_cpu_profile,
 )
+from twin import cli_real
 
 OTHER = {"host": "elsewhere", "cpu": "Other CPU 9000", "cores": "64", "torch": "2.0.0"}
 
@@ -76,7 +77,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeCalibrate:
 
 def autocalibrate(capsys: pytest.CaptureFixture[str]) -> list[str]:
     """The CLI's first-real-use hook; its stderr lines."""
-    cli._autocalibrate(argparse.Namespace(timeout=5.0))
+    cli_real.autocalibrate(argparse.Namespace(timeout=5.0))
     err = capsys.readouterr().err
     return [line for line in err.splitlines() if line.startswith("moe-twin:")]
 

@@ -227,8 +227,8 @@ def test_check_and_run_skip_the_real_run_with_the_reason():
 
 def test_explore_with_a_looping_runner_returns(tmp_path):
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "twin.explore_cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
-                        "--budget", "5", "--sim-timeout", "1", "--out", str(tmp_path), "--json"],
+    p = subprocess.run([sys.executable, "-m", "cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
+                        "--no-enumerate", "--budget", "5", "--sim-timeout", "1", "--out", str(tmp_path), "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
     assert p.returncode == 0, p.stderr
     assert time.monotonic() - t0 < 45
@@ -239,6 +239,22 @@ def test_explore_with_a_looping_runner_returns(tmp_path):
     for f in d["findings"]:
         assert f["kind"] == "RUNNER_ERROR" and "wall-clock budget" in f["detail"]
         assert not f["shrunk"] and "budget" in f["unshrinkable"]  # not re-run hundreds of times
+
+
+def test_explore_enumeration_with_a_looping_runner_stops_at_its_time_bound(tmp_path):
+    # Every class runs until --sim-timeout: --enumerate-time bounds the phase.
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
+                        "--enumerate-time", "3", "--budget", "2", "--sim-timeout", "1", "--out", str(tmp_path),
+                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 45
+    d = json.loads(p.stdout)
+    e = d["enumeration"]
+    assert not e["complete"] and e["stopped"] == "time bound of 3 s" and 0 < e["simulated"] <= 5
+    assert d["examples"] == 2
+    for f in d["findings"]:
+        assert f["kind"] == "RUNNER_ERROR" and "budget" in (f["unshrinkable"] or "")
 
 
 # ---------------------------------------------------------------- real ranks (slow)

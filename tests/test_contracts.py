@@ -205,7 +205,7 @@ def test_sim_predicts_the_wrong_variant(cls, scenario, kind, step, ranks):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario,kind,step,ranks", cf.WRONG[:4], ids=lambda x: getattr(x, "__name__", None))
 def test_real_confirms_the_wrong_variant(cls, scenario, kind, step, ranks):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, _spec(cls), timeout_s=120)
     vs = [v for v in res.verdicts if v.kind == kind]
@@ -221,7 +221,7 @@ def test_real_confirms_the_wrong_variant(cls, scenario, kind, step, ranks):
 
 @pytest.mark.slow
 def test_real_eplb_on_effective_backend_is_not_confirmed_on_correct_outputs():
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     cls, scenario = cf.EplbOnEffectiveBackend, cf.EPLB_DP1
     res = check(scenario, _spec(cls), timeout_s=120)
@@ -233,7 +233,7 @@ def test_real_eplb_on_effective_backend_is_not_confirmed_on_correct_outputs():
 @pytest.mark.parametrize("s", [cf.DEEPEP_HT_120, cf.DEEPEP_HT_120_SHARED, cf.UNPADDED_TP2, cf.UNPADDED_SHARED_TP2],
                          ids=lambda s: s.name)
 def test_real_fixed_matches_the_reference(s):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(s, "fixed", timeout_s=120)
     assert len(res.real.output_checks) == s.world
@@ -243,7 +243,7 @@ def test_real_fixed_matches_the_reference(s):
 
 @pytest.mark.slow
 def test_real_confirms_the_previous_version_nonlinear_transform():
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     s = cf.NONLINEAR_LATENT_TP2.with_(**{"parallel.version": "previous"})
     res = check(s, "fixed", timeout_s=120)

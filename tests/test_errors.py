@@ -315,7 +315,7 @@ def test_rank_raise_peer_hang_is_its_consequence() -> None:
     from real.runner import get_pool, resolve_kernel, run_real, start_ranks
     from scenarios.loader import load
     from sim import simulate
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     s = load("r4-gpt-oss-padded")
     result = check(s, spec("Rank1Raises"), timeout_s=60)

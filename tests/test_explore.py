@@ -5,13 +5,15 @@ from pathlib import Path
 
 import pytest
 
+import cli as moe_cli
 from scenarios.loader import load_file
 from scenarios.runners import BEFORE_RUNNERS, MoERunner, load_runner
 from scenarios.spec import ModelTraits, ParallelConfig, Scenario, ScenarioError, Workload
 from scenarios.trace import Hazard, HazardKind, Trace
 from sim import simulate
-from twin import explore_cli
-from twin.explore import (
+from twin.mutate import INFO, KNOWN_EQUIVALENT, MUTANTS, behaviour, run_mutation
+from twin.search import explore_cli
+from twin.search.explore import (
     Finding,
     Progress,
     _candidates,
@@ -20,7 +22,6 @@ from twin.explore import (
     target_signals,
     trace_findings,
 )
-from twin.mutate import INFO, KNOWN_EQUIVALENT, MUTANTS, behaviour, run_mutation
 
 EXPECTED = {
     "before-40673": "DOUBLE_REDUCTION",
@@ -34,7 +35,7 @@ BUDGET = 200  # what the default-budget search needs for all six at seed 0
 
 
 def cli(capsys, *argv):
-    code = explore_cli.main(list(argv))
+    code = moe_cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -212,7 +213,7 @@ def test_a_finding_that_no_longer_reproduces_is_flagged(tmp_path):
 def test_cli_json_is_the_only_stdout(capsys, tmp_path):
     # 100 examples: the generated scenarios find this runner's bug in ~90% of
     # seeded 100-example runs (benchmarks/bench_verify.py), this seed included.
-    code, out, err = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100",
+    code, out, err = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100", "--no-enumerate",
                          "--seed", "0", "--out", str(tmp_path), "--json")
     assert code == 0
     data = json.loads(out)
@@ -226,12 +227,12 @@ def test_cli_json_is_the_only_stdout(capsys, tmp_path):
 
 
 def test_cli_text_and_fail_on_hazard(capsys, tmp_path):
-    code, out, _ = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100",
+    code, out, _ = cli(capsys, "explore", "--runner", "before-38990", "--budget", "100", "--no-enumerate",
                        "--seed", "0", "--out", str(tmp_path / "a"), "--fail-on-hazard")
     assert code == 1 and "NEW" in out
     # Brackets in signatures are text, not rich markup.
     assert "LOST_OVERLAP@shared_experts[shared_experts_order=EXTERNAL]" in out
-    code, out, _ = cli(capsys, "explore", "--runner", "fixed", "--budget", "40",
+    code, out, _ = cli(capsys, "explore", "--runner", "fixed", "--budget", "40", "--no-enumerate",
                        "--seed", "0", "--out", str(tmp_path / "b"), "--fail-on-hazard")
     assert code == 0 and "no hazard found" in out
 
@@ -301,7 +302,7 @@ def test_user_runner_from_a_file_gets_an_absolute_spec(tmp_path, monkeypatch):
 
 
 def test_confirm_error_when_the_real_run_cannot_be_done():
-    from twin.explore import confirm_finding
+    from twin.search.explore import confirm_finding
 
     big = Scenario(model=ModelTraits(hidden=32, moe_intermediate=512, num_experts=64),
                    parallel=ParallelConfig(tp=8, dp=8), workload=Workload(tokens=1))

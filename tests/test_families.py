@@ -40,7 +40,7 @@ def test_dropped_reduction_shows_coefficient_zero():
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario,kind,ranks,verdict", families.WRONG, ids=lambda x: getattr(x, "__name__", None))
 def test_real_confirms_the_wrong_runner(cls, scenario, kind, ranks, verdict):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, _spec(cls), timeout_s=120)
     wrong = {r for r, c in res.real.output_checks.items() if not c.correct}
@@ -64,7 +64,7 @@ def test_real_confirms_the_wrong_runner(cls, scenario, kind, ranks, verdict):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario", families.CORRECT, ids=lambda x: getattr(x, "__name__", None))
 def test_real_clean_on_correct_unusual_runner(cls, scenario):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, _spec(cls), timeout_s=120)
     assert all(c.correct for c in res.real.output_checks.values()), [c.to_dict() for c in res.real.output_checks.values()]

@@ -158,8 +158,8 @@ def test_error_messages_stay_one_line_and_escaped(tmp_path):
 
 
 def _explore(out: Path, budget: str, seed: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "twin.explore_cli", "explore", "--runner", "before-40865",
-                             "--budget", budget, "--seed", seed, "--out", str(out), "--json"],
+    return subprocess.Popen([sys.executable, "-m", "cli", "explore", "--runner", "before-40865",
+                             "--no-enumerate", "--budget", budget, "--seed", seed, "--out", str(out), "--json"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -8,9 +8,10 @@ from scenarios import layout
 from scenarios.loader import load, parse_toml
 from scenarios.runners import MoERunner
 from scenarios.spec import ParallelConfig, Scenario, ScenarioError, scenario_to_toml
-from scenarios.strategies import assert_no_hazard, hybrid_scenarios
+from scenarios.strategies import hybrid_scenarios
 from scenarios.workload import expert_loads, route_arrays
 from sim import simulate
+from twin.search.asserts import assert_no_hazard
 
 TP4_EP2 = Scenario(parallel=ParallelConfig(tp=4, ep=True, ep_size=2))
 
@@ -174,7 +175,7 @@ def test_real_shards_sum_to_the_exact_layer():
     ({"tp": 1, "dp": 4, "ep": True, "ep_size": 2}, 0),  # DP gather, no SP
 ], ids=["tp4-ep2", "tp2-dp2-ep2-sp", "dp4-ep2"])
 def test_real_fixed_is_exact_on_hybrid_layouts(parallel, shared):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     s = Scenario(parallel=ParallelConfig(**parallel), kernel="torch").with_(
         **{"model.num_shared_experts": shared, "workload.tokens": 4, "workload.seed": 3})

@@ -51,7 +51,7 @@ def test_sim_rocm_newest_overlaps_on_aux_stream():
 
 @pytest.mark.slow
 def test_real_rocm_clean_against_reference():
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(_tp2("rocm"), "fixed", timeout_s=120)
     assert len(res.real.output_checks) == 2
@@ -102,7 +102,7 @@ def test_real_confirms_lost_overlap_on_rocm():
 
     import families
 
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     spec = f"{Path(families.__file__)}:CudaOnlyMultiStream"
     res = check(families.ROCM_TP2_MULTI, spec, timeout_s=120)

@@ -54,7 +54,7 @@ def test_quantized_input_must_be_bool():
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["fixed", families.SharedAfterInplaceRouted], ids=["fixed", "shared-after"])
 def test_real_in_place_on_quantized_copy_is_correct(runner):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(Q_TP2, runner if isinstance(runner, str) else _spec(runner), timeout_s=120)
     checks = res.real.output_checks

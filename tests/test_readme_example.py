@@ -23,7 +23,7 @@ def test_readme_example_fails_on_its_bug():
 
 
 def test_readme_example_finds_its_bug_in_100_of_100_seeded_runs():
-    from twin.detection import detects
+    from twin.search.detection import detects
 
     block, ns = _example()
     strategy = eval(re.search(r"@given\((.*)\)\n", block).group(1), ns)  # noqa: S307 - our own README

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def replay():
-    from twin.replay_real import replay_real
+    from twin.check.replay_real import replay_real
 
     return {(r.case.regression, r.case.runner): r for r in replay_real(timeout_s=120)}
 
@@ -77,7 +77,7 @@ def test_fixed_is_clean_everywhere(replay):
 
 
 def test_race_confirmed_by_perturbation(tmp_path):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     f = tmp_path / "race_runner.py"
     f.write_text(

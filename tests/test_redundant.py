@@ -76,7 +76,7 @@ def test_without_collective_refuses_other_ops():
 
 @pytest.mark.slow
 def test_real_confirms_by_running_without_it():
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(families.TP2, f"{HERE / 'families.py'}:SharedReducedForNothing", timeout_s=120)
     assert all(c.correct for c in res.real.output_checks.values())
@@ -94,7 +94,7 @@ def test_real_refutes_when_the_output_goes_wrong_without_it():
     # all-reduce makes the output wrong, so a claim that it is redundant fails.
     from real.runner import run_real
     from scenarios.trace import Hazard, HazardKind
-    from twin.verdicts import judge_redundant_collective
+    from twin.check.verdicts import judge_redundant_collective
 
     base = run_real(families.TP2, "fixed", prediction=simulate(families.TP2, "fixed"), timeout_s=120).trace
     target = Removed("all_reduce", "final_all_reduce")

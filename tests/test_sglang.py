@@ -143,7 +143,7 @@ def test_sim_predicts_the_wrong_variant(cls, scenario, kind, ranks, _v):
 @pytest.mark.slow
 @pytest.mark.parametrize("s", F.CLEAN, ids=lambda s: s.name)
 def test_real_equals_the_reference(s):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(s, "sglang", timeout_s=120)
     assert all(c.correct for c in res.real.output_checks.values()), [c.to_dict() for c in res.real.output_checks.values()]
@@ -153,7 +153,7 @@ def test_real_equals_the_reference(s):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario,kind,ranks,verdict", F.WRONG, ids=lambda x: getattr(x, "__name__", None))
 def test_real_confirms_the_wrong_variant(cls, scenario, kind, ranks, verdict):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, f"{HERE / 'families_sglang.py'}:{cls.__name__}", timeout_s=120)
     vs = [v for v in res.verdicts if v.kind == kind]
@@ -165,7 +165,7 @@ def test_real_confirms_the_wrong_variant(cls, scenario, kind, ranks, verdict):
 
 
 def test_explore_skips_what_the_runner_does_not_model(tmp_path):
-    from twin.explore import explore
+    from twin.search.explore import explore
 
     res = explore("sglang", budget=40, seed=1, out=tmp_path)
     assert not res.findings, [f.summary for f in res.findings]
@@ -217,8 +217,8 @@ def test_world_sharded_shared_missing_reduction_is_characterised_and_confirmed()
     """Under DP attention the shared MLP is split over the world: a rank that
     adds only its own shard after the reduce is characterised over the world
     shards, and confirmed from that characterisation alone where no fit exists."""
-    from twin.crosscheck import check
-    from twin.verdicts import judge_reduction
+    from twin.check.crosscheck import check
+    from twin.check.verdicts import judge_reduction
 
     res = check(F.DS_DPATTN_ATTN_TP2, f"{HERE / 'families_sglang.py'}:ShardedSharedAddedAfterReduce", timeout_s=120)
     real = res.real

@@ -4,8 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scenarios.runners import BEFORE_RUNNERS
-from scenarios.strategies import assert_no_hazard, moe_scenarios
+from scenarios.strategies import moe_scenarios
 from sim import simulate
+from twin.search.asserts import assert_no_hazard
 
 
 @given(moe_scenarios())

@@ -16,8 +16,9 @@ from cli import main
 from scenarios.loader import load
 from scenarios.ops import OpsUsageError
 from scenarios.runners import MoERunner
-from scenarios.strategies import assert_no_hazard, moe_scenarios
+from scenarios.strategies import moe_scenarios
 from sim import RunnerUsageError, algebra, simulate
+from twin.search.asserts import assert_no_hazard
 
 # ---------------------------------------------------------------- scenarios
 
@@ -436,7 +437,7 @@ def _render(renderable):
 
 
 def test_output_table_shows_missing_sources_as_zero_and_folds_shards():
-    from twin.report import fold_sources, outputs_table
+    from twin.check.report import fold_sources, outputs_table
 
     text = _render(outputs_table(simulate(TP_SERIAL, DropFinalReduce)))
     assert "routed@tp0=1  routed@tp1=0  shared@tp0=1  shared@tp1=0" in text

@@ -30,8 +30,8 @@ from scenarios.trace import (
     Step,
     Trace,
 )
-from twin.export import to_chrome_trace, write_chrome_trace
-from twin.timeline import render_text, render_timeline, terminal_width
+from twin.view.export import to_chrome_trace, write_chrome_trace
+from twin.view.timeline import render_text, render_timeline, terminal_width
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parent.parent
@@ -362,7 +362,7 @@ import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from rich.console import Console
 from test_timeline import make_trace
-from twin.timeline import render_timeline, terminal_width
+from twin.view.timeline import render_timeline, terminal_width
 w = terminal_width()
 print("WIDTH", w)
 Console().print(render_timeline(make_trace(), width=w))

@@ -152,7 +152,7 @@ def test_sim_predicts_the_wrong_variant(cls, scenario, kind, ranks, _v):
 @pytest.mark.slow
 @pytest.mark.parametrize("s", F.CLEAN, ids=lambda s: s.name)
 def test_real_equals_the_reference(s):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(s, "trtllm", timeout_s=120)
     assert all(c.correct for c in res.real.output_checks.values()), [c.to_dict() for c in res.real.output_checks.values()]
@@ -162,7 +162,7 @@ def test_real_equals_the_reference(s):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario,kind,ranks,verdict", F.WRONG, ids=lambda x: getattr(x, "__name__", None))
 def test_real_confirms_the_wrong_variant(cls, scenario, kind, ranks, verdict):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, f"{HERE / 'families_trtllm.py'}:{cls.__name__}", timeout_s=120)
     vs = [v for v in res.verdicts if v.kind == kind]
@@ -174,7 +174,7 @@ def test_real_confirms_the_wrong_variant(cls, scenario, kind, ranks, verdict):
 
 
 def test_explore_skips_what_the_runner_does_not_model(tmp_path):
-    from twin.explore import explore
+    from twin.search.explore import explore
 
     res = explore("trtllm", budget=40, seed=1, out=tmp_path)
     assert not res.findings, [f.summary for f in res.findings]

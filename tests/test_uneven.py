@@ -143,7 +143,7 @@ def test_sp_slices_per_dp_rank():
 
 
 def test_explore_shrinks_per_dp_rank_counts():
-    from twin.explore_shrink import _fewer_tokens
+    from twin.search.explore_shrink import _fewer_tokens
 
     assert list(_fewer_tokens((5, 2))) == [2, (1, 2), (2, 2), (4, 2), (5, 1)]
     assert list(_fewer_tokens(4)) == [1, 2, 2, 3]
@@ -278,7 +278,7 @@ def _spec(cls: type) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", fam.FIXED, ids=lambda s: s.name)
 def test_real_fixed_matches_the_reference_on_uneven(scenario):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, "fixed", timeout_s=120)
     assert len(res.real.output_checks) == scenario.world
@@ -289,7 +289,7 @@ def test_real_fixed_matches_the_reference_on_uneven(scenario):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario", fam.CORRECT, ids=lambda x: getattr(x, "__name__", getattr(x, "name", None)))
 def test_real_clean_on_correct_uneven_runner(cls, scenario):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, _spec(cls), timeout_s=120)
     assert len(res.real.output_checks) == scenario.world
@@ -302,7 +302,7 @@ def test_real_clean_on_correct_uneven_runner(cls, scenario):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario,kind,ranks,verdict", fam.WRONG, ids=lambda x: getattr(x, "__name__", None))
 def test_real_confirms_the_wrong_uneven_runner(cls, scenario, kind, ranks, verdict):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, _spec(cls), timeout_s=120)
     wrong = {r for r, c in res.real.output_checks.items() if not c.correct}
@@ -319,7 +319,7 @@ def test_real_confirms_the_wrong_uneven_runner(cls, scenario, kind, ranks, verdi
 @given(moe_scenarios(max_world=4, tp=[1, 2], dp=[2], max_tokens=6, platforms=("cpu",)), st.data())
 @settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_real_fixed_matches_the_reference_on_generated_uneven(s, data):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     s = _force_uneven(s, data, most=6)
     res = check(s, "fixed", timeout_s=120)

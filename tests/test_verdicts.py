@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scenarios.trace import Hazard, HazardKind, OutputCheck, Step, Trace, Verdict
-from twin.verdicts import (
+from twin.check.verdicts import (
     judge_characterised,
     judge_failure,
     judge_lost_overlap,
@@ -135,8 +135,8 @@ def test_predicted_hang_confirmed_by_a_consequence_hang():
 
 def test_agree_is_never_said_over_a_wrong_output():
     from scenarios.spec import Scenario
-    from twin.crosscheck import CheckResult
-    from twin.verdicts import VerdictItem
+    from twin.check.crosscheck import CheckResult
+    from twin.check.verdicts import VerdictItem
 
     sim, real = _traces(False, None, "WRONG_TOKENS")
     res = CheckResult(Scenario(), sim, real)

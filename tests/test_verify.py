@@ -21,10 +21,10 @@ from scenarios.space import (
 )
 from scenarios.spec import ScenarioError
 from sim import simulate
-from twin.explore_oracle import trace_findings
-from twin.replay import CASES
-from twin.verify import assert_verified, check_shard, merge, verify
-from twin.verify_record import reads, recording, same_reads
+from twin.check.replay import CASES
+from twin.search.explore_oracle import trace_findings
+from twin.search.verify import assert_verified, check_shard, merge, verify
+from twin.search.verify_record import reads, recording, same_reads
 
 DEFAULT = space_axes("default")
 # Small enough to simulate every class in a few seconds, with every kind of
@@ -116,6 +116,27 @@ def test_a_read_that_is_not_plain_data_makes_the_run_stand_for_nothing():
     assert log.opaque and not same_reads(s, log)
 
 
+@pytest.mark.parametrize("space,max_world", [("default", 4), ("wide", 8)])
+def test_each_representative_is_in_its_own_class(space, max_world):
+    """The scenario an assignment becomes classifies back to that assignment:
+    its sizes (e.g. uneven batches) keep it on the assignment's side of every
+    predicate, so a finding of explore in a class is a finding of verify there."""
+    axes = SPACES[space]
+    every = Enumeration(axes, max_world)
+    checked = 0
+    for i in range(0, len(every), max(1, len(every) // 3000)):
+        a = every.get(i)
+        if a is None:
+            continue
+        try:
+            s = assignment_scenario(axes, a, "fixed")
+        except ScenarioError:
+            continue
+        assert classify(s, axes) == a, s.summary_line()
+        checked += 1
+    assert checked > 500
+
+
 # ---------------------------------------------------------------- soundness of the pruning
 
 
@@ -180,7 +201,7 @@ def test_default_space_finds_every_historical_regression(case):
 def test_whatever_explore_finds_verify_finds_on_its_class(runner):
     """explore's search (Hypothesis, sizes drawn freely) meets no finding
     that verify's one small representative of the same class misses."""
-    from twin.explore import explore
+    from twin.search.explore import explore
 
     wide = SPACES["wide"]
     res = explore(runner, budget=150, seed=0, out=None, do_shrink=False)
@@ -221,7 +242,7 @@ def test_shards_cover_the_space_once_and_merge_by_signature():
 
 @pytest.mark.parametrize("bad", ["1", "3/3", "-1/2", "a/b", "0/0"])
 def test_bad_shard_is_one_line(bad):
-    from twin.explore_store import ExploreInputError
+    from twin.search.explore_store import ExploreInputError
 
     with pytest.raises(ExploreInputError, match="--shard"):
         check_shard(bad)

@@ -114,7 +114,7 @@ def bench_sim(repeats: int = 5, n: int = 200) -> dict[str, float]:
     figures["sim_cost_ratio_64_over_8_ranks"] = round(
         figures["sim_scenarios_per_s_tp8"] / figures["sim_scenarios_per_s_tp64"], 2)
 
-    from twin.replay import replay_sim
+    from twin.check.replay import replay_sim
 
     times = []
     for _ in range(repeats):

@@ -1,5 +1,6 @@
 """Flag types shared by the sub-commands, validated while parsing (before any
-scenario is loaded, any rank started or torch imported).
+scenario is loaded, any rank started or torch imported), and `BadInput`, the
+error a sub-command raises for bad input (cli.py reports it as one line, exit 2).
 
 Bounds (README, "Budgets and bounds"):
 - `--timeout S` (real ranks): 1 s to 1 day. Below a second a rank cannot even
@@ -21,6 +22,11 @@ from scenarios.contain import DEFAULT_MAX_OPS, DEFAULT_SIM_TIMEOUT_S, Limits
 TIMEOUT_RANGE_S = (1.0, 86_400.0)
 SIM_TIMEOUT_RANGE_S = (0.1, 3_600.0)
 MAX_OPS_RANGE = (1, 1_000_000)
+
+
+class BadInput(Exception):
+    """Bad input from the user: reported as one line, exit code 2. Defined here,
+    below cli.py, so sub-command modules raise it without importing cli.py."""
 
 
 def seconds(lo: float, hi: float) -> Callable[[str], float]:
@@ -76,5 +82,5 @@ def limits_of(args: argparse.Namespace) -> Limits:
                   sim_timeout_s=getattr(args, "sim_timeout", DEFAULT_SIM_TIMEOUT_S))
 
 
-__all__ = ["MAX_OPS_RANGE", "SIM_TIMEOUT_RANGE_S", "TIMEOUT_RANGE_S", "add_budgets", "add_timeout", "count",
+__all__ = ["MAX_OPS_RANGE", "BadInput", "SIM_TIMEOUT_RANGE_S", "TIMEOUT_RANGE_S", "add_budgets", "add_timeout", "count",
            "limits_of", "seconds"]

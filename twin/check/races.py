@@ -19,7 +19,7 @@ from typing import Any
 from scenarios.backends import backend_info
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, OutputCheck, Trace, Verdict
-from twin.verdicts import VerdictItem, describe_wrong, wrong_ranks
+from twin.check.verdicts import VerdictItem, describe_wrong, wrong_ranks
 
 RACE_REPEATS = 2  # runs per delayed stream (stops at the first wrong output)
 MARGIN_S = 0.02  # added to the measured duration of the other streams' work

@@ -235,7 +235,7 @@ def replay_table(results: list[Any], real: bool = False) -> RenderableType:
 
 
 def replay_details(results: list[Any], real: bool = False, width: int = 80) -> RenderableType:
-    from twin.timeline import render_timeline
+    from twin.view.timeline import render_timeline
 
     parts: list[RenderableType] = []
     for r in results:
@@ -260,7 +260,7 @@ def replay_details(results: list[Any], real: bool = False, width: int = 80) -> R
 def agreement_line(result: Any, ran: bool = True) -> Text:
     """Sim vs real in one line; never "agree" while a rank's output is wrong
     and unaccounted for (the verdicts say which)."""
-    from twin.verdicts import wrong_ranks
+    from twin.check.verdicts import wrong_ranks
 
     if result.divergence:
         r, i, what = result.divergence

@@ -58,6 +58,8 @@ class Finding:
     # Why it is not shrunk (a runner stopped by a budget takes the whole budget
     # on every scenario: shrinking would re-run it hundreds of times).
     unshrinkable: str | None = None
+    # Which phase met it first: "enumeration" (verify's classes) or "search" (Hypothesis).
+    found_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,7 @@ class Finding:
             "rank": self.rank,
             "found": self.found.to_dict() if self.found is not None else None,
             "unshrinkable": self.unshrinkable,
+            "found_by": self.found_by,
         }
 
     @classmethod
@@ -97,6 +100,7 @@ class Finding:
             rank=d.get("rank"),
             found=scenario_from_dict(d["found"]) if d.get("found") else None,
             unshrinkable=d.get("unshrinkable"),
+            found_by=d.get("found_by"),
         )
 
 
@@ -110,6 +114,8 @@ class ExploreResult:
     elapsed_s: float = 0.0
     search_s: float = 0.0
     interrupted: bool = False  # Ctrl-C: what was collected until then
+    # The enumeration phase (explore_enum.EnumerationSummary.to_dict), None when skipped.
+    enumeration: dict[str, Any] | None = None
 
     @property
     def new_findings(self) -> list[Finding]:
@@ -124,6 +130,7 @@ class ExploreResult:
             "first_finding_at": self.first_finding_at,
             "elapsed_s": round(self.elapsed_s, 3),
             "interrupted": self.interrupted,
+            "enumeration": self.enumeration,
         }
 
 

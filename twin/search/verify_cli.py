@@ -1,4 +1,4 @@
-"""The `verify` sub-command (registered on cli.py's parser by `add_parser`).
+"""The `verify` sub-command (registered on cli.py's parser by `add_parsers`).
 
 Progress goes to stderr (a rich bar when stderr is a terminal, a plain line
 every PLAIN_EVERY_PCT percent otherwise); stdout carries only the report or,
@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twin.explore_cli import LiveBar
+from twin.cli_flags import BadInput
+from twin.search.explore_cli import LiveBar
 from twin.textsafe import printable
 
 PLAIN_EVERY_PCT = 10
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     from twin.cli_flags import add_budgets
 
     sp = sub.add_parser("verify", help="enumerate the decision space (one small scenario per class); "
@@ -83,8 +84,8 @@ def verify_report(d: dict[str, Any]) -> list[str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from twin.explore_cli import _print_lines
-    from twin.verify import merge, verify
+    from twin.search.explore_cli import _print_lines
+    from twin.search.verify import merge, verify
 
     if args.merge:
         d = merge([_read_json(p) for p in args.merge])
@@ -102,8 +103,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    from cli import BadInput
-
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -113,4 +112,4 @@ def _read_json(path: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["add_parser", "cmd_verify", "verify_report"]
+__all__ = ["add_parsers", "cmd_verify", "verify_report"]

@@ -9,9 +9,9 @@ from typing import Any
 
 from scenarios.loader import load
 from scenarios.trace import Verdict
-from twin.crosscheck import CheckResult, check
-from twin.replay import CaseResult
-from twin.verdicts import output_summary, wrong_ranks
+from twin.check.crosscheck import CheckResult, check
+from twin.check.replay import CaseResult
+from twin.check.verdicts import output_summary, wrong_ranks
 
 
 @dataclass
@@ -91,7 +91,7 @@ class RealCaseResult(CaseResult):
 
 
 def replay_real(progress: Callable[[str], None] | None = None, timeout_s: float = 120.0) -> list[RealCaseResult]:
-    from twin.replay import CASES
+    from twin.check.replay import CASES
 
     out = []
     for case in CASES:

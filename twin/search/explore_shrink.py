@@ -9,8 +9,8 @@ from typing import Any
 
 from scenarios.runners import MoERunner
 from scenarios.spec import Scenario, ScenarioError
-from twin.explore_oracle import simulate_safe, trace_findings
-from twin.explore_store import slug as _slug
+from twin.search.explore_oracle import simulate_safe, trace_findings
+from twin.search.explore_store import slug as _slug
 
 
 def _candidates(s: Scenario) -> Iterator[dict[str, Any]]:

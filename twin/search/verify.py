@@ -35,9 +35,9 @@ from scenarios.space import (
     space_axes,
 )
 from scenarios.spec import Scenario, ScenarioError
-from twin.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
-from twin.explore_store import slug as _slug
-from twin.verify_record import Reads, reads, recording, same_reads
+from twin.search.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
+from twin.search.explore_store import slug as _slug
+from twin.search.verify_record import Reads, reads, recording, same_reads
 
 Assignment = dict[str, Any]
 ProgressFn = Callable[[int, int, int], None]  # (assignments done, total, findings)
@@ -73,6 +73,9 @@ class VerifyResult:
     jobs: int = 1
     # assignment index -> signatures, for every valid class (kept on request)
     outcomes: dict[int, frozenset[str]] | None = None
+    complete: bool = True  # False: stopped early (`should_stop`), the counts cover what was done
+    assignments_done: int = 0  # of this shard's range, invalid and out-of-world ones included
+    assignments_total: int = 0
 
     @property
     def simulated(self) -> int:
@@ -103,6 +106,7 @@ class VerifyResult:
             "jobs": self.jobs,
             "elapsed_s": round(self.elapsed_s, 3),
             "statement": self.statement(),
+            "complete": self.complete,
         }
 
 
@@ -126,7 +130,7 @@ def _init_worker(limits: contain.Limits) -> None:
 
 def simulate_class(spec: str, index: int, scenario: Scenario) -> Outcome:
     """Simulate one class with its reads logged (runs in a worker; torch-free)."""
-    from twin.explore_oracle import simulate_safe, trace_findings
+    from twin.search.explore_oracle import simulate_safe, trace_findings
 
     cls = _RUNNERS.get(spec) or _RUNNERS.setdefault(spec, load_runner(spec))
     with reads() as log:
@@ -198,9 +202,18 @@ def verify(
     progress: ProgressFn | None = None,
     keep_outcomes: bool = False,
     polish_findings: bool = True,
+    store: FindingStore | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    name_prefix: str = "verify",
 ) -> VerifyResult:
-    """Enumerate `space` (tp x dp <= max_world) for `runner`; see the module docstring."""
-    from twin.explore import resolve_runner
+    """Enumerate `space` (tp x dp <= max_world) for `runner`; see the module docstring.
+
+    `store`: record the findings there (explore's store: its files, its known
+    signatures) instead of a store of this call's own under `out`.
+    `should_stop`, polled before each assignment (jobs = 1 only): True ends
+    the enumeration there, `complete` False. `name_prefix` names the findings'
+    scenario files."""
+    from twin.search.explore import resolve_runner
 
     t0 = time.perf_counter()
     axes = space_axes(space)
@@ -211,9 +224,11 @@ def verify(
         raise ExploreInputError(f"--max-world: must be a positive number of ranks, got {max_world!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ExploreInputError(f"--jobs: must be a positive number of processes, got {jobs!r}")
+    if should_stop is not None and jobs != 1:
+        raise ExploreInputError("verify: should_stop needs jobs = 1 (the workers are not polled)")
     shard_t = check_shard(shard)
     if isinstance(runner, type):
-        from twin.explore import check_interface
+        from twin.search.explore import check_interface
 
         runner_cls, spec = load_runner(runner), f"{runner.__module__}:{runner.__qualname__}"
         check_interface(runner_cls, spec)
@@ -224,17 +239,22 @@ def verify(
     else:
         runner_cls, spec = resolve_runner(runner)
     _RUNNERS.setdefault(spec, runner_cls)
-    out_path = prepare_out(Path(out)) if out is not None else None
-    store = FindingStore(out_path, spec)
+    if store is None:
+        store = FindingStore(prepare_out(Path(out)) if out is not None else None, spec)
     res = VerifyResult(spec, space, max_world, axes_dict(axes, max_world), shard=shard_t, jobs=jobs,
                        outcomes={} if keep_outcomes else None)
     every = Enumeration(axes, max_world)
     lo, hi = _shard_range(len(every), shard_t)
+    res.assignments_total = hi - lo
     say = progress or (lambda _d, _t, _f: None)
     if jobs == 1:
-        _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings, say).run()
+        walk = _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings, say,
+                     should_stop, name_prefix)
+        walk.run()
+        res.assignments_done = walk.done
     else:
         _parallel(space, max_world, every, lo, hi, spec, res, store, prune, polish_findings, jobs, say)
+        res.assignments_done = hi - lo
     res.findings = sorted(store.findings.values(), key=lambda f: f.signature)
     res.elapsed_s = time.perf_counter() - t0
     store.save()
@@ -298,10 +318,12 @@ class _Walk:
 
     def __init__(self, axes: tuple[Axis, ...], every: Enumeration, lo: int, hi: int, spec: str,
                  runner_cls: type[MoERunner], res: VerifyResult, store: FindingStore, prune: bool,
-                 polish_findings: bool, progress: ProgressFn) -> None:
+                 polish_findings: bool, progress: ProgressFn, should_stop: Callable[[], bool] | None = None,
+                 name_prefix: str = "verify") -> None:
         self.axes, self.every, self.lo, self.hi = axes, every, lo, hi
         self.spec, self.runner_cls, self.res, self.store = spec, runner_cls, res, store
         self.prune, self.polish_findings, self.progress = prune, polish_findings, progress
+        self.should_stop, self.name_prefix = should_stop, name_prefix
         self.covered: dict[int, int] = {}  # pruned index -> the simulated index it is equivalent to
         self.scenarios: dict[int, Scenario] = {}
         self.assignment: dict[int, Assignment] = {}  # of the classes in flight
@@ -314,6 +336,9 @@ class _Walk:
     def _classes(self) -> Any:
         """The classes still to simulate (valid, not yet proved equivalent)."""
         for i in range(self.lo, self.hi):
+            if self.should_stop is not None and self.should_stop():
+                self.res.complete = False
+                return
             a = self.every.get(i)
             if a is None:  # tp x dp over max_world: not part of the space
                 self._tick()
@@ -375,9 +400,9 @@ class _Walk:
 
     def _new_finding(self, sig: str, kind: str, detail: str, step: int, rank: int, s: Scenario,
                      o: Outcome) -> None:
-        named = s.with_(name=f"verify-{_slug(sig)}", summary=detail)
+        named = s.with_(name=f"{self.name_prefix}-{_slug(sig)}", summary=detail)
         f = Finding(kind, sig, detail, named, found_at=self.done + 1, decisions=o.decisions,
-                    step=step, rank=rank, found=named)
+                    step=step, rank=rank, found=named, found_by="enumeration")
         if o.budget_stop is not None:
             f.unshrinkable = f"stopped by a budget ({o.budget_stop})"
         elif self.polish_findings:
@@ -387,8 +412,8 @@ class _Walk:
         self.store.save()
 
     def _polish(self, f: Finding) -> None:
-        from twin.explore_oracle import simulate_safe, trace_findings
-        from twin.explore_shrink import polish
+        from twin.search.explore_oracle import simulate_safe, trace_findings
+        from twin.search.explore_shrink import polish
 
         def keep(c: Scenario) -> bool:
             return f.signature in trace_findings(simulate_safe(c, self.runner_cls))
@@ -423,6 +448,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["findings"] = [findings[k] for k in sorted(findings)]
     out["proved_clean"] = not findings
     out["shards"] = len(results)
+    out["complete"] = all(bool(r.get("complete", True)) for r in results)
     out["elapsed_s"] = round(sum(float(r.get("elapsed_s", 0.0)) for r in results), 3)
     out["statement"] = statement(out["classes"], len(findings), out["axes"] or {}, out["unsupported"])
     return out

@@ -1,5 +1,10 @@
 """Search for hazards: Hypothesis drives `moe_scenarios`, the simulator is the oracle.
 
+With `enumerate_first` (the `explore` command's default) the search starts
+with `verify`'s enumeration of a decision space (twin/search/explore_enum.py):
+every decision class once, bounded by time; the Hypothesis phase then draws
+sizes and the continuous knobs the space leaves out.
+
 One search (`explore`) runs the runner under test on generated scenarios and
 collects every distinct finding (hazard kind + step, + the order decision for
 overlap hazards) without failing the test body. The budget is spent as a
@@ -12,7 +17,7 @@ database keeps the pareto front of those scenarios for the next run and for a
 resumed search. Each distinct finding is then shrunk to a minimal scenario
 (`hypothesis.find` on "this signature occurs", then a greedy field-by-field
 `polish`) and written as a TOML file the other commands load. With `confirm`,
-every finding is run on the real ranks (`twin.crosscheck.check`) and gets a
+every finding is run on the real ranks (`twin.check.crosscheck.check`) and gets a
 verdict.
 
 Everything found is on disk as soon as it is found (`findings.json` plus one
@@ -35,14 +40,20 @@ from typing import Any
 from scenarios.contain import budget_stop
 from scenarios.runners import MoERunner, RunnerLoadError, load_runner
 from scenarios.spec import Scenario
-from twin.explore_oracle import (
+from twin.search.explore_enum import (
+    DEFAULT_ENUMERATE_S,
+    DEFAULT_SPACE,
+    INTERRUPTED,
+    enumerate_phase,
+)
+from twin.search.explore_oracle import (
     finding_signature,
     simulate_safe,
     target_signals,
     trace_findings,
 )
-from twin.explore_shrink import _candidates, polish, shrink  # noqa: F401 - _candidates re-exported for tests
-from twin.explore_store import (
+from twin.search.explore_shrink import _candidates, polish, shrink  # noqa: F401 - _candidates re-exported for tests
+from twin.search.explore_store import (
     FINDINGS_FILE,
     ExploreInputError,
     ExploreResult,
@@ -50,7 +61,7 @@ from twin.explore_store import (
     FindingStore,
     prepare_out,
 )
-from twin.explore_store import slug as _slug
+from twin.search.explore_store import slug as _slug
 
 DB_DIR = "hypothesis-db"
 DEFAULT_BUDGET = 300
@@ -75,6 +86,9 @@ class Progress:
     new_findings: int
     confirmed: int
     message: str = ""
+    # The enumeration phase ("enumerate"): assignments done out of its total.
+    done: int = 0
+    total: int = 0
 
 
 ProgressFn = Callable[[Progress], None]
@@ -134,7 +148,7 @@ VERDICT_RANK = {"CONFIRMED": 0, "INCONCLUSIVE": 1, "REFUTED": 2}
 
 def _verdict(f: Finding, scenario: Scenario, runner_spec: str, timeout_s: float,
              step: int | None, rank: int | None) -> tuple[str, str | None]:
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     try:
         result = check(scenario, runner_spec, timeout_s=timeout_s)
@@ -219,6 +233,9 @@ def explore(
     timeout_s: float = 60.0,
     partial_on_interrupt: bool = False,
     stop_requested: Callable[[], bool] | None = None,
+    enumerate_first: bool = False,
+    enumerate_space: Any = DEFAULT_SPACE,
+    enumerate_s: float = DEFAULT_ENUMERATE_S,
 ) -> ExploreResult:
     """Search `runner` for hazards over generated scenarios; see the module docstring.
 
@@ -227,7 +244,11 @@ def explore(
     `partial_on_interrupt` it returns that instead (`interrupted` set).
     `stop_requested` is polled before every example (and between findings
     when shrinking or confirming): True stops the search like a Ctrl-C, at a
-    point where no library is mid-way through its own bookkeeping."""
+    point where no library is mid-way through its own bookkeeping.
+    `enumerate_first`: run verify's enumeration of `enumerate_space` (a space
+    name or a table of axes) first, for at most `enumerate_s` seconds; off by
+    default here so library callers (mutate, the benchmarks) keep a pure
+    Hypothesis budget."""
     t0 = time.perf_counter()
     budget = check_budget(budget)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -240,23 +261,30 @@ def explore(
     say = progress or (lambda _p: None)
     polled = stop_requested or (lambda: False)
 
-    state: dict[str, Any] = {"examples": 0, "first": None, "confirmed": 0, "stopped": False, "search_s": 0.0}
+    if enumerate_first and (isinstance(enumerate_s, bool) or not isinstance(enumerate_s, int | float)
+                            or not 0 < enumerate_s < float("inf")):
+        raise ExploreInputError(f"--enumerate-time: must be a positive number of seconds, got {enumerate_s!r}")
+    state: dict[str, Any] = {"examples": 0, "first": None, "confirmed": 0, "stopped": False, "search_s": 0.0,
+                             "enumeration": None}
 
-    def progress_now(phase: str, message: str = "") -> Progress:
+    def progress_now(phase: str, message: str = "", done: int = 0, total: int = 0) -> Progress:
         new = sum(1 for f in store.findings.values() if f.new)
-        return Progress(phase, state["examples"], budget, len(store.findings), new, state["confirmed"], message)
+        return Progress(phase, state["examples"], budget, len(store.findings), new, state["confirmed"], message,
+                        done, total)
 
-    def report(phase: str, message: str = "") -> None:
+    def report(phase: str, message: str = "", done: int = 0, total: int = 0) -> None:
         if polled():  # a stop request ends the search here, like a Ctrl-C
             raise KeyboardInterrupt
         if phase:
-            say(progress_now(phase, message))
+            say(progress_now(phase, message, done, total))
 
     interrupted = False
     try:
         # Findings from an earlier run: still there with today's runner code?
         for f in store.findings.values():
             f.reproduces = f.signature in trace_findings(simulate_safe(f.scenario, runner_cls))
+        if enumerate_first:
+            _enumerate(spec, store, state, report, enumerate_space, enumerate_s)
         _search(runner_cls, spec, kwargs, budget, seed, targeting, round_size, stop_on_first,
                 out_path, store, state, report)
         state["search_s"] = time.perf_counter() - t0
@@ -274,9 +302,21 @@ def explore(
         store.save()  # the count of an interrupted search too
     findings = sorted(store.findings.values(), key=lambda f: (not f.new, f.signature))
     say(progress_now("interrupted" if interrupted else "done"))
+    enumeration = state["enumeration"]
     return ExploreResult(spec, state["examples"], findings, out_path, state["first"],
                          time.perf_counter() - t0, state["search_s"] or time.perf_counter() - t0,
-                         interrupted=interrupted)
+                         interrupted=interrupted, enumeration=enumeration.to_dict() if enumeration else None)
+
+
+def _enumerate(spec: str, store: FindingStore, state: dict[str, Any], report: Callable[..., None],
+               space: Any, time_s: float) -> None:
+    """The enumeration phase; its summary is kept even when a stop request ends it."""
+    summary = enumerate_phase(spec, store, report, space=space, time_s=time_s)
+    state["enumeration"] = summary
+    store.save()
+    if summary.stopped == INTERRUPTED:
+        raise KeyboardInterrupt
+    report("enumerate", summary.line(), done=summary.assignments_done, total=summary.assignments_total)
 
 
 def _search(runner_cls: type[MoERunner], spec: str, kwargs: dict[str, Any], budget: int, seed: int | None,
@@ -317,7 +357,8 @@ def _search(runner_cls: type[MoERunner], spec: str, kwargs: dict[str, Any], budg
                 continue
             named = s.with_(name=f"explore-{_slug(sig)}", summary=str(h))
             f = Finding(h.kind.value, sig, str(h), named, found_at=state["examples"],
-                        decisions=dict(trace.decisions), step=h.step, rank=h.rank, found=named)
+                        decisions=dict(trace.decisions), step=h.step, rank=h.rank, found=named,
+                        found_by="search")
             stop = budget_stop(trace.notes)
             if stop is not None:
                 f.unshrinkable = f"stopped by a budget ({stop})"

@@ -9,21 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from twin.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
+from twin.cli_flags import BadInput
+from twin.search.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
+from twin.search.explore_enum import DEFAULT_ENUMERATE_S, DEFAULT_SPACE
 from twin.textsafe import printable
 
 MUTATE_BUDGET = 200
 PLAIN_EVERY = 50  # examples between two plain progress lines
+PLAIN_EVERY_PCT = 10  # of the enumeration's assignments between two plain progress lines
 
 
 def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Register `explore` and `mutate` on cli.py's sub-parsers object."""
-    from twin.cli_flags import add_budgets, add_timeout
+    from twin.cli_flags import add_budgets, add_timeout, seconds
 
     def json_flag(sp: argparse.ArgumentParser) -> None:
         if common_json_flag_fn is not None:
@@ -31,8 +34,8 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
         else:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = sub.add_parser("explore", help="search generated scenarios for hazards of a runner; "
-                                        "shrink each finding to a minimal scenario file")
+    sp = sub.add_parser("explore", help="enumerate the decision classes of a space, then search generated "
+                                        "scenarios for hazards of a runner; a minimal scenario file per finding")
     sp.add_argument("--runner", default="fixed", help="runner preset or module:Class (default: fixed)")
     sp.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                     help=f"examples to try (default {DEFAULT_BUDGET})")
@@ -46,6 +49,13 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
     add_budgets(sp)
     sp.add_argument("--no-target", action="store_true",
                     help="plain generation: no hypothesis.target() severity climbing")
+    sp.add_argument("--no-enumerate", action="store_true",
+                    help="skip the first phase (verify's enumeration of the decision space): Hypothesis only")
+    sp.add_argument("--enumerate-space", default=DEFAULT_SPACE, choices=["default", "wide"],
+                    help=f"the space the first phase enumerates (default: {DEFAULT_SPACE})")
+    sp.add_argument("--enumerate-time", type=seconds(1.0, 86_400.0), default=DEFAULT_ENUMERATE_S, metavar="S",
+                    help=f"seconds the first phase may take; past them it stops and says how much of the "
+                         f"space it covered (default {DEFAULT_ENUMERATE_S:g})")
     sp.add_argument("--fail-on-hazard", action="store_true", help="exit 1 when there is a finding")
     json_flag(sp)
     sp.set_defaults(func=cmd_explore)
@@ -65,12 +75,6 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
     add_budgets(sp)
     json_flag(sp)
     sp.set_defaults(func=cmd_mutate)
-
-
-def _bad_input(message: str) -> Exception:
-    from cli import BadInput
-
-    return BadInput(message)
 
 
 # ---------------------------------------------------------------- progress
@@ -119,18 +123,26 @@ class ExploreProgress(LiveBar):
         status = f"{p.findings} finding(s), {p.new_findings} new"
         if p.confirmed:
             status += f", {p.confirmed} confirmed"
+        enumerating = p.phase == "enumerate"
+        done, total = (p.done, p.total) if enumerating else (min(p.examples, p.budget), p.budget)
         if self._bar is not None:
             from rich.text import Text
 
-            self._bar.update(self._task, completed=min(p.examples, p.budget), total=p.budget,
+            self._bar.update(self._task, completed=done, total=total,
                              description=printable(f"{self.title}: {p.phase}", one_line=True), status=status)
             if p.message:  # runner text (signatures carry step names): never markup
                 self._bar.console.print(Text(printable(f"  {p.message}", one_line=True)))
             return
-        due = p.examples - self._last_line >= PLAIN_EVERY
+        if enumerating:
+            due = 100 * (p.done - self._last_line) >= PLAIN_EVERY_PCT * max(p.total, 1)
+            count = f"{p.done}/{p.total} assignments"
+        else:
+            due = p.examples - self._last_line >= PLAIN_EVERY
+            count = f"{p.examples}/{p.budget} examples"
         if p.message or due or p.phase != self._phase:
-            self._last_line, self._phase = p.examples, p.phase
-            line = f"{self.title}: {p.phase}: {p.examples}/{p.budget} examples, {status}"
+            self._last_line = p.done if enumerating else p.examples
+            self._phase = p.phase
+            line = f"{self.title}: {p.phase}: {count}, {status}"
             line += f": {p.message}" if p.message else ""
             print(printable(line, one_line=True), file=self.stream, flush=True)
 
@@ -188,14 +200,16 @@ def explore_report(res: ExploreResult) -> list[str]:
     new = len(res.new_findings)
     where = f" ({e(res.out.as_posix())})" if res.out is not None else ""
     head = f"[bold]explore {e(res.runner)}[/bold]: {res.examples} examples{' (interrupted)' if res.interrupted else ''}, "
+    enum = [f"  {e(_enumeration_line(res.enumeration))}"] if res.enumeration else []
     if not res.findings:
-        return [head + f"[green]no hazard found[/green]{where}"]
-    lines = [head + f"{len(res.findings)} finding(s), {new} new{where}"]
+        return [head + f"[green]no hazard found[/green]{where}", *enum]
+    lines = [head + f"{len(res.findings)} finding(s), {new} new{where}", *enum]
     for f in res.findings:
         tag = "[bold yellow]NEW[/bold yellow]" if f.new else "old"
         verdict = e(f" [{f.verdict}]") if f.verdict else ""
         stale = "" if f.reproduces else " [dim](no longer reproduces with this runner)[/dim]"
-        lines.append(f" {tag} [bold]{e(f.signature)}[/bold]{verdict}{stale}")
+        by = e(f" (by the {f.found_by})") if f.found_by and f.new else ""
+        lines.append(f" {tag} [bold]{e(f.signature)}[/bold]{verdict}{stale}{by}")
         lines.append(f"     {e(f.scenario_file or '(not written)')}: {e(f.scenario.summary_line())}")
         lines.append(f"     {e(f.detail)}")
         if f.unshrinkable:
@@ -205,9 +219,15 @@ def explore_report(res: ExploreResult) -> list[str]:
     return lines
 
 
+def _enumeration_line(d: dict[str, Any]) -> str:
+    from twin.search.explore_enum import EnumerationSummary
+
+    return EnumerationSummary.from_dict(d).line()
+
+
 def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.contain import GracefulInterrupts
-    from twin.explore import explore
+    from twin.search.explore import explore
 
     # Ctrl-C: the search stops before its next example (a second Ctrl-C: at
     # once), saves, and returns what it has: printed below, then exit 130.
@@ -217,7 +237,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
                       out=Path(args.out), confirm=args.confirm, progress=progress,
                       timeout_s=getattr(args, "timeout", 60.0),
                       targeting=not getattr(args, "no_target", False), partial_on_interrupt=True,
-                      stop_requested=stop)
+                      stop_requested=stop, enumerate_first=not args.no_enumerate,
+                      enumerate_space=args.enumerate_space, enumerate_s=args.enumerate_time)
     if args.json:
         sys.stdout.write(json.dumps(res.to_dict(), indent=2) + "\n")
     else:
@@ -265,12 +286,12 @@ def mutate_report(d: dict[str, Any]) -> list[str]:
 
 
 def cmd_mutate(args: argparse.Namespace) -> int:
-    from twin.explore import check_budget
     from twin.mutate import run_mutation
+    from twin.search.explore import check_budget
 
     check_budget(args.budget)
     if args.equivalence < 0:
-        raise _bad_input(f"--equivalence: must be >= 0, got {args.equivalence}")
+        raise BadInput(f"--equivalence: must be >= 0, got {args.equivalence}")
     with MessageProgress() as progress:
         rep = run_mutation(budget=args.budget, confirm=args.confirm, seed=args.seed,
                            only=args.mutant, equivalence_examples=args.equivalence,
@@ -281,38 +302,3 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     else:
         _print_lines(mutate_report(d))
     return 0
-
-
-# ---------------------------------------------------------------- stand-alone entry
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> Any:
-    for action in parser._actions:  # noqa: SLF001 - argparse keeps no public handle
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            return action
-    raise RuntimeError("the parser has no sub-commands")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m twin.explore_cli explore ...`: cli.main with these sub-commands
-    registered (for as long as cli.py does not register them itself)."""
-    import cli
-
-    original = cli.build_parser
-
-    def build() -> argparse.ArgumentParser:
-        parser = original()
-        sub = _subparsers(parser)
-        if "explore" not in sub.choices:
-            add_parsers(sub)
-        return parser
-
-    cli.build_parser = build  # type: ignore[assignment]
-    try:
-        return cli.main(argv)
-    finally:
-        cli.build_parser = original  # type: ignore[assignment]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,8 +17,8 @@ from typing import Any
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Trace
 from sim import simulate
-from twin.races import judge_race
-from twin.verdicts import (
+from twin.check.races import judge_race
+from twin.check.verdicts import (
     REDUCTIONS,
     RESIDUAL_OK,
     VerdictItem,
@@ -256,7 +256,7 @@ def _dedupe(hazards: list[Hazard]) -> list[Hazard]:
 
 def replay_real(progress: Callable[[str], None] | None = None, timeout_s: float = 120.0) -> list[Any]:
     """Kept here for existing imports; lives in twin/replay_real.py."""
-    from twin.replay_real import replay_real as run
+    from twin.check.replay_real import replay_real as run
 
     return run(progress=progress, timeout_s=timeout_s)
 

@@ -9,54 +9,32 @@ character as well as by colour.
 from __future__ import annotations
 
 import io
-import math
-import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from rich.console import Console, RenderableType
 from rich.text import Text
 
-from scenarios.trace import COLLECTIVE, COMPUTE, EVENT, PADDING, WAIT, Hazard, Step, Trace
-from twin.textsafe import printable, same_width
+from scenarios.trace import Hazard, Step, Trace
+from twin.view.timeline_cells import (
+    DIM,
+    DIVERGE_STYLE,
+    HAZARD_STYLE,
+    LOOKS,
+    Mark,
+    Scale,
+    bar_cells,
+    cells_line,
+    look_key,
+    mark_cells,
+    plain_line,
+    scale_rows,
+    wrapped_lines,
+)
 
 __all__ = ["render_timeline", "render_text", "terminal_width", "overlap_of"]
 
 STREAM_ORDER = ("main", "aux", "comm")
 MIN_BAR_COLUMNS = 10
-
-
-@dataclass(frozen=True)
-class _Look:
-    legend: str  # legend key
-    fill: str  # monochrome identity of the category
-    colour: str  # fill character colour
-    label: str  # style of the step name written on the bar
-
-
-_LOOKS: dict[str, _Look] = {
-    "compute": _Look("compute", "█", "white", "bold black on white"),
-    "routed": _Look("routed", "▓", "blue", "bold bright_white on blue"),
-    "shared": _Look("shared", "▒", "magenta", "bold bright_white on magenta"),
-    "collective": _Look("collective", "═", "yellow", "bold black on yellow"),
-    "padding": _Look("pad/trim", "░", "cyan", "bold black on cyan"),
-    "wait": _Look("wait", "╌", "bright_black", "bright_white on bright_black"),
-    "other": _Look("other", "-", "bright_black", "bright_white on bright_black"),
-}
-_ERROR_STYLE = "bold bright_white on red"
-_HAZARD_STYLE = "bold red"
-_DIVERGE_STYLE = "bold yellow"
-_DIM = "bright_black"
-# Zero-duration steps worth a thin marker (only drawn into empty cells).
-_POINT_MARKS = {WAIT: "╎", EVENT: "·"}
-
-
-def _look_key(st: Step) -> str:
-    if st.category == COMPUTE:
-        return st.component if st.component in ("routed", "shared") else "compute"
-    if st.category in (COLLECTIVE, PADDING, WAIT):
-        return st.category
-    return "other"
 
 
 def overlap_of(trace: Trace, rank: int) -> float:
@@ -66,175 +44,6 @@ def overlap_of(trace: Trace, rank: int) -> float:
     from sim.hazards import overlap_us
 
     return overlap_us(trace.rank_steps(rank))
-
-
-# --------------------------------------------------------------------------- scale
-
-
-class _Scale:
-    """Maps microseconds to bar columns; cell c starts at c * t_max / cols."""
-
-    def __init__(self, t_max: float, cols: int) -> None:
-        # Below a picosecond there is nothing to draw (and cols / t_max overflows).
-        self.t_max = t_max if t_max > 1e-6 else 1.0
-        self.cols = cols
-        self.k = cols / self.t_max
-
-    def col(self, t: float) -> int:
-        return min(max(round(t * self.k), 0), self.cols - 1)
-
-    def span(self, start: float, end: float) -> tuple[int, int]:
-        """Columns [c0, c1) of a bar; a step with any duration gets at least one cell."""
-        c0 = self.col(start)
-        c1 = min(max(round(end * self.k), c0), self.cols)
-        if end > start and c1 <= c0:
-            c1 = min(c0 + 1, self.cols)
-            if c1 == c0:  # a bar at the very end: draw it in the last cell
-                c0 -= 1
-        return c0, c1
-
-    def ticks(self) -> list[tuple[int, str]]:
-        """Round tick values (1/2/5 x 10^k) spaced so their labels never touch."""
-        exp = math.floor(math.log10(self.t_max)) - 3
-        while True:
-            for mult in (1, 2, 5):
-                step = mult * 10.0**exp
-                decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-                n = int(self.t_max / step + 1e-9)
-                labels = [f"{i * step:.{decimals}f}" for i in range(n + 1)]
-                widest = max(len(s) for s in labels)
-                # Room for the label plus a gap, and never denser than every 8 columns.
-                if step * self.k >= max(widest + 3, 8) or n == 0:
-                    return [(self.col(i * step), s) for i, s in enumerate(labels)]
-            exp += 1
-
-
-def _scale_rows(scale: _Scale, compact: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Tick label cells and axis cells (compact: labels written on the axis)."""
-    labels = [(" ", "")] * scale.cols
-    axis = [("─", _DIM)] * scale.cols
-    ticks = scale.ticks()
-    free = 0  # first column a label may use, so labels never run together
-    for c, text in ticks:
-        axis[c] = ("┬", _DIM)
-        at = c
-        if at + len(text) > scale.cols:  # the last label: right-align it at the edge
-            at = scale.cols - len(text)
-        if at < free:
-            continue
-        for j, ch in enumerate(text):
-            labels[at + j] = (ch, "")
-        free = at + len(text) + 1
-    if compact:
-        merged = [
-            (ch, "bold") if ch != " " else axis[j] for j, (ch, _st) in enumerate(labels)
-        ]
-        return merged, []
-    return labels, axis
-
-
-# --------------------------------------------------------------------------- rows
-
-
-@dataclass
-class _Mark:
-    step: int
-    c0: int
-    c1: int
-    head: str
-    fill: str
-    style: str
-
-
-def _bar_cells(
-    steps: Sequence[Step],
-    scale: _Scale,
-    emphasis: set[int],
-    heads: dict[int, tuple[str, str]] | None = None,
-) -> list[tuple[str, str]]:
-    """One row of bars; `heads` (compact form) puts a marker in a step's first cell."""
-    heads = heads or {}
-    cells: list[tuple[str, str]] = [(" ", "")] * scale.cols
-    points: list[tuple[int, str, str, bool]] = []
-    for st in steps:
-        if st.end <= st.start:
-            if st.index in heads:
-                points.append((scale.col(st.start), *heads[st.index], True))
-            elif st.category in _POINT_MARKS:
-                points.append((scale.col(st.start), _POINT_MARKS[st.category], _DIM, False))
-            continue
-        look = _LOOKS[_look_key(st)]
-        fill_style = "red" if st.error else look.colour
-        label_style = _ERROR_STYLE if st.error else look.label
-        if st.index in emphasis:
-            fill_style += " reverse"
-            label_style += " underline"
-        c0, c1 = scale.span(st.start, st.end)
-        if st.index in heads:
-            cells[c0] = heads[st.index]
-            c0 += 1
-        w = c1 - c0
-        # Keep one fill cell after the name so adjacent bars stay apart in monochrome.
-        name = st.name
-        if len(name) > w - 1:
-            name = name[: w - 2] + "…" if w >= 3 else ""
-        for j in range(w):
-            cells[c0 + j] = (name[j], label_style) if j < len(name) else (look.fill, fill_style)
-    for c, ch, style, must_show in points:
-        if cells[c][0] == " ":
-            cells[c] = (ch, style)
-        elif must_show:
-            # The cell is a bar's start: use the fill cell just before it instead.
-            cells[max(c - 1, 0)] = (ch, style)
-    return cells
-
-
-def _mark_cells(marks: list[_Mark], cols: int) -> list[tuple[str, str]]:
-    cells: list[tuple[str, str]] = [(" ", "")] * cols
-    free = 0
-    for m in sorted(marks, key=lambda m: m.c0):
-        at = max(m.c0, free)
-        if at + len(m.head) > cols:
-            at = max(cols - len(m.head), 0)
-        for j in range(m.c0, m.c1):
-            if cells[j][0] == " ":
-                cells[j] = (m.fill, m.style)
-        for j, ch in enumerate(m.head):
-            if at + j < cols:
-                cells[at + j] = (ch, m.style)
-        free = at + len(m.head)
-    return cells
-
-
-def _line(label: str, label_w: int, cells: list[tuple[str, str]], label_style: str = "") -> Text:
-    # Labels and cells carry step names (runner text): control characters are
-    # replaced one for one so the grid keeps its columns.
-    text = Text(no_wrap=True, overflow="ellipsis")
-    text.append(same_width(label).ljust(label_w)[:label_w], style=label_style)
-    run, run_style = "", None
-    for ch, st in ((same_width(c), s) for c, s in cells):
-        if st != run_style and run:
-            text.append(run, style=run_style or "")
-            run = ""
-        run += ch
-        run_style = st
-    if run:
-        text.append(run, style=run_style or "")
-    return text
-
-
-def _plain(text: str, width: int, style: str = "") -> Text:
-    text = printable(text, one_line=True)
-    if len(text) > width:
-        text = text[: max(width - 1, 0)] + "…"
-    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
-
-
-def _wrapped(text: str, width: int, indent: int, style: str = "") -> list[Text]:
-    lines = textwrap.wrap(
-        printable(text, one_line=True), width=max(width, indent + 8), subsequent_indent=" " * indent, break_on_hyphens=False
-    )
-    return [Text(line, style=style, no_wrap=True, overflow="ellipsis") for line in lines]
 
 
 def _streams(traces: Sequence[Trace], rank: int) -> list[str]:
@@ -326,10 +135,10 @@ def render_timeline(
     t_max = max(
         [st.end for tr in traces for r in ranks for st in tr.rank_steps(r)] + [0.0]
     )
-    scale = _Scale(t_max, cols)
+    scale = Scale(t_max, cols)
 
     # Markers per (trace, rank, stream): hazards, first divergence, errors.
-    marks: dict[tuple[int, int, str], list[_Mark]] = {}
+    marks: dict[tuple[int, int, str], list[Mark]] = {}
     hazard_groups = _hazard_groups(traces, prefixes, rank_set)
     marked_steps: set[tuple[int, int, int]] = set()
     for hid, ti, hs in hazard_groups:
@@ -339,7 +148,7 @@ def render_timeline(
                 continue
             c0, c1 = scale.span(st.start, st.end)
             marks.setdefault((ti, h.rank, st.stream), []).append(
-                _Mark(st.index, c0, max(c1, c0 + 1), f"!{hid}", "^", _HAZARD_STYLE)
+                Mark(st.index, c0, max(c1, c0 + 1), f"!{hid}", "^", HAZARD_STYLE)
             )
             marked_steps.add((ti, h.rank, st.index))
     emphasis: dict[tuple[int, int], set[int]] = {}
@@ -352,7 +161,7 @@ def render_timeline(
                 emphasis.setdefault((ti, d_rank), set()).add(d_index)
                 c0, c1 = scale.span(st.start, st.end)
                 marks.setdefault((ti, d_rank, st.stream), []).append(
-                    _Mark(st.index, c0, max(c1, c0 + 1), "≠", "~", _DIVERGE_STYLE)
+                    Mark(st.index, c0, max(c1, c0 + 1), "≠", "~", DIVERGE_STYLE)
                 )
     for ti, tr in enumerate(traces):
         for r in ranks:
@@ -360,16 +169,16 @@ def render_timeline(
                 if st.error and (ti, r, st.index) not in marked_steps:
                     c0, c1 = scale.span(st.start, st.end)
                     marks.setdefault((ti, r, st.stream), []).append(
-                        _Mark(st.index, c0, max(c1, c0 + 1), "✗", "^", _HAZARD_STYLE)
+                        Mark(st.index, c0, max(c1, c0 + 1), "✗", "^", HAZARD_STYLE)
                     )
 
     lines: list[Text] = []
     if not compact:
-        lines.append(_plain(_title(traces, prefixes), width, "bold"))
-    tick_cells, axis_cells = _scale_rows(scale, compact)
-    lines.append(_line("us", label_w, tick_cells, _DIM))
+        lines.append(plain_line(_title(traces, prefixes), width, "bold"))
+    tick_cells, axis_cells = scale_rows(scale, compact)
+    lines.append(cells_line("us", label_w, tick_cells, DIM))
     if axis_cells:
-        lines.append(_line("", label_w, axis_cells))
+        lines.append(cells_line("", label_w, axis_cells))
 
     used_looks: set[str] = set()
     for r, streams in layout:
@@ -378,20 +187,20 @@ def render_timeline(
         for s in streams:
             for ti, tr in enumerate(traces):
                 steps = [st for st in tr.rank_steps(r) if st.stream == s]
-                used_looks.update(_look_key(st) for st in steps if st.end > st.start)
+                used_looks.update(look_key(st) for st in steps if st.end > st.start)
                 row_marks = marks.get((ti, r, s), [])
                 heads: dict[int, tuple[str, str]] | None = None
                 if compact:
                     heads = {}
                     for m in row_marks:  # hazards were added first: they win a shared step
                         heads.setdefault(m.step, (m.head[0], m.style))
-                cells = _bar_cells(steps, scale, emphasis.get((ti, r), set()), heads)
-                lines.append(_line(row_label(ti, r, s), label_w, cells))
+                cells = bar_cells(steps, scale, emphasis.get((ti, r), set()), heads)
+                lines.append(cells_line(row_label(ti, r, s), label_w, cells))
                 if row_marks and not compact:
-                    lines.append(_line("", label_w, _mark_cells(row_marks, cols)))
+                    lines.append(cells_line("", label_w, mark_cells(row_marks, cols)))
 
     if compact:
-        lines.append(_plain(_compact_summary(traces, prefixes, ranks, hazard_groups), width, _DIM))
+        lines.append(plain_line(_compact_summary(traces, prefixes, ranks, hazard_groups), width, DIM))
     else:
         lines.extend(_legend(used_looks, hazard_groups, first_divergence, traces, prefixes, width))
     return Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
@@ -428,8 +237,8 @@ def _rank_header(rank: int, traces: Sequence[Trace], prefixes: Sequence[str], wi
         )
     head = f"── r{rank} · {ov} "
     if len(head) > width:
-        return _plain(head, width, _DIM)
-    return Text(head + "─" * (width - len(head)), style=_DIM, no_wrap=True, overflow="ellipsis")
+        return plain_line(head, width, DIM)
+    return Text(head + "─" * (width - len(head)), style=DIM, no_wrap=True, overflow="ellipsis")
 
 
 def _compact_summary(
@@ -464,12 +273,12 @@ def _legend(
     out: list[Text] = [Text("", no_wrap=True)]
     keys = Text(no_wrap=True, overflow="ellipsis")
     items: list[tuple[str, str, str]] = [
-        (look.fill, look.colour, look.legend) for key, look in _LOOKS.items() if key in used_looks
+        (look.fill, look.colour, look.legend) for key, look in LOOKS.items() if key in used_looks
     ]
     if hazard_groups:
-        items.append(("!", _HAZARD_STYLE, "hazard"))
+        items.append(("!", HAZARD_STYLE, "hazard"))
     if first_divergence is not None:
-        items.append(("≠", _DIVERGE_STYLE, "first divergence"))
+        items.append(("≠", DIVERGE_STYLE, "first divergence"))
     # Wrap the key by items so a narrow view never splits "▓ routed".
     line_len = 0
     for fill, style, name in items:
@@ -482,13 +291,13 @@ def _legend(
             keys.append("  ")
             line_len += 2
         keys.append(fill, style=style)
-        keys.append(" " + name, style=_DIM)
+        keys.append(" " + name, style=DIM)
         line_len += piece
     if line_len:
         out.append(keys)
     for hid, ti, hs in hazard_groups:
         text = f"!{hid} " + _hazard_legend(ti, hs, prefixes[ti] if len(traces) > 1 else "")
-        out.extend(_wrapped(text, width, indent=len(f"!{hid} "), style="red"))
+        out.extend(wrapped_lines(text, width, indent=len(f"!{hid} "), style="red"))
     if first_divergence is not None:
         rank, index = first_divergence
         where = []
@@ -502,7 +311,7 @@ def _legend(
             else:
                 where.append(f"{p + ' ' if p else ''}no step")
         text = f"≠ first divergence: rank {rank} step {index}: " + "; ".join(where)
-        out.extend(_wrapped(text, width, indent=2, style="yellow"))
+        out.extend(wrapped_lines(text, width, indent=2, style="yellow"))
     return out
 
 
