@@ -229,14 +229,24 @@ class MoERunner:
     def needs_pre_transform_reduce(self, reduced: bool) -> bool:
         """Step 6: a non-linear routed-output transform must see the reduced
         routed output, so reduce before it (newest version only; the previous
-        one applies the transform first and reduces the result). So must a
-        row-parallel up-projection (it slices the complete output), in every
-        version."""
+        one applies the transform first and reduces the result)."""
         s, m = self.scenario, self.scenario.model
-        if not (m.has_transform and not self.is_sequence_parallel() and (s.moe_tp > 1 or s.moe_ep > 1)
-                and not reduced):
-            return False
-        return self.up_projection_splits() or (m.transform_nonlinear and s.parallel.version == "newest")
+        return (
+            m.has_transform
+            and m.transform_nonlinear
+            and s.parallel.version == "newest"
+            and not self.is_sequence_parallel()
+            and (s.moe_tp > 1 or s.moe_ep > 1)
+            and not reduced
+        )
+
+    def needs_pre_projection_reduce(self, reduced: bool) -> bool:
+        """A row-parallel up-projection slices the complete routed output, so
+        the routed output is reduced before it (in every version) unless the
+        combine already did."""
+        s = self.scenario
+        return (self.up_projection_splits() and not self.is_sequence_parallel()
+                and (s.moe_tp > 1 or s.moe_ep > 1) and not reduced)
 
     def latent_up_row_parallel(self) -> bool:
         """The latent up-projection is row-parallel over the TP group (TP rank t
@@ -403,7 +413,7 @@ class MoERunner:
         if pre_trim is not None:
             routed = ops.trim(routed, pre_trim, name="early_trim")
         reduced = self.fused_output_is_reduced()
-        if self.needs_pre_transform_reduce(reduced):
+        if self.needs_pre_transform_reduce(reduced) or self.needs_pre_projection_reduce(reduced):
             routed = ops.all_reduce(routed, "tp", name="pre_transform_all_reduce")
             reduced = True
         return routed, self.reduced_after_transform(reduced)

@@ -36,7 +36,7 @@ class RowUpOnPartial(MoERunner):
     """Skips the reduction before a row-parallel projection (as before a
     linear replicated one): each rank slices its own unreduced partial."""
 
-    def needs_pre_transform_reduce(self, reduced: bool) -> bool:
+    def needs_pre_projection_reduce(self, reduced: bool) -> bool:
         return False
 
 
