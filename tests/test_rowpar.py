@@ -162,6 +162,8 @@ def test_real_confirms_the_wrong_runner(cls, scenario, kind, ranks, verdict):
     if kind != "SHAPE_MISMATCH":  # a shape error leaves no output to judge
         assert wrong == set(ranks), [c.to_dict() for c in res.real.output_checks.values()]
         assert not res.agree and res.confirmed_as_predicted, [v.to_dict() for v in res.verdicts]
+        # The explainer names the projection's shares (fitted per TP rank's rows).
+        assert all("+up" in res.real.output_checks[r].cause for r in ranks)
     for v in res.verdicts:
         if v.verdict == Verdict.CONFIRMED and v.rank is not None and v.rank in res.real.output_checks:
             assert not res.real.output_checks[v.rank].correct
