@@ -6,8 +6,10 @@ of columns, every column a float64 vector per row in the output space
 (width `hidden`):
 
 - the layer's own sources (expected coefficient 1): routed experts per EP
-  rank or TP shard, shared experts per shard of the group the run sharded
-  them over (TP by default, e.g. the world under SGLang's DP attention);
+  rank or TP shard (under a row-parallel latent up-projection, per shard
+  and per TP rank's share of the projection), shared experts per shard of
+  the group the run sharded them over (TP by default, e.g. the world under
+  SGLang's DP attention);
 - other tokens summed in (expected 0): the routed/shared output of the token
   at the same row position in another SP slice or another DP rank, which is
   what a reduction over rows holding different tokens adds;
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from real.model import up_share
 from real.reference import ExactReference
 from scenarios import layout
 from scenarios.trace import HazardKind
@@ -114,6 +117,22 @@ class Basis:
         """A routed kernel output (unscaled, kernel width) in the output space."""
         return self.ref.transform(self.s.model.routed_scaling_factor * v)
 
+    def up_parts(self) -> list[int | None]:
+        """A row-parallel up-projection's TP shares (each routed source is then
+        tp columns, sim.algebra.row_shard's `+up<j>`), or [None]: the whole one."""
+        s = self.s
+        if s.model.latent_up_parallel == "row" and s.parallel.tp > 1 and self.ref.weights.up is not None:
+            return list(range(s.parallel.tp))
+        return [None]
+
+    def routed_share(self, v: torch.Tensor, j: int | None) -> torch.Tensor:
+        """routed_out, or TP rank j's share of it under a row-parallel up-projection."""
+        if j is None:
+            return self.routed_out(v)
+        m, up = self.s.model, self.ref.weights.up
+        assert up is not None
+        return up_share(self.s, up.double(), m.routed_scaling_factor * v[..., : m.routed_width], j)
+
     # ---- families ----
 
     def sources(self, with_routed: bool = True) -> list[Column]:
@@ -124,8 +143,9 @@ class Basis:
             cols.append(Column("routed", self._stack(lambda d, t: self.routed_out(ref.routed_kernel[d][t])), SOURCE, 1.0))
         elif with_routed:
             for shard in ref.routed_partials(self.toks[0][0]):
-                cols.append(Column(f"routed@{shard}", self._stack(
-                    lambda d, t, sh=shard: self.routed_out(ref.routed_partials(d)[sh][t])), SOURCE, 1.0))
+                for j in self.up_parts():
+                    cols.append(Column(f"routed@{shard}" + ("" if j is None else f"+up{j}"), self._stack(
+                        lambda d, t, sh=shard, j=j: self.routed_share(ref.routed_partials(d)[sh][t], j)), SOURCE, 1.0))
         for label, i, n in self.shared_shards:
             cols.append(Column(f"shared@{label}", self._stack(
                 lambda d, t, i=i, n=n: ref.shared_mlp(self._x(d, t), i, n)), SOURCE, 1.0))

@@ -147,10 +147,11 @@ class Reference:
             w13, w2 = self.w.shared_shard(*shared_shard_index(s, shard))
             out = mlp(self.x(d)[tok], w13.double(), w2.double())
         elif component == "routed":
-            out = self._routed(shard, d, tok) * m.routed_scaling_factor
+            base, part = layout.split_row_shard(shard)
+            out = self._routed(base, d, tok) * m.routed_scaling_factor
             if up:
                 assert self.w.up is not None
-                out = self.w.up.double() @ out[: m.routed_width]
+                out = up_share(self.s, self.w.up.double(), out[: m.routed_width], part)
         else:
             raise ValueError(f"unknown source component {component!r}")
         self._cache[key] = out
@@ -172,6 +173,16 @@ class Reference:
                 w13, w2 = _inter_slice(s, w13, w2, t_idx)
             out = out + w * mlp(v, w13, w2)
         return out
+
+
+def up_share(s: Scenario, up: torch.Tensor, v: torch.Tensor, part: int | None) -> torch.Tensor:
+    """The up-projection of latent rows v (last dim = latent); `part` j: only
+    TP rank j's share of a row-parallel projection (its latent slice through
+    its rows, sim.algebra.row_shard's `+up<j>`); None: the whole projection."""
+    if part is None:
+        return v @ up.t()
+    per = up.shape[1] // s.parallel.tp
+    return v[..., part * per : (part + 1) * per] @ up[:, part * per : (part + 1) * per].t()
 
 
 def shared_shard_index(s: Scenario, shard: str) -> tuple[int, int]:

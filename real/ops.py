@@ -52,6 +52,7 @@ from scenarios.ops import (
     Ops,
     OpsShapeError,
     OpsUsageError,
+    row_parallel_misuse,
     trim_error,
     view_shape,
 )
@@ -463,17 +464,25 @@ class RealOps(CommOps, Ops):
 
         return self._op("latent_down", name, COMPUTE, (x,), fn, component="routed")
 
-    def latent_up(self, x: RealTensor, name: str = "latent_up") -> RealTensor:
+    def latent_up(self, x: RealTensor, name: str = "latent_up", row_parallel: bool = False) -> RealTensor:
         if self.weights.up is None:
             raise OpsUsageError(f"{name}: latent_up needs a model with latent_dim")
+        members = self.scenario.group("tp", self.rank) if row_parallel is True else (self.rank,)
+        misuse = row_parallel_misuse(self.scenario, row_parallel, len(members))
+        if misuse:
+            raise OpsUsageError(f"{name}: {misuse}")
         w = self.weights.up.to(self.device)
         nonlinear = self.scenario.model.transform_nonlinear
         lat = w.shape[1]
+        # Row-parallel: this TP rank's rows of the projection, on its latent slice.
+        per = lat // len(members)
+        lo = members.index(self.rank) * per
+        w_rows = w[:, lo : lo + per]
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if v.shape[-1] != lat:
                 raise OpsShapeError(f"up-projection expects width {lat}, got {v.shape[-1]}")
-            y = v @ w.t()
+            y = v[:, lo : lo + per] @ w_rows.t()
             return F.silu(y) if nonlinear else y
 
         return self._op("latent_up", name, COMPUTE, (x,), fn, component="routed",

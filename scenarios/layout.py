@@ -75,6 +75,13 @@ def shard_coords(s: Scenario, shard: str) -> tuple[int, int]:
     return 0, int(m.group(4))
 
 
+def split_row_shard(shard: str) -> tuple[str, int | None]:
+    """("ep1", 0) for "ep1+up0" (a row-parallel up-projection's share, TP rank
+    0's, of routed shard ep1: sim.algebra.row_shard); (shard, None) untagged."""
+    base, sep, tag = shard.partition("+up")
+    return (base, int(tag)) if sep and tag.isdigit() else (shard, None)
+
+
 def expert_range(s: Scenario, ep_idx: int) -> tuple[int, int]:
     """[lo, hi) of the global experts EP index `ep_idx` holds."""
     per = s.local_experts

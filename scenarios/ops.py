@@ -129,9 +129,17 @@ class Ops(ABC):
         """Routed input transform (latent MoE): [T, hidden] -> [T, latent]."""
 
     @abstractmethod
-    def latent_up(self, x: Any, name: str = "latent_up") -> Any:
+    def latent_up(self, x: Any, name: str = "latent_up", row_parallel: bool = False) -> Any:
         """Routed output transform: [T, latent] -> [T, hidden]; non-linear if the
-        scenario says so (then it must see the reduced routed output)."""
+        scenario says so (then it must see the reduced routed output).
+
+        `row_parallel` (RowParallelLinear-style, over the TP group): x is still
+        the full [T, latent] routed output; TP rank t multiplies only its latent
+        slice [t*L/tp, (t+1)*L/tp) by the rows of the projection it holds, so
+        the output is a TP partial (sources tagged `+up<t>`, e.g.
+        `routed@ep1+up0`) that a later reduction over tp must sum. Right only
+        on the complete routed output; linear transforms only. With tp = 1 it
+        is the replicated projection."""
 
     @abstractmethod
     def experts(
@@ -234,6 +242,23 @@ VIEW_ROWS_UNMODELED = (
     "a view that changes the row count is outside the twin's model "
     "(values are tracked per token row): keep the rows, change the columns only"
 )
+
+
+def row_parallel_misuse(scenario: Scenario, row_parallel: Any, members: int) -> str | None:
+    """Why a latent_up(row_parallel=...) call over a TP group of `members`
+    ranks is a mistake in the runner's code (None: it is not); one message
+    for both interpreters."""
+    if not isinstance(row_parallel, bool):
+        return f"argument row_parallel must be a bool, got {type(row_parallel).__name__}"
+    m = scenario.model
+    if not row_parallel:
+        return None
+    if m.transform_nonlinear:
+        return "row_parallel needs a linear transform (a non-linear one cannot take partial sums)"
+    lat = m.latent_dim or m.hidden
+    if lat % members:
+        return f"latent width {lat} is not divisible by the tp group's {members} ranks"
+    return None
 
 
 def trim_error(shape: tuple[int, ...], width: int) -> str:

@@ -240,6 +240,32 @@ class MoERunner:
             and not reduced
         )
 
+    def needs_pre_projection_reduce(self, reduced: bool) -> bool:
+        """A row-parallel up-projection slices the complete routed output, so
+        the routed output is reduced before it (in every version) unless the
+        combine already did."""
+        s = self.scenario
+        return (self.up_projection_splits() and not self.is_sequence_parallel()
+                and (s.moe_tp > 1 or s.moe_ep > 1) and not reduced)
+
+    def latent_up_row_parallel(self) -> bool:
+        """The latent up-projection is row-parallel over the TP group (TP rank t
+        holds the rows of latent slice t): the model's weight layout decides
+        (model.latent_up_parallel); replicated by default."""
+        return self.scenario.model.latent_up_parallel == "row"
+
+    def up_projection_splits(self) -> bool:
+        """The up-projection emits a TP partial: row-parallel over more than one
+        TP rank (over one rank it is the replicated projection)."""
+        s = self.scenario
+        return s.model.has_transform and self.latent_up_row_parallel() and s.parallel.tp > 1
+
+    def reduced_after_transform(self, reduced: bool) -> bool:
+        """Whether the routed output is still complete after the up-projection:
+        a row-parallel one makes it a TP partial again, so the shared output is
+        not reduced apart and the final all-reduce sums both."""
+        return reduced and not self.up_projection_splits()
+
     def needs_final_reduce(self, routed_reduced: bool) -> bool:
         s = self.scenario
         return (
@@ -387,10 +413,10 @@ class MoERunner:
         if pre_trim is not None:
             routed = ops.trim(routed, pre_trim, name="early_trim")
         reduced = self.fused_output_is_reduced()
-        if self.needs_pre_transform_reduce(reduced):
+        if self.needs_pre_transform_reduce(reduced) or self.needs_pre_projection_reduce(reduced):
             routed = ops.all_reduce(routed, "tp", name="pre_transform_all_reduce")
             reduced = True
-        return routed, reduced
+        return routed, self.reduced_after_transform(reduced)
 
     def join_outputs(self, ops: Ops, shared: Any, routed: Any) -> Any:
         """Routed scaling, the latent up-projection, then the shared add."""
@@ -398,8 +424,14 @@ class MoERunner:
         if m.routed_scaling_factor != 1.0:
             routed = ops.scale(routed, m.routed_scaling_factor, name="routed_scaling")
         if m.has_transform:
-            routed = ops.latent_up(routed)
+            routed = self.up_project(ops, routed)
         return ops.add(shared, routed, name="shared_add") if shared is not None else routed
+
+    def up_project(self, ops: Ops, routed: Any) -> Any:
+        """The latent up-projection, replicated or row-parallel (latent_up_row_parallel)."""
+        if self.latent_up_row_parallel():
+            return ops.latent_up(routed, row_parallel=True)
+        return ops.latent_up(routed)
 
     def trim_output(self, ops: Ops, result: Any) -> Any:
         post_trim = self.post_trim_width()

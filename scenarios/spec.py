@@ -33,6 +33,7 @@ class ScenarioError(ValueError):
 
 PLATFORMS = ("cuda", "cpu", "rocm")
 KERNEL_CHOICES = ("auto", "torch", "triton", "flashinfer")
+LATENT_UP_PARALLEL = ("replicated", "row")  # ModelTraits.latent_up_parallel
 PHASES = ("decode", "prefill")
 PROFILES = ("h100", "h200", "b200", "mi300x", "mi355x", "cpu")
 SP_VERSIONS = ("newest", "previous")
@@ -85,6 +86,10 @@ class ModelTraits:
     latent_dim: int | None = None
     # A non-linear routed-output transform must see the reduced routed output.
     transform_nonlinear: bool = False
+    # How the latent up-projection's weights are laid out over the TP group:
+    # "replicated" (every rank holds all of it) or "row" (row-parallel: TP
+    # rank t holds the rows of latent slice t and emits a TP partial).
+    latent_up_parallel: str = "replicated"
     routed_scaling_factor: float = 1.0
     # The routed experts quantize their input into a new buffer (an fp8 path):
     # the routed kernel then never reads, nor writes in place, the buffer the
@@ -124,6 +129,7 @@ class ModelTraits:
                 )
         elif self.transform_nonlinear:
             raise ScenarioError("model.transform_nonlinear", "needs model.latent_dim")
+        self._validate_latent_up_parallel()
         if self.moe_hidden is not None:
             _positive("model.moe_hidden", self.moe_hidden)
             if self.moe_hidden < self.routed_width:
@@ -144,6 +150,15 @@ class ModelTraits:
             raise ScenarioError(
                 "model.routed_scaling_factor", f"must be finite and > 0, got {self.routed_scaling_factor}"
             )
+
+    def _validate_latent_up_parallel(self) -> None:
+        name, value = "model.latent_up_parallel", self.latent_up_parallel
+        if value not in LATENT_UP_PARALLEL:
+            raise ScenarioError(name, f"unknown layout {value!r} (known: {', '.join(LATENT_UP_PARALLEL)})")
+        if value == "row" and self.latent_dim is None:
+            raise ScenarioError(name, "row needs model.latent_dim (there is no up-projection to split)")
+        if value == "row" and self.transform_nonlinear:
+            raise ScenarioError(name, "row emits partial sums, which a non-linear transform cannot be applied to")
 
     @property
     def has_shared(self) -> bool:
@@ -380,11 +395,23 @@ class Scenario:
                 size_field or "parallel.ep",
                 f"{m.num_experts} experts are not divisible by moe_ep={self.moe_ep}",
             )
+        self._validate_row_parallel_up()
         if m.has_shared and not self.sp and m.shared_inter % p.tp:
             raise ScenarioError(
                 "parallel.tp",
                 f"shared intermediate {m.shared_inter} is not divisible by tp={p.tp}",
             )
+
+    def _validate_row_parallel_up(self) -> None:
+        m, tp = self.model, self.parallel.tp
+        if m.latent_up_parallel != "row":
+            return
+        if m.latent_dim is not None and m.latent_dim % tp:
+            raise ScenarioError("model.latent_up_parallel",
+                                f"row needs latent_dim {m.latent_dim} divisible by tp={tp}")
+        if self.sp:
+            raise ScenarioError("model.latent_up_parallel",
+                                "row needs every TP rank to hold the same tokens; sequence-parallel MoE slices them")
 
     def _validate_backend_width(self) -> None:
         m, backend = self.model, self.parallel.backend
@@ -638,6 +665,8 @@ class Scenario:
             shape += f"->{self.kernel_width}"
         if m.latent_dim:
             shape += f" latent={m.latent_dim}"
+            if m.latent_up_parallel == "row":
+                shape += " up=row"
         shape += f" E={m.num_experts} k={m.top_k} I={m.moe_intermediate}"
         if m.has_shared:
             shape += f" shared={m.num_shared_experts}"

@@ -18,6 +18,8 @@ SECTIONS = {
 }
 TOP_LEVEL = ("name", "summary", "kernel", "runner")
 TOP_LEVEL_FLAGS = ("kernel_writes_unpadded",)
+# Fields added later, written only when set: existing scenarios serialise as before.
+_DEFAULTS_LEFT_OUT = {("model", "latent_up_parallel", "replicated")}
 
 
 def scenario_from_dict(data: dict[str, Any], default_name: str = "scenario") -> Scenario:
@@ -91,7 +93,7 @@ def scenario_to_toml(s: Scenario) -> str:
         obj = getattr(s, section)
         for f in fields(cls):
             value = getattr(obj, f.name)
-            if value is None:
+            if value is None or (section, f.name, value) in _DEFAULTS_LEFT_OUT:
                 continue
             lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

@@ -216,6 +216,23 @@ def relabel(v: Value, component: str, shard: str) -> Value:
     return Value(None, (), v.starts(), v.keys(), terms)
 
 
+def row_shard(v: Value, tag: str) -> Value:
+    """A row-parallel projection's share of v: every routed source becomes
+    its share through projection shard `tag` (routed@ep1 -> routed@ep1+up0),
+    same coefficient. Linear: the shares of every tag summed once each make
+    the whole projection; a share of a partial misses the cross terms for
+    good (other shards' partials through this shard's rows)."""
+    memo: dict[tuple, tuple] = {}
+    blocks = []
+    for b in v.blocks:
+        terms = memo.get(b.terms)
+        if terms is None:
+            terms = memo[b.terms] = _terms({
+                ((c, f"{sh}+{tag}", f) if c == "routed" else (c, sh, f)): coef for (c, sh, f), coef in b.terms})
+        blocks.append(Block(b.key, b.rows, terms))
+    return Value(tuple(blocks), v.scale)
+
+
 # One terms tuple per fresh source (interned): equal terms are the same object,
 # so sums and analyses can be memoised by identity.
 _FRESH: dict[tuple[str, str], tuple[tuple[Source, float], ...]] = {}

@@ -213,7 +213,7 @@ class Checks:
         if self._once((ops.rank, "wrong-input", st.index)):
             self.sim.add_hazard(HazardKind.WRONG_INPUT, ops.rank, st, detail)
 
-    def latent_up(self, ops: SimOps, st: Step, x: SimTensor) -> None:
+    def latent_up(self, ops: SimOps, st: Step, x: SimTensor, row_parallel: bool = False) -> None:
         v = x.value
         if v.rows == 0:
             return  # an idle DP rank's empty rows
@@ -222,10 +222,12 @@ class Checks:
             self._wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
                                        "expected the routed output only")
             return
-        if not self.scenario.model.transform_nonlinear:
+        if not (self.scenario.model.transform_nonlinear or row_parallel):
             return
         # A non-linear transform must see every routed partial, counted once
-        # (with or without the routed scaling factor applied).
+        # (with or without the routed scaling factor applied); so must a
+        # row-parallel one: its latent slice of a partial misses, for good,
+        # the other ranks' partials through its rows.
         bound = algebra.ceiling(v, "routed", self.rsf)
         low = min(1.0, bound)
         coeffs = algebra.coefficients(v, {}, self.expected_labels(ops, "routed"))
@@ -236,7 +238,8 @@ class Checks:
         if short and self._once((ops.rank, "missing", st.index)):
             self.sim.add_hazard(
                 HazardKind.MISSING_REDUCTION, ops.rank, st,
-                f"non-linear routed-output transform applied to partial sums: {_describe(coeffs, short, low)}, "
+                f"{'row-parallel' if row_parallel else 'non-linear'} routed-output transform applied to partial sums: "
+                f"{_describe(coeffs, short, low)}, "
                 f"expected 1{self.groups.phrase(ops.rank, coeffs, short, tuple(coeffs))}",
             )
 
@@ -245,7 +248,7 @@ class Checks:
     def expected_labels(self, ops: SimOps, component: str) -> tuple[str, ...]:
         s = self.scenario
         if component == "routed":
-            key: tuple = ("routed",)
+            key: tuple = ("routed", ops.latent_up_tags)
         else:
             default = tuple(f"tp{t}" for t in range(s.parallel.tp)) if not s.sp else ("full",)
             key = ("shared", ops.shared_shards if ops.shared_shards is not None else default)
@@ -253,13 +256,15 @@ class Checks:
         if labels is None:
             if component == "routed":
                 shards = list(layout.routed_shards(s))
+                if ops.latent_up_tags is not None:  # row-parallel up-projection: every share of every shard
+                    shards = [f"{sh}+{tag}" for sh in shards for tag in ops.latent_up_tags]
             else:
                 shards = list(key[1])
             labels = self._labels[key] = tuple(algebra.source_label((component, sh, None)) for sh in shards)
         return labels
 
     def output_labels(self, ops: SimOps) -> tuple[str, ...]:
-        key = ("output", ops.shared_shards)
+        key = ("output", ops.shared_shards, ops.latent_up_tags)
         labels = self._labels.get(key)
         if labels is None:
             routed = self.expected_labels(ops, "routed")

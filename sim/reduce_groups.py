@@ -35,6 +35,10 @@ class GroupNamer:
         """The world rank whose partial `label` ("routed@ep1.tp0", "shared@tp1")
         is, as seen from `rank` (shared shards: the TP rank of its DP group)."""
         comp, _, shard = label.partition("@")
+        if comp == "routed" and "+up" in shard:
+            # A row-parallel up-projection's share: TP rank j of this DP group made it.
+            tag = shard.rpartition("+up")[2]
+            return self.s.coords(rank)[0] * self.s.parallel.tp + int(tag) if tag.isdigit() else None
         if comp == "routed":
             return self.routed_rank.get(shard)
         if comp == "shared" and shard.startswith("tp") and shard[2:].isdigit():
@@ -47,7 +51,9 @@ class GroupNamer:
         holding `present`, or None when no group explains it."""
         p = {self.source_rank(rank, lab) for lab in present}
         m = {self.source_rank(rank, lab) for lab in short}
-        if not p or not m or None in p or None in m:
+        if not p or not m or None in p or None in m or p & m:
+            # p & m: a rank both present and missing (shares of a row-parallel
+            # projection of partials): no reduction completes that.
             return None
         key = (frozenset(p), frozenset(m))  # type: ignore[arg-type]
         if key not in self._memo:

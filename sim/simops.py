@@ -15,7 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from scenarios import contain, layout
-from scenarios.ops import VIEW_ROWS_UNMODELED, Ops, trim_error, view_shape
+from scenarios.ops import VIEW_ROWS_UNMODELED, Ops, row_parallel_misuse, trim_error, view_shape
 from scenarios.trace import (
     COMPUTE,
     DECISION,
@@ -61,6 +61,9 @@ class SimOps(SimComm, Ops):
         self.coll_seq: dict[tuple[int, ...], int] = {}
         # Shard labels of the shared MLP as first run ("tp0", "tp1" or "full").
         self.shared_shards: tuple[str, ...] | None = None
+        # Projection-shard tags of a row-parallel latent up-projection as first
+        # run ("up0", "up1"), None when replicated (untagged routed sources).
+        self.latent_up_tags: tuple[str, ...] | None = None
         self.output: SimTensor | None = None
         self.tokens = self.scenario.dp_tokens(self.d)
         self.routed_shard = layout.routed_shard(self.scenario, rank)
@@ -393,17 +396,32 @@ class SimOps(SimComm, Ops):
         self.sim.checks.consume(self, st, x, "latent_down", "x")
         return self._new(st, shape, algebra.relabel(x.value, "xlat", ""), (x,), fresh=True)
 
-    def latent_up(self, x: SimTensor, name: str = "latent_up") -> SimTensor:
+    def latent_up(self, x: SimTensor, name: str = "latent_up", row_parallel: bool = False) -> SimTensor:
         x = self._tensor(x, name)
         m, p = self.scenario.model, self.sim.profile
         lat = m.latent_dim or m.hidden
+        members = self._row_parallel_members(name, row_parallel)
         shape = (x.shape[0], m.hidden)
-        dur = gemm_us(p, 2 * x.shape[0] * m.hidden * lat, m.hidden * lat * p.bytes_per_elem, 2 if m.transform_nonlinear else 1)
+        dur = gemm_us(p, 2 * x.shape[0] * m.hidden * lat / len(members), m.hidden * lat / len(members) * p.bytes_per_elem,
+                      2 if m.transform_nonlinear else 1)
         st = self._step("latent_up", name, COMPUTE, (x,), shape, dur, component="routed")
         if x.shape[-1] != lat:
             self._shape_error(st, f"up-projection expects width {lat}, got {x.shape[-1]}")
-        self.sim.checks.latent_up(self, st, x)
-        return self._new(st, shape, x.value, (x,))
+        self.sim.checks.latent_up(self, st, x, row_parallel=len(members) > 1)
+        if len(members) == 1:
+            return self._new(st, shape, x.value, (x,))
+        tags = tuple(f"up{i}" for i in range(len(members)))
+        if self.latent_up_tags is None:
+            self.latent_up_tags = tags
+        return self._new(st, shape, algebra.row_shard(x.value, tags[members.index(self.rank)]), (x,))
+
+    def _row_parallel_members(self, name: str, row_parallel: Any) -> tuple[int, ...]:
+        """The TP group a row-parallel up-projection is split over ((rank,) when replicated)."""
+        members = self._group("tp", name) if row_parallel is True else (self.rank,)
+        misuse = row_parallel_misuse(self.scenario, row_parallel, len(members))
+        if misuse:
+            raise self._misuse(name, misuse)
+        return members
 
     def experts(
         self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts",
