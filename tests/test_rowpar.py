@@ -142,7 +142,7 @@ def test_missing_reduction_names_the_tp_shares():
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", fam.CORRECT, ids=lambda s: s.name)
 def test_real_clean_on_the_fixed_runner(scenario):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, None, timeout_s=120)
     assert len(res.real.output_checks) == scenario.world
@@ -153,7 +153,7 @@ def test_real_clean_on_the_fixed_runner(scenario):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,scenario,kind,ranks,verdict", fam.WRONG, ids=lambda x: getattr(x, "__name__", None))
 def test_real_confirms_the_wrong_runner(cls, scenario, kind, ranks, verdict):
-    from twin.crosscheck import check
+    from twin.check.crosscheck import check
 
     res = check(scenario, _spec(cls), timeout_s=120)
     wrong = {r for r, c in res.real.output_checks.items() if not c.correct}
