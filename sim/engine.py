@@ -83,7 +83,7 @@ class RankGroup(tuple):
 
 
 @lru_cache(maxsize=1024)
-def _received_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout) -> tuple[int, ...]:
+def _received_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout = VLLM_LAYOUT) -> tuple[int, ...]:
     """Per world rank: rows a token-routing dispatch over `group` delivers to
     it, one per member token with at least one expert on that rank (SP
     padding rows route like token 0)."""
@@ -103,7 +103,7 @@ def _received_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout) -> t
 
 
 @lru_cache(maxsize=1024)
-def _member_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout) -> tuple[int, ...]:
+def _member_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout = VLLM_LAYOUT) -> tuple[int, ...]:
     """Layer rows of each member of `group`, in group order (what a naive
     gather collects and every combine hands back). Cached: every member of a
     wide group asks for the same tuple, which is world-long."""
