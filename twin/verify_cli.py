@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--space", default="default", choices=["default", "wide", "a2a"],
                     help="which axes and values (default: default)")
     sp.add_argument("--max-world", type=int, default=None, metavar="N",
-                    help="largest tp x dp enumerated (default: 4 for default, 8 for wide)")
+                    help="largest tp x dp enumerated (default: 4 for default and a2a, 8 for wide)")
     sp.add_argument("--jobs", type=int, default=None, metavar="N",
                     help="worker processes (default: every core)")
     sp.add_argument("--shard", default=None, metavar="i/n",
