@@ -69,3 +69,26 @@ class DispatchLayout:
 
 # vLLM's answers: what a runner of another engine asks when it keeps vLLM's rules.
 VLLM_LAYOUT = DispatchLayout()
+
+_DECISIONS = ("all2all_kernels", "dispatch_backend", "slices_tokens")
+
+
+def keeps_vllm_rules(dl: DispatchLayout) -> bool:
+    """`dl` answers none of the three decisions differently from vLLM."""
+    return all(getattr(type(dl), m) is getattr(DispatchLayout, m) for m in _DECISIONS)
+
+
+def layout_note(dl: DispatchLayout, s: Scenario, engine: str) -> str | None:
+    """One line when the engine's layout differs from vLLM's on `s` (what the
+    scenario's derived quantities, vLLM's, do not say), else None."""
+    if keeps_vllm_rules(dl):
+        return None
+    mine = (dl.all2all_kernels(s), dl.dispatch_backend(s), dl.slices_tokens(s))
+    vllm = (VLLM_LAYOUT.all2all_kernels(s), VLLM_LAYOUT.dispatch_backend(s), VLLM_LAYOUT.slices_tokens(s))
+    if mine == vllm:
+        return None
+
+    def words(v: tuple[bool, str, bool]) -> str:
+        return f"all-to-all kernels {'on' if v[0] else 'off'}, backend {v[1]}, tokens {'sliced' if v[2] else 'not sliced'}"
+
+    return f"dispatch layout ({engine}'s rules): {words(mine)}; the derived quantities are vLLM's: {words(vllm)}"

@@ -26,7 +26,7 @@ import greenlet
 import numpy as np
 
 from scenarios import contain
-from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout
+from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout, layout_note
 from scenarios.ops import OpsUsageError
 from scenarios.runners import MoERunner, RunnerUnsupported, run_program
 from scenarios.spec import Scenario
@@ -381,6 +381,9 @@ class Simulation:
             self._program_phase()
         if self.budget_stop is not None:
             self.notes.append(contain.BUDGET_NOTE + self.budget_stop)
+        note = layout_note(self.layout, self.scenario, getattr(self.layout, "name", "engine"))
+        if note is not None:
+            self.notes.append(note)
         latency = timing_phase(self)
         trace = Trace(
             source="sim",

@@ -64,3 +64,15 @@ def test_trtllm_fallback_loads_count_every_gathered_token():
     s = FT.DS_ADP_DEEPEP_FALLBACK
     pairs = sum(p for p, _a in expert_loads(s, TRTLLM_RULES))
     assert pairs == s.total_tokens * s.model.top_k
+
+
+def test_the_trace_notes_where_the_engines_layout_is_not_vllms():
+    """The scenario's derived quantities are vLLM's; a run under another
+    engine's layout says so in one note, a vLLM run never."""
+    notes = simulate(FS.DS_DEEPEP_TP2, "sglang").notes
+    assert any("(sglang's rules): all-to-all kernels on, backend deepep_high_throughput, tokens sliced" in n
+               for n in notes)
+    fallback = simulate(FT.DS_ADP_DEEPEP_FALLBACK, "trtllm").notes
+    assert any("backend allgather_reducescatter" in n for n in fallback)
+    assert not any("dispatch layout" in n for n in simulate(FT.DS_ADP_DEEPEP, "trtllm").notes)  # same as vLLM's
+    assert not any("dispatch layout" in n for n in simulate(FS.DS_DEEPEP_TP2.with_(runner="fixed"), "fixed").notes)
