@@ -22,6 +22,7 @@ import torch.distributed as dist
 from real.errors import CollectiveFailure
 from real.streams import RealTensor, StreamThread
 from scenarios.backends import backend_info
+from scenarios.dispatch_layout import DispatchLayout
 from scenarios.ops import OpsShapeError, OpsUsageError
 from scenarios.spec import Scenario
 from scenarios.trace import COLLECTIVE, PADDING, Step
@@ -41,6 +42,7 @@ class CommOps:
     """The communication half of RealOps (a mixin: RealOps provides `_op`)."""
 
     scenario: Scenario
+    layout: DispatchLayout  # the runner's engine layout (scenarios/dispatch_layout.py)
     rank: int
     groups: dict[tuple[int, ...], Any]
     # (DP rank, token) of the rows the layer routes, once a model-side
@@ -251,29 +253,31 @@ class CommOps:
         (construction is collective: every rank reaches it at the same step);
         None where it cannot run, with the reason kept for the run's notes."""
         s = self.scenario
-        if not (self.cuda and s.effective_backend.startswith("flashinfer_nvlink")):
+        backend = self.layout.dispatch_backend(s)
+        if not (self.cuda and backend.startswith("flashinfer_nvlink")):
             return None
         if self._fi is None and self._fi_reason is None:
             from real.flashinfer_a2a import A2AUnavailable, FlashInferA2A
 
             try:
                 self._fi = FlashInferA2A(
-                    s.effective_backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
+                    backend, self.rank, s.world, s.model.num_experts, s.model.top_k,
                     # Capacity: the static one if set, else the most rows any rank sends
                     # (DP ranks may hold different counts).
-                    s.kernel_width, s.parallel.max_dispatch_tokens or s.sp_tokens, torch.float32,
+                    s.kernel_width, s.parallel.max_dispatch_tokens or self.layout.max_rows(s), torch.float32,
                     group=self._pg(members),
                 )
-                self.stand_ins.add(f"{s.effective_backend}: FlashInfer library (not a stand-in)")
+                self.stand_ins.add(f"{backend}: FlashInfer library (not a stand-in)")
             except A2AUnavailable as exc:
                 self._fi_reason = exc.reason
         return self._fi
 
     def dispatch(self, x: RealTensor, routing_h: RealTensor, name: str = "dispatch") -> tuple[RealTensor, RealTensor]:
         s = self.scenario
-        if s.effective_backend == "none":
+        backend = self.layout.dispatch_backend(s)
+        if backend == "none":
             raise OpsUsageError(f"{name}: no all-to-all or DP gather in this scenario (backend none)")
-        members, token_routing = self.scenario.dispatch_group(self.rank)
+        members, token_routing = self.layout.dispatch_group(s, self.rank)
         state: dict[str, Any] = {}
 
         library = self._flashinfer(members) if token_routing else None
@@ -294,10 +298,10 @@ class CommOps:
             return self._a2a_dispatch(v, r, members, state)
 
         if token_routing and library is None:
-            info = backend_info(s.effective_backend)
+            info = backend_info(backend)
             why = f"; FlashInfer not used: {self._fi_reason}" if self._fi_reason else ""
             self.stand_ins.add(
-                f"{s.effective_backend}: stand-in for {info.gpu_library} (torch.distributed all_to_all; "
+                f"{backend}: stand-in for {info.gpu_library} (torch.distributed all_to_all; "
                 f"combine sums one row per contributing rank in fp32){why}"
             )
         out = self._op("dispatch", name, COLLECTIVE, (x, routing_h), fn, component="routed", group=members,
@@ -345,7 +349,7 @@ class CommOps:
         return recv[:, :h].contiguous()
 
     def combine(self, y: RealTensor, name: str = "combine") -> RealTensor:
-        members, token_routing = self.scenario.dispatch_group(self.rank)
+        members, token_routing = self.layout.dispatch_group(self.scenario, self.rank)
         source = self.tensors.get(y.step)
         # Find the dispatch whose layout this combine reverses (the latest one).
         state = None
@@ -356,7 +360,7 @@ class CommOps:
         del source
 
         # Each member gets back its own layer rows (the DP metadata's counts).
-        sizes = tuple(self.scenario.rank_rows(m) for m in members)
+        sizes = tuple(self.layout.rank_rows(self.scenario, m) for m in members)
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if not token_routing:

@@ -47,6 +47,7 @@ from real.errors import UpstreamFailure
 from real.model import LayerWeights, layer_input, mlp
 from real.streams import RealEvent, RealTensor, StreamThread
 from scenarios import contain
+from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout
 from scenarios.ops import (
     VIEW_ROWS_UNMODELED,
     Ops,
@@ -78,8 +79,11 @@ class RealOps(CommOps, Ops):
         predicted_shapes: dict[int, tuple[int, ...]] | None = None,
         delay: dict[str, float] | None = None,
         notes: Callable[[str], None] | None = None,
+        dispatch_layout: DispatchLayout = VLLM_LAYOUT,
     ) -> None:
         self.scenario = scenario
+        # The runner's engine layout: what dispatch, combine and the routed tokens follow.
+        self.layout = dispatch_layout
         self.rank = rank
         self.d, self.t = scenario.coords(rank)
         self.groups = groups
@@ -304,7 +308,7 @@ class RealOps(CommOps, Ops):
             make = self._cuda_stream if self.cuda else self._stream
             if s.runtime.aux_stream:
                 make("aux")
-            if s.use_all2all_kernels:
+            if self.layout.all2all_kernels(s):
                 make("comm")
         elif phase == "build_kernel":
             # Weights are processed here, not in the forward (the model's sharding).
@@ -429,7 +433,7 @@ class RealOps(CommOps, Ops):
         tokens, or what a model-side communicator made of them."""
         if self.layer_tokens is not None:
             return self.layer_tokens
-        return [(self.d, t) for t in rank_token_ids(self.scenario, self.rank)]
+        return [(self.d, t) for t in rank_token_ids(self.scenario, self.rank, self.layout)]
 
     def router(self, x: RealTensor, name: str = "router") -> RealTensor:
         s = self.scenario

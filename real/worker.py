@@ -15,6 +15,7 @@ from real.fit import fit_value
 from real.model import LayerWeights, Reference
 from real.ops import RealOps
 from scenarios import contain
+from scenarios.dispatch_layout import VLLM_LAYOUT
 from scenarios.runners import load_runner, run_program
 from scenarios.spec import Scenario
 from scenarios.whatif import without_collective
@@ -95,7 +96,8 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     if world > 1:
         dist.barrier(group=groups[tuple(range(world))])
     t0 = time.perf_counter()
-    ops = RealOps(s, rank, groups, kernel, t0, shapes, delay, note)
+    ops = RealOps(s, rank, groups, kernel, t0, shapes, delay, note,
+                  dispatch_layout=getattr(runner_cls, "engine_rules", VLLM_LAYOUT))
     raised: BaseException | None = None
     raised_at: float | None = None
     try:

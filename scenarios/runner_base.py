@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from scenarios.backends import backend_info, eplb_overlap_safe
+from scenarios.dispatch_layout import DispatchLayout
 from scenarios.ops import Ops
 from scenarios.spec import Scenario
 
@@ -88,11 +89,14 @@ def multi_stream_platform(s: Scenario) -> bool:
     return s.runtime.platform == "cuda"
 
 
-class EngineRules:
+class EngineRules(DispatchLayout):
     """What the engine itself guarantees about shared-expert overlap: the
     simulator's yardstick for UNSAFE_OVERLAP (overlap the contract forbids)
     and LOST_OVERLAP (the best safe order), never a decision of the runner
-    under test (a wrong variant overrides its decisions, not these)."""
+    under test (a wrong variant overrides its decisions, not these). Also
+    the engine's dispatch layout (DispatchLayout: whether all-to-all kernels
+    run, the backend in use, whether tokens are sliced over attention TP),
+    which dispatch, combine and the workload helpers follow; vLLM's here."""
 
     name = "vllm"
 

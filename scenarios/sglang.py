@@ -23,11 +23,13 @@ communicator around it, written from the facts in docs/moe_block.md
   when `runtime.allreduce_fusion` applies (no DP attention, tp > 1, T <= 2048)
   and the sum is one all-reduce (not both moe_ep and moe_tp > 1).
 
+The dispatch follows SGLang's layout (`SGLangRules`, a DispatchLayout):
+with an all-to-all, SCATTERED with or without DP attention (e.g. DeepSeek-V3
+TP8 with DeepEP and dp = 1: each rank dispatches its 1/tp slice, over every
+rank), for any token-routing backend.
+
 Not modelled (declared by `unsupported`, refused in one line): latent MoE
-(not in these blocks); an all-to-all without DP attention (this project's
-dispatch op follows the rule that all-to-all kernels run only with DP > 1);
-an all-to-all with attention TP > 1 whose backend is outside the
-sequence-parallel list (the dispatch stand-in slices tokens only there).
+(not in these blocks); an all-to-all with moe_tp > 1.
 Shared-experts fusion (`runtime.shared_experts_fusion`, `shared_fused`): the
 shared expert is one more slot of the routed kernel with weight
 1 / (routed_scaling_factor x moe_ep). Also not modelled: two-batch overlap, MoE-DP, context parallelism, CUDA-graph capture (which always pads
@@ -109,9 +111,25 @@ def reference_order(s: Scenario, num_tokens: int) -> Order:
 
 
 class SGLangRules(EngineRules):
-    """SGLang forbids no shared-expert overlap; its best order is its own rule."""
+    """SGLang forbids no shared-expert overlap; its best order is its own rule.
+    Its dispatch layout: all-to-all kernels whenever moe_a2a_backend is set
+    (with or without DP attention), each attention-TP rank dispatching its
+    own slice of its DP rank's tokens (SCATTERED), whatever the backend."""
 
     name = "sglang"
+
+    def all2all_kernels(self, s: Scenario) -> bool:
+        return mlp_scattered(s)
+
+    def dispatch_backend(self, s: Scenario) -> str:
+        """moe_a2a_backend when SCATTERED; FULL rows under DP attention see
+        every DP rank's tokens (the communicator's dp_gather, no dispatch)."""
+        if mlp_scattered(s):
+            return a2a_backend(s)
+        return "allgather_reducescatter" if s.parallel.dp > 1 else "none"
+
+    def slices_tokens(self, s: Scenario) -> bool:
+        return mlp_scattered(s) and s.parallel.tp > 1
 
     def overlap_forbidden(self, s: Scenario) -> bool:
         return False
@@ -136,12 +154,6 @@ class SGLangRunner(MoERunner):
         s, m = self.scenario, self.scenario.model
         if m.has_transform:
             return "latent MoE is not part of SGLang's DeepSeek-V2/V3 or Qwen3-MoE blocks"
-        if self.a2a_backend() != "none" and not self.dp_attention():
-            return ("an all-to-all backend without DP attention (dp = 1): the twin's dispatch "
-                    "runs all-to-all kernels only with dp > 1")
-        if self.a2a_backend() != "none" and s.parallel.tp > 1 and not s.sp:
-            return (f"{s.parallel.backend} with attention TP > 1: the twin's all-to-all slices "
-                    "tokens over attention TP only for the backends of the sequence-parallel list")
         if s.parallel.ep_size is not None and self.a2a_backend() != "none" and s.moe_tp > 1:
             return "an all-to-all backend with moe_tp > 1 (SGLang sets ep_size = tp_size for it)"
         return None
@@ -293,8 +305,17 @@ class SGLangRunner(MoERunner):
 
     def routed_path(self, ops: Ops, x: Any, routing: Any, order: Order, shared_inside: Any) -> tuple[Any, Any]:
         """FULL rows: every rank's local experts on every gathered token (no
-        dispatch); SCATTERED: dispatch, experts, combine."""
+        dispatch); SCATTERED: dispatch, experts, combine (with or without DP
+        attention, so not the base class's vLLM test of the backend)."""
         if not self.mlp_scattered():
             return ops.experts(x, routing, inplace=self.routed_inplace(order),
                                fused_shared=self.fused_shared_weight()), None
-        return super().routed_path(ops, x, routing, order, shared_inside)
+        if shared_inside is not None:
+            return self.overlapped_routed_path(ops, x, routing, shared_inside)
+        return self.dispatch_experts_combine(ops, x, routing), None
+
+    def dispatch_experts_combine(self, ops: Ops, x: Any, routing: Any) -> Any:
+        """forward_deepep's experts(): this rank's SCATTERED rows go to their
+        experts' owners, come back as complete per-token sums."""
+        xd, rd = ops.dispatch(x, routing)
+        return ops.combine(ops.experts(xd, rd, inplace=False))

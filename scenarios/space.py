@@ -107,6 +107,17 @@ def _uneven(v: bool, a: dict[str, Any]) -> Changes:
     return {"workload.tokens": [base + 2 * d for d in range(a.get("dp", 1))]}
 
 
+def _top_k(v: str, a: dict[str, Any]) -> Changes:
+    # "above_moe_ep": more experts per token than EP ranks (moe_ep = world
+    # here), where TensorRT-LLM's all-to-all falls back to the all-gather.
+    if v == "2":
+        return {}
+    world = a["tp"] * a["dp"]
+    if world == 1:
+        raise ScenarioError("model.top_k", "one rank: top_k 2 is already above moe_ep")
+    return {"model.top_k": world + 1}
+
+
 def _axes(wide: bool) -> tuple[Axis, ...]:
     backends = ("allgather_reducescatter", *[b for b in BACKENDS if b != "allgather_reducescatter"])
     axes = [
@@ -141,8 +152,15 @@ def _axes(wide: bool) -> tuple[Axis, ...]:
     return tuple(axes)
 
 
-SPACES: dict[str, tuple[Axis, ...]] = {"default": _axes(False), "wide": _axes(True)}
-DEFAULT_MAX_WORLD = {"default": 4, "wide": 8}
+def _a2a_axes() -> tuple[Axis, ...]:
+    """`default` plus top_k above moe_ep: every engine's all-to-all layout
+    (SGLang's SCATTERED ones are in `default` already; TensorRT-LLM's
+    all-gather fallback needs moe_ep < top_k)."""
+    return (*_axes(False), Axis("top_k", ("2", "above_moe_ep"), _top_k))
+
+
+SPACES: dict[str, tuple[Axis, ...]] = {"default": _axes(False), "wide": _axes(True), "a2a": _a2a_axes()}
+DEFAULT_MAX_WORLD = {"default": 4, "wide": 8, "a2a": 4}
 
 
 def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, ...]:
@@ -206,6 +224,7 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
         "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
         "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len(set(s.token_counts)) > 1,
         "phase": s.workload.phase,
+        "top_k": "2" if m.top_k == 2 else ("above_moe_ep" if m.top_k > s.moe_ep else None),
     }
     out = {}
     for a in axes:

@@ -71,9 +71,9 @@ Mapping onto the scenario:
 Not modelled (refused in one line by `unsupported`): shared_tp strictly
 between 1 and tp (its shard groups are not one of the Ops groups); attention
 DP with attention TP > 1; latent MoE; EPLB (the MoE load balancer); ROCm;
-all-to-all backends TensorRT-LLM does not have; a token-routing backend when
-moe_ep < top_k (TensorRT-LLM falls back to the all-gather path there, the
-twin's dispatch would route tokens). Also not modelled: MoE chunking,
+all-to-all backends TensorRT-LLM does not have. A token-routing backend with
+moe_ep < top_k takes TensorRT-LLM's all-gather fallback: the dispatch follows
+`TRTLLMRules` (a DispatchLayout), not the scenario's backend. Also not modelled: MoE chunking,
 DP padding, the min-latency (do_finalize=False) path as a separate kernel,
 the dense (non-MoE) layers' own TP size.
 """
@@ -149,9 +149,24 @@ def post_moe_fusion(s: Scenario) -> bool:
 
 
 class TRTLLMRules(EngineRules):
-    """TensorRT-LLM forbids no shared-expert overlap; its best order is its own."""
+    """TensorRT-LLM forbids no shared-expert overlap; its best order is its own.
+    Its dispatch layout: all-to-all kernels only where enable_alltoall holds;
+    otherwise, under attention DP, the all-gather / reduce-scatter path
+    (the naive dispatch) whatever backend the scenario names; never sliced
+    tokens (attention DP has attention TP 1)."""
 
     name = "trtllm"
+
+    def all2all_kernels(self, s: Scenario) -> bool:
+        return uses_alltoall(s)
+
+    def dispatch_backend(self, s: Scenario) -> str:
+        if uses_alltoall(s):
+            return s.effective_backend
+        return "allgather_reducescatter" if attention_dp(s) else "none"
+
+    def slices_tokens(self, s: Scenario) -> bool:
+        return False
 
     def overlap_forbidden(self, s: Scenario) -> bool:
         return False
@@ -186,9 +201,6 @@ class TRTLLMRunner(MoERunner):
             return "attention DP with attention TP > 1: TensorRT-LLM's attention DP has one DP rank per GPU (parallel.tp = 1)"
         if token_routing(s) and s.effective_backend not in TRTLLM_ALLTOALL:
             return f"{s.effective_backend} is not one of TensorRT-LLM's all-to-all methods (DeepEP, DeepEP low-latency, MNNVL)"
-        if token_routing(s) and s.moe_ep < m.top_k:
-            return (f"moe_ep {s.moe_ep} < top_k {m.top_k}: TensorRT-LLM falls back to all-gather/reduce-scatter, "
-                    "which the twin's dispatch for this backend does not do")
         if m.has_shared and 1 < shared_tp_size(s) < tp_size(s):
             return (f"shared-expert TP size {shared_tp_size(s)} strictly between 1 and tp {tp_size(s)}: "
                     "its shard groups are not one of the twin's groups")

@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from scenarios import layout
+from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout
 from scenarios.spec import Scenario
 
 Route = tuple[tuple[tuple[tuple[int, ...], tuple[float, ...]], ...], ...]
@@ -151,12 +152,12 @@ def routing(s: Scenario) -> Route:
     return _routing(w.seed, w.skew, m.num_experts, m.top_k, w.tokens, s.parallel.dp)
 
 
-def rank_token_ids(s: Scenario, rank: int) -> list[int]:
-    """Token indices (within its DP rank) that `rank` holds inside the layer;
-    -1 for SP padding rows."""
+def rank_token_ids(s: Scenario, rank: int, dl: DispatchLayout = VLLM_LAYOUT) -> list[int]:
+    """Token indices (within its DP rank) that `rank` holds inside the layer
+    (hands the dispatch, under the engine's layout `dl`); -1 for SP padding rows."""
     d, t = s.coords(rank)
     T = s.dp_tokens(d)
-    if not s.sp:
+    if not dl.slices_tokens(s):
         return list(range(T))
     return slice_token_ids(T, s.parallel.tp, t)
 
@@ -169,19 +170,20 @@ def slice_token_ids(tokens: int, tp: int, t: int) -> list[int]:
 
 
 @lru_cache(maxsize=4096)
-def expert_loads(s: Scenario) -> tuple[tuple[int, int], ...]:
+def expert_loads(s: Scenario, dl: DispatchLayout = VLLM_LAYOUT) -> tuple[tuple[int, int], ...]:
     """Per world rank: (token-expert pairs computed, distinct experts active),
-    after dispatch, for the expert cost model."""
+    after dispatch under the engine's layout `dl`, for the expert cost model."""
     ids_d, _w = route_arrays(s)
     E, world, dp = s.model.num_experts, s.world, s.parallel.dp
-    # Token-routing all-to-all without SP: every TP rank of a DP group sends
-    # the same tokens, so each expert sees them tp times.
-    token_routing = s.use_all2all_kernels and s.effective_backend != "allgather_reducescatter"
-    dup = s.parallel.tp if (token_routing and not s.sp) else 1
+    backend = dl.dispatch_backend(s)
+    # Token-routing all-to-all without slicing: every TP rank of a DP group
+    # sends the same tokens, so each expert sees them tp times.
+    token_routing = dl.all2all_kernels(s) and backend != "allgather_reducescatter"
+    dup = s.parallel.tp if (token_routing and not dl.slices_tokens(s)) else 1
     # hits[d, e]: how many of DP rank d's tokens chose expert e.
     hits = np.stack([np.bincount(ids.ravel(), minlength=E) for ids in ids_d]).reshape(dp, E)
     # Which DP ranks' tokens reach a rank's experts: its own (backend none) or all.
-    own_only = s.effective_backend == "none"
+    own_only = backend == "none"
     per_source = hits if own_only else hits.sum(axis=0, keepdims=True)
     zero = np.zeros((per_source.shape[0], 1), dtype=np.int64)
     pairs_cum = np.concatenate([zero, np.cumsum(per_source, axis=1)], axis=1)
@@ -210,8 +212,8 @@ def tokens_of(s: Scenario, key: str) -> list[int]:
     if m is None:
         raise ValueError(f"unknown row-block key {key!r}")
     T = s.dp_tokens(int(m.group(1)))
-    if m.group(2) is not None:
-        per, t = s.layer_rows(int(m.group(1))), int(m.group(2))
+    if m.group(2) is not None:  # an SP slice (ops.sp_slice): ceil(T / tp) rows, whoever slices
+        per, t = -(-T // s.parallel.tp), int(m.group(2))
         toks = [i if i < T else -1 for i in range(t * per, (t + 1) * per)]
     elif m.group(3) is not None:  # padded to M rows for a MAX_LEN DP gather
         toks = padded_token_ids(T, int(m.group(3)))

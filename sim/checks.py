@@ -250,7 +250,8 @@ class Checks:
         if component == "routed":
             key: tuple = ("routed", ops.latent_up_tags)
         else:
-            default = tuple(f"tp{t}" for t in range(s.parallel.tp)) if not s.sp else ("full",)
+            sliced = self.sim.layout.slices_tokens(s)  # sliced tokens: the shared MLP is replicated
+            default = tuple(f"tp{t}" for t in range(s.parallel.tp)) if not sliced else ("full",)
             key = ("shared", ops.shared_shards if ops.shared_shards is not None else default)
         labels = self._labels.get(key)
         if labels is None:

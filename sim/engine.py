@@ -26,6 +26,7 @@ import greenlet
 import numpy as np
 
 from scenarios import contain
+from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout, layout_note
 from scenarios.ops import OpsUsageError
 from scenarios.runners import MoERunner, RunnerUnsupported, run_program
 from scenarios.spec import Scenario
@@ -82,7 +83,7 @@ class RankGroup(tuple):
 
 
 @lru_cache(maxsize=1024)
-def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
+def _received_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout = VLLM_LAYOUT) -> tuple[int, ...]:
     """Per world rank: rows a token-routing dispatch over `group` delivers to
     it, one per member token with at least one expert on that rank (SP
     padding rows route like token 0)."""
@@ -91,7 +92,7 @@ def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
     rows = []
     for m in group:
         d, _ = s.coords(m)
-        toks = np.maximum(np.asarray(rank_token_ids(s, m), dtype=np.int64), 0)
+        toks = np.maximum(np.asarray(rank_token_ids(s, m, dl), dtype=np.int64), 0)
         rows.append(ids[d][toks] // per)
     owners = np.sort(np.concatenate(rows), axis=1) if rows else np.zeros((0, 1), dtype=np.int64)
     # Count each owner once per token: the first of equal sorted entries.
@@ -102,11 +103,11 @@ def _received_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=1024)
-def _member_rows(s: Scenario, group: tuple[int, ...]) -> tuple[int, ...]:
+def _member_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout = VLLM_LAYOUT) -> tuple[int, ...]:
     """Layer rows of each member of `group`, in group order (what a naive
     gather collects and every combine hands back). Cached: every member of a
     wide group asks for the same tuple, which is world-long."""
-    return tuple(s.rank_rows(m) for m in group)
+    return tuple(dl.rank_rows(s, m) for m in group)
 
 
 def _shape_problem(pend: _Pending, arrivals: list[tuple[str, SimTensor, Step]]) -> str | None:
@@ -174,7 +175,10 @@ class Simulation:
         self.track_streams = True
         self.checks = Checks(self)
         self.expected_scale = self.checks.expected_scale
-        self.loads = expert_loads(scenario)  # hashing the scenario once, not per op
+        # The engine's dispatch layout (the runner class's rules; vLLM's for a
+        # class that names none): what dispatch, combine and the loads follow.
+        self.layout: DispatchLayout = getattr(runner_cls, "engine_rules", VLLM_LAYOUT)
+        self.loads = expert_loads(scenario, self.layout)  # hashing the scenario once, not per op
         self._groups: dict[tuple[str, int], RankGroup] = {}
         self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
 
@@ -209,10 +213,10 @@ class Simulation:
         return g
 
     def dispatch_group(self, rank: int) -> tuple[tuple[int, ...], bool]:
-        """Scenario.dispatch_group, one shared object per group."""
+        """The layout's dispatch_group, one shared object per group."""
         found = self._dispatch.get(rank)
         if found is None:
-            members, token_routing = self.scenario.dispatch_group(rank)
+            members, token_routing = self.layout.dispatch_group(self.scenario, rank)
             found = (RankGroup(members), token_routing)
             for m in members:
                 self._dispatch[m] = found
@@ -221,11 +225,11 @@ class Simulation:
     def received_rows(self, rank: int, group: tuple[int, ...]) -> int:
         """Rows a token-routing dispatch delivers to `rank`: each member's tokens
         with at least one expert on this rank."""
-        return _received_rows(self.scenario, group)[rank]
+        return _received_rows(self.scenario, group, self.layout)[rank]
 
     def member_rows(self, group: tuple[int, ...]) -> tuple[int, ...]:
         """Layer rows of each member of `group` (the DP metadata's counts)."""
-        return _member_rows(self.scenario, group)
+        return _member_rows(self.scenario, group, self.layout)
 
     def arrive(self, ops: SimOps, key: tuple, kind: str, x: SimTensor, st: Step,
                sizes: tuple[int, ...] | None = None) -> Any:
@@ -377,6 +381,9 @@ class Simulation:
             self._program_phase()
         if self.budget_stop is not None:
             self.notes.append(contain.BUDGET_NOTE + self.budget_stop)
+        note = layout_note(self.layout, self.scenario, getattr(self.layout, "name", "engine"))
+        if note is not None:
+            self.notes.append(note)
         latency = timing_phase(self)
         trace = Trace(
             source="sim",

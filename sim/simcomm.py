@@ -9,8 +9,9 @@ Row counts may differ per member only where the op says so: `all_gatherv`
 (each member contributes its own rows; torch's `all_gather` needs equal
 sizes) and `reduce_scatterv` (each member keeps its own `sizes[i]` rows of
 the sum). The naive DP dispatch/combine (no token routing) are these two,
-with the sizes from the DP metadata: each member's layer rows
-(`Scenario.group_rows`), as vLLM's all_gatherv / reduce_scatterv take them.
+with the sizes from the DP metadata: each member's layer rows, as vLLM's
+all_gatherv / reduce_scatterv take them. Which backend, group and rows: the
+runner's engine layout (`Simulation.layout`, scenarios/dispatch_layout.py).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class SimComm:
     def dispatch(self, x: SimTensor, routing_h: SimTensor, name: str = "dispatch") -> tuple[SimTensor, SimTensor]:
         x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
         s = self.sim.scenario
-        if s.effective_backend == "none":
+        if self.sim.layout.dispatch_backend(s) == "none":
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
         group, token_routing = self.sim.dispatch_group(self.rank)
         if token_routing:

@@ -71,7 +71,7 @@ class SimOps(SimComm, Ops):
         self.layer_rows: tuple[str, ...] = ()
         # Rows the router expects: this rank's layer tokens, until a model-side
         # communicator (sp_slice, dp_gather, dp_scatter) changes the token set.
-        self.layer_nrows = self.scenario.rank_rows(rank)
+        self.layer_nrows = sim.layout.rank_rows(self.scenario, rank)
         self.input_rows: tuple[str, ...] = ()
         # buffer -> (version, the handle written in place at that version)
         self.writes: dict[int, tuple[int, SimTensor]] = {}

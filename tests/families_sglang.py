@@ -87,6 +87,26 @@ class ShardedSharedAddedAfterReduce(SGLangRunner):
         return self.dp_attention() or super().shared_joins_after_reduce()
 
 
+class SharedShardedWithoutDpAttention(SGLangRunner):
+    """Keys the replicated (TP1) shared experts on DP attention instead of on
+    the all-to-all backend: without DP attention the shared MLP is sharded
+    over TP, and its partials on the SCATTERED rows are never summed."""
+
+    def shared_tp1(self) -> bool:
+        return self.mlp_scattered() and self.dp_attention()
+
+
+class AttnTpGatherOverWorld(SGLangRunner):
+    """All-gathers the SCATTERED rows back over SGLang's TP group (the world)
+    instead of the attention-TP group: under DP attention every rank keeps
+    the first DP rank's tokens."""
+
+    def postprocess_layer(self, ops: Ops, out: Any, tokens: int) -> Any:
+        if not self.mlp_scattered():
+            return super().postprocess_layer(ops, out, tokens)
+        return ops.trim_rows(ops.all_gather(out, "world", name="attn_tp_all_gather"), tokens, name="attn_tp_drop_pad_rows")
+
+
 def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None,
        tokens: int | tuple[int, ...] = 4, phase: str = "decode") -> Scenario:
     base = {"hidden": 128, "moe_intermediate": 64, "num_experts": 8, "top_k": 2, "num_shared_experts": 1}
@@ -113,9 +133,21 @@ DS_FUSED_SHARED_TP2 = _s("ds-fused-shared-tp2", {"routed_scaling_factor": 2.5}, 
 DS_FUSED_SHARED_ROCM_EP = _s("ds-fused-shared-rocm-ep2", {"routed_scaling_factor": 2.5}, {"tp": 2, "ep": True},
                              {"shared_experts_fusion": True, "platform": "rocm"})
 DS_FUSED_NEXT = _s("ds-fused-next-layer", {}, {"tp": 2}, {"allreduce_fusion": True}, tokens=8)
+# All-to-all layouts of SGLang's own (not vLLM's): DeepEP without DP attention
+# (SCATTERED over tp, dispatch over every rank), and an all-to-all outside
+# vLLM's sequence-parallel list with attention TP 2 under DP attention.
+DS_DEEPEP_TP2 = _s("ds-tp2-deepep-no-dp-attention", {}, {"tp": 2, "ep": True, "backend": "deepep_high_throughput"},
+                   {"platform": "cuda", "aux_stream": True}, tokens=5)
+QWEN3_DEEPEP_TP4 = _s("qwen3-tp4-deepep-ll-no-dp-attention", {"num_shared_experts": 0},
+                      {"tp": 4, "ep": True, "backend": "deepep_low_latency"}, tokens=7)
+DS_DPATTN_MOONEP_ATTN_TP2 = _s("ds-dp-attention-moonep-attn-tp2", {}, {"tp": 2, "dp": 2, "ep": True, "backend": "moonep"},
+                               tokens=(3, 5))
+DS_DPATTN_MOONEP_EVEN = DS_DPATTN_MOONEP_ATTN_TP2.with_(name="ds-dp-attention-moonep-attn-tp2-even",
+                                                        **{"workload.tokens": 4})
+A2A_LAYOUTS = [DS_DEEPEP_TP2, QWEN3_DEEPEP_TP4, DS_DPATTN_MOONEP_ATTN_TP2]
 
 CLEAN = [DS_TP2, DS_DPATTN_RSV, DS_DPATTN_RSV_PREFILL, DS_DPATTN_DEEPEP, QWEN3_HYBRID, DS_DPATTN_ATTN_TP2, DS_FUSED_NEXT,
-         DS_FUSED_SHARED_TP2, DS_FUSED_SHARED_ROCM_EP]
+         DS_FUSED_SHARED_TP2, DS_FUSED_SHARED_ROCM_EP, *A2A_LAYOUTS]
 
 # (runner, scenario, predicted kind, ranks, expected verdict)
 WRONG = [
@@ -128,4 +160,6 @@ WRONG = [
     (FusedSharedNoEpScale, DS_FUSED_SHARED_ROCM_EP, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (FusedSharedScaledTwice, DS_FUSED_SHARED_TP2, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (ShardedSharedAddedAfterReduce, DS_DPATTN_ATTN_TP2, "MISSING_REDUCTION", (0, 1, 2, 3), "CONFIRMED"),
+    (SharedShardedWithoutDpAttention, DS_DEEPEP_TP2, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
+    (AttnTpGatherOverWorld, DS_DPATTN_MOONEP_EVEN, "WRONG_TOKENS", (2, 3), "CONFIRMED"),
 ]

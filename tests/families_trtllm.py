@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from scenarios.ops import Ops
+from scenarios.runner_base import Order
 from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario, Workload
-from scenarios.trtllm import TRTLLMRunner
+from scenarios.trtllm import TRTLLMRunner, token_routing
 
 
 class NoSharedOutputScale(TRTLLMRunner):
@@ -52,6 +53,17 @@ class SharedAddedAfterReduce(TRTLLMRunner):
         return True
 
 
+class LocalExpertsWithoutAlltoall(TRTLLMRunner):
+    """Under attention DP with a token-routing backend configured but the
+    all-to-all off (moe_ep < top_k), runs its experts on its own tokens as if
+    nothing needed gathering: the other ranks' experts never see them."""
+
+    def routed_path(self, ops: Ops, x: Any, routing: Any, order: Order, shared_inside: Any) -> tuple[Any, Any]:
+        if self.attention_dp() and token_routing(self.scenario) and not self.uses_alltoall():
+            return ops.experts(x, routing, inplace=False), None
+        return super().routed_path(ops, x, routing, order, shared_inside)
+
+
 def _s(name: str, model: dict, parallel: dict, runtime: dict | None = None,
        tokens: int | tuple[int, ...] = 4) -> Scenario:
     base = {"hidden": 128, "moe_intermediate": 64, "num_experts": 8, "top_k": 2, "num_shared_experts": 1}
@@ -75,9 +87,13 @@ DS_ADP_EVEN = _s("ds-adp-allgather-even", {}, {"dp": 2, "ep": True}, tokens=4)
 DS_ADP_TP_MOE = _s("ds-adp-moe-tp", {}, {"dp": 2}, tokens=(4, 1))
 DS_ADP_DEEPEP = _s("ds-adp-deepep-ll", {"hidden": 2048}, {"dp": 4, "ep": True, "backend": "deepep_low_latency"},
                    {"platform": "cuda", "aux_stream": True}, tokens=(3, 2, 0, 4))
+# TensorRT-LLM's all-gather fallback: DeepEP configured, moe_ep 2 < top_k 4
+# (no rounding of hidden 256 by DeepEP's 512-byte rule).
+DS_ADP_DEEPEP_FALLBACK = _s("ds-adp-deepep-allgather-fallback", {"hidden": 256, "top_k": 4},
+                            {"dp": 2, "ep": True, "backend": "deepep_high_throughput"}, tokens=(3, 5))
 
 CLEAN = [DS_TP2, DS_TP2_SHARED_TP1, DS_TP2_FUSED, QWEN3_HYBRID_FUSED, DS_ADP_ALLGATHER, DS_ADP_EVEN, DS_ADP_TP_MOE,
-         DS_ADP_DEEPEP]
+         DS_ADP_DEEPEP, DS_ADP_DEEPEP_FALLBACK]
 
 # (runner, scenario, predicted kind, ranks, expected verdict)
 WRONG = [
@@ -88,4 +104,5 @@ WRONG = [
     # Equal token counts: other ranks' tokens summed into each row; unequal: the shapes disagree.
     (AllReduceUnderAttentionDP, DS_ADP_EVEN, "DOUBLE_REDUCTION", (0, 1), "CONFIRMED"),
     (AllReduceUnderAttentionDP, DS_ADP_DEEPEP, "SHAPE_MISMATCH", (0, 1, 2, 3), "CONFIRMED"),
+    (LocalExpertsWithoutAlltoall, DS_ADP_DEEPEP_FALLBACK, "MISSING_REDUCTION", (0, 1), "CONFIRMED"),
 ]

@@ -94,9 +94,27 @@ def test_unsupported_scenarios_are_refused_in_one_line():
     assert "latent" in unsupported_reason(SGLangRunner, latent)
     with pytest.raises(RunnerUnsupported, match="does not model this scenario: latent MoE"):
         simulate(latent, "sglang")
-    a2a_no_dp = Scenario(parallel=ParallelConfig(tp=2, ep=True, backend="deepep_low_latency"))
-    assert "without DP attention" in unsupported_reason(SGLangRunner, a2a_no_dp)
     assert unsupported_reason(RUNNERS["fixed"], latent) is None
+
+
+def test_all_to_all_layouts_follow_sglang_not_vllm():
+    """DeepEP without DP attention and an all-to-all outside vLLM's SP list
+    with attention TP > 1 are SGLang layouts (SCATTERED): no longer refused;
+    the dispatch spans every rank and each rank hands it its own slice."""
+    rules = SGLangRunner.engine_rules
+    for s in (F.DS_DEEPEP_TP2, F.QWEN3_DEEPEP_TP4, F.DS_DPATTN_MOONEP_ATTN_TP2):
+        assert unsupported_reason(SGLangRunner, s) is None
+        assert not s.sp and rules.all2all_kernels(s) and rules.slices_tokens(s)
+        assert rules.dispatch_backend(s) == s.parallel.backend
+        assert all(rules.dispatch_group(s, r) == (tuple(range(s.world)), True) for r in range(s.world))
+    assert not F.DS_DEEPEP_TP2.use_all2all_kernels and F.DS_DEEPEP_TP2.effective_backend == "none"  # vLLM's
+    trace = simulate(F.QWEN3_DEEPEP_TP4, "sglang")
+    for r in range(4):  # 7 tokens over tp 4: slices of 2 rows (the last one padded), complete sums back
+        steps = {st.name: st for st in trace.steps[r]}
+        assert tuple(steps["attn_tp_scatter"].out_shape)[0] == 2 and tuple(steps["combine"].out_shape)[0] == 2
+        assert tuple(steps["layer_output"].out_shape)[0] == 7
+    # The FULL path keeps vLLM's answers (the DP gather is the communicator's).
+    assert rules.dispatch_backend(F.DS_DPATTN_RSV) == "allgather_reducescatter" and not rules.slices_tokens(F.DS_TP2)
 
 
 def test_cli_refuses_an_unsupported_scenario(tmp_path, capsys):

@@ -70,7 +70,22 @@ def test_weight_block_size_is_validated():
 def test_alltoall_needs_moe_ep_at_least_top_k():
     assert uses_alltoall(F.DS_ADP_DEEPEP)
     narrow = F.DS_ADP_DEEPEP.with_(**{"model.top_k": 8})  # moe_ep 4 < top_k 8
-    assert not uses_alltoall(narrow) and "falls back" in unsupported_reason(TRTLLMRunner, narrow)
+    assert not uses_alltoall(narrow) and unsupported_reason(TRTLLMRunner, narrow) is None
+
+
+def test_fallback_dispatch_is_the_all_gather_not_the_scenarios_all_to_all():
+    """moe_ep 2 < top_k 4 with DeepEP configured: TensorRT-LLM's layout gathers
+    every rank's tokens (3 + 5 rows on both) and reduce-scatters them back,
+    where vLLM's rules would route tokens with DeepEP."""
+    s, rules = F.DS_ADP_DEEPEP_FALLBACK, TRTLLMRunner.engine_rules
+    assert s.use_all2all_kernels and s.effective_backend == "deepep_high_throughput"  # vLLM's answer
+    assert not rules.all2all_kernels(s) and rules.dispatch_backend(s) == "allgather_reducescatter"
+    assert rules.dispatch_group(s, 1) == ((0, 1), False)
+    trace = simulate(s, "trtllm")
+    for r, own in ((0, 3), (1, 5)):
+        steps = {st.name: st for st in trace.steps[r]}
+        assert tuple(steps["allgather"].out_shape)[0] == 8 and tuple(steps["reducescatter"].out_shape)[0] == own
+    assert not trace.hazards
 
 
 def test_unsupported_scenarios_are_refused_in_one_line():

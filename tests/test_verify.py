@@ -291,3 +291,26 @@ def test_classes_the_runner_refuses_are_counted_apart_not_proved():
     assert everything.classes == 3 and everything.unsupported == 0
     assert res.classes == 1 and res.unsupported == 2
     assert "2 more refused by the runner" in res.statement() and res.to_dict()["unsupported"] == 2
+
+
+def test_a2a_space_holds_every_engines_all_to_all_layouts():
+    """The `a2a` space is `default` plus top_k above moe_ep: it holds SGLang's
+    DeepEP without DP attention and TensorRT-LLM's all-gather fallback, and
+    both runners are proved clean on a slice of it that runs them."""
+    from scenarios.runners import SGLangRunner, TRTLLMRunner
+
+    a2a = space_axes("a2a")
+    assert [a.name for a in a2a][:-1] == [a.name for a in DEFAULT] and a2a[-1].name == "top_k"
+    base = {"tp": 1, "dp": 2, "ep": True, "backend": "deepep_high_throughput", "version": "newest", "eplb": False,
+            "platform": "cuda", "aux_stream": False, "shared": 1, "latent": "none", "padded": False,
+            "allreduce_fusion": False}
+    fallback = assignment_scenario(a2a, {**base, "top_k": "above_moe_ep"}, "trtllm")
+    assert fallback.model.top_k > fallback.moe_ep and classify(fallback, a2a)["top_k"] == "above_moe_ep"
+    assert TRTLLMRunner.engine_rules.dispatch_backend(fallback) == "allgather_reducescatter"
+    no_dp_attn = assignment_scenario(a2a, {**base, "tp": 2, "dp": 1, "top_k": "2"}, "sglang")
+    assert SGLangRunner.engine_rules.slices_tokens(no_dp_attn) and not no_dp_attn.sp
+    layouts = restrict(a2a, ep=(True,), backend=("deepep_high_throughput", "moonep"), version=("newest",),
+                       eplb=(False,), platform=("cuda",), latent=("none",), padded=(False,))
+    for runner in ("sglang", "trtllm"):
+        res = verify(runner, layouts, max_world=4, polish_findings=False)
+        assert res.proved_clean and res.classes > 0, (runner, [f.signature for f in res.findings])

@@ -27,10 +27,10 @@ def add_parsers(sub: Any) -> None:
     sp = sub.add_parser("verify", help="enumerate the decision space (one small scenario per class); "
                                        "every distinct finding, or a proof of none")
     sp.add_argument("--runner", default="fixed", help="runner preset or module:Class (default: fixed)")
-    sp.add_argument("--space", default="default", choices=["default", "wide"],
+    sp.add_argument("--space", default="default", choices=["default", "wide", "a2a"],
                     help="which axes and values (default: default)")
     sp.add_argument("--max-world", type=int, default=None, metavar="N",
-                    help="largest tp x dp enumerated (default: 4 for default, 8 for wide)")
+                    help="largest tp x dp enumerated (default: 4 for default and a2a, 8 for wide)")
     sp.add_argument("--jobs", type=int, default=None, metavar="N",
                     help="worker processes (default: every core)")
     sp.add_argument("--shard", default=None, metavar="i/n",
