@@ -489,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     from twin.verify_cli import add_parser as add_verify_parser
 
     add_verify_parser(sub)
+    from twin.conform_cli import add_parser as add_conform_parser
+
+    add_conform_parser(sub)
 
     sp = sub.add_parser("bench", help="benchmarks (medians and ratios)")
     sp.add_argument("what", choices=["sim", "real"], help="which side to benchmark")
