@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.vllm import PINNED_VERSION, ROOT, TWIN_VERSION, engine_python
-from engines.vllm.config_map import engine_config, not_expressible
+from engines.vllm.config_map import engine_config, not_evaluable_here, not_expressible
 from scenarios import space
 from scenarios.runners import FixedRunner
 from scenarios.spec import Scenario, ScenarioError
@@ -126,6 +126,7 @@ class Tally:
     both_run: int = 0
     agree: dict[str, int] = field(default_factory=lambda: {f: 0 for f in ("accept", *FIELDS)})
     classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    standins: set[str] = field(default_factory=set)
 
     def mismatch(self, key: str, example: dict[str, Any], engine: Any, twin: Any) -> None:
         c = self.classes.setdefault(key, {"class": key, "count": 0, "example": example,
@@ -175,20 +176,25 @@ def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | Non
     if s is None:
         tally.invalid += 1
         return
-    why = not_expressible(s, TWIN_VERSION[PINNED_VERSION])
+    why = not_expressible(s, TWIN_VERSION[PINNED_VERSION]) or not_evaluable_here(s)
     if why:
         tally.skipped[why] = tally.skipped.get(why, 0) + 1
         return
     ans = client.ask(engine_config(s))
+    tally.standins.update(ans.get("standins", ()))
     if "error" in ans:
         tally.probe_errors.append({"example": a, "error": ans["error"]})
         return
     tally.scenarios += 1
-    if not ans["accepted"]:
-        tally.mismatch(f"accept: the engine rejects ({ans['message']}), the twin accepts", a,
-                       ans["message"], "accepted")
+    refusal = FixedRunner(s).engine_refusal()
+    if ans["accepted"] != (refusal is None):
+        engine = "accepted" if ans["accepted"] else ans["message"]
+        twin = refusal or "accepted"
+        tally.mismatch(f"accept: engine {engine} / twin {twin}", a, engine, twin)
         return
     tally.agree["accept"] += 1
+    if not ans["accepted"]:
+        return  # both refuse: no forward to compare
     tally.both_run += 1
     eng, twin = engine_decisions(ans), twin_decisions(s)
     for f in FIELDS:
@@ -210,6 +216,6 @@ def _report(hello: dict[str, Any], t: Tally, space_name: str, sample: int | None
         "scenarios": t.scenarios, "both_run": t.both_run, "agreement": agreement,
         "mismatches": mismatches, "invalid": t.invalid, "skipped": t.skipped,
         "probe_errors": t.probe_errors[:20], "probe_error_count": len(t.probe_errors),
-        "stubbed_modules": hello.get("stubbed", []), "standins": hello.get("standins", []),
+        "stubbed_modules": hello.get("stubbed", []), "standins": [*hello.get("standins", []), *sorted(t.standins)],
         "elapsed_s": round(elapsed, 1),
     }

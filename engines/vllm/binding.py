@@ -171,6 +171,7 @@ def bind_engine() -> dict[str, Any]:
     # Imported while the proxy answers "cpu": on "cuda" this chain loads CUDA
     # attention extensions.
     importlib.import_module("vllm.model_executor.models.utils")
+    _import_rocm_platform_module()
     mods = {"vllm": vllm}
     for short, name in (
         ("layer", "vllm.model_executor.layers.fused_moe.layer"),
@@ -192,6 +193,25 @@ def bind_engine() -> dict[str, Any]:
     _bind_experts_fallback()
     mods["version"] = getattr(vllm, "__version__", "unknown")
     return mods
+
+
+# The GPU architecture the ROCm platform module reads at import (MI300X, the
+# twin's default ROCm profile): a stand-in, there is no GPU to ask here.
+ROCM_ARCH_STANDIN = "gfx942"
+
+
+def _import_rocm_platform_module() -> None:
+    """vllm.platforms.rocm asks the GPU for its architecture when imported
+    (amdsmi, then torch.cuda); the expert-class checks import it on "rocm"."""
+    import torch
+
+    real = torch.cuda.get_device_properties
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(gcnArchName=ROCM_ARCH_STANDIN)
+    try:
+        importlib.import_module("vllm.platforms.rocm")
+        STANDINS.add(f"ROCm GPU architecture {ROCM_ARCH_STANDIN} (read by vllm.platforms.rocm at import)")
+    finally:
+        torch.cuda.get_device_properties = real
 
 
 def _bind_experts_fallback() -> None:

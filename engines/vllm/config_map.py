@@ -45,3 +45,11 @@ def engine_config(s: Scenario) -> dict[str, Any]:
         # The model's choice: it hands the sum to the next layer's fused all-reduce.
         "reduce_results": not s.next_layer_fuses_reduce,
     }
+
+
+def not_evaluable_here(s: Scenario) -> str | None:
+    """Configurations the engine accepts only with a GPU library this machine
+    cannot load (so its refusal here would be this machine's, not the rule's)."""
+    if s.use_all2all_kernels and s.parallel.backend.startswith("mori") and s.runtime.platform == "rocm":
+        return "MORI on ROCm: the engine accepts it only with AITER's fused MoE (a ROCm GPU library)"
+    return None

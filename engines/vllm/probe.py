@@ -26,11 +26,24 @@ class _Manager:
 
     def __init__(self, world: int, dp: int) -> None:
         self.world_size, self.dp_world_size, self.rank = world, dp, 0
+        self.max_num_ep_ranks = world  # NIXL sizes its buffers for the largest EP world (no elastic EP here)
 
     def get_handle(self, args: dict[str, Any]) -> Any:
         from engines.vllm.binding import Inert
 
         return Inert("all2all_handle")
+
+
+def _manager_for(backend: str, world: int, dp: int) -> _Manager:
+    """FlashInfer's one-sided prepare/finalize checks its manager's class:
+    the recorder is then of that class too (its buffers are never made)."""
+    if backend != "flashinfer_nvlink_one_sided":
+        return _Manager(world, dp)
+    from vllm.distributed.device_communicators.all2all import FlashInferNVLinkOneSidedManager
+
+    cls = type("OneSidedManagerRecorder", (_Manager, FlashInferNVLinkOneSidedManager),
+               {"initialize": lambda self, **kwargs: None})
+    return cls(world, dp)
 
 
 class _ModelView:
@@ -151,7 +164,7 @@ class Probe:
         tp, dp = cfg["tp"], cfg["dp"]
         # The naive dispatch gathers over the EP group (all tp x dp ranks).
         ep = RecGroup(rec, "ep", tp * dp, [c for c in counts for _ in range(tp)])
-        ep.device_communicator = _Communicator(_Manager(tp * dp, dp))
+        ep.device_communicator = _Communicator(_manager_for(cfg["backend"], tp * dp, dp))
         groups = {
             "get_tp_group": RecGroup(rec, "tp", tp, [counts[0]] * tp),
             "get_dp_group": RecGroup(rec, "dp", dp, list(counts)),
@@ -327,6 +340,7 @@ def main() -> int:
             ans = probe.run(req)
         except Exception as exc:  # a probe defect, not an engine answer
             ans = {"error": _message(exc), "trace": traceback.format_exc(limit=-6)}
+        ans["standins"] = sorted(probe.binding.STANDINS)
         proto.write(json.dumps(ans, default=str) + "\n")
     return 0
 
