@@ -50,23 +50,51 @@ def test_probe_builds_sp_deepep_layer_with_engine_code(client) -> None:  # type:
     assert eng == twin_decisions(s)
 
 
+def test_reference_models_engine_refusals() -> None:
+    from scenarios.runner_base import engine_refusal
+    from scenarios.spec import Runtime
+
+    cuda = Runtime(platform="cuda")
+    eplb = ParallelConfig(tp=2, dp=2, ep=True, eplb=True, backend="deepep_low_latency")
+    assert engine_refusal(Scenario(parallel=eplb, runtime=cuda)) is None
+    assert "CPU" in (engine_refusal(Scenario(parallel=eplb)) or "")
+    moonep = ParallelConfig(tp=2, dp=1, ep=True, eplb=True, backend="moonep")
+    assert "MoonEP" in (engine_refusal(Scenario(parallel=moonep, runtime=cuda)) or "")
+    mori = ParallelConfig(tp=1, dp=2, ep=True, backend="mori_low_latency")
+    assert "ROCm" in (engine_refusal(Scenario(parallel=mori, runtime=cuda)) or "")
+    assert engine_refusal(Scenario(parallel=mori, runtime=Runtime(platform="rocm"))) is None
+    # Without all-to-all kernels (one DP rank, no SP) MORI is never built.
+    idle = ParallelConfig(tp=2, dp=1, ep=True, backend="mori_low_latency")
+    assert engine_refusal(Scenario(parallel=idle, runtime=cuda)) is None
+
+
 @needs_engine
-def test_probe_reports_engine_rejection_with_its_message(client) -> None:  # type: ignore[no-untyped-def]
-    s = Scenario(parallel=ParallelConfig(tp=2, dp=1, ep=True, eplb=True, backend="moonep"))
-    cfg = dict(engine_config(s), platform="cuda")
-    ans = client.ask(cfg)
-    assert ans["accepted"] is False and "EPLB" in ans["message"]
+@pytest.mark.parametrize("parallel, platform", [
+    (ParallelConfig(tp=2, dp=1, ep=True, eplb=True, backend="moonep"), "cuda"),
+    (ParallelConfig(tp=2, dp=2, ep=True, eplb=True), "cpu"),
+    (ParallelConfig(tp=1, dp=2, ep=True, backend="mori_high_throughput"), "cuda"),
+])
+def test_probe_refusals_match_the_reference(client, parallel, platform) -> None:  # type: ignore[no-untyped-def]
+    from scenarios.runner_base import engine_refusal
+    from scenarios.spec import Runtime
+
+    s = Scenario(parallel=parallel, runtime=Runtime(platform=platform))
+    ans = client.ask(engine_config(s))
+    assert ans["accepted"] is False and ans["message"]  # the engine's own words
+    assert engine_refusal(s) is not None
 
 
 @needs_engine
 def test_conform_small_space_agrees_on_decisions(client) -> None:  # type: ignore[no-untyped-def]
     from twin.conform import conform
 
-    small = {"tp": (2,), "dp": (1, 2), "ep": (True,), "eplb": (False,), "platform": ("cuda",),
-             "backend": ("allgather_reducescatter", "deepep_high_throughput", "flashinfer_nvlink_two_sided"),
+    small = {"tp": (2,), "dp": (1, 2), "ep": (True,), "eplb": (False, True), "platform": ("cpu", "cuda"),
+             "backend": ("allgather_reducescatter", "deepep_high_throughput", "flashinfer_nvlink_two_sided",
+                         "moonep"),
              "latent": ("none", "nonlinear"), "allreduce_fusion": (False,)}
     r = conform("default", restrict=small, client=client)
     json.dumps(r)  # the --json document is plain data
-    assert r["scenarios"] > 0 and r["both_run"] == r["scenarios"]
+    assert r["scenarios"] > 0 and 0 < r["both_run"] < r["scenarios"]  # some refused on both sides
+    assert r["probe_error_count"] == 0
     for field, rate in r["agreement"].items():
         assert rate == 1.0, (field, r["mismatches"][:3])

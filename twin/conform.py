@@ -15,6 +15,7 @@ import os
 import random
 import select
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,9 +50,11 @@ class ProbeClient:
 
     def __init__(self, python: str | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu")
+        # The engine's own output (logging, warnings) is kept for the error line only.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [python or engine_python(), "-m", "engines.vllm.probe"], cwd=str(ROOT), env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         self.hello = self._read(READY_TIMEOUT_S)
         if not self.hello.get("ready"):
             raise ProbeError(f"engine probe did not start: {self.hello}")
@@ -64,8 +67,14 @@ class ProbeClient:
             raise ProbeError(f"engine probe gave no answer within {timeout:.0f} s")
         line = self.proc.stdout.readline()
         if not line:
-            raise ProbeError(f"engine probe exited (code {self.proc.poll()})")
+            self.proc.wait()
+            raise ProbeError(f"engine probe exited (code {self.proc.returncode}): {self._last_log_line()}")
         return json.loads(line)
+
+    def _last_log_line(self) -> str:
+        self.log.seek(0)
+        lines = [ln.strip() for ln in self.log.read().splitlines() if ln.strip()]
+        return lines[-1] if lines else "no output"
 
     def ask(self, cfg: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -77,6 +86,7 @@ class ProbeClient:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
     def __enter__(self) -> ProbeClient:
         return self
