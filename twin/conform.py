@@ -200,7 +200,7 @@ def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | Non
     if ans["accepted"] != (refusal is None):
         engine = "accepted" if ans["accepted"] else ans["message"]
         twin = refusal or "accepted"
-        tally.mismatch(f"accept: engine {engine} / twin {twin}", a, engine, twin)
+        tally.mismatch(f"accept: engine {engine} / twin {twin}", _example(a, s), engine, twin)
         return
     tally.agree["accept"] += 1
     if not ans["accepted"]:
@@ -211,7 +211,12 @@ def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | Non
         if eng[f] == twin[f]:
             tally.agree[f] += 1
         else:
-            tally.mismatch(f"{f}: engine {eng[f]} / twin {twin[f]}", a, eng[f], twin[f])
+            tally.mismatch(f"{f}: engine {eng[f]} / twin {twin[f]}", _example(a, s), eng[f], twin[f])
+
+
+def _example(a: dict[str, Any], s: Scenario) -> dict[str, Any]:
+    """The class's first scenario (simplest first): its assignment and shape."""
+    return {**a, "scenario": s.summary_line()}
 
 
 def _report(hello: dict[str, Any], t: Tally, space_name: str, sample: int | None, seed: int,
