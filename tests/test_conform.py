@@ -5,6 +5,10 @@ reason, when the pinned engine is not installed (scripts/install-engine.sh);
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +102,19 @@ def test_conform_small_space_agrees_on_decisions(client) -> None:  # type: ignor
     assert r["probe_error_count"] == 0
     for field, rate in r["agreement"].items():
         assert rate == 1.0, (field, r["mismatches"][:3])
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "conform", *args],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+                          cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_cli_bad_sample_is_one_line_exit_2() -> None:
+    r = _cli("--sample", "0")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--sample" in r.stderr
+
+
+def test_cli_missing_engine_interpreter_is_exit_2() -> None:
+    r = _cli("--sample", "1", env={"MOE_TWIN_VLLM_PYTHON": "/nonexistent/python"})
+    assert r.returncode == 2 and "/nonexistent/python" in r.stderr and r.stdout == ""

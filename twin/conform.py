@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.vllm import PINNED_VERSION, ROOT, TWIN_VERSION, engine_python
+from engines.vllm import PINNED_VERSION, ROOT, TWIN_VERSION, EngineMissing, engine_python
 from engines.vllm.config_map import engine_config, not_evaluable_here, not_expressible
 from scenarios import space
 from scenarios.runners import FixedRunner
@@ -52,9 +52,14 @@ class ProbeClient:
         env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu")
         # The engine's own output (logging, warnings) is kept for the error line only.
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [python or engine_python(), "-m", "engines.vllm.probe"], cwd=str(ROOT), env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        exe = python or engine_python()
+        try:
+            self.proc = subprocess.Popen(
+                [exe, "-m", "engines.vllm.probe"], cwd=str(ROOT), env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        except OSError as exc:
+            self.log.close()
+            raise EngineMissing(f"cannot start the engine interpreter {exe}: {exc.strerror or exc}") from None
         self.hello = self._read(READY_TIMEOUT_S)
         if not self.hello.get("ready"):
             raise ProbeError(f"engine probe did not start: {self.hello}")
