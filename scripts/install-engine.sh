@@ -49,14 +49,10 @@ fi
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 # Packages the MoE runner/config import chain needs (all pure Python or
-# prebuilt wheels without torch), per engine release.
+# prebuilt wheels without torch); transformers takes the release's own range
+# (read from the wheel's metadata below).
 common=(packaging psutil pyzmq regex numpy pydantic cbor2 aiohttp requests cachetools msgspec
         cloudpickle py-cpuinfo prometheus_client pybase64 einops pyyaml openai fastapi pillow gguf)
-case "$version" in
-  0.33.*) transformers="transformers>=5.16.1,<5.21.0" ;;
-  0.19.*|0.2[0-2].*) transformers="transformers>=4.56.0,<5" ;;
-  *) echo "install-engine: vllm $version is not a release this project knows the import chain of (0.19.0-0.22.0, 0.33.x)" >&2; exit 2 ;;
-esac
 
 if [ "$into_venv" = 1 ]; then
   target="$venv"
@@ -90,7 +86,18 @@ if ! {
   pip=("$venv/bin/python" -m pip --python "$target/bin/python")
   wheels="$(mktemp -d -t moe-twin-engine-wheel.XXXXXX)"
   "${pip[@]}" download --no-deps "vllm==$version" -d "$wheels"
-  "${pip[@]}" install --no-deps "$wheels"/vllm-"$version"-*.whl
+  wheel="$(ls "$wheels"/vllm-"$version"-*.whl)"
+  transformers="$("$venv/bin/python" - "$wheel" <<'PY'
+import sys, zipfile
+from email.parser import Parser
+with zipfile.ZipFile(sys.argv[1]) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    reqs = Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+print(next(r.split(";")[0].replace(" ", "") for r in reqs if r.startswith("transformers")))
+PY
+)"
+  echo "transformers requirement of vllm $version: $transformers"
+  "${pip[@]}" install --no-deps "$wheel"
   rm -rf "$wheels"
   "${pip[@]}" install -c "$cons" "${common[@]}" "$transformers"
   "$target/bin/python" -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
