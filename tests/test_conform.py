@@ -104,6 +104,23 @@ def test_conform_small_space_agrees_on_decisions(client) -> None:  # type: ignor
         assert rate == 1.0, (field, r["mismatches"][:3])
 
 
+@needs_engine
+@pytest.mark.parametrize("runner, field", [("before-40673", "reductions"), ("before-38990", "shared_experts_order"),
+                                           ("before-40865", "pre_trim")])
+def test_conform_catches_a_historical_regression(client, runner, field) -> None:  # type: ignore[no-untyped-def]
+    """The comparison is not vacuous: a runner with a known defect disagrees
+    with the engine's own code on that defect's field."""
+    from scenarios.runners import load_runner
+    from twin.conform import conform
+
+    small = {"tp": (2,), "dp": (1, 2), "ep": (True,), "eplb": (False,), "platform": ("cuda",),
+             "aux_stream": (True,), "shared": (0, 1), "backend": ("deepep_high_throughput",),
+             "latent": ("none",), "allreduce_fusion": (False,)}
+    r = conform("default", restrict=small, client=client, runner_cls=load_runner(runner))
+    assert r["agreement"][field] < 1.0
+    assert any(m["class"].startswith(field) for m in r["mismatches"])
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "conform", *args],
                           capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},

@@ -24,7 +24,7 @@ from typing import Any
 from engines.vllm import PINNED_VERSION, ROOT, TWIN_VERSION, EngineMissing, engine_python
 from engines.vllm.config_map import engine_config, not_evaluable_here, not_expressible
 from scenarios import space
-from scenarios.runners import FixedRunner
+from scenarios.runners import FixedRunner, MoERunner
 from scenarios.spec import Scenario, ScenarioError
 
 FIELDS = ("sp", "fused_output_is_reduced", "shared_experts_order", "reductions", "pre_trim",
@@ -109,11 +109,11 @@ def engine_decisions(ans: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def twin_decisions(s: Scenario) -> dict[str, Any]:
+def twin_decisions(s: Scenario, runner_cls: type[MoERunner] = FixedRunner) -> dict[str, Any]:
     """The reference runner's decisions: simulated (rank 0's steps)."""
     from sim import simulate
 
-    trace = simulate(s, FixedRunner, what_if=False)
+    trace = simulate(s, runner_cls, what_if=False)
     steps = trace.steps[0]
     tp_group = s.group("tp", 0)
     order = next((st.detail for st in steps if st.op == "decide" and st.name == "shared_experts_order"), None)
@@ -122,7 +122,7 @@ def twin_decisions(s: Scenario) -> dict[str, Any]:
     # A trim counts where it changes the width (as on the engine side).
     width = {st.name: st.out_shape[-1] for st in steps
              if st.op == "trim" and st.out_shape and st.in_shapes and st.out_shape[-1] < st.in_shapes[0][-1]}
-    runner = FixedRunner(s)
+    runner = runner_cls(s)
     runner.process_weights(None)  # type: ignore[arg-type]  # the lazy build reads no Ops
     return {
         "sp": s.sp, "fused_output_is_reduced": runner.fused_output_is_reduced(),
@@ -171,14 +171,17 @@ def scenarios_of(space_name: str, sample: int | None, seed: int,
 
 def conform(space_name: str = "default", sample: int | None = None, seed: int = 0,
             restrict: dict[str, tuple[Any, ...]] | None = None,
-            progress: Callable[[int], None] | None = None, client: ProbeClient | None = None) -> dict[str, Any]:
+            progress: Callable[[int], None] | None = None, client: ProbeClient | None = None,
+            runner_cls: type[MoERunner] = FixedRunner) -> dict[str, Any]:
+    """`runner_cls`: the twin side (the reference `fixed` runner; another
+    runner shows what the comparison catches)."""
     t0 = time.monotonic()
     own = client is None
     client = client or ProbeClient()
     tally = Tally()
     try:
         for a, s in scenarios_of(space_name, sample, seed, restrict):
-            _one(client, tally, a, s)
+            _one(client, tally, a, s, runner_cls)
             if progress:
                 progress(tally.scenarios)
     finally:
@@ -187,7 +190,8 @@ def conform(space_name: str = "default", sample: int | None = None, seed: int = 
     return _report(client.hello, tally, space_name, sample, seed, time.monotonic() - t0)
 
 
-def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | None) -> None:
+def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | None,
+         runner_cls: type[MoERunner]) -> None:
     if s is None:
         tally.invalid += 1
         return
@@ -201,7 +205,7 @@ def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | Non
         tally.probe_errors.append({"example": a, "error": ans["error"]})
         return
     tally.scenarios += 1
-    refusal = FixedRunner(s).engine_refusal()
+    refusal = runner_cls(s).engine_refusal()
     if ans["accepted"] != (refusal is None):
         engine = "accepted" if ans["accepted"] else ans["message"]
         twin = refusal or "accepted"
@@ -211,7 +215,7 @@ def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | Non
     if not ans["accepted"]:
         return  # both refuse: no forward to compare
     tally.both_run += 1
-    eng, twin = engine_decisions(ans), twin_decisions(s)
+    eng, twin = engine_decisions(ans), twin_decisions(s, runner_cls)
     for f in FIELDS:
         if eng[f] == twin[f]:
             tally.agree[f] += 1
