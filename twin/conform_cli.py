@@ -48,8 +48,11 @@ def cmd_conform(args: argparse.Namespace) -> int:
 
 
 def _progress() -> Any:
+    last = [0]
+
     def show(done: int) -> None:
-        if done % 100 == 0:
+        if done % 100 == 0 and done != last[0]:  # called per assignment, skipped ones too
+            last[0] = done
             print(f"conform: {done} scenarios compared", file=sys.stderr, flush=True)
 
     return show
