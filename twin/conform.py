@@ -122,13 +122,14 @@ def twin_decisions(s: Scenario, runner_cls: type[MoERunner] = FixedRunner) -> di
     # A trim counts where it changes the width (as on the engine side).
     width = {st.name: st.out_shape[-1] for st in steps
              if st.op == "trim" and st.out_shape and st.in_shapes and st.out_shape[-1] < st.in_shapes[0][-1]}
+    padded = next((st.out_shape[-1] for st in steps if st.op == "pad" and st.out_shape), None)
     runner = runner_cls(s)
     runner.process_weights(None)  # type: ignore[arg-type]  # the lazy build reads no Ops
     return {
-        "sp": s.sp, "fused_output_is_reduced": runner.fused_output_is_reduced(),
+        "sp": runner.is_sequence_parallel(), "fused_output_is_reduced": runner.fused_output_is_reduced(),
         "shared_experts_order": order if s.model.has_shared else "NONE",
         "reductions": reductions, "pre_trim": width.get("early_trim"), "post_trim": width.get("post_trim"),
-        "kernel_width": s.kernel_width,
+        "kernel_width": padded or s.model.routed_width,  # the width the routed experts were handed
     }
 
 
