@@ -16,10 +16,16 @@ from engines.vllm import PINNED_VERSION, installed
 from engines.vllm.config_map import engine_config, not_expressible
 from scenarios.spec import ParallelConfig, Scenario
 
-needs_engine = pytest.mark.skipif(
+_engine_absent = pytest.mark.skipif(
     not installed(),
     reason=f"vllm {PINNED_VERSION} not installed: run scripts/install-engine.sh vllm=={PINNED_VERSION}",
 )
+
+
+def needs_engine(fn):  # type: ignore[no-untyped-def]
+    """Runs the engine probe (its own process, ~12 s to start): slow, and
+    skipped with the reason when the engine extra is absent."""
+    return pytest.mark.slow(_engine_absent(fn))
 
 
 def test_config_map_carries_knobs_not_derived_decisions() -> None:
