@@ -141,3 +141,20 @@ def test_cli_bad_sample_is_one_line_exit_2() -> None:
 def test_cli_missing_engine_interpreter_is_exit_2() -> None:
     r = _cli("--sample", "1", env={"MOE_TWIN_VLLM_PYTHON": "/nonexistent/python"})
     assert r.returncode == 2 and "/nonexistent/python" in r.stderr and r.stdout == ""
+
+
+@needs_engine
+def test_probe_records_the_engines_aux_stream_fork_and_join(client) -> None:  # type: ignore[no-untyped-def]
+    from scenarios.spec import ModelTraits, Runtime
+    from twin.conform import engine_decisions, twin_decisions
+
+    s = Scenario(parallel=ParallelConfig(tp=2), runtime=Runtime(platform="cuda", aux_stream=True),
+                 model=ModelTraits(hidden=32, moe_intermediate=16, num_experts=4, num_shared_experts=1),
+                 workload=Scenario().workload.__class__(tokens=3))
+    ans = client.ask(engine_config(s))
+    steps = [(e["op"], e["stream"]) for e in ans["events"]]
+    assert steps[:4] == [("record_event", "main"), ("wait_event", "aux"), ("shared_experts", "aux"),
+                         ("record_event", "aux")]
+    assert ("wait_event", "main") in steps[4:]  # the main stream joins before the add
+    assert engine_decisions(ans) == twin_decisions(s)
+    assert engine_decisions(ans)["shared_stream"] == "aux"

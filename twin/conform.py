@@ -27,8 +27,8 @@ from scenarios import space
 from scenarios.runners import FixedRunner, MoERunner
 from scenarios.spec import Scenario, ScenarioError
 
-FIELDS = ("sp", "fused_output_is_reduced", "shared_experts_order", "reductions", "pre_trim",
-          "post_trim", "kernel_width")
+FIELDS = ("sp", "fused_output_is_reduced", "shared_experts_order", "shared_stream", "reductions",
+          "pre_trim", "post_trim", "kernel_width")
 # The engine function that issued an all-reduce, as the twin names that reduction.
 ENGINE_SITES = {
     "_maybe_reduce_shared_expert_output": "shared_all_reduce",
@@ -104,8 +104,11 @@ def engine_decisions(ans: dict[str, Any]) -> dict[str, Any]:
     """The probe's answer as the compared fields."""
     reductions = [f"{ENGINE_SITES.get(e['site'], e['site'])}@{e['group']}"
                   for e in ans.get("events", ()) if e["op"] == "all_reduce"]
-    out = {k: ans.get(k) for k in FIELDS if k != "reductions"}
+    out = {k: ans.get(k) for k in FIELDS if k not in ("reductions", "shared_stream")}
     out["reductions"] = reductions
+    # The stream the shared MLP ran on (recorded streams: "aux" inside the
+    # engine's `torch.cuda.stream(...)`, else "main"); None without shared experts.
+    out["shared_stream"] = next((e["stream"] for e in ans.get("events", ()) if e["op"] == "shared_experts"), None)
     return out
 
 
@@ -123,11 +126,12 @@ def twin_decisions(s: Scenario, runner_cls: type[MoERunner] = FixedRunner) -> di
     width = {st.name: st.out_shape[-1] for st in steps
              if st.op == "trim" and st.out_shape and st.in_shapes and st.out_shape[-1] < st.in_shapes[0][-1]}
     padded = next((st.out_shape[-1] for st in steps if st.op == "pad" and st.out_shape), None)
+    shared_stream = next((st.stream for st in steps if st.op == "shared_experts"), None)
     runner = runner_cls(s)
     runner.process_weights(None)  # type: ignore[arg-type]  # the lazy build reads no Ops
     return {
         "sp": runner.is_sequence_parallel(), "fused_output_is_reduced": runner.fused_output_is_reduced(),
-        "shared_experts_order": order if s.model.has_shared else "NONE",
+        "shared_experts_order": order if s.model.has_shared else "NONE", "shared_stream": shared_stream,
         "reductions": reductions, "pre_trim": width.get("early_trim"), "post_trim": width.get("post_trim"),
         "kernel_width": padded or s.model.routed_width,  # the width the routed experts were handed
     }
