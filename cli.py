@@ -43,6 +43,7 @@ SUBCOMMANDS = (
     "twin.bench_cli",  # calibrate, bench
     "twin.search.explore_cli",  # explore, mutate
     "twin.search.verify_cli",  # verify
+    "twin.check.conform_cli",  # conform
 )
 
 

@@ -89,6 +89,21 @@ def multi_stream_platform(s: Scenario) -> bool:
     return s.runtime.platform == "cuda"
 
 
+def engine_refusal(s: Scenario) -> str | None:
+    """Why the engine's own configuration validation refuses the scenario, or
+    None (checked against the engine's code by `conform`). The twin still
+    simulates such a scenario: these are the engine's limits, not the runner's
+    decisions."""
+    p = s.parallel
+    if p.eplb and s.runtime.platform == "cpu":
+        return "EPLB runs on CUDA and ROCm only (the engine refuses it on the CPU platform)"
+    if p.eplb and p.backend == "moonep":
+        return "MoonEP does not support EPLB"
+    if s.use_all2all_kernels and p.backend.startswith("mori") and s.runtime.platform != "rocm":
+        return "MORI all-to-all needs ROCm with AITER's fused MoE"
+    return None
+
+
 class EngineRules(DispatchLayout):
     """What the engine itself guarantees about shared-expert overlap: the
     simulator's yardstick for UNSAFE_OVERLAP (overlap the contract forbids)
@@ -135,6 +150,10 @@ class MoERunner:
         self.kernel: ModularKernel | None = None
 
     # ---- lifecycle ----
+
+    def engine_refusal(self) -> str | None:
+        """Why the engine would refuse this configuration at start-up (None: accepted)."""
+        return engine_refusal(self.scenario)
 
     def unsupported(self) -> str | None:
         """Why this runner does not model the scenario, or None. A reference

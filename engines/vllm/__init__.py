@@ -1,0 +1,50 @@
+"""The vLLM engine extra: locating the installed engine, mapping a scenario
+to the engine's configuration, and the probe process that runs the engine's
+own MoE layer code (engines/vllm/probe.py, inside the engine venv).
+
+This package is imported by the twin process too: nothing at module level
+imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+PINNED_VERSION = "0.33.0"
+# The twin's engine version whose rules the pinned release follows.
+TWIN_VERSION = {"0.33.0": "newest"}
+ROOT = Path(__file__).resolve().parents[2]
+ENV_PYTHON = "MOE_TWIN_VLLM_PYTHON"
+
+
+class EngineMissing(RuntimeError):
+    """The engine extra is not installed (the message says how to install it)."""
+
+
+def engine_python(version: str = PINNED_VERSION) -> str:
+    """The interpreter that can import the pinned vLLM: $MOE_TWIN_VLLM_PYTHON,
+    the per-version venv under .engines/, or this interpreter (install with
+    --into-venv)."""
+    explicit = os.environ.get(ENV_PYTHON)
+    if explicit:
+        return explicit
+    venv = ROOT / ".engines" / f"vllm-{version}" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise EngineMissing(
+        f"vllm {version} is not installed: run scripts/install-engine.sh vllm=={version} "
+        f"(or point ${ENV_PYTHON} at an interpreter that has it)"
+    )
+
+
+def installed() -> bool:
+    try:
+        engine_python()
+    except EngineMissing:
+        return False
+    return True

@@ -1,0 +1,165 @@
+"""Recorders bound in place of vLLM's collectives, streams and expert GEMMs
+(CPU stand-ins, runs inside the engine venv). Each records what the engine's
+code asked for into `Recorders.events` (plain dicts) and returns a tensor of
+the shape the real piece would return, so the engine's own control flow goes
+on as it would on GPUs. Structured so a later full-trace binding can turn the
+events into Ops steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+
+def _site(depth: int = 2) -> str:
+    """The engine function that called the recorder (its reason for the call)."""
+    return sys._getframe(depth).f_code.co_name
+
+
+class RecStream:
+    """A stream stand-in: `with torch.cuda.stream(s)` makes it current."""
+
+    def __init__(self, rec: Recorders, name: str) -> None:
+        self.rec, self.name = rec, name
+
+    def wait_stream(self, other: Any) -> None:
+        self.rec.event("wait_stream", stream=self.name, on=getattr(other, "name", "?"))
+
+
+class RecEvent:
+    def __init__(self, rec: Recorders) -> None:
+        self.rec = rec
+
+    def record(self, stream: Any = None) -> None:
+        self.rec.event("record_event", stream=getattr(stream, "name", self.rec.current))
+
+    def wait(self, stream: Any = None) -> None:
+        self.rec.event("wait_event", stream=getattr(stream, "name", self.rec.current))
+
+
+class _StreamCtx:
+    def __init__(self, rec: Recorders, stream: RecStream) -> None:
+        self.rec, self.stream, self.prev = rec, stream, "main"
+
+    def __enter__(self) -> RecStream:
+        self.prev, self.rec.current = self.rec.current, self.stream.name
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        self.rec.current = self.prev
+
+
+class RecCuda:
+    """The parts of `torch.cuda` the shared-experts code uses."""
+
+    def __init__(self, rec: Recorders) -> None:
+        self.rec = rec
+        self.Stream = lambda *a, **k: RecStream(rec, "aux")
+        self.Event = lambda *a, **k: RecEvent(rec)
+
+    def stream(self, s: RecStream) -> _StreamCtx:
+        return _StreamCtx(self.rec, s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class RecTorch:
+    """`torch` with `.cuda` replaced (bound as the module's `torch` name)."""
+
+    def __init__(self, rec: Recorders) -> None:
+        self.cuda = RecCuda(rec)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class RecGroup:
+    """A process group coordinator: naive dispatch/combine (all-gather over
+    the group, then reduce-scatter back) recorded with row counts."""
+
+    def __init__(self, rec: Recorders, name: str, world_size: int, rows: list[int]) -> None:
+        self.rec, self.name, self.world_size = rec, name, world_size
+        self.rank_in_group, self.rank = 0, 0
+        self.rows = rows  # rows each member holds (dispatch gathers them all)
+        self.device_communicator = None
+
+    def dispatch_router_logits(self, hidden: torch.Tensor, logits: torch.Tensor,
+                               is_sequence_parallel: bool = False, *a: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        total = sum(self.rows)
+        self.rec.event("dispatch", group=self.name, rows=total, sp=bool(is_sequence_parallel))
+        self._local = hidden.shape[0]
+        return hidden.new_zeros((total, hidden.shape[-1])), logits.new_zeros((total, logits.shape[-1]))
+
+    def combine(self, hidden: torch.Tensor, is_sequence_parallel: bool = False, *a: Any) -> torch.Tensor:
+        self.rec.event("combine", group=self.name, sp=bool(is_sequence_parallel))
+        return hidden[: self._local].clone()
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rec.all_reduce_on(self.name, x, _site())
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        self.rec.event("all_gather", group=self.name, site=_site())
+        return torch.cat([x] * self.world_size, dim=dim)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        self.rec.event("reduce_scatter", group=self.name, site=_site())
+        return x.chunk(self.world_size, dim=dim)[0].clone()
+
+
+class Recorders:
+    """Everything recorded for one scenario's forward."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.current = "main"
+        self.tags: dict[int, str] = {}  # id(tensor) -> which output it is
+
+    def event(self, op: str, **fields: Any) -> None:
+        self.events.append({"op": op, "stream": self.current, **fields})
+
+    def tag(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        self.tags[id(x)] = what
+        return x
+
+    def all_reduce_on(self, group: str, x: torch.Tensor, site: str) -> torch.Tensor:
+        self.event("all_reduce", group=group, site=site, tensor=self.tags.get(id(x), "?"),
+                   width=int(x.shape[-1]))
+        return x.clone()
+
+    def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_on("tp", x, _site())
+
+    def tp_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        self.event("all_gather", group="tp", site=_site())
+        return x
+
+
+class SharedMLP(torch.nn.Module):
+    """The shared-expert MLP stand-in: records where it ran (stream)."""
+
+    def __init__(self, rec: Recorders, hidden: int) -> None:
+        super().__init__()
+        self.rec, self.hidden = rec, hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rec.event("shared_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
+        return self.rec.tag(x.new_zeros((x.shape[0], self.hidden)), "shared")
+
+
+class Transform(torch.nn.Module):
+    """Latent projection stand-in (down or up); `linear` declares that it
+    commutes with the TP sum, as a linear projection does."""
+
+    def __init__(self, rec: Recorders, name: str, out: int, linear: bool) -> None:
+        super().__init__()
+        self.rec, self.name, self.out = rec, name, out
+        if linear:
+            self.reduce_commutative = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rec.event(self.name, width=int(self.out))
+        return x.new_zeros((x.shape[0], self.out))
