@@ -381,7 +381,7 @@ def test_mutation_report_tells_survivors_apart():
 def test_mutate_cli_json(capsys):
     # 100 examples: enough for the generated scenarios to reach both mutants'
     # triggers (a padded kernel; tp > 1 without SP) with this default seed.
-    code, out, err = cli(capsys, "mutate", "--budget", "100", "--mutant", "M_dropop_final_*",
+    code, out, err = cli(capsys, "mutate", "--kill", "search", "--budget", "100", "--mutant", "M_dropop_final_*",
                          "--mutant", "negate_should_pad", "--json")
     assert code == 0
     d = json.loads(out)
