@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from scenarios.runners import MoERunner
+from scenarios.runners import MoERunner, Order
 from scenarios.space import Axis, Enumeration, assignment_scenario, space_axes
 from scenarios.spec import ScenarioError
 from twin.verify import equivalents
@@ -43,8 +43,10 @@ class Diff:
     classes: int = 0  # classes differing (simulated ones)
     first: str = ""  # where and how, in words
     schedule_only: bool = True  # every difference keeps outputs and hazards
+    order_only: bool = True  # ... and only the shared-experts order decision differs
     slower: str = ""  # first schedule-only class where the mutant is slower
     faster_us: float = 0.0  # largest gain of the mutant over the reference
+    unexecutable: str = ""  # first class where it picks an overlap the kernel cannot do
 
 
 @dataclass
@@ -60,11 +62,14 @@ class PairWalk:
     diff: Diff = field(default_factory=Diff)
     elapsed_s: float = 0.0
 
+    rules: Any = None  # the reference's EngineRules
+
     @property
     def status(self) -> str:
+        d = self.diff
         if self.killed_by:
             return "killed"
-        if not self.diff.classes or (self.diff.schedule_only and not self.diff.slower):
+        if not d.classes or (d.schedule_only and not d.slower and not d.unexecutable):
             return "equivalent"
         return "blind_spot"
 
@@ -76,13 +81,18 @@ class PairWalk:
         if not d.classes:
             return (f"equivalent: no observable difference from {self.reference} on {where} (same "
                     "decisions, steps, shapes, streams, output coefficients and hazards)")
+        if d.unexecutable:
+            return f"blind spot: picks an overlap the kernel cannot execute on {where}, first {d.unexecutable}"
+        what = ("only the shared-experts order differs (a changed priority)" if d.order_only else
+                "a different program (other steps or collectives) with the same outputs and hazards")
         if d.schedule_only and not d.slower:
-            return (f"equivalent: only the overlap schedule differs ({d.classes} simulated class(es) of {where}, "
-                    f"first {d.first}); outputs and hazards are the same and simulating both orders shows "
-                    f"it never slower than {self.reference} (up to {d.faster_us:.1f} us faster)")
+            return (f"equivalent: {what} on {d.classes} simulated class(es) of {where}, first {d.first}; "
+                    f"simulating both shows it never slower than {self.reference} (up to {d.faster_us:.1f} us "
+                    "faster)")
         if d.schedule_only:
-            return (f"blind spot: only the schedule differs on {where}, but it is slower with no hazard "
-                    f"predicted: {d.slower}")
+            kind = ("LOST_OVERLAP does not apply (the reference order is no overlap)" if d.order_only else
+                    "the twin has no hazard kind for a correct but slower program")
+            return (f"blind spot: {what} on {where}, but it is slower and {kind}: {d.slower}")
         return f"blind spot: differs from {self.reference} on {d.classes} simulated class(es) of {where}, first {d.first}"
 
 
@@ -114,6 +124,17 @@ def _ref_run(key: tuple[str, str, int, int], s: Any, reference: type[MoERunner])
     return got
 
 
+ORDER = "shared_experts_order"
+
+
+def walk_rules(walk: PairWalk) -> Any:
+    from scenarios.runners import load_runner
+
+    if walk.rules is None:
+        walk.rules = load_runner(walk.reference).engine_rules
+    return walk.rules
+
+
 def _compare(walk: PairWalk, s: Any, mine: Any, ref: Any) -> None:
     """Record how `mine` (a trace) differs from `ref` (a trace or a RefRun)."""
     from twin.mutate_equiv import behaviour, first_difference
@@ -129,6 +150,18 @@ def _compare(walk: PairWalk, s: Any, mine: Any, ref: Any) -> None:
     if bm[2] != br[2] or bm[3] != br[3]:
         d.schedule_only = False
         return
+    decided = dict(bm[0]), dict(br[0])
+    if {k for k in set(decided[0]) | set(decided[1]) if decided[0].get(k) != decided[1].get(k)} != {ORDER}:
+        d.order_only = False
+    order = decided[0].get(ORDER)
+    if (order == Order.MK_INTERNAL_OVERLAPPED.value and not d.unexecutable
+            and not walk_rules(walk).async_overlap_possible(s)):
+        # The simulator times the kernel's overlap for any all-to-all kernel;
+        # a backend that cannot overlap inside the kernel does not, and what
+        # the engine then does is not modelled: not an equivalence.
+        d.unexecutable = (f"{where}: {s.effective_backend} cannot overlap shared experts inside the "
+                          "kernel, yet the simulator times that overlap (what the engine does then is "
+                          "not modelled)")
     gain = ref.latency_us - mine.latency_us
     if gain < -SLOWER_EPS_US and not d.slower:
         d.slower = f"{where}; layer {mine.latency_us:.1f} us vs {ref.latency_us:.1f} us"
