@@ -79,7 +79,7 @@ def bench_ablation(repeats: int) -> dict[str, Any]:
     in a full search of 300 examples (the regressions + the hard mutants).
     Targeting only observes runs with a hazard (it grades severity), so it
     cannot change the first finding; it could change what is found after it."""
-    from twin.mutate import MUTANTS
+    from twin.search.mutate import MUTANTS
 
     configs = {
         "rounds of 20, targeting (default)": {},
@@ -87,7 +87,7 @@ def bench_ablation(repeats: int) -> dict[str, Any]:
         "one run, targeting": {"round_size": None},
         "one run, no targeting": {"round_size": None, "targeting": False},
     }
-    hard = list(BEFORE_RUNNERS) + [f"twin.mutate:{m}" for m in HARD_MUTANTS if m in MUTANTS]
+    hard = list(BEFORE_RUNNERS) + [f"twin.search.mutate:{m}" for m in HARD_MUTANTS if m in MUTANTS]
     out: dict[str, Any] = {}
     for label, kw in configs.items():
         examples, misses = [], 0
@@ -151,7 +151,7 @@ def bench_throughput(repeats: int) -> dict[str, Any]:
 
 
 def bench_mutation() -> dict[str, Any]:
-    from twin.mutate import run_mutation
+    from twin.search.mutate import run_mutation
 
     t0 = time.perf_counter()
     d = run_mutation(budget=200, seed=0).to_dict()

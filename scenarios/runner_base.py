@@ -130,6 +130,21 @@ class EngineRules(DispatchLayout):
     def async_overlap_possible(self, s: Scenario) -> bool:
         return backend_info(s.effective_backend).async_shared_overlap
 
+    def stream_available(self, s: Scenario, stream: str) -> bool:
+        """Whether the modelled platform has this stream. The aux stream
+        exists only on a CUDA-alike platform (vLLM's aux_stream() returns None
+        elsewhere) and only when the scenario configures one; the main stream
+        and the modular kernel's communication stream are the kernel's own."""
+        if stream == "aux":
+            return s.runtime.platform in ("cuda", "rocm") and s.runtime.aux_stream
+        return True
+
+    def missing_stream_consequence(self, stream: str) -> str:
+        """What the engine does when work is launched on a stream it lacks."""
+        return ("the engine crashes here: vLLM's SharedExperts.maybe_forward_async asserts that its "
+                "aux stream exists, and aux_stream() is None off CUDA-alike platforms (or with "
+                "VLLM_DISABLE_SHARED_EXPERTS_STREAM); it never silently serialises")
+
 
 VLLM_RULES = EngineRules()
 

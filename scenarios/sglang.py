@@ -140,6 +140,16 @@ class SGLangRules(EngineRules):
     def async_overlap_possible(self, s: Scenario) -> bool:
         return False  # SGLang overlaps on the alternate stream, not inside the kernel
 
+    def stream_available(self, s: Scenario, stream: str) -> bool:
+        return has_alt_stream(s) if stream == "aux" else True
+
+    def missing_stream_consequence(self, stream: str) -> str:
+        # Read in SGLang's forward_normal_dual_stream; its all-to-all path is
+        # taken to use the alternate stream the same unguarded way.
+        return ("the engine crashes here: SGLang's dual-stream path calls alt_stream.wait_stream "
+                "with alt_stream None (no CUDA-alike platform, or the ROCm multi-stream switch "
+                "off): an AttributeError")
+
 
 SGLANG_RULES = SGLangRules()
 

@@ -160,7 +160,7 @@ def _a2a_axes() -> tuple[Axis, ...]:
 
 
 SPACES: dict[str, tuple[Axis, ...]] = {"default": _axes(False), "wide": _axes(True), "a2a": _a2a_axes()}
-DEFAULT_MAX_WORLD = {"default": 4, "wide": 8, "a2a": 4}
+DEFAULT_MAX_WORLD = {"default": 4, "wide": 8, "a2a": 4, "reduced": 4, "ci": 4}
 
 
 def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, ...]:
@@ -177,6 +177,21 @@ def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, .
             a = Axis(a.name, vs, a.apply)
         out.append(a)
     return tuple(out)
+
+
+# Smaller tables for mutation analysis, where every mutant walks the space
+# beside its reference. reduced: one backend per behaviour the decisions tell
+# apart (naive non-reducing; SP with byte rounding; SP with size-list
+# rounding; EPLB-overlap safe; the disable rule's two-sided kernels), half
+# the default's classes. ci: those less two, padded kernels only, no fusion,
+# no linear latent (a CI-sized table; what it cannot reach is measured on
+# the larger ones).
+_BACKEND_GROUPS = ("allgather_reducescatter", "deepep_high_throughput", "deepep_low_latency",
+                   "flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided")
+SPACES["reduced"] = restrict(SPACES["default"], backend=_BACKEND_GROUPS)
+SPACES["ci"] = restrict(SPACES["default"], backend=("allgather_reducescatter", "deepep_low_latency",
+                                                     "flashinfer_nvlink_two_sided"),
+                        latent=("none", "nonlinear"), padded=(True,), allreduce_fusion=(False,))
 
 
 def space_axes(space: str | tuple[Axis, ...]) -> tuple[Axis, ...]:

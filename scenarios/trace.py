@@ -35,6 +35,11 @@ class HazardKind(StrEnum):
     # input on every member) leaves every rank's layer output unchanged and
     # correct; the cost is the latency it adds (a what-if simulation).
     REDUNDANT_COLLECTIVE = "REDUNDANT_COLLECTIVE"
+    # An order the platform cannot execute: work issued on a stream the
+    # modelled platform does not have (the aux stream on `cpu`, or with no
+    # aux stream configured). The engine crashes there (the rules of the
+    # runner's engine name how: EngineRules.missing_stream_consequence).
+    MISSING_STREAM = "MISSING_STREAM"
 
 
 class Verdict(StrEnum):

@@ -33,7 +33,9 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-FATAL = {HazardKind.SHAPE_MISMATCH, HazardKind.HANG, HazardKind.RUNNER_ERROR}
+# A crash ends the layer: no what-if is priced for it (MISSING_STREAM is the
+# engine's crash at a launch on a stream the platform lacks).
+FATAL = {HazardKind.SHAPE_MISMATCH, HazardKind.HANG, HazardKind.RUNNER_ERROR, HazardKind.MISSING_STREAM}
 
 
 def _run(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) -> tuple[Simulation, Trace]:
@@ -42,6 +44,7 @@ def _run(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) ->
         trace = sim.run()
         trace.hazards.extend(hz.detect_races(sim))
         trace.hazards.extend(hz.detect_forbidden_overlap(sim))
+        trace.hazards.extend(hz.detect_missing_stream(sim))
         for r, steps in trace.steps.items():
             trace.overlap_us[r] = hz.overlap_us(steps)
     return sim, trace

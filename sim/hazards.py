@@ -104,6 +104,28 @@ def detect_forbidden_overlap(sim) -> list[Hazard]:  # noqa: ANN001
     return out
 
 
+def detect_missing_stream(sim) -> list[Hazard]:  # noqa: ANN001
+    """Work issued on a stream the modelled platform lacks (an order the
+    platform cannot execute): the first such step of each rank. The engine
+    crashes there; the timeline after it is what would run had the stream
+    existed."""
+    s, rules = sim.scenario, sim.runner_cls.engine_rules
+    out = []
+    order = sim.decisions.get("shared_experts_order", "?")
+    for ops in sim.rank_ops:
+        # Only the streams a rank used are asked about (each question is a
+        # read of the scenario, which verify's pruning keys on).
+        st = next((st for st in ops.steps if st.stream != "main" and not rules.stream_available(s, st.stream)), None)
+        if st is not None:
+            where = f"platform {s.runtime.platform}" + ("" if s.runtime.aux_stream else " without an aux stream")
+            out.append(Hazard(
+                HazardKind.MISSING_STREAM, st.index, st.name, ops.rank,
+                f"{st.name} is issued on the {st.stream} stream (order {order}), which the {where} "
+                f"does not have: {rules.missing_stream_consequence(st.stream)}",
+            ))
+    return out
+
+
 def overlap_us(steps: list[Step]) -> float:
     """Time during which shared-expert work and routed work run at once."""
     shared = [(st.start, st.end) for st in steps if st.component == "shared" and st.end > st.start]
@@ -135,8 +157,17 @@ def with_order(runner_cls: type[MoERunner], order: Order) -> type[MoERunner]:
                 {"shared_experts_order": shared_experts_order})
 
 
+def decided_orders(sim) -> set[str]:  # noqa: ANN001
+    """The shared-experts order every rank decided (one value when they agree)."""
+    return {st.detail for ops in sim.rank_ops for st in ops.steps
+            if st.op == "decide" and st.name == "shared_experts_order"}
+
+
 def lost_overlap_candidate(sim) -> Order | None:  # noqa: ANN001
-    """The safe overlapped order this scenario allows, if the runner used no overlap."""
+    """The best safe overlapped order this scenario allows, to simulate beside
+    the runner's: when the runner used no overlap, or when every rank chose
+    another overlapped order (a changed priority: the cheaper one wins, so it
+    is a hazard only if the runner's order is slower)."""
     s, rules = sim.scenario, sim.runner_cls.engine_rules
     if not s.model.has_shared or rules.overlap_forbidden(s):
         return None
@@ -146,6 +177,9 @@ def lost_overlap_candidate(sim) -> Order | None:  # noqa: ANN001
     if ref == Order.MK_INTERNAL_OVERLAPPED and not rules.async_overlap_possible(s):
         return None
     if any(shared_routed_pairs(sim, ops.rank) for ops in sim.rank_ops):
+        chosen = decided_orders(sim)
+        if len(chosen) == 1 and next(iter(chosen)) in OVERLAPPED and next(iter(chosen)) != ref.value:
+            return ref
         return None
     return ref
 
@@ -156,6 +190,9 @@ def lost_overlap_hazards(sim, trace_latency: float, alt_latency: float, order: O
         return []
     chosen = sim.decisions.get("shared_experts_order", "?")
     pct = 100.0 * cost / alt_latency if alt_latency > 0 else 0.0
+    overlapped = any(shared_routed_pairs(sim, ops.rank) for ops in sim.rank_ops)
+    how = (f"overlap less (order {chosen}) than with {order.value}, which is safe here"
+           if overlapped else f"run serially (order {chosen}) although {order.value} is safe here")
     out = []
     for ops in sim.rank_ops:
         shared = next((st for st in ops.steps if st.component == "shared"), None)
@@ -163,7 +200,7 @@ def lost_overlap_hazards(sim, trace_latency: float, alt_latency: float, order: O
             continue
         out.append(Hazard(
             HazardKind.LOST_OVERLAP, shared.index, shared.name, ops.rank,
-            f"shared experts run serially (order {chosen}) although {order.value} is safe here: "
+            f"shared experts {how}: "
             f"layer {trace_latency:.1f} us vs {alt_latency:.1f} us with {alt_name} (+{pct:.1f}%)",
             cost_us=cost,
         ))
@@ -172,7 +209,9 @@ def lost_overlap_hazards(sim, trace_latency: float, alt_latency: float, order: O
 
 __all__ = [
     "concurrent",
+    "decided_orders",
     "detect_forbidden_overlap",
+    "detect_missing_stream",
     "detect_races",
     "lost_overlap_candidate",
     "lost_overlap_hazards",

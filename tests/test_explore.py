@@ -11,7 +11,6 @@ from scenarios.runners import BEFORE_RUNNERS, MoERunner, load_runner
 from scenarios.spec import ModelTraits, ParallelConfig, Scenario, ScenarioError, Workload
 from scenarios.trace import Hazard, HazardKind, Trace
 from sim import simulate
-from twin.mutate import INFO, KNOWN_EQUIVALENT, MUTANTS, behaviour, run_mutation
 from twin.search import explore_cli
 from twin.search.explore import (
     Finding,
@@ -22,6 +21,7 @@ from twin.search.explore import (
     target_signals,
     trace_findings,
 )
+from twin.search.mutate import INFO, KNOWN_EQUIVALENT, MUTANTS, behaviour, run_mutation
 
 EXPECTED = {
     "before-40673": "DOUBLE_REDUCTION",
@@ -167,11 +167,11 @@ def test_resume_lists_the_same_findings_none_new(tmp_path):
 
 def test_resume_marks_only_later_findings_new(tmp_path):
     # Stop at the first finding, then search on: what the second run adds is new.
-    first = explore("twin.mutate:M_negate_is_sequence_parallel",
+    first = explore("twin.search.mutate:M_negate_is_sequence_parallel",
                     budget=200, seed=0, out=tmp_path, stop_on_first=True)
     # One example, so its signatures only (one example may show two at once).
     assert first.findings and len({f.found_at for f in first.findings}) == 1
-    second = explore("twin.mutate:M_negate_is_sequence_parallel", budget=200, seed=0, out=tmp_path)
+    second = explore("twin.search.mutate:M_negate_is_sequence_parallel", budget=200, seed=0, out=tmp_path)
     old = {f.signature for f in first.findings}
     assert len(second.findings) > len(first.findings)
     for f in second.findings:
@@ -330,7 +330,7 @@ def test_mutants_are_importable_runners_with_distinct_behaviour_descriptions():
     assert len(MUTANTS) >= 50
     assert len({i.description for i in INFO.values()}) == len(INFO)
     for name, cls in MUTANTS.items():
-        assert load_runner(f"twin.mutate:{name}") is cls
+        assert load_runner(f"twin.search.mutate:{name}") is cls
         assert issubclass(cls, MoERunner) and name.isidentifier()
     ops = {i.operator for i in INFO.values()}
     assert ops == {"negate", "always", "never", "dropcond", "order", "dropop"}
@@ -382,7 +382,7 @@ def test_mutation_report_tells_survivors_apart():
 def test_mutate_cli_json(capsys):
     # 100 examples: enough for the generated scenarios to reach both mutants'
     # triggers (a padded kernel; tp > 1 without SP) with this default seed.
-    code, out, err = cli(capsys, "mutate", "--budget", "100", "--mutant", "M_dropop_final_*",
+    code, out, err = cli(capsys, "mutate", "--kill", "search", "--budget", "100", "--mutant", "M_dropop_final_*",
                          "--mutant", "negate_should_pad", "--json")
     assert code == 0
     d = json.loads(out)

@@ -40,6 +40,7 @@ OLD_PATHS = {
     "twin.verify_cli": "twin.search.verify_cli",
     "twin.verify_record": "twin.search.verify_record",
     "twin.detection": "twin.search.detection",
+    "twin.mutate": "twin.search.mutate",
     "twin.timeline": "twin.view.timeline",
     "twin.export": "twin.view.export",
 }

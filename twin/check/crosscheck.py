@@ -26,6 +26,7 @@ from twin.check.verdicts import (
     judge_characterised,
     judge_failure,
     judge_lost_overlap,
+    judge_missing_stream,
     judge_reduction,
     judge_redundant_collective,
     predicted_coeffs,
@@ -186,6 +187,8 @@ def _judge(result: CheckResult, runner: str | None, base: Any, h: Hazard, scale:
         return judge_race(scenario, runner, sim, base, h, timeout_s, say, result.race_runs)
     if h.kind == HazardKind.REDUNDANT_COLLECTIVE:
         return judge_redundant_collective(real, h, _without_run(result, runner, h, timeout_s, say))
+    if h.kind == HazardKind.MISSING_STREAM:
+        return judge_missing_stream(sim, real, h)
     return judge_failure(sim, real, h)
 
 

@@ -28,6 +28,7 @@ KIND_STYLE = {
     "UNSAFE_OVERLAP": "bold red",
     "HANG": "bold red",
     "RUNNER_ERROR": "bold red",
+    "MISSING_STREAM": "bold red",
     "WRONG_TOKENS": "bold red",
     "WRONG_INPUT": "bold red",
     "WRONG_OUTPUT": "bold red",

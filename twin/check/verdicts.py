@@ -16,7 +16,8 @@ step, the error class and step, the characterised cause of a wrong output).
   confirmed, whatever any fit says), or the run failed differently.
 - INCONCLUSIVE: the real machinery cannot exercise the hazard here, with the
   reason (a race inside a GPU library the CPU stand-in does not have; a wrong
-  output that could not be characterised).
+  output that could not be characterised; a launch on a stream the modelled
+  platform lacks, MISSING_STREAM, whose crash is the engine's own).
 - UNPREDICTED: a rank's real output is wrong, or its run failed, and the
   simulator predicted nothing for that rank.
 
@@ -196,6 +197,26 @@ def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], 
     return _item(h, Verdict.INCONCLUSIVE, detail + ": the fixed runner did not overlap here either")
 
 
+def judge_missing_stream(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
+    """The claim: the program launches work on a stream the modelled platform
+    lacks, and the engine crashes there. The CPU runner stands every stream
+    in with a worker thread, whatever the modelled platform, and runs none of
+    the engine's own code, so the crash cannot be provoked here: at best the
+    launch is observed (INCONCLUSIVE, with the reason); a real run that issues
+    nothing on that stream contradicts the prediction (REFUTED)."""
+    sim_steps = sim.steps.get(h.rank, [])
+    stream = sim_steps[h.step].stream if h.step < len(sim_steps) else "aux"
+    issued = [st for st in real.steps.get(h.rank, []) if st.stream == stream]
+    if not issued:
+        return _item(h, Verdict.REFUTED, f"the real run issued nothing on the {stream} stream on rank {h.rank}")
+    first = issued[0]
+    return _item(h, Verdict.INCONCLUSIVE,
+                 f"the real run issued {len(issued)} op(s) on the {stream} stream as predicted (first: step "
+                 f"{first.index} {first.name}), but the crash is the engine's (its stream object does not "
+                 "exist on the modelled platform) and this CPU runner stands every stream in with a "
+                 "worker thread, so it cannot be confirmed here")
+
+
 def judge_redundant_collective(real: Trace, h: Hazard, without: Trace) -> VerdictItem:
     """The claim: the collective can be removed and every rank's output stays
     correct. Evidence: `without`, the real run with it removed on every rank,
@@ -270,6 +291,7 @@ __all__ = [
     "judge_characterised",
     "judge_failure",
     "judge_lost_overlap",
+    "judge_missing_stream",
     "judge_redundant_collective",
     "judge_reduction",
     "output_summary",

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from scenarios.space import SPACES as SPACE_NAMES
 from twin.cli_flags import BadInput
 from twin.search.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
 from twin.search.explore_enum import DEFAULT_ENUMERATE_S, DEFAULT_SPACE
@@ -60,9 +61,24 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
     json_flag(sp)
     sp.set_defaults(func=cmd_explore)
 
-    sp = sub.add_parser("mutate", help="mutants of the fixed runner: which ones does explore catch?")
+    sp = sub.add_parser("mutate", help="mutants of the runners' decision points: which ones does verify "
+                                       "(or a search) kill, and why the others survive")
+    sp.add_argument("--kill", choices=["verify", "search"], default=None,
+                    help="verify: enumerate a decision space per mutant beside its reference (the "
+                         "default); search: explore with --budget examples per mutant (the default "
+                         "with --confirm, whose real runs need a search's findings)")
+    sp.add_argument("--runner", choices=["fixed", "sglang", "all"], default="all",
+                    help="whose mutants: fixed (M_*), sglang (S_*) or all (default)")
+    sp.add_argument("--space", default="default", choices=sorted(SPACE_NAMES),
+                    help="--kill verify: the decision space (default: default)")
+    sp.add_argument("--max-world", type=int, default=None, metavar="N",
+                    help="--kill verify: largest tp x dp enumerated (default: the space's)")
+    sp.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="--kill verify: mutants enumerated at once, one process each (default 1)")
+    sp.add_argument("--no-pool", action="store_true",
+                    help="--kill verify: judge survivors on the space only (no pool of scenarios beyond it)")
     sp.add_argument("--budget", type=int, default=MUTATE_BUDGET,
-                    help=f"examples per mutant (default {MUTATE_BUDGET})")
+                    help=f"--kill search: examples per mutant (default {MUTATE_BUDGET})")
     sp.add_argument("--seed", type=int, default=0, help="seed of every search (default 0)")
     sp.add_argument("--confirm", action="store_true",
                     help="a mutant counts as killed only when the real run confirms the hazard")
@@ -70,7 +86,7 @@ def add_parsers(sub: Any, common_json_flag_fn: Callable[[argparse.ArgumentParser
                     help="only mutants matching this glob (repeatable), e.g. 'M_dropop_*'")
     sp.add_argument("--equivalence", type=int, default=300, metavar="N",
                     help="generated scenarios (besides the catalog and the corner grid) a "
-                         "survivor is compared with fixed on (default 300)")
+                         "survivor is compared with its reference on (default 300)")
     add_timeout(sp, 60.0, "a real rank counts as hung (--confirm)")
     add_budgets(sp)
     json_flag(sp)
@@ -256,20 +272,25 @@ def mutate_report(d: dict[str, Any]) -> list[str]:
     from rich.markup import escape as e
 
     non_eq = d["mutants"] - d["equivalent"]
-    head = (f"[bold]mutate[/bold]: {d['mutants']} mutants of fixed, {d['killed']} killed "
+    runners = "/".join(sorted({r.get("runner", "fixed") for r in d["results"]})) or "fixed"
+    head = (f"[bold]mutate[/bold]: {d['mutants']} mutants of {e(runners)}, {d['killed']} killed "
             f"(kill rate {100 * d['kill_rate']:.1f}%")
     if d["kill_rate_non_equivalent"] is not None:
         head += f"; {100 * d['kill_rate_non_equivalent']:.1f}% of the {non_eq} non-equivalent"
-    head += f"), {d['budget']} examples each"
+    if d.get("kill") == "verify":
+        head += f"), by verify over the {e(str(d.get('space')))} space; {d['elapsed_s']:.0f} s"
+    else:
+        head += f"), {d['budget']} examples each"
     if d["confirm"]:
         head += ", kills confirmed on real ranks"
     survivors = (f"survivors: {d['equivalent']} equivalent, {d['blind_spots']} blind spot(s), "
-                 f"{d['missed']} missed by the search")
+                 + (f"{d.get('outside_space', 0)} outside the space" if d.get("kill") == "verify"
+                    else f"{d['missed']} missed by the search"))
     if d["refuted"] or d["unconfirmed"]:
         survivors += f", {d['refuted']} refuted and {d['unconfirmed']} unconfirmed on real ranks"
     lines = [head, survivors]
     label = {"equivalent": "[green]equivalent[/green]", "blind_spot": "[bold red]blind spot[/bold red]",
-             "missed": "[yellow]missed[/yellow]", "refuted": "[yellow]refuted[/yellow]",
+             "missed": "[yellow]missed[/yellow]", "outside_space": "[yellow]outside the space[/yellow]", "refuted": "[yellow]refuted[/yellow]",
              "unconfirmed": "[yellow]unconfirmed[/yellow]"}
     for r in d["results"]:
         if not r["killed"]:
@@ -280,22 +301,30 @@ def mutate_report(d: dict[str, Any]) -> list[str]:
     for r in d["results"]:
         if r["killed"]:
             verdict = e(f" [{r['verdict']}]") if r["verdict"] else ""
-            lines.append(f"  {e(r['mutant'])}: {e(r['signature'] or '')}{verdict} "
-                         f"after {r['examples']} example(s)")
+            after = (f"after {r.get('classes', 0)} class(es)" if d.get("kill") == "verify"
+                     else f"after {r['examples']} example(s)")
+            lines.append(f"  {e(r['mutant'])}: {e(r['signature'] or '')}{verdict} {after}")
     return lines
 
 
 def cmd_mutate(args: argparse.Namespace) -> int:
-    from twin.mutate import run_mutation
     from twin.search.explore import check_budget
+    from twin.search.mutate import run_mutation
 
     check_budget(args.budget)
     if args.equivalence < 0:
         raise BadInput(f"--equivalence: must be >= 0, got {args.equivalence}")
+    kill = args.kill or ("search" if args.confirm else "verify")
+    if kill == "verify" and args.confirm:
+        raise BadInput("--confirm: only with --kill search (verify's kills are predictions over a space)")
+    if args.max_world is not None and args.max_world < 1:
+        raise BadInput(f"--max-world: must be a positive number of ranks, got {args.max_world}")
     with MessageProgress() as progress:
         rep = run_mutation(budget=args.budget, confirm=args.confirm, seed=args.seed,
                            only=args.mutant, equivalence_examples=args.equivalence,
-                           progress=progress, timeout_s=getattr(args, "timeout", 60.0))
+                           progress=progress, timeout_s=getattr(args, "timeout", 60.0),
+                           kill=kill, space=args.space, max_world=args.max_world, jobs=args.jobs,
+                           runner=args.runner, pool=not args.no_pool)
     d = rep.to_dict()
     if args.json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")

@@ -15,7 +15,7 @@ from scenarios.trace import Hazard, HazardKind, Trace
 # an unrelated order would report one bug several times.
 ORDER_DECISION = "shared_experts_order"
 OVERLAP_KINDS = (HazardKind.LOST_OVERLAP, HazardKind.UNSAFE_OVERLAP)
-FATAL_KINDS = (HazardKind.SHAPE_MISMATCH, HazardKind.RUNNER_ERROR, HazardKind.HANG)
+FATAL_KINDS = (HazardKind.SHAPE_MISMATCH, HazardKind.RUNNER_ERROR, HazardKind.HANG, HazardKind.MISSING_STREAM)
 
 
 
