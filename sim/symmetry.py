@@ -23,7 +23,9 @@ What is proved and what is checked: nothing here trusts the runner's code.
 Both conditions are checked on the plans every rank actually issued in the
 program phase (every rank's program still runs there); only the timing
 replay is shared. When in doubt it declines (returns None) and every rank is
-replayed: collapse switched off, a rank that did not finish, a collective some
+replayed: collapse switched off, more than half the ranks with plans of their
+own (token routing with a different load on every rank: the refinement would
+cost more than replaying them), a rank that did not finish, a collective some
 member never reached, a wait on an event the rank did not record itself (a
 runner handing events between ranks), or one class meeting itself at two
 positions of one collective.
@@ -62,8 +64,8 @@ def classes(sim: Simulation) -> Classes | None:
     if any(sig is None for sig in sigs):
         return None
     of = _numbered(sigs)
-    if max(of) + 1 == len(ops_all):
-        return None  # every rank differs already: nothing to share
+    if 2 * (max(of) + 1) > len(ops_all):
+        return None  # most ranks differ already: sharing the rest does not pay for the refinement
     found = _instances(sim)
     if found is None:
         return None
