@@ -180,6 +180,17 @@ class Simulation:
         self._groups: dict[tuple[str, int], RankGroup] = {}
         self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
 
+    def release(self) -> None:
+        """Break the cycles a finished simulation is made of (its ranks' Ops and
+        its checks point back at it), so that dropping it frees its records at
+        once instead of leaving a wide world's worth of them for the cyclic
+        collector to walk. The trace it made stays whole; the simulation
+        itself is unusable afterwards."""
+        for ops in self.rank_ops:
+            del ops.sim
+        del self.checks.sim
+        self.pending.clear()
+
     # ---- counters ----
 
     def new_buffer(self) -> int:
