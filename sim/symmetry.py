@@ -60,6 +60,11 @@ def classes(sim: Simulation) -> Classes | None:
     ops_all = sim.rank_ops
     if not _eligible(sim):
         return None
+    # Equal plans have equal durations: if the durations alone already set
+    # most ranks apart (token routing, a different load on every rank), the
+    # full signatures would too.
+    if 2 * len({tuple([pl.dur for pl in ops.plans]) for ops in ops_all}) > len(ops_all):
+        return None
     sigs = [_own_signature(ops) for ops in ops_all]
     if any(sig is None for sig in sigs):
         return None
