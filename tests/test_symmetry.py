@@ -230,3 +230,13 @@ def test_timing_pass_on_families():
         for gap in (0.0, 0.7):
             fast, ref = _both_timings(s, runner, gap=gap)
             assert fast == ref, (runner, s.name, gap)
+
+
+def test_bench_counts_the_replayed_timelines():
+    """`bench sim` reports how many rank timelines were replayed: one for a
+    symmetric TP world, every rank for token routing with per-rank loads."""
+    from twin.bench import ep_scenario, timeline_replays
+
+    assert timeline_replays(simulate(families.TP2.with_(**{"parallel.tp": 4}), "fixed")) == 1
+    assert timeline_replays(simulate(ep_scenario(8), "fixed")) == 8
+    assert timeline_replays(simulate(families.TP2.with_(**{"parallel.tp": 4}), CloneOnRankZero)) == 2

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from scenarios.loader import load
 from scenarios.spec import ModelTraits, ParallelConfig, Scenario, Workload
+from scenarios.trace import Trace
 from scenarios.workload import routing_arrays
 from sim import simulate
 
@@ -66,13 +67,27 @@ def ep_scenario(world: int) -> Scenario:
     )
 
 
+def timeline_replays(trace: Trace) -> int:
+    """How many rank timelines the timing phase replayed (its symmetry
+    classes; every rank when it declined, e.g. a different load per rank)."""
+    for note in trace.notes:
+        if note.startswith("timing: ") and note.endswith(" simulated once"):
+            return 1
+        if note.startswith("timing: ") and " simulated as " in note:
+            return int(note.rsplit(" simulated as ", 1)[1].split()[0])
+    return trace.world
+
+
 def bench_wide(min_total_s: float = MIN_SAMPLE_S) -> dict[str, float]:
     """Wide EP: simulate time per world size and its growth exponent, the
-    routing generation time, and the size of `simulate --json` at 1024 ranks."""
+    routing generation time, and the size of `simulate --json` at 1024 ranks.
+    `sim_ep_timelines_N_ranks` says how many rank timelines were replayed
+    (N: none shared, as when token routing loads every rank differently)."""
     figures: dict[str, float] = {}
     for world in EP_WORLDS:
         s = ep_scenario(world)
-        simulate(s, "fixed")  # warm: routing and loads are cached per scenario, as in a session
+        # warm: routing and loads are cached per scenario, as in a session
+        figures[f"sim_ep_timelines_{world}_ranks"] = timeline_replays(simulate(s, "fixed"))
         figures[f"sim_ep_s_{world}_ranks"] = round(_median_s(lambda s=s: simulate(s, "fixed"), min_total_s), 4)
     lo, hi = EP_WORLDS[0], EP_WORLDS[-1]
     figures[f"sim_ep_growth_exponent_{lo}_to_{hi}"] = round(
