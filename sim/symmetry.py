@@ -23,9 +23,9 @@ What is proved and what is checked: nothing here trusts the runner's code.
 Both conditions are checked on the plans every rank actually issued in the
 program phase (every rank's program still runs there); only the timing
 replay is shared. When in doubt it declines (returns None) and every rank is
-replayed: collapse switched off, more than half the ranks with plans of their
-own (token routing with a different load on every rank: the refinement would
-cost more than replaying them), a rank that did not finish, a collective some
+replayed: collapse switched off, more classes than half the ranks, by the
+plans or after a refinement step (token routing with a different load on
+every rank: finding the classes would cost more than replaying every rank), a rank that did not finish, a collective some
 member never reached, a wait on an event the rank did not record itself (a
 runner handing events between ranks), or one class meeting itself at two
 positions of one collective.
@@ -82,9 +82,9 @@ def classes(sim: Simulation) -> Classes | None:
         refined = _numbered([(of[r], tuple(members[k] for k in at[r])) for r in range(len(ops_all))])
         if max(refined) == max(of):
             break
+        if 2 * (max(refined) + 1) > len(ops_all):
+            return None  # refining only splits further: replaying every rank is cheaper
         of = refined
-    if max(of) + 1 == len(ops_all):
-        return None
     return _with_rendezvous(of, ops_all, at, members)
 
 
