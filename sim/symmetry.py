@@ -1,6 +1,6 @@
 """Symmetry classes of rank timelines: simulate one rank per class, copy the rest.
 
-The timing phase (sim/timing.py) replays each rank's issued steps in SimPy. A
+The timing phase (sim/timing.py) replays each rank's issued steps. A
 rank's timeline is a function of three things only: its own plans (stream,
 duration, which of its own events each step waits for or records), the host
 gap, and when each of its collectives completes, which is the latest arrival
@@ -15,8 +15,8 @@ collective, until nothing splits. In the result, by induction over simulated
 time, every member of a class has its representative's timeline: the
 representative starts each step when its own previous step and event waits
 allow, which are the same plans, and completes each collective when the same
-classes arrive at the same positions. The timing phase then runs one SimPy
-process set per class, and a collective rendezvous waits for one arrival per
+classes arrive at the same positions. The timing phase then runs one replay
+set per class, and a collective rendezvous waits for one arrival per
 (class, position) of its members.
 
 What is proved and what is checked: nothing here trusts the runner's code.
