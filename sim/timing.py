@@ -46,7 +46,8 @@ class _Meeting:
 
 
 def timing_phase(sim: Simulation) -> float:
-    if getattr(sim, "simpy_timing", False):
+    """Set every issued step's start and end; return the latency."""
+    if sim.simpy_timing:
         return timing_phase_simpy(sim)
     cls = symmetry.classes(sim)
     gap = sim.profile.host_gap_us
@@ -54,7 +55,7 @@ def timing_phase(sim: Simulation) -> float:
     ev_waiting: dict[int, list[Generator]] = {}
     meetings: dict[Any, _Meeting] = {}
     ready: deque[Generator] = deque()
-    latest = [0]  # the latest time any replay reached (SimPy's clock at the end)
+    latest: list[float] = [0]  # the latest time any replay reached (SimPy's clock at the end)
 
     def meeting(rank: int, index: int, pl: Plan) -> _Meeting:
         if cls is None:
