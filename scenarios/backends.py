@@ -9,6 +9,7 @@ runner's stand-ins implement it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def eplb_overlap_safe(name: str, version: str = "newest") -> bool:
     return info.eplb_overlap_safe
 
 
+@lru_cache(maxsize=8)  # Scenario.sp asks on every op that reads the layout
 def sp_backends(version: str = "newest") -> frozenset[str]:
     if version == "newest":
         return frozenset(b.name for b in _TABLE if b.sp_newest)

@@ -26,6 +26,7 @@ handler that runs after disarming does nothing.
 from __future__ import annotations
 
 import _signal  # getsignal without the enum conversion (~4 us per call in signal.getsignal)
+import math
 import os
 import signal
 import sys
@@ -116,23 +117,33 @@ def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...]
         raise BudgetExceeded("op budget", f"--max-ops {lim.max_ops}", f"{n_steps} ops on this rank")
     if _deadline is not None and time.monotonic() > _deadline:
         raise _timeout()
-    cap = value_block_cap(world)
-    for t in ins:
-        v = getattr(t, "value", None)
-        n = getattr(v, "n_blocks", None)  # the simulator's values count blocks without building them
-        if n is None:
-            blocks = getattr(v, "blocks", None)
-            n = len(blocks) if blocks is not None else None
-        if n is not None and n > cap:
-            raise BudgetExceeded("value size cap", f"{cap} row blocks per value at {world} rank(s)",
-                                 f"an input holds {n} row blocks")
-    if out_shape:
+    if ins:
+        cap = VALUE_BLOCKS_BASE + VALUE_BLOCKS_PER_RANK * (world if world > 1 else 1)
+        for t in ins:
+            v = getattr(t, "value", None)
+            n = getattr(v, "n_blocks", None)  # the simulator's values count blocks without building them
+            if n is None:
+                blocks = getattr(v, "blocks", None)
+                n = len(blocks) if blocks is not None else None
+            if n is not None and n > cap:
+                raise BudgetExceeded("value size cap", f"{cap} row blocks per value at {world} rank(s)",
+                                     f"an input holds {n} row blocks")
+    # The plain product bounds the clamped one from above unless a dimension
+    # is negative: only a product over the cap needs the exact count.
+    if out_shape and _may_exceed(out_shape):
         n = 1
         for d in out_shape:
             n *= max(0, int(d))
         if n > MAX_ELEMENTS:
             raise BudgetExceeded("value size cap", f"{MAX_ELEMENTS} elements per tensor",
                                  f"shape {list(out_shape)}")
+
+
+def _may_exceed(shape: tuple[Any, ...]) -> bool:
+    try:
+        return math.prod(shape) > MAX_ELEMENTS
+    except TypeError:  # not numbers: the exact count below says what is wrong
+        return True
 
 
 def _timeout() -> BudgetExceeded:

@@ -22,8 +22,10 @@ def _no_cyclic_gc() -> Iterator[None]:
     """A wide world builds ~world^2 small immutable records (row blocks) that
     live until the trace is made; the cyclic collector would walk all of them
     again and again (most of the time at 1024 ranks). They hold no cycles, so
-    it is paused while one scenario is simulated (the op and value-size
-    budgets bound what is allocated meanwhile) and resumed after."""
+    it is paused while one scenario is simulated, its what-ifs included (the
+    op and value-size budgets bound what each simulation allocates), and
+    resumed after every simulation was released (Simulation.release): what
+    it then walks is the trace, not the simulations' records."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -40,14 +42,37 @@ FATAL = {HazardKind.SHAPE_MISMATCH, HazardKind.HANG, HazardKind.RUNNER_ERROR, Ha
 
 def _run(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) -> tuple[Simulation, Trace]:
     sim = Simulation(scenario, cls, prof, label)
-    with _no_cyclic_gc():  # the detectors too: they allocate while the records are alive
-        trace = sim.run()
-        trace.hazards.extend(hz.detect_races(sim))
-        trace.hazards.extend(hz.detect_forbidden_overlap(sim))
-        trace.hazards.extend(hz.detect_missing_stream(sim))
-        for r, steps in trace.steps.items():
-            trace.overlap_us[r] = hz.overlap_us(steps)
+    trace = sim.run()
+    trace.hazards.extend(hz.detect_races(sim))
+    trace.hazards.extend(hz.detect_forbidden_overlap(sim))
+    trace.hazards.extend(hz.detect_missing_stream(sim))
+    for r, steps in trace.steps.items():
+        trace.overlap_us[r] = hz.overlap_us(steps)
     return sim, trace
+
+
+def _trace(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) -> Trace:
+    """A what-if's trace (its simulation released at once)."""
+    sim, trace = _run(scenario, cls, prof, label)
+    sim.release()
+    return trace
+
+
+def _what_ifs(sim: Simulation, trace: Trace, cls: type[MoERunner], prof: Profile, label: str) -> None:
+    """LOST_OVERLAP and REDUNDANT_COLLECTIVE, each from simulations of variants."""
+    scenario = sim.scenario
+    order = hz.lost_overlap_candidate(sim)
+    if order is not None:
+        alt = _trace(scenario, hz.with_order(cls, order), prof, label)
+        alt_name = f"order {order.value}"
+        if alt.latency_us >= trace.latency_us - 1e-9 or alt.hazards:
+            # Forcing the order did not help (the runner's own structure
+            # serialises it): compare with the fixed program instead.
+            alt = _trace(scenario, FixedRunner, prof, "fixed")
+            alt_name = "the fixed runner"
+        if not alt.hazards:
+            trace.hazards.extend(hz.lost_overlap_hazards(sim, trace.latency_us, alt.latency_us, order, alt_name))
+    trace.hazards.extend(redundant_collectives(sim, cls, trace, lambda c: _trace(scenario, c, prof, label)))
 
 
 def simulate(
@@ -67,19 +92,13 @@ def simulate(
     prof = profile if isinstance(profile, Profile) else load_profile(profile or scenario.cost_profile)
     prof = for_world(prof, scenario.world)  # ranks sharing CPU cores (a no-op for GPU profiles)
     label = runner_label(cls)
-    sim, trace = _run(scenario, cls, prof, label)
-    if what_if and not any(h.kind in FATAL for h in trace.hazards):
-        order = hz.lost_overlap_candidate(sim)
-        if order is not None:
-            _alt_sim, alt = _run(scenario, hz.with_order(cls, order), prof, label)
-            alt_name = f"order {order.value}"
-            if alt.latency_us >= trace.latency_us - 1e-9 or alt.hazards:
-                # Forcing the order did not help (the runner's own structure
-                # serialises it): compare with the fixed program instead.
-                _alt_sim, alt = _run(scenario, FixedRunner, prof, "fixed")
-                alt_name = "the fixed runner"
-            if not alt.hazards:
-                trace.hazards.extend(hz.lost_overlap_hazards(sim, trace.latency_us, alt.latency_us, order, alt_name))
-        trace.hazards.extend(redundant_collectives(sim, cls, trace, lambda c: _run(scenario, c, prof, label)[1]))
+    with _no_cyclic_gc():
+        sim, trace = _run(scenario, cls, prof, label)
+        try:
+            if what_if and not any(h.kind in FATAL for h in trace.hazards):
+                _what_ifs(sim, trace, cls, prof, label)
+        finally:
+            sim.release()
+            del sim  # freed here, before the collector resumes
     trace.notes.append(f"profile {prof.name}: {prof.source}")
     return trace

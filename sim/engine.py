@@ -1,4 +1,4 @@
-"""The simulator: an interpreter of runner programs over abstract values, timed in SimPy.
+"""The simulator: an interpreter of runner programs over abstract values, timed like a SimPy model.
 
 Two phases, both per scenario:
 
@@ -9,8 +9,9 @@ Two phases, both per scenario:
    ops are issued (sim/simops.py); shape errors raise inside the runner
    exactly where torch would; the per-op checks run as values are made
    (sim/checks.py). A rank that never arrives is a HANG, never a wait forever.
-2. Timing phase (sim/timing.py). A SimPy process per (rank, stream) replays
-   the issued steps with durations from the cost model.
+2. Timing phase (sim/timing.py). A replay per (rank, stream) of the issued
+   steps with durations from the cost model: the SimPy model's times
+   (sim/timing_simpy.py), computed without its event queue.
 
 Hazard detectors that need a whole program run afterwards (sim/hazards.py).
 """
@@ -149,6 +150,7 @@ class Simulation:
     """Simulates one scenario with one runner class."""
 
     collapse = True  # simulate identical rank programs once (tests turn it off to compare)
+    simpy_timing = False  # time the steps with the SimPy model (the reference tests compare with)
 
     def __init__(self, scenario: Scenario, runner_cls: type[MoERunner], profile: Profile, runner_label: str) -> None:
         self.scenario = scenario
@@ -181,6 +183,17 @@ class Simulation:
         self.loads = expert_loads(scenario, self.layout)  # hashing the scenario once, not per op
         self._groups: dict[tuple[str, int], RankGroup] = {}
         self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
+
+    def release(self) -> None:
+        """Break the cycles a finished simulation is made of (its ranks' Ops and
+        its checks point back at it), so that dropping it frees its records at
+        once instead of leaving a wide world's worth of them for the cyclic
+        collector to walk. The trace it made stays whole; the simulation
+        itself is unusable afterwards."""
+        for ops in self.rank_ops:
+            del ops.sim
+        del self.checks.sim
+        self.pending.clear()
 
     # ---- counters ----
 

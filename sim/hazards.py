@@ -31,24 +31,30 @@ def concurrent(a_stream: str, a_vc: dict[str, int], b_stream: str, b_vc: dict[st
 
 def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (import cycle)
     """Two streams touch one buffer, at least one writes, no event orders them."""
-    multi = {ops.rank for ops in sim.rank_ops if ops.plans and any(p.vc is not None for p in ops.plans)}
-    if not multi:
+    # The stream of every step of each rank that used more than one.
+    streams = {ops.rank: [p.step.stream for p in ops.plans] for ops in sim.rank_ops
+               if ops.plans and any(p.vc is not None for p in ops.plans)}
+    if not streams:
         return []
-    # Only buffers some non-main stream touches can race.
+    # Only buffers some non-main stream touches can race (in the order first touched).
     side: set[tuple[int, int]] = set()
-    for acc in sim.accesses:
-        if acc.rank in multi and sim.rank_ops[acc.rank].plans[acc.step].step.stream != "main":
-            side.add((acc.rank, acc.buf))
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
     for acc in sim.accesses:
-        if (acc.rank, acc.buf) in side:
-            by_buf[(acc.rank, acc.buf)].append(acc)
+        on = streams.get(acc.rank)
+        if on is not None:
+            key = (acc.rank, acc.buf)
+            by_buf[key].append(acc)
+            if on[acc.step] != "main":
+                side.add(key)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
-    for (rank, _buf), accs in by_buf.items():
-        plans = sim.rank_ops[rank].plans
-        if len({plans[a.step].step.stream for a in accs}) < 2:
+    for (rank, buf), accs in by_buf.items():
+        if (rank, buf) not in side:
             continue
+        on = streams[rank]
+        if len({on[a.step] for a in accs}) < 2:
+            continue
+        plans = sim.rank_ops[rank].plans
         steps = sim.rank_ops[rank].steps
         for i, a in enumerate(accs):
             pa = plans[a.step]

@@ -52,6 +52,7 @@ class SimOps(SimComm, Ops):
         self.sim = sim
         self.scenario = sim.scenario
         self.rank = rank
+        self.world = self.scenario.world
         self.current_stream = "main"
         self.d, self.t = self.scenario.coords(rank)
         self.steps: list[Step] = []
@@ -106,12 +107,12 @@ class SimOps(SimComm, Ops):
     ) -> Step:
         # Op, wall-clock and value-size budgets (scenarios/contain.py): raises
         # BudgetExceeded into the runner before anything is recorded.
-        contain.check_op(len(self.steps), ins, out_shape, self.scenario.world)
+        contain.check_op(len(self.steps), ins, out_shape, self.world)
         st = Step(self.rank, len(self.steps), op, name, self.current_stream, category, component,
                   group, [t.shape for t in ins] if ins else [], out_shape)
         self.steps.append(st)
         self.plans.append(Plan(st, dur))
-        self.inputs.append(tuple(t.step for t in ins))  # producer steps (dataflow, for what-ifs)
+        self.inputs.append(tuple([t.step for t in ins]) if ins else ())  # producer steps (dataflow, for what-ifs)
         if self.writes:
             for t in ins:
                 self._resolve(t)

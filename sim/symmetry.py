@@ -1,6 +1,6 @@
 """Symmetry classes of rank timelines: simulate one rank per class, copy the rest.
 
-The timing phase (sim/timing.py) replays each rank's issued steps in SimPy. A
+The timing phase (sim/timing.py) replays each rank's issued steps. A
 rank's timeline is a function of three things only: its own plans (stream,
 duration, which of its own events each step waits for or records), the host
 gap, and when each of its collectives completes, which is the latest arrival
@@ -15,15 +15,17 @@ collective, until nothing splits. In the result, by induction over simulated
 time, every member of a class has its representative's timeline: the
 representative starts each step when its own previous step and event waits
 allow, which are the same plans, and completes each collective when the same
-classes arrive at the same positions. The timing phase then runs one SimPy
-process set per class, and a collective rendezvous waits for one arrival per
+classes arrive at the same positions. The timing phase then runs one replay
+set per class, and a collective rendezvous waits for one arrival per
 (class, position) of its members.
 
 What is proved and what is checked: nothing here trusts the runner's code.
 Both conditions are checked on the plans every rank actually issued in the
 program phase (every rank's program still runs there); only the timing
 replay is shared. When in doubt it declines (returns None) and every rank is
-replayed: collapse switched off, a rank that did not finish, a collective some
+replayed: collapse switched off, more classes than half the ranks, by the
+plans or after a refinement step (token routing with a different load on
+every rank: finding the classes would cost more than replaying every rank), a rank that did not finish, a collective some
 member never reached, a wait on an event the rank did not record itself (a
 runner handing events between ranks), or one class meeting itself at two
 positions of one collective.
@@ -58,12 +60,17 @@ def classes(sim: Simulation) -> Classes | None:
     ops_all = sim.rank_ops
     if not _eligible(sim):
         return None
+    # Equal plans have equal durations: if the durations alone already set
+    # most ranks apart (token routing, a different load on every rank), the
+    # full signatures would too.
+    if 2 * len({tuple([pl.dur for pl in ops.plans]) for ops in ops_all}) > len(ops_all):
+        return None
     sigs = [_own_signature(ops) for ops in ops_all]
     if any(sig is None for sig in sigs):
         return None
     of = _numbered(sigs)
-    if max(of) + 1 == len(ops_all):
-        return None  # every rank differs already: nothing to share
+    if 2 * (max(of) + 1) > len(ops_all):
+        return None  # most ranks differ already: sharing the rest does not pay for the refinement
     found = _instances(sim)
     if found is None:
         return None
@@ -75,9 +82,9 @@ def classes(sim: Simulation) -> Classes | None:
         refined = _numbered([(of[r], tuple(members[k] for k in at[r])) for r in range(len(ops_all))])
         if max(refined) == max(of):
             break
+        if 2 * (max(refined) + 1) > len(ops_all):
+            return None  # refining only splits further: replaying every rank is cheaper
         of = refined
-    if max(of) + 1 == len(ops_all):
-        return None
     return _with_rendezvous(of, ops_all, at, members)
 
 

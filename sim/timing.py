@@ -1,89 +1,121 @@
-"""The timing phase: SimPy replays every rank's issued steps per stream.
+"""The timing phase: start and end of every issued step, and the latency.
 
-Durations come from the cost model (sim/cost.py); event waits and collective
-rendezvous are SimPy events. This gives start/end per step and the latency.
+A step's times are a max-plus function of what it depends on: it starts at
+the latest of its stream's previous end (plus the host gap), the times of the
+events it waits for, and, for a collective, the latest arrival of its
+members; it ends `dur` later. That is what the SimPy model
+(sim/timing_simpy.py) computes with an event queue; here each (rank, stream)
+replay is a generator that runs without yielding until it needs a time not
+known yet (an event not recorded, a collective not complete), so a step costs
+a few additions instead of a few queue operations. The order processes run
+in cannot change a max or a sum, so the times are the SimPy model's, bit for
+bit (tests/test_symmetry.py compares them on generated scenarios), including
+steps that never run (a hang: they keep start = end = 0) and the latency (the
+latest time the SimPy clock would reach, host-gap waits included).
+
 Ranks with the same timeline (sim/symmetry.py) are replayed once per class.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import simpy
+from collections import deque
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 from sim import symmetry
+from sim.timing_simpy import copy_timelines, timing_phase_simpy
 
 if TYPE_CHECKING:
     from sim.engine import Simulation
     from sim.simops import Plan
 
+__all__ = ["timing_phase", "timing_phase_simpy"]
+
+
+class _Meeting:
+    """One collective rendezvous: arrivals so far, how many complete it, the
+    latest arrival time, and the replays blocked in it."""
+
+    __slots__ = ("arrived", "count", "latest", "waiting")
+
+    def __init__(self, count: int) -> None:
+        self.arrived = 0
+        self.count = count
+        self.latest: float = 0
+        self.waiting: list[Generator] = []
+
 
 def timing_phase(sim: Simulation) -> float:
-    env = simpy.Environment()
-    events: dict[int, simpy.Event] = {}
-    rendezvous: dict[object, list] = {}
-
-    def ev(i: int) -> simpy.Event:
-        e = events.get(i)
-        if e is None:
-            e = events[i] = env.event()
-        return e
-
+    """Set every issued step's start and end; return the latency."""
+    if sim.simpy_timing:
+        return timing_phase_simpy(sim)
     cls = symmetry.classes(sim)
     gap = sim.profile.host_gap_us
+    ev_time: dict[int, float] = {}
+    ev_waiting: dict[int, list[Generator]] = {}
+    meetings: dict[Any, _Meeting] = {}
+    ready: deque[Generator] = deque()
+    latest: list[float] = [0]  # the latest time any replay reached (SimPy's clock at the end)
 
-    def meeting(rank: int, index: int, pl: Plan) -> tuple[object, int]:
-        """A collective's rendezvous key and how many arrivals complete it."""
+    def meeting(rank: int, index: int, pl: Plan) -> _Meeting:
         if cls is None:
-            return pl.coll, len(pl.coll[0])  # type: ignore[index]
-        return cls.rendezvous[(rank, index)]
+            key, count = pl.coll, len(pl.coll[0])  # type: ignore[index]
+        else:
+            key, count = cls.rendezvous[(rank, index)]
+        m = meetings.get(key)
+        if m is None:
+            m = meetings[key] = _Meeting(count)
+        return m
 
-    def proc(rank: int, plans: list[tuple[int, Plan]]):  # noqa: ANN202 - SimPy generator
+    def proc(rank: int, plans: list[tuple[int, Plan]]) -> Generator:
+        # An int 0 like SimPy's clock: a step at time 0 reads 0, not 0.0.
+        t: float = 0
         for n, (index, pl) in enumerate(plans):
             if gap and n:
-                yield env.timeout(gap)
+                t = t + gap
+                if t > latest[0]:  # SimPy's clock reaches it even if the step then blocks for ever
+                    latest[0] = t
             for w in pl.waits:
-                e = ev(w)
-                if not e.triggered:
-                    yield e
+                at = ev_time.get(w)
+                if at is None:
+                    yield ev_waiting.setdefault(w, [])
+                    at = ev_time[w]
+                if at > t:
+                    t = at
             if pl.coll is not None:
-                key, count = meeting(rank, index, pl)
-                rv = rendezvous.get(key)
-                if rv is None:
-                    rv = rendezvous[key] = [0, env.event(), count]
-                rv[0] += 1
-                if rv[0] == rv[2]:
-                    rv[1].succeed()
+                m = meeting(rank, index, pl)
+                m.arrived += 1
+                if m.arrived == 1 or t > m.latest:
+                    m.latest = t
+                if m.arrived == m.count:
+                    ready.extend(m.waiting)
+                    m.waiting = []
                 else:
-                    yield rv[1]
-            start = env.now
+                    yield m.waiting
+                t = m.latest
+            start = t
             if pl.dur > 0:
-                yield env.timeout(pl.dur)
-            pl.step.start, pl.step.end = start, env.now
+                t = start + pl.dur
+            pl.step.start, pl.step.end = start, t
+            if t > latest[0]:
+                latest[0] = t
             if pl.record is not None:
-                ev(pl.record).succeed()
+                ev_time[pl.record] = t
+                woken = ev_waiting.pop(pl.record, None)
+                if woken:
+                    ready.extend(woken)
 
     replayed = range(len(sim.rank_ops)) if cls is None else cls.reps
     for r in replayed:
         by_stream: dict[str, list[tuple[int, Plan]]] = {}
         for i, pl in enumerate(sim.rank_ops[r].plans):
             by_stream.setdefault(pl.step.stream, []).append((i, pl))
-        for plans in by_stream.values():
-            env.process(proc(r, plans))
-    env.run()
+        ready.extend(proc(r, plans) for plans in by_stream.values())
+    while ready:
+        g = ready.popleft()
+        blocked_on = next(g, None)
+        if blocked_on is not None:
+            blocked_on.append(g)
     if cls is not None:
-        _copy_timelines(sim, cls)
-    return float(env.now)
-
-
-def _copy_timelines(sim: Simulation, cls: symmetry.Classes) -> None:
-    """Every rank takes its class representative's step times."""
-    for r, c in enumerate(cls.of):
-        rep = cls.reps[c]
-        if r != rep:
-            for a, b in zip(sim.rank_ops[rep].steps, sim.rank_ops[r].steps):
-                b.start, b.end = a.start, a.end
-    if cls.count == 1:
-        sim.notes.append(f"timing: {len(sim.rank_ops)} identical rank programs simulated once")
-    elif cls.count < len(sim.rank_ops):
-        sim.notes.append(f"timing: {len(sim.rank_ops)} rank programs simulated as {cls.count} classes")
+        copy_timelines(sim, cls)
+    return float(latest[0])

@@ -4,6 +4,7 @@ the same as when every rank is replayed."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import families
@@ -137,3 +138,105 @@ def test_collapse_changes_nothing_on_sglang_layouts():
     for runner, s in cases:
         a, b = _both(s, runner)
         assert a == b, (runner, s.name)
+
+
+# ---- the timing pass against the SimPy model (sim/timing.py, sim/timing_simpy.py) ----
+
+def _timing_facts(trace: Trace) -> dict:
+    """Every time a trace holds, with its type (0 and 0.0 print differently in JSON)."""
+    return {
+        "latency": repr(trace.latency_us),
+        "hazards": [(h.kind, h.rank, h.step, h.detail, repr(h.cost_us)) for h in trace.hazards],
+        "times": {r: [(repr(s.start), repr(s.end)) for s in steps] for r, steps in trace.steps.items()},
+        "overlap": {r: repr(v) for r, v in trace.overlap_us.items()},
+    }
+
+
+def _gap_profile(gap: float) -> Any:
+    """The CPU profile with a host gap between ops (the shipped ones have none)."""
+    return dataclasses.replace(load_profile("cpu"), host_gap_us=gap)
+
+
+def _both_timings(s: Any, runner: Any, collapse: bool = True, gap: float = 0.0) -> tuple[Any, Any]:
+    profile = _gap_profile(gap) if gap else None
+
+    def run() -> Any:
+        try:
+            return _timing_facts(simulate(s, runner, profile=profile))
+        except RunnerUnsupported as exc:
+            return str(exc)
+
+    Simulation.collapse = collapse
+    try:
+        fast = run()
+        Simulation.simpy_timing = True
+        try:
+            ref = run()
+        finally:
+            Simulation.simpy_timing = False
+    finally:
+        Simulation.collapse = True
+    return fast, ref
+
+
+GAPS = st.sampled_from((0.0, 0.7, 3.25))
+
+
+@given(moe_scenarios(max_world=8), st.sampled_from(RUNNERS), st.booleans(), GAPS)
+@settings(max_examples=120)
+def test_timing_pass_is_the_simpy_model(s, runner, collapse, gap):
+    fast, ref = _both_timings(s, runner, collapse, gap)
+    assert fast == ref
+
+
+@given(moe_scenarios(max_world=8), st.lists(st.integers(0, 9), min_size=4, max_size=4),
+       st.sampled_from(RUNNERS), GAPS)
+@settings(max_examples=40)
+def test_timing_pass_is_the_simpy_model_uneven(s, counts, runner, gap):
+    counts = tuple(counts[: s.parallel.dp])
+    if sum(counts) == 0:
+        counts = (1, *counts[1:])
+    fast, ref = _both_timings(s.with_(**{"workload.tokens": counts}), runner, gap=gap)
+    assert fast == ref
+
+
+def test_timing_pass_is_the_simpy_model_on_failing_programs():
+    """Hangs, shape errors and raising ranks leave steps that never run: they
+    keep time 0 in both, and the latency is where the SimPy clock stopped."""
+    import error_runners as er
+
+    runners = [er.Rank1Raises, er.Rank1FewerRows, er.Rank1GathersInstead, er.OddReduceScatter, er.AddUnequal]
+    # One DP rank: the hanging rank's host gap is the last tick of the clock.
+    for s in (families.TP2, families.TP2.with_(**{"parallel.tp": 2, "parallel.dp": 2})):
+        for runner in runners:
+            for collapse in (True, False):
+                for gap in (0.0, 0.7):
+                    fast, ref = _both_timings(s, runner, collapse, gap)
+                    assert fast == ref, (runner.__name__, s.name, collapse, gap)
+
+
+def test_timing_pass_on_families():
+    import families_sglang as fs
+    import families_trtllm as ft
+    import families_uneven as fu
+
+    from scenarios.sglang import SGLangRunner
+    from scenarios.trtllm import TRTLLMRunner
+
+    cases = ([(SGLangRunner, s) for s in fs.CLEAN] + [(w[0], w[1]) for w in fs.WRONG]
+             + [(TRTLLMRunner, s) for s in ft.CLEAN] + [(w[0], w[1]) for w in ft.WRONG]
+             + [(w[0], w[1]) for w in fu.WRONG] + [(w[0], w[1]) for w in families.WRONG])
+    for runner, s in cases:
+        for gap in (0.0, 0.7):
+            fast, ref = _both_timings(s, runner, gap=gap)
+            assert fast == ref, (runner, s.name, gap)
+
+
+def test_bench_counts_the_replayed_timelines():
+    """`bench sim` reports how many rank timelines were replayed: one for a
+    symmetric TP world, every rank for token routing with per-rank loads."""
+    from twin.bench import ep_scenario, timeline_replays
+
+    assert timeline_replays(simulate(families.TP2.with_(**{"parallel.tp": 4}), "fixed")) == 1
+    assert timeline_replays(simulate(ep_scenario(8), "fixed")) == 8
+    assert timeline_replays(simulate(families.TP2.with_(**{"parallel.tp": 4}), CloneOnRankZero)) == 2

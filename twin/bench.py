@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from scenarios.loader import load
 from scenarios.spec import ModelTraits, ParallelConfig, Scenario, Workload
+from scenarios.trace import Trace
 from scenarios.workload import routing_arrays
 from sim import simulate
 
@@ -43,15 +44,20 @@ def _tp_scenario(world: int, dp: int = 1) -> Scenario:
     })
 
 
-def _median_s(fn: Callable[[], object], min_total_s: float = MIN_SAMPLE_S, min_samples: int = 3) -> float:
-    """Median seconds of fn() over samples taken until min_total_s has passed."""
+def _samples_s(fn: Callable[[], object], min_total_s: float = MIN_SAMPLE_S, min_samples: int = 3) -> list[float]:
+    """Seconds of fn() per sample, taken until min_total_s has passed."""
     times: list[float] = []
     t_end = time.perf_counter() + min_total_s
     while len(times) < min_samples or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_s(fn: Callable[[], object], min_total_s: float = MIN_SAMPLE_S, min_samples: int = 3) -> float:
+    """Median seconds of fn() over samples taken until min_total_s has passed."""
+    return statistics.median(_samples_s(fn, min_total_s, min_samples))
 
 
 def ep_scenario(world: int) -> Scenario:
@@ -66,14 +72,32 @@ def ep_scenario(world: int) -> Scenario:
     )
 
 
+def timeline_replays(trace: Trace) -> int:
+    """How many rank timelines the timing phase replayed (its symmetry
+    classes; every rank when it declined, e.g. a different load per rank)."""
+    for note in trace.notes:
+        if note.startswith("timing: ") and note.endswith(" simulated once"):
+            return 1
+        if note.startswith("timing: ") and " simulated as " in note:
+            return int(note.rsplit(" simulated as ", 1)[1].split()[0])
+    return trace.world
+
+
 def bench_wide(min_total_s: float = MIN_SAMPLE_S) -> dict[str, float]:
     """Wide EP: simulate time per world size and its growth exponent, the
-    routing generation time, and the size of `simulate --json` at 1024 ranks."""
+    routing generation time, and the size of `simulate --json` at 1024 ranks.
+    `sim_ep_timelines_N_ranks` says how many rank timelines were replayed
+    (N: none shared, as when token routing loads every rank differently).
+    `sim_ep_mean_s_N_ranks` is the mean of the same samples: a median can
+    leave out the collector's occasional passes over earlier runs' records."""
     figures: dict[str, float] = {}
     for world in EP_WORLDS:
         s = ep_scenario(world)
-        simulate(s, "fixed")  # warm: routing and loads are cached per scenario, as in a session
-        figures[f"sim_ep_s_{world}_ranks"] = round(_median_s(lambda s=s: simulate(s, "fixed"), min_total_s), 4)
+        # warm: routing and loads are cached per scenario, as in a session
+        figures[f"sim_ep_timelines_{world}_ranks"] = timeline_replays(simulate(s, "fixed"))
+        times = _samples_s(lambda s=s: simulate(s, "fixed"), min_total_s)
+        figures[f"sim_ep_s_{world}_ranks"] = round(statistics.median(times), 4)
+        figures[f"sim_ep_mean_s_{world}_ranks"] = round(statistics.fmean(times), 4)
     lo, hi = EP_WORLDS[0], EP_WORLDS[-1]
     figures[f"sim_ep_growth_exponent_{lo}_to_{hi}"] = round(
         math.log(figures[f"sim_ep_s_{hi}_ranks"] / figures[f"sim_ep_s_{lo}_ranks"]) / math.log(hi / lo), 2)
@@ -106,8 +130,9 @@ def bench_sim(repeats: int = 5, n: int = 200) -> dict[str, float]:
     s = _tp_scenario(8, dp=4)
     figures["sim_scenarios_per_s_tp2_dp4"] = round(_median_rate(lambda: simulate(s, "fixed"), n, repeats), 1)
     ep = _tp_scenario(8, dp=4).with_(**{"parallel.ep": True, "parallel.backend": "deepep_low_latency"})
-    figures["sim_scenarios_per_s_tp2_dp4_ep_deepep"] = round(
-        1.0 / _median_s(lambda: simulate(ep, "fixed")), 1)
+    times = _samples_s(lambda: simulate(ep, "fixed"))
+    figures["sim_scenarios_per_s_tp2_dp4_ep_deepep"] = round(1.0 / statistics.median(times), 1)
+    figures["sim_scenarios_per_s_tp2_dp4_ep_deepep_mean"] = round(1.0 / statistics.fmean(times), 1)
     figures.update(bench_wide())
     figures["sim_cost_ratio_8_over_2_ranks"] = round(
         figures["sim_scenarios_per_s_tp2"] / figures["sim_scenarios_per_s_tp8"], 2)
