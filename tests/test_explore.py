@@ -394,7 +394,7 @@ def test_mutate_cli_json(capsys):
 def test_full_mutation_report():
     rep = run_mutation(budget=200, seed=0)
     d = rep.to_dict()
-    assert d["mutants"] == len(MUTANTS)
+    assert d["mutants"] == sum(1 for name in MUTANTS if name.startswith("M_"))  # the fixed runner's
     assert d["kill_rate"] >= 0.65, d
     by = {r.mutant: r for r in rep.results}
     # Every hand-annotated equivalence is confirmed by the traces.
