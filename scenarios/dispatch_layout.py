@@ -15,8 +15,11 @@ helpers ask).
 
 from __future__ import annotations
 
-from scenarios.backends import backend_info
-from scenarios.spec import Scenario
+from dataclasses import dataclass, field
+from typing import Any
+
+from scenarios.backends import backend_info, rounded_hidden, too_wide_for
+from scenarios.spec import Scenario, ScenarioError
 
 
 class DispatchLayout:
@@ -66,6 +69,64 @@ class DispatchLayout:
         """The most rows any rank hands the dispatch (a static buffer's need)."""
         return max(self.layer_rows(s, d) for d in range(s.parallel.dp))
 
+    # ---- the routed rows' width: the backend's rounding where it runs ----
+
+    def rounds_hidden(self, s: Scenario) -> bool:
+        """The engine rounds the layer's hidden size up to a width its
+        all-to-all backend's kernels take (vLLM's maybe_roundup_hidden_size).
+        An engine that hands the backend the model's own width overrides this."""
+        return True
+
+    def a2a_backend(self, s: Scenario) -> str | None:
+        """The backend whose kernels carry the routed rows: the one in use,
+        only where all-to-all kernels run."""
+        return self.dispatch_backend(s) if self.all2all_kernels(s) else None
+
+    def rounding_backend(self, s: Scenario) -> str | None:
+        """The backend whose width rule the engine rounds the routed rows to."""
+        return self.a2a_backend(s) if self.rounds_hidden(s) else None
+
+    def backend_width(self, s: Scenario) -> int | None:
+        """Width the engine's all-to-all rounds the routed rows up to (None: any)."""
+        backend = self.rounding_backend(s)
+        return None if backend is None else rounded_hidden(backend, s.model.routed_width)
+
+    def library_width_note(self, s: Scenario) -> str | None:
+        """One line when the engine hands its all-to-all a width the backend's
+        own kernels do not take (the library's constraint, not modelled as a
+        refusal: the twin's all-to-all carries any width)."""
+        backend = self.a2a_backend(s)
+        if backend is None or self.rounds_hidden(s):
+            return None
+        width = s.model.routed_width
+        need = rounded_hidden(backend, width)
+        if need is None or need == width:
+            return None
+        return (f"{getattr(self, 'name', 'the engine')} hands {backend} the routed width {width} unrounded; "
+                f"the library's kernels take {need} (vLLM rounds up to it); the engine would fail inside the library")
+
+    def kernel_width(self, s: Scenario) -> int:
+        return max(s.model.kernel_width, self.backend_width(s) or 0)
+
+    def summary(self, s: Scenario) -> dict[str, Any]:
+        """The layout's answers on `s`, under the keys of Scenario.derived()
+        (what `show`/`simulate` print as the engine's layout)."""
+        kw = self.kernel_width(s)
+        return {
+            "engine": getattr(self, "name", "vllm"),
+            "use_all2all_kernels": self.all2all_kernels(s),
+            "effective_backend": self.dispatch_backend(s),
+            "sp": self.slices_tokens(s),
+            "padded": kw != s.model.routed_width,
+            "kernel_width": kw,
+            "backend_kernel_width": self.backend_width(s),
+            "backend_rounds_hidden": self.rounds_hidden(s),
+            "expert_output_width": s.model.routed_width if s.kernel_writes_unpadded else kw,
+            "rows_per_rank": self.max_rows(s),
+            "rows_per_dp_rank": [self.layer_rows(s, d) for d in range(s.parallel.dp)],
+            "library_width_note": self.library_width_note(s),
+        }
+
 
 # vLLM's answers: what a runner of another engine asks when it keeps vLLM's rules.
 VLLM_LAYOUT = DispatchLayout()
@@ -92,3 +153,54 @@ def layout_note(dl: DispatchLayout, s: Scenario, engine: str) -> str | None:
         return f"all-to-all kernels {'on' if v[0] else 'off'}, backend {v[1]}, tokens {'sliced' if v[2] else 'not sliced'}"
 
     return f"dispatch layout ({engine}'s rules): {words(mine)}; the derived quantities are vLLM's: {words(vllm)}"
+
+
+@dataclass(frozen=True)
+class EngineScenario(Scenario):
+    """A scenario as an engine with its own layout sees it: the routed rows'
+    width follows the engine's all-to-all (rounded only where that backend's
+    kernels run), and the dispatch capacity and the backend's largest width are
+    checked against the engine's rows and backend. Everything else (and every
+    derived quantity a runner program reads) stays the scenario's."""
+
+    layout: DispatchLayout = field(default=VLLM_LAYOUT, repr=False)
+
+    @property
+    def backend_width(self) -> int | None:
+        return self.layout.backend_width(self)
+
+    def _validate_backend_width(self) -> None:
+        backend = self.layout.rounding_backend(self)
+        width = self.model.routed_width
+        if backend is not None and too_wide_for(backend, width):
+            field_name = "model.latent_dim" if self.model.has_transform else "model.hidden"
+            raise ScenarioError(field_name, f"width {width} exceeds the largest size {backend} is compiled for "
+                                            f"(8192; {getattr(self.layout, 'name', 'the engine')}'s all-to-all runs it)")
+
+    def _check_dispatch_capacity(self) -> None:
+        cap = self.parallel.max_dispatch_tokens
+        if cap is None or self.layout.dispatch_backend(self) == "none":
+            return
+        d = max(range(self.parallel.dp), key=lambda i: self.layout.layer_rows(self, i))
+        rows = self.layout.layer_rows(self, d)
+        if rows > cap:
+            raise ScenarioError(
+                "parallel.max_dispatch_tokens",
+                f"DP rank {d} dispatches {rows} rows per rank under {getattr(self.layout, 'name', 'the engine')}'s "
+                f"layout, more than the static capacity {cap} (the engine's dispatch buffers cannot hold them)",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.pop("layout", None)
+        return d
+
+
+def engine_scenario(s: Scenario, dl: DispatchLayout) -> Scenario:
+    """`s` as the engine of layout `dl` sees it: `s` itself under vLLM's rules
+    (nothing changes for vLLM runners), else an EngineScenario (raises
+    ScenarioError when the engine's layout cannot run it)."""
+    if keeps_vllm_rules(dl) or isinstance(s, EngineScenario) and s.layout is dl:
+        return s
+    base = {f: getattr(s, f) for f in Scenario.__dataclass_fields__}
+    return EngineScenario(**base, layout=dl)
