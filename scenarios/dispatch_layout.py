@@ -15,7 +15,6 @@ helpers ask).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from scenarios.backends import backend_info, rounded_hidden, too_wide_for
@@ -155,52 +154,94 @@ def layout_note(dl: DispatchLayout, s: Scenario, engine: str) -> str | None:
     return f"dispatch layout ({engine}'s rules): {words(mine)}; the derived quantities are vLLM's: {words(vllm)}"
 
 
-@dataclass(frozen=True)
-class EngineScenario(Scenario):
-    """A scenario as an engine with its own layout sees it: the routed rows'
-    width follows the engine's all-to-all (rounded only where that backend's
-    kernels run), and the dispatch capacity and the backend's largest width are
-    checked against the engine's rows and backend. Everything else (and every
-    derived quantity a runner program reads) stays the scenario's."""
+class EngineScenario:
+    """Mixin of a scenario as an engine with its own layout sees it (built by
+    `engine_scenario`, one class per scenario class and layout): the routed
+    rows' width follows the engine's all-to-all (rounded only where the engine
+    rounds for a backend whose kernels it runs), and the dispatch capacity and
+    the backend's largest width are checked against the engine's rows and
+    backend. Its fields, `to_dict` and every other derived quantity are the
+    scenario's. A subclass of the scenario's own class, so a scenario that
+    logs its reads (verify) keeps logging them; the layout is a class
+    attribute, so views of different engines never compare equal."""
 
-    layout: DispatchLayout = field(default=VLLM_LAYOUT, repr=False)
+    _layout: DispatchLayout
+    _base: type[Scenario]
 
     @property
     def backend_width(self) -> int | None:
-        return self.layout.backend_width(self)
+        return self._layout.backend_width(self)  # type: ignore[arg-type]
 
     def _validate_backend_width(self) -> None:
-        backend = self.layout.rounding_backend(self)
-        width = self.model.routed_width
+        if not self._layout.rounds_hidden(self):  # type: ignore[arg-type]
+            return  # the engine hands the library the model's width: see library_width_note
+        s: Scenario = self  # type: ignore[assignment]
+        backend = self._layout.rounding_backend(s)
+        width = s.model.routed_width
         if backend is not None and too_wide_for(backend, width):
-            field_name = "model.latent_dim" if self.model.has_transform else "model.hidden"
+            field_name = "model.latent_dim" if s.model.has_transform else "model.hidden"
             raise ScenarioError(field_name, f"width {width} exceeds the largest size {backend} is compiled for "
-                                            f"(8192; {getattr(self.layout, 'name', 'the engine')}'s all-to-all runs it)")
+                                            f"(8192; {_engine(self._layout)}'s all-to-all runs it)")
 
     def _check_dispatch_capacity(self) -> None:
-        cap = self.parallel.max_dispatch_tokens
-        if cap is None or self.layout.dispatch_backend(self) == "none":
+        s: Scenario = self  # type: ignore[assignment]
+        cap = s.parallel.max_dispatch_tokens
+        if cap is None or self._layout.dispatch_backend(s) == "none":
             return
-        d = max(range(self.parallel.dp), key=lambda i: self.layout.layer_rows(self, i))
-        rows = self.layout.layer_rows(self, d)
+        d = max(range(s.parallel.dp), key=lambda i: self._layout.layer_rows(s, i))
+        rows = self._layout.layer_rows(s, d)
         if rows > cap:
             raise ScenarioError(
                 "parallel.max_dispatch_tokens",
-                f"DP rank {d} dispatches {rows} rows per rank under {getattr(self.layout, 'name', 'the engine')}'s "
-                f"layout, more than the static capacity {cap} (the engine's dispatch buffers cannot hold them)",
+                f"DP rank {d} dispatches {rows} rows per rank under {_engine(self._layout)}'s layout, more than "
+                f"the static capacity {cap} (the engine's dispatch buffers cannot hold them)",
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.pop("layout", None)
-        return d
+    def _validate_engine(self) -> None:
+        self._validate_backend_width()
+        self._check_dispatch_capacity()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The view's class is built at run time: pickle (the real ranks' payload)
+        # and copy rebuild it from the scenario and the layout.
+        return engine_scenario, (_as_base(self), self._layout)
+
+
+def _engine(dl: DispatchLayout) -> str:
+    return getattr(dl, "name", "the engine")
+
+
+def _as_base(view: EngineScenario) -> Scenario:
+    s = object.__new__(view._base)
+    for k, v in vars(view).items():
+        object.__setattr__(s, k, v)
+    return s
+
+
+_VIEWS: dict[tuple[type, int], type] = {}
+
+
+def _view_class(base: type[Scenario], dl: DispatchLayout) -> type:
+    key = (base, id(dl))
+    if key not in _VIEWS:
+        _VIEWS[key] = type(f"{base.__name__}@{_engine(dl)}", (EngineScenario, base),
+                           {"_layout": dl, "_base": base, "__module__": __name__})
+    return _VIEWS[key]
 
 
 def engine_scenario(s: Scenario, dl: DispatchLayout) -> Scenario:
     """`s` as the engine of layout `dl` sees it: `s` itself under vLLM's rules
-    (nothing changes for vLLM runners), else an EngineScenario (raises
-    ScenarioError when the engine's layout cannot run it)."""
-    if keeps_vllm_rules(dl) or isinstance(s, EngineScenario) and s.layout is dl:
+    (nothing changes for vLLM runners), else a view of `s` (EngineScenario;
+    raises ScenarioError when the engine's layout cannot run it). The fields
+    are shared, not re-read: nothing is validated again but the engine's checks."""
+    if keeps_vllm_rules(dl):
         return s
-    base = {f: getattr(s, f) for f in Scenario.__dataclass_fields__}
-    return EngineScenario(**base, layout=dl)
+    if isinstance(s, EngineScenario):
+        if s._layout is dl:
+            return s
+        s = _as_base(s)
+    view = object.__new__(_view_class(type(s), dl))
+    for k, v in vars(s).items():
+        object.__setattr__(view, k, v)
+    view._validate_engine()
+    return view

@@ -5,6 +5,7 @@ itself rounds for a backend whose kernels it runs) and the dispatch
 capacity check (the engine's rows per rank). vLLM runners see no change."""
 
 import json
+import pickle
 
 import families_sglang as FS
 import families_trtllm as FT
@@ -71,8 +72,13 @@ def test_sglang_and_trtllm_hand_the_backend_the_models_width(s):
             view = engine_scenario(s, dl)
         except ScenarioError:
             continue  # the engine's capacity check (its rows), tested below
-        assert isinstance(view, EngineScenario) and view.kernel_width == s.model.kernel_width
-        assert view.to_dict() == s.to_dict() and view.derived()["world"] == s.world
+        assert isinstance(view, EngineScenario) and isinstance(view, type(s))
+        assert view.kernel_width == s.model.kernel_width and view.padded == s.model.padded
+        assert view.to_dict() == s.to_dict() and view != s
+        again = pickle.loads(pickle.dumps(view))  # the real ranks' payload
+        assert type(again).__name__ == type(view).__name__ and again.to_dict() == s.to_dict()
+        assert again.kernel_width == view.kernel_width
+        assert engine_scenario(view, dl) is view and engine_scenario(view, VLLM_RULES) is view
 
 
 def test_values_change_where_vllm_rounds_and_the_engine_does_not():
@@ -178,3 +184,14 @@ def test_simulate_json_and_text_carry_the_engine_layout(tmp_path, capsys, monkey
     assert code == 0 and "engine_layout" not in json.loads(out)
     code, out, _ = _cli(capsys, "simulate", f, "--runner", "trtllm")
     assert code == 0 and "kernel_width=100," in out and "follow trtllm's layout" in out
+
+
+def test_a_recording_scenario_keeps_logging_through_the_engine_view():
+    """verify logs what a run reads: the engine's view must not drop the
+    scenario-level reads (it is a subclass of the scenario's own class)."""
+    from twin.search.verify_record import reads, recording
+
+    with reads() as log:
+        simulate(recording(SG_TP4_DEEPEP), "sglang", what_if=False)
+    top = {path for path in log.consulted() if "." not in path}
+    assert {"kernel_width", "padded"} & top and "group" in top, sorted(top)
