@@ -99,6 +99,9 @@ class DispatchLayout:
             return None
         width = s.model.routed_width
         need = rounded_hidden(backend, width)
+        if need is None and too_wide_for(backend, width):
+            return (f"{getattr(self, 'name', 'the engine')} hands {backend} the routed width {width}, above its "
+                    f"largest compiled size; the engine would fail inside the library")
         if need is None or need == width:
             return None
         return (f"{getattr(self, 'name', 'the engine')} hands {backend} the routed width {width} unrounded; "
@@ -130,11 +133,12 @@ class DispatchLayout:
 # vLLM's answers: what a runner of another engine asks when it keeps vLLM's rules.
 VLLM_LAYOUT = DispatchLayout()
 
-_DECISIONS = ("all2all_kernels", "dispatch_backend", "slices_tokens")
+_DECISIONS = ("all2all_kernels", "dispatch_backend", "slices_tokens", "rounds_hidden")
 
 
 def keeps_vllm_rules(dl: DispatchLayout) -> bool:
-    """`dl` answers none of the three decisions differently from vLLM."""
+    """`dl` overrides none of vLLM's decisions (the three of the layout and
+    the width rounding)."""
     return all(getattr(type(dl), m) is getattr(DispatchLayout, m) for m in _DECISIONS)
 
 

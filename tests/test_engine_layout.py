@@ -195,3 +195,22 @@ def test_a_recording_scenario_keeps_logging_through_the_engine_view():
         simulate(recording(SG_TP4_DEEPEP), "sglang", what_if=False)
     top = {path for path in log.consulted() if "." not in path}
     assert {"kernel_width", "padded"} & top and "group" in top, sorted(top)
+
+
+def test_a_width_above_the_compiled_sizes_is_noted_not_refused():
+    wide = FS._s("sg-tp2-ll-wide", {"hidden": 10240}, {"tp": 2, "ep": True, "backend": "deepep_low_latency"})
+    assert not wide.use_all2all_kernels  # vLLM runs no DeepEP here: valid as written
+    note = SGLANG_RULES.library_width_note(wide)
+    assert note is not None and "largest compiled size" in note
+    assert engine_scenario(wide, SGLANG_RULES).kernel_width == 10240
+
+
+def test_an_engine_that_only_keeps_the_width_is_not_vllms():
+    from scenarios.dispatch_layout import DispatchLayout, keeps_vllm_rules
+
+    class Unrounded(DispatchLayout):
+        def rounds_hidden(self, s):
+            return False
+
+    assert keeps_vllm_rules(VLLM_LAYOUT) and not keeps_vllm_rules(Unrounded())
+    assert engine_scenario(SG_DPATTN_LL, Unrounded()).kernel_width == 128
