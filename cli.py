@@ -32,6 +32,7 @@ from twin.cli_output import (
     EXIT_OK,
     add_common,
     emit_json,
+    engine_layout,
     load_scenario,
     print_report,
     set_width,
@@ -79,12 +80,16 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     s = load_scenario(args.scenario)
+    engine = engine_layout(s, args.runner) if args.runner else None
     if args.json:
-        emit_json({"scenario": s.to_dict(), "derived": s.derived()})
+        doc = {"scenario": s.to_dict(), "derived": s.derived()}
+        if engine is not None:
+            doc["engine_layout"] = engine  # the runner's dispatch layout where it is not vLLM's
+        emit_json(doc)
         return EXIT_OK
     from twin.check.report import show_scenario
 
-    print_report(show_scenario(s))
+    print_report(show_scenario(s, engine))
     return EXIT_OK
 
 
@@ -98,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("show", help="print a resolved scenario with its derived quantities")
     add_common(sp, runner=False)
+    sp.add_argument("--runner", help="runner preset or module:Class whose engine layout the derived values follow "
+                                     "(default: vLLM's)")
     sp.set_defaults(func=cmd_show)
 
     for module in SUBCOMMANDS:

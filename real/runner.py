@@ -9,6 +9,7 @@ from typing import Any
 from real.errors import RunnerUsageError, failure_hazards, rank_failures, usage_error
 from real.model import check_fits
 from scenarios import contain
+from scenarios.dispatch_layout import VLLM_LAYOUT, engine_scenario
 from scenarios.runners import MoERunner, load_runner, runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace
@@ -109,12 +110,15 @@ def run_real(
     run; `prediction` should then be the what-if's simulation)."""
     from real.pool import RankFailure
 
-    check_fits(scenario)
     if not timeout_s > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout_s}")
-    kernel = resolve_kernel(scenario, kernel)
     ref = runner if runner is not None else scenario.runner
     cls = load_runner(ref)
+    # The ranks, the weights and the exact reference all see the engine's
+    # layout (the routed rows' width); vLLM's rules leave `scenario` as is.
+    scenario = engine_scenario(scenario, getattr(cls, "engine_rules", VLLM_LAYOUT))
+    check_fits(scenario)
+    kernel = resolve_kernel(scenario, kernel)
     # Rank processes load the runner again: keep the user's spec (a file path
     # stays a file path); a class object must be importable by its name.
     spec = ref if isinstance(ref, str) else runner_label(cls)

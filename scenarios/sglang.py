@@ -26,7 +26,10 @@ communicator around it, written from the facts in docs/moe_block.md
 The dispatch follows SGLang's layout (`SGLangRules`, a DispatchLayout):
 with an all-to-all, SCATTERED with or without DP attention (e.g. DeepSeek-V3
 TP8 with DeepEP and dp = 1: each rank dispatches its 1/tp slice, over every
-rank), for any token-routing backend.
+rank), for any token-routing backend. SGLang hands the backend the model's
+hidden size unrounded (unlike vLLM, no 512-byte or compiled-size rounding):
+the routed rows keep their width, and a width the library's kernels do not
+take is a note, not a refusal.
 
 Not modelled (declared by `unsupported`, refused in one line): latent MoE
 (not in these blocks); an all-to-all with moe_tp > 1.
@@ -130,6 +133,11 @@ class SGLangRules(EngineRules):
 
     def slices_tokens(self, s: Scenario) -> bool:
         return mlp_scattered(s) and s.parallel.tp > 1
+
+    def rounds_hidden(self, s: Scenario) -> bool:
+        """SGLang's DeepEP dispatcher sizes its buffers and kernels with the model's hidden_size:
+        no rounding (a width the library's kernels do not take fails there)."""
+        return False
 
     def overlap_forbidden(self, s: Scenario) -> bool:
         return False

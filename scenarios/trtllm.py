@@ -73,7 +73,8 @@ between 1 and tp (its shard groups are not one of the Ops groups); attention
 DP with attention TP > 1; latent MoE; EPLB (the MoE load balancer); ROCm;
 all-to-all backends TensorRT-LLM does not have. A token-routing backend with
 moe_ep < top_k takes TensorRT-LLM's all-gather fallback: the dispatch follows
-`TRTLLMRules` (a DispatchLayout), not the scenario's backend. Also not modelled: MoE chunking,
+`TRTLLMRules` (a DispatchLayout), not the scenario's backend; its DeepEP buffers take the
+model's hidden size unrounded (no vLLM-style rounding of the routed rows). Also not modelled: MoE chunking,
 DP padding, the min-latency (do_finalize=False) path as a separate kernel,
 the dense (non-MoE) layers' own TP size.
 """
@@ -166,6 +167,11 @@ class TRTLLMRules(EngineRules):
         return "allgather_reducescatter" if attention_dp(s) else "none"
 
     def slices_tokens(self, s: Scenario) -> bool:
+        return False
+
+    def rounds_hidden(self, s: Scenario) -> bool:
+        """WideEPMoE reserves its DeepEP buffers with the model's hidden_size:
+        no rounding (a width the library's kernels do not take fails there)."""
         return False
 
     def overlap_forbidden(self, s: Scenario) -> bool:

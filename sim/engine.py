@@ -27,7 +27,7 @@ import greenlet
 import numpy as np
 
 from scenarios import contain
-from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout, layout_note
+from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout, engine_scenario, layout_note
 from scenarios.ops import OpsUsageError
 from scenarios.runners import MoERunner, RunnerUnsupported, run_program
 from scenarios.spec import Scenario
@@ -153,6 +153,11 @@ class Simulation:
     simpy_timing = False  # time the steps with the SimPy model (the reference tests compare with)
 
     def __init__(self, scenario: Scenario, runner_cls: type[MoERunner], profile: Profile, runner_label: str) -> None:
+        # The engine's dispatch layout (the runner class's rules; vLLM's for a
+        # class that names none): what dispatch, combine, the loads and the
+        # routed rows' width follow.
+        self.layout: DispatchLayout = getattr(runner_cls, "engine_rules", VLLM_LAYOUT)
+        scenario = engine_scenario(scenario, self.layout)
         self.scenario = scenario
         self.runner_cls = runner_cls
         self.runner_label = runner_label
@@ -177,9 +182,6 @@ class Simulation:
         self.track_streams = True
         self.checks = Checks(self)
         self.expected_scale = self.checks.expected_scale
-        # The engine's dispatch layout (the runner class's rules; vLLM's for a
-        # class that names none): what dispatch, combine and the loads follow.
-        self.layout: DispatchLayout = getattr(runner_cls, "engine_rules", VLLM_LAYOUT)
         self.loads = expert_loads(scenario, self.layout)  # hashing the scenario once, not per op
         self._groups: dict[tuple[str, int], RankGroup] = {}
         self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
@@ -397,6 +399,9 @@ class Simulation:
         note = layout_note(self.layout, self.scenario, getattr(self.layout, "name", "engine"))
         if note is not None:
             self.notes.append(note)
+        width_note = self.layout.library_width_note(self.scenario)
+        if width_note is not None:
+            self.notes.append(width_note)
         latency = timing_phase(self)
         trace = Trace(
             source="sim",

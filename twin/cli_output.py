@@ -91,3 +91,14 @@ def timeline(trace: Any, width: int | None, compact: bool = True, **kw: Any) -> 
     except ImportError:  # renderer not installed in this build
         return None
     return render_timeline(trace, width=width or terminal_width(), compact=compact, **kw)
+
+
+def engine_layout(s: Any, runner: Any) -> dict[str, Any] | None:
+    """The dispatch layout of `runner` (a preset, module:Class or class) on
+    scenario `s` where its rules are not vLLM's (the `engine_layout` JSON key
+    beside `derived`), else None: vLLM runners' output stays as it was."""
+    from scenarios.dispatch_layout import VLLM_LAYOUT, keeps_vllm_rules
+    from scenarios.runners import load_runner
+
+    dl = getattr(load_runner(runner), "engine_rules", VLLM_LAYOUT)
+    return None if keeps_vllm_rules(dl) else dl.summary(s)

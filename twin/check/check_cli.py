@@ -15,6 +15,7 @@ from twin.cli_output import (
     add_common,
     console,
     emit_json,
+    engine_layout,
     load_scenario,
     print_report,
     spinner,
@@ -86,15 +87,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     s = load_scenario(args.scenario)
     trace = simulate(s, args.runner, profile=args.profile)
+    engine = engine_layout(s, args.runner or s.runner)
     if args.json:
         # Wide worlds list each class of equivalent ranks once (--all-ranks: every rank).
         fold = s.world > FOLD_WORLD and not args.all_ranks
-        emit_json({"scenario": s.name, "summary": s.summary_line(), "derived": s.derived(),
-                    **(trace.to_folded_dict() if fold else trace.to_dict(with_steps=True))})
+        doc = {"scenario": s.name, "summary": s.summary_line(), "derived": s.derived()}
+        if engine is not None:
+            doc["engine_layout"] = engine
+        emit_json({**doc, **(trace.to_folded_dict() if fold else trace.to_dict(with_steps=True))})
     else:
         from twin.check.report import simulate_report
 
-        print_report(simulate_report(s, trace, timeline(trace, args.width)))
+        print_report(simulate_report(s, trace, timeline(trace, args.width), engine))
     return EXIT_HAZARD if (args.fail_on_hazard and trace.hazards) else EXIT_OK
 
 
@@ -156,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from twin.check.report import real_report
 
-        print_report(real_report(s, trace, timeline(trace, args.width)))
+        print_report(real_report(s, trace, timeline(trace, args.width), engine_layout(s, args.runner or s.runner)))
     return EXIT_HAZARD if (args.fail_on_hazard and trace.hazards) else EXIT_OK
 
 
@@ -185,7 +189,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         div = result.divergence[:2] if result.divergence else None
         compare = result.real if result.real.steps else None
         tl = timeline(result.timeline_sim or result.sim, args.width, compare=compare, first_divergence=div)
-        print_report(check_report(result, tl))
+        print_report(check_report(result, tl, engine_layout(s, args.runner or s.runner)))
     # Predicted (whatever the verdict) or found by the real run alone.
     found = bool(result.sim.hazards) or any(v.verdict.value == "UNPREDICTED" for v in result.verdicts)
     return EXIT_HAZARD if (args.fail_on_hazard and found) else EXIT_OK

@@ -55,7 +55,9 @@ def hazard_lines(hazards: Iterable[Hazard], fold_ranks: bool = True) -> list[Tex
     return lines
 
 
-def scenario_panel(s: Scenario) -> RenderableType:
+def scenario_panel(s: Scenario, engine: dict[str, Any] | None = None) -> RenderableType:
+    """`engine`: the runner's dispatch layout where it differs from vLLM's
+    (`engine_layout`): the derived row prints the engine's values."""
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -63,28 +65,44 @@ def scenario_panel(s: Scenario) -> RenderableType:
     if s.summary:
         t.add_row("summary", Text(printable(s.summary)))
     t.add_row("shape", Text(printable(s.summary_line())))
-    derived = ", ".join(f"{k}={v}" for k, v in s.derived().items())
+    values = s.derived()
+    if engine is not None:
+        values.update((k, v) for k, v in engine.items() if k in values)
+    derived = ", ".join(f"{k}={v}" for k, v in values.items())
     t.add_row("derived", Text(printable(derived)))
-    for note in scenario_notes(s):
+    if engine is not None:
+        t.add_row("layout", Text(printable(engine_line(s, engine))))
+    for note in scenario_notes(s, engine):
         t.add_row("note", Text(printable(note)))
     return t
 
 
-def scenario_notes(s: Scenario) -> list[str]:
+def engine_line(s: Scenario, engine: dict[str, Any]) -> str:
+    """Which derived values are the engine's, and vLLM's where they differ."""
+    vllm = s.derived()
+    changed = [f"{k}={vllm[k]}" for k, v in engine.items() if k in vllm and vllm[k] != v]
+    head = f"derived dispatch values follow {engine['engine']}'s layout"
+    return head + (f" (vLLM's: {', '.join(changed)})" if changed else " (the same as vLLM's here)")
+
+
+def scenario_notes(s: Scenario, engine: dict[str, Any] | None = None) -> list[str]:
     """One line per engine rule that changes the configuration as written."""
     notes = []
     backend = s.parallel.backend
     if s.parallel.backend_ignored:
         notes.append(f"backend {backend} ignored: needs parallel.ep")
-    bw = s.backend_width
+    bw, kw = (s.backend_width, s.kernel_width) if engine is None else (engine["backend_kernel_width"],
+                                                                       engine["kernel_width"])
     if bw is not None and bw != s.model.routed_width:
         notes.append(f"backend {backend} rounds the routed rows {s.model.routed_width} -> {bw}; "
-                     f"the routed kernel works in width {s.kernel_width}")
+                     f"the routed kernel works in width {kw}")
+    if engine is not None and engine.get("library_width_note"):
+        notes.append(engine["library_width_note"])
     return notes
 
 
-def show_scenario(s: Scenario) -> RenderableType:
-    return Group(scenario_panel(s), Text(""), Text(printable(scenario_to_toml(s).rstrip())))
+def show_scenario(s: Scenario, engine: dict[str, Any] | None = None) -> RenderableType:
+    return Group(scenario_panel(s, engine), Text(""), Text(printable(scenario_to_toml(s).rstrip())))
 
 
 def outputs_table(trace: Trace) -> RenderableType:
@@ -154,9 +172,10 @@ def _same_coef(a: float, b: float) -> bool:
     return str(a) == str(b)
 
 
-def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, real: bool) -> RenderableType:
+def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, real: bool,
+                  engine: dict[str, Any] | None = None) -> RenderableType:
     """The body shared by `simulate` (predicted) and `run` (measured)."""
-    parts: list[RenderableType] = [scenario_panel(s), Text("")]
+    parts: list[RenderableType] = [scenario_panel(s, engine), Text("")]
     if real:
         head = Text(f"real run of {printable(trace.runner)}", style="bold")
         head.append(f"   measured latency {trace.latency_us:.0f} us")
@@ -192,12 +211,14 @@ def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, re
     return Group(*parts)
 
 
-def simulate_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
-    return _trace_report(s, trace, timeline, real=False)
+def simulate_report(s: Scenario, trace: Trace, timeline: RenderableType | None,
+                    engine: dict[str, Any] | None = None) -> RenderableType:
+    return _trace_report(s, trace, timeline, real=False, engine=engine)
 
 
-def real_report(s: Scenario, trace: Trace, timeline: RenderableType | None) -> RenderableType:
-    return _trace_report(s, trace, timeline, real=True)
+def real_report(s: Scenario, trace: Trace, timeline: RenderableType | None,
+                engine: dict[str, Any] | None = None) -> RenderableType:
+    return _trace_report(s, trace, timeline, real=True, engine=engine)
 
 
 def replay_table(results: list[Any], real: bool = False) -> RenderableType:
@@ -301,9 +322,9 @@ def real_output_table(trace: Trace) -> RenderableType:
     return t
 
 
-def check_report(result: Any, timeline: RenderableType | None) -> RenderableType:
+def check_report(result: Any, timeline: RenderableType | None, engine: dict[str, Any] | None = None) -> RenderableType:
     s = result.scenario
-    parts: list[RenderableType] = [scenario_panel(s), Text("")]
+    parts: list[RenderableType] = [scenario_panel(s, engine), Text("")]
     ran = any(result.real.steps.values())
     real = f"real {result.real.latency_us:.0f} us (CPU)" if ran else "real: not run"
     parts.append(Text(f"runner {printable(result.sim.runner)}: sim latency {result.sim.latency_us:.1f} us "

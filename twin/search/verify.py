@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from scenarios import contain
+from scenarios.dispatch_layout import VLLM_LAYOUT, engine_scenario
 from scenarios.runners import MoERunner, load_runner, unsupported_reason
 from scenarios.space import (
     DEFAULT_MAX_WORLD,
@@ -167,8 +168,12 @@ def equivalents(axes: tuple[Axis, ...], a: Assignment, log: Reads, runner: str,
 
 
 def _same(axes: tuple[Axis, ...], a: Assignment, log: Reads, runner: str) -> bool:
+    # The run read the scenario as its runner's engine sees it (the routed
+    # width, the capacity): the candidate is compared under the same view.
+    layout = getattr(_RUNNERS.get(runner) or _RUNNERS.setdefault(runner, load_runner(runner)), "engine_rules",
+                     VLLM_LAYOUT)
     try:
-        s = assignment_scenario(axes, a, runner)
+        s = engine_scenario(assignment_scenario(axes, a, runner), layout)
     except ScenarioError:
         return False
     return same_reads(s, log)
