@@ -14,8 +14,12 @@ import sys
 from pathlib import Path
 
 PINNED_VERSION = "0.33.0"
-# The twin's engine version whose rules the pinned release follows.
-TWIN_VERSION = {"0.33.0": "newest"}
+# The twin's engine version whose rules each supported release follows. The
+# older releases (0.21.0, 0.22.0: the FusedMoE layer class builds the layer)
+# are for the engine's own history (README: released versions and the seeds).
+TWIN_VERSION = {"0.33.0": "newest", "0.22.0": "previous", "0.21.0": "previous"}
+# Releases whose layer has no reduce_results knob (the runner always reduces).
+NO_REDUCE_RESULTS_KNOB = frozenset({"0.21.0", "0.22.0"})
 ROOT = Path(__file__).resolve().parents[2]
 ENV_PYTHON = "MOE_TWIN_VLLM_PYTHON"
 
@@ -42,7 +46,11 @@ def engine_python(version: str = PINNED_VERSION) -> str:
     )
 
 
-def installed() -> bool:
+def installed(version: str = PINNED_VERSION) -> bool:
+    """Whether `version` has its own venv under .engines/ (or, for the pinned
+    release, any interpreter engine_python finds)."""
+    if version != PINNED_VERSION:
+        return (ROOT / ".engines" / f"vllm-{version}" / "bin" / "python").exists()
     try:
         engine_python()
     except EngineMissing:

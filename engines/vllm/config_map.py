@@ -16,10 +16,12 @@ from scenarios.spec import Scenario
 BACKEND_NAMES = {"mori": "mori_high_throughput"}
 
 
-def not_expressible(s: Scenario, twin_version: str) -> str | None:
+def not_expressible(s: Scenario, twin_version: str, reduce_results_knob: bool = True) -> str | None:
     p, m = s.parallel, s.model
     if p.version != twin_version:
         return f"parallel.version {p.version!r} is not the pinned release's rules ({twin_version!r})"
+    if s.next_layer_fuses_reduce and not reduce_results_knob:
+        return "next_layer_fuses_reduce: this release's layer has no reduce_results knob"
     if p.ep_size is not None:
         return "parallel.ep_size: vLLM's EP spans every rank of the MoE group (no hybrid EP x TP)"
     if s.kernel_writes_unpadded:
