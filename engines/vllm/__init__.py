@@ -20,6 +20,8 @@ PINNED_VERSION = "0.33.0"
 TWIN_VERSION = {"0.33.0": "newest", "0.22.0": "previous", "0.21.0": "previous"}
 # Releases whose layer has no reduce_results knob (the runner always reduces).
 NO_REDUCE_RESULTS_KNOB = frozenset({"0.21.0", "0.22.0"})
+# Releases that still use the older backend names (MORI is `mori`).
+OLD_BACKEND_NAMES = frozenset({"0.21.0", "0.22.0"})
 ROOT = Path(__file__).resolve().parents[2]
 ENV_PYTHON = "MOE_TWIN_VLLM_PYTHON"
 

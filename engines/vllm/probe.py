@@ -104,6 +104,9 @@ class Probe:
         # <= 0.22 has no FusedMoEFactory: the FusedMoE layer class builds the
         # layer and its runner, and the runner holds the quant method itself.
         self.layer_layout = not hasattr(self.m["layer"], "FusedMoEFactory")
+        from engines.vllm.recorders import bind_record_stream
+
+        bind_record_stream()
 
     # ---- one request ----
 
@@ -215,6 +218,11 @@ class Probe:
         if vc.model_config is None:
             # No checkpoint here: the one model setting the PF constructors read.
             object.__setattr__(vc, "model_config", _ModelView())
+        if self.layer_layout and quant_method(runner).is_monolithic:
+            # <= 0.22 on the CPU platform: the CPU backend stays monolithic and
+            # builds no modular kernel (the engine's own choice).
+            self._pf_name = None
+            return
         make = m["a2a"].maybe_make_prepare_finalize
         extra: dict[str, Any] = {}
         if "all2all_manager" in inspect.signature(make).parameters:
@@ -325,6 +333,12 @@ class Probe:
             return rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
 
         qm.apply = apply
+
+        def monolithic(layer: Any, x: torch.Tensor, router_logits: Any, input_ids: Any = None) -> torch.Tensor:
+            rec.event("routed_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
+            return rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
+
+        qm.apply_monolithic = monolithic
 
     def _wrap_trims_layer_layout(self, runner: Any, decisions: dict[str, Any]) -> None:
         """<= 0.22 trims inside forward: the early trim is seen as the routed

@@ -23,6 +23,7 @@ from typing import Any
 
 from engines.vllm import (
     NO_REDUCE_RESULTS_KNOB,
+    OLD_BACKEND_NAMES,
     PINNED_VERSION,
     ROOT,
     TWIN_VERSION,
@@ -217,12 +218,13 @@ def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | Non
     if s is None:
         tally.invalid += 1
         return
-    why = (not_expressible(s, TWIN_VERSION[engine_version], engine_version not in NO_REDUCE_RESULTS_KNOB)
+    why = (not_expressible(s, TWIN_VERSION[engine_version], engine_version not in NO_REDUCE_RESULTS_KNOB,
+                           engine_version not in OLD_BACKEND_NAMES)
            or not_evaluable_here(s))
     if why:
         tally.skipped[why] = tally.skipped.get(why, 0) + 1
         return
-    ans = client.ask(engine_config(s))
+    ans = client.ask(engine_config(s, engine_version not in OLD_BACKEND_NAMES))
     tally.standins.update(ans.get("standins", ()))
     if "error" in ans:
         tally.probe_errors.append({"example": a, "error": ans["error"]})
