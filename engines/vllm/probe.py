@@ -78,10 +78,10 @@ class KernelView:
 
     def __init__(self, pf: Any, holds_shared: bool = False) -> None:
         self.prepare_finalize = pf
-        # The unquantized method hands the layer's shared experts to the kernel
-        # it builds (0.21.0: unquantized_fused_moe_method.py, shared_experts=
-        # layer.shared_experts); the kernel "owns" them exactly then.
-        self.holds_shared = holds_shared
+        # 0.21.0: the unquantized method hands the layer's shared experts to
+        # the kernel it builds, which keeps them only when its prepare/finalize
+        # supports async (modular_kernel.py, FusedMoEKernelModularImpl.__init__).
+        self.holds_shared = holds_shared and bool(pf.supports_async())
 
     @property
     def owns_shared_experts(self) -> bool:  # the <= 0.21 question
