@@ -34,10 +34,12 @@ def engine_python(version: str = PINNED_VERSION) -> str:
     """The interpreter that can import the pinned vLLM: $MOE_TWIN_VLLM_PYTHON,
     the per-version venv under .engines/, or this interpreter (install with
     --into-venv)."""
+    venv = ROOT / ".engines" / f"vllm-{version}" / "bin" / "python"
+    if version != PINNED_VERSION and venv.exists():
+        return str(venv)  # an older release's own venv wins over the pinned one's override
     explicit = os.environ.get(ENV_PYTHON)
     if explicit:
         return explicit
-    venv = ROOT / ".engines" / f"vllm-{version}" / "bin" / "python"
     if venv.exists():
         return str(venv)
     if importlib.util.find_spec("vllm") is not None:
