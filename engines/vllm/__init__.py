@@ -14,8 +14,14 @@ import sys
 from pathlib import Path
 
 PINNED_VERSION = "0.33.0"
-# The twin's engine version whose rules the pinned release follows.
-TWIN_VERSION = {"0.33.0": "newest"}
+# The twin's engine version whose rules each supported release follows. The
+# older releases (0.21.0, 0.22.0: the FusedMoE layer class builds the layer)
+# are for the engine's own history (README: released versions and the seeds).
+TWIN_VERSION = {"0.33.0": "newest", "0.22.0": "previous", "0.21.0": "previous"}
+# Releases whose layer has no reduce_results knob (the runner always reduces).
+NO_REDUCE_RESULTS_KNOB = frozenset({"0.21.0", "0.22.0"})
+# Releases that still use the older backend names (MORI is `mori`).
+OLD_BACKEND_NAMES = frozenset({"0.21.0", "0.22.0"})
 ROOT = Path(__file__).resolve().parents[2]
 ENV_PYTHON = "MOE_TWIN_VLLM_PYTHON"
 
@@ -28,10 +34,12 @@ def engine_python(version: str = PINNED_VERSION) -> str:
     """The interpreter that can import the pinned vLLM: $MOE_TWIN_VLLM_PYTHON,
     the per-version venv under .engines/, or this interpreter (install with
     --into-venv)."""
+    venv = ROOT / ".engines" / f"vllm-{version}" / "bin" / "python"
+    if version != PINNED_VERSION and venv.exists():
+        return str(venv)  # an older release's own venv wins over the pinned one's override
     explicit = os.environ.get(ENV_PYTHON)
     if explicit:
         return explicit
-    venv = ROOT / ".engines" / f"vllm-{version}" / "bin" / "python"
     if venv.exists():
         return str(venv)
     if importlib.util.find_spec("vllm") is not None:
@@ -42,7 +50,11 @@ def engine_python(version: str = PINNED_VERSION) -> str:
     )
 
 
-def installed() -> bool:
+def installed(version: str = PINNED_VERSION) -> bool:
+    """Whether `version` has its own venv under .engines/ (or, for the pinned
+    release, any interpreter engine_python finds)."""
+    if version != PINNED_VERSION:
+        return (ROOT / ".engines" / f"vllm-{version}" / "bin" / "python").exists()
     try:
         engine_python()
     except EngineMissing:

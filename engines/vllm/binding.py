@@ -186,6 +186,8 @@ def bind_engine() -> dict[str, Any]:
         mods[short] = importlib.import_module(name)
     pf = "vllm.model_executor.layers.fused_moe.prepare_finalize."
     for module, names in PF_MODULES.items():
+        if importlib.util.find_spec(pf + module) is None:
+            continue  # a backend this release does not have (e.g. deepep_v2 before 0.33)
         m = importlib.import_module(pf + module)
         for n in names:
             if hasattr(m, n):

@@ -16,10 +16,24 @@ from scenarios.spec import Scenario
 BACKEND_NAMES = {"mori": "mori_high_throughput"}
 
 
-def not_expressible(s: Scenario, twin_version: str) -> str | None:
+# 0.21.0/0.22.0: the backends their ParallelConfig accepts (config/parallel.py,
+# All2AllBackend), under the twin's names; MORI high-throughput was `mori`.
+OLD_BACKENDS = {"naive": "naive", "pplx": "pplx", "deepep_high_throughput": "deepep_high_throughput",
+                "deepep_low_latency": "deepep_low_latency", "mori": "mori", "mori_high_throughput": "mori",
+                "nixl_ep": "nixl_ep", "allgather_reducescatter": "allgather_reducescatter",
+                "flashinfer_nvlink_two_sided": "flashinfer_nvlink_two_sided",
+                "flashinfer_nvlink_one_sided": "flashinfer_nvlink_one_sided"}
+
+
+def not_expressible(s: Scenario, twin_version: str, reduce_results_knob: bool = True,
+                    renamed_backends: bool = True) -> str | None:
     p, m = s.parallel, s.model
     if p.version != twin_version:
         return f"parallel.version {p.version!r} is not the pinned release's rules ({twin_version!r})"
+    if not renamed_backends and p.backend not in OLD_BACKENDS:
+        return f"parallel.backend {p.backend}: not a backend of this release"
+    if s.next_layer_fuses_reduce and not reduce_results_knob:
+        return "next_layer_fuses_reduce: this release's layer has no reduce_results knob"
     if p.ep_size is not None:
         return "parallel.ep_size: vLLM's EP spans every rank of the MoE group (no hybrid EP x TP)"
     if s.kernel_writes_unpadded:
@@ -31,11 +45,13 @@ def not_expressible(s: Scenario, twin_version: str) -> str | None:
     return None
 
 
-def engine_config(s: Scenario) -> dict[str, Any]:
+def engine_config(s: Scenario, renamed_backends: bool = True) -> dict[str, Any]:
+    """`renamed_backends`: the release uses the newer backend names (0.33;
+    0.21/0.22 still call MORI `mori`)."""
     m, p, rt = s.model, s.parallel, s.runtime
     return {
         "tp": p.tp, "dp": p.dp, "ep": p.ep, "eplb": p.eplb,
-        "backend": BACKEND_NAMES.get(p.backend, p.backend),
+        "backend": BACKEND_NAMES.get(p.backend, p.backend) if renamed_backends else OLD_BACKENDS[p.backend],
         "platform": rt.platform, "aux_stream": rt.aux_stream, "token_threshold": rt.token_threshold,
         "hidden": m.hidden, "latent_dim": m.latent_dim, "nonlinear": m.transform_nonlinear,
         "moe_hidden": m.moe_hidden, "shared": m.has_shared,

@@ -12,6 +12,7 @@ Run as: <engine python> -m engines.vllm.probe
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -75,8 +76,16 @@ class KernelView:
 
     is_monolithic = False
 
-    def __init__(self, pf: Any) -> None:
+    def __init__(self, pf: Any, holds_shared: bool = False) -> None:
         self.prepare_finalize = pf
+        # 0.21.0: the unquantized method hands the layer's shared experts to
+        # the kernel it builds, which keeps them only when its prepare/finalize
+        # supports async (modular_kernel.py, FusedMoEKernelModularImpl.__init__).
+        self.holds_shared = holds_shared and bool(pf.supports_async())
+
+    @property
+    def owns_shared_experts(self) -> bool:  # the <= 0.21 question
+        return self.holds_shared
 
     def output_is_reduced(self) -> bool:
         return bool(self.prepare_finalize.output_is_reduced())
@@ -92,6 +101,12 @@ class Probe:
 
         self.binding = binding
         self.m = binding.bind_engine()
+        # <= 0.22 has no FusedMoEFactory: the FusedMoE layer class builds the
+        # layer and its runner, and the runner holds the quant method itself.
+        self.layer_layout = not hasattr(self.m["layer"], "FusedMoEFactory")
+        from engines.vllm.recorders import bind_record_stream
+
+        bind_record_stream()
 
     # ---- one request ----
 
@@ -147,13 +162,18 @@ class Probe:
             kwargs["apply_routed_scale_to_output"] = True
         with m["config"].set_current_vllm_config(vc):
             self._bind_groups(cfg, rec)
-            runner = m["layer"].FusedMoEFactory(
+            common = dict(
                 num_experts=cfg["num_experts"], top_k=cfg["top_k"], hidden_size=routed,
                 intermediate_size=cfg["intermediate"], params_dtype=torch.bfloat16,
                 tp_size=cfg["tp"], dp_size=cfg["dp"], pcp_size=1,
-                is_sequence_parallel=pc.use_sequence_parallel_moe,
-                reduce_results=cfg["reduce_results"], enable_eplb=cfg["eplb"],
+                is_sequence_parallel=pc.use_sequence_parallel_moe, enable_eplb=cfg["eplb"],
                 prefix=f"model.layers.{next(_LAYER)}.mlp.experts", **kwargs)
+            if self.layer_layout:
+                # 0.20-0.22: the FusedMoE layer class builds the runner (no
+                # reduce_results knob: config_map skips scenarios that need one).
+                runner = m["layer"].FusedMoE(**common).runner
+            else:
+                runner = m["layer"].FusedMoEFactory(reduce_results=cfg["reduce_results"], **common)
             self._build_kernel(cfg, runner)
         return {"runner": runner, "vllm_config": vc, "parallel_config": pc}
 
@@ -198,10 +218,19 @@ class Probe:
         if vc.model_config is None:
             # No checkpoint here: the one model setting the PF constructors read.
             object.__setattr__(vc, "model_config", _ModelView())
-        pf = m["a2a"].maybe_make_prepare_finalize(
-            moe=moe, quant_config=quant, allow_new_interface=True,
-            all2all_manager=_Manager(cfg["tp"] * cfg["dp"], cfg["dp"]))
-        runner.routed_experts.quant_method.moe_kernel = KernelView(pf) if pf is not None else None
+        if self.layer_layout and quant_method(runner).is_monolithic:
+            # <= 0.22 on the CPU platform: the CPU backend stays monolithic and
+            # builds no modular kernel (the engine's own choice).
+            self._pf_name = None
+            return
+        make = m["a2a"].maybe_make_prepare_finalize
+        extra: dict[str, Any] = {}
+        if "all2all_manager" in inspect.signature(make).parameters:
+            extra["all2all_manager"] = _Manager(cfg["tp"] * cfg["dp"], cfg["dp"])
+        # (<= 0.22 reads the manager from the EP group's communicator, bound above.)
+        pf = make(moe=moe, quant_config=quant, allow_new_interface=True, **extra)
+        view = KernelView(pf, holds_shared=runner.shared_experts is not None) if pf is not None else None
+        quant_method(runner).moe_kernel = view
         self._pf_name = type(pf).__name__ if pf is not None else None
 
     def forward(self, cfg: dict[str, Any], rec: Any, built: dict[str, Any]) -> dict[str, Any]:
@@ -248,22 +277,26 @@ class Probe:
                 return o
 
             shared._determine_shared_experts_order = order
-        pad = runner._maybe_pad_hidden_states
+        if self.layer_layout:
+            self._wrap_trims_layer_layout(runner, decisions)
+        else:
+            pad = runner._maybe_pad_hidden_states
 
-        def padded(shared_in: Any, h: torch.Tensor) -> Any:
-            out, pre, post = pad(shared_in, h)
-            decisions.update(padded=out.shape[-1] != h.shape[-1], pre_trim=pre, post_trim=post)
-            return out, pre, post
+            def padded(shared_in: Any, h: torch.Tensor) -> Any:
+                out, pre, post = pad(shared_in, h)
+                decisions.update(padded=out.shape[-1] != h.shape[-1], pre_trim=pre, post_trim=post)
+                return out, pre, post
 
-        runner._maybe_pad_hidden_states = padded
+            runner._maybe_pad_hidden_states = padded
         final = runner._maybe_reduce_final_output
 
         def final_reduce(states: torch.Tensor, trunc_size: Any, *a: Any, **k: Any) -> torch.Tensor:
             decisions["post_trim_from"] = int(states.shape[-1])
+            if self.layer_layout:  # <= 0.22 slices to trunc_size here
+                decisions["post_trim"] = int(trunc_size)
             return final(states, trunc_size, *a, **k)
 
         runner._maybe_reduce_final_output = final_reduce
-        re = runner.routed_experts
 
         def select(hidden_states: torch.Tensor, router_logits: torch.Tensor, **k: Any) -> Any:
             n = hidden_states.shape[0]
@@ -283,7 +316,58 @@ class Probe:
             width = runner.moe_config.hidden_dim
             return rec.tag(x.new_zeros((x.shape[0], width)), "routed")
 
-        re.forward_modular = experts
+        if not self.layer_layout:
+            runner.routed_experts.forward_modular = experts
+            return
+        qm = quant_method(runner)
+
+        def apply(layer: Any, x: torch.Tensor, topk_weights: Any, topk_ids: Any,
+                  shared_experts_input: Any = None, shared_experts: Any = None) -> torch.Tensor:
+            # <= 0.22: the quant method's apply is the kernel call; 0.21 does
+            # not pass the shared experts (its kernel holds them, KernelView).
+            held = shared_experts if shared_experts is not None else (
+                runner.shared_experts if qm.moe_kernel is not None and qm.moe_kernel.owns_shared_experts else None)
+            rec.event("routed_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
+            if held is not None:
+                held.apply(shared_experts_input, order_mk)  # the engine's gate: runs only on that order
+            return rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
+
+        qm.apply = apply
+
+        def monolithic(layer: Any, x: torch.Tensor, router_logits: Any, input_ids: Any = None) -> torch.Tensor:
+            rec.event("routed_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
+            return rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
+
+        qm.apply_monolithic = monolithic
+
+    def _wrap_trims_layer_layout(self, runner: Any, decisions: dict[str, Any]) -> None:
+        """<= 0.22 trims inside forward: the early trim is seen as the routed
+        output's width when it reaches the routed scale step."""
+        import torch
+
+        pad = runner._maybe_pad_hidden_states
+
+        def padded(shared_in: Any, h: torch.Tensor) -> Any:
+            out, og = pad(shared_in, h)
+            decisions["padded"] = out.shape[-1] != h.shape[-1]
+            decisions["padded_width"] = int(out.shape[-1])
+            return out, og
+
+        runner._maybe_pad_hidden_states = padded
+        scale = runner._maybe_apply_routed_scale_to_output
+
+        def scaled(shared_output: Any, fused_output: torch.Tensor) -> Any:
+            width = int(fused_output.shape[-1])
+            decisions["pre_trim"] = width if width < decisions.get("padded_width", width) else None
+            return scale(shared_output, fused_output)
+
+        runner._maybe_apply_routed_scale_to_output = scaled
+
+
+def quant_method(runner: Any) -> Any:
+    """The quant method the runner asks (0.33: its routed experts' own)."""
+    routed = getattr(runner, "routed_experts", None)
+    return routed.quant_method if routed is not None else runner._quant_method
 
 
 def _effective(trim: Any, width: Any) -> Any:

@@ -29,6 +29,21 @@ class RecStream:
         self.rec.event("wait_stream", stream=self.name, on=getattr(other, "name", "?"))
 
 
+def bind_record_stream() -> None:
+    """`Tensor.record_stream(stream)` with a recorded stream (<= 0.22 calls it
+    on the shared experts' input before the aux-stream launch): recorded, as
+    the real call only tells the CUDA allocator about the stream."""
+    real = torch.Tensor.record_stream
+
+    def record_stream(self: torch.Tensor, stream: Any) -> None:
+        if isinstance(stream, RecStream):
+            stream.rec.event("record_stream", stream=stream.name)
+            return None
+        return real(self, stream)
+
+    torch.Tensor.record_stream = record_stream  # type: ignore[method-assign]
+
+
 class RecEvent:
     def __init__(self, rec: Recorders) -> None:
         self.rec = rec

@@ -21,7 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.vllm import PINNED_VERSION, ROOT, TWIN_VERSION, EngineMissing, engine_python
+from engines.vllm import (
+    NO_REDUCE_RESULTS_KNOB,
+    OLD_BACKEND_NAMES,
+    PINNED_VERSION,
+    ROOT,
+    TWIN_VERSION,
+    EngineMissing,
+    engine_python,
+)
 from engines.vllm.config_map import engine_config, not_evaluable_here, not_expressible
 from scenarios import space
 from scenarios.runners import FixedRunner, MoERunner
@@ -48,11 +56,11 @@ class ProbeError(RuntimeError):
 class ProbeClient:
     """The engine probe subprocess: one request line in, one answer line out."""
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, version: str = PINNED_VERSION) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu")
         # The engine's own output (logging, warnings) is kept for the error line only.
         self.log = tempfile.TemporaryFile(mode="w+")
-        exe = python or engine_python()
+        exe = python or engine_python(version)
         try:
             self.proc = subprocess.Popen(
                 [exe, "-m", "engines.vllm.probe"], cwd=str(ROOT), env=env,
@@ -63,6 +71,10 @@ class ProbeClient:
         self.hello = self._read(READY_TIMEOUT_S)
         if not self.hello.get("ready"):
             raise ProbeError(f"engine probe did not start: {self.hello}")
+        if self.hello.get("version") != version:
+            # e.g. $MOE_TWIN_VLLM_PYTHON names another release's interpreter
+            self.close()
+            raise EngineMissing(f"{exe} runs vllm {self.hello.get('version')}, not the requested {version}")
 
     def _read(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -155,11 +167,12 @@ class Tally:
 
 
 def scenarios_of(space_name: str, sample: int | None, seed: int,
-                 restrict: dict[str, tuple[Any, ...]] | None = None) -> Iterator[tuple[dict[str, Any], Scenario | None]]:
+                 restrict: dict[str, tuple[Any, ...]] | None = None,
+                 twin_version: str = TWIN_VERSION[PINNED_VERSION]) -> Iterator[tuple[dict[str, Any], Scenario | None]]:
     """(assignment, scenario or None if invalid), simplest first; a seeded
     sample of `sample` assignments keeps the enumeration order."""
     axes = space.space_axes(space_name)
-    axes = space.restrict(axes, version=(TWIN_VERSION[PINNED_VERSION],), **(restrict or {}))
+    axes = space.restrict(axes, version=(twin_version,), **(restrict or {}))
     e = space.Enumeration(axes, space.DEFAULT_MAX_WORLD[space_name])
     indices: Any = range(len(e))
     if sample is not None and sample < len(e):
@@ -177,34 +190,41 @@ def scenarios_of(space_name: str, sample: int | None, seed: int,
 def conform(space_name: str = "default", sample: int | None = None, seed: int = 0,
             restrict: dict[str, tuple[Any, ...]] | None = None,
             progress: Callable[[int], None] | None = None, client: ProbeClient | None = None,
-            runner_cls: type[MoERunner] = FixedRunner) -> dict[str, Any]:
+            runner_cls: type[MoERunner] = FixedRunner, engine_version: str = PINNED_VERSION) -> dict[str, Any]:
     """`runner_cls`: the twin side (the reference `fixed` runner; another
-    runner shows what the comparison catches)."""
+    runner shows what the comparison catches). `engine_version`: a release
+    of TWIN_VERSION, compared with that release's twin rules."""
+    if engine_version not in TWIN_VERSION:
+        raise EngineMissing(f"vllm {engine_version} is not a supported release "
+                            f"(supported: {', '.join(sorted(TWIN_VERSION))})")
     t0 = time.monotonic()
     own = client is None
-    client = client or ProbeClient()
+    client = client or ProbeClient(version=engine_version)
     tally = Tally()
     try:
-        for a, s in scenarios_of(space_name, sample, seed, restrict):
-            _one(client, tally, a, s, runner_cls)
+        for a, s in scenarios_of(space_name, sample, seed, restrict, TWIN_VERSION[engine_version]):
+            _one(client, tally, a, s, runner_cls, engine_version)
             if progress:
                 progress(tally.scenarios)
     finally:
         if own:
             client.close()
-    return _report(client.hello, tally, space_name, sample, seed, time.monotonic() - t0)
+    return _report(client.hello, tally, space_name, sample, seed, time.monotonic() - t0,
+                   TWIN_VERSION[engine_version])
 
 
 def _one(client: ProbeClient, tally: Tally, a: dict[str, Any], s: Scenario | None,
-         runner_cls: type[MoERunner]) -> None:
+         runner_cls: type[MoERunner], engine_version: str = PINNED_VERSION) -> None:
     if s is None:
         tally.invalid += 1
         return
-    why = not_expressible(s, TWIN_VERSION[PINNED_VERSION]) or not_evaluable_here(s)
+    why = (not_expressible(s, TWIN_VERSION[engine_version], engine_version not in NO_REDUCE_RESULTS_KNOB,
+                           engine_version not in OLD_BACKEND_NAMES)
+           or not_evaluable_here(s))
     if why:
         tally.skipped[why] = tally.skipped.get(why, 0) + 1
         return
-    ans = client.ask(engine_config(s))
+    ans = client.ask(engine_config(s, engine_version not in OLD_BACKEND_NAMES))
     tally.standins.update(ans.get("standins", ()))
     if "error" in ans:
         tally.probe_errors.append({"example": a, "error": ans["error"]})
@@ -234,13 +254,13 @@ def _example(a: dict[str, Any], s: Scenario) -> dict[str, Any]:
 
 
 def _report(hello: dict[str, Any], t: Tally, space_name: str, sample: int | None, seed: int,
-            elapsed: float) -> dict[str, Any]:
+            elapsed: float, twin_version: str = TWIN_VERSION[PINNED_VERSION]) -> dict[str, Any]:
     agreement = {"accept": t.agree["accept"] / t.scenarios if t.scenarios else None}
     for f in FIELDS:
         agreement[f] = t.agree[f] / t.both_run if t.both_run else None
     mismatches = sorted(t.classes.values(), key=lambda c: -c["count"])
     return {
-        "engine": "vllm", "version": hello.get("version"), "twin_version": TWIN_VERSION[PINNED_VERSION],
+        "engine": "vllm", "version": hello.get("version"), "twin_version": twin_version,
         "space": space_name, "sample": sample, "seed": seed,
         "scenarios": t.scenarios, "both_run": t.both_run, "agreement": agreement,
         "mismatches": mismatches, "invalid": t.invalid, "skipped": t.skipped,

@@ -16,6 +16,9 @@ def add_parsers(sub: Any) -> None:
     sp = sub.add_parser("conform", help="compare the reference runner's decisions with the installed "
                                         "engine's own MoE layer code (needs scripts/install-engine.sh)")
     sp.add_argument("--engine", default="vllm", choices=["vllm"], help="engine (default: vllm)")
+    sp.add_argument("--engine-version", default=None, metavar="X.Y.Z",
+                    help="the installed release to probe (default: the pinned one; older releases "
+                         "are compared with the twin's version='previous' rules)")
     sp.add_argument("--space", default="default", choices=["default", "wide"],
                     help="verify's scenario space (default: default)")
     sp.add_argument("--sample", type=int, default=None, metavar="N",
@@ -29,11 +32,12 @@ def cmd_conform(args: argparse.Namespace) -> int:
     if args.sample is not None and args.sample < 1:
         print("conform: --sample must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from engines.vllm import EngineMissing
+    from engines.vllm import PINNED_VERSION, EngineMissing
     from twin.check.conform import ProbeError, conform
 
     try:
-        report = conform(args.space, sample=args.sample, seed=args.seed, progress=_progress())
+        report = conform(args.space, sample=args.sample, seed=args.seed, progress=_progress(),
+                         engine_version=args.engine_version or PINNED_VERSION)
     except EngineMissing as exc:
         print(f"conform: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
