@@ -187,23 +187,24 @@ def moe_scenarios(
 
 def _engine_knobs(draw: Any, s: Scenario) -> Scenario:
     """The knobs only some runners' decisions read, drawn after everything
-    else (so drawing them shifts no earlier choice) and applied only where
-    they are valid and mean something; each shrinks to its default."""
+    else (so drawing them shifts no earlier choice), only where they are
+    valid and mean something; each shrinks to its default."""
     m, changes = s.model, {}
     # A row-parallel latent up-projection: a linear transform, no SP (every
     # latent here is a multiple of 8, so of every tp drawn).
-    if draw(st.booleans()) and m.has_transform and not m.transform_nonlinear and not s.sp:
+    if m.has_transform and not m.transform_nonlinear and not s.sp and draw(st.booleans()):
         changes["model.latent_up_parallel"] = "row"
-    # SGLang's fused shared-expert slot: needs a shared expert.
-    if draw(st.booleans()) and m.has_shared:
-        changes["runtime.shared_experts_fusion"] = True
-    # SGLang's DP gather padding mode: prefill takes the true counts, with DP ranks.
-    if draw(st.booleans()) and s.parallel.dp > 1:
+    if m.has_shared:
+        # SGLang's fused shared-expert slot; TensorRT-LLM caps the shared
+        # MLP's TP size by the weight block: one block of the whole shared
+        # intermediate makes it 1 (the scaled replicated shared MLP).
+        if draw(st.booleans()):
+            changes["runtime.shared_experts_fusion"] = True
+        if draw(st.booleans()):
+            changes["model.weight_block_size"] = m.shared_inter
+    # SGLang's DP gather padding mode: prefill takes the true counts.
+    if s.parallel.dp > 1 and draw(st.booleans()):
         changes["workload.phase"] = "prefill"
-    # TensorRT-LLM caps the shared MLP's TP size by the block: one block of the
-    # whole shared intermediate makes it 1 (the scaled replicated shared MLP).
-    if draw(st.booleans()) and m.has_shared:
-        changes["model.weight_block_size"] = m.shared_inter
     return s.with_(**changes) if changes else s
 
 
