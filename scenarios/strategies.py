@@ -198,10 +198,12 @@ def _engine_knobs(draw: Any, s: Scenario) -> Scenario:
         # SGLang's fused shared-expert slot; TensorRT-LLM caps the shared
         # MLP's TP size by the weight block: one block of the whole shared
         # intermediate makes it 1 (the scaled replicated shared MLP).
+        # SGLang fuses one shared expert only: the slot takes its place.
         if draw(st.booleans()):
-            changes["runtime.shared_experts_fusion"] = True
+            changes.update({"runtime.shared_experts_fusion": True, "model.num_shared_experts": 1})
         if draw(st.booleans()):
-            changes["model.weight_block_size"] = m.shared_inter
+            shared = changes.get("model.num_shared_experts", m.num_shared_experts)
+            changes["model.weight_block_size"] = m.moe_intermediate * shared
     # SGLang's DP gather padding mode: prefill takes the true counts.
     if s.parallel.dp > 1 and draw(st.booleans()):
         changes["workload.phase"] = "prefill"
