@@ -211,10 +211,12 @@ def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, .
 # the larger ones).
 _BACKEND_GROUPS = ("allgather_reducescatter", "deepep_high_throughput", "deepep_low_latency",
                    "flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided")
-SPACES["reduced"] = restrict(SPACES["default"], backend=_BACKEND_GROUPS)
+# Neither holds the weight block: no mutated runner (fixed, sglang) reads it.
+SPACES["reduced"] = restrict(SPACES["default"], backend=_BACKEND_GROUPS, weight_block=("none",))
 SPACES["ci"] = restrict(SPACES["default"], backend=("allgather_reducescatter", "deepep_low_latency",
                                                      "flashinfer_nvlink_two_sided"),
-                        latent=("none", "nonlinear"), padded=(True,), allreduce_fusion=(False,))
+                        latent=("none", "nonlinear"), padded=(True,), allreduce_fusion=(False,),
+                        weight_block=("none",))
 
 
 def space_axes(space: str | tuple[Axis, ...]) -> tuple[Axis, ...]:
