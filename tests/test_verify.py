@@ -289,7 +289,8 @@ class RefusesLatent(MoERunner):
 def test_classes_the_runner_refuses_are_counted_apart_not_proved():
     space = restrict(SPACES["default"], tp=(2,), dp=(1,), ep=(False,), backend=("allgather_reducescatter",),
                      version=("newest",), eplb=(False,), platform=("cuda",), aux_stream=(True,), shared=(1,),
-                     padded=(False,), allreduce_fusion=(False,))
+                     padded=(False,), allreduce_fusion=(False,), weight_block=("none",),
+                     latent=("none", "linear", "nonlinear"))
     everything = verify("fixed", space)
     res = verify(RefusesLatent, space)
     assert everything.classes == 3 and everything.unsupported == 0
@@ -306,8 +307,8 @@ def test_a2a_space_holds_every_engines_all_to_all_layouts():
     a2a = space_axes("a2a")
     assert [a.name for a in a2a][:-1] == [a.name for a in DEFAULT] and a2a[-1].name == "top_k"
     base = {"tp": 1, "dp": 2, "ep": True, "backend": "deepep_high_throughput", "version": "newest", "eplb": False,
-            "platform": "cuda", "aux_stream": False, "shared": 1, "latent": "none", "padded": False,
-            "allreduce_fusion": False}
+            "platform": "cuda", "aux_stream": False, "shared": 1, "weight_block": "none", "latent": "none",
+            "padded": False, "allreduce_fusion": False}
     fallback = assignment_scenario(a2a, {**base, "top_k": "above_moe_ep"}, "trtllm")
     assert fallback.model.top_k > fallback.moe_ep and classify(fallback, a2a)["top_k"] == "above_moe_ep"
     assert TRTLLMRunner.engine_rules.dispatch_backend(fallback) == "allgather_reducescatter"
