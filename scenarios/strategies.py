@@ -234,11 +234,15 @@ def hybrid_scenarios(
     world = base.world
     ep_size = draw(st.sampled_from([e for e in range(2, world) if world % e == 0]))
     experts = ep_size * draw(st.integers(1, 4))
-    return base.with_(**{
+    s = base.with_(**{
         "parallel.ep": True, "parallel.ep_size": ep_size, "parallel.backend": "allgather_reducescatter",
         "parallel.eplb": draw(st.booleans()), "model.num_experts": experts,
-        "model.top_k": min(base.model.top_k, experts),
+        "model.top_k": min(base.model.top_k, experts), "model.latent_up_parallel": "replicated",
     })
+    # The new layout may be SP, where a row-parallel up-projection is invalid.
+    if base.model.latent_up_parallel == "row" and not s.sp:
+        s = s.with_(**{"model.latent_up_parallel": "row"})
+    return s
 
 
 def __getattr__(name: str) -> Any:
