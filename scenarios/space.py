@@ -49,6 +49,10 @@ TOKENS = {"small": 3, "large": 5}  # both odd: an uneven SP split over tp = 2
 def _latent(v: str, a: dict[str, Any]) -> Changes:
     if v == "none":
         return {"model.latent_dim": None, "model.transform_nonlinear": False}
+    if v == "linear-row":
+        # The up-projection row-parallel over TP (LATENT divides by every tp
+        # here; SP refuses it, counted invalid).
+        return {"model.latent_dim": LATENT, "model.transform_nonlinear": False, "model.latent_up_parallel": "row"}
     if v == "nonlinear" and a.get("version") == "previous":
         # The previous engine version applies a non-linear transform to partial
         # sums (runner_semantics.md step 6): a known defect of that version,
@@ -56,6 +60,22 @@ def _latent(v: str, a: dict[str, Any]) -> Changes:
         raise ScenarioError("model.transform_nonlinear",
                             "the previous version's known defect (transform of partial sums): outside the space")
     return {"model.latent_dim": LATENT, "model.transform_nonlinear": v == "nonlinear"}
+
+
+def _shared_fusion(v: bool, a: dict[str, Any]) -> Changes:
+    if v and not a.get("shared"):
+        raise ScenarioError("runtime.shared_experts_fusion", "fusing the shared experts needs one")
+    return {"runtime.shared_experts_fusion": v}
+
+
+def _weight_block(v: str, a: dict[str, Any]) -> Changes:
+    # "whole": one quantization block of the whole shared intermediate (the
+    # base scenario's 8 x world), so TensorRT-LLM's shared MLP TP size is 1.
+    if v == "none":
+        return {"model.weight_block_size": None}
+    if not a.get("shared"):
+        raise ScenarioError("model.weight_block_size", "the block caps the shared MLP's TP size: needs one")
+    return {"model.weight_block_size": 8 * a["tp"] * a["dp"]}
 
 
 def _padded(v: bool, a: dict[str, Any]) -> Changes:
@@ -130,7 +150,8 @@ def _axes(wide: bool) -> tuple[Axis, ...]:
         Axis("platform", ("cpu", "cuda", "rocm"), _field("runtime.platform")),
         Axis("aux_stream", (False, True), _field("runtime.aux_stream")),
         Axis("shared", (0, 1), _shared),
-        Axis("latent", ("none", "linear", "nonlinear"), _latent),
+        Axis("weight_block", ("none", "whole"), _weight_block),
+        Axis("latent", ("none", "linear", "linear-row", "nonlinear"), _latent),
         Axis("padded", (False, True), _padded),
         Axis("allreduce_fusion", (False, True), _field("runtime.allreduce_fusion")),
     ]
@@ -148,6 +169,8 @@ def _axes(wide: bool) -> tuple[Axis, ...]:
             axes.insert(10, Axis("uneven_tokens", (False, True), _uneven))
         axes.append(Axis("routed_scaling_factor", (1.0, 2.5), _field("model.routed_scaling_factor")))
         axes.append(Axis("phase", PHASES, _field("workload.phase")))
+        axes.insert([a.name for a in axes].index("shared") + 1,
+                    Axis("shared_fusion", (False, True), _shared_fusion))
     assert {a.values[0] for a in axes if a.name == "platform"} <= set(PLATFORMS)
     return tuple(axes)
 
@@ -188,10 +211,12 @@ def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, .
 # the larger ones).
 _BACKEND_GROUPS = ("allgather_reducescatter", "deepep_high_throughput", "deepep_low_latency",
                    "flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided")
-SPACES["reduced"] = restrict(SPACES["default"], backend=_BACKEND_GROUPS)
+# Neither holds the weight block: no mutated runner (fixed, sglang) reads it.
+SPACES["reduced"] = restrict(SPACES["default"], backend=_BACKEND_GROUPS, weight_block=("none",))
 SPACES["ci"] = restrict(SPACES["default"], backend=("allgather_reducescatter", "deepep_low_latency",
                                                      "flashinfer_nvlink_two_sided"),
-                        latent=("none", "nonlinear"), padded=(True,), allreduce_fusion=(False,))
+                        latent=("none", "nonlinear"), padded=(True,), allreduce_fusion=(False,),
+                        weight_block=("none",))
 
 
 def space_axes(space: str | tuple[Axis, ...]) -> tuple[Axis, ...]:
@@ -230,6 +255,10 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
     inputs, whatever its sizes), or None if `s` is outside the space."""
     m, p, rt = s.model, s.parallel, s.runtime
     latent = "none" if m.latent_dim is None else ("nonlinear" if m.transform_nonlinear else "linear")
+    if latent == "linear" and m.latent_up_parallel == "row":
+        latent = "linear-row"
+    block = "none" if m.weight_block_size is None else (
+        "whole" if m.has_shared and m.weight_block_size == m.shared_inter else None)
     full = {
         "tp": p.tp, "dp": p.dp, "ep": p.ep, "backend": p.backend, "version": p.version, "eplb": p.eplb,
         "ep_size": "all" if p.ep_size is None else ("half" if 2 * p.ep_size == s.world else None),
@@ -238,7 +267,7 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
         "shared": int(m.has_shared), "latent": latent, "padded": m.padded,
         "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
         "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len(set(s.token_counts)) > 1,
-        "phase": s.workload.phase,
+        "phase": s.workload.phase, "shared_fusion": rt.shared_experts_fusion, "weight_block": block,
         "top_k": "2" if m.top_k == 2 else ("above_moe_ep" if m.top_k > s.moe_ep else None),
     }
     out = {}

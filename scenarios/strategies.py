@@ -182,7 +182,32 @@ def moe_scenarios(
     # Drawn last, applied only where it means something (a padded routed kernel).
     if draw(st.booleans()) and s.padded:
         s = s.with_(kernel_writes_unpadded=True)
-    return s
+    return _engine_knobs(draw, s)
+
+
+def _engine_knobs(draw: Any, s: Scenario) -> Scenario:
+    """The knobs only some runners' decisions read, drawn after everything
+    else (so drawing them shifts no earlier choice), only where they are
+    valid and mean something; each shrinks to its default."""
+    m, changes = s.model, {}
+    # A row-parallel latent up-projection: a linear transform, no SP (every
+    # latent here is a multiple of 8, so of every tp drawn).
+    if m.has_transform and not m.transform_nonlinear and not s.sp and draw(st.booleans()):
+        changes["model.latent_up_parallel"] = "row"
+    if m.has_shared:
+        # SGLang's fused shared-expert slot; TensorRT-LLM caps the shared
+        # MLP's TP size by the weight block: one block of the whole shared
+        # intermediate makes it 1 (the scaled replicated shared MLP).
+        # SGLang fuses one shared expert only: the slot takes its place.
+        if draw(st.booleans()):
+            changes.update({"runtime.shared_experts_fusion": True, "model.num_shared_experts": 1})
+        if draw(st.booleans()):
+            shared = changes.get("model.num_shared_experts", m.num_shared_experts)
+            changes["model.weight_block_size"] = m.moe_intermediate * shared
+    # SGLang's DP gather padding mode: prefill takes the true counts.
+    if s.parallel.dp > 1 and draw(st.booleans()):
+        changes["workload.phase"] = "prefill"
+    return s.with_(**changes) if changes else s
 
 
 @st.composite
@@ -209,11 +234,15 @@ def hybrid_scenarios(
     world = base.world
     ep_size = draw(st.sampled_from([e for e in range(2, world) if world % e == 0]))
     experts = ep_size * draw(st.integers(1, 4))
-    return base.with_(**{
+    s = base.with_(**{
         "parallel.ep": True, "parallel.ep_size": ep_size, "parallel.backend": "allgather_reducescatter",
         "parallel.eplb": draw(st.booleans()), "model.num_experts": experts,
-        "model.top_k": min(base.model.top_k, experts),
+        "model.top_k": min(base.model.top_k, experts), "model.latent_up_parallel": "replicated",
     })
+    # The new layout may be SP, where a row-parallel up-projection is invalid.
+    if base.model.latent_up_parallel == "row" and not s.sp:
+        s = s.with_(**{"model.latent_up_parallel": "row"})
+    return s
 
 
 def __getattr__(name: str) -> Any:
