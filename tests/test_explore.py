@@ -246,7 +246,8 @@ def test_terminal_progress_is_a_live_bar_on_stderr(tmp_path):
 
     stream = Tty()
     with explore_cli.ExploreProgress("explore before-40865", stream=stream) as progress:
-        explore("before-40865", budget=30, seed=0, out=tmp_path, progress=progress)
+        # 60 examples: seed 0 reaches the trigger (a dp > 1 scenario the SP gather skips) by then.
+        explore("before-40865", budget=60, seed=0, out=tmp_path, progress=progress)
     text = stream.getvalue()
     assert "\x1b[" in text and "new finding SHAPE_MISMATCH@custom_op_boundary" in text
 
@@ -294,7 +295,7 @@ def test_user_runner_from_a_file_gets_an_absolute_spec(tmp_path, monkeypatch):
     (tmp_path / "myrunner.py").write_text(
         "from scenarios.runners import Before40865\n\nclass Mine(Before40865):\n    pass\n")
     monkeypatch.chdir(tmp_path)
-    res = explore("myrunner.py:Mine", budget=40, seed=0, out=tmp_path / "out")
+    res = explore("myrunner.py:Mine", budget=60, seed=0, out=tmp_path / "out")
     assert res.runner == f"{(tmp_path / 'myrunner.py').as_posix()}:Mine"
     (f,) = res.findings
     monkeypatch.chdir("/")
@@ -313,7 +314,7 @@ def test_confirm_error_when_the_real_run_cannot_be_done():
 
 @pytest.mark.slow
 def test_confirm_attaches_the_real_verdict(tmp_path):
-    res = explore("before-40865", budget=40, seed=0, out=tmp_path, confirm=True, timeout_s=120)
+    res = explore("before-40865", budget=60, seed=0, out=tmp_path, confirm=True, timeout_s=120)
     (f,) = res.findings
     assert f.verdict == "CONFIRMED", (f.verdict, f.verdict_reason)
     data = json.loads((tmp_path / "findings.json").read_text())
