@@ -33,7 +33,6 @@ That path cannot be exercised on this project's CPU-only machines.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +52,7 @@ from scenarios.ops import (
     Ops,
     OpsShapeError,
     OpsUsageError,
+    fused_shared_misuse,
     row_parallel_misuse,
     trim_error,
     view_shape,
@@ -538,13 +538,12 @@ class RealOps(CommOps, Ops):
         Stand-in: the shared MLP's moe_tp shard runs beside the kernel call
         and is added with the slot's weight (the same arithmetic as one more
         expert inside the kernel, which the CPU kernels here do not take)."""
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-            raise OpsUsageError(f"{name}: argument fused_shared must be a finite weight >= 0, got {weight!r}")
+        s = self.scenario
+        misuse = fused_shared_misuse(s, weight)
+        if misuse is not None:
+            raise OpsUsageError(f"{name}: {misuse}")
         if not weight:
             return None
-        s = self.scenario
-        if not s.model.has_shared or s.model.has_transform:
-            raise OpsUsageError(f"{name}: fused_shared needs shared experts and no latent transform")
         w13, w2 = self._shared_weights(s.moe_tp > 1, "moe_tp")
         hidden = s.model.hidden
         self.stand_ins.add(FUSED_SLOT)

@@ -13,6 +13,7 @@ twin's premise is that the bugs live in decisions, not in numbers.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -258,6 +259,17 @@ def row_parallel_misuse(scenario: Scenario, row_parallel: Any, members: int) -> 
     lat = m.latent_dim or m.hidden
     if lat % members:
         return f"latent width {lat} is not divisible by the tp group's {members} ranks"
+    return None
+
+
+def fused_shared_misuse(scenario: Scenario, weight: Any) -> str | None:
+    """What is wrong with an `experts(fused_shared=weight)` call (None: nothing),
+    in the one wording both interpreters give."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+        return f"argument fused_shared must be a finite weight >= 0, got {weight!r}"
+    m = scenario.model
+    if weight and (not m.has_shared or m.has_transform):
+        return "fused_shared needs shared experts and no latent transform"
     return None
 
 

@@ -15,7 +15,14 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from scenarios import contain, layout
-from scenarios.ops import VIEW_ROWS_UNMODELED, Ops, row_parallel_misuse, trim_error, view_shape
+from scenarios.ops import (
+    VIEW_ROWS_UNMODELED,
+    Ops,
+    fused_shared_misuse,
+    row_parallel_misuse,
+    trim_error,
+    view_shape,
+)
 from scenarios.trace import (
     COMPUTE,
     DECISION,
@@ -462,13 +469,12 @@ class SimOps(SimComm, Ops):
 
     def _fused_shared_shard(self, name: str, weight: Any) -> str | None:
         """The shard label of a fused shared-expert slot, None when not fused."""
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-            raise self._misuse(name, f"argument fused_shared must be a finite weight >= 0, got {weight!r}")
+        misuse = fused_shared_misuse(self.scenario, weight)
+        if misuse is not None:
+            raise self._misuse(name, misuse)
         if not weight:
             return None
         s, m = self.scenario, self.scenario.model
-        if not m.has_shared or m.has_transform:
-            raise self._misuse(name, "fused_shared needs shared experts and no latent transform")
         if s.moe_tp == 1:
             shards: tuple[str, ...] = ("full",)
         else:

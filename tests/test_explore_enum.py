@@ -11,17 +11,11 @@ from hypothesis import strategies as st
 import cli as moe_cli
 from scenarios.runners import BEFORE_RUNNERS
 from scenarios.space import SPACES, classify, restrict, space_axes
+from twin.check.replay import CASES
 from twin.search.explore import explore
 from twin.search.verify import verify
 
-EXPECTED = {
-    "before-40673": "DOUBLE_REDUCTION",
-    "stale-cache-40673": "DOUBLE_REDUCTION",
-    "before-41382": "DOUBLE_REDUCTION",
-    "before-38990": "LOST_OVERLAP",
-    "before-40865": "SHAPE_MISMATCH",
-    "before-39222": "UNSAFE_OVERLAP",
-}
+EXPECTED = {c.runner: c.expected for c in CASES}  # each historical runner's hazard kind
 # The default space with fewer backends and platforms and one engine version:
 # ~2 s per runner, and each historical regression still has a class in it.
 SMALL = restrict(space_axes("default"), backend=("allgather_reducescatter", "deepep_low_latency",
