@@ -319,3 +319,26 @@ def test_a2a_space_holds_every_engines_all_to_all_layouts():
     for runner in ("sglang", "trtllm"):
         res = verify(runner, layouts, max_world=4, polish_findings=False)
         assert res.proved_clean and res.classes > 0, (runner, [f.signature for f in res.findings])
+
+
+class LoopsInUnsupported(MoERunner):
+    """Runner code that never returns from its scope check."""
+
+    def unsupported(self) -> str | None:
+        while True:
+            pass
+
+
+def test_a_looping_unsupported_check_stops_at_the_wall_clock_budget():
+    from scenarios import contain
+
+    space = restrict(SPACES["default"], tp=(2,), dp=(1,), ep=(False,), backend=("allgather_reducescatter",),
+                     version=("newest",), eplb=(False,), platform=("cuda",), aux_stream=(True,), shared=(1,),
+                     latent=("none",), padded=(False,), allreduce_fusion=(False,))
+    old = contain.limits()
+    contain.set_limits(contain.Limits(max_ops=old.max_ops, sim_timeout_s=0.3))
+    try:
+        res = verify(LoopsInUnsupported, space)
+    finally:
+        contain.set_limits(old)
+    assert res.unsupported == 0 and res.classes >= 1  # left to the simulation, which reports it

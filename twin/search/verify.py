@@ -365,11 +365,19 @@ class _Walk:
             yield i, s
 
     def _refused(self, s: Scenario) -> bool:
-        """The runner declares the scenario out of its scope. Its own code
-        failing here is left to the contained simulation to report."""
+        """The runner declares the scenario out of its scope. Its `unsupported()`
+        is runner code: it runs under the wall-clock budget, and its failing
+        (raising, exiting, looping past the budget) is left to the contained
+        simulation to report."""
         try:
-            return unsupported_reason(self.runner_cls, s) is not None
-        except Exception:
+            with contain.RunnerGuard(unsupported_reason.__code__, contain.limits().sim_timeout_s,
+                                     "the runner's unsupported()"):
+                return unsupported_reason(self.runner_cls, s) is not None
+        except (Exception, SystemExit):
+            return False
+        except KeyboardInterrupt:
+            if contain.user_interrupted():
+                raise
             return False
 
     def _tick(self, n: int = 1) -> None:
