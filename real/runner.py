@@ -133,6 +133,7 @@ def run_real(
         }
     from real.worker import execute_rank
 
+    cls.prepare_program(scenario)  # before any rank starts (e.g. the engine traces they read)
     pool = pool or get_pool(scenario.world, timeout_s)
     start_ranks(pool, scenario, kernel)
     results: dict[int, dict[str, Any]] = {}

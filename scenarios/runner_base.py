@@ -166,6 +166,14 @@ class MoERunner:
 
     # ---- lifecycle ----
 
+    @classmethod
+    def prepare_program(cls, scenario: Scenario) -> None:
+        """Before the program runs (the simulator's ranks, or rank processes
+        of a real run): work done once, in the launching process and outside
+        the runner's wall-clock budget (e.g. an engine trace the ranks read
+        but cannot produce). Nothing by default."""
+        return None
+
     def engine_refusal(self) -> str | None:
         """Why the engine would refuse this configuration at start-up (None: accepted)."""
         return engine_refusal(self.scenario)

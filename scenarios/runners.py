@@ -4,7 +4,9 @@
 the methods of `MoERunner`, scenarios/runner_base.py). Each historical
 regression (docs/regressions.md) is a subclass overriding one decision point.
 `sglang` is SGLang's MoE block (scenarios/sglang.py), `trtllm` TensorRT-LLM's
-(scenarios/trtllm.py). A user's own runner is
+(scenarios/trtllm.py). `vllm` / `vllm@<version>` is the installed vLLM's own
+forward (engines/vllm/runner.py, imported by name only when asked for: the
+engine extra sits above this layer). A user's own runner is
 any `MoERunner` subclass, loaded as `module:Class`.
 """
 
@@ -179,9 +181,11 @@ def load_runner(spec: str | type[MoERunner]) -> type[MoERunner]:
         raise RunnerLoadError(f"{spec.__name__} is not a runner (it does not subclass MoERunner)")
     if spec in RUNNERS:
         return RUNNERS[spec]
+    if spec == ENGINE_RUNNER or spec.startswith(ENGINE_RUNNER + "@"):
+        return _engine_runner(spec)
     if ":" not in spec:
         raise RunnerLoadError(
-            f"unknown runner {spec!r} (presets: {', '.join(RUNNERS)}; or module:Class)"
+            f"unknown runner {spec!r} (presets: {', '.join(RUNNERS)}, {ENGINE_RUNNER}[@version]; or module:Class)"
         )
     module_name, _, attr = spec.rpartition(":")
     try:
@@ -211,6 +215,23 @@ def load_runner(spec: str | type[MoERunner]) -> type[MoERunner]:
     return cls
 
 
+# The installed engine's own runner: `vllm` (pinned release) or `vllm@<version>`.
+ENGINE_RUNNER = "vllm"
+ENGINE_RUNNER_MODULE = "engines.vllm.runner"
+
+
+def _engine_runner(spec: str) -> type[MoERunner]:
+    """The engine's runner class for `spec`; a missing engine is one line
+    saying how to install it."""
+    version = spec.partition("@")[2]
+    try:
+        module = importlib.import_module(ENGINE_RUNNER_MODULE)
+        from_version = module.runner_class
+        return from_version(version) if version else from_version()
+    except RuntimeError as exc:  # engines.vllm.EngineMissing
+        raise RunnerLoadError(f"runner {spec!r}: {exc}") from None
+
+
 def _import_user_module(spec: str, module_name: str) -> Any:
     if module_name.endswith(".py"):
         path = Path(module_name)
@@ -235,6 +256,9 @@ def unsupported_reason(cls: type[MoERunner], scenario: Scenario) -> str | None:
 def runner_label(cls: type[MoERunner]) -> str:
     if RUNNERS.get(getattr(cls, "name", "")) is cls:
         return cls.name
+    spec = getattr(cls, "load_spec", None)  # a runner load_runner knows by name (vllm@0.21.0)
+    if isinstance(spec, str) and cls.__dict__.get("load_spec") == spec:
+        return spec
     return f"{cls.__module__}:{cls.__qualname__}"
 
 

@@ -92,6 +92,7 @@ def simulate(
     prof = profile if isinstance(profile, Profile) else load_profile(profile or scenario.cost_profile)
     prof = for_world(prof, scenario.world)  # ranks sharing CPU cores (a no-op for GPU profiles)
     label = runner_label(cls)
+    cls.prepare_program(scenario)  # outside the runner's budget (e.g. tracing an engine's forward)
     with _no_cyclic_gc():
         sim, trace = _run(scenario, cls, prof, label)
         try:

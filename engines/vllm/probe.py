@@ -8,6 +8,14 @@ engines/vllm/config_map.py), one JSON answer per line on the protocol fd
 (the original stdout; anything the engine prints goes to stderr). The first
 line written is `{"ready": true, "version": ..., "stubbed": [...]}`.
 Run as: <engine python> -m engines.vllm.probe
+
+Trace mode: a request with `"trace": {"tp_rank": t, "dp_rank": d}` runs the
+forward as that rank (its DP rank's tokens, the SP slice the model would hand
+it, its rank in each recorded group) and answers, besides the decisions,
+`"trace": {"steps": [...], "input", "logits", "output"}`: every step of the
+engine's code with tensor identity (engines/vllm/trace_mode.py says how the
+steps are bound: recorders at the entry points, a live TorchFunctionMode for
+the engine's own tensor ops).
 """
 
 from __future__ import annotations
@@ -114,6 +122,10 @@ class Probe:
         from engines.vllm.recorders import Recorders
 
         rec = Recorders()
+        if cfg.get("trace") is not None:
+            from engines.vllm.trace_mode import Tracer
+
+            rec.tracer = Tracer(os.path.dirname(self.m["vllm"].__file__))
         try:
             built = self.build(cfg, rec)
             out = self.forward(cfg, rec, built)
@@ -182,19 +194,22 @@ class Probe:
 
         counts = cfg["token_counts"]
         tp, dp = cfg["tp"], cfg["dp"]
+        t, d = _rank(cfg)
         # The naive dispatch gathers over the EP group (all tp x dp ranks).
         ep = RecGroup(rec, "ep", tp * dp, [c for c in counts for _ in range(tp)])
         ep.device_communicator = _Communicator(_manager_for(cfg["backend"], tp * dp, dp))
         groups = {
-            "get_tp_group": RecGroup(rec, "tp", tp, [counts[0]] * tp),
+            "get_tp_group": RecGroup(rec, "tp", tp, [counts[d]] * tp),
             "get_dp_group": RecGroup(rec, "dp", dp, list(counts)),
             "get_ep_group": ep,
             "get_pcp_group": RecGroup(rec, "pcp", 1, [counts[0]]),
             "get_dcp_group": RecGroup(rec, "dcp", 1, [counts[0]]),
         }
+        for g, r in ((groups["get_tp_group"], t), (groups["get_dp_group"], d), (ep, d * tp + t)):
+            g.rank_in_group = g.rank = r
         binds: dict[str, Any] = {name: (lambda g=g: g) for name, g in groups.items()}
         binds["get_tensor_model_parallel_world_size"] = lambda: tp
-        binds["get_tensor_model_parallel_rank"] = lambda: 0
+        binds["get_tensor_model_parallel_rank"] = lambda: t
         binds["tensor_model_parallel_all_reduce"] = rec.tp_all_reduce
         binds["tensor_model_parallel_all_gather"] = rec.tp_all_gather
         # Imported by name into each using module: bound in every vllm module.
@@ -240,7 +255,7 @@ class Probe:
         runner, pc = built["runner"], built["parallel_config"]
         moe = runner.moe_config
         sp = bool(moe.is_sequence_parallel)
-        tokens = cfg["token_counts"][0]
+        tokens = cfg["token_counts"][_rank(cfg)[1]]
         rows = -(-tokens // cfg["tp"]) if sp else tokens  # the model's SP slice
         decisions: dict[str, Any] = {"sp": sp, "sp_config": bool(pc.use_sequence_parallel_moe),
                                      "prepare_finalize": self._pf_name,
@@ -254,7 +269,10 @@ class Probe:
         with m["config"].set_current_vllm_config(built["vllm_config"]), \
                 m["fctx"].set_forward_context(None, built["vllm_config"], num_tokens=tokens,
                                               num_tokens_across_dp=across):
-            out = runner.forward(x, logits)
+            if rec.tracer is None:
+                out = runner.forward(x, logits)
+            else:
+                out = self._traced_forward(rec.tracer, runner, x, logits, decisions)
         decisions["fused_output_is_reduced"] = bool(runner._fused_output_is_reduced)
         # A trim is a decision only where it changes the width (a slice to the
         # full width is the identity).
@@ -263,6 +281,16 @@ class Probe:
         decisions["output_shape"] = list(out.shape)
         decisions.setdefault("shared_experts_order", "NONE")
         return decisions
+
+    @staticmethod
+    def _traced_forward(tracer: Any, runner: Any, x: Any, logits: Any, decisions: dict[str, Any]) -> Any:
+        from engines.vllm.trace_mode import EngineOps
+
+        ids = {"input": tracer.new(x, "x"), "logits": tracer.new(logits, "logits")}
+        with EngineOps(tracer):
+            out = runner.forward(x, logits)
+        decisions["trace"] = {"steps": tracer.steps, **ids, "output": tracer.tid(out)}
+        return out
 
     def _wrap(self, runner: Any, rec: Any, decisions: dict[str, Any]) -> None:
         import torch
@@ -301,7 +329,9 @@ class Probe:
         def select(hidden_states: torch.Tensor, router_logits: torch.Tensor, **k: Any) -> Any:
             n = hidden_states.shape[0]
             rec.event("router", rows=int(n))
-            return torch.ones((n, 1)), torch.zeros((n, 1), dtype=torch.int64)
+            out = torch.ones((n, 1)), torch.zeros((n, 1), dtype=torch.int64)
+            rec.trace("router", [router_logits], list(out))
+            return out
 
         runner.router.select_experts = select
         order_mk = self.m["shared"].SharedExpertsOrder.MK_INTERNAL_OVERLAPPED
@@ -311,10 +341,13 @@ class Probe:
             # The modular kernel's call: shared experts inside (its finalize) when
             # the order says so; the expert GEMMs themselves are a recorder.
             rec.event("routed_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
+            start = len(rec.tracer.steps) if rec.tracer is not None else 0
             if shared_experts is not None:
                 shared_experts(shared_experts_input, order_mk)
             width = runner.moe_config.hidden_dim
-            return rec.tag(x.new_zeros((x.shape[0], width)), "routed")
+            out = rec.tag(x.new_zeros((x.shape[0], width)), "routed")
+            self._trace_kernel(rec, start, [x, topk_weights, topk_ids], out)
+            return out
 
         if not self.layer_layout:
             runner.routed_experts.forward_modular = experts
@@ -328,17 +361,31 @@ class Probe:
             held = shared_experts if shared_experts is not None else (
                 runner.shared_experts if qm.moe_kernel is not None and qm.moe_kernel.owns_shared_experts else None)
             rec.event("routed_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
+            start = len(rec.tracer.steps) if rec.tracer is not None else 0
             if held is not None:
                 held.apply(shared_experts_input, order_mk)  # the engine's gate: runs only on that order
-            return rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
+            out = rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
+            self._trace_kernel(rec, start, [x, topk_weights, topk_ids], out)
+            return out
 
         qm.apply = apply
 
         def monolithic(layer: Any, x: torch.Tensor, router_logits: Any, input_ids: Any = None) -> torch.Tensor:
             rec.event("routed_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
-            return rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
+            out = rec.tag(x.new_zeros((x.shape[0], runner.moe_config.hidden_dim)), "routed")
+            rec.trace("monolithic_experts", [x, router_logits], [out])
+            return out
 
         qm.apply_monolithic = monolithic
+
+    def _trace_kernel(self, rec: Any, start: int, ins: list[Any], out: Any) -> None:
+        """The kernel call as one step; the steps the shared experts issued
+        inside it (its finalize) are nested under it, in their order."""
+        if rec.tracer is None:
+            return
+        inside = rec.tracer.steps[start:]
+        del rec.tracer.steps[start:]
+        rec.trace("modular_kernel", ins, [out], prepare_finalize=self._pf_name, inside=inside)
 
     def _wrap_trims_layer_layout(self, runner: Any, decisions: dict[str, Any]) -> None:
         """<= 0.22 trims inside forward: the early trim is seen as the routed
@@ -362,6 +409,12 @@ class Probe:
             return scale(shared_output, fused_output)
 
         runner._maybe_apply_routed_scale_to_output = scaled
+
+
+def _rank(cfg: dict[str, Any]) -> tuple[int, int]:
+    """(tp rank, dp rank) the forward runs as: the trace request's, else (0, 0)."""
+    tr = cfg.get("trace") or {}
+    return int(tr.get("tp_rank", 0)), int(tr.get("dp_rank", 0))
 
 
 def quant_method(runner: Any) -> Any:

@@ -3,7 +3,8 @@
 code asked for into `Recorders.events` (plain dicts) and returns a tensor of
 the shape the real piece would return, so the engine's own control flow goes
 on as it would on GPUs. Structured so a later full-trace binding can turn the
-events into Ops steps.
+events into Ops steps: in trace mode (`Recorders.tracer`, engines/vllm/trace_mode.py)
+each recorder also reports its input and output tensors as one step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class RecStream:
 
     def wait_stream(self, other: Any) -> None:
         self.rec.event("wait_stream", stream=self.name, on=getattr(other, "name", "?"))
+        self.rec.trace("wait_stream", [], [], stream=self.name, on=getattr(other, "name", "?"))
 
 
 def bind_record_stream() -> None:
@@ -47,12 +49,17 @@ def bind_record_stream() -> None:
 class RecEvent:
     def __init__(self, rec: Recorders) -> None:
         self.rec = rec
+        self.number = rec.new_event_number()  # which event a wait joins on
 
     def record(self, stream: Any = None) -> None:
-        self.rec.event("record_event", stream=getattr(stream, "name", self.rec.current))
+        on = getattr(stream, "name", self.rec.current)
+        self.rec.event("record_event", stream=on)
+        self.rec.trace("record_event", [], [], stream=on, event=self.number)
 
     def wait(self, stream: Any = None) -> None:
-        self.rec.event("wait_event", stream=getattr(stream, "name", self.rec.current))
+        on = getattr(stream, "name", self.rec.current)
+        self.rec.event("wait_event", stream=on)
+        self.rec.trace("wait_event", [], [], stream=on, event=self.number)
 
 
 class _StreamCtx:
@@ -107,22 +114,30 @@ class RecGroup:
         total = sum(self.rows)
         self.rec.event("dispatch", group=self.name, rows=total, sp=bool(is_sequence_parallel))
         self._local = hidden.shape[0]
-        return hidden.new_zeros((total, hidden.shape[-1])), logits.new_zeros((total, logits.shape[-1]))
+        out = hidden.new_zeros((total, hidden.shape[-1])), logits.new_zeros((total, logits.shape[-1]))
+        self.rec.trace("dispatch", [hidden, logits], list(out), group=self.name, sp=bool(is_sequence_parallel))
+        return out
 
     def combine(self, hidden: torch.Tensor, is_sequence_parallel: bool = False, *a: Any) -> torch.Tensor:
         self.rec.event("combine", group=self.name, sp=bool(is_sequence_parallel))
-        return hidden[: self._local].clone()
+        out = hidden[: self._local].clone()
+        self.rec.trace("combine", [hidden], [out], group=self.name, sp=bool(is_sequence_parallel))
+        return out
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.rec.all_reduce_on(self.name, x, _site())
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         self.rec.event("all_gather", group=self.name, site=_site())
-        return torch.cat([x] * self.world_size, dim=dim)
+        out = torch.cat([x] * self.world_size, dim=dim)
+        self.rec.trace("all_gather", [x], [out], group=self.name, dim=dim)
+        return out
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         self.rec.event("reduce_scatter", group=self.name, site=_site())
-        return x.chunk(self.world_size, dim=dim)[0].clone()
+        out = x.chunk(self.world_size, dim=dim)[0].clone()
+        self.rec.trace("reduce_scatter", [x], [out], group=self.name, dim=dim)
+        return out
 
 
 class Recorders:
@@ -132,9 +147,21 @@ class Recorders:
         self.events: list[dict[str, Any]] = []
         self.current = "main"
         self.tags: dict[int, str] = {}  # id(tensor) -> which output it is
+        self.tracer: Any = None  # trace mode: a trace_mode.Tracer
+        self._events = 0
 
     def event(self, op: str, **fields: Any) -> None:
         self.events.append({"op": op, "stream": self.current, **fields})
+
+    def trace(self, op: str, ins: list[Any], outs: list[Any], **attrs: Any) -> None:
+        """Trace mode: the same call as a step with tensor identity."""
+        if self.tracer is not None:
+            self.tracer.stream = self.current
+            self.tracer.step(op, ins, outs, **attrs)
+
+    def new_event_number(self) -> int:
+        self._events += 1
+        return self._events
 
     def tag(self, x: torch.Tensor, what: str) -> torch.Tensor:
         self.tags[id(x)] = what
@@ -143,14 +170,20 @@ class Recorders:
     def all_reduce_on(self, group: str, x: torch.Tensor, site: str) -> torch.Tensor:
         self.event("all_reduce", group=group, site=site, tensor=self.tags.get(id(x), "?"),
                    width=int(x.shape[-1]))
-        return x.clone()
+        out = x.clone()
+        self.trace("all_reduce", [x], [out], group=group)
+        return out
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_on("tp", x, _site())
 
     def tp_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         self.event("all_gather", group="tp", site=_site())
-        return x
+        if self.tracer is None:
+            return x
+        out = x.clone()  # a distinct tensor, so the step's output has its own id
+        self.trace("all_gather", [x], [out], group="tp", dim=dim)
+        return out
 
 
 class SharedMLP(torch.nn.Module):
@@ -162,7 +195,9 @@ class SharedMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.rec.event("shared_experts", rows=int(x.shape[0]), width=int(x.shape[-1]))
-        return self.rec.tag(x.new_zeros((x.shape[0], self.hidden)), "shared")
+        out = self.rec.tag(x.new_zeros((x.shape[0], self.hidden)), "shared")
+        self.rec.trace("shared_experts", [x], [out])
+        return out
 
 
 class Transform(torch.nn.Module):
@@ -177,4 +212,6 @@ class Transform(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.rec.event(self.name, width=int(self.out))
-        return x.new_zeros((x.shape[0], self.out))
+        out = x.new_zeros((x.shape[0], self.out))
+        self.rec.trace(self.name, [x], [out], linear=bool(getattr(self, "reduce_commutative", False)))
+        return out

@@ -10,12 +10,7 @@ disagreement is a mismatch class with its first (simplest) scenario.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import select
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,15 +20,16 @@ from engines.vllm import (
     NO_REDUCE_RESULTS_KNOB,
     OLD_BACKEND_NAMES,
     PINNED_VERSION,
-    ROOT,
     TWIN_VERSION,
     EngineMissing,
-    engine_python,
 )
+from engines.vllm.client import READY_TIMEOUT_S, REQUEST_TIMEOUT_S, ProbeClient, ProbeError
 from engines.vllm.config_map import engine_config, not_evaluable_here, not_expressible
 from scenarios import space
 from scenarios.runners import FixedRunner, MoERunner
 from scenarios.spec import Scenario, ScenarioError
+
+__all__ = ["READY_TIMEOUT_S", "REQUEST_TIMEOUT_S", "ProbeClient", "ProbeError", "conform"]
 
 FIELDS = ("sp", "fused_output_is_reduced", "shared_experts_order", "shared_stream", "reductions",
           "pre_trim", "post_trim", "kernel_width")
@@ -45,73 +41,6 @@ ENGINE_SITES = {
 }
 # Model-side collectives around the layer (not the runner's reductions).
 MODEL_SIDE = frozenset({"sp_all_gather", "next_layer_fused_all_reduce"})
-READY_TIMEOUT_S = 180.0
-REQUEST_TIMEOUT_S = 60.0
-
-
-class ProbeError(RuntimeError):
-    """The probe process failed (not an engine answer)."""
-
-
-class ProbeClient:
-    """The engine probe subprocess: one request line in, one answer line out."""
-
-    def __init__(self, python: str | None = None, version: str = PINNED_VERSION) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu")
-        # The engine's own output (logging, warnings) is kept for the error line only.
-        self.log = tempfile.TemporaryFile(mode="w+")
-        exe = python or engine_python(version)
-        try:
-            self.proc = subprocess.Popen(
-                [exe, "-m", "engines.vllm.probe"], cwd=str(ROOT), env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
-        except OSError as exc:
-            self.log.close()
-            raise EngineMissing(f"cannot start the engine interpreter {exe}: {exc.strerror or exc}") from None
-        self.hello = self._read(READY_TIMEOUT_S)
-        if not self.hello.get("ready"):
-            raise ProbeError(f"engine probe did not start: {self.hello}")
-        if self.hello.get("version") != version:
-            # e.g. $MOE_TWIN_VLLM_PYTHON names another release's interpreter
-            self.close()
-            raise EngineMissing(f"{exe} runs vllm {self.hello.get('version')}, not the requested {version}")
-
-    def _read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.close()
-            raise ProbeError(f"engine probe gave no answer within {timeout:.0f} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            raise ProbeError(f"engine probe exited (code {self.proc.returncode}): {self._last_log_line()}")
-        return json.loads(line)
-
-    def _last_log_line(self) -> str:
-        self.log.seek(0)
-        lines = [ln.strip() for ln in self.log.read().splitlines() if ln.strip()]
-        return lines[-1] if lines else "no output"
-
-    def ask(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cfg) + "\n")
-        self.proc.stdin.flush()
-        return self._read(REQUEST_TIMEOUT_S)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-    def __enter__(self) -> ProbeClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def engine_decisions(ans: dict[str, Any]) -> dict[str, Any]:
     """The probe's answer as the compared fields."""
     reductions = [f"{ENGINE_SITES.get(e['site'], e['site'])}@{e['group']}"

@@ -1,0 +1,300 @@
+"""`--runner vllm`: vLLM's own MoE forward as the runner under test.
+
+`VllmRunner.forward` replays the trace of the installed engine's forward for
+this rank (engines/vllm/traces.py: the probe runs vLLM's MoERunner once per
+distinct rank program) as Ops calls, each named by the engine function that
+issued it (`MoERunner._maybe_reduce_final_output`), so a hazard points at the
+engine's code. Selected as `vllm` (the pinned release) or `vllm@<version>`.
+
+Stand-ins: the engine's prepare/finalize internals are not run (the probe has
+no GPU library); a kernel call whose prepare/finalize communicates is the
+twin's own dispatch/experts/combine model of the scenario's backend. The
+expert GEMMs, shared MLP and latent projections are the recorders' stand-ins
+on the probe side and the twin's ops here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from engines.vllm import NO_REDUCE_RESULTS_KNOB, OLD_BACKEND_NAMES, PINNED_VERSION, TWIN_VERSION
+from scenarios.ops import Ops
+from scenarios.runner_base import MoERunner
+
+# Prepare/finalize classes that move no tokens (the kernel runs on local rows).
+LOCAL_PF_MARKERS = ("NoDPEP",)
+# Recorded group names the Ops vocabulary has.
+GROUPS = {"tp": "tp", "dp": "dp", "ep": "ep"}
+
+
+class EngineTraceError(RuntimeError):
+    """A step of the engine's forward the Ops vocabulary cannot represent
+    (raised inside the runner program: the interpreters report it as a
+    RUNNER_ERROR naming the engine function)."""
+
+
+class _Unwritten:
+    """A buffer the engine allocated and the trace never filled."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+
+
+class VllmRunner(MoERunner):
+    """The installed vLLM's runner (its own code, traced per rank)."""
+
+    name = "vllm"
+    version = PINNED_VERSION
+    load_spec = "vllm"
+    description = "vLLM's own MoE runner forward (traced from the installed engine)"
+
+    # ---- the engine's answers ----
+
+    def _renamed(self) -> bool:
+        return self.version not in OLD_BACKEND_NAMES
+
+    def _answer(self, d: int = 0) -> dict[str, Any]:
+        from engines.vllm.traces import rank_answer
+
+        return rank_answer(self.version, self.scenario, d, self._renamed())
+
+    def _not_expressible(self) -> str | None:
+        from engines.vllm.config_map import not_evaluable_here, not_expressible
+
+        return (not_expressible(self.scenario, TWIN_VERSION[self.version], self.version not in NO_REDUCE_RESULTS_KNOB,
+                                self._renamed())
+                or not_evaluable_here(self.scenario))
+
+    def engine_refusal(self) -> str | None:
+        if self._not_expressible() is not None:
+            return None  # not asked: no engine configuration exists for it
+        ans = self._answer()
+        return None if ans.get("accepted", True) else str(ans.get("message"))
+
+    def unsupported(self) -> str | None:
+        why = self._not_expressible()
+        if why is not None:
+            return f"vllm {self.version} has no configuration for it: {why}"
+        ans = self._answer()
+        if "error" in ans:
+            return f"the vllm {self.version} probe failed on it: {ans['error']}"
+        if not ans["accepted"]:
+            return f"vllm {self.version} refuses this configuration: {ans['message']}"
+        return None
+
+    @classmethod
+    def prepare_program(cls, scenario: Any) -> None:
+        """Trace every distinct rank program here, before the program runs: a
+        probe start is not the runner's time, and rank processes of a real
+        run read the disk cache (they cannot import vLLM)."""
+        runner = cls(scenario)
+        if runner.unsupported() is not None:
+            return
+        for d in range(scenario.parallel.dp):
+            runner._answer(d)
+
+    # ---- decisions the engine made (read from its answer) ----
+
+    def process_weights(self, ops: Ops) -> None:
+        return None  # the engine built its own kernel in the probe
+
+    def is_sequence_parallel(self) -> bool:
+        return bool(self._answer().get("sp"))
+
+    def fused_output_is_reduced(self) -> bool:
+        return bool(self._answer().get("fused_output_is_reduced"))
+
+    # ---- the program ----
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        d, _t = self.scenario.coords(ops.rank)
+        ans = self._answer(d)
+        if self.scenario.model.has_shared:
+            ops.decide("shared_experts_order", ans.get("shared_experts_order"))
+        return Replay(self, ops, x, ans["trace"]).run_all()
+
+
+class Replay:
+    """One rank's trace as Ops calls (tensor ids -> Ops handles)."""
+
+    def __init__(self, runner: VllmRunner, ops: Ops, x: Any, trace: dict[str, Any]) -> None:
+        self.runner, self.ops, self.trace = runner, ops, trace
+        self.x = x
+        self.vals: dict[str, Any] = {trace["input"]: x}
+        self.logits = trace["logits"]
+        self.dispatched_routing: dict[str, Any] = {}
+        self.events: dict[int, Any] = {}
+
+    def run_all(self) -> Any:
+        self.run(self.trace["steps"])
+        out = self.trace.get("output")
+        if out not in self.vals:
+            raise EngineTraceError("the engine's forward returned a tensor the trace did not follow")
+        return self.vals[out]
+
+    def run(self, steps: list[dict[str, Any]]) -> None:
+        for st in steps:
+            handler: Callable[[dict[str, Any]], None] | None = getattr(self, f"_{st['op']}", None)
+            if handler is None or st["op"] == "unsupported":
+                raise EngineTraceError(self.unrepresentable(st))
+            with self.ops.stream(st.get("stream", "main")):
+                handler(st)
+
+    @staticmethod
+    def unrepresentable(st: dict[str, Any]) -> str:
+        what = st.get("what") or st["op"]
+        return f"{st['site']} ({st.get('where', '?')}) issues {what}, which the Ops vocabulary cannot represent"
+
+    def val(self, st: dict[str, Any], i: int = 0) -> Any:
+        tid = st["in"][i]
+        v = self.vals.get(tid) if tid is not None else None
+        if isinstance(v, _Unwritten):
+            raise EngineTraceError(f"{st['site']} reads the buffer allocated at {v.site} before anything was written to it")
+        if v is None:
+            raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) reads a tensor the trace did not follow")
+        return v
+
+    def bind(self, st: dict[str, Any], *values: Any) -> None:
+        for tid, v in zip(st["out"], values, strict=True):
+            self.vals[tid] = v
+
+    def group(self, st: dict[str, Any]) -> str:
+        g = GROUPS.get(st.get("group", ""))
+        if g is None:
+            raise EngineTraceError(f"{st['site']} issues {st['op']} over the {st.get('group')} group, "
+                                   "which the Ops vocabulary has no group for")
+        return g
+
+    # ---- routing, experts, communication ----
+
+    def routing_for(self, st: dict[str, Any], tid: str) -> Any:
+        """The routing handle of router logits `tid`: the gate over the layer
+        input (the logits the model computed), or a naive dispatch's routing."""
+        if tid == self.logits:
+            return self.ops.router(self.x, name=f"{st['site']} (router)")
+        if tid in self.dispatched_routing:
+            return self.dispatched_routing[tid]
+        raise EngineTraceError(f"{st['site']} routes logits the trace did not follow")
+
+    def _router(self, st: dict[str, Any]) -> None:
+        routing = self.routing_for(st, st["in"][0])
+        self.bind(st, routing, routing)
+
+    def _dispatch(self, st: dict[str, Any]) -> None:
+        # The twin's dispatch carries routing: the gate runs before it (vLLM's
+        # naive dispatch sends the logits and routes after).
+        routing = self.routing_for(st, st["in"][1])
+        xd, rd = self.ops.dispatch(self.val(st), routing, name=st["site"])
+        self.vals[st["out"][0]] = xd
+        self.dispatched_routing[st["out"][1]] = rd
+
+    def _combine(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.combine(self.val(st), name=st["site"]))
+
+    def _modular_kernel(self, st: dict[str, Any]) -> None:
+        x, routing = self.val(st, 0), self.val(st, 1)
+        inside = st.get("inside") or []
+        pf = st.get("prepare_finalize")
+        if pf is None or any(m in pf for m in LOCAL_PF_MARKERS):
+            self.run(inside)
+            self.bind(st, self.ops.experts(x, routing, inplace=False, name=st["site"]))
+            return
+        if inside:  # the shared experts ran inside the kernel (its finalize)
+            out, _shared = self.runner.overlapped_routed_path(self.ops, x, routing, lambda: self.run(inside))
+            self.bind(st, out)
+            return
+        xd, rd = self.ops.dispatch(x, routing, name=f"{st['site']} ({pf} prepare)")
+        y = self.ops.experts(xd, rd, inplace=False, name=st["site"])
+        self.bind(st, self.ops.combine(y, name=f"{st['site']} ({pf} finalize)"))
+
+    def _monolithic_experts(self, st: dict[str, Any]) -> None:
+        routing = self.routing_for(st, st["in"][1])
+        self.bind(st, self.ops.experts(self.val(st), routing, inplace=False, name=st["site"]))
+
+    def _shared_experts(self, st: dict[str, Any]) -> None:
+        # Sharded or not is the model's build (unsharded under SP), as in the twin.
+        r = self.runner
+        self.bind(st, self.ops.shared_experts(self.val(st), sharded=r.shared_experts_sharded(), name=st["site"]))
+
+    def _latent_down(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.latent_down(self.val(st), name=st["site"]))
+
+    def _latent_up(self, st: dict[str, Any]) -> None:
+        row = self.runner.latent_up_row_parallel() and self.runner.scenario.parallel.tp > 1
+        self.bind(st, self.ops.latent_up(self.val(st), name=st["site"], row_parallel=row))
+
+    def _all_reduce(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.all_reduce(self.val(st), self.group(st), name=st["site"]))
+
+    def _all_gather(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.all_gather(self.val(st), self.group(st), name=st["site"]))
+
+    def _reduce_scatter(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.reduce_scatter(self.val(st), self.group(st), name=st["site"]))
+
+    # ---- streams and events ----
+
+    def _record_event(self, st: dict[str, Any]) -> None:
+        self.events[st["event"]] = self.ops.record_event(name=st["site"])
+
+    def _wait_event(self, st: dict[str, Any]) -> None:
+        ev = self.events.get(st["event"])
+        if ev is None:
+            raise EngineTraceError(f"{st['site']} waits on an event that was never recorded")
+        self.ops.wait_event(ev, name=st["site"])
+
+    def _wait_stream(self, st: dict[str, Any]) -> None:
+        """`a.wait_stream(b)`: an event recorded on b that a waits on."""
+        with self.ops.stream(st["on"]):
+            ev = self.ops.record_event(name=f"{st['site']} (record on {st['on']})")
+        self.ops.wait_event(ev, name=st["site"])
+
+    # ---- the engine's own tensor ops ----
+
+    def _pad(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.pad(self.val(st), st["width"], name=st["site"]))
+
+    def _trim(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.trim(self.val(st), st["width"], name=st["site"]))
+
+    def _trim_rows(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.trim_rows(self.val(st), st["rows"], name=st["site"]))
+
+    def _view(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.view(self.val(st), tuple(st["shape"]), name=st["site"]))
+
+    def _add(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.add(self.val(st, 0), self.val(st, 1), name=st["site"]))
+
+    def _scale(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.scale(self.val(st), st["factor"], name=st["site"]))
+
+    def _clone(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.clone(self.val(st), name=st["site"]))
+
+    def _copy(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.clone(self.val(st, 0), name=st["site"]))  # dst now holds src's values
+
+    def _buffer(self, st: dict[str, Any]) -> None:
+        self.bind(st, _Unwritten(st["site"]))
+
+
+_CLASSES: dict[str, type[VllmRunner]] = {PINNED_VERSION: VllmRunner}
+
+
+def runner_class(version: str = PINNED_VERSION) -> type[VllmRunner]:
+    """The runner for an installed release (`vllm@<version>`)."""
+    from engines.vllm import EngineMissing, engine_python, installed
+
+    if version not in TWIN_VERSION:
+        raise EngineMissing(f"vllm {version} is not a supported release (supported: {', '.join(sorted(TWIN_VERSION))})")
+    if version != PINNED_VERSION and not installed(version):
+        raise EngineMissing(f"vllm {version} is not installed: run scripts/install-engine.sh vllm=={version}")
+    engine_python(version)  # raises EngineMissing with the install hint
+    cls = _CLASSES.get(version)
+    if cls is None:
+        cls = type(f"VllmRunner_{version.replace('.', '_')}", (VllmRunner,),
+                   {"version": version, "load_spec": f"vllm@{version}", "name": f"vllm@{version}"})
+        _CLASSES[version] = cls
+    return cls

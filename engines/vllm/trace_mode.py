@@ -1,0 +1,251 @@
+"""Trace mode of the engine probe (runs inside the engine venv): one rank's
+forward of vLLM's own MoE runner as an ordered list of steps with tensor
+identity, for the twin's `--runner vllm` to replay as Ops calls.
+
+Two sources of steps:
+- the recorders (engines/vllm/recorders.py) at the bound entry points
+  (collectives, streams/events, shared MLP, latent transforms, router,
+  expert GEMMs): each reports its input and output tensors to `Tracer.step`;
+- `EngineOps`, a live `torch.overrides.TorchFunctionMode` over the forward:
+  every torch call of the engine's own code on a tracked tensor is mapped to
+  an Ops step (trim, trim_rows, pad, add, scale, clone, view, copy, buffer)
+  or recorded as `unsupported`.
+
+Binding choice: a live TorchFunctionMode, not a torch.fx / dynamo trace. The
+runner's forward branches in Python on configuration and shapes (that is
+what the twin checks), and the recorders return placeholder tensors, so
+running the code once per rank with a mode that sees each call as issued
+keeps the engine's control flow exactly as written; a graph capture would
+need the custom op and the recorders to be traceable and would hide the
+Python branches. Each step's `site` is the nearest engine frame (qualified
+name, and file:line under the vllm package).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_HERE = os.path.abspath(__file__)
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+# Calls that read only shape/dtype/device: no step (an output tensor keeps the id).
+SHAPE_ONLY = frozenset({
+    "shape", "dtype", "device", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "__len__",
+    "ndim", "element_size", "is_cuda", "requires_grad", "layout", "is_floating_point", "get_device",
+    "storage_offset", "__format__", "__repr__", "is_quantized", "is_sparse", "is_meta", "names",
+})
+# Same values, maybe another layout or dtype: the output is the input's value.
+ALIASES = frozenset({"contiguous", "to", "float", "bfloat16", "half", "detach", "requires_grad_"})
+BUFFERS = frozenset({"new_zeros", "new_empty", "empty_like", "zeros_like", "new_full"})
+ADDS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
+MULS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__"})
+DIVS = frozenset({"div", "__truediv__", "div_", "__itruediv__"})
+INPLACE = frozenset({"add_", "__iadd__", "mul_", "__imul__", "div_", "__itruediv__", "copy_"})
+
+
+def func_name(func: Any) -> str:
+    """`Tensor.shape.__get__` is named `shape`; otherwise the function's name."""
+    name = getattr(func, "__name__", str(func))
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class Tracer:
+    """Tensor identity (id of the live object -> step-level id) and the steps."""
+
+    def __init__(self, engine_dir: str) -> None:
+        self.engine_dir = os.path.abspath(engine_dir) + os.sep
+        self.ids: dict[int, str] = {}
+        self.keep: list[Any] = []  # tracked tensors stay alive: ids are never reused
+        self.steps: list[dict[str, Any]] = []
+        self.count = 0
+        self.stream = "main"
+
+    # ---- identity ----
+
+    def new(self, t: Any, label: str = "t") -> str:
+        tid = f"{label}{self.count}"
+        self.count += 1
+        self.ids[id(t)] = tid
+        self.keep.append(t)
+        return tid
+
+    def tid(self, t: Any) -> str | None:
+        return self.ids.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def tracked(self, *values: Any) -> bool:
+        return any(self.tid(v) is not None for v in _flat(values))
+
+    # ---- steps ----
+
+    def step(self, op: str, ins: list[Any], outs: list[Any], **attrs: Any) -> dict[str, Any]:
+        """One step: input ids (None for an untracked tensor), fresh output ids."""
+        site, where = self.site()
+        st = {"op": op, "in": [self.tid(t) for t in ins], "out": [self.new(t) for t in outs],
+              "site": site, "where": where, "stream": self.stream, **attrs}
+        self.steps.append(st)
+        return st
+
+    def site(self) -> tuple[str, str]:
+        """The nearest engine frame: its qualified name and file:line."""
+        f = sys._getframe(1)
+        while f is not None:
+            path = os.path.abspath(f.f_code.co_filename)
+            if path.startswith(self.engine_dir):
+                rel = os.path.relpath(path, os.path.dirname(self.engine_dir.rstrip(os.sep)))
+                return getattr(f.f_code, "co_qualname", f.f_code.co_name), f"{rel}:{f.f_lineno}"
+            f = f.f_back
+        return "?", "?"
+
+    def engine_caller(self) -> bool:
+        """Whether the torch call was issued by the engine's own code (not by a
+        recorder or the probe, whose internals are not steps)."""
+        f = sys._getframe(2)
+        while f is not None:
+            path = os.path.abspath(f.f_code.co_filename)
+            if path != _HERE and not path.startswith(_TORCH_DIR):
+                return path.startswith(self.engine_dir)
+            f = f.f_back
+        return False
+
+
+def _flat(values: Any) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, list | tuple):
+            out.extend(_flat(v))
+        elif isinstance(v, dict):
+            out.extend(_flat(list(v.values())))
+        else:
+            out.append(v)
+    return out
+
+
+class EngineOps(TorchFunctionMode):
+    """The engine's own tensor ops on tracked tensors, as steps."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tr = tracer
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = func_name(func)
+        out = func(*args, **kwargs)
+        if name in SHAPE_ONLY or not self.tr.tracked(args, kwargs) or not self.tr.engine_caller():
+            return out
+        self.map(name, args, kwargs, out)
+        return out
+
+    def map(self, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        tr = self.tr
+        x = args[0] if args else None
+        if name in ALIASES:
+            if isinstance(out, torch.Tensor) and out is not x and tr.tid(x) is not None:
+                tr.ids[id(out)] = tr.ids[id(x)]
+                tr.keep.append(out)
+            return
+        handler = self._handler(name)
+        if handler is None or not handler(name, args, kwargs, out):
+            tr.step("unsupported", [a for a in _flat(args) if isinstance(a, torch.Tensor)],
+                    [out] if isinstance(out, torch.Tensor) else [], what=f"torch.{name}")
+
+    def _handler(self, name: str) -> Any:
+        if name == "__getitem__":
+            return self._getitem
+        if name == "pad":
+            return self._pad
+        if name in ADDS:
+            return self._add
+        if name in MULS or name in DIVS:
+            return self._scale
+        if name == "clone":
+            return self._clone
+        if name in ("view", "reshape"):
+            return self._view
+        if name == "copy_":
+            return self._copy
+        if name in BUFFERS:
+            return self._buffer
+        return None
+
+    # Each handler returns False when the call is outside what it maps.
+
+    def _getitem(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        x, idx = args[0], args[1]
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        if len(parts) == 2 and parts[0] is Ellipsis and _prefix(parts[1]) is not None:
+            self.tr.step("trim", [x], [out], width=_prefix(parts[1]))
+            return True
+        if parts and _prefix(parts[0]) is not None and all(_full(p) for p in parts[1:]):
+            self.tr.step("trim_rows", [x], [out], rows=_prefix(parts[0]))
+            return True
+        return False
+
+    def _pad(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        x = args[0]
+        spec = args[1] if len(args) > 1 else kwargs.get("pad")
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        value = args[3] if len(args) > 3 else kwargs.get("value", 0.0)
+        if mode != "constant" or value not in (0, 0.0, None) or len(spec) != 2 or spec[0] != 0:
+            return False
+        self.tr.step("pad", [x], [out], width=int(x.shape[-1]) + int(spec[1]))
+        return True
+
+    def _add(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        if len(args) != 2 or kwargs.get("alpha", 1) != 1:
+            return False
+        a, b = args
+        if self.tr.tid(a) is None or self.tr.tid(b) is None:
+            return False  # a constant or an untracked tensor changes values unseen
+        self.tr.step("add", [a, b], [out], inplace=name in INPLACE)
+        return True
+
+    def _scale(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        if len(args) != 2:
+            return False
+        x, f = args
+        if isinstance(x, int | float):  # __rmul__ order
+            x, f = f, x
+        if isinstance(f, bool) or not isinstance(f, int | float) or self.tr.tid(x) is None:
+            return False
+        factor = 1.0 / f if name in DIVS else float(f)
+        self.tr.step("scale", [x], [out], factor=factor, inplace=name in INPLACE)
+        return True
+
+    def _clone(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        self.tr.step("clone", [args[0]], [out])
+        return True
+
+    def _view(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        self.tr.step("view", [args[0]], [out], shape=[int(d) for d in out.shape], op_name=name)
+        return True
+
+    def _copy(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        dst, src = args[0], args[1]
+        if tuple(dst.shape) != tuple(src.shape) or self.tr.tid(src) is None:
+            return False
+        self.tr.step("copy", [src, dst], [out])
+        return True
+
+    def _buffer(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        zero = name in ("new_zeros", "zeros_like")
+        self.tr.step("buffer", [args[0]], [out], shape=[int(d) for d in out.shape], zeros=zero)
+        return True
+
+
+def _prefix(s: Any) -> int | None:
+    """`:n` as n (a slice from 0 with step 1 and a stop), else None."""
+    if isinstance(s, slice) and s.start in (None, 0) and s.step in (None, 1) and isinstance(s.stop, int):
+        return int(s.stop)
+    return None
+
+
+def _full(s: Any) -> bool:
+    return s is Ellipsis or (isinstance(s, slice) and s == slice(None))
