@@ -150,7 +150,7 @@ class Probe:
         # No auxiliary stream in the scenario: the engine's own switch for it.
         os.environ["VLLM_DISABLE_SHARED_EXPERTS_STREAM"] = "0" if cfg["aux_stream"] else "1"
         pc = m["config"].ParallelConfig(
-            tensor_parallel_size=cfg["tp"], data_parallel_size=cfg["dp"],
+            tensor_parallel_size=cfg["tp"], data_parallel_size=cfg["dp"], data_parallel_rank=_rank(cfg)[1],
             enable_expert_parallel=cfg["ep"], enable_eplb=cfg["eplb"], all2all_backend=cfg["backend"])
         vc = m["config"].VllmConfig(parallel_config=pc)
         # Streams and events the shared-experts code creates are recorders.

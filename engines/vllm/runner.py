@@ -110,6 +110,9 @@ class VllmRunner(MoERunner):
     def forward(self, ops: Ops, x: Any) -> Any:
         d, _t = self.scenario.coords(ops.rank)
         ans = self._answer(d)
+        if "trace" not in ans:  # this rank's forward was refused or failed in the probe
+            why = ans.get("message") or ans.get("error") or "no trace"
+            raise EngineTraceError(f"vllm {self.version} gave no forward for DP rank {d}: {why}")
         if self.scenario.model.has_shared:
             ops.decide("shared_experts_order", ans.get("shared_experts_order"))
         return Replay(self, ops, x, ans["trace"]).run_all()
