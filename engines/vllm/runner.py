@@ -62,9 +62,13 @@ class VllmRunner(MoERunner):
     def _not_expressible(self) -> str | None:
         from engines.vllm.config_map import not_evaluable_here, not_expressible
 
-        return (not_expressible(self.scenario, TWIN_VERSION[self.version], self.version not in NO_REDUCE_RESULTS_KNOB,
-                                self._renamed())
-                or not_evaluable_here(self.scenario))
+        # The scenario's `parallel.version` picks the twin's rules for the
+        # model side and the judges; the engine's own code is what runs here,
+        # so it does not have to match the release (a mismatch of the model's
+        # SP slicing with the engine's shows up as a finding).
+        s = self.scenario
+        return (not_expressible(s, s.parallel.version, self.version not in NO_REDUCE_RESULTS_KNOB, self._renamed())
+                or not_evaluable_here(s))
 
     def engine_refusal(self) -> str | None:
         if self._not_expressible() is not None:
