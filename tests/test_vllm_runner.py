@@ -261,3 +261,31 @@ def test_real_ranks_running_the_engine_trace_equal_the_exact_reference(name: str
     assert len(trace.output_checks) == s.world
     assert all(c.correct for c in trace.output_checks.values())
     assert not trace.hazards
+
+
+def _release(version: str) -> Any:
+    return pytest.mark.skipif(not installed(version),
+                              reason=f"vllm {version} not installed: run scripts/install-engine.sh vllm=={version}")
+
+
+@_release("0.21.0")
+@_release("0.22.0")
+@pytest.mark.slow
+def test_r2_in_the_released_engine_is_predicted_and_confirmed_on_real_ranks() -> None:
+    """vllm 0.21.0's FlashInfer two-sided finalize declares an unreduced
+    output: the engine's final all-reduce sums it again (coefficient = TP
+    size); 0.22.0 is clean. Predicted from the engine's trace, confirmed on
+    real ranks running that trace."""
+    from real.runner import run_real
+
+    s = load("r2-fi-two-sided")
+    old = simulate(s, "vllm@0.21.0")
+    found = [h for h in old.hazards if h.kind == HazardKind.DOUBLE_REDUCTION]
+    assert sorted(h.rank for h in found) == list(range(s.world))
+    assert all(h.step_name == SITE_RED and f"coefficient {s.parallel.tp}" in h.detail for h in found)
+    real_old = run_real(s, "vllm@0.21.0", prediction=old, timeout_s=180).trace
+    assert all(c.kind == "DOUBLE_REDUCTION" and not c.correct for c in real_old.output_checks.values())
+    new = simulate(s, "vllm@0.22.0")
+    assert not new.hazards
+    real_new = run_real(s, "vllm@0.22.0", timeout_s=180).trace
+    assert all(c.correct for c in real_new.output_checks.values()) and not real_new.hazards
