@@ -197,8 +197,12 @@ def test_trace_maps_the_engine_tensor_ops(answer: Any) -> None:
     mk = next(st for st in ds if st["op"] == "modular_kernel")
     assert mk["prepare_finalize"] == "DeepEPLLPrepareAndFinalize"
     assert [st["op"] for st in mk["inside"]] == ["shared_experts"]  # the shared experts inside the kernel
+    # The custom op returns both outputs with the shapes its fake implementation declares.
+    declared = [st for st in ds if st["op"] == "boundary"]
+    assert [st["in"] for st in declared] == [mk["inside"][0]["out"], mk["out"]]
+    assert all(st["shape"] == [32, 7168] and st["site"] == "MoERunner.forward" for st in declared)
     red = next(st for st in ds if st["op"] == "all_reduce")
-    assert red["site"] == "MoERunner._maybe_reduce_shared_expert_output" and red["in"] == mk["inside"][0]["out"]
+    assert red["site"] == "MoERunner._maybe_reduce_shared_expert_output" and red["in"] == declared[0]["out"]
 
 
 @needs_engine

@@ -262,6 +262,8 @@ class Probe:
                                      "kernel_width": int(moe.hidden_dim), "rows": rows}
         self._wrap(runner, rec, decisions)
         entry = m["runner"]._moe_forward if runner.shared_experts is None else m["runner"]._moe_forward_shared
+        if rec.tracer is not None:
+            entry = self._declaring(rec.tracer, entry, runner.shared_experts is None)
         runner._forward_entry = entry  # the custom op's real implementation (no CUDA op dispatch)
         x = torch.zeros((rows, cfg["hidden"]), dtype=torch.bfloat16)
         logits = torch.zeros((rows, cfg["num_experts"]), dtype=torch.float32)
@@ -281,6 +283,25 @@ class Probe:
         decisions["output_shape"] = list(out.shape)
         decisions.setdefault("shared_experts_order", "NONE")
         return decisions
+
+    def _declaring(self, tracer: Any, entry: Any, plain: bool) -> Any:
+        """The custom op's entry, followed by a `boundary` step per output
+        with the shape the op's fake implementation declares (what
+        torch.compile holds the eager output to)."""
+        fake = self.m["runner"]._moe_forward_fake if plain else self.m["runner"]._moe_forward_shared_fake
+
+        def declared(*args: Any) -> Any:
+            result = entry(*args)
+            with tracer.paused():
+                shapes = fake(*args)
+            outs = (result,) if plain else tuple(result)
+            shapes = (shapes,) if plain else tuple(shapes)
+            for out, shape in zip(outs, shapes, strict=True):
+                if tracer.tid(out) is not None:
+                    tracer.step("boundary", [out], [out], shape=[int(d) for d in shape.shape])
+            return result
+
+        return declared
 
     @staticmethod
     def _traced_forward(tracer: Any, runner: Any, x: Any, logits: Any, decisions: dict[str, Any]) -> Any:

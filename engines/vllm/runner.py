@@ -64,8 +64,8 @@ class VllmRunner(MoERunner):
 
         # The scenario's `parallel.version` picks the twin's rules for the
         # model side and the judges; the engine's own code is what runs here,
-        # so it does not have to match the release (a mismatch of the model's
-        # SP slicing with the engine's shows up as a finding).
+        # so it need not match the release (where the model side's SP slicing
+        # differs from the engine's, unsupported() says so).
         s = self.scenario
         return (not_expressible(s, s.parallel.version, self.version not in NO_REDUCE_RESULTS_KNOB, self._renamed())
                 or not_evaluable_here(s))
@@ -85,7 +85,19 @@ class VllmRunner(MoERunner):
             return f"the vllm {self.version} probe failed on it: {ans['error']}"
         if not ans["accepted"]:
             return f"vllm {self.version} refuses this configuration: {ans['message']}"
-        return None
+        return self._model_side_disagrees(ans)
+
+    def _model_side_disagrees(self, ans: dict[str, Any]) -> str | None:
+        """The twin's model side slices rows for SP by the scenario's version
+        rules; vLLM's model reads the same `use_sequence_parallel_moe` its
+        runner does, so where the two differ the scenario describes no model
+        this release could run (only with a scenario of other rules)."""
+        engine_sp, model_sp = bool(ans.get("sp_config")), self.scenario.sp
+        if engine_sp == model_sp:
+            return None
+        return (f"the scenario's model side (parallel.version {self.scenario.parallel.version!r}) "
+                f"{'slices' if model_sp else 'does not slice'} tokens for sequence parallelism but "
+                f"vllm {self.version}'s use_sequence_parallel_moe is {engine_sp}")
 
     @classmethod
     def prepare_program(cls, scenario: Any) -> None:
@@ -258,6 +270,9 @@ class Replay:
         self.ops.wait_event(ev, name=st["site"])
 
     # ---- the engine's own tensor ops ----
+
+    def _boundary(self, st: dict[str, Any]) -> None:
+        self.bind(st, self.ops.boundary(self.val(st), tuple(st["shape"]), name=st["site"]))
 
     def _pad(self, st: dict[str, Any]) -> None:
         self.bind(st, self.ops.pad(self.val(st), st["width"], name=st["site"]))

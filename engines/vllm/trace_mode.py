@@ -9,7 +9,9 @@ Two sources of steps:
 - `EngineOps`, a live `torch.overrides.TorchFunctionMode` over the forward:
   every torch call of the engine's own code on a tracked tensor is mapped to
   an Ops step (trim, trim_rows, pad, add, scale, clone, view, copy, buffer)
-  or recorded as `unsupported`.
+  or recorded as `unsupported`;
+- the custom op's return (`boundary`): each output with the shape the op's
+  fake implementation declares (the probe calls the engine's fake impl).
 
 Binding choice: a live TorchFunctionMode, not a torch.fx / dynamo trace. The
 runner's forward branches in Python on configuration and shapes (that is
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -66,6 +70,15 @@ class Tracer:
         self.steps: list[dict[str, Any]] = []
         self.count = 0
         self.stream = "main"
+        self.pause = 0  # > 0: torch calls are not steps (the probe's own bookkeeping)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self.pause += 1
+        try:
+            yield
+        finally:
+            self.pause -= 1
 
     # ---- identity ----
 
@@ -138,7 +151,7 @@ class EngineOps(TorchFunctionMode):
         kwargs = kwargs or {}
         name = func_name(func)
         out = func(*args, **kwargs)
-        if name in SHAPE_ONLY or not self.tr.tracked(args, kwargs) or not self.tr.engine_caller():
+        if name in SHAPE_ONLY or self.tr.pause or not self.tr.tracked(args, kwargs) or not self.tr.engine_caller():
             return out
         self.map(name, args, kwargs, out)
         return out
