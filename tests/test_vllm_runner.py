@@ -293,3 +293,32 @@ def test_r2_in_the_released_engine_is_predicted_and_confirmed_on_real_ranks() ->
     assert not new.hazards
     real_new = run_real(s, "vllm@0.22.0", timeout_s=180).trace
     assert all(c.correct for c in real_new.output_checks.values()) and not real_new.hazards
+
+
+def test_trace_cache_key_follows_the_engine_source(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A patched engine checkout (a .py file changed) is traced again: its
+    fingerprint, part of the cache key, changes."""
+    import os
+
+    from engines.vllm import traces
+
+    pkg = tmp_path / "vllm"
+    (pkg / "model_executor").mkdir(parents=True)
+    src = pkg / "model_executor" / "moe_runner.py"
+    src.write_text("x = 1\n")
+    monkeypatch.setattr(traces, "_vllm_dir", lambda python: str(pkg))
+    monkeypatch.setattr(traces, "_FINGERPRINTS", {})
+    cfg = {"tp": 2, "trace": {"tp_rank": 0, "dp_rank": 0}}
+    before = traces._key("0.33.0", "/some/python", cfg)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    monkeypatch.setattr(traces, "_FINGERPRINTS", {})
+    assert traces._key("0.33.0", "/some/python", cfg) != before
+    assert traces._key("0.33.0", "/some/python", {**cfg, "trace": {"tp_rank": 0, "dp_rank": 1}}) != before
+
+
+def test_ranks_with_the_same_tokens_share_one_trace() -> None:
+    from engines.vllm.traces import trace_rank
+
+    s = Scenario(parallel=ParallelConfig(tp=1, dp=3, ep=True), workload=Workload(tokens=(4, 2, 4)))
+    assert [trace_rank(s, d) for d in range(3)] == [(0, 0), (0, 1), (0, 0)]

@@ -368,7 +368,12 @@ class _Walk:
         """The runner declares the scenario out of its scope. Its `unsupported()`
         is runner code: it runs under the wall-clock budget, and its failing
         (raising, exiting, looping past the budget) is left to the contained
-        simulation to report."""
+        simulation to report. Its prepare_program() runs first, outside the
+        budget, as simulate runs it (e.g. starting an engine's probe)."""
+        try:
+            self.runner_cls.prepare_program(s)
+        except Exception:  # noqa: BLE001 - the simulation reports it in its own terms
+            return False
         try:
             with contain.RunnerGuard(unsupported_reason.__code__, contain.limits().sim_timeout_s,
                                      "the runner's unsupported()"):
