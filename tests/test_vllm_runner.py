@@ -320,5 +320,5 @@ def test_trace_cache_key_follows_the_engine_source(tmp_path: Any, monkeypatch: p
 def test_ranks_with_the_same_tokens_share_one_trace() -> None:
     from engines.vllm.traces import trace_rank
 
-    s = Scenario(parallel=ParallelConfig(tp=1, dp=3, ep=True), workload=Workload(tokens=(4, 2, 4)))
-    assert [trace_rank(s, d) for d in range(3)] == [(0, 0), (0, 1), (0, 0)]
+    s = Scenario(parallel=ParallelConfig(tp=1, dp=4), workload=Workload(tokens=(4, 2, 4, 2)))
+    assert [trace_rank(s, d) for d in range(4)] == [(0, 0), (0, 1), (0, 0), (0, 1)]
