@@ -263,7 +263,11 @@ class Probe:
         self._wrap(runner, rec, decisions)
         entry = m["runner"]._moe_forward if runner.shared_experts is None else m["runner"]._moe_forward_shared
         if rec.tracer is not None:
-            entry = self._declaring(rec.tracer, entry, runner.shared_experts is None)
+            from engines.vllm.trace_mode import declaring
+
+            plain = runner.shared_experts is None
+            fake = m["runner"]._moe_forward_fake if plain else m["runner"]._moe_forward_shared_fake
+            entry = declaring(rec.tracer, entry, fake, plain)
         runner._forward_entry = entry  # the custom op's real implementation (no CUDA op dispatch)
         x = torch.zeros((rows, cfg["hidden"]), dtype=torch.bfloat16)
         logits = torch.zeros((rows, cfg["num_experts"]), dtype=torch.float32)
@@ -274,7 +278,9 @@ class Probe:
             if rec.tracer is None:
                 out = runner.forward(x, logits)
             else:
-                out = self._traced_forward(rec.tracer, runner, x, logits, decisions)
+                from engines.vllm.trace_mode import traced_forward
+
+                out = traced_forward(rec.tracer, runner, x, logits, decisions)
         decisions["fused_output_is_reduced"] = bool(runner._fused_output_is_reduced)
         # A trim is a decision only where it changes the width (a slice to the
         # full width is the identity).
@@ -283,35 +289,6 @@ class Probe:
         decisions["output_shape"] = list(out.shape)
         decisions.setdefault("shared_experts_order", "NONE")
         return decisions
-
-    def _declaring(self, tracer: Any, entry: Any, plain: bool) -> Any:
-        """The custom op's entry, followed by a `boundary` step per output
-        with the shape the op's fake implementation declares (what
-        torch.compile holds the eager output to)."""
-        fake = self.m["runner"]._moe_forward_fake if plain else self.m["runner"]._moe_forward_shared_fake
-
-        def declared(*args: Any) -> Any:
-            result = entry(*args)
-            with tracer.paused():
-                shapes = fake(*args)
-            outs = (result,) if plain else tuple(result)
-            shapes = (shapes,) if plain else tuple(shapes)
-            for out, shape in zip(outs, shapes, strict=True):
-                if tracer.tid(out) is not None:
-                    tracer.step("boundary", [out], [out], shape=[int(d) for d in shape.shape])
-            return result
-
-        return declared
-
-    @staticmethod
-    def _traced_forward(tracer: Any, runner: Any, x: Any, logits: Any, decisions: dict[str, Any]) -> Any:
-        from engines.vllm.trace_mode import EngineOps
-
-        ids = {"input": tracer.new(x, "x"), "logits": tracer.new(logits, "logits")}
-        with EngineOps(tracer):
-            out = runner.forward(x, logits)
-        decisions["trace"] = {"steps": tracer.steps, **ids, "output": tracer.tid(out)}
-        return out
 
     def _wrap(self, runner: Any, rec: Any, decisions: dict[str, Any]) -> None:
         import torch

@@ -262,3 +262,32 @@ def _prefix(s: Any) -> int | None:
 
 def _full(s: Any) -> bool:
     return s is Ellipsis or (isinstance(s, slice) and s == slice(None))
+
+
+def traced_forward(tracer: Tracer, runner: Any, x: Any, logits: Any, decisions: dict[str, Any]) -> Any:
+    """The engine runner's forward under `EngineOps`; the steps go into
+    `decisions["trace"]` with the ids of the input, the logits and the output."""
+    ids = {"input": tracer.new(x, "x"), "logits": tracer.new(logits, "logits")}
+    with EngineOps(tracer):
+        out = runner.forward(x, logits)
+    decisions["trace"] = {"steps": tracer.steps, **ids, "output": tracer.tid(out)}
+    return out
+
+
+def declaring(tracer: Tracer, entry: Any, fake: Any, plain: bool) -> Any:
+    """The custom op's entry, followed by a `boundary` step per output with
+    the shape the op's fake implementation `fake` declares (what
+    torch.compile holds the eager output to)."""
+
+    def declared(*args: Any) -> Any:
+        result = entry(*args)
+        with tracer.paused():
+            shapes = fake(*args)
+        outs = (result,) if plain else tuple(result)
+        shapes = (shapes,) if plain else tuple(shapes)
+        for out, shape in zip(outs, shapes, strict=True):
+            if tracer.tid(out) is not None:
+                tracer.step("boundary", [out], [out], shape=[int(d) for d in shape.shape])
+        return result
+
+    return declared
