@@ -68,7 +68,7 @@ class VllmRunner(MoERunner):
         # differs from the engine's, unsupported() says so).
         s = self.scenario
         return (not_expressible(s, s.parallel.version, self.version not in NO_REDUCE_RESULTS_KNOB, self._renamed())
-                or not_evaluable_here(s))
+                or not_evaluable_here(s) or _row_parallel_up(s))
 
     def engine_refusal(self) -> str | None:
         if self._not_expressible() is not None:
@@ -300,6 +300,15 @@ class Replay:
 
     def _buffer(self, st: dict[str, Any]) -> None:
         self.bind(st, _Unwritten(st["site"]))
+
+
+def _row_parallel_up(s: Any) -> str | None:
+    """The probe's latent projections are replicated stand-ins: a model's
+    row-parallel up-projection (and whether its module declares
+    `reduce_commutative`) is the model's code, which the probe does not build."""
+    if s.model.latent_up_parallel == "row" and s.parallel.tp > 1:
+        return "model.latent_up_parallel = row: the probe builds replicated latent projections only"
+    return None
 
 
 _CLASSES: dict[str, type[VllmRunner]] = {PINNED_VERSION: VllmRunner}
