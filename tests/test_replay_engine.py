@@ -1,0 +1,138 @@
+"""`replay --engine vllm`: the seeds on vLLM's own releases. The release cases
+need the traced runner `vllm@X.Y.Z` (scenarios.runners.load_runner) and the
+release under .engines/; without them each case is skipped, reported, and the
+exit code is unchanged. The decision logic is checked here with the twin's own
+runners standing in for a release's traced program."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli import main
+from scenarios.loader import load
+from scenarios.runners import RunnerLoadError, load_runner
+from sim import simulate
+from twin.check.replay_engine import (
+    CLEAN,
+    ENGINE_CASES,
+    EngineCase,
+    EngineCaseResult,
+    expected_coefficient,
+    replay_engine_sim,
+    routed_coefficients,
+    skip_reason,
+)
+
+
+def loadable(release: str) -> str | None:
+    try:
+        load_runner(f"vllm@{release}")
+    except RunnerLoadError as exc:
+        return str(exc)
+    return None
+
+
+def release(version: str):  # type: ignore[no-untyped-def]
+    why = skip_reason(next(c for c in ENGINE_CASES if c.release == version))
+    return pytest.mark.skipif(why is not None, reason=f"vllm@{version}: {why}")
+
+
+def _result(case: EngineCase, runner: str) -> EngineCaseResult:
+    """The case's result with `runner`'s program in place of the release's."""
+    s = load(case.scenario)
+    return EngineCaseResult(case, before=simulate(s, runner), fixed=simulate(s, "fixed"),
+                            twin=simulate(s, case.twin_runner), want_coefficient=expected_coefficient(case, s))
+
+
+def test_cases_name_catalog_scenarios_and_the_r2_pair() -> None:
+    got = {(c.regression, c.release, c.expected) for c in ENGINE_CASES}
+    assert {("R2", "0.21.0", "DOUBLE_REDUCTION"), ("R2", "0.22.0", CLEAN)} <= got
+    for c in ENGINE_CASES:
+        load(c.scenario)
+        load_runner(c.twin_runner)
+        assert c.runner == f"vllm@{c.release}"
+
+
+def test_the_r2_release_logic_on_the_twin_runners() -> None:
+    bad, good = ENGINE_CASES[0], ENGINE_CASES[1]
+    # The twin's model of 0.21.0's code: DOUBLE_REDUCTION with routed coefficient tp = 2.
+    r = _result(bad, "before-41382")
+    assert r.want_coefficient == 2.0 and routed_coefficients(r.before) == [2.0]
+    assert r.hit and r.agrees_with_twin and r.caught
+    # A program that does not double-reduce is a miss for 0.21.0 ...
+    assert not _result(bad, "fixed").caught
+    # ... and exactly what 0.22.0 must be; the double reduction there is a miss.
+    assert _result(good, "fixed").caught
+    miss = _result(good, "before-41382")
+    assert not miss.hit and not miss.caught and not miss.agrees_with_twin
+
+
+def test_a_wrong_coefficient_is_a_miss() -> None:
+    bad = ENGINE_CASES[0]
+    r = _result(bad, "before-41382")
+    r.want_coefficient = 4.0  # e.g. a release reducing over tp*dp would show 4
+    assert not r.coefficient_ok and not r.hit and not r.caught
+
+
+def test_release_not_installed_is_reported_and_skipped() -> None:
+    case = EngineCase("R2", "0.0.1", "r2-fi-two-sided", "DOUBLE_REDUCTION", "before-41382", "absent release", "tp")
+    (res,) = replay_engine_sim(cases=(case,))
+    assert res.skipped == "not installed: run scripts/install-engine.sh vllm==0.0.1"
+    assert res.before is None and res.caught  # reported, never a miss
+    assert res.to_dict()["caught"] is None
+
+
+def test_unknown_engine_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown engine"):
+        replay_engine_sim("sglang")
+
+
+def test_cli_engine_json_shape_and_exit_code(capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(["replay", "--engine", "vllm", "--json", "--fail-on-hazard"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["engine"] == "vllm"
+    assert [(c["regression"], c["release"]) for c in data["cases"]] == [(c.regression, c.release) for c in ENGINE_CASES]
+    assert data["skipped"] == sum(1 for c in data["cases"] if c["skipped"])
+    for c in data["cases"]:
+        assert {"regression", "runner", "scenario", "expected", "predicted", "fixed_predicted", "caught"} <= set(c)
+    ran = [c for c in data["cases"] if not c["skipped"]]
+    assert code == (1 if any(not c["caught"] for c in ran) else 0)
+
+
+def test_cli_engine_human_table(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["replay", "--engine", "vllm"]) == 0
+    out = capsys.readouterr().out
+    assert "R2 vllm@0.21.0" in out and "R2 vllm@0.22.0" in out
+    for c in ENGINE_CASES:
+        why = skip_reason(c)
+        assert ("SKIPPED" in out) if why else ("CAUGHT" in out)
+
+
+@pytest.mark.slow
+@release("0.21.0")
+def test_0_21_0_double_reduces_on_r2() -> None:
+    (res,) = replay_engine_sim(cases=(ENGINE_CASES[0],))
+    assert "DOUBLE_REDUCTION" in res.before.hazard_kinds()
+    assert routed_coefficients(res.before) == [float(load("r2-fi-two-sided").parallel.tp)]
+    assert res.caught
+
+
+@pytest.mark.slow
+@release("0.22.0")
+def test_0_22_0_is_clean_on_r2() -> None:
+    (res,) = replay_engine_sim(cases=(ENGINE_CASES[1],))
+    assert not res.before.hazards and routed_coefficients(res.before) == [1.0]
+    assert res.caught
+
+
+@pytest.mark.slow
+@release("0.21.0")
+@release("0.22.0")
+def test_real_ranks_confirm_the_release_pair() -> None:
+    from twin.check.replay_engine import replay_engine_real
+
+    bad, good = replay_engine_real(timeout_s=120.0)
+    assert bad.real is not None and bad.real_ok
+    assert good.real is not None and good.release_real_clean and good.real_ok
