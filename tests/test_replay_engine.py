@@ -34,8 +34,12 @@ def loadable(release: str) -> str | None:
     return None
 
 
+def case_of(version: str) -> EngineCase:
+    return next(c for c in ENGINE_CASES if c.release == version)
+
+
 def release(version: str):  # type: ignore[no-untyped-def]
-    why = skip_reason(next(c for c in ENGINE_CASES if c.release == version))
+    why = skip_reason(case_of(version))
     return pytest.mark.skipif(why is not None, reason=f"vllm@{version}: {why}")
 
 
@@ -48,7 +52,7 @@ def _result(case: EngineCase, runner: str) -> EngineCaseResult:
 
 def test_cases_name_catalog_scenarios_and_the_r2_pair() -> None:
     got = {(c.regression, c.release, c.expected) for c in ENGINE_CASES}
-    assert {("R2", "0.21.0", "DOUBLE_REDUCTION"), ("R2", "0.22.0", CLEAN)} <= got
+    assert {("R2", "0.20.0", "DOUBLE_REDUCTION"), ("R2", "0.21.0", "DOUBLE_REDUCTION"), ("R2", "0.22.0", CLEAN)} <= got
     for c in ENGINE_CASES:
         load(c.scenario)
         load_runner(c.twin_runner)
@@ -56,7 +60,7 @@ def test_cases_name_catalog_scenarios_and_the_r2_pair() -> None:
 
 
 def test_the_r2_release_logic_on_the_twin_runners() -> None:
-    bad, good = ENGINE_CASES[0], ENGINE_CASES[1]
+    bad, good = case_of("0.21.0"), case_of("0.22.0")
     # The twin's model of 0.21.0's code: DOUBLE_REDUCTION with routed coefficient tp = 2.
     r = _result(bad, "before-41382")
     assert r.want_coefficient == 2.0 and routed_coefficients(r.before) == [2.0]
@@ -70,7 +74,7 @@ def test_the_r2_release_logic_on_the_twin_runners() -> None:
 
 
 def test_a_wrong_coefficient_is_a_miss() -> None:
-    bad = ENGINE_CASES[0]
+    bad = case_of("0.21.0")
     r = _result(bad, "before-41382")
     r.want_coefficient = 4.0  # e.g. a release reducing over tp*dp would show 4
     assert not r.coefficient_ok and not r.hit and not r.caught
@@ -111,9 +115,17 @@ def test_cli_engine_human_table(capsys) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
+@release("0.20.0")
+def test_0_20_0_double_reduces_on_r2() -> None:
+    (res,) = replay_engine_sim(cases=(case_of("0.20.0"),))
+    assert "DOUBLE_REDUCTION" in res.before.hazard_kinds() and routed_coefficients(res.before) == [2.0]
+    assert res.caught
+
+
+@pytest.mark.slow
 @release("0.21.0")
 def test_0_21_0_double_reduces_on_r2() -> None:
-    (res,) = replay_engine_sim(cases=(ENGINE_CASES[0],))
+    (res,) = replay_engine_sim(cases=(case_of("0.21.0"),))
     assert "DOUBLE_REDUCTION" in res.before.hazard_kinds()
     assert routed_coefficients(res.before) == [float(load("r2-fi-two-sided").parallel.tp)]
     assert res.caught
@@ -122,7 +134,7 @@ def test_0_21_0_double_reduces_on_r2() -> None:
 @pytest.mark.slow
 @release("0.22.0")
 def test_0_22_0_is_clean_on_r2() -> None:
-    (res,) = replay_engine_sim(cases=(ENGINE_CASES[1],))
+    (res,) = replay_engine_sim(cases=(case_of("0.22.0"),))
     assert not res.before.hazards and routed_coefficients(res.before) == [1.0]
     assert res.caught
 
@@ -133,6 +145,6 @@ def test_0_22_0_is_clean_on_r2() -> None:
 def test_real_ranks_confirm_the_release_pair() -> None:
     from twin.check.replay_engine import replay_engine_real
 
-    bad, good = replay_engine_real(timeout_s=120.0)
+    bad, good = replay_engine_real(timeout_s=120.0, cases=(case_of("0.21.0"), case_of("0.22.0")))
     assert bad.real is not None and bad.real_ok
     assert good.real is not None and good.release_real_clean and good.real_ok

@@ -48,8 +48,10 @@ class EngineCase:
 
 
 ENGINE_CASES: tuple[EngineCase, ...] = (
+    EngineCase("R2", "0.20.0", "r2-fi-two-sided", "DOUBLE_REDUCTION", "before-41382",
+               "the first release with the FlashInfer NVLink PF (output_is_reduced() = False)", "tp"),
     EngineCase("R2", "0.21.0", "r2-fi-two-sided", "DOUBLE_REDUCTION", "before-41382",
-               "released with the FlashInfer NVLink PF declaring output_is_reduced() = False", "tp"),
+               "the last release with the FlashInfer NVLink PF declaring output_is_reduced() = False", "tp"),
     EngineCase("R2", "0.22.0", "r2-fi-two-sided", CLEAN, "fixed",
                "the first release with the fix: the combine's output counts as reduced"),
 )
