@@ -148,3 +148,65 @@ def test_real_ranks_confirm_the_release_pair() -> None:
     bad, good = replay_engine_real(timeout_s=120.0, cases=(case_of("0.21.0"), case_of("0.22.0")))
     assert bad.real is not None and bad.real_ok
     assert good.real is not None and good.release_real_clean and good.real_ok
+
+
+class TwinStandIn(EngineCase):
+    """A release case whose program is the twin's own runner for the same code
+    (a stand-in for the traced `vllm@X.Y.Z`, so the command's path runs
+    whether or not the traced runner exists)."""
+
+    @property
+    def runner(self) -> str:
+        return self.twin_runner
+
+
+STAND_INS = tuple(TwinStandIn(c.regression, c.release, c.scenario, c.expected, c.twin_runner,
+                              f"stand-in: {c.what}", c.routed_coefficient)
+                  for c in ENGINE_CASES if c.release in ("0.21.0", "0.22.0"))
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):  # type: ignore[no-untyped-def]
+    import twin.check.replay_engine as re_mod
+
+    monkeypatch.setattr(re_mod, "ENGINE_CASES", STAND_INS)
+    monkeypatch.setattr(re_mod, "skip_reason", lambda case: None)
+    return STAND_INS
+
+
+def test_cli_with_stand_ins_catches_and_reports(stand_ins, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["replay", "--engine", "vllm", "--fail-on-hazard", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["skipped"] == 0 and [c["caught"] for c in data["cases"]] == [True, True]
+    bad, good = data["cases"]
+    assert bad["routed_coefficients"] == [2.0] and bad["expected_routed_coefficient"] == 2.0
+    assert {p["kind"] for p in bad["predicted"]} == {"DOUBLE_REDUCTION"} and bad["agrees_with_twin"]
+    assert good["predicted"] == [] and good["routed_coefficients"] == [1.0]
+    assert main(["replay", "--engine", "vllm"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("CAUGHT") == 2 and "coefficient 2" in out and "routed coefficients 2 (expected 2)" in out
+
+
+def test_cli_exit_code_when_a_release_case_misses(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import twin.check.replay_engine as re_mod
+
+    wrong = (TwinStandIn("R2", "0.22.0", "r2-fi-two-sided", CLEAN, "before-41382", "a clean claim that is false"),)
+    monkeypatch.setattr(re_mod, "ENGINE_CASES", wrong)
+    monkeypatch.setattr(re_mod, "skip_reason", lambda case: None)
+    assert main(["replay", "--engine", "vllm", "--fail-on-hazard"]) == 1
+    assert "MISSED" in capsys.readouterr().out
+    assert main(["replay", "--engine", "vllm"]) == 0  # without the flag: reported, exit 0
+
+
+@pytest.mark.slow
+def test_real_path_with_stand_ins(stand_ins, capsys) -> None:  # type: ignore[no-untyped-def]
+    from twin.check.replay_engine import replay_engine_real
+
+    bad, good = replay_engine_real(timeout_s=120.0)
+    assert bad.real_ok and bad.real is not None and bad.real.expected_verdict is not None
+    assert good.real_ok and good.release_real_clean
+    d = bad.to_dict()
+    assert d["real_ok"] and {"verdicts", "measured", "fixed_real_ok"} <= set(d)
+    assert main(["replay", "--engine", "vllm", "--real", "--fail-on-hazard"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("CAUGHT") == 2 and "CONFIRMED" in out

@@ -159,11 +159,11 @@ class EngineCaseResult:
 
 
 def replay_engine_sim(engine: str = "vllm", progress: Callable[[str], None] | None = None,
-                      cases: tuple[EngineCase, ...] = ENGINE_CASES) -> list[EngineCaseResult]:
+                      cases: tuple[EngineCase, ...] | None = None) -> list[EngineCaseResult]:
     if engine not in ENGINES:
         raise ValueError(f"replay --engine: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
     out = []
-    for case in cases:
+    for case in ENGINE_CASES if cases is None else cases:
         reason = skip_reason(case)
         if reason:
             out.append(EngineCaseResult(case, skipped=reason))
@@ -229,7 +229,7 @@ def real_clean(result: CheckResult) -> bool:
 
 def replay_engine_real(engine: str = "vllm", progress: Callable[[str], None] | None = None,
                        timeout_s: float = 120.0,
-                       cases: tuple[EngineCase, ...] = ENGINE_CASES) -> list[EngineRealResult]:
+                       cases: tuple[EngineCase, ...] | None = None) -> list[EngineRealResult]:
     out: list[EngineRealResult] = []
     for sim in replay_engine_sim(engine, progress, cases):
         case = sim.case
