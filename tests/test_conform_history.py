@@ -88,3 +88,18 @@ def test_r2_double_reduction_seen_in_the_release_forward(version: str, reduced: 
     eng = engine_decisions(ans)
     assert eng["fused_output_is_reduced"] is reduced
     assert eng["reductions"] == (["shared_all_reduce@tp"] if reduced else ["final_all_reduce@tp"])
+
+
+@release("0.20.0")
+def test_r2_in_0_20_0_two_sided_and_one_sided_refused_unquantized() -> None:
+    """0.20.0 shipped R2 too (two-sided: not reduced, the runner reduces again);
+    its one-sided backend refuses unquantized activations (nvfp4 only), so the
+    unquantized probe sees that refusal instead of the flag."""
+    d = _r2("0.20.0")
+    assert d["version"] == "0.20.0" and d["both_run"] > 0 and d["probe_error_count"] == 0
+    assert d["agreement"]["fused_output_is_reduced"] == 0.0
+    classes = {m["class"] for m in d["mismatches"]}
+    assert "fused_output_is_reduced: engine False / twin True" in classes
+    assert "reductions: engine ['final_all_reduce@tp'] / twin []" in classes
+    refused = [m for m in d["mismatches"] if m["class"].startswith("accept:")]
+    assert refused and all(m["example"]["backend"] == FI[1] and "nvfp4" in m["class"] for m in refused)

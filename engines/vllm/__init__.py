@@ -15,13 +15,13 @@ from pathlib import Path
 
 PINNED_VERSION = "0.33.0"
 # The twin's engine version whose rules each supported release follows. The
-# older releases (0.21.0, 0.22.0: the FusedMoE layer class builds the layer)
+# older releases (0.20.0-0.22.0: the FusedMoE layer class builds the layer)
 # are for the engine's own history (README: released versions and the seeds).
-TWIN_VERSION = {"0.33.0": "newest", "0.22.0": "previous", "0.21.0": "previous"}
+TWIN_VERSION = {"0.33.0": "newest", "0.22.0": "previous", "0.21.0": "previous", "0.20.0": "previous"}
 # Releases whose layer has no reduce_results knob (the runner always reduces).
-NO_REDUCE_RESULTS_KNOB = frozenset({"0.21.0", "0.22.0"})
+NO_REDUCE_RESULTS_KNOB = frozenset({"0.20.0", "0.21.0", "0.22.0"})
 # Releases that still use the older backend names (MORI is `mori`).
-OLD_BACKEND_NAMES = frozenset({"0.21.0", "0.22.0"})
+OLD_BACKEND_NAMES = frozenset({"0.20.0", "0.21.0", "0.22.0"})
 ROOT = Path(__file__).resolve().parents[2]
 ENV_PYTHON = "MOE_TWIN_VLLM_PYTHON"
 

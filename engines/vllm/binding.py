@@ -232,7 +232,10 @@ def _bind_experts_fallback() -> None:
         except (NotImplementedError, ValueError) as exc:
             if isinstance(exc, ValueError) and "current device" not in str(exc):
                 raise
-            from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+            try:
+                from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+            except ModuleNotFoundError:  # 0.20.0 keeps the class in fused_moe.py
+                from vllm.model_executor.layers.fused_moe.fused_moe import TritonExperts
 
             STANDINS.add("Triton experts class where no GEMM kernel is selectable on this CPU machine")
             return UnquantizedMoeBackend.TRITON, TritonExperts

@@ -42,6 +42,9 @@ def not_expressible(s: Scenario, twin_version: str, reduce_results_knob: bool = 
         return "model.quantized_input: an fp8 routed path the unquantized probe does not build"
     if p.max_dispatch_tokens is not None:
         return "parallel.max_dispatch_tokens: a buffer size, not a runner decision"
+    if m.latent_up_parallel == "row":
+        # The transform is the model's module; the probe hands the layer a replicated one.
+        return "model.latent_up_parallel row: the probe's layer gets a replicated up-projection"
     return None
 
 

@@ -416,9 +416,12 @@ def _rank(cfg: dict[str, Any]) -> tuple[int, int]:
 
 
 def quant_method(runner: Any) -> Any:
-    """The quant method the runner asks (0.33: its routed experts' own)."""
+    """The quant method the runner asks (0.33: its routed experts' own; 0.20:
+    a public attribute)."""
     routed = getattr(runner, "routed_experts", None)
-    return routed.quant_method if routed is not None else runner._quant_method
+    if routed is not None:
+        return routed.quant_method
+    return runner._quant_method if hasattr(runner, "_quant_method") else runner.quant_method
 
 
 def _effective(trim: Any, width: Any) -> Any:

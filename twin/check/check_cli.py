@@ -48,6 +48,8 @@ def add_parsers(sub: Any) -> None:
 
     sp = sub.add_parser("replay", help="the five historical regressions, before vs fixed")
     sp.add_argument("--real", action="store_true", help="also run every case on real ranks and give verdicts")
+    sp.add_argument("--engine", choices=("vllm",),
+                    help="the seeds on the engine's own releases (runner ENGINE@X.Y.Z per installed release)")
     add_timeout(sp, 120.0, "a real run (after start-up) counts as hung")
     add_startup_flag(sp)
     add_budgets(sp)
@@ -106,26 +108,46 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from twin.check.report import replay_table
 
     out = console()
-    if args.real:
-        from twin.check.replay_real import replay_real
-
-        startup_timeout(args)
-        autocalibrate(args)
-        with spinner("replaying on real ranks...") as status:
-            results = replay_real(progress=lambda msg: status.update(f"real: {msg}"), timeout_s=args.timeout)
-    else:
-        from twin.check.replay import replay_sim
-
-        results = replay_sim()
+    results = _replay_results(args)
     if args.json:
-        emit_json({"cases": [r.to_dict() for r in results]})
+        doc: dict[str, Any] = {"cases": [r.to_dict() for r in results]}
+        if args.engine:
+            doc["engine"] = args.engine
+            doc["skipped"] = sum(1 for r in results if r.skipped)
+        emit_json(doc)
     else:
         from twin.check.report import replay_details
 
-        print_report(replay_table(results, real=args.real))
+        print_report(replay_table(results, real=args.real, engine=args.engine))
         print_report(replay_details(results, real=args.real, width=out.width))
     failed = any(not r.caught for r in results) or (args.real and any(not r.real_ok for r in results))
     return EXIT_HAZARD if (args.fail_on_hazard and failed) else EXIT_OK
+
+
+def _replay_results(args: argparse.Namespace) -> list[Any]:
+    """The twin's historical runners, or with --engine the engine's releases;
+    --real also runs each case on real ranks."""
+    if args.real:
+        startup_timeout(args)
+        autocalibrate(args)
+        with spinner("replaying on real ranks...") as status:
+            def progress(msg: str) -> None:
+                status.update(f"real: {msg}")
+
+            if args.engine:
+                from twin.check.replay_engine import replay_engine_real
+
+                return replay_engine_real(args.engine, progress=progress, timeout_s=args.timeout)
+            from twin.check.replay_real import replay_real
+
+            return replay_real(progress=progress, timeout_s=args.timeout)
+    if args.engine:
+        from twin.check.replay_engine import replay_engine_sim
+
+        return replay_engine_sim(args.engine)
+    from twin.check.replay import replay_sim
+
+    return replay_sim()
 
 
 def _parse_ranks(text: str | None) -> list[int] | None:

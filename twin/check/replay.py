@@ -47,9 +47,18 @@ class CaseResult:
     def predicted(self) -> list[Hazard]:
         return self.before.hazards
 
+    skipped = None  # every twin case runs (a release's case may be skipped: replay_engine.py)
+
+    @property
+    def hit(self) -> bool:
+        return self.case.expected in self.before.hazard_kinds()
+
     @property
     def caught(self) -> bool:
-        return self.case.expected in self.before.hazard_kinds() and not self.fixed.hazards
+        return self.hit and not self.fixed.hazards
+
+    def detail_lines(self) -> list[str]:
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         c = self.case

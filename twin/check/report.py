@@ -221,11 +221,13 @@ def real_report(s: Scenario, trace: Trace, timeline: RenderableType | None,
     return _trace_report(s, trace, timeline, real=True, engine=engine)
 
 
-def replay_table(results: list[Any], real: bool = False) -> RenderableType:
-    """Summary: one row per regression; details follow in replay_details."""
+def replay_table(results: list[Any], real: bool = False, engine: str | None = None) -> RenderableType:
+    """Summary: one row per regression (with `engine`: per release of the
+    engine); details follow in replay_details."""
     from rich import box
 
-    title = "moe-twin replay: historical regressions, before vs fixed runner"
+    title = ("moe-twin replay: historical regressions, before vs fixed runner" if not engine
+             else f"moe-twin replay --engine {engine}: seeds on releases")
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("case", no_wrap=True)
     t.add_column("expected", no_wrap=True)
@@ -235,7 +237,10 @@ def replay_table(results: list[Any], real: bool = False) -> RenderableType:
     t.add_column("result", no_wrap=True)
     for res in results:
         c = res.case
-        hit = c.expected in res.before.hazard_kinds()
+        if res.skipped:
+            t.add_row(*_skipped_row(res, real))
+            continue
+        hit = res.hit
         sim = Text("hit" if hit else "MISS", style="green" if hit else "bold red")
         sim.append("/")
         sim.append("ok" if not res.fixed.hazards else "ALARM", style="green" if not res.fixed.hazards else "bold red")
@@ -251,9 +256,22 @@ def replay_table(results: list[Any], real: bool = False) -> RenderableType:
         row.append(Text("CAUGHT" if ok else "MISSED", style="bold green" if ok else "bold red"))
         t.add_row(*row)
     t.caption = ("sim: hit = expected hazard predicted for the before runner, ok = none for the fixed runner"
-                 + ("; real: verdict of the real run, ok = fixed runner measured clean" if real else ""))
+                 + ("; real: verdict of the real run, ok = fixed runner measured clean" if real else "")
+                 + ("; a release's hit also needs its routed coefficients and the twin's runner for the same "
+                    "code to agree (expected clean: nothing predicted)" if engine else ""))
     t.caption_justify = "left"
     return t
+
+
+def _skipped_row(res: Any, real: bool) -> list[Any]:
+    """A case that cannot run here (release not installed, runner not loadable): reported, not a miss."""
+    c = res.case
+    row: list[Any] = [Text(printable(f"{c.regression} {c.runner}")),
+                      Text(c.expected, style=KIND_STYLE.get(c.expected, "bold")), Text("-", style="dim")]
+    if real:
+        row.append(Text("-", style="dim"))
+    row.append(Text("SKIPPED", style="yellow"))
+    return row
 
 
 def replay_details(results: list[Any], real: bool = False, width: int = 80) -> RenderableType:
@@ -266,11 +284,16 @@ def replay_details(results: list[Any], real: bool = False, width: int = 80) -> R
         head = Text(printable(f"{c.regression} {c.runner}"), style="bold")
         head.append(printable(f" on {c.scenario}: {c.what}"))
         parts.append(head)
+        if r.skipped:
+            parts.append(Text(f"  skipped: {printable(r.skipped)}", style="yellow"))
+            continue
         parts.append(Text("  sim before: ", style="dim"))
         for line in hazard_lines(r.before.hazards):
             parts.append(Text("    ").append_text(line))
         fixed = "clean" if not r.fixed.hazards else ", ".join(sorted(r.fixed.hazard_kinds()))
         parts.append(Text(f"  sim fixed:  {fixed}", style="green" if not r.fixed.hazards else "bold red"))
+        for line in r.detail_lines():
+            parts.append(Text(f"  {printable(line)}"))
         if real:
             for line in r.real_lines():
                 parts.append(Text(f"  {printable(line)}"))
