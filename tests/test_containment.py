@@ -9,6 +9,7 @@ Runner fixtures: tests/hostile_runners.py, tests/hostile_modules/.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -255,6 +256,38 @@ def test_explore_enumeration_with_a_looping_runner_stops_at_its_time_bound(tmp_p
     assert d["examples"] == 2
     for f in d["findings"]:
         assert f["kind"] == "RUNNER_ERROR" and "budget" in (f["unshrinkable"] or "")
+
+
+def test_explore_gives_up_enumerating_a_runner_that_always_runs_into_the_wall_clock_budget(tmp_path):
+    # Default enumeration bound (120 s): three classes in a row stopped by the
+    # budget end the phase instead; the search still tries its examples.
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
+                        "--budget", "2", "--sim-timeout", "1", "--out", str(tmp_path), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 45
+    d = json.loads(p.stdout)
+    e = d["enumeration"]
+    assert not e["complete"] and e["simulated"] == 3
+    assert e["stopped"] == "the runner ran into the wall-clock budget on 3 classes in a row"
+    assert d["examples"] == 2
+
+
+def test_a_runner_stopped_in_the_simulator_is_not_run_nor_calibrated_for(tmp_path):
+    # The first real use calibrates; a real run that does not happen is not a use.
+    env = {**os.environ, "MOE_TWIN_NO_AUTOCALIBRATE": "0", "MOE_TWIN_HOME": str(tmp_path)}
+    for verb in ("run", "check"):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", verb, "r3-tp-decode",
+                            "--runner", f"{HOSTILE}:LoopForever", "--sim-timeout", "0.5", "--timeout", "15"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S, env=env)
+        assert p.returncode == 0, p.stderr
+        assert time.monotonic() - t0 < 30
+        assert "calibrat" not in p.stderr and list(tmp_path.iterdir()) == []
+        assert "real run skipped" in p.stdout or "not run on real ranks" in p.stdout
+        if verb == "run":  # no "measured latency 0 us" for a run that did not happen
+            assert "not run (see the notes below)" in p.stdout
 
 
 # ---------------------------------------------------------------- real ranks (slow)
