@@ -316,3 +316,22 @@ def test_the_op_budget_applies_on_real_ranks_and_prints_stay_off_stdout():
     json.loads(p.stdout)  # the ranks' prints went to stderr
     assert "runner says hello" in p.stderr
 
+
+
+@pytest.mark.slow
+def test_the_ranks_are_rebuilt_after_a_runner_looped_on_them():
+    # One process, two runs: the hung ranks are replaced, the next run is clean.
+    code = ("import json\n"
+            "from scenarios.loader import load\n"
+            "from sim import simulate\n"
+            "from real.runner import run_real\n"
+            "s = load('r3-tp-decode')\n"
+            f"h = '{HOSTILE}:LoopOnRealRanks'\n"
+            "first = run_real(s, h, prediction=simulate(s, h), timeout_s=10).trace\n"
+            "second = run_real(s, 'fixed', prediction=simulate(s, 'fixed'), timeout_s=60).trace\n"
+            "print(json.dumps([[(h.kind.value, h.step_name) for h in t.hazards] for t in (first, second)]))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    first, second = json.loads(p.stdout.strip().splitlines()[-1])
+    assert first == [["HANG", "before_the_loop"]] * 2
+    assert second == []
