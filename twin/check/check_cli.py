@@ -27,6 +27,7 @@ from twin.cli_real import (
     autocalibrate,
     budget_stop,
     real_scenario,
+    resolve_runner,
     skipped_real,
     startup_timeout,
 )
@@ -83,9 +84,10 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    s = load_scenario(args.scenario)  # bad input is refused before numpy and the simulator load
+    resolve_runner(args, s)
     from sim import simulate
 
-    s = load_scenario(args.scenario)
     trace = simulate(s, args.runner, profile=args.profile)
     engine = engine_layout(s, args.runner or s.runner)
     if args.json:
@@ -138,9 +140,9 @@ def _parse_ranks(text: str | None) -> list[int] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    s = real_scenario(args)
     from sim import simulate
 
-    s = real_scenario(args)
     # Simulated first: a runner stopped by a budget there is not run for real
     # (nor is the cpu profile calibrated for a run that does not happen).
     with spinner(f"simulating {s.name} before its real run..."):
@@ -168,11 +170,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    s = real_scenario(args)
     from sim import simulate
     from twin.check.crosscheck import CheckResult, VerdictItem, check
     from twin.check.report import check_report
 
-    s = real_scenario(args)
     with spinner(f"checking {s.name}: simulating..."):
         sim = simulate(s, args.runner)
     stop = budget_stop(sim)
@@ -201,14 +203,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    from sim import simulate
-
     s = real_scenario(args, real=args.real)
     ranks = _parse_ranks(args.ranks)
     if ranks is not None:
         bad = [r for r in ranks if not 0 <= r < s.world]
         if bad:
             raise BadInput(f"--ranks: {bad} not in this scenario's ranks 0..{s.world - 1}")
+    from sim import simulate
+
     sim_trace = simulate(s, args.runner)
     real_trace = None
     div = None
