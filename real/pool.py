@@ -56,6 +56,11 @@ from real.ranks import (
     setup_rank_runtime,
     usable_cpu_count,
 )
+from real.startup import (
+    DEFAULT_STARTUP_TIMEOUT_S,
+    default_startup_timeout,
+    set_default_startup_timeout,
+)
 
 __all__ = [
     "MAX_RANKS_PER_CPU",
@@ -80,21 +85,6 @@ __all__ = [
 # How long the other ranks may still finish after one rank raised or died;
 # they are usually stuck in a collective waiting for the failed peer.
 DEFAULT_FAILURE_GRACE_S = 1.0
-
-# Start-up (spawn, import torch, rendezvous, init the group) under load can take
-# tens of seconds on an oversubscribed CPU; it is bounded on its own.
-DEFAULT_STARTUP_TIMEOUT_S = 120.0
-_startup_timeout_s = DEFAULT_STARTUP_TIMEOUT_S
-
-
-def set_default_startup_timeout(seconds: float) -> None:
-    """The start-up timeout of every pool created without its own (the CLI's
-    --startup-timeout); read when a pool (re)starts its ranks."""
-    global _startup_timeout_s
-    if not seconds > 0:
-        raise ValueError(f"start-up timeout must be > 0 seconds, got {seconds}")
-    _startup_timeout_s = float(seconds)
-
 
 class PoolError(Exception):
     """The pool cannot do what was asked (bad size, start-up failure, closed pool)."""
@@ -453,7 +443,7 @@ class RankPool:
     @property
     def startup_timeout_s(self) -> float:
         """Seconds the ranks may take to start (spawn, rendezvous, group init)."""
-        return self._startup_timeout_s if self._startup_timeout_s is not None else _startup_timeout_s
+        return self._startup_timeout_s if self._startup_timeout_s is not None else default_startup_timeout()
 
     def start(self) -> None:
         """Start the ranks now (otherwise the first `run` does it).

@@ -54,6 +54,7 @@ HARD_EXIT_CODE = 2
 _DEFER_S, _REPEAT_S = 0.005, 0.05
 
 BUDGET_NOTE = "runner stopped by a budget: "  # prefix of the Trace note a budget stop leaves
+WALL_CLOCK_BUDGET = "wall-clock budget"  # the name a --sim-timeout stop starts with
 
 _TOOL_DIRS = tuple(
     str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("sim", "real", "twin", "kernels")
@@ -147,7 +148,7 @@ def _may_exceed(shape: tuple[Any, ...]) -> bool:
 
 
 def _timeout() -> BudgetExceeded:
-    return BudgetExceeded("wall-clock budget", f"--sim-timeout {_limits.sim_timeout_s:g} s")
+    return BudgetExceeded(WALL_CLOCK_BUDGET, f"--sim-timeout {_limits.sim_timeout_s:g} s")
 
 
 def budget_stop(notes: list[str]) -> str | None:
@@ -429,6 +430,7 @@ __all__ = [
     "MAX_ELEMENTS",
     "RunnerExit",
     "RunnerGuard",
+    "WALL_CLOCK_BUDGET",
     "budget_stop",
     "check_op",
     "limits",

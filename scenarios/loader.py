@@ -37,7 +37,7 @@ def parse_toml(text: str, source: str = "<text>", default_name: str = "scenario"
         raise ScenarioError("toml", f"{source} nests tables or arrays too deeply") from None
 
 
-def _kind(mode: int) -> str | None:
+def file_kind(mode: int) -> str | None:
     """What a non-regular file is, in words (None for a regular file)."""
     for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
@@ -57,7 +57,7 @@ def _read_scenario_bytes(p: Path) -> bytes:
             raise ScenarioError("scenario", f"no such file {p}") from None
         raise ScenarioError("scenario", f"cannot read {p}: {exc.strerror or exc}") from None
     try:
-        what = _kind(os.fstat(fd).st_mode)
+        what = file_kind(os.fstat(fd).st_mode)
         if what is not None:
             raise ScenarioError("scenario", f"{p} is {what}, not a scenario file")
         raw = b""
@@ -107,7 +107,7 @@ def load(name_or_file: str) -> Scenario:
             return load_file(entry.file)
     names = ", ".join(e.name for e in catalog())
     try:
-        what = _kind(os.stat(p).st_mode) or "a file not named .toml"
+        what = file_kind(os.stat(p).st_mode) or "a file not named .toml"
     except OSError:
         what = None
     if what is not None:

@@ -232,20 +232,41 @@ def _engine_runner(spec: str) -> type[MoERunner]:
         raise RunnerLoadError(f"runner {spec!r}: {exc}") from None
 
 
+# Runner files executed by this process, by (path, mtime, size): an edited file is loaded again.
+_FILE_MODULES: dict[tuple[str, int, int], Any] = {}
+
+
 def _import_user_module(spec: str, module_name: str) -> Any:
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
-            raise RunnerLoadError(f"runner {spec!r}: no such file {module_name}")
+            raise RunnerLoadError(f"runner {spec!r}: {_not_a_file(path)}")
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if key in _FILE_MODULES:  # loaded once per command (validated early, then simulated)
+            return _FILE_MODULES[key]
         spec_obj = importlib.util.spec_from_file_location(path.stem, path)
         assert spec_obj is not None and spec_obj.loader is not None
         module = importlib.util.module_from_spec(spec_obj)
         sys.modules.setdefault(path.stem, module)
         spec_obj.loader.exec_module(module)
+        _FILE_MODULES[key] = module
         return module
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # let users name modules in the current directory
     return importlib.import_module(module_name)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` cannot be a runner's source file, in words (a FIFO is never
+    opened: reading it would wait for a writer)."""
+    from scenarios.loader import file_kind
+
+    try:
+        what = file_kind(path.stat().st_mode)
+    except OSError:
+        return f"no such file {path}"
+    return f"{path} is {what}, not a Python file"
 
 
 def unsupported_reason(cls: type[MoERunner], scenario: Scenario) -> str | None:

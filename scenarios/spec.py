@@ -47,6 +47,11 @@ MAX_ROUTED_PAIRS = 2**21  # total tokens x top_k: the routing arrays
 MAX_EXPERTS = 4096
 MAX_TOP_K = 64
 MAX_WORLD = 1024  # ranks (tp x dp)
+# Any layer width (hidden, intermediates, padded and latent widths): 16x the
+# widest released MoE layer, and with MAX_TOTAL_TOKENS rows a tensor stays
+# below the simulator's value cap (scenarios/contain.py MAX_ELEMENTS), so a
+# wide scenario is refused as bad input, never blamed on the runner.
+MAX_WIDTH = 1 << 20
 # The next layer's fused all-reduce + residual + RMSNorm runs for at most this
 # many tokens (SGLang's FlashInfer fusion: 0 < T <= 2048, moe_block.md section 5).
 FUSION_MAX_TOKENS = 2048
@@ -110,6 +115,7 @@ class ModelTraits:
             raise ScenarioError("model.num_experts", f"at most {MAX_EXPERTS} experts, got {self.num_experts}")
         if self.top_k > MAX_TOP_K:
             raise ScenarioError("model.top_k", f"at most {MAX_TOP_K}, got {self.top_k}")
+        self._validate_widths()
         if self.top_k > self.num_experts:
             raise ScenarioError(
                 "model.top_k", f"top_k {self.top_k} > num_experts {self.num_experts}"
@@ -150,6 +156,16 @@ class ModelTraits:
             raise ScenarioError(
                 "model.routed_scaling_factor", f"must be finite and > 0, got {self.routed_scaling_factor}"
             )
+
+    def _validate_widths(self) -> None:
+        widths = {"model.hidden": self.hidden, "model.moe_intermediate": self.moe_intermediate,
+                  # unset: moe_intermediate x num_shared_experts (one fused MLP)
+                  ("model.shared_intermediate" if self.shared_intermediate is not None
+                   else "model.num_shared_experts (shared width)"): self.shared_inter if self.has_shared else 0,
+                  "model.moe_hidden": self.moe_hidden or 0, "model.latent_dim": self.latent_dim or 0}
+        for name, width in widths.items():
+            if isinstance(width, int) and width > MAX_WIDTH:
+                raise ScenarioError(name, f"at most {MAX_WIDTH:,} wide, got {width:,}")
 
     def _validate_latent_up_parallel(self) -> None:
         name, value = "model.latent_up_parallel", self.latent_up_parallel

@@ -9,6 +9,7 @@ Runner fixtures: tests/hostile_runners.py, tests/hostile_modules/.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -257,6 +258,38 @@ def test_explore_enumeration_with_a_looping_runner_stops_at_its_time_bound(tmp_p
         assert f["kind"] == "RUNNER_ERROR" and "budget" in (f["unshrinkable"] or "")
 
 
+def test_explore_gives_up_enumerating_a_runner_that_always_runs_into_the_wall_clock_budget(tmp_path):
+    # Default enumeration bound (120 s): three classes in a row stopped by the
+    # budget end the phase instead; the search still tries its examples.
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "cli", "explore", "--runner", f"{HOSTILE}:LoopForever",
+                        "--budget", "2", "--sim-timeout", "1", "--out", str(tmp_path), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 45
+    d = json.loads(p.stdout)
+    e = d["enumeration"]
+    assert not e["complete"] and e["simulated"] == 3
+    assert e["stopped"] == "the runner ran into the wall-clock budget on 3 classes in a row"
+    assert d["examples"] == 2
+
+
+def test_a_runner_stopped_in_the_simulator_is_not_run_nor_calibrated_for(tmp_path):
+    # The first real use calibrates; a real run that does not happen is not a use.
+    env = {**os.environ, "MOE_TWIN_NO_AUTOCALIBRATE": "0", "MOE_TWIN_HOME": str(tmp_path)}
+    for verb in ("run", "check"):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", verb, "r3-tp-decode",
+                            "--runner", f"{HOSTILE}:LoopForever", "--sim-timeout", "0.5", "--timeout", "15"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S, env=env)
+        assert p.returncode == 0, p.stderr
+        assert time.monotonic() - t0 < 30
+        assert "calibrat" not in p.stderr and list(tmp_path.iterdir()) == []
+        assert "real run skipped" in p.stdout or "not run on real ranks" in p.stdout
+        if verb == "run":  # no "measured latency 0 us" for a run that did not happen
+            assert "not run (see the notes below)" in p.stdout
+
+
 # ---------------------------------------------------------------- real ranks (slow)
 
 
@@ -283,3 +316,22 @@ def test_the_op_budget_applies_on_real_ranks_and_prints_stay_off_stdout():
     json.loads(p.stdout)  # the ranks' prints went to stderr
     assert "runner says hello" in p.stderr
 
+
+
+@pytest.mark.slow
+def test_the_ranks_are_rebuilt_after_a_runner_looped_on_them():
+    # One process, two runs: the hung ranks are replaced, the next run is clean.
+    code = ("import json\n"
+            "from scenarios.loader import load\n"
+            "from sim import simulate\n"
+            "from real.runner import run_real\n"
+            "s = load('r3-tp-decode')\n"
+            f"h = '{HOSTILE}:LoopOnRealRanks'\n"
+            "first = run_real(s, h, prediction=simulate(s, h), timeout_s=10).trace\n"
+            "second = run_real(s, 'fixed', prediction=simulate(s, 'fixed'), timeout_s=60).trace\n"
+            "print(json.dumps([[(h.kind.value, h.step_name) for h in t.hazards] for t in (first, second)]))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    first, second = json.loads(p.stdout.strip().splitlines()[-1])
+    assert first == [["HANG", "before_the_loop"]] * 2
+    assert second == []

@@ -33,8 +33,8 @@ def moe_twin(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, s
     return p.returncode, p.stdout, err.replace("TORCH_IMPORTED\n", ""), torch
 
 
-def assert_bad_input(argv: list[str], needle: str) -> None:
-    code, out, err, torch = moe_twin(*argv)
+def assert_bad_input(argv: list[str], needle: str, env: dict[str, str] | None = None) -> None:
+    code, out, err, torch = moe_twin(*argv, env=env)
     assert code == 2, (code, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and "c10d" not in err, err
@@ -115,6 +115,28 @@ def test_non_utf8_file_is_named(files):
 ])
 def test_one_line_errors_do_not_import_torch(argv, needle):
     assert_bad_input(argv, needle)
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "r3-tp-decode"], ["run", "r3-tp-decode"], ["timeline", "r3-tp-decode", "--real"],
+])
+def test_a_bad_runner_of_a_real_run_is_refused_before_torch_or_calibration(tmp_path, argv):
+    # Automatic calibration on (the suite turns it off), no profile yet: the
+    # runner is refused first, in a fraction of the seconds torch takes.
+    env = {"MOE_TWIN_NO_AUTOCALIBRATE": "0", "MOE_TWIN_HOME": str(tmp_path)}
+    assert_bad_input([*argv, "--runner", "bogus"], "unknown runner 'bogus'", env=env)
+    assert_bad_input([*argv, "--runner", "no_such_runner_module:X"], "cannot import no_such_runner_module", env=env)
+    assert list(tmp_path.iterdir()) == []  # nothing calibrated
+
+
+def test_a_runner_path_that_is_not_a_file_says_what_it_is(files):
+    os.mkfifo(files / "fifo.py")
+    (files / "dir.py").mkdir()
+    assert_bad_input(["simulate", "r3-tp-decode", "--runner", f"{files / 'fifo.py'}:X"],
+                     "fifo.py is a FIFO (named pipe), not a Python file")
+    assert_bad_input(["check", "r3-tp-decode", "--runner", f"{files / 'dir.py'}:X"],
+                     "dir.py is a directory, not a Python file")
+    assert_bad_input(["simulate", "r3-tp-decode", "--runner", f"{files / 'none.py'}:X"], "no such file")
 
 
 @pytest.mark.skipif(bool([p for p in Path("/dev").glob("nvidia[0-9]*")]), reason="a GPU machine asks torch")

@@ -118,6 +118,31 @@ def test_caps_are_one_line_exit_2(tmp_path, verb, fields, needle):
     assert len(lines) == 1 and needle in lines[0], p.stderr
 
 
+_TORCH_PROBE = ("import sys, cli\n"
+                "code = cli.main(sys.argv[1:])\n"
+                "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH', file=sys.stderr)\n"
+                "sys.exit(code)\n")
+
+
+@pytest.mark.parametrize("verb", ["simulate", "run", "check"])
+@pytest.mark.parametrize(("toml", "needle"), [
+    ("[model]\nnum_experts = 1000000\ntop_k = 8\n[parallel]\ndp = 4096\nep = true\n",
+     "model.num_experts: at most 4096 experts, got 1000000"),
+    ("[parallel]\ntp = 2\ndp = 2048\n", "at most 1024 ranks (tp x dp), got 2 x 2048 = 4096"),
+    ("[model]\nhidden = 99999999999999999999999\n", "model.hidden: at most 1,048,576 wide"),
+    ("[model]\nnum_shared_experts = 100000\n", "model.num_shared_experts (shared width): at most 1,048,576"),
+])
+def test_absurd_sizes_are_a_prompt_exit_2(tmp_path, verb, toml, needle):
+    # 10^6 experts or 4096 ranks: refused before routing or rank processes, torch-free.
+    f = tmp_path / "huge.toml"
+    f.write_text('name = "huge"\n' + toml)
+    p = subprocess.run([sys.executable, "-c", _TORCH_PROBE, verb, str(f)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1] == "NO_TORCH" and len(lines) == 2 and needle in lines[0], p.stderr
+
+
 def test_real_run_refuses_a_world_the_machine_cannot_hold(tmp_path):
     from real.sizes import max_real_ranks
 

@@ -13,7 +13,7 @@ from typing import Any
 from twin.cli_flags import BadInput, add_budgets, add_timeout, seconds
 from twin.cli_output import load_scenario, spinner
 
-STARTUP_TIMEOUT_S = 120.0  # real.pool.DEFAULT_STARTUP_TIMEOUT_S (not imported: torch is slow to load)
+STARTUP_TIMEOUT_S = 120.0  # real.startup.DEFAULT_STARTUP_TIMEOUT_S
 
 
 def add_startup_flag(sp: argparse.ArgumentParser) -> None:
@@ -44,32 +44,44 @@ def real_scenario(args: argparse.Namespace, real: bool = True):  # noqa: ANN202
 
         check_fits(s)
         check_kernel_device(s.kernel)
+        resolve_runner(args, s)
         startup_timeout(args, apply=args.command != "timeline" or args.real)
     return s
 
 
-def autocalibrate(args: argparse.Namespace) -> None:
+def resolve_runner(args: argparse.Namespace, s: Any) -> None:
+    """An unknown runner, or a user's runner that cannot be loaded, is bad
+    input refused before torch is imported or the cpu profile calibrated (the
+    simulator would refuse it too, after seconds of both)."""
+    from scenarios.runners import load_runner
+
+    load_runner(getattr(args, "runner", None) or s.runner)
+
+
+def autocalibrate(args: argparse.Namespace) -> bool:
     """The first real use on this machine calibrates the cpu profile the
     simulated CPU timeline is drawn with (real/autocal.py): said on stderr,
-    with progress; a failure is one line and the command goes on."""
+    with progress; a failure is one line and the command goes on. True when
+    it ran (a cpu-profile simulation made before it is stale)."""
     from real import autocal
 
     why = autocal.reason_to_calibrate()
     if why is None:
-        return
+        return False
     print(f"moe-twin: {why}: calibrating the cpu profile now, once (~15-30 s; "
           f"{autocal.OPT_OUT}=1 skips it)", file=sys.stderr)
     with spinner("calibrating the cpu profile...") as status:
         note = autocal.calibrate_now(progress=lambda m: status.update(f"calibrating the cpu profile: {m}"),
                                      timeout_s=getattr(args, "timeout", None) or 120.0)
     print(f"moe-twin: {note}", file=sys.stderr)
+    return True
 
 
 def startup_timeout(args: argparse.Namespace, apply: bool = True) -> None:
     """--startup-timeout bounds rank start-up (spawn, rendezvous, groups) on
     its own, so --timeout bounds only the run (validated while parsing)."""
     if apply:
-        from real.pool import set_default_startup_timeout
+        from real.startup import set_default_startup_timeout
 
         set_default_startup_timeout(args.startup_timeout)
 

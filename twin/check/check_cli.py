@@ -27,6 +27,7 @@ from twin.cli_real import (
     autocalibrate,
     budget_stop,
     real_scenario,
+    resolve_runner,
     skipped_real,
     startup_timeout,
 )
@@ -85,9 +86,10 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    s = load_scenario(args.scenario)  # bad input is refused before numpy and the simulator load
+    resolve_runner(args, s)
     from sim import simulate
 
-    s = load_scenario(args.scenario)
     trace = simulate(s, args.runner, profile=args.profile)
     engine = engine_layout(s, args.runner or s.runner)
     if args.json:
@@ -160,21 +162,24 @@ def _parse_ranks(text: str | None) -> list[int] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    s = real_scenario(args)
     from sim import simulate
 
-    s = real_scenario(args)
-    autocalibrate(args)
-    with spinner(f"running {s.name} on {s.world} real rank(s)..."):
+    # Simulated first: a runner stopped by a budget there is not run for real
+    # (nor is the cpu profile calibrated for a run that does not happen).
+    with spinner(f"simulating {s.name} before its real run..."):
         prediction = simulate(s, args.runner)  # shapes of async ops and the values to fit
-        stop = budget_stop(prediction)
-        if stop is None:
-            from real.runner import run_real
+    stop = budget_stop(prediction)
+    if stop is None:
+        from real.runner import run_real
 
+        autocalibrate(args)
+        with spinner(f"running {s.name} on {s.world} real rank(s)..."):
             res = run_real(s, args.runner, prediction=prediction, timeout_s=args.timeout)
-            trace, errors, failures = res.trace, res.errors, res.failures
-        else:  # the runner would loop on the ranks too: report the simulator's stop
-            trace, errors, failures = skipped_real(s, prediction, stop), {}, {}
-            trace.hazards = list(prediction.hazards)
+        trace, errors, failures = res.trace, res.errors, res.failures
+    else:  # the runner would loop on the ranks too: report the simulator's stop
+        trace, errors, failures = skipped_real(s, prediction, stop), {}, {}
+        trace.hazards = list(prediction.hazards)
     if args.json:
         emit_json({"scenario": s.name, **trace.to_dict(with_steps=True),
                     "errors": {str(r): {"step": st, "error": e} for r, (st, e) in errors.items()},
@@ -187,15 +192,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    s = real_scenario(args)
     from sim import simulate
     from twin.check.crosscheck import CheckResult, VerdictItem, check
     from twin.check.report import check_report
 
-    s = real_scenario(args)
-    autocalibrate(args)
-    with spinner(f"checking {s.name}: simulate, then run on {s.world} real rank(s)...") as status:
+    with spinner(f"checking {s.name}: simulating..."):
         sim = simulate(s, args.runner)
-        stop = budget_stop(sim)
+    stop = budget_stop(sim)
+    if stop is None:
+        autocalibrate(args)  # before check() simulates again: its cpu timeline is the calibrated one
+    with spinner(f"checking {s.name}: simulate, then run on {s.world} real rank(s)...") as status:
         if stop is None:
             result = check(s, args.runner, timeout_s=args.timeout, progress=lambda m: status.update(m))
         else:  # the runner would loop on the ranks too: no real run, say why
@@ -218,16 +225,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    from sim import simulate
-
     s = real_scenario(args, real=args.real)
     ranks = _parse_ranks(args.ranks)
     if ranks is not None:
         bad = [r for r in ranks if not 0 <= r < s.world]
         if bad:
             raise BadInput(f"--ranks: {bad} not in this scenario's ranks 0..{s.world - 1}")
-    if args.real:
-        autocalibrate(args)  # before simulating: a cpu scenario's timeline is the cpu profile's
+    from sim import simulate
+
     sim_trace = simulate(s, args.runner)
     real_trace = None
     div = None
@@ -239,6 +244,8 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         from real.runner import run_real
         from twin.check.crosscheck import first_divergence
 
+        if autocalibrate(args) and s.cost_profile == "cpu":
+            sim_trace = simulate(s, args.runner)  # timed with the profile just calibrated
         with spinner(f"running {s.name} on {s.world} real rank(s)..."):
             real_trace = run_real(s, args.runner, prediction=sim_trace, timeout_s=args.timeout).trace
         d = first_divergence(sim_trace, real_trace, s.model.routed_scaling_factor)

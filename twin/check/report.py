@@ -178,7 +178,8 @@ def _trace_report(s: Scenario, trace: Trace, timeline: RenderableType | None, re
     parts: list[RenderableType] = [scenario_panel(s, engine), Text("")]
     if real:
         head = Text(f"real run of {printable(trace.runner)}", style="bold")
-        head.append(f"   measured latency {trace.latency_us:.0f} us")
+        skipped = any(n.startswith("real run skipped") for n in trace.notes)
+        head.append("   not run (see the notes below)" if skipped else f"   measured latency {trace.latency_us:.0f} us")
     else:
         head = Text(f"runner {printable(trace.runner)}", style="bold")
         head.append(f"   latency {trace.latency_us:.1f} us")

@@ -26,6 +26,10 @@ DEFAULT_SPACE = "default"
 # The default space takes ~25 s of one core for the presets (README, verify):
 # room for a loaded machine, and a bound for runners that spin until a budget.
 DEFAULT_ENUMERATE_S = 120.0
+# A runner that spins until the wall-clock budget on this many classes in a
+# row ends the phase: each further class would cost a whole --sim-timeout, and
+# the search after it still tries generated scenarios, each under its budget.
+WALL_STOPS_TO_GIVE_UP = 3
 INTERRUPTED = "interrupted"
 REPORT_EVERY_S = 0.2  # progress updates at most this often (there is one tick per assignment)
 
@@ -118,7 +122,10 @@ def enumerate_phase(spec: str, store: FindingStore, report: Callable[..., None],
             polled("enumerate", done=done, total=total)
 
     res = verify(spec, space=space, max_world=max_world, jobs=1, store=store, should_stop=should_stop,
-                 progress=progress, keep_outcomes=True, name_prefix="explore")
+                 progress=progress, keep_outcomes=True, name_prefix="explore",
+                 max_wall_stops=WALL_STOPS_TO_GIVE_UP)
+    if res.gave_up and not why:
+        why.append(res.gave_up)
     seen = set().union(*res.outcomes.values()) if res.outcomes else set()
     return EnumerationSummary(
         space=res.space, max_world=res.max_world, classes=res.classes, simulated=res.simulated,

@@ -77,6 +77,10 @@ class VerifyResult:
     complete: bool = True  # False: stopped early (`should_stop`), the counts cover what was done
     assignments_done: int = 0  # of this shard's range, invalid and out-of-world ones included
     assignments_total: int = 0
+    # Simulated classes in a row that ran into the wall-clock budget, and why
+    # the walk gave up on them (see verify's `max_wall_stops`).
+    wall_stops_in_a_row: int = 0
+    gave_up: str | None = None
 
     @property
     def simulated(self) -> int:
@@ -210,6 +214,7 @@ def verify(
     store: FindingStore | None = None,
     should_stop: Callable[[], bool] | None = None,
     name_prefix: str = "verify",
+    max_wall_stops: int | None = None,
 ) -> VerifyResult:
     """Enumerate `space` (tp x dp <= max_world) for `runner`; see the module docstring.
 
@@ -217,7 +222,9 @@ def verify(
     signatures) instead of a store of this call's own under `out`.
     `should_stop`, polled before each assignment (jobs = 1 only): True ends
     the enumeration there, `complete` False. `name_prefix` names the findings'
-    scenario files."""
+    scenario files. `max_wall_stops` (jobs = 1): that many simulated classes
+    in a row stopped by the wall-clock budget end the enumeration too
+    (`gave_up` says so): each further class would cost the whole budget."""
     from twin.search.explore import resolve_runner
 
     t0 = time.perf_counter()
@@ -255,6 +262,7 @@ def verify(
     if jobs == 1:
         walk = _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings, say,
                      should_stop, name_prefix)
+        walk.max_wall_stops = max_wall_stops
         walk.run()
         res.assignments_done = walk.done
     else:
@@ -333,6 +341,7 @@ class _Walk:
         self.scenarios: dict[int, Scenario] = {}
         self.assignment: dict[int, Assignment] = {}  # of the classes in flight
         self.done = 0
+        self.max_wall_stops: int | None = None
 
     def run(self) -> None:
         for i, s in self._classes():
@@ -341,7 +350,7 @@ class _Walk:
     def _classes(self) -> Any:
         """The classes still to simulate (valid, not yet proved equivalent)."""
         for i in range(self.lo, self.hi):
-            if self.should_stop is not None and self.should_stop():
+            if (self.should_stop is not None and self.should_stop()) or self._give_up():
                 self.res.complete = False
                 return
             a = self.every.get(i)
@@ -363,6 +372,13 @@ class _Walk:
             self.res.classes += 1
             self.scenarios[i], self.assignment[i] = s, a
             yield i, s
+
+    def _give_up(self) -> bool:
+        n, limit = self.res.wall_stops_in_a_row, self.max_wall_stops
+        if limit is None or n < limit:
+            return False
+        self.res.gave_up = f"the runner ran into the wall-clock budget on {n} classes in a row"
+        return True
 
     def _refused(self, s: Scenario) -> bool:
         """The runner declares the scenario out of its scope. Its `unsupported()`
@@ -397,6 +413,8 @@ class _Walk:
                 self._new_finding(sig, kind, detail, step, rank, s, o)
         if self.res.outcomes is not None:
             self.res.outcomes[o.index] = frozenset(o.findings)
+        wall = o.budget_stop is not None and o.budget_stop.startswith(contain.WALL_CLOCK_BUDGET)
+        self.res.wall_stops_in_a_row = self.res.wall_stops_in_a_row + 1 if wall else 0
         self._tick()
         if self.prune:
             self._prune(o, a)
