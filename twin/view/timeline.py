@@ -82,7 +82,7 @@ def _hazard_groups(traces: Sequence[Trace], prefixes: Sequence[str], ranks: set[
 
 def _hazard_legend(ti: int, hs: list[Hazard], prefix: str) -> str:
     h = hs[0]
-    where = ", ".join(str(x.rank) for x in hs)
+    where = ", ".join(str(r) for r in sorted({x.rank for x in hs}))
     text = f"{h.kind.value} at step {h.step} {h.step_name} (rank{'s' if len(hs) > 1 else ''} {where})"
     if h.cost_us is not None:
         text += f" +{h.cost_us:.1f} us"
