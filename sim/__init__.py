@@ -32,7 +32,21 @@ def _no_cyclic_gc() -> Iterator[None]:
         yield
     finally:
         if enabled:
+            _promote_survivors()
             gc.enable()
+
+
+def _promote_survivors() -> None:
+    """Move what the simulation left alive (its trace) into the collector's
+    oldest generation without walking it: re-enabled, the collector would
+    otherwise walk every one of those records at its next young collection
+    (a wide world's trace is most of a simulation's time then) and again when
+    promoting them. freeze() then unfreeze() is that move (two list splices).
+    Skipped when the process keeps frozen objects of its own: unfreeze would
+    hand them back to the collector."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 # A crash ends the layer: no what-if is priced for it (MISSING_STREAM is the
