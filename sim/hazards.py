@@ -36,21 +36,20 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
                if ops.plans and any(p.vc is not None for p in ops.plans)}
     if not streams:
         return []
-    # Only buffers some non-main stream touches can race (in the order first touched).
-    side: set[tuple[int, int]] = set()
+    # Only buffers some non-main stream touches can race: found first, then
+    # only their accesses are grouped (in the order first touched).
+    side = {(rank, buf) for rank, step, buf, _w in sim.accesses
+            if rank in streams and streams[rank][step] != "main"}
+    if not side:
+        return []
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
     for acc in sim.accesses:
-        on = streams.get(acc.rank)
-        if on is not None:
-            key = (acc.rank, acc.buf)
+        key = (acc[0], acc[2])
+        if key in side:
             by_buf[key].append(acc)
-            if on[acc.step] != "main":
-                side.add(key)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
     for (rank, buf), accs in by_buf.items():
-        if (rank, buf) not in side:
-            continue
         on = streams[rank]
         if len({on[a.step] for a in accs}) < 2:
             continue
