@@ -167,6 +167,9 @@ class Simulation:
         self.notes: list[str] = []
         self.decisions: dict[str, str] = {}
         self.accesses: list[Access] = []
+        # (rank, buffer) of every access issued on a stream other than main:
+        # the only buffers that can race (sim/hazards.py), kept as they are made.
+        self.side_buffers: set[tuple[int, int]] = set()
         self.pending: dict[tuple, _Pending] = {}
         # Per collective, in the order first reached: (rank, plan index) of each
         # arrival (sim/symmetry.py reads it; keys hold world-long groups).

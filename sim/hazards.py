@@ -31,15 +31,11 @@ def concurrent(a_stream: str, a_vc: dict[str, int], b_stream: str, b_vc: dict[st
 
 def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (import cycle)
     """Two streams touch one buffer, at least one writes, no event orders them."""
-    # The stream of every step of each rank that used more than one.
-    streams = {ops.rank: [p.step.stream for p in ops.plans] for ops in sim.rank_ops
-               if ops.plans and any(p.vc is not None for p in ops.plans)}
-    if not streams:
-        return []
-    # Only buffers some non-main stream touches can race: found first, then
-    # only their accesses are grouped (in the order first touched).
-    side = {(rank, buf) for rank, step, buf, _w in sim.accesses
-            if rank in streams and streams[rank][step] != "main"}
+    # Only buffers some non-main stream touches can race (the engine collects
+    # them as accesses are made), on ranks that used more than one stream
+    # (vector clocks are set for every step of those, for none of the others).
+    rank_ops = sim.rank_ops
+    side = {key for key in sim.side_buffers if rank_ops[key[0]].plans[0].vc is not None}
     if not side:
         return []
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
@@ -49,12 +45,11 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
             by_buf[key].append(acc)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
-    for (rank, buf), accs in by_buf.items():
-        on = streams[rank]
-        if len({on[a.step] for a in accs}) < 2:
+    for (rank, _buf), accs in by_buf.items():
+        plans = rank_ops[rank].plans
+        if len({plans[a.step].step.stream for a in accs}) < 2:
             continue
-        plans = sim.rank_ops[rank].plans
-        steps = sim.rank_ops[rank].steps
+        steps = rank_ops[rank].steps
         for i, a in enumerate(accs):
             pa = plans[a.step]
             for b in accs[i + 1:]:

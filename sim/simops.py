@@ -148,6 +148,8 @@ class SimOps(SimComm, Ops):
 
     def _access(self, st: Step, t: SimTensor, write: bool) -> None:
         self.sim.accesses.append(_access(Access, (self.rank, st.index, t.buf, write)))
+        if st.stream != "main":
+            self.sim.side_buffers.add((self.rank, t.buf))
 
     def _new(
         self,
@@ -178,6 +180,11 @@ class SimOps(SimComm, Ops):
         out = SimTensor(shape, value, buf, index, version, rows_from)
         if writes:  # a view only reads its buffer (its input access is recorded above)
             accesses.append(_access(Access, (rank, index, buf, True)))
+        if st.stream != "main":
+            side = sim.side_buffers
+            side.update([(rank, t.buf) for t in ins])
+            if writes:
+                side.add((rank, buf))
         self.values[index] = value
         if not fresh:  # a fresh partial (one source, coefficient 1) cannot be wrong
             self.sim.checks.value(self, st, value)
