@@ -88,3 +88,22 @@ def test_a_race_is_found_as_by_a_full_scan():
     assert races and {h.kind.value for h in races} == {"UNSAFE_OVERLAP"}
     got = sorted({(h.rank, *sorted((h.step, int(h.detail.split("step ")[1].split()[0])))) for h in races})
     assert got == _reference_races(sim)
+
+
+@given(st.lists(st.integers(0, 8), min_size=1, max_size=12), st.integers(-1, 9))
+def test_rank_group_index_is_tuple_index(ranks, value):
+    from sim.engine import RankGroup
+
+    g, t = RankGroup(tuple(ranks)), tuple(ranks)
+    assert hash(g) == hash(t) and g == t
+    if value in t:
+        assert g.index(value) == t.index(value)
+        if value in t[1:]:
+            assert g.index(value, 1) == t.index(value, 1)
+    else:
+        try:
+            g.index(value)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a non-member has no position")
