@@ -363,6 +363,11 @@ class Scenario:
             object.__setattr__(self, "_hash", h)
         return h
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled and copied as its fields: the cached hash is this process's
+        # (string hashes are salted per process), the derived ones are redone.
+        return self.field_values()
+
     def field_values(self) -> dict[str, Any]:
         """The fields only (not the cached derived quantities): what a copy
         of the scenario under another class is built from."""
