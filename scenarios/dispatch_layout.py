@@ -217,7 +217,7 @@ def _engine(dl: DispatchLayout) -> str:
 
 def _as_base(view: EngineScenario) -> Scenario:
     s = object.__new__(view._base)
-    for k, v in vars(view).items():
+    for k, v in view.field_values().items():  # not the view's cached derived quantities
         object.__setattr__(s, k, v)
     return s
 
@@ -245,7 +245,7 @@ def engine_scenario(s: Scenario, dl: DispatchLayout) -> Scenario:
             return s
         s = _as_base(s)
     view = object.__new__(_view_class(type(s), dl))
-    for k, v in vars(s).items():
+    for k, v in s.field_values().items():  # the view derives its own quantities
         object.__setattr__(view, k, v)
     view._validate_engine()
     return view

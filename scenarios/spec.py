@@ -8,7 +8,8 @@ only here, following docs/runner_semantics.md.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
 from scenarios import layout
@@ -368,6 +369,26 @@ class Scenario:
     def __post_init__(self) -> None:
         self.validate()
 
+    # A frozen scenario's derived quantities are computed once (cached_property
+    # keeps them in the instance dict, beside the fields) and so is its hash:
+    # the simulator asks them per op and keys its caches by the scenario.
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled and copied as its fields: the cached hash is this process's
+        # (string hashes are salted per process), the derived ones are redone.
+        return self.field_values()
+
+    def field_values(self) -> dict[str, Any]:
+        """The fields only (not the cached derived quantities): what a copy
+        of the scenario under another class is built from."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def validate(self) -> None:
         self.model.validate()
         self.parallel.validate()
@@ -454,51 +475,51 @@ class Scenario:
 
     # ---- derived quantities (runner_semantics.md, "Parallel configuration") ----
 
-    @property
+    @cached_property
     def backend_width(self) -> int | None:
         """Width the all-to-all backend rounds the routed rows up to (None: any)."""
         if not self.use_all2all_kernels:
             return None
         return rounded_hidden(self.parallel.backend, self.model.routed_width)
 
-    @property
+    @cached_property
     def kernel_width(self) -> int:
         """Width the routed kernel works in: the model's own padding or the
         backend's rounding, whichever is wider."""
         return max(self.model.kernel_width, self.backend_width or 0)
 
-    @property
+    @cached_property
     def padded(self) -> bool:
         return self.kernel_width != self.model.routed_width
 
-    @property
+    @cached_property
     def expert_output_width(self) -> int:
         """Width of the routed experts' output (unpadded if the kernel says so)."""
         return self.model.routed_width if self.kernel_writes_unpadded else self.kernel_width
 
-    @property
+    @cached_property
     def world(self) -> int:
         return self.parallel.world
 
-    @property
+    @cached_property
     def moe_tp(self) -> int:
         return self.parallel.world // self.moe_ep
 
-    @property
+    @cached_property
     def moe_ep(self) -> int:
         p = self.parallel
         if p.ep_size is not None:
             return p.ep_size
         return p.world if p.ep else 1
 
-    @property
+    @cached_property
     def sp(self) -> bool:
         p = self.parallel
         return (
             p.ep and p.tp > 1 and p.dp > 1 and p.backend in sp_backends(p.version)
         )
 
-    @property
+    @cached_property
     def next_layer_fuses_reduce(self) -> bool:
         """The model hands the layer output to the next layer's fused all-reduce
         (+ residual + RMSNorm) over tp instead of expecting it reduced: fusion
@@ -516,15 +537,15 @@ class Scenario:
             and not self.model.transform_nonlinear
         )
 
-    @property
+    @cached_property
     def use_all2all_kernels(self) -> bool:
         return self.parallel.ep and (self.parallel.dp > 1 or self.sp)
 
-    @property
+    @cached_property
     def use_fi_two_sided(self) -> bool:
         return self.use_all2all_kernels and self.parallel.backend == "flashinfer_nvlink_two_sided"
 
-    @property
+    @cached_property
     def effective_backend(self) -> str:
         """The prepare/finalize actually in use ('none' without all-to-all kernels).
 
@@ -538,7 +559,7 @@ class Scenario:
 
     # ---- tokens per DP rank (every consumer asks these, never workload.tokens) ----
 
-    @property
+    @cached_property
     def token_counts(self) -> tuple[int, ...]:
         """Tokens of each DP rank (workload.tokens as one count per DP rank)."""
         t = self.workload.tokens
@@ -548,11 +569,11 @@ class Scenario:
         """Tokens the model hands DP rank d's layer."""
         return self.token_counts[d]
 
-    @property
+    @cached_property
     def total_tokens(self) -> int:
         return sum(self.token_counts)
 
-    @property
+    @cached_property
     def uneven_tokens(self) -> bool:
         return len(set(self.token_counts)) > 1
 
@@ -572,13 +593,13 @@ class Scenario:
         of the members' layer tokens."""
         return tuple(self.rank_rows(m) for m in self.group(kind, rank))
 
-    @property
+    @cached_property
     def sp_tokens(self) -> int:
         """Token rows a rank holds inside the layer (SP slices, padded to tp);
         with uneven DP tokens the most any rank holds (see layer_rows)."""
         return max(self.layer_rows(d) for d in range(self.parallel.dp))
 
-    @property
+    @cached_property
     def local_experts(self) -> int:
         return self.model.num_experts // self.moe_ep
 

@@ -24,15 +24,31 @@ def _no_cyclic_gc() -> Iterator[None]:
     again and again (most of the time at 1024 ranks). They hold no cycles, so
     it is paused while one scenario is simulated, its what-ifs included (the
     op and value-size budgets bound what each simulation allocates), and
-    resumed after every simulation was released (Simulation.release): what
-    it then walks is the trace, not the simulations' records."""
+    resumed after every simulation was released (Simulation.release), with
+    the trace handed to the oldest generation unwalked (_promote_survivors)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
+            _promote_survivors()
             gc.enable()
+
+
+def _promote_survivors() -> None:
+    """Move what the simulation left alive (its trace) into the collector's
+    oldest generation without walking it: re-enabled, the collector would
+    otherwise walk every one of those records at its next young collection
+    (~10% of a 256-rank simulation, ~0.5 ms of a tp=2 x dp=4 one) and again
+    when promoting them. freeze() then unfreeze() is that move (two list
+    splices). What the caller allocated since the last collection moves too:
+    a cycle among those is freed at the next full collection instead of a
+    young one. Skipped when the process keeps frozen objects of its own:
+    unfreeze would hand them back to the collector."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 # A crash ends the layer: no what-if is priced for it (MISSING_STREAM is the

@@ -18,6 +18,7 @@ Hazard detectors that need a whole program run afterwards (sim/hazards.py).
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -70,17 +71,34 @@ class _Pending:
 
 class RankGroup(tuple):
     """A group's world ranks, hashed once: a wide group is a world-long tuple
-    that every member's collective key and row lookups would rehash."""
+    that every member's collective key and row lookups would rehash. Each
+    member's position is looked up, not searched for (every member of a
+    world-wide group asks for its own: world^2 comparisons otherwise)."""
 
     _hash: int
+    _pos: dict[int, int] | None
 
     def __new__(cls, ranks: tuple[int, ...]) -> RankGroup:
         g = super().__new__(cls, ranks)
         g._hash = tuple.__hash__(g)
+        g._pos = None
         return g
 
     def __hash__(self) -> int:
         return self._hash
+
+    def index(self, value: Any, start: int = 0, stop: int = sys.maxsize) -> int:
+        if start or stop != sys.maxsize:
+            return tuple.index(self, value, start, stop)
+        pos = self._pos
+        if pos is None:
+            pos = self._pos = {}
+            for i, r in enumerate(self):
+                pos.setdefault(r, i)  # the first position, as tuple.index finds it
+        found = pos.get(value)
+        if found is None:
+            return tuple.index(self, value)  # not a member (or an equal non-int): tuple's answer
+        return found
 
 
 @lru_cache(maxsize=1024)
@@ -167,6 +185,9 @@ class Simulation:
         self.notes: list[str] = []
         self.decisions: dict[str, str] = {}
         self.accesses: list[Access] = []
+        # (rank, buffer) of every access issued on a stream other than main:
+        # the only buffers that can race (sim/hazards.py), kept as they are made.
+        self.side_buffers: set[tuple[int, int]] = set()
         self.pending: dict[tuple, _Pending] = {}
         # Per collective, in the order first reached: (rank, plan index) of each
         # arrival (sim/symmetry.py reads it; keys hold world-long groups).

@@ -31,31 +31,25 @@ def concurrent(a_stream: str, a_vc: dict[str, int], b_stream: str, b_vc: dict[st
 
 def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (import cycle)
     """Two streams touch one buffer, at least one writes, no event orders them."""
-    # The stream of every step of each rank that used more than one.
-    streams = {ops.rank: [p.step.stream for p in ops.plans] for ops in sim.rank_ops
-               if ops.plans and any(p.vc is not None for p in ops.plans)}
-    if not streams:
+    # Only buffers some non-main stream touches can race (the engine collects
+    # them as accesses are made), on ranks that used more than one stream
+    # (vector clocks are set for every step of those, for none of the others).
+    rank_ops = sim.rank_ops
+    side = {key for key in sim.side_buffers if rank_ops[key[0]].plans[0].vc is not None}
+    if not side:
         return []
-    # Only buffers some non-main stream touches can race (in the order first touched).
-    side: set[tuple[int, int]] = set()
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
     for acc in sim.accesses:
-        on = streams.get(acc.rank)
-        if on is not None:
-            key = (acc.rank, acc.buf)
+        key = (acc[0], acc[2])
+        if key in side:
             by_buf[key].append(acc)
-            if on[acc.step] != "main":
-                side.add(key)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
-    for (rank, buf), accs in by_buf.items():
-        if (rank, buf) not in side:
+    for (rank, _buf), accs in by_buf.items():
+        plans = rank_ops[rank].plans
+        if len({plans[a.step].step.stream for a in accs}) < 2:
             continue
-        on = streams[rank]
-        if len({on[a.step] for a in accs}) < 2:
-            continue
-        plans = sim.rank_ops[rank].plans
-        steps = sim.rank_ops[rank].steps
+        steps = rank_ops[rank].steps
         for i, a in enumerate(accs):
             pa = plans[a.step]
             for b in accs[i + 1:]:

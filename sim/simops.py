@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from sim.engine import Simulation
 
 MODEL = "model"  # category of model-side steps (input, output, SP slicing)
+_access = tuple.__new__  # Access(...) without NamedTuple's Python-level __new__ (several per op)
 
 
 def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
@@ -114,15 +115,21 @@ class SimOps(SimComm, Ops):
     ) -> Step:
         # Op, wall-clock and value-size budgets (scenarios/contain.py): raises
         # BudgetExceeded into the runner before anything is recorded.
-        contain.check_op(len(self.steps), ins, out_shape, self.world)
-        st = Step(self.rank, len(self.steps), op, name, self.current_stream, category, component,
-                  group, [t.shape for t in ins] if ins else [], out_shape)
-        self.steps.append(st)
+        steps = self.steps
+        n = len(steps)
+        contain.check_op(n, ins, out_shape, self.world)
+        if ins:
+            st = Step(self.rank, n, op, name, self.current_stream, category, component,
+                      group, [t.shape for t in ins], out_shape)
+            self.inputs.append(tuple([t.step for t in ins]))  # producer steps (dataflow, for what-ifs)
+            if self.writes:
+                for t in ins:
+                    self._resolve(t)
+        else:
+            st = Step(self.rank, n, op, name, self.current_stream, category, component, group, [], out_shape)
+            self.inputs.append(())
+        steps.append(st)
         self.plans.append(Plan(st, dur))
-        self.inputs.append(tuple([t.step for t in ins]) if ins else ())  # producer steps (dataflow, for what-ifs)
-        if self.writes:
-            for t in ins:
-                self._resolve(t)
         return st
 
     def _resolve(self, t: SimTensor) -> None:
@@ -140,7 +147,9 @@ class SimOps(SimComm, Ops):
             t.clobber_partial = True
 
     def _access(self, st: Step, t: SimTensor, write: bool) -> None:
-        self.sim.accesses.append(Access(self.rank, st.index, t.buf, write))
+        self.sim.accesses.append(_access(Access, (self.rank, st.index, t.buf, write)))
+        if st.stream != "main":
+            self.sim.side_buffers.add((self.rank, t.buf))
 
     def _new(
         self,
@@ -153,24 +162,30 @@ class SimOps(SimComm, Ops):
         rows_of: SimTensor | None = None,
         writes: bool = True,
     ) -> SimTensor:
-        accesses = self.sim.accesses
+        sim, rank, index = self.sim, self.rank, st.index
+        accesses = sim.accesses
         for t in ins:
-            accesses.append(Access(self.rank, st.index, t.buf, False))
+            accesses.append(_access(Access, (rank, index, t.buf, False)))
         version = 0
         if buf is None:
-            buf = self.sim.new_buffer()
+            buf = sim.new_buffer()
         elif self.writes:
             w = self.writes.get(buf)
             version = w[0] if w is not None else 0
         # The earliest step that established this row set, along any input that has it.
-        rows_from = st.index
+        rows_from = index
         for t in (rows_of,) if rows_of is not None else ins:
-            if t.rows_from < rows_from and _same_rows(t.value, value):
+            if t.rows_from < rows_from and t.value.same_rows(value):
                 rows_from = t.rows_from
-        out = SimTensor(shape, value, buf, st.index, version, rows_from)
+        out = SimTensor(shape, value, buf, index, version, rows_from)
         if writes:  # a view only reads its buffer (its input access is recorded above)
-            accesses.append(Access(self.rank, st.index, buf, True))
-        self.values[st.index] = value
+            accesses.append(_access(Access, (rank, index, buf, True)))
+        if st.stream != "main":
+            side = sim.side_buffers
+            side.update([(rank, t.buf) for t in ins])
+            if writes:
+                side.add((rank, buf))
+        self.values[index] = value
         if not fresh:  # a fresh partial (one source, coefficient 1) cannot be wrong
             self.sim.checks.value(self, st, value)
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from scenarios.trace import Step
 from sim import algebra
@@ -38,8 +39,10 @@ class Plan:
     vc: dict[str, int] | None = None
 
 
-@dataclass(slots=True)
-class Access:
+class Access(NamedTuple):
+    """One buffer access. Recorded per op (several per step), so as the
+    cheapest immutable record: Simulation.accesses holds these tuples."""
+
     rank: int
     step: int
     buf: int

@@ -76,3 +76,21 @@ def test_next_layer_fusion_rule():
     latent = {"model.latent_dim": 64}
     assert base.with_(**latent).next_layer_fuses_reduce
     assert not base.with_(**latent, **{"model.transform_nonlinear": True}).next_layer_fuses_reduce
+
+
+def test_scenario_caches_derived_values_but_pickles_as_its_fields():
+    """Derived quantities and the hash are cached on the instance; a pickle
+    or copy carries the fields only (a hash is salted per process)."""
+    import copy
+    import pickle
+    from dataclasses import fields
+
+    s = load("r3-tp-decode")
+    h, width = hash(s), s.kernel_width
+    assert "_hash" in vars(s) and "kernel_width" in vars(s)
+    names = {f.name for f in fields(s)}
+    for other in (pickle.loads(pickle.dumps(s)), copy.copy(s), copy.deepcopy(s)):
+        assert set(vars(other)) == names
+        assert other == s and hash(other) == h and other.kernel_width == width
+    changed = s.with_(**{"parallel.tp": 1})
+    assert changed.world == 1 and s.world == 2 and hash(changed) != h
