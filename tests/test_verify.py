@@ -179,14 +179,10 @@ def test_small_space_finds_the_regressions_and_nothing_on_fixed():
 
 @pytest.mark.slow
 def test_default_space_proves_fixed_clean():
-    import time
-
-    cpu0 = time.process_time()
+    # Its cost is a benchmark figure (benchmarks/bench_cover.py), not a test limit.
     res = verify("fixed", jobs=1)
-    cpu = time.process_time() - cpu0
     assert res.proved_clean, [f.signature for f in res.findings]
     assert res.pruned > res.classes // 2
-    assert cpu < 45, f"{cpu:.1f} s of one core"  # "well under a minute", whatever else loads the machine
 
 
 @pytest.mark.slow
