@@ -107,14 +107,15 @@ def _partner_bound(ops_all: list[SimOps], by_dur: list[int]) -> int:
     partner).
 
     Ranks of one stable class have equal durations and, at each collective in
-    program order, members of the same classes, hence members whose duration
-    classes form the same multiset. So ranks that differ in (duration class,
-    per collective the sorted duration classes of its group) are in different
-    stable classes: the count of those keys never exceeds the stable count."""
-    # Each group's multiset as a small number (by the identity of the shared
+    program order, the same set of member classes, hence the same set of the
+    members' duration classes (a set: members of one class at one position
+    count once). So ranks that differ in (duration class, per collective the
+    set of its group's duration classes) are in different stable classes: the
+    count of those keys never exceeds the stable count."""
+    # Each group's set as a small number (by the identity of the shared
     # group object): rank keys then hash a few ints, not world-long tuples.
     of_group: dict[int, int] = {}
-    multisets: dict[tuple[int, ...], int] = {}
+    class_sets: dict[tuple[int, ...], int] = {}
     keys = set()
     for r, ops in enumerate(ops_all):
         key = [by_dur[r]]
@@ -123,8 +124,8 @@ def _partner_bound(ops_all: list[SimOps], by_dur: list[int]) -> int:
                 group = pl.coll[0]
                 met = of_group.get(id(group))
                 if met is None:
-                    ms = tuple(sorted([by_dur[m] for m in group]))
-                    met = of_group[id(group)] = multisets.setdefault(ms, len(multisets))
+                    ds = tuple(sorted({by_dur[m] for m in group}))
+                    met = of_group[id(group)] = class_sets.setdefault(ds, len(class_sets))
                 key.append(met)
         keys.add(tuple(key))
     return len(keys)
