@@ -131,20 +131,19 @@ def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...]
                                      f"an input holds {n} row blocks")
     # The plain product bounds the clamped one from above unless a dimension
     # is negative: only a product over the cap needs the exact count.
-    if out_shape and _may_exceed(out_shape):
+    if not out_shape:
+        return
+    try:
+        may_exceed = math.prod(out_shape) > MAX_ELEMENTS
+    except TypeError:  # not numbers: the exact count below says what is wrong
+        may_exceed = True
+    if may_exceed:
         n = 1
         for d in out_shape:
             n *= max(0, int(d))
         if n > MAX_ELEMENTS:
             raise BudgetExceeded("value size cap", f"{MAX_ELEMENTS} elements per tensor",
                                  f"shape {list(out_shape)}")
-
-
-def _may_exceed(shape: tuple[Any, ...]) -> bool:
-    try:
-        return math.prod(shape) > MAX_ELEMENTS
-    except TypeError:  # not numbers: the exact count below says what is wrong
-        return True
 
 
 def _timeout() -> BudgetExceeded:

@@ -34,6 +34,43 @@ def _popularity(rng: np.random.Generator, skew: float, experts: int) -> np.ndarr
     return out
 
 
+class _InverseCdf:
+    """x -> the id whose cumulative-weight interval holds x: exactly
+    min(np.searchsorted(cum, x, side="right"), last id), faster.
+
+    A table over BUCKETS_PER_ID * ids equal buckets of [0, total) proposes the
+    first id of x's bucket; the proposal is checked against the interval's two
+    bounds, and the few that miss (x past a boundary inside its bucket, or a
+    bucket rounded off by one) take np.searchsorted. Unsorted keys make
+    np.searchsorted a branchy binary search per key; the table is a few
+    vectorised gathers and compares."""
+
+    BUCKETS_PER_ID = 64
+
+    def __init__(self, w: np.ndarray) -> None:
+        self.cum = np.cumsum(w)
+        self.total = float(self.cum[-1])
+        self.last = len(w) - 1
+        buckets = self.BUCKETS_PER_ID * len(w)
+        self.scale = buckets / self.total
+        edges = np.arange(buckets, dtype=np.float64) * (self.total / buckets)
+        self.first = np.minimum(np.searchsorted(self.cum, edges, side="right"), self.last)
+        inf = np.array([np.inf])
+        # Id c holds x iff below[c] <= x < above[c]; the last id also holds x >= total (the cap).
+        self.below = np.concatenate([-inf, self.cum[:-1]])
+        self.above = np.concatenate([self.cum[:-1], inf])
+        self.buckets = buckets
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        b = (x * self.scale).astype(np.int64)
+        np.clip(b, 0, self.buckets - 1, out=b)
+        e = self.first[b]
+        miss = np.nonzero((self.below[e] > x) | (self.above[e] <= x))[0]
+        if len(miss):
+            e[miss] = np.minimum(np.searchsorted(self.cum, x[miss], side="right"), self.last)
+        return e
+
+
 def _draw_without_replacement(rng: np.random.Generator, w: np.ndarray, n: int, k: int) -> np.ndarray:
     """[n, k] expert ids, each row k distinct draws in order, each draw
     proportional to `w` among the experts not yet chosen (sequential weighted
@@ -44,51 +81,65 @@ def _draw_without_replacement(rng: np.random.Generator, w: np.ndarray, n: int, k
     the remaining weights). The redraw inverts the remaining weights' CDF: the
     smallest id e with C(e) - S(e) >= u * R, where C is the cumulative weight
     and S(e) the weight of already-chosen ids <= e; that e is the fixed point
-    of e <- searchsorted(C, u*R + S(e)), reached in at most j + 1 steps."""
-    cum = np.cumsum(w)
-    total = cum[-1]
-    last = len(w) - 1
-    ids = np.empty((n, k), dtype=np.int64)
-    chosen_w = np.empty((n, k), dtype=np.float64)
+    of e <- searchsorted(C, u*R + S(e)), reached in at most j + 1 steps.
+
+    Draws are kept one row per draw (cols[j] = every token's j-th id) so each
+    draw reads and writes contiguous memory; the result is transposed once."""
+    inv = _InverseCdf(w)
+    cols = np.empty((k, n), dtype=np.int64)
+    dup_rows: list[np.ndarray] = []
     for j in range(k):
-        e = np.minimum(np.searchsorted(cum, rng.random(n) * total, side="right"), last)
+        e = inv(rng.random(n) * inv.total)
         if j:
-            again = np.nonzero((ids[:, :j] == e[:, None]).any(axis=1))[0]
+            again = np.nonzero(_held(cols[:j], e))[0]
             if len(again):
-                e[again] = _redraw(rng, cum, ids[again, :j], chosen_w[again, :j], last)
-        ids[:, j] = e
-        chosen_w[:, j] = w[e]
-    _repair_duplicates(ids, w)
+                held = np.ascontiguousarray(cols[:j, again].T)  # [rows, j], as the sums below expect
+                e[again] = redrawn = _redraw(rng, inv, held, w[held])
+                dup_rows.append(again[(held == redrawn[:, None]).any(axis=1)])
+        cols[j] = e
+    ids = np.ascontiguousarray(cols.T)
+    if dup_rows:
+        _repair_duplicates(ids, np.unique(np.concatenate(dup_rows)), len(w))
     return ids
 
 
-def _redraw(rng: np.random.Generator, cum: np.ndarray, ids: np.ndarray, ws: np.ndarray, last: int) -> np.ndarray:
-    """One draw per row among the experts the row does not hold yet."""
-    t = rng.random(len(ids)) * (cum[-1] - ws.sum(axis=1))
-    e = np.minimum(np.searchsorted(cum, t, side="right"), last)
-    todo = np.arange(len(ids))
+def _held(cols: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Per token: does it already hold expert e[token] among its draws `cols`?"""
+    hit = cols[0] == e
+    for c in cols[1:]:
+        hit |= c == e
+    return hit
+
+
+def _redraw(rng: np.random.Generator, inv: _InverseCdf, ids: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    """One draw per row among the experts the row does not hold yet (`ids`,
+    their weights `ws`, [rows, held] C-ordered: row sums add in numpy's order
+    for a contiguous row)."""
+    t = rng.random(len(ids)) * (inv.total - ws.sum(axis=1))
+    e = inv(t)
+    out = e.copy()
+    todo = np.arange(len(ids))  # rows still moving, with their own copies of ids, ws, t, e
     for _ in range(ids.shape[1] + 1):
-        s = (ws[todo] * (ids[todo] <= e[todo, None])).sum(axis=1)
-        nxt = np.minimum(np.searchsorted(cum, t[todo] + s, side="right"), last)
-        moved = nxt != e[todo]
-        e[todo] = nxt
-        todo = todo[moved]
-        if not len(todo):
+        s = np.where(ids <= e[:, None], ws, 0.0).sum(axis=1)
+        nxt = inv(t + s)
+        moved = np.nonzero(nxt != e)[0]
+        out[todo] = nxt
+        if not len(moved):
             break
-    return e
+        todo, ids, ws, t, e = todo[moved], ids[moved], ws[moved], t[moved], nxt[moved]
+    return out
 
 
-def _repair_duplicates(ids: np.ndarray, w: np.ndarray) -> None:
-    """Rounding at a CDF boundary can repeat an id (never in exact arithmetic):
-    such a draw takes the next free id, so rows always hold distinct experts."""
-    srt = np.sort(ids, axis=1)
-    bad = np.nonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))[0]
-    for r in bad:
+def _repair_duplicates(ids: np.ndarray, rows: np.ndarray, experts: int) -> None:
+    """Rounding at a CDF boundary can make a redraw repeat an id (never in
+    exact arithmetic; `rows` are the rows where it did): such a draw takes the
+    next free id, so rows always hold distinct experts."""
+    for r in rows:
         seen: set[int] = set()
         for j in range(ids.shape[1]):
             e = int(ids[r, j])
             while e in seen:
-                e = (e + 1) % len(w)
+                e = (e + 1) % experts
             seen.add(e)
             ids[r, j] = e
 
@@ -106,8 +157,9 @@ def routing_arrays(
     w = _popularity(rng, skew, experts)
     n = sum(tokens) if isinstance(tokens, tuple) else dp * tokens
     ids = _draw_without_replacement(rng, w, n, top_k)
-    raw = rng.random((n, top_k)) + 0.1
-    weights = raw / raw.sum(axis=1, keepdims=True)
+    weights = rng.random((n, top_k))
+    weights += 0.1
+    weights /= weights.sum(axis=1, keepdims=True)
     ids.flags.writeable = False
     weights.flags.writeable = False
     return ids, weights

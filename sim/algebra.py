@@ -90,7 +90,9 @@ class Value:
     asked for. A wide world's expert outputs are such values: building world
     blocks per rank would be world^2 work."""
 
-    __slots__ = ("_blocks", "scale", "_starts", "_keys", "uniform")
+    # n_blocks is a plain slot, set once: the op budget reads it for every
+    # input of every op (scenarios/contain.py), a property would be a call.
+    __slots__ = ("_blocks", "scale", "_starts", "_keys", "uniform", "n_blocks")
 
     def __init__(
         self,
@@ -109,6 +111,7 @@ class Value:
         self._starts = starts
         self._keys = keys
         self.uniform = uniform
+        self.n_blocks: int = len(keys) if blocks is None else len(blocks)  # type: ignore[arg-type]
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -118,10 +121,6 @@ class Value:
             bl = self._blocks = tuple(
                 new(Block, (k, st[i + 1] - st[i], terms)) for i, k in enumerate(self._keys))  # type: ignore[index]
         return bl
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self._keys) if self._blocks is None else len(self._blocks)  # type: ignore[arg-type]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Value):
@@ -166,12 +165,16 @@ class Value:
 
     def same_rows(self, other: Value) -> bool:
         """The same row blocks (keys and sizes) as `other`."""
-        if self._blocks is not None and self._blocks is other._blocks:
+        if self is other or (self._blocks is not None and self._blocks is other._blocks):
             return True
         if self.n_blocks != other.n_blocks:
             return False
-        ka, kb, sa, sb = self.keys(), other.keys(), self.starts(), other.starts()
-        return (ka is kb or ka == kb) and (sa is sb or sa == sb)
+        # The cached layouts read directly (a call each only when not built yet).
+        ka, kb = self._keys or self.keys(), other._keys or other.keys()
+        if not (ka is kb or ka == kb):
+            return False
+        sa, sb = self._starts or self.starts(), other._starts or other.starts()
+        return sa is sb or sa == sb
 
 
 def snap(v: float) -> float:

@@ -96,7 +96,10 @@ class Checks:
             terms = b.terms
             if clean.get(id(terms)) is terms or not b.rows:  # (no rows: nothing observable)
                 continue
-            if all(coef == 1.0 and f is None for (_c, _s, f), coef in terms):
+            for (_c, _s, f), coef in terms:  # a loop, not all(genexpr): no generator per block
+                if coef != 1.0 or f is not None:
+                    break
+            else:
                 clean[id(terms)] = terms  # kept alive here, so the id stays its own
                 continue
             all_clean = False

@@ -119,9 +119,13 @@ class SimOps(SimComm, Ops):
         n = len(steps)
         contain.check_op(n, ins, out_shape, self.world)
         if ins:
-            st = Step(self.rank, n, op, name, self.current_stream, category, component,
-                      group, [t.shape for t in ins], out_shape)
-            self.inputs.append(tuple([t.step for t in ins]))  # producer steps (dataflow, for what-ifs)
+            if len(ins) == 1:  # most ops: no comprehension (a call of its own per op)
+                t = ins[0]
+                shapes, producers = [t.shape], (t.step,)
+            else:
+                shapes, producers = [t.shape for t in ins], tuple([t.step for t in ins])
+            st = Step(self.rank, n, op, name, self.current_stream, category, component, group, shapes, out_shape)
+            self.inputs.append(producers)  # producer steps (dataflow, for what-ifs)
             if self.writes:
                 for t in ins:
                     self._resolve(t)
@@ -175,7 +179,8 @@ class SimOps(SimComm, Ops):
         # The earliest step that established this row set, along any input that has it.
         rows_from = index
         for t in (rows_of,) if rows_of is not None else ins:
-            if t.rows_from < rows_from and t.value.same_rows(value):
+            # (an op that passes its input's value on has its rows: no call)
+            if t.rows_from < rows_from and (t.value is value or t.value.same_rows(value)):
                 rows_from = t.rows_from
         out = SimTensor(shape, value, buf, index, version, rows_from)
         if writes:  # a view only reads its buffer (its input access is recorded above)

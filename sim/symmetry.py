@@ -24,7 +24,8 @@ Both conditions are checked on the plans every rank actually issued in the
 program phase (every rank's program still runs there); only the timing
 replay is shared. When in doubt it declines (returns None) and every rank is
 replayed: collapse switched off, more classes than half the ranks, by the
-plans or after a refinement step (token routing with a different load on
+plans, by a lower bound taken before any signature is built (_partner_bound)
+or after a refinement step (token routing with a different load on
 every rank: finding the classes would cost more than replaying every rank), a rank that did not finish, a collective some
 member never reached, a wait on an event the rank did not record itself (a
 runner handing events between ranks), or one class meeting itself at two
@@ -63,7 +64,10 @@ def classes(sim: Simulation) -> Classes | None:
     # Equal plans have equal durations: if the durations alone already set
     # most ranks apart (token routing, a different load on every rank), the
     # full signatures would too.
-    if 2 * len({tuple([pl.dur for pl in ops.plans]) for ops in ops_all}) > len(ops_all):
+    by_dur = _numbered([tuple([pl.dur for pl in ops.plans]) for ops in ops_all])
+    if 2 * (max(by_dur) + 1) > len(ops_all):
+        return None
+    if 2 * _partner_bound(ops_all, by_dur) > len(ops_all):
         return None
     sigs = [_own_signature(ops) for ops in ops_all]
     if any(sig is None for sig in sigs):
@@ -94,6 +98,37 @@ def _eligible(sim: Simulation) -> bool:
     n = len(sim.rank_ops)
     return (sim.collapse and n > 1 and len(sim.finished) == n
             and all(v == "done" for v in sim.finished.values()))
+
+
+def _partner_bound(ops_all: list[SimOps], by_dur: list[int]) -> int:
+    """A lower bound on the number of stable classes, cheap enough to decline
+    before any signature is built (wide EP under token routing: 40 duration
+    classes at 256 ranks, split into 214 by the loads of each rank's TP
+    partner).
+
+    Ranks of one stable class have equal durations and, at each collective in
+    program order, the same set of member classes, hence the same set of the
+    members' duration classes (a set: members of one class at one position
+    count once). So ranks that differ in (duration class, per collective the
+    set of its group's duration classes) are in different stable classes: the
+    count of those keys never exceeds the stable count."""
+    # Each group's set as a small number (by the identity of the shared
+    # group object): rank keys then hash a few ints, not world-long tuples.
+    of_group: dict[int, int] = {}
+    class_sets: dict[tuple[int, ...], int] = {}
+    keys = set()
+    for r, ops in enumerate(ops_all):
+        key = [by_dur[r]]
+        for pl in ops.plans:
+            if pl.coll is not None:
+                group = pl.coll[0]
+                met = of_group.get(id(group))
+                if met is None:
+                    ds = tuple(sorted({by_dur[m] for m in group}))
+                    met = of_group[id(group)] = class_sets.setdefault(ds, len(class_sets))
+                key.append(met)
+        keys.add(tuple(key))
+    return len(keys)
 
 
 def _own_signature(ops: SimOps) -> tuple | None:

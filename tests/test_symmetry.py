@@ -240,3 +240,55 @@ def test_bench_counts_the_replayed_timelines():
     assert timeline_replays(simulate(families.TP2.with_(**{"parallel.tp": 4}), "fixed")) == 1
     assert timeline_replays(simulate(ep_scenario(8), "fixed")) == 8
     assert timeline_replays(simulate(families.TP2.with_(**{"parallel.tp": 4}), CloneOnRankZero)) == 2
+
+
+def _classes_with_and_without_bound(s: Any, runner: Any) -> tuple[Any, Any, int, list[int]] | None:
+    from scenarios.runners import load_runner, runner_label
+    from sim import symmetry
+
+    cls = load_runner(runner)
+    cls.prepare_program(s)
+    sim = Simulation(s, cls, load_profile("h100"), runner_label(cls))
+    try:
+        sim.run()
+    except RunnerUnsupported:
+        return None
+    with_bound = symmetry.classes(sim)
+    real_bound = symmetry._partner_bound
+    symmetry._partner_bound = lambda ops_all, by_dur: 0
+    try:
+        without = symmetry.classes(sim)
+    finally:
+        symmetry._partner_bound = real_bound
+    by_dur = symmetry._numbered([tuple([pl.dur for pl in ops.plans]) for ops in sim.rank_ops])
+    return with_bound, without, real_bound(sim.rank_ops, by_dur), by_dur
+
+
+@given(st.one_of(moe_scenarios(max_world=8), hybrid_scenarios()), st.sampled_from(RUNNERS))
+@settings(max_examples=80)
+def test_partner_bound_declines_only_what_the_refinement_would(s, runner):
+    """The cheap pre-check is a lower bound on the stable classes: where the
+    classes are found, it never exceeds their count, and with it classes()
+    returns what it returns without it."""
+    got = _classes_with_and_without_bound(s, runner)
+    if got is None:
+        return
+    with_bound, without, bound, by_dur = got
+    if without is not None:
+        assert bound <= without.count
+        assert with_bound is not None and (with_bound.of, with_bound.reps) == (without.of, without.reps)
+    else:
+        assert with_bound is None
+    assert bound >= max(by_dur) + 1  # the key starts with the duration class
+
+
+def test_partner_bound_declines_wide_ep_before_signatures():
+    """Wide EP under token routing: the refinement would end with 214 classes
+    of 256 ranks; the pre-check sees more than half of that already."""
+    from twin.bench import ep_scenario
+
+    got = _classes_with_and_without_bound(ep_scenario(256), "fixed")
+    assert got is not None
+    with_bound, without, bound, by_dur = got
+    assert with_bound is None and without is None
+    assert 2 * (max(by_dur) + 1) <= 256 < 2 * bound
