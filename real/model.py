@@ -56,10 +56,14 @@ class LayerWeights:
             return self._experts[e]
         i = self.s.model.moe_intermediate
         g = _gen(self.s, "expert", e)
-        w13 = torch.zeros(2 * i, self.kw)
-        w13[:, : self.rw] = torch.randn(2 * i, self.rw, generator=g) / self.rw**0.5
-        w2 = torch.zeros(self.kw, i)
-        w2[: self.rw] = torch.randn(self.rw, i, generator=g) / i**0.5
+        # Drawn in place and scaled in place (no temporaries): a rank without
+        # EP generates every expert, hundreds of MB, inside the run's time.
+        w13 = torch.randn(2 * i, self.rw, generator=g).div_(self.rw**0.5)
+        if self.kw > self.rw:  # padded width: zero columns (drawn contiguous first: the same numbers)
+            w13 = F.pad(w13, (0, self.kw - self.rw))
+        w2 = torch.randn(self.rw, i, generator=g).div_(i**0.5)
+        if self.kw > self.rw:
+            w2 = F.pad(w2, (0, 0, 0, self.kw - self.rw))
         if cache:
             self._experts[e] = (w13, w2)
         return w13, w2
@@ -70,13 +74,24 @@ class LayerWeights:
         s = self.s
         e, t = layout.moe_coords(s, rank)
         lo, hi = layout.expert_range(s, e)
-        w13 = torch.stack([self.expert(i)[0] for i in range(lo, hi)])
-        w2 = torch.stack([self.expert(i)[1] for i in range(lo, hi)])
-        if s.moe_tp > 1:
-            from kernels.torch_ref import shard_w13_w2
+        w13_0, w2_0 = self._expert_shard(lo, t)
+        # Filled expert by expert, each sharded on its own: no stack of the
+        # unsharded experts (a copy of them all) before the shard.
+        w13 = torch.empty(hi - lo, *w13_0.shape)
+        w2 = torch.empty(hi - lo, *w2_0.shape)
+        for j in range(lo, hi):
+            w13[j - lo], w2[j - lo] = (w13_0, w2_0) if j == lo else self._expert_shard(j, t)
+        return w13, w2, lo
 
-            w13, w2 = shard_w13_w2(w13, w2, t, s.moe_tp)
-        return w13.contiguous(), w2.contiguous(), lo
+    def _expert_shard(self, e: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's weights of MoE-TP index t (all of them when moe_tp is 1)."""
+        w13, w2 = self.expert(e)
+        if self.s.moe_tp == 1:
+            return w13, w2
+        from kernels.torch_ref import shard_w13_w2
+
+        a, b = shard_w13_w2(w13[None], w2[None], t, self.s.moe_tp)
+        return a[0], b[0]
 
     def shared_shard(self, t: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.shared_w13 is not None and self.shared_w2 is not None
