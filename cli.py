@@ -132,6 +132,12 @@ def _startup_error() -> tuple[type[Exception], ...]:
     return (pool.PoolStartupError,) if pool is not None else ()
 
 
+def _analysis_error() -> tuple[type[Exception], ...]:
+    # As _pool_error: only if the real side was loaded at all.
+    errors = sys.modules.get("real.pool_errors")
+    return (errors.AnalysisOverBudget,) if errors is not None else ()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     code = _main(argv)
     if argv is None:  # this process's own command line: nothing may keep it alive
@@ -159,6 +165,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_OK if exc.code in (0, None) else EXIT_INTERNAL
     except _startup_error() as exc:  # infrastructure, not the runner's fault
         _error(f"infrastructure error: {str(exc).splitlines()[0]}")
+        return EXIT_INTERNAL
+    except _analysis_error() as exc:  # the twin's own post-run work was too slow: its limit, not a hang
+        _error(f"twin limit: {str(exc).splitlines()[0]}")
         return EXIT_INTERNAL
     except OpsUsageError as exc:  # the runner misuses Ops: its author's bug, named by step
         _error(f"error: {str(exc).splitlines()[0]}")

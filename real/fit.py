@@ -38,10 +38,11 @@ def fit_value(ref: Reference, predicted: algebra.Value, real: torch.Tensor, spac
             toks = tokens_of(s, foreign) if foreign is not None else own
             d = dp_of(foreign) if foreign is not None else d_own
             up = space == "up" and comp == "routed"
-            for i, tok in enumerate(toks[: b.rows]):
-                p = ref.partial(comp, shard, d, tok, up=up)
-                n = min(width, p.shape[0])
-                cols[label][pos + i, :n] += p[:n]
+            toks = toks[: b.rows]
+            if toks:
+                p = ref.rows(comp, shard, d, toks, up=up)
+                n = min(width, p.shape[1])
+                cols[label][pos : pos + len(toks), :n] += p[:, :n]
         pos += b.rows
     # A source whose partial is zero on every row here (an EP rank owning none
     # of these tokens' experts) has no observable coefficient: leave it out.

@@ -42,6 +42,14 @@ from typing import Any
 
 import torch.distributed as dist
 
+from real.pool_errors import (
+    ANALYSIS_OVER_BUDGET,
+    AnalysisOverBudget,
+    PoolError,
+    PoolStartupError,
+    RankFailure,
+    startup_cause,
+)
 from real.ranks import (
     FINISHING_NOTE,
     MAX_RANKS_PER_CPU,
@@ -63,6 +71,9 @@ from real.startup import (
 )
 
 __all__ = [
+    "ANALYSIS_OVER_BUDGET",
+    "AnalysisOverBudget",
+    "DEFAULT_ANALYSIS_TIMEOUT_S",
     "MAX_RANKS_PER_CPU",
     "NOTE_BYTES",
     "DEFAULT_STARTUP_TIMEOUT_S",
@@ -86,83 +97,11 @@ __all__ = [
 # they are usually stuck in a collective waiting for the failed peer.
 DEFAULT_FAILURE_GRACE_S = 1.0
 
-class PoolError(Exception):
-    """The pool cannot do what was asked (bad size, start-up failure, closed pool)."""
-
-
-class RankFailure(PoolError):
-    """One or more ranks raised, died or hung during `RankPool.run`.
-
-    `failures` maps rank -> what happened (in the order the parent noticed),
-    `partial` maps rank -> result for the ranks that finished, and `notes` maps
-    each failed rank to its last progress note (see `note`).
-    """
-
-    def __init__(
-        self,
-        failures: dict[int, str],
-        partial: dict[int, Any] | None = None,
-        notes: dict[int, str] | None = None,
-        times: dict[int, float] | None = None,
-    ) -> None:
-        self.failures = dict(failures)
-        self.partial = dict(partial or {})
-        self.notes = dict(notes or {})
-        # Wall-clock time (time.time()) at which the parent noticed each
-        # rank's message or failure: orders failures across ranks.
-        self.times = dict(times or {})
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        lines = [f"{len(self.failures)} rank(s) failed:"]
-        for rank, what in self.failures.items():
-            first, _, _ = what.partition("\n")
-            text = f"  rank {rank}: {first}"
-            if self.notes.get(rank):
-                text += f" [last note: {self.notes[rank]!r}]"
-            lines.append(text)
-        if self.partial:
-            lines.append(f"  finished: ranks {sorted(self.partial)}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._message()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Exceptions pickle their args by default, which would lose the attributes.
-        return (RankFailure, (self.failures, self.partial, self.notes, self.times))
-
-
-class PoolStartupError(PoolError):
-    """The rank processes could not be started (spawn failed, rendezvous or
-    group init failed or timed out): an infrastructure failure, one line."""
-
-    def __init__(self, world_size: int, timeout_s: float, cause: str, failures: dict[int, str] | None = None,
-                 notes: dict[int, str] | None = None) -> None:
-        self.world_size = world_size
-        self.timeout_s = timeout_s
-        self.cause = cause
-        self.failures = dict(failures or {})
-        self.notes = dict(notes or {})
-        super().__init__(f"could not start {world_size} rank processes within {timeout_s:g} s: {cause}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (PoolStartupError, (self.world_size, self.timeout_s, self.cause, self.failures, self.notes))
-
-
-def startup_cause(failures: dict[int, str], notes: dict[int, str]) -> str:
-    """One line naming why ranks did not start: the first rank that died or
-    raised (the others' time-outs follow from it), else the ranks not ready."""
-    hard = [(r, w) for r, w in failures.items() if not w.startswith("timed out")]
-    if hard:
-        rank, what = hard[0]
-        text = f"rank {rank} {what.partition(chr(10))[0]}"
-        if notes.get(rank):
-            text += f" (last note: {notes[rank]})"
-        return text
-    late = sorted(failures)
-    return f"rank(s) {', '.join(map(str, late))} not ready in time"
-
+# How long ranks past their last collective (FINISHING_NOTE: the twin's fits
+# and output) may still take once the run's timeout has passed. The run's
+# timeout is the runner's; the analysis is the twin's own work and must never
+# make a finished runner read as hung. Normally a few seconds: this is a net.
+DEFAULT_ANALYSIS_TIMEOUT_S = 300.0
 
 # --------------------------------------------------------------------------
 # Parent side
@@ -307,13 +246,17 @@ class _Generation:
         return all(p.is_alive() for p in self.procs)
 
     def gather(
-        self, kind_ok: str, timeout_s: float, grace_s: float, failed: Callable[[Any], bool] | None = None
+        self, kind_ok: str, timeout_s: float, grace_s: float, failed: Callable[[Any], bool] | None = None,
+        analysis_s: float = 0.0,
     ) -> tuple[dict[int, Any], dict[int, str], dict[int, float]]:
         """Wait for one message per rank; returns (results, failures, times).
 
         `failed(result)` says a result reports a failure of the work (the
         rank caught its own error): like a failure, it starts the short grace
-        for the other ranks. `times` is when each rank was noticed (time.time())."""
+        for the other ranks. `times` is when each rank was noticed (time.time()).
+        At the timeout, ranks past their collectives (FINISHING_NOTE) get
+        `analysis_s` more; those still busy then fail with ANALYSIS_OVER_BUDGET,
+        not as timed out."""
         results: dict[int, Any] = {}
         failures: dict[int, str] = {}
         times: dict[int, float] = {}
@@ -359,6 +302,8 @@ class _Generation:
 
         grace_end: float | None = None
         stuck: set[int] = set()  # cut short by the failure grace
+        late: set[int] = set()  # still in the run (not finishing) at its timeout
+        analysis_end: float | None = None  # set at the timeout if ranks are finishing
         while pending:
             now = time.monotonic()
             if grace_end is not None and now >= grace_end:
@@ -369,12 +314,18 @@ class _Generation:
                 pending -= stuck
                 grace_end = math.inf
                 continue
-            if now >= deadline:
-                break
+            limit = deadline if analysis_end is None else analysis_end
+            if now >= limit:
+                if analysis_end is not None or not analysis_s > 0:
+                    break
+                late = {r for r in pending if not self.finishing(r)}
+                pending -= late
+                analysis_end = now + analysis_s
+                continue
             waitables: list[Any] = []
             for r in pending:
                 waitables += [self.conns[r], self.procs[r].sentinel]
-            ready = mp_conn.wait(waitables, timeout=min(deadline, grace_end or deadline) - now)
+            ready = mp_conn.wait(waitables, timeout=min(limit, grace_end or limit) - now)
             for obj in ready:
                 rank = by_sentinel.get(obj) if isinstance(obj, int) else by_conn.get(id(obj))
                 if rank is not None and rank in pending:
@@ -382,9 +333,13 @@ class _Generation:
             if first_failed and pending and grace_end is None:
                 grace_end = time.monotonic() + grace_s
         waited = time.monotonic() - start
-        for rank in sorted(pending | stuck):
+        for rank in sorted(pending | stuck | late):
             times[rank] = time.time()
-            if first_failed:
+            if rank in pending and analysis_end is not None:
+                failures[rank] = (f"{ANALYSIS_OVER_BUDGET}: the run ended (past its last collective) but the "
+                                  f"twin's analysis was still running {analysis_s:g} s after the run's "
+                                  f"{timeout_s:g} s timeout")
+            elif first_failed:
                 failures[rank] = (
                     f"timed out: still running {waited:.1f} s into the run, "
                     f"{grace_s:.1f} s after rank {first_failed[0]} failed"
@@ -401,6 +356,8 @@ class RankPool:
     (unless overridden); `startup_timeout_s` bounds start-up (default: the
     process-wide `set_default_startup_timeout`, else DEFAULT_STARTUP_TIMEOUT_S);
     the default group's own collective timeout is the larger of the two;
+    `analysis_timeout_s` is what ranks past their last collective (the twin's
+    fits and output check) get beyond `timeout_s` (then `AnalysisOverBudget`);
     `threads_per_rank` defaults to usable cores // world_size (at least 1).
     """
 
@@ -413,6 +370,7 @@ class RankPool:
         *,
         failure_grace_s: float = DEFAULT_FAILURE_GRACE_S,
         startup_timeout_s: float | None = None,
+        analysis_timeout_s: float = DEFAULT_ANALYSIS_TIMEOUT_S,
     ) -> None:
         self.backend = backend or default_backend()
         limit = max_world_size(self.backend)
@@ -432,6 +390,7 @@ class RankPool:
         self.timeout_s = float(timeout_s)
         self.threads_per_rank = threads_per_rank or max(1, usable_cpu_count() // world_size)
         self.failure_grace_s = float(failure_grace_s)
+        self.analysis_timeout_s = float(analysis_timeout_s)
         self._startup_timeout_s = None if startup_timeout_s is None else float(startup_timeout_s)
         self.starts = 0  # how many times rank processes were (re)started
         self._gen: _Generation | None = None
@@ -523,6 +482,8 @@ class RankPool:
         when the work is sent to started ranks. `failed(result)`, evaluated
         here in the parent, marks results that report a failure the rank caught
         itself: the other ranks then get the short failure grace, as after a raise.
+        Raises `AnalysisOverBudget` (not `RankFailure`) when a rank past its
+        last collective is still analysing `analysis_timeout_s` after the timeout.
         """
         if self._closed:
             raise PoolError("pool is closed")
@@ -544,7 +505,8 @@ class RankPool:
             for conn in gen.conns:
                 with contextlib.suppress(OSError):
                     conn.send_bytes(payload)  # a dead rank shows up in gather
-            results, failures, times = gen.gather("ok", timeout, self.failure_grace_s, failed)
+            results, failures, times = gen.gather("ok", timeout, self.failure_grace_s, failed,
+                                                  self.analysis_timeout_s)
         except BaseException:
             # Ctrl-C or a parent-side bug: never leave ranks mid-collective.
             self._teardown(graceful=False)
@@ -552,6 +514,8 @@ class RankPool:
         if failures:
             notes = gen.notes()
             self._teardown(graceful=False)
+            if any(w.startswith(ANALYSIS_OVER_BUDGET) for w in failures.values()):
+                raise AnalysisOverBudget(self.analysis_timeout_s, failures, notes)
             raise RankFailure(failures, results, {r: notes[r] for r in failures if notes[r]}, times)
         return [results[r] for r in range(self.world_size)]
 

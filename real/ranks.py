@@ -40,7 +40,8 @@ _PARENT_POLL_S = 0.5
 
 # A rank whose latest note starts with this is past its last collective (e.g.
 # checking its results): it cannot be stuck waiting for a failed peer, so the
-# pool's failure grace does not cut it short (it still has the run timeout).
+# pool's failure grace does not cut it short, and once the run timeout has
+# passed it gets the pool's analysis budget instead of counting as hung.
 FINISHING_NOTE = "finishing"
 
 

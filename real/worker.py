@@ -12,8 +12,9 @@ import torch.distributed as dist
 
 from real.errors import error_kind, root_cause
 from real.fit import fit_value
-from real.model import LayerWeights, Reference
+from real.model import Reference
 from real.ops import RealOps
+from real.reference import one_thread
 from scenarios import contain
 from scenarios.dispatch_layout import VLLM_LAYOUT
 from scenarios.runners import load_runner, run_program
@@ -107,16 +108,8 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     ops.close()  # drains the stream threads (a failure there is recorded in ops.failed)
     note(f"{FINISHING_NOTE}: fits and output")  # past every collective: no failure grace for us
     failure = _failure(ops, raised, raised_at, bool(payload.get("traceback")))
-    # Fits against the simulator's predicted values (float64 partials).
-    ref = Reference(s, LayerWeights(s))
-    for idx, value in predicted.items():
-        t = ops.tensors.get(idx)
-        snap = t.extra.get("snapshot") if t is not None else None
-        if t is None or snap is None or idx >= len(ops.steps):
-            continue
-        fitted = fit_value(ref, value, snap.cpu(), t.space)
-        if fitted is not None:
-            ops.steps[idx].value, ops.steps[idx].residual = fitted
+    with one_thread():  # small float64 products: a second intra-op thread only spins on a busy machine
+        _fit_steps(s, ops, predicted)
     out = ops.output.data.cpu() if ops.output is not None and ops.output.data is not None else None
     output_fit = None
     if out is not None and ops.output is not None:
@@ -131,6 +124,20 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
         "stand_ins": sorted(ops.stand_ins),
         "kernel": kernel_name,
     }
+
+
+def _fit_steps(s: Scenario, ops: RealOps, predicted: dict[int, Any]) -> None:
+    """Fit each step's real tensor against the simulator's predicted value
+    (float64 partials, real/fit.py); the result goes on the step."""
+    ref = Reference(s, ops.weights)  # the weights this rank already generated
+    for idx, value in predicted.items():
+        t = ops.tensors.get(idx)
+        snap = t.extra.get("snapshot") if t is not None else None
+        if t is None or snap is None or idx >= len(ops.steps):
+            continue
+        fitted = fit_value(ref, value, snap.cpu(), t.space)
+        if fitted is not None:
+            ops.steps[idx].value, ops.steps[idx].residual = fitted
 
 
 def _failure(ops: RealOps, raised: BaseException | None, raised_at: float | None, with_traceback: bool) -> dict[str, Any]:

@@ -335,3 +335,27 @@ def test_the_ranks_are_rebuilt_after_a_runner_looped_on_them():
     first, second = json.loads(p.stdout.strip().splitlines()[-1])
     assert first == [["HANG", "before_the_loop"]] * 2
     assert second == []
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_verify_gives_up_on_a_runner_that_always_runs_into_the_wall_clock_budget(tmp_path, jobs):
+    # Without the give-up every class of the space (hundreds) would run for
+    # its whole --sim-timeout; with it, three in a row end the enumeration,
+    # counted over every worker.
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "cli", "verify", "--runner", f"{HOSTILE}:LoopForever",
+                        "--sim-timeout", "1", "--jobs", jobs, "--out", str(tmp_path), "--json", "--fail-on-hazard"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert p.returncode == 1, p.stderr  # as for a runner error found with --fail-on-hazard
+    assert time.monotonic() - t0 < 45
+    d = json.loads(p.stdout)
+    # (with two workers, the other's class in flight may end in the budget too)
+    n = int(d["stopped"].removeprefix("the runner ran into the wall-clock budget on ").split()[0])
+    assert d["stopped"].endswith(" classes in a row") and 3 <= n <= 2 + int(jobs)
+    assert not d["complete"] and not d["proved_clean"] and 3 <= d["simulated"] <= 3 + int(jobs)
+    assert all(f["kind"] == "RUNNER_ERROR" for f in d["findings"])
+    text = subprocess.run([sys.executable, "-m", "cli", "verify", "--runner", f"{HOSTILE}:LoopForever",
+                           "--sim-timeout", "0.5", "--jobs", jobs], cwd=ROOT, capture_output=True, text=True,
+                          timeout=LIMIT_S)
+    assert text.returncode == 0, text.stderr
+    assert "stopped: the runner ran into the wall-clock budget on " in text.stdout

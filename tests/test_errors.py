@@ -207,6 +207,37 @@ def test_failure_grace_keeps_results_of_ranks_past_their_collectives() -> None:
     assert err.partial == {1: {"error": "OpsShapeError: x"}} and "after rank 1 failed" in err.failures[0]
     assert err.notes[0] == "step 9 final_all_reduce" and set(err.times) == {0, 1}
 
+
+def slow_after_collectives(rank: int, world: int, finishing: bool, seconds: float) -> int:
+    """Every rank is slow after the run: past its collectives (its note says
+    so: the twin's analysis) or, with finishing=False, still inside the run."""
+    from real.pool import FINISHING_NOTE, note
+
+    note(f"{FINISHING_NOTE}: fits and output" if finishing else "step 9 final_all_reduce")
+    time.sleep(seconds)
+    return rank
+
+
+@pytest.mark.slow
+def test_slow_analysis_past_the_collectives_is_never_a_hang() -> None:
+    from real.pool import ANALYSIS_OVER_BUDGET, AnalysisOverBudget, RankFailure, RankPool
+
+    with RankPool(2, timeout_s=1.0, analysis_timeout_s=30.0) as pool:
+        pool.start()
+        # The analysis outlives the run's timeout: the results count.
+        assert pool.run(slow_after_collectives, True, 2.5) == [0, 1]
+        # Still inside the run at the timeout: timed out (a HANG), analysis budget or not.
+        with pytest.raises(RankFailure) as hung:
+            pool.run(slow_after_collectives, False, 2.5)
+        assert all(w.startswith("timed out") for w in hung.value.failures.values())
+        # The analysis outlives its own budget too: the twin's limit, not a RankFailure.
+        pool.analysis_timeout_s = 0.5
+        with pytest.raises(AnalysisOverBudget) as over:
+            pool.run(slow_after_collectives, True, 10.0)
+    assert all(w.startswith(ANALYSIS_OVER_BUDGET) for w in over.value.failures.values())
+    assert "did not end within its budget of 0.5 s" in str(over.value)
+
+
 SHAPE_CASES = [("r4-gpt-oss-padded", spec(c)) for c in (
     "PadBelowWidth", "WrongBoundary", "WrongOutputRows", "AddUnequal", "NarrowRouter", "NarrowKernel",
     "FewerRowsThanRouting", "OddReduceScatter", "Rank1FewerRows", "Rank1GathersInstead")] + [

@@ -348,3 +348,31 @@ def test_shared_group_of_reads_the_shard_labels_of_the_real_steps():
     assert shared_group_of(trace([["shared@full"]])) == "full"
     assert shared_group_of(trace([["shared@tp0"], ["shared@world1"]])) is None  # mixed: unknown
     assert shared_group_of(trace([[]])) is None
+
+
+def test_fit_partials_batched_agree_with_the_exact_layer_and_run_each_expert_once(monkeypatch):
+    """The fits' float64 partials (real.model.Reference), batched per DP rank,
+    equal the exact reference's pieces; every expert's MLP runs once per DP
+    rank for all its MoE-TP shards (per token and per shard it took about a
+    minute per rank on latent-moe, past the run's timeout)."""
+    from real.model import Reference
+
+    s = scenario(tp=2, dp=1, tokens=6, latent_dim=24, num_shared_experts=1)
+    exact = ExactReference(s)
+    parts = exact.routed_partials(0)
+    w = LayerWeights(s)
+    calls = []
+    real_expert = LayerWeights.expert
+    monkeypatch.setattr(LayerWeights, "expert", lambda self, e, cache=True: calls.append(e) or real_expert(self, e, cache))
+    ref = Reference(s, w)
+    rsf = s.model.routed_scaling_factor
+    assert sorted(parts) == ["tp0", "tp1"]
+    for shard, part in parts.items():
+        assert torch.allclose(ref.partials("routed", shard, 0), rsf * part, atol=1e-9)
+    assert sorted(calls) == sorted(set(calls))  # both shards from one pass over the experts
+    up = sum(ref.partials("routed", sh, 0, up=True) for sh in parts)
+    assert torch.allclose(up + ref.partials("shared", "full", 0), exact.output(0), atol=1e-9)
+    assert torch.allclose(ref.partials("shared", "tp1", 0), exact.shared_mlp(exact.x[0], 1, 2), atol=1e-9)
+    rows = ref.rows("routed", "tp1", 0, [2, -1, 0])
+    assert torch.equal(rows[0], ref.partial("routed", "tp1", 0, 2)) and not rows[1].any()
+    assert torch.equal(rows[2], ref.partial("routed", "tp1", 0, 0))

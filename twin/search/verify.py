@@ -38,10 +38,16 @@ from scenarios.space import (
 from scenarios.spec import Scenario, ScenarioError
 from twin.search.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
 from twin.search.explore_store import slug as _slug
+from twin.search.verify_merge import merge, statement
 from twin.search.verify_record import Reads, reads, recording, same_reads
 
 Assignment = dict[str, Any]
 ProgressFn = Callable[[int, int, int], None]  # (assignments done, total, findings)
+
+# Simulated classes in a row (in the order they end, over every worker) stopped
+# by the wall-clock budget after which the enumeration gives up: a runner that
+# loops on every class would otherwise cost a whole --sim-timeout per class.
+MAX_WALL_STOPS = 3
 
 
 @dataclass
@@ -112,16 +118,8 @@ class VerifyResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "statement": self.statement(),
             "complete": self.complete,
+            "stopped": self.gave_up,  # why it ended early by itself (None: it did not)
         }
-
-
-def statement(classes: int, findings: int, axes: dict[str, list[Any]], unsupported: int = 0) -> str:
-    """What was proved (no finding) or found, over which axes and values."""
-    over = "{" + ", ".join(f"{k}: {'/'.join(map(str, v))}" for k, v in axes.items()) + "}"
-    refused = f" ({unsupported} more refused by the runner as out of its scope)" if unsupported else ""
-    if not findings:
-        return f"no hazard in {classes} decision classes over {over}{refused}"
-    return f"{findings} distinct finding(s) in {classes} decision classes over {over}{refused}"
 
 
 # ---------------------------------------------------------------- one class (worker side)
@@ -129,8 +127,14 @@ def statement(classes: int, findings: int, axes: dict[str, list[Any]], unsupport
 _RUNNERS: dict[str, type[MoERunner]] = {}
 
 
-def _init_worker(limits: contain.Limits) -> None:
+# The wall-clock stops in a row shared by the workers of one parallel verify.
+_WALL_STOPS: Any = None
+
+
+def _init_worker(limits: contain.Limits, wall_stops: Any = None) -> None:
+    global _WALL_STOPS
     contain.set_limits(limits)
+    _WALL_STOPS = wall_stops
 
 
 def simulate_class(spec: str, index: int, scenario: Scenario) -> Outcome:
@@ -214,7 +218,7 @@ def verify(
     store: FindingStore | None = None,
     should_stop: Callable[[], bool] | None = None,
     name_prefix: str = "verify",
-    max_wall_stops: int | None = None,
+    max_wall_stops: int | None = MAX_WALL_STOPS,
 ) -> VerifyResult:
     """Enumerate `space` (tp x dp <= max_world) for `runner`; see the module docstring.
 
@@ -222,9 +226,10 @@ def verify(
     signatures) instead of a store of this call's own under `out`.
     `should_stop`, polled before each assignment (jobs = 1 only): True ends
     the enumeration there, `complete` False. `name_prefix` names the findings'
-    scenario files. `max_wall_stops` (jobs = 1): that many simulated classes
-    in a row stopped by the wall-clock budget end the enumeration too
-    (`gave_up` says so): each further class would cost the whole budget."""
+    scenario files. `max_wall_stops`: that many simulated classes in a row
+    stopped by the wall-clock budget (counted over every worker) end the
+    enumeration too (`gave_up`, "stopped" in JSON, says so; None: never):
+    each further class would cost the whole budget."""
     from twin.search.explore import resolve_runner
 
     t0 = time.perf_counter()
@@ -266,8 +271,8 @@ def verify(
         walk.run()
         res.assignments_done = walk.done
     else:
-        _parallel(space, max_world, every, lo, hi, spec, res, store, prune, polish_findings, jobs, say)
-        res.assignments_done = hi - lo
+        _parallel(space, max_world, every, lo, hi, spec, res, store, prune, polish_findings, jobs, say,
+                  max_wall_stops)
     res.findings = sorted(store.findings.values(), key=lambda f: f.signature)
     res.elapsed_s = time.perf_counter() - t0
     store.save()
@@ -281,19 +286,24 @@ BLOCKS_PER_JOB = 3
 
 def _parallel(space: str, max_world: int, every: Enumeration, lo: int, hi: int, spec: str,
               res: VerifyResult, store: FindingStore, prune: bool, polish_findings: bool, jobs: int,
-              say: ProgressFn) -> None:
-    """Contiguous blocks of the range, each enumerated (and pruned) by one worker."""
+              say: ProgressFn, max_wall_stops: int | None = MAX_WALL_STOPS) -> None:
+    """Contiguous blocks of the range, each enumerated (and pruned) by one worker;
+    the wall-clock stops in a row are counted over all of them (a shared counter)."""
     import multiprocessing as mp
 
     k = min(jobs * BLOCKS_PER_JOB, max(hi - lo, 1))
     bounds = [(lo + (hi - lo) * b // k, lo + (hi - lo) * (b + 1) // k) for b in range(k)]
-    tasks = [(spec, space, max_world, a, b, prune, polish_findings, res.outcomes is not None) for a, b in bounds]
+    tasks = [(spec, space, max_world, a, b, prune, polish_findings, res.outcomes is not None, max_wall_stops)
+             for a, b in bounds]
     done = 0
     ctx = mp.get_context("forkserver")  # no fork of a process that may run a progress thread
-    with ctx.Pool(jobs, initializer=_init_worker, initargs=(contain.limits(),)) as pool:
-        for part, (a, b) in zip(pool.imap(_walk_block, tasks), bounds):
-            for key in ("classes", "pruned", "invalid", "opaque", "unsupported"):
+    wall_stops = ctx.Value("i", 0)
+    with ctx.Pool(jobs, initializer=_init_worker, initargs=(contain.limits(), wall_stops)) as pool:
+        for part in pool.imap(_walk_block, tasks):
+            for key in ("classes", "pruned", "invalid", "opaque", "unsupported", "assignments_done"):
                 setattr(res, key, getattr(res, key) + getattr(part, key))
+            if part.gave_up and not res.gave_up:
+                res.gave_up, res.complete = part.gave_up, False
             if res.outcomes is not None and part.outcomes is not None:
                 res.outcomes.update(part.outcomes)
             for f in part.findings:  # blocks arrive in order: the first is the simplest
@@ -301,19 +311,22 @@ def _parallel(space: str, max_world: int, every: Enumeration, lo: int, hi: int, 
                     store.findings[f.signature] = f
                     store.write_scenario(f)
                     store.save()
-            done += b - a
+            done += part.assignments_done
             say(done, hi - lo, len(store.findings))
 
 
 def _walk_block(task: tuple[Any, ...]) -> VerifyResult:
-    spec, space, max_world, lo, hi, prune, polish_findings, keep = task
+    spec, space, max_world, lo, hi, prune, polish_findings, keep, max_wall_stops = task
     axes = space_axes(space)
     cls = _RUNNERS.get(spec) or _RUNNERS.setdefault(spec, load_runner(spec))
     part = VerifyResult(spec, space, max_world, {}, outcomes={} if keep else None)
     store = FindingStore(None, spec)
-    _Walk(axes, Enumeration(axes, max_world), lo, hi, spec, cls, part, store, prune, polish_findings,
-          lambda _d, _t, _f: None).run()
+    walk = _Walk(axes, Enumeration(axes, max_world), lo, hi, spec, cls, part, store, prune, polish_findings,
+                 lambda _d, _t, _f: None)
+    walk.max_wall_stops, walk.wall_stops = max_wall_stops, _WALL_STOPS
+    walk.run()
     part.findings = list(store.findings.values())
+    part.assignments_done = walk.done
     return part
 
 
@@ -342,6 +355,7 @@ class _Walk:
         self.assignment: dict[int, Assignment] = {}  # of the classes in flight
         self.done = 0
         self.max_wall_stops: int | None = None
+        self.wall_stops: Any = None  # a counter shared with other workers (multiprocessing Value), if any
 
     def run(self) -> None:
         for i, s in self._classes():
@@ -374,7 +388,8 @@ class _Walk:
             yield i, s
 
     def _give_up(self) -> bool:
-        n, limit = self.res.wall_stops_in_a_row, self.max_wall_stops
+        n = self.res.wall_stops_in_a_row if self.wall_stops is None else self.wall_stops.value
+        limit = self.max_wall_stops
         if limit is None or n < limit:
             return False
         self.res.gave_up = f"the runner ran into the wall-clock budget on {n} classes in a row"
@@ -413,11 +428,18 @@ class _Walk:
                 self._new_finding(sig, kind, detail, step, rank, s, o)
         if self.res.outcomes is not None:
             self.res.outcomes[o.index] = frozenset(o.findings)
-        wall = o.budget_stop is not None and o.budget_stop.startswith(contain.WALL_CLOCK_BUDGET)
-        self.res.wall_stops_in_a_row = self.res.wall_stops_in_a_row + 1 if wall else 0
+        self._count_wall_stop(o.budget_stop is not None and o.budget_stop.startswith(contain.WALL_CLOCK_BUDGET))
         self._tick()
         if self.prune:
             self._prune(o, a)
+
+    def _count_wall_stop(self, wall: bool) -> None:
+        """One more class in a row stopped by the wall-clock budget, or a class
+        that ended: the count starts again (here and, shared, in every worker)."""
+        self.res.wall_stops_in_a_row = self.res.wall_stops_in_a_row + 1 if wall else 0
+        if self.wall_stops is not None:
+            with self.wall_stops.get_lock():
+                self.wall_stops.value = self.wall_stops.value + 1 if wall else 0
 
     def _prune(self, o: Outcome, a: Assignment) -> None:
         def wanted(values: tuple[Any, ...]) -> bool:
@@ -462,32 +484,6 @@ class _Walk:
 
 
 # ---------------------------------------------------------------- shards, helper
-
-
-def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report from the --json outputs of the shards of one space: counts
-    added, findings merged by signature (the first shard's minimal scenario)."""
-    if not results:
-        raise ExploreInputError("--merge: no shard outputs given")
-    head = results[0]
-    for r in results[1:]:
-        for key in ("runner", "axes"):
-            if r.get(key) != head.get(key):
-                raise ExploreInputError(f"--merge: shards disagree on {key!r}: {r.get(key)!r} vs {head.get(key)!r}")
-    findings: dict[str, Any] = {}
-    for r in results:
-        for f in r.get("findings", []):
-            findings.setdefault(f["signature"], f)
-    out = {k: head.get(k) for k in ("runner", "axes", "space", "max_world")}
-    for key in ("classes", "pruned", "simulated", "invalid", "opaque", "unsupported"):
-        out[key] = sum(int(r.get(key, 0)) for r in results)
-    out["findings"] = [findings[k] for k in sorted(findings)]
-    out["proved_clean"] = not findings
-    out["shards"] = len(results)
-    out["complete"] = all(bool(r.get("complete", True)) for r in results)
-    out["elapsed_s"] = round(sum(float(r.get("elapsed_s", 0.0)) for r in results), 3)
-    out["statement"] = statement(out["classes"], len(findings), out["axes"] or {}, out["unsupported"])
-    return out
 
 
 def assert_verified(runner: str | type[MoERunner], space: str | tuple[Axis, ...] = "default",

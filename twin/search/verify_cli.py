@@ -76,6 +76,9 @@ def verify_report(d: dict[str, Any]) -> list[str]:
              f"assignments skipped, {d.get('unsupported', 0)} refused by the runner; {d['elapsed_s']:.1f} s"]
     if d.get("shard"):
         lines[1] += f"; shard {d['shard'][0]}/{d['shard'][1]}"
+    if d.get("stopped"):
+        lines.append(f"  [bold]stopped[/bold]: {e(d['stopped'])}; the remaining classes were not enumerated "
+                     "(nothing is proved about them)")
     for f in d["findings"]:
         lines.append(f" [bold]{e(f['signature'])}[/bold]")
         lines.append(f"     {e(f.get('scenario_file') or '(not written: use --out)')}: {e(f['summary'])}")
@@ -99,7 +102,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
         _print_lines(verify_report(d))
-    return 1 if (args.fail_on_hazard and d["findings"]) else 0
+    # A stopped enumeration is the runner's failure (every class ran into the
+    # budget): the exit code is that of a runner error, a finding.
+    return 1 if (args.fail_on_hazard and (d["findings"] or d.get("stopped"))) else 0
 
 
 def _read_json(path: str) -> dict[str, Any]:
