@@ -240,8 +240,8 @@ class Replay:
         self.bind(st, self.ops.latent_down(self.val(st), name=st["site"]))
 
     def _latent_up(self, st: dict[str, Any]) -> None:
-        row = self.runner.latent_up_row_parallel() and self.runner.scenario.parallel.tp > 1
-        self.bind(st, self.ops.latent_up(self.val(st), name=st["site"], row_parallel=row))
+        # Replicated: a row-parallel up-projection over tp > 1 is out of scope (_row_parallel_up).
+        self.bind(st, self.ops.latent_up(self.val(st), name=st["site"]))
 
     def _all_reduce(self, st: dict[str, Any]) -> None:
         self.bind(st, self.ops.all_reduce(self.val(st), self.group(st), name=st["site"]))
