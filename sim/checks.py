@@ -36,6 +36,7 @@ from scenarios.trace import HazardKind, Step
 from scenarios.workload import dp_of, owned_tokens, token_label, tokens_of
 from sim import algebra
 from sim.reduce_groups import GroupNamer
+from sim.simtypes import Labels
 
 if TYPE_CHECKING:
     from sim.engine import Simulation
@@ -254,9 +255,11 @@ class Checks:
         if component == "routed":
             key: tuple = ("routed", ops.latent_up_tags)
         else:
-            sliced = self.sim.layout.slices_tokens(s)  # sliced tokens: the shared MLP is replicated
-            default = tuple(f"tp{t}" for t in range(s.parallel.tp)) if not sliced else ("full",)
-            key = ("shared", ops.shared_shards if ops.shared_shards is not None else default)
+            shards_run = ops.shared_shards
+            if shards_run is None:  # sliced tokens: the shared MLP is replicated
+                sliced = self.sim.layout.slices_tokens(s)
+                shards_run = self.sim.shard_labels("tp", s.parallel.tp) if not sliced else ("full",)
+            key = ("shared", shards_run)
         labels = self._labels.get(key)
         if labels is None:
             if component == "routed":
@@ -265,7 +268,7 @@ class Checks:
                     shards = [f"{sh}+{tag}" for sh in shards for tag in ops.latent_up_tags]
             else:
                 shards = list(key[1])
-            labels = self._labels[key] = tuple(algebra.source_label((component, sh, None)) for sh in shards)
+            labels = self._labels[key] = Labels([algebra.source_label((component, sh, None)) for sh in shards])
         return labels
 
     def output_labels(self, ops: SimOps) -> tuple[str, ...]:
@@ -273,7 +276,7 @@ class Checks:
         labels = self._labels.get(key)
         if labels is None:
             routed = self.expected_labels(ops, "routed")
-            labels = routed + self.expected_labels(ops, "shared") if self.scenario.model.has_shared else routed
+            labels = Labels(routed + self.expected_labels(ops, "shared")) if self.scenario.model.has_shared else routed
             self._labels[key] = labels
         return labels
 

@@ -39,6 +39,7 @@ from sim.checks import Checks
 from sim.cost import Profile
 from sim.errors import CollectiveFailed, RunnerUsageError, SimShapeError
 from sim.simops import MODEL, Access, Plan, SimEvent, SimOps, SimTensor
+from sim.simtypes import Labels
 from sim.timing import timing_phase
 
 __all__ = [
@@ -206,6 +207,7 @@ class Simulation:
         self.loads = expert_loads(scenario, self.layout)  # hashing the scenario once, not per op
         self._groups: dict[tuple[str, int], RankGroup] = {}
         self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
+        self._labels: dict[tuple[str, int], Labels] = {}
 
     def release(self) -> None:
         """Break the cycles a finished simulation is made of (its ranks' Ops and
@@ -256,6 +258,14 @@ class Simulation:
             found = (RankGroup(members), token_routing)
             for m in members:
                 self._dispatch[m] = found
+        return found
+
+    def shard_labels(self, prefix: str, n: int) -> Labels:
+        """("tp0", ..., "tp{n-1}"): one shared object per prefix and size
+        (every member of a wide group would build and hash its own)."""
+        found = self._labels.get((prefix, n))
+        if found is None:
+            found = self._labels[(prefix, n)] = Labels([f"{prefix}{i}" for i in range(n)])
         return found
 
     def received_rows(self, rank: int, group: tuple[int, ...]) -> int:

@@ -84,6 +84,8 @@ class SimOps(SimComm, Ops):
         self.input_rows: tuple[str, ...] = ()
         # buffer -> (version, the handle written in place at that version)
         self.writes: dict[int, tuple[int, SimTensor]] = {}
+        self._max_ops = contain.limits().max_ops
+        self._block_cap = contain.value_block_cap(self.world)
 
     # ---- usage checks (the runner's code, not the configuration) ----
 
@@ -102,6 +104,28 @@ class SimOps(SimComm, Ops):
 
     # ---- recording ----
 
+    def _budget_check_due(self, n: int, ins: tuple[SimTensor, ...], out_shape: tuple[int, ...] | None) -> bool:
+        """Whether contain.check_op must look at this op: the op budget is
+        near, the wall clock is due (every 16th op; an op-free loop is the
+        alarm's), an input's value is over its block cap, or the output may
+        be over the element cap. Most ops are none of these, and the full
+        check is a call with loops of its own."""
+        if n >= self._max_ops or not n & 15:
+            return True
+        cap = self._block_cap
+        for t in ins:
+            if t.value.n_blocks > cap:
+                return True
+        if out_shape:
+            total = 1
+            try:
+                for d in out_shape:
+                    total *= d
+                return total > contain.MAX_ELEMENTS or total < 0
+            except TypeError:  # not numbers: the full check says what is wrong
+                return True
+        return False
+
     def _step(
         self,
         op: str,
@@ -117,7 +141,8 @@ class SimOps(SimComm, Ops):
         # BudgetExceeded into the runner before anything is recorded.
         steps = self.steps
         n = len(steps)
-        contain.check_op(n, ins, out_shape, self.world)
+        if self._budget_check_due(n, ins, out_shape):
+            contain.check_op(n, ins, out_shape, self.world)
         if ins:
             if len(ins) == 1:  # most ops: no comprehension (a call of its own per op)
                 t = ins[0]
@@ -438,7 +463,7 @@ class SimOps(SimComm, Ops):
         self.sim.checks.latent_up(self, st, x, row_parallel=len(members) > 1)
         if len(members) == 1:
             return self._new(st, shape, x.value, (x,))
-        tags = tuple(f"up{i}" for i in range(len(members)))
+        tags = self.sim.shard_labels("up", len(members))
         if self.latent_up_tags is None:
             self.latent_up_tags = tags
         return self._new(st, shape, algebra.row_shard(x.value, tags[members.index(self.rank)]), (x,))
@@ -500,7 +525,7 @@ class SimOps(SimComm, Ops):
         else:
             if m.shared_inter % s.moe_tp:
                 raise self._misuse(name, f"shared intermediate {m.shared_inter} is not divisible by moe_tp={s.moe_tp}")
-            shards = tuple(f"moe_tp{i}" for i in range(s.moe_tp))
+            shards = self.sim.shard_labels("moe_tp", s.moe_tp)
         if self.shared_shards is None:
             self.shared_shards = shards
         return shards[0] if s.moe_tp == 1 else shards[self._group("moe_tp", name).index(self.rank)]
@@ -532,7 +557,7 @@ class SimOps(SimComm, Ops):
         if x.shape[-1] != m.hidden:
             self._shape_error(st, f"shared MLP expects width {m.hidden}, got {x.shape[-1]}")
         self.sim.checks.consume(self, st, x, "shared experts", "x", self.layer_rows)
-        shards = tuple(f"{group}{i}" for i in range(n)) if sharded else ("full",)
+        shards = self.sim.shard_labels(group, n) if sharded else ("full",)
         if self.shared_shards is None:
             self.shared_shards = shards
         shard = shards[members.index(self.rank)] if sharded else "full"

@@ -39,6 +39,22 @@ class Plan:
     vc: dict[str, int] | None = None
 
 
+class Labels(tuple):
+    """A tuple of labels whose hash is computed once. Shard and output label
+    tuples are world-long in wide worlds and key per-rank cache lookups: a
+    plain tuple would be rehashed (every label) on every lookup."""
+
+    _hash: int
+
+    def __new__(cls, labels: tuple[str, ...] | list[str]) -> Labels:
+        t = super().__new__(cls, labels)
+        t._hash = tuple.__hash__(t)
+        return t
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 class Access(NamedTuple):
     """One buffer access. Recorded per op (several per step), so as the
     cheapest immutable record: Simulation.accesses holds these tuples."""
