@@ -210,3 +210,72 @@ def test_real_path_with_stand_ins(stand_ins, capsys) -> None:  # type: ignore[no
     assert main(["replay", "--engine", "vllm", "--real", "--fail-on-hazard"]) == 0
     out = capsys.readouterr().out
     assert out.count("CAUGHT") == 2 and "CONFIRMED" in out
+
+
+# ---- one simulation per case: check() takes the caller's prediction ----
+
+
+class _Stop(Exception):
+    """Ends a check() at its real run (the test looks at what it was given)."""
+
+
+def test_check_runs_the_given_prediction_without_simulating_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import real.runner
+    import twin.check.crosscheck as cc
+
+    s = load("r2-fi-two-sided")
+    given = simulate(s, "fixed")
+    seen: list[object] = []
+
+    def run_real(scenario, runner, prediction=None, **kw):  # type: ignore[no-untyped-def]
+        seen.append(prediction)
+        raise _Stop
+
+    calls: list[str] = []
+    monkeypatch.setattr(real.runner, "run_real", run_real)
+    monkeypatch.setattr(cc, "simulate", lambda *a, **k: calls.append("simulate") or given)
+    with pytest.raises(_Stop):
+        cc.check(s, "fixed", prediction=given)
+    assert seen == [given] and calls == []
+    with pytest.raises(_Stop):
+        cc.check(s, "fixed")  # without one: simulated here, as before
+    assert calls == ["simulate"]
+
+
+def test_replay_engine_real_checks_each_case_with_the_tables_simulations(stand_ins, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    import twin.check.replay_engine as re_mod
+
+    given: list[tuple[str, object]] = []
+
+    def check(s, runner, prediction=None, **kw):  # type: ignore[no-untyped-def]
+        given.append((runner, prediction))
+        return SimpleNamespace(sim=prediction, real=None)
+
+    monkeypatch.setattr(re_mod, "check", check)
+    results = re_mod.replay_engine_real(timeout_s=1.0)
+    want = [pair for r in results for pair in ((("fixed", r.fixed)), (r.case.runner, r.before))]
+    assert len(given) == len(want) == 4
+    assert all(g[0] == w[0] and g[1] is w[1] and w[1] is not None for g, w in zip(given, want, strict=True))
+
+
+@pytest.mark.parametrize(("calibrated", "profile", "stale"),
+                         [(False, "cpu", False), (True, "cpu", True), (True, "h100", False)])
+def test_cli_check_passes_its_simulation_unless_a_calibration_made_it_stale(
+        calibrated: bool, profile: str, stale: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import twin.check.check_cli as cli_mod
+    import twin.check.crosscheck as cc
+
+    given: list[object] = []
+
+    def check(s, runner, prediction=None, **kw):  # type: ignore[no-untyped-def]
+        given.append(prediction)
+        raise _Stop
+
+    real_scenario = cli_mod.real_scenario
+    monkeypatch.setattr(cc, "check", check)
+    monkeypatch.setattr(cli_mod, "autocalibrate", lambda args: calibrated)
+    monkeypatch.setattr(cli_mod, "real_scenario", lambda args: real_scenario(args).with_(**{"runtime.profile": profile}))
+    assert main(["check", "r2-fi-two-sided", "--runner", "fixed"]) != 0  # stopped at the real run
+    assert len(given) == 1 and (given[0] is None) == stale

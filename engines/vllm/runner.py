@@ -34,11 +34,17 @@ class EngineTraceError(RuntimeError):
     RUNNER_ERROR naming the engine function)."""
 
 
-class _Unwritten:
-    """A buffer the engine allocated and the trace never filled."""
+class _Buffer:
+    """A buffer the engine allocated that nothing has been written to: unwritten,
+    or zero-filled (`zeros`). `like` is the replayed tensor a zeros_like-style
+    buffer copies its shape from (None: the shape is the traced one)."""
 
-    def __init__(self, site: str) -> None:
-        self.site = site
+    def __init__(self, site: str, shape: tuple[int, ...], zeros: bool, like: Any = None) -> None:
+        self.site, self.shape, self.zeros, self.like = site, shape, zeros, like
+
+
+def _zero(v: Any) -> bool:
+    return isinstance(v, _Buffer) and v.zeros
 
 
 class VllmRunner(MoERunner):
@@ -165,10 +171,17 @@ class Replay:
         what = st.get("what") or st["op"]
         return f"{st['site']} ({st.get('where', '?')}) issues {what}, which the Ops vocabulary cannot represent"
 
-    def val(self, st: dict[str, Any], i: int = 0) -> Any:
+    def peek(self, st: dict[str, Any], i: int = 0) -> Any:
+        """Input i's replayed value, a _Buffer included (None: not followed)."""
         tid = st["in"][i]
-        v = self.vals.get(tid) if tid is not None else None
-        if isinstance(v, _Unwritten):
+        return self.vals.get(tid) if tid is not None else None
+
+    def val(self, st: dict[str, Any], i: int = 0) -> Any:
+        v = self.peek(st, i)
+        if isinstance(v, _Buffer) and v.zeros:
+            raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) reads the zero-filled buffer allocated at "
+                                   f"{v.site} other than by adding into it, which the Ops vocabulary cannot represent")
+        if isinstance(v, _Buffer):
             raise EngineTraceError(f"{st['site']} reads the buffer allocated at {v.site} before anything was written to it")
         if v is None:
             raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) reads a tensor the trace did not follow")
@@ -284,22 +297,51 @@ class Replay:
         self.bind(st, self.ops.trim_rows(self.val(st), st["rows"], name=st["site"]))
 
     def _view(self, st: dict[str, Any]) -> None:
+        v = self.peek(st)
+        if _zero(v):  # still zeros, in the traced shape
+            self.bind(st, _Buffer(v.site, tuple(st["shape"]), True))
+            return
         self.bind(st, self.ops.view(self.val(st), tuple(st["shape"]), name=st["site"]))
 
     def _add(self, st: dict[str, Any]) -> None:
-        self.bind(st, self.ops.add(self.val(st, 0), self.val(st, 1), name=st["site"]))
+        a, b = self.peek(st, 0), self.peek(st, 1)
+        if _zero(a) and _zero(b) and tuple(a.shape) == tuple(b.shape):
+            self.bind(st, a)  # zeros + zeros
+        elif _zero(a) or _zero(b):
+            buf, y = (a, self.val(st, 1)) if _zero(a) else (b, self.val(st, 0))
+            self.bind(st, self.first_write(st, buf, y))
+        else:
+            self.bind(st, self.ops.add(self.val(st, 0), self.val(st, 1), name=st["site"]))
+
+    def first_write(self, st: dict[str, Any], buf: _Buffer, y: Any) -> Any:
+        """zeros + y: a copy of y (an add kernel into a fresh buffer), when the shapes agree."""
+        if tuple(y.shape) == tuple(buf.shape):
+            return self.ops.clone(y, name=st["site"])
+        if buf.like is not None:
+            # The shape error the engine's add would raise, at this step.
+            self.ops.add(buf.like, y, name=st["site"])
+        raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) adds a {list(y.shape)} tensor into the "
+                               f"{list(buf.shape)} zero buffer allocated at {buf.site}: a broadcast, which the Ops "
+                               "vocabulary cannot represent")
 
     def _scale(self, st: dict[str, Any]) -> None:
-        self.bind(st, self.ops.scale(self.val(st), st["factor"], name=st["site"]))
+        v = self.peek(st)
+        self.bind(st, v if _zero(v) else self.ops.scale(self.val(st), st["factor"], name=st["site"]))
 
     def _clone(self, st: dict[str, Any]) -> None:
-        self.bind(st, self.ops.clone(self.val(st), name=st["site"]))
+        v = self.peek(st)
+        self.bind(st, v if _zero(v) else self.ops.clone(self.val(st), name=st["site"]))
 
     def _copy(self, st: dict[str, Any]) -> None:
-        self.bind(st, self.ops.clone(self.val(st, 0), name=st["site"]))  # dst now holds src's values
+        v = self.peek(st, 0)  # dst now holds src's values
+        self.bind(st, v if _zero(v) else self.ops.clone(self.val(st, 0), name=st["site"]))
 
     def _buffer(self, st: dict[str, Any]) -> None:
-        self.bind(st, _Unwritten(st["site"]))
+        src = self.peek(st) if st["in"] else None
+        like = src if st.get("like") and src is not None else None
+        shape = tuple(like.shape) if like is not None else tuple(st["shape"])
+        handle = like if like is not None and not isinstance(like, _Buffer) else None
+        self.bind(st, _Buffer(st["site"], shape, bool(st.get("zeros")), handle))
 
 
 def _row_parallel_up(s: Any) -> str | None:

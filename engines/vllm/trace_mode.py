@@ -9,7 +9,12 @@ Two sources of steps:
 - `EngineOps`, a live `torch.overrides.TorchFunctionMode` over the forward:
   every torch call of the engine's own code on a tracked tensor is mapped to
   an Ops step (trim, trim_rows, pad, add, scale, clone, view, copy, buffer)
-  or recorded as `unsupported`;
+  or recorded as `unsupported`. A zero-filled buffer (`zeros_like`,
+  `new_zeros`, `torch.zeros`, `empty` then `zero_`) is a `buffer` step with
+  `zeros`: the replay turns a first accumulation into it into the value added.
+  One made without a tracked tensor (`torch.zeros(shape)`) becomes tracked
+  only when a tracked call uses it; until then an untracked in-place write
+  to it drops its zero status;
 - the custom op's return (`boundary`): each output with the shape the op's
   fake implementation declares (the probe calls the engine's fake impl).
 
@@ -45,7 +50,12 @@ SHAPE_ONLY = frozenset({
 })
 # Same values, maybe another layout or dtype: the output is the input's value.
 ALIASES = frozenset({"contiguous", "to", "float", "bfloat16", "half", "detach", "requires_grad_"})
-BUFFERS = frozenset({"new_zeros", "new_empty", "empty_like", "zeros_like", "new_full"})
+BUFFERS = frozenset({"new_zeros", "new_empty", "empty_like", "zeros_like", "new_full", "full_like"})
+# Buffers with their input's shape (the replay takes the shape of the replayed input).
+LIKE = frozenset({"empty_like", "zeros_like", "full_like"})
+# Factories of a tensor from a shape alone, and in-place fills.
+FACTORIES = frozenset({"zeros", "full", "empty"})
+FILLS = frozenset({"zero_", "fill_"})
 ADDS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
 MULS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__"})
 DIVS = frozenset({"div", "__truediv__", "div_", "__itruediv__"})
@@ -71,6 +81,8 @@ class Tracer:
         self.count = 0
         self.stream = "main"
         self.pause = 0  # > 0: torch calls are not steps (the probe's own bookkeeping)
+        # Untracked zero-filled tensors the engine made: id -> (tensor, site, where).
+        self.zeros: dict[int, tuple[Any, str, str]] = {}
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -95,10 +107,26 @@ class Tracer:
     def tracked(self, *values: Any) -> bool:
         return any(self.tid(v) is not None for v in _flat(values))
 
+    def remember_zeros(self, t: Any) -> None:
+        """An untracked tensor the engine filled with zeros (kept alive: ids are never reused)."""
+        site, where = self.site()
+        self.zeros[id(t)] = (t, site, where)
+        self.keep.append(t)
+
+    def materialize(self, values: list[Any]) -> None:
+        """Remembered zero tensors among `values` become tracked, as a zero
+        `buffer` step at the engine line that filled them."""
+        for v in values:
+            if isinstance(v, torch.Tensor) and self.tid(v) is None and id(v) in self.zeros:
+                _t, site, where = self.zeros.pop(id(v))
+                self.step("buffer", [], [v], shape=[int(d) for d in v.shape], zeros=True, like=False,
+                          site=site, where=where)
+
     # ---- steps ----
 
     def step(self, op: str, ins: list[Any], outs: list[Any], **attrs: Any) -> dict[str, Any]:
-        """One step: input ids (None for an untracked tensor), fresh output ids."""
+        """One step: input ids (None for an untracked tensor), fresh output ids;
+        `site`/`where` in attrs name another engine line than the caller's."""
         site, where = self.site()
         st = {"op": op, "in": [self.tid(t) for t in ins], "out": [self.new(t) for t in outs],
               "site": site, "where": where, "stream": self.stream, **attrs}
@@ -151,10 +179,33 @@ class EngineOps(TorchFunctionMode):
         kwargs = kwargs or {}
         name = func_name(func)
         out = func(*args, **kwargs)
-        if name in SHAPE_ONLY or self.tr.pause or not self.tr.tracked(args, kwargs) or not self.tr.engine_caller():
+        if name in SHAPE_ONLY or self.tr.pause:
             return out
-        self.map(name, args, kwargs, out)
+        if not self.tr.tracked(args, kwargs):
+            self.untracked(name, args, kwargs, out)
+        elif self.tr.engine_caller():
+            self.tr.materialize(_flat((args, kwargs)))
+            self.map(name, args, kwargs, out)
         return out
+
+    def untracked(self, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        """Follow the zero status of tensors no step has seen yet."""
+        tr = self.tr
+        x = args[0] if args else None
+        if name in FACTORIES or name in FILLS:
+            if _zero_fill(name, args, kwargs) and isinstance(out, torch.Tensor) and tr.engine_caller():
+                tr.remember_zeros(out)
+            elif name == "fill_" and isinstance(x, torch.Tensor):
+                tr.zeros.pop(id(x), None)
+            return
+        if not tr.zeros:
+            return
+        if name in ALIASES and isinstance(x, torch.Tensor) and id(x) in tr.zeros and isinstance(out, torch.Tensor):
+            tr.zeros[id(out)] = (out, *tr.zeros[id(x)][1:])
+            tr.keep.append(out)
+            return
+        for w in _written(name, args, kwargs):
+            tr.zeros.pop(id(w), None)
 
     def map(self, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         tr = self.tr
@@ -186,6 +237,8 @@ class EngineOps(TorchFunctionMode):
             return self._copy
         if name in BUFFERS:
             return self._buffer
+        if name in FILLS:
+            return self._fill
         return None
 
     # Each handler returns False when the call is outside what it maps.
@@ -248,9 +301,44 @@ class EngineOps(TorchFunctionMode):
         return True
 
     def _buffer(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
-        zero = name in ("new_zeros", "zeros_like")
-        self.tr.step("buffer", [args[0]], [out], shape=[int(d) for d in out.shape], zeros=zero)
+        zero = name in ("new_zeros", "zeros_like") or _zero_fill(name, args, kwargs)
+        self.tr.step("buffer", [args[0]], [out], shape=[int(d) for d in out.shape], zeros=zero, like=name in LIKE)
         return True
+
+    def _fill(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
+        """`x.zero_()` / `x.fill_(0)`: x is a zero buffer of its own shape from here on."""
+        if not _zero_fill(name, args, kwargs):
+            return False
+        self.tr.step("buffer", [args[0]], [out], shape=[int(d) for d in out.shape], zeros=True, like=True)
+        return True
+
+
+def _fill_value(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    """The value a full/new_full/full_like/fill_ call fills with (None: not found)."""
+    if name in ("full", "new_full", "full_like", "fill_"):
+        at = 2 if name == "new_full" else 1  # Tensor.new_full(self, size, fill_value)
+        v = args[at] if len(args) > at else kwargs.get("fill_value", kwargs.get("value"))
+        return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+    return None
+
+
+def _zero_fill(name: str, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether the call's result is all zeros (an `empty` is not, until zero_)."""
+    if name in ("zeros", "zero_"):
+        return True
+    v = _fill_value(name, args, kwargs)
+    return not isinstance(v, bool) and isinstance(v, int | float) and v == 0
+
+
+def _written(name: str, args: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """Tensors an untracked call writes in place (its first argument for an
+    in-place method or item assignment, an `out=` tensor)."""
+    w = [kwargs["out"]] if isinstance(kwargs.get("out"), torch.Tensor) else []
+    inplace = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" or (
+        name.startswith("__i") and name.endswith("__"))
+    if inplace and args and isinstance(args[0], torch.Tensor):
+        w.append(args[0])
+    return w
 
 
 def _prefix(s: Any) -> int | None:

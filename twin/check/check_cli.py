@@ -200,11 +200,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     with spinner(f"checking {s.name}: simulating..."):
         sim = simulate(s, args.runner)
     stop = budget_stop(sim)
-    if stop is None:
-        autocalibrate(args)  # before check() simulates again: its cpu timeline is the calibrated one
+    # A calibration just made re-times a cpu-profile scenario: check() then simulates again.
+    stale = stop is None and autocalibrate(args) and s.cost_profile == "cpu"
     with spinner(f"checking {s.name}: simulate, then run on {s.world} real rank(s)...") as status:
         if stop is None:
-            result = check(s, args.runner, timeout_s=args.timeout, progress=lambda m: status.update(m))
+            result = check(s, args.runner, timeout_s=args.timeout, progress=lambda m: status.update(m),
+                           prediction=None if stale else sim)
         else:  # the runner would loop on the ranks too: no real run, say why
             from scenarios.trace import Verdict
 

@@ -153,11 +153,14 @@ def check(
     timeout_s: float = 60.0,
     progress: Callable[[str], None] | None = None,
     fixed_real: Trace | None = None,
+    prediction: Trace | None = None,
 ) -> CheckResult:
+    """Simulate (or take `prediction`, the caller's `simulate(scenario, runner)`
+    made with the same cost profile), run on real ranks, judge each hazard."""
     from real.runner import run_real
 
     say = progress or (lambda _m: None)
-    sim = simulate(scenario, runner)
+    sim = prediction if prediction is not None else simulate(scenario, runner)
     scale = scenario.model.routed_scaling_factor
     say(f"{scenario.name}: real run of {sim.runner}")
     base = run_real(scenario, runner, prediction=sim, timeout_s=timeout_s)

@@ -239,8 +239,10 @@ def replay_engine_real(engine: str = "vllm", progress: Callable[[str], None] | N
         s = load(case.scenario)
         if progress:
             progress(f"{case.regression} {case.runner} on {case.scenario}")
-        fixed_check = check(s, "fixed", timeout_s=timeout_s, progress=progress)
-        before_check = check(s, case.runner, timeout_s=timeout_s, progress=progress, fixed_real=fixed_check.real)
+        # The table's simulations are check()'s predictions (same calls, same profile).
+        fixed_check = check(s, "fixed", timeout_s=timeout_s, progress=progress, prediction=sim.fixed)
+        before_check = check(s, case.runner, timeout_s=timeout_s, progress=progress, fixed_real=fixed_check.real,
+                             prediction=sim.before)
         real = RealCaseResult(case, before_check.sim, fixed_check.sim, before_check, fixed_check)  # type: ignore[arg-type]
         out.append(EngineRealResult(case, before=sim.before, fixed=sim.fixed, twin=sim.twin,
                                     want_coefficient=sim.want_coefficient, real=real))
