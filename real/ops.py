@@ -42,8 +42,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from real.comm import CommOps
+from real.compute import FUSED_SLOT, ComputeOps  # noqa: F401  (FUSED_SLOT: importable here as before)
 from real.errors import UpstreamFailure
-from real.model import LayerWeights, layer_input, mlp
+from real.model import LayerWeights, layer_input
 from real.streams import RealEvent, RealTensor, StreamThread
 from scenarios import contain
 from scenarios.dispatch_layout import VLLM_LAYOUT, DispatchLayout
@@ -52,21 +53,17 @@ from scenarios.ops import (
     Ops,
     OpsShapeError,
     OpsUsageError,
-    fused_shared_misuse,
-    row_parallel_misuse,
     trim_error,
     view_shape,
 )
 from scenarios.spec import Scenario
 from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PADDING, WAIT, Step
-from scenarios.workload import rank_token_ids, routing, slice_token_ids
+from scenarios.workload import routing, slice_token_ids
 
 MODEL = "model"
-FUSED_SLOT = ("fused shared-expert slot: the shared MLP shard runs beside the routed kernel call, added with "
-              "the slot weight (stands in for one more expert inside the kernel)")
 
 
-class RealOps(CommOps, Ops):
+class RealOps(CommOps, ComputeOps, Ops):
     """One rank's Ops on real tensors."""
 
     def __init__(
@@ -425,172 +422,3 @@ class RealOps(CommOps, Ops):
 
     def clone(self, x: RealTensor, name: str = "clone") -> RealTensor:
         return self._op("clone", name, COMPUTE, (x,), lambda v: v.clone())
-
-    # ---- MoE compute ----
-
-    def _rows_tokens(self) -> list[tuple[int, int]]:
-        """(DP rank, token) of each row the layer routes: this rank's layer
-        tokens, or what a model-side communicator made of them."""
-        if self.layer_tokens is not None:
-            return self.layer_tokens
-        return [(self.d, t) for t in rank_token_ids(self.scenario, self.rank, self.layout)]
-
-    def router(self, x: RealTensor, name: str = "router") -> RealTensor:
-        s = self.scenario
-        tokens = self._rows_tokens()
-
-        def fn(v: torch.Tensor) -> torch.Tensor:
-            if v.shape[-1] != s.model.hidden:
-                raise OpsShapeError(f"gate expects width {s.model.hidden}, got {v.shape[-1]}")
-            # The gate GEMM runs for real (timing); the top-k choice comes from
-            # the workload so that sim and real route identically.
-            _logits = v @ self.weights.gate.to(v.device).t()
-            ids = torch.tensor([self.route[d][t if t >= 0 else 0][0] for d, t in tokens], dtype=torch.int64, device=v.device)
-            w = torch.tensor([self.route[d][t if t >= 0 else 0][1] for d, t in tokens], dtype=torch.float32, device=v.device)
-            if ids.shape[0] != v.shape[0]:
-                # The stand-in router cannot route rows the workload does not know.
-                raise OpsShapeError(f"{v.shape[0]} rows but the workload routes {ids.shape[0]} on this rank")
-            return torch.cat([ids.to(torch.float32), w], dim=1).reshape(v.shape[0], 2, s.model.top_k)
-
-        out = self._op("router", name, COMPUTE, (x,), fn)
-        return out
-
-    def latent_down(self, x: RealTensor, name: str = "latent_down") -> RealTensor:
-        if self.weights.down is None:
-            raise OpsUsageError(f"{name}: latent_down needs a model with latent_dim")
-        w = self.weights.down.to(self.device)
-        hidden = self.scenario.model.hidden
-
-        def fn(v: torch.Tensor) -> torch.Tensor:
-            if v.shape[-1] != hidden:
-                raise OpsShapeError(f"down-projection expects width {hidden}, got {v.shape[-1]}")
-            return v @ w.t()
-
-        return self._op("latent_down", name, COMPUTE, (x,), fn, component="routed")
-
-    def latent_up(self, x: RealTensor, name: str = "latent_up", row_parallel: bool = False) -> RealTensor:
-        if self.weights.up is None:
-            raise OpsUsageError(f"{name}: latent_up needs a model with latent_dim")
-        members = self.scenario.group("tp", self.rank) if row_parallel is True else (self.rank,)
-        misuse = row_parallel_misuse(self.scenario, row_parallel, len(members))
-        if misuse:
-            raise OpsUsageError(f"{name}: {misuse}")
-        w = self.weights.up.to(self.device)
-        nonlinear = self.scenario.model.transform_nonlinear
-        lat = w.shape[1]
-        # Row-parallel: this TP rank's rows of the projection, on its latent slice.
-        per = lat // len(members)
-        lo = members.index(self.rank) * per
-        w_rows = w[:, lo : lo + per]
-
-        def fn(v: torch.Tensor) -> torch.Tensor:
-            if v.shape[-1] != lat:
-                raise OpsShapeError(f"up-projection expects width {lat}, got {v.shape[-1]}")
-            y = v[:, lo : lo + per] @ w_rows.t()
-            return F.silu(y) if nonlinear else y
-
-        return self._op("latent_up", name, COMPUTE, (x,), fn, component="routed",
-                        space="up-nonlinear" if nonlinear else "up")
-
-    def _local_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if self._local is None:
-            w13, w2, offset = self.weights.local_experts(self.rank)
-            self._local = (w13.to(self.device), w2.to(self.device), offset)
-        return self._local
-
-    def experts(
-        self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts",
-        fused_shared: float = 0.0,
-    ) -> RealTensor:
-        w13, w2, offset = self._local_weights()
-        slot = self._fused_shared_slot(name, fused_shared)
-        width = self.scenario.kernel_width
-        out_width = self.scenario.expert_output_width
-        if self.scenario.model.quantized_input:
-            x = self._quantize_input(x)
-
-        def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            if v.shape[-1] != width:
-                raise OpsShapeError(f"routed kernel expects width {width}, got {v.shape[-1]}")
-            if r.dim() != 3:
-                raise OpsUsageError(f"{name}: the routing argument is not a router output")
-            ids = r[:, 0, :].to(torch.int64)
-            wts = r[:, 1, :].contiguous()
-            if ids.shape[0] != v.shape[0]:
-                raise OpsShapeError(f"{v.shape[0]} rows but routing for {ids.shape[0]}")
-            y = self.kernel(v, ids, wts, w13, w2, offset)
-            if out_width != width:  # a kernel that writes its output unpadded
-                y = y[..., :out_width].contiguous()
-            if slot is not None:
-                y = y + slot(v, y.shape[-1])
-            if inplace:
-                # The fused kernel writes into its input buffer (the leading
-                # columns of it when it writes unpadded).
-                target = v if out_width == width else v[..., :out_width]
-                target.copy_(y)
-                return target
-            return y
-
-        return self._op("experts", name, COMPUTE, (x, routing_h), fn, component="routed")
-
-    def _fused_shared_slot(self, name: str, weight: Any) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
-        """The fused shared-expert slot's contribution, None when not fused.
-        Stand-in: the shared MLP's moe_tp shard runs beside the kernel call
-        and is added with the slot's weight (the same arithmetic as one more
-        expert inside the kernel, which the CPU kernels here do not take)."""
-        s = self.scenario
-        misuse = fused_shared_misuse(s, weight)
-        if misuse is not None:
-            raise OpsUsageError(f"{name}: {misuse}")
-        if not weight:
-            return None
-        w13, w2 = self._shared_weights(s.moe_tp > 1, "moe_tp")
-        hidden = s.model.hidden
-        self.stand_ins.add(FUSED_SLOT)
-
-        def slot(v: torch.Tensor, width: int) -> torch.Tensor:
-            out = mlp(v[..., :hidden], w13, w2) * float(weight)
-            return F.pad(out, (0, width - hidden)) if width > hidden else out
-
-        return slot
-
-    def _quantize_input(self, x: RealTensor) -> RealTensor:
-        # A real fp8 cast would change values and fail the exact judge: the
-        # copy into a new buffer is kept, the precision change is not.
-        q = self._op("quantize", "quantize_routed_input", COMPUTE, (x,), lambda v: v.clone(), component="routed")
-        what = "quantize_routed_input: a copy into a new buffer, no precision change (stands in for the fp8 quantization)"
-        self.steps[q.step].detail = what
-        self.stand_ins.add(what)
-        return q
-
-    def _shared_weights(self, sharded: bool, group: str = "tp") -> tuple[torch.Tensor, torch.Tensor]:
-        key = (sharded, group if sharded else "")
-        if key not in self._shared:
-            members = self._group(group, "shared_experts") if sharded else (self.rank,)
-            n = len(members)
-            if self.scenario.model.shared_inter % n:
-                raise OpsUsageError(f"shared_experts: shared intermediate {self.scenario.model.shared_inter} "
-                                    f"is not divisible by the {group} group's {n} ranks")
-            w13, w2 = self.weights.shared_shard(members.index(self.rank), n)
-            self._shared[key] = (w13.to(self.device), w2.to(self.device))
-        return self._shared[key]
-
-    def shared_experts(
-        self, x: RealTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False,
-        group: str = "tp",
-    ) -> RealTensor:
-        w13, w2 = self._shared_weights(sharded, group)
-        hidden = self.scenario.model.hidden
-
-        def fn(v: torch.Tensor) -> torch.Tensor:
-            if v.shape[-1] != hidden:
-                raise OpsShapeError(f"shared MLP expects width {hidden}, got {v.shape[-1]}")
-            return mlp(v, w13, w2)
-
-        out = self._op("shared_experts", name, COMPUTE, (x,), fn, component="shared")
-        # The shard this rank computed, as the simulator labels it: the judge fits over the same group.
-        where = f"{group}{self._group(group, name).index(self.rank)}" if sharded else "full"
-        self.steps[out.step].detail = f"shared@{where}"
-        if reduce_results and sharded:
-            return self.all_reduce(out, group, name=f"{name}_all_reduce")
-        return out

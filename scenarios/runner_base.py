@@ -1,57 +1,27 @@
 """The runner base class: `MoERunner`, whose `forward` is a sequence of small
-named decision methods (docs/runner_semantics.md), the order function and the
-modular-kernel stand-in. Presets and loading live in scenarios/runners.py,
-which re-exports everything here.
+named decision methods (docs/runner_semantics.md), and the order function
+(Order and the modular-kernel stand-in: scenarios/runner_types.py). Presets
+and loading live in scenarios/runners.py, which re-exports everything here.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from scenarios.backends import backend_info, eplb_overlap_safe
 from scenarios.dispatch_layout import DispatchLayout
 from scenarios.ops import Ops
+
+# Moved to scenarios/runner_types.py; every name stays importable here.
+from scenarios.runner_types import (  # noqa: F401
+    OVERLAPPED,
+    ModularKernel,
+    Order,
+    RunnerLoadError,
+    RunnerUnsupported,
+    engine_refusal,
+)
 from scenarios.spec import Scenario
-
-
-class Order(StrEnum):
-    """Where the shared experts run relative to the routed experts."""
-
-    NO_OVERLAP = "NO_OVERLAP"
-    MK_INTERNAL_OVERLAPPED = "MK_INTERNAL_OVERLAPPED"
-    MULTI_STREAM_OVERLAPPED = "MULTI_STREAM_OVERLAPPED"
-    # before-38990: shared MLP on the main stream before the routed op.
-    EXTERNAL = "EXTERNAL"
-
-
-OVERLAPPED = (Order.MK_INTERNAL_OVERLAPPED, Order.MULTI_STREAM_OVERLAPPED)
-
-
-class RunnerLoadError(ValueError):
-    """An unknown runner name, or something that is not a runner."""
-
-
-class RunnerUnsupported(RunnerLoadError):
-    """The runner does not model this scenario (its `unsupported()` says why)."""
-
-
-class ModularKernel:
-    """The prepare/finalize + experts object a runner builds lazily.
-
-    `declared_reduced` is what the runner's backend class *declares*; whether
-    the combine really reduces is the backend's own behaviour (scenarios/backends.py).
-    """
-
-    def __init__(self, backend: str, declared_reduced: bool) -> None:
-        self.backend = backend
-        self.declared_reduced = declared_reduced
-
-    def output_is_reduced(self) -> bool:
-        return self.declared_reduced
-
-    def supports_async_shared_overlap(self) -> bool:
-        return backend_info(self.backend).async_shared_overlap
 
 
 def overlap_disabled(s: Scenario) -> bool:
@@ -87,21 +57,6 @@ def multi_stream_platform(s: Scenario) -> bool:
     if s.parallel.version == "newest":
         return s.runtime.platform in ("cuda", "rocm")
     return s.runtime.platform == "cuda"
-
-
-def engine_refusal(s: Scenario) -> str | None:
-    """Why the engine's own configuration validation refuses the scenario, or
-    None (checked against the engine's code by `conform`). The twin still
-    simulates such a scenario: these are the engine's limits, not the runner's
-    decisions."""
-    p = s.parallel
-    if p.eplb and s.runtime.platform == "cpu":
-        return "EPLB runs on CUDA and ROCm only (the engine refuses it on the CPU platform)"
-    if p.eplb and p.backend == "moonep":
-        return "MoonEP does not support EPLB"
-    if s.use_all2all_kernels and p.backend.startswith("mori") and s.runtime.platform != "rocm":
-        return "MORI all-to-all needs ROCm with AITER's fused MoE"
-    return None
 
 
 class EngineRules(DispatchLayout):

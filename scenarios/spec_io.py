@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario, ScenarioError, Workload
+from scenarios.spec_sections import ModelTraits, ParallelConfig, Runtime, ScenarioError, Workload
+
+if TYPE_CHECKING:
+    from scenarios.spec import Scenario
 
 SECTIONS = {
     "model": ModelTraits,
@@ -24,6 +27,10 @@ _DEFAULTS_LEFT_OUT = {("model", "latent_up_parallel", "replicated")}
 
 def scenario_from_dict(data: dict[str, Any], default_name: str = "scenario") -> Scenario:
     """Build a Scenario from a TOML-shaped dict, rejecting unknown keys by name."""
+    # Imported here: scenarios.spec re-exports this module's names, so a
+    # module-level import would be circular when this module is imported first.
+    from scenarios.spec import Scenario
+
     if not isinstance(data, dict):
         raise ScenarioError("scenario", "must be a table")
     kwargs: dict[str, Any] = {"name": default_name}

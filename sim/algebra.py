@@ -54,154 +54,38 @@ reported where they arise, whatever the scaling.
 
 from __future__ import annotations
 
-import math
-import re
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
-Source = tuple[str, str, "str | None"]  # (component, shard, foreign token key)
-
-INPUT_COMPONENTS = ("x", "xlat")
-EPS = 1e-9
-
-
-class Block(NamedTuple):
-    """Rows of one token set and their linear combination of sources. A named
-    tuple: wide worlds build one per member block, and this is the cheapest
-    immutable record to build."""
-
-    key: str
-    rows: int
-    terms: tuple[tuple[Source, float], ...]  # sorted, coefficient != 0
-
-    def coeffs(self) -> dict[Source, float]:
-        return dict(self.terms)
-
-
-class Value:
-    """A simulated tensor's row blocks and, per component, the product of the
-    scale ops applied to it (already part of the coefficients; kept to know
-    whether routed's scaling has happened). Immutable.
-
-    A value whose blocks all hold one terms tuple (what a non-linear op makes)
-    may be built `uniform`: its row layout (offsets and keys, shared with the
-    value it was made from) plus that terms tuple, its blocks built only if
-    asked for. A wide world's expert outputs are such values: building world
-    blocks per rank would be world^2 work."""
-
-    # n_blocks is a plain slot, set once: the op budget reads it for every
-    # input of every op (scenarios/contain.py), a property would be a call.
-    __slots__ = ("_blocks", "scale", "_starts", "_keys", "uniform", "n_blocks")
-
-    def __init__(
-        self,
-        blocks: tuple[Block, ...] | None,
-        scale: tuple[tuple[str, float], ...] = (),
-        starts: list[int] | None = None,
-        keys: tuple[str, ...] | None = None,
-        uniform: tuple[tuple[Source, float], ...] | None = None,
-    ) -> None:
-        if blocks is None and (starts is None or keys is None or uniform is None):
-            raise ValueError("a value without blocks needs its layout and uniform terms")
-        self._blocks = blocks
-        self.scale = scale
-        # Row offset where each block starts, plus the total (built on first
-        # use): splitting a wide value bisects it instead of scanning it.
-        self._starts = starts
-        self._keys = keys
-        self.uniform = uniform
-        self.n_blocks: int = len(keys) if blocks is None else len(blocks)  # type: ignore[arg-type]
-
-    @property
-    def blocks(self) -> tuple[Block, ...]:
-        bl = self._blocks
-        if bl is None:
-            st, terms, new = self._starts, self.uniform, tuple.__new__
-            bl = self._blocks = tuple(
-                new(Block, (k, st[i + 1] - st[i], terms)) for i, k in enumerate(self._keys))  # type: ignore[index]
-        return bl
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Value):
-            return NotImplemented
-        return self.blocks == other.blocks and self.scale == other.scale
-
-    def __hash__(self) -> int:
-        return hash((self.blocks, self.scale))
-
-    def __repr__(self) -> str:
-        return f"Value(blocks={self.blocks!r}, scale={self.scale!r})"
-
-    def starts(self) -> list[int]:
-        st = self._starts
-        if st is None:
-            st, pos = [], 0
-            for b in self.blocks:
-                st.append(pos)
-                pos += b.rows
-            st.append(pos)
-            self._starts = st
-        return st
-
-    @property
-    def rows(self) -> int:
-        return self.starts()[-1]
-
-    def scale_of(self, component: str) -> float:
-        for c, f in self.scale:
-            if c == component:
-                return f
-        return 1.0
-
-    def components(self) -> set[str]:
-        return {src[0] for b in self.blocks for src, _ in b.terms}
-
-    def keys(self) -> tuple[str, ...]:
-        ks = self._keys
-        if ks is None:
-            ks = self._keys = tuple(b.key for b in self.blocks)
-        return ks
-
-    def same_rows(self, other: Value) -> bool:
-        """The same row blocks (keys and sizes) as `other`."""
-        if self is other or (self._blocks is not None and self._blocks is other._blocks):
-            return True
-        if self.n_blocks != other.n_blocks:
-            return False
-        # The cached layouts read directly (a call each only when not built yet).
-        ka, kb = self._keys or self.keys(), other._keys or other.keys()
-        if not (ka is kb or ka == kb):
-            return False
-        sa, sb = self._starts or self.starts(), other._starts or other.starts()
-        return sa is sb or sa == sb
-
-
-def snap(v: float) -> float:
-    """v, or the integer within EPS of it (finite values only)."""
-    if v == 1.0 or v == 0.0:
-        return v
-    if math.isfinite(v):
-        r = round(v)
-        if abs(v - r) < EPS:
-            return float(r)
-    return v
-
-
-def _terms(d: dict[Source, float]) -> tuple[tuple[Source, float], ...]:
-    items = []
-    for k, v in d.items():
-        v = snap(v)
-        if v != 0.0:  # NaN != 0.0: kept
-            items.append((k, v))
-    if len(items) > 1:
-        items.sort(key=_src_sort)
-    return tuple(items)
-
-
-def _src_sort(item: tuple[Source, float]) -> tuple[str, str, str]:
-    (c, s, f), _ = item
-    return (c, s, f or "")
+# The value types and the read side live apart; every name stays importable here.
+from sim.algebra_read import (  # noqa: F401
+    _keep_extreme,
+    _make_label,
+    above,
+    below,
+    ceiling,
+    coefficients,
+    describe_terms,
+    foreign_sources,
+    group_label,
+    max_coefficient,
+    non_finite,
+    over_ceiling,
+    shard_range,
+    shard_sort_key,
+    source_label,
+    summarize,
+)
+from sim.algebra_values import (  # noqa: F401
+    EPS,
+    INPUT_COMPONENTS,
+    Block,
+    Source,
+    Value,
+    _src_sort,
+    _terms,
+    snap,
+)
 
 
 def leaf(key: str, rows: int, component: str, shard: str) -> Value:
@@ -469,169 +353,3 @@ def _sum_block(values: Sequence[Value], a: int, own: int, sums: dict, scale0: tu
                 acc[src] = acc.get(src, 0.0) + coef
         hit = sums[ids] = _terms(acc)
     return Value((Block(key, mine.rows, hit),), tuple(sorted(dict(scale0).items())) if len(values) > 1 else scale0)
-
-
-# ---- what checks ask of a value ----
-
-
-def ceiling(v: Value, component: str, rsf: float) -> float:
-    """The most a correct program can hold of one source of `component` at
-    this point (module docstring): rsf for routed once scaled, else 1."""
-    if component == "routed" and v.scale_of("routed") != 1.0:
-        return rsf
-    return 1.0
-
-
-def above(coef: float, bound: float) -> bool:
-    return coef > bound * (1.0 + EPS) + EPS
-
-
-def below(coef: float, bound: float) -> bool:
-    return coef < bound * (1.0 - EPS) - EPS
-
-
-def over_ceiling(v: Value, rsf: float) -> dict[str, tuple[Block, float, float]]:
-    """Per component: (first block, its largest coefficient, the ceiling) where
-    an own-rows source exceeds the ceiling. Foreign sources are checked apart."""
-    out: dict[str, tuple[Block, float, float]] = {}
-    bounds: dict[str, float] = {}
-    for b in v.blocks:
-        for (c, _s, f), coef in b.terms:
-            if f is not None or coef <= 1.0:
-                continue
-            bound = bounds.get(c)
-            if bound is None:
-                bound = bounds[c] = ceiling(v, c, rsf)
-            if above(coef, bound) and (c not in out or (out[c][0] is b and coef > out[c][1])):
-                out[c] = (b, coef, bound)
-    return out
-
-
-def non_finite(v: Value) -> tuple[Block, Source, float] | None:
-    for b in v.blocks:
-        for src, coef in b.terms:
-            if not math.isfinite(coef):
-                return b, src, coef
-    return None
-
-
-def max_coefficient(v: Value) -> tuple[float, Block | None, Source | None]:
-    """The largest coefficient of any source (scaling included)."""
-    best, best_b, best_s = 0.0, None, None
-    for b in v.blocks:
-        for src, coef in b.terms:
-            if coef > best:
-                best, best_b, best_s = coef, b, src
-    return best, best_b, best_s
-
-
-def foreign_sources(v: Value) -> list[tuple[Block, Source]]:
-    return [(b, src) for b in v.blocks for src, _ in b.terms if src[2] is not None]
-
-
-# ---- labels and summaries ----
-
-_LABELS: dict[Source, str] = {}
-
-
-def source_label(src: Source) -> str:
-    label = _LABELS.get(src)
-    if label is None:
-        label = _LABELS[src] = _make_label(src)
-    return label
-
-
-def _make_label(src: Source) -> str:
-    c, s, f = src
-    text = f"{c}@{s}" if s else c
-    if f is not None:
-        text += f"[tokens {f}]"
-    return text
-
-
-def shard_range(shards: list[str]) -> str:
-    """ep0, ep1, ep2, ep3 -> ep0..ep3 (when contiguous)."""
-    if len(shards) <= 2:
-        return ",".join(shards)
-    prefix = shards[0].rstrip("0123456789")
-    try:
-        nums = [int(s[len(prefix):]) for s in shards if s.startswith(prefix)]
-    except ValueError:
-        return ",".join(shards)
-    if len(nums) == len(shards) and nums == list(range(nums[0], nums[0] + len(nums))):
-        return f"{prefix}{nums[0]}..{prefix}{nums[-1]}"
-    return ",".join(shards)
-
-
-def group_label(component: str, shards: list[str]) -> str:
-    """routed + [ep0, ep1, ep2, ep3] -> routed@ep0..ep3."""
-    shards = sorted(shards, key=shard_sort_key)
-    return f"{component}@{shard_range(shards)}" if any(shards) else component
-
-
-def shard_sort_key(s: str) -> tuple[str | int, ...]:
-    """Natural order: ep2 before ep10, ep1.tp3 before ep10.tp0."""
-    parts = re.split(r"(\d+)", s)  # text, number, text, ...: the types line up across labels
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def describe_terms(terms: Iterable[tuple[Source, float]]) -> str:
-    """Group sources of one component and coefficient: routed@ep0..ep3 x1."""
-    groups: dict[tuple[str, float, str | None], list[str]] = {}
-    for (c, s, f), coef in terms:
-        groups.setdefault((c, round(coef, 6) if math.isfinite(coef) else coef, f), []).append(s)
-    parts = []
-    for (c, coef, f), shards in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2] or "")):
-        label = group_label(c, shards)
-        if f is not None:
-            label += f"[tokens {f}]"
-        parts.append(f"{label} x{coef:g}")
-    return " + ".join(parts) if parts else "0"
-
-
-def summarize(v: Value) -> str:
-    """Compact value summary for traces: identical blocks are folded."""
-    seen: dict[str, list[str]] = {}
-    for b in v.blocks:
-        seen.setdefault(describe_terms(b.terms), []).append(b.key)
-    return "; ".join(f"{','.join(keys)}: {desc}" for desc, keys in seen.items())
-
-
-def coefficients(
-    v: Value,
-    expected_scale: dict[str, float],
-    expected_sources: Iterable[str] | None = None,
-) -> dict[str, float]:
-    """Per-source coefficients in the reference unit: the coefficient divided
-    by the intended one (`expected_scale`, e.g. rsf for routed; what a
-    least-squares fit of the real tensor against float64 partials that include
-    the intended scaling measures). Sources that differ only by rows are
-    folded (they carry the same coefficient in a correct run; a disagreement
-    keeps the one farthest from 1). Every label of `expected_sources` appears,
-    with 0 when the value lacks it."""
-    out: dict[str, float] = {}
-    want = tuple(expected_sources) if expected_sources is not None else ()
-    seen_terms: set[tuple] = set()
-    for b in v.blocks:
-        if b.terms in seen_terms:  # identical blocks (same sources) say nothing new
-            continue
-        seen_terms.add(b.terms)
-        here: set[str] = set()
-        for src, coef in b.terms:
-            label = source_label(src)
-            here.add(label)
-            _keep_extreme(out, label, snap(coef / expected_scale.get(src[0], 1.0)))
-        for label in want:  # an expected source absent from these rows: 0 here
-            if label not in here:
-                _keep_extreme(out, label, 0.0)
-    for label in want:  # a value with no rows at all
-        out.setdefault(label, 0.0)
-    return out
-
-
-def _keep_extreme(out: dict[str, float], label: str, val: float) -> None:
-    prev = out.get(label)
-    if not math.isfinite(val):
-        out[label] = val
-    elif prev is None or (math.isfinite(prev) and abs(val - 1.0) > abs(prev - 1.0)):
-        out[label] = round(val, 9)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from twin.search.explore_store import ExploreInputError, Finding, FindingStore, 
 from twin.search.explore_store import slug as _slug
 from twin.search.verify_merge import merge, statement
 from twin.search.verify_record import Reads, reads, recording, same_reads
+from twin.search.verify_result import Outcome, VerifyResult
 
 Assignment = dict[str, Any]
 ProgressFn = Callable[[int, int, int], None]  # (assignments done, total, findings)
@@ -48,78 +48,6 @@ ProgressFn = Callable[[int, int, int], None]  # (assignments done, total, findin
 # by the wall-clock budget after which the enumeration gives up: a runner that
 # loops on every class would otherwise cost a whole --sim-timeout per class.
 MAX_WALL_STOPS = 3
-
-
-@dataclass
-class Outcome:
-    """What a worker sends back for one simulated class."""
-
-    index: int
-    reads: Reads
-    findings: dict[str, tuple[str, str, int, int]]  # signature -> (kind, detail, step, rank)
-    decisions: dict[str, str]
-    budget_stop: str | None
-
-
-@dataclass
-class VerifyResult:
-    runner: str
-    space: str  # its name ("custom": a table given by the caller)
-    max_world: int
-    axes: dict[str, list[Any]]
-    classes: int = 0
-    pruned: int = 0
-    invalid: int = 0
-    opaque: int = 0
-    # Valid assignments the runner refuses as out of its scope (its
-    # `unsupported()`): not classes, nothing is proved about them.
-    unsupported: int = 0
-    findings: list[Finding] = field(default_factory=list)
-    elapsed_s: float = 0.0
-    shard: tuple[int, int] | None = None
-    jobs: int = 1
-    # assignment index -> signatures, for every valid class (kept on request)
-    outcomes: dict[int, frozenset[str]] | None = None
-    complete: bool = True  # False: stopped early (`should_stop`), the counts cover what was done
-    assignments_done: int = 0  # of this shard's range, invalid and out-of-world ones included
-    assignments_total: int = 0
-    # Simulated classes in a row that ran into the wall-clock budget, and why
-    # the walk gave up on them (see verify's `max_wall_stops`).
-    wall_stops_in_a_row: int = 0
-    gave_up: str | None = None
-
-    @property
-    def simulated(self) -> int:
-        return self.classes - self.pruned
-
-    @property
-    def proved_clean(self) -> bool:
-        return not self.findings
-
-    def statement(self) -> str:
-        return statement(self.classes, len(self.findings), self.axes, self.unsupported)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "runner": self.runner,
-            "classes": self.classes,
-            "pruned": self.pruned,
-            "axes": self.axes,
-            "findings": [f.to_dict() for f in self.findings],
-            "proved_clean": self.proved_clean,
-            "simulated": self.simulated,
-            "invalid": self.invalid,
-            "opaque": self.opaque,
-            "unsupported": self.unsupported,
-            "space": self.space,
-            "max_world": self.max_world,
-            "shard": list(self.shard) if self.shard else None,
-            "jobs": self.jobs,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "statement": self.statement(),
-            "complete": self.complete,
-            "stopped": self.gave_up,  # why it ended early by itself (None: it did not)
-        }
 
 
 # ---------------------------------------------------------------- one class (worker side)
