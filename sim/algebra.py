@@ -192,6 +192,19 @@ def _merge_scale(values: Sequence[Value], own: int) -> tuple[tuple[str, float], 
     return tuple(sorted(base.items()))
 
 
+def _uniform_sum(values: Sequence[Value], own: int) -> Value | None:
+    """The sum when every value holds one terms tuple on the same row blocks
+    (each block's sum is then the same): one sum, not one per block. A wide
+    DP gather's expert and shared outputs are such values (a block per DP
+    rank), summed on every member. None when it does not apply."""
+    mine = values[own]
+    for v in values:
+        if v.uniform is None or not v.same_rows(mine):
+            return None
+    terms = _same_rows_sum([Block("", 0, v.uniform) for v in values])  # type: ignore[arg-type]
+    return Value(None, _merge_scale(values, own), mine.starts(), mine.keys(), terms)
+
+
 def add(values: Sequence[Value], own: int = 0) -> Value:
     """Elementwise sum of same-shaped values (an add, or an all-reduce).
 
@@ -203,6 +216,9 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
         return values[0]
     if values[own].rows == 0:  # an idle DP rank's empty rows: nothing to sum
         return Value(values[own].blocks, _merge_scale(values, own))
+    uniform = _uniform_sum(values, own)
+    if uniform is not None:
+        return uniform
     layout = [b.rows for b in values[own].blocks]
     if all([b.rows for b in v.blocks] == layout for v in values):
         # Common case (same row layout everywhere): no re-segmentation.

@@ -151,7 +151,9 @@ def coefficients(
     out: dict[str, float] = {}
     want = tuple(expected_sources) if expected_sources is not None else ()
     seen_terms: set[tuple] = set()
-    for b in v.blocks:
+    # A uniform value's blocks all hold one terms tuple: one of them says it all.
+    blocks = v.blocks if v.uniform is None else (Block("", 0, v.uniform),) if v.n_blocks else ()
+    for b in blocks:
         if b.terms in seen_terms:  # identical blocks (same sources) say nothing new
             continue
         seen_terms.add(b.terms)
