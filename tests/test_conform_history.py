@@ -43,15 +43,33 @@ def test_unknown_release_is_refused() -> None:
         conform(engine_version="0.19.0")
 
 
-def _r2(version: str) -> dict:  # type: ignore[type-arg]
+@pytest.fixture(scope="module")
+def probe():  # type: ignore[no-untyped-def]
+    """One probe process per release for the module: its start-up (importing
+    that release's vLLM) is most of a test's time."""
+    from twin.check.conform import ProbeClient
+
+    started: dict[str, ProbeClient] = {}
+
+    def get(version: str) -> ProbeClient:
+        if version not in started:
+            started[version] = ProbeClient(version=version)
+        return started[version]
+
+    yield get
+    for c in started.values():
+        c.close()
+
+
+def _r2(version: str, probe) -> dict:  # type: ignore[no-untyped-def, type-arg]
     from twin.check.conform import conform
 
-    return conform("default", restrict=R2_SPACE, engine_version=version)
+    return conform("default", restrict=R2_SPACE, engine_version=version, client=probe(version))
 
 
 @release("0.21.0")
-def test_r2_in_0_21_0_engine_code_disagrees_with_fixed() -> None:
-    d = _r2("0.21.0")
+def test_r2_in_0_21_0_engine_code_disagrees_with_fixed(probe) -> None:  # type: ignore[no-untyped-def]
+    d = _r2("0.21.0", probe)
     assert d["version"] == "0.21.0" and d["twin_version"] == "previous"
     assert d["both_run"] > 0 and d["probe_error_count"] == 0
     # Every R2-trigger scenario: the engine's PF says not reduced, `fixed` says reduced.
@@ -61,8 +79,8 @@ def test_r2_in_0_21_0_engine_code_disagrees_with_fixed() -> None:
 
 
 @release("0.22.0")
-def test_r2_fixed_in_0_22_0_engine_code_agrees_with_fixed() -> None:
-    d = _r2("0.22.0")
+def test_r2_fixed_in_0_22_0_engine_code_agrees_with_fixed(probe) -> None:  # type: ignore[no-untyped-def]
+    d = _r2("0.22.0", probe)
     assert d["version"] == "0.22.0" and d["both_run"] > 0 and d["probe_error_count"] == 0
     assert d["agreement"]["fused_output_is_reduced"] == 1.0
     assert not [m for m in d["mismatches"] if m["class"].startswith(("fused_output", "reductions"))]
@@ -70,19 +88,19 @@ def test_r2_fixed_in_0_22_0_engine_code_agrees_with_fixed() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version,reduced", [("0.21.0", False), ("0.22.0", True)])
-def test_r2_double_reduction_seen_in_the_release_forward(version: str, reduced: bool) -> None:
+def test_r2_double_reduction_seen_in_the_release_forward(probe, version: str,  # type: ignore[no-untyped-def]
+                                                         reduced: bool) -> None:
     """One R2 scenario with shared experts: 0.21.0's runner reduces the
     already-reduced routed output again in its final all-reduce; 0.22.0
     reduces the shared output alone."""
     if not installed(version):
         pytest.skip(f"vllm {version} not installed: run scripts/install-engine.sh vllm=={version}")
-    from twin.check.conform import ProbeClient, engine_decisions
+    from twin.check.conform import engine_decisions
 
     s = Scenario(parallel=ParallelConfig(tp=2, dp=2, ep=True, backend=FI[0], version="previous"),
                  runtime=Runtime(platform="cuda"),
                  model=ModelTraits(hidden=32, moe_intermediate=32, num_experts=8, num_shared_experts=1))
-    with ProbeClient(version=version) as c:
-        ans = c.ask(engine_config(s, renamed_backends=False))
+    ans = probe(version).ask(engine_config(s, renamed_backends=False))
     assert ans["accepted"], ans
     assert ans["prepare_finalize"] == "FlashInferNVLinkTwoSidedPrepareAndFinalize"
     eng = engine_decisions(ans)
@@ -91,11 +109,11 @@ def test_r2_double_reduction_seen_in_the_release_forward(version: str, reduced: 
 
 
 @release("0.20.0")
-def test_r2_in_0_20_0_two_sided_and_one_sided_refused_unquantized() -> None:
+def test_r2_in_0_20_0_two_sided_and_one_sided_refused_unquantized(probe) -> None:  # type: ignore[no-untyped-def]
     """0.20.0 shipped R2 too (two-sided: not reduced, the runner reduces again);
     its one-sided backend refuses unquantized activations (nvfp4 only), so the
     unquantized probe sees that refusal instead of the flag."""
-    d = _r2("0.20.0")
+    d = _r2("0.20.0", probe)
     assert d["version"] == "0.20.0" and d["both_run"] > 0 and d["probe_error_count"] == 0
     assert d["agreement"]["fused_output_is_reduced"] == 0.0
     classes = {m["class"] for m in d["mismatches"]}

@@ -297,7 +297,7 @@ def test_a_runner_stopped_in_the_simulator_is_not_run_nor_calibrated_for(tmp_pat
 def test_a_runner_looping_on_real_ranks_is_a_hang_with_its_step():
     # Well-behaved in the simulator, spins on the ranks: the pool's --timeout
     # ends it, the ranks are rebuilt for the next run.
-    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:LoopOnRealRanks", "--timeout", "30", "--json",
+    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:LoopOnRealRanks", "--timeout", "10", "--json",
                  timeout=300)
     assert p.returncode == 0, p.stderr
     hangs = [h for h in json.loads(p.stdout)["hazards"] if h["kind"] == "HANG"]

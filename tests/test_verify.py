@@ -5,6 +5,7 @@ import json
 from functools import cache
 
 import pytest
+from default_space import verified_default
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -188,7 +189,7 @@ def test_default_space_proves_fixed_clean():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.runner)
 def test_default_space_finds_every_historical_regression(case):
-    res = verify(case.runner, jobs=2)
+    res = verified_default(case.runner)
     found = _signatures(res)
     assert case.expected in {f.kind for f in res.findings}
     # Every signature the regression's catalog scenario shows is among them.
