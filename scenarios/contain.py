@@ -106,6 +106,12 @@ def set_limits(new: Limits) -> None:
     _limits = new
 
 
+def deadline_passed() -> bool:
+    """The current wall-clock budget is used up (an interpreter's cheap test
+    before it decides whether the full check_op is due)."""
+    return _deadline is not None and time.monotonic() > _deadline
+
+
 def value_block_cap(world: int) -> int:
     return VALUE_BLOCKS_BASE + VALUE_BLOCKS_PER_RANK * max(1, world)
 
@@ -432,6 +438,7 @@ __all__ = [
     "WALL_CLOCK_BUDGET",
     "budget_stop",
     "check_op",
+    "deadline_passed",
     "limits",
     "runner_exit",
     "set_limits",

@@ -88,6 +88,10 @@ class RankGroup(tuple):
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt, not copied: a hash cached under another process's hash seed is wrong.
+        return (RankGroup, (tuple(self),))
+
     def index(self, value: Any, start: int = 0, stop: int = sys.maxsize) -> int:
         if start or stop != sys.maxsize:
             return tuple.index(self, value, start, stop)

@@ -83,7 +83,6 @@ class SimOps(SimComm, SimCompute, Ops):
         self.input_rows: tuple[str, ...] = ()
         # buffer -> (version, the handle written in place at that version)
         self.writes: dict[int, tuple[int, SimTensor]] = {}
-        self._max_ops = contain.limits().max_ops
         self._block_cap = contain.value_block_cap(self.world)
 
     # ---- usage checks (the runner's code, not the configuration) ----
@@ -105,11 +104,10 @@ class SimOps(SimComm, SimCompute, Ops):
 
     def _budget_check_due(self, n: int, ins: tuple[SimTensor, ...], out_shape: tuple[int, ...] | None) -> bool:
         """Whether contain.check_op must look at this op: the op budget is
-        near, the wall clock is due (every 16th op; an op-free loop is the
-        alarm's), an input's value is over its block cap, or the output may
-        be over the element cap. Most ops are none of these, and the full
-        check is a call with loops of its own."""
-        if n >= self._max_ops or not n & 15:
+        reached, the wall clock is up, an input's value is over its block
+        cap, or the output may be over the element cap. Most ops are none of
+        these, and the full check is a call with loops of its own."""
+        if n >= contain.limits().max_ops or contain.deadline_passed():
             return True
         cap = self._block_cap
         for t in ins:

@@ -54,6 +54,10 @@ class Labels(tuple):
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt, not copied: a hash cached under another process's hash seed is wrong.
+        return (Labels, (tuple(self),))
+
 
 class Access(NamedTuple):
     """One buffer access. Recorded per op (several per step), so as the

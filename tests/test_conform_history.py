@@ -6,9 +6,12 @@ installs only the pinned release)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 
 from engines.vllm import EngineMissing, installed
+from engines.vllm.client import ProbeClient
 from engines.vllm.config_map import engine_config, not_expressible
 from scenarios.spec import ModelTraits, ParallelConfig, Runtime, Scenario
 
@@ -44,17 +47,17 @@ def test_unknown_release_is_refused() -> None:
 
 
 @pytest.fixture(scope="module")
-def probe():  # type: ignore[no-untyped-def]
+def probe() -> Iterator[Callable[[str], ProbeClient]]:
     """One probe process per release for the module: its start-up (importing
-    that release's vLLM) is most of a test's time."""
-    from twin.check.conform import ProbeClient
-
+    that release's vLLM) is most of a test's time. One that exited is
+    replaced, so a test that killed it does not fail the next ones."""
     started: dict[str, ProbeClient] = {}
 
     def get(version: str) -> ProbeClient:
-        if version not in started:
-            started[version] = ProbeClient(version=version)
-        return started[version]
+        client = started.get(version)
+        if client is None or client.proc.poll() is not None:
+            client = started[version] = ProbeClient(version=version)
+        return client
 
     yield get
     for c in started.values():

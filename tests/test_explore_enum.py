@@ -56,7 +56,7 @@ def test_enumeration_finds_every_regression_with_a_tiny_hypothesis_budget(runner
 # each regression in the default space; this checks the two agree there too.
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["before-40673"])
-def test_default_enumeration_finds_every_regression_with_a_tiny_hypothesis_budget(runner):
+def test_default_enumeration_agrees_with_verify_and_finds_the_regression(runner):
     res = explore(runner, budget=3, seed=0, out=None, enumerate_first=True, enumerate_s=600.0)
     e = res.enumeration
     assert e["complete"] and e["space"] == "default"
