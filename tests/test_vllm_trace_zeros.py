@@ -124,3 +124,28 @@ def test_adding_a_tensor_of_another_shape_into_a_zeros_like_buffer_is_the_engine
     sim = simulate(scenario(), replayed(trace), what_if=False)
     assert sorted({h.kind for h in sim.hazards}) == [HazardKind.SHAPE_MISMATCH]
     assert {h.step_name for h in sim.hazards} == {"zeros_like_iadd"}
+
+
+def runner_errors(forward: Callable[..., Any]) -> list[str]:
+    trace = simulate(scenario(shared=1), replayed(trace_of(forward)), what_if=False)
+    return [h.detail for h in trace.hazards if h.kind == HazardKind.RUNNER_ERROR]
+
+
+@pytest.mark.parametrize("forward", [eng.view_write, eng.setitem_write, eng.out_kwarg_write, eng.unknown_op_write,
+                                     eng.pointer_write, eng.zeros_like_pointer_write, eng.accumulate_through_a_view],
+                         ids=lambda f: f.__name__)
+def test_a_buffer_written_other_than_by_the_accumulation_is_not_a_zero_buffer(forward: Callable[..., Any]) -> None:
+    # The engine adds into a buffer that no longer holds zeros: replaying the
+    # add as a copy would be a silently wrong output; it is a runner error.
+    errs = runner_errors(forward)
+    assert errs and all(forward.__name__ in e for e in errs), errs
+
+
+def test_a_non_zero_fill_says_so() -> None:
+    errs = runner_errors(eng.filled_with_fives)
+    assert errs and all("filled_with_fives" in e and "filled with 5.0" in e for e in errs), errs
+
+
+def test_zeros_plus_zeros_of_another_shape_is_the_broadcast_error() -> None:
+    errs = runner_errors(eng.zeros_plus_broadcast_zeros)
+    assert errs and all("a broadcast" in e and "[64]" in e for e in errs), errs

@@ -35,12 +35,16 @@ class EngineTraceError(RuntimeError):
 
 
 class _Buffer:
-    """A buffer the engine allocated that nothing has been written to: unwritten,
-    or zero-filled (`zeros`). `like` is the replayed tensor a zeros_like-style
-    buffer copies its shape from (None: the shape is the traced one)."""
+    """A buffer the engine allocated that no followed step has written to:
+    unwritten, zero-filled (`zeros`), filled with another value (`fill`), or
+    written in a way the trace cannot follow (`written`: the engine line that
+    noticed). `like` is the replayed tensor a zeros_like-style buffer copies
+    its shape from (None: the shape is the traced one)."""
 
-    def __init__(self, site: str, shape: tuple[int, ...], zeros: bool, like: Any = None) -> None:
+    def __init__(self, site: str, shape: tuple[int, ...], zeros: bool, like: Any = None,
+                 fill: float | None = None, written: str | None = None) -> None:
         self.site, self.shape, self.zeros, self.like = site, shape, zeros, like
+        self.fill, self.written = fill, written
 
 
 def _zero(v: Any) -> bool:
@@ -181,6 +185,13 @@ class Replay:
         if isinstance(v, _Buffer) and v.zeros:
             raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) reads the zero-filled buffer allocated at "
                                    f"{v.site} other than by adding into it, which the Ops vocabulary cannot represent")
+        if isinstance(v, _Buffer) and v.written is not None:
+            raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) reads the buffer allocated at {v.site}, "
+                                   f"which was written in a way the trace cannot follow (noticed at {v.written})")
+        if isinstance(v, _Buffer) and v.fill is not None:
+            raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) reads the buffer allocated at {v.site}, "
+                                   f"filled with {v.fill}: a fill other than zero, which the Ops vocabulary "
+                                   "cannot represent")
         if isinstance(v, _Buffer):
             raise EngineTraceError(f"{st['site']} reads the buffer allocated at {v.site} before anything was written to it")
         if v is None:
@@ -307,6 +318,8 @@ class Replay:
         a, b = self.peek(st, 0), self.peek(st, 1)
         if _zero(a) and _zero(b) and tuple(a.shape) == tuple(b.shape):
             self.bind(st, a)  # zeros + zeros
+        elif _zero(a) and _zero(b):
+            raise self.broadcast(st, a, b.shape)
         elif _zero(a) or _zero(b):
             buf, y = (a, self.val(st, 1)) if _zero(a) else (b, self.val(st, 0))
             self.bind(st, self.first_write(st, buf, y))
@@ -320,9 +333,13 @@ class Replay:
         if buf.like is not None:
             # The shape error the engine's add would raise, at this step.
             self.ops.add(buf.like, y, name=st["site"])
-        raise EngineTraceError(f"{st['site']} ({st.get('where', '?')}) adds a {list(y.shape)} tensor into the "
-                               f"{list(buf.shape)} zero buffer allocated at {buf.site}: a broadcast, which the Ops "
-                               "vocabulary cannot represent")
+        raise self.broadcast(st, buf, y.shape)
+
+    @staticmethod
+    def broadcast(st: dict[str, Any], buf: _Buffer, shape: Any) -> EngineTraceError:
+        return EngineTraceError(f"{st['site']} ({st.get('where', '?')}) adds a {list(shape)} tensor into the "
+                                f"{list(buf.shape)} zero buffer allocated at {buf.site}: a broadcast, which the Ops "
+                                "vocabulary cannot represent")
 
     def _scale(self, st: dict[str, Any]) -> None:
         v = self.peek(st)
@@ -341,7 +358,14 @@ class Replay:
         like = src if st.get("like") and src is not None else None
         shape = tuple(like.shape) if like is not None else tuple(st["shape"])
         handle = like if like is not None and not isinstance(like, _Buffer) else None
-        self.bind(st, _Buffer(st["site"], shape, bool(st.get("zeros")), handle))
+        self.bind(st, _Buffer(st["site"], shape, bool(st.get("zeros")), handle, fill=st.get("fill")))
+
+    def _overwritten(self, st: dict[str, Any]) -> None:
+        """The tensor was (or may have been) written by something the trace
+        does not follow: whatever the replay held for it is stale."""
+        v = self.peek(st)
+        site, shape = (v.site, v.shape) if isinstance(v, _Buffer) else ("?", ())
+        self.bind(st, _Buffer(site, shape, False, written=f"{st['site']} ({st.get('where', '?')})"))
 
 
 def _row_parallel_up(s: Any) -> str | None:

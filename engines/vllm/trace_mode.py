@@ -13,8 +13,9 @@ Two sources of steps:
   `new_zeros`, `torch.zeros`, `empty` then `zero_`) is a `buffer` step with
   `zeros`: the replay turns a first accumulation into it into the value added.
   One made without a tracked tensor (`torch.zeros(shape)`) becomes tracked
-  only when a tracked call uses it; until then an untracked in-place write
-  to it drops its zero status;
+  only when a tracked call uses it. Any write the replay does not follow
+  (through a view, by an unknown op, through a raw pointer) drops the zero
+  status (engines/vllm/zero_marks.py): an `overwritten` step;
 - the custom op's return (`boundary`): each output with the shape the op's
   fake implementation declares (the probe calls the engine's fake impl).
 
@@ -38,6 +39,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from engines.vllm.zero_marks import ZeroMarks
 
 _HERE = os.path.abspath(__file__)
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -81,8 +84,8 @@ class Tracer:
         self.count = 0
         self.stream = "main"
         self.pause = 0  # > 0: torch calls are not steps (the probe's own bookkeeping)
-        # Untracked zero-filled tensors the engine made: id -> (tensor, site, where).
-        self.zeros: dict[int, tuple[Any, str, str]] = {}
+        self.marks = ZeroMarks(self)  # the buffers that still hold zeros
+        self.in_call = False  # inside EngineOps' handling of one torch call
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -97,6 +100,7 @@ class Tracer:
     def new(self, t: Any, label: str = "t") -> str:
         tid = f"{label}{self.count}"
         self.count += 1
+        self.marks.forget(self.ids.get(id(t)))
         self.ids[id(t)] = tid
         self.keep.append(t)
         return tid
@@ -107,31 +111,42 @@ class Tracer:
     def tracked(self, *values: Any) -> bool:
         return any(self.tid(v) is not None for v in _flat(values))
 
-    def remember_zeros(self, t: Any) -> None:
-        """An untracked tensor the engine filled with zeros (kept alive: ids are never reused)."""
-        site, where = self.site()
-        self.zeros[id(t)] = (t, site, where)
-        self.keep.append(t)
-
     def materialize(self, values: list[Any]) -> None:
-        """Remembered zero tensors among `values` become tracked, as a zero
+        """Loose zero tensors among `values` become tracked, as a zero
         `buffer` step at the engine line that filled them."""
         for v in values:
-            if isinstance(v, torch.Tensor) and self.tid(v) is None and id(v) in self.zeros:
-                _t, site, where = self.zeros.pop(id(v))
+            made = self.marks.take_loose(v) if self.tid(v) is None else None
+            if made is not None:
                 self.step("buffer", [], [v], shape=[int(d) for d in v.shape], zeros=True, like=False,
-                          site=site, where=where)
+                          site=made[0], where=made[1])
 
     # ---- steps ----
 
     def step(self, op: str, ins: list[Any], outs: list[Any], **attrs: Any) -> dict[str, Any]:
         """One step: input ids (None for an untracked tensor), fresh output ids;
         `site`/`where` in attrs name another engine line than the caller's."""
+        if self.marks and not self.in_call:  # a recorder's step: were its inputs written unseen?
+            with self.paused():
+                self.marks.audit(self.marks.touched(ins))
         site, where = self.site()
+        zero = self.zero_result(op, ins, attrs)
         st = {"op": op, "in": [self.tid(t) for t in ins], "out": [self.new(t) for t in outs],
               "site": site, "where": where, "stream": self.stream, **attrs}
         self.steps.append(st)
+        if zero:
+            with self.paused():
+                for t, tid in zip(outs, st["out"], strict=True):
+                    self.marks.mark(t, tid, in_place=bool(ins))
         return st
+
+    def zero_result(self, op: str, ins: list[Any], attrs: dict[str, Any]) -> bool:
+        """Whether the replay holds the step's outputs as zeros (as runner.Replay decides)."""
+        z = self.marks.is_zero
+        if op == "buffer":
+            return bool(attrs.get("zeros"))
+        if op in ("view", "scale", "clone", "copy"):
+            return z(ins[0])
+        return op == "add" and z(ins[0]) and z(ins[1])
 
     def site(self) -> tuple[str, str]:
         """The nearest engine frame: its qualified name and file:line."""
@@ -178,34 +193,44 @@ class EngineOps(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = func_name(func)
+        tr = self.tr
+        if tr.pause:
+            return func(*args, **kwargs)
+        # Tensors of buffers that hold zeros: checked before and after any call (by anyone).
+        touched = tr.marks.touched(_flat((args, kwargs)))
+        tr.marks.kept.clear()  # only this call's own steps may vouch for its writes
+        if touched:
+            with tr.paused():
+                tr.marks.audit(touched)
         out = func(*args, **kwargs)
-        if name in SHAPE_ONLY or self.tr.pause:
-            return out
-        if not self.tr.tracked(args, kwargs):
-            self.untracked(name, args, kwargs, out)
-        elif self.tr.engine_caller():
-            self.tr.materialize(_flat((args, kwargs)))
-            self.map(name, args, kwargs, out)
+        tr.in_call = True
+        try:
+            if name in SHAPE_ONLY:
+                pass
+            elif not tr.tracked(args, kwargs):
+                self.untracked(name, args, kwargs, out)
+            elif tr.engine_caller():
+                tr.materialize(_flat((args, kwargs)))
+                self.map(name, args, kwargs, out)
+        finally:
+            tr.in_call = False
+        if touched:
+            with tr.paused():
+                tr.marks.settle(func, name, args, kwargs, touched)
         return out
 
     def untracked(self, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> None:
-        """Follow the zero status of tensors no step has seen yet."""
+        """Zero tensors the engine makes without a tracked tensor (loose until a step uses them)."""
         tr = self.tr
         x = args[0] if args else None
-        if name in FACTORIES or name in FILLS:
-            if _zero_fill(name, args, kwargs) and isinstance(out, torch.Tensor) and tr.engine_caller():
-                tr.remember_zeros(out)
-            elif name == "fill_" and isinstance(x, torch.Tensor):
-                tr.zeros.pop(id(x), None)
+        if not isinstance(out, torch.Tensor):
             return
-        if not tr.zeros:
-            return
-        if name in ALIASES and isinstance(x, torch.Tensor) and id(x) in tr.zeros and isinstance(out, torch.Tensor):
-            tr.zeros[id(out)] = (out, *tr.zeros[id(x)][1:])
-            tr.keep.append(out)
-            return
-        for w in _written(name, args, kwargs):
-            tr.zeros.pop(id(w), None)
+        if (name in FACTORIES or name in FILLS) and _zero_fill(name, args, kwargs) and tr.engine_caller():
+            with tr.paused():
+                tr.marks.mark(out, None, in_place=name in FILLS)
+        elif name in ALIASES and isinstance(x, torch.Tensor) and id(x) in tr.marks.loose and out is not x:
+            with tr.paused():
+                tr.marks.mark(out, None, in_place=True, site=tr.marks.loose[id(x)][1:])
 
     def map(self, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         tr = self.tr
@@ -302,7 +327,10 @@ class EngineOps(TorchFunctionMode):
 
     def _buffer(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
         zero = name in ("new_zeros", "zeros_like") or _zero_fill(name, args, kwargs)
-        self.tr.step("buffer", [args[0]], [out], shape=[int(d) for d in out.shape], zeros=zero, like=name in LIKE)
+        fill = _fill_value(name, args, kwargs)
+        attrs = {"fill": fill} if not zero and isinstance(fill, int | float) and not isinstance(fill, bool) else {}
+        self.tr.step("buffer", [args[0]], [out], shape=[int(d) for d in out.shape], zeros=zero, like=name in LIKE,
+                     **attrs)
         return True
 
     def _fill(self, name: str, args: Any, kwargs: Any, out: Any) -> bool:
@@ -328,17 +356,6 @@ def _zero_fill(name: str, args: Any, kwargs: dict[str, Any]) -> bool:
         return True
     v = _fill_value(name, args, kwargs)
     return not isinstance(v, bool) and isinstance(v, int | float) and v == 0
-
-
-def _written(name: str, args: Any, kwargs: dict[str, Any]) -> list[Any]:
-    """Tensors an untracked call writes in place (its first argument for an
-    in-place method or item assignment, an `out=` tensor)."""
-    w = [kwargs["out"]] if isinstance(kwargs.get("out"), torch.Tensor) else []
-    inplace = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" or (
-        name.startswith("__i") and name.endswith("__"))
-    if inplace and args and isinstance(args[0], torch.Tensor):
-        w.append(args[0])
-    return w
 
 
 def _prefix(s: Any) -> int | None:

@@ -6,6 +6,7 @@ which the test records as steps; the torch calls here are the engine's own
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import Any
 
@@ -56,4 +57,82 @@ def filled_with_ones(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any
 def returns_the_zeros(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
     out = torch.zeros_like(x)
     routed(x)  # computed, never added in
+    return reduce(out)
+
+
+# Writes into a zero buffer other than the accumulation: the buffer is no
+# longer zeros, so adding into it is not the value added.
+
+
+def _zeros(x: Any) -> Any:
+    return torch.zeros((x.shape[0], x.shape[1]), dtype=x.dtype)
+
+
+@torch.library.custom_op("fake_vllm::write_fives", mutates_args=("out",))
+def write_fives(out: torch.Tensor) -> None:
+    """A compiled op writing its argument (its name says nothing of it)."""
+    out.fill_(5.0)
+
+
+def view_write(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = _zeros(x)
+    out.view(-1)[:] = 5.0
+    out += routed(x)
+    return reduce(out)
+
+
+def setitem_write(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = _zeros(x)
+    rows = out[1:]
+    rows[0] = 5.0  # through a slice of the buffer
+    out += routed(x)
+    return reduce(out)
+
+
+def out_kwarg_write(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = _zeros(x)
+    torch.mul(torch.ones((out.numel(),)), 5.0, out=out.view(-1))
+    out += routed(x)
+    return reduce(out)
+
+
+def unknown_op_write(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = _zeros(x)
+    torch.ops.fake_vllm.write_fives(out)
+    out += routed(x)
+    return reduce(out)
+
+
+def pointer_write(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = _zeros(x)
+    # A kernel launch writes through the raw pointer: no torch call sees it.
+    ctypes.memset(out.data_ptr(), 1, out.numel() * out.element_size())
+    out += routed(x)
+    return reduce(out)
+
+
+def zeros_like_pointer_write(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = torch.zeros_like(x)
+    ctypes.memset(out.data_ptr(), 1, out.numel() * out.element_size())
+    out += routed(x)
+    return reduce(out)
+
+
+def accumulate_through_a_view(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = torch.zeros_like(x)
+    out.reshape(x.shape[0], x.shape[1]).add_(routed(x))  # through an alias: out holds the routed output
+    out += shared(x)
+    return reduce(out)
+
+
+def filled_with_fives(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = torch.full_like(x, 5.0)
+    out += routed(x)
+    return reduce(out)
+
+
+def zeros_plus_broadcast_zeros(x: Any, routed: Entry, shared: Entry, reduce: Entry) -> Any:
+    out = torch.zeros_like(x)
+    out = out + x.new_zeros((x.shape[1],))  # a row of zeros broadcast over the tokens
+    out += routed(x)
     return reduce(out)
