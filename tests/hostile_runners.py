@@ -21,6 +21,18 @@ class LoopForever(MoERunner):
             n += 1
 
 
+class AnnouncedLoop(MoERunner):
+    """LoopForever that first creates the file named by $MOE_TWIN_TEST_IN_LOOP,
+    so a test acts once runner code is running (not after a guessed delay)."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        with open(os.environ["MOE_TWIN_TEST_IN_LOOP"], "w"):
+            pass
+        n = 0
+        while True:
+            n += 1
+
+
 class Sleeper(MoERunner):
     """Sleeps far longer than any budget."""
 

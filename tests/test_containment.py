@@ -140,13 +140,28 @@ def test_a_thread_left_running_by_runner_code_does_not_keep_the_process_alive():
     assert "runner code left" in one_line(p.stderr)
 
 
-def test_users_ctrl_c_while_runner_code_runs_is_exit_130():
+def test_users_ctrl_c_while_runner_code_runs_is_exit_130(tmp_path):
+    in_loop = tmp_path / "in-loop"
+    # A Ctrl-C reaches a foreground process, whose SIGINT is not ignored; a
+    # suite started in the background (`... &` from a script, nohup) hands its
+    # children SIGINT ignored, and the signal would then do nothing at all.
     proc = subprocess.Popen([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "simulate",
-                             "r3-tp-decode", "--runner", f"{HOSTILE}:LoopForever", "--json"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3.0)  # inside the runner's loop (the budget is 10 s)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=LIMIT_S)
+                             "r3-tp-decode", "--runner", f"{HOSTILE}:AnnouncedLoop", "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MOE_TWIN_TEST_IN_LOOP": str(in_loop)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        # Inside the runner's loop (the budget is 10 s), however slow start-up is.
+        deadline = time.monotonic() + LIMIT_S
+        while not in_loop.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "runner code never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LIMIT_S)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130 and out == ""
     assert one_line(err) == "moe-twin: interrupted"
 

@@ -279,3 +279,18 @@ def test_cli_check_passes_its_simulation_unless_a_calibration_made_it_stale(
     monkeypatch.setattr(cli_mod, "real_scenario", lambda args: real_scenario(args).with_(**{"runtime.profile": profile}))
     assert main(["check", "r2-fi-two-sided", "--runner", "fixed"]) != 0  # stopped at the real run
     assert len(given) == 1 and (given[0] is None) == stale
+
+
+def test_a_release_venv_counts_as_installed_only_once_its_install_finished(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # install-engine.sh creates the venv first and writes its stamp last: a
+    # venv without the stamp (install under way or failed) is not a release.
+    import engines.vllm as ev
+
+    monkeypatch.setattr(ev, "ROOT", tmp_path)
+    target = tmp_path / ".engines" / "vllm-0.21.0"
+    (target / "bin").mkdir(parents=True)
+    (target / "bin" / "python").touch()
+    assert not ev.installed("0.21.0")
+    assert skip_reason(case_of("0.21.0")) == "not installed: run scripts/install-engine.sh vllm==0.21.0"
+    (target / ".moe-twin-engine-vllm-0.21.0").write_text("vllm==0.21.0\n")
+    assert ev.installed("0.21.0") and ev.engine_python("0.21.0") == str(target / "bin" / "python")

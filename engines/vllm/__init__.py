@@ -30,17 +30,27 @@ class EngineMissing(RuntimeError):
     """The engine extra is not installed (the message says how to install it)."""
 
 
+def _engine_venv_python(version: str) -> Path | None:
+    """The interpreter of `version`'s venv under .engines/, once its install
+    finished: scripts/install-engine.sh creates the venv first and writes its
+    stamp last, so a venv mid-install (or left by a failed one) has no stamp."""
+    target = ROOT / ".engines" / f"vllm-{version}"
+    if not (target / f".moe-twin-engine-vllm-{version}").is_file():
+        return None
+    return target / "bin" / "python"
+
+
 def engine_python(version: str = PINNED_VERSION) -> str:
     """The interpreter that can import the pinned vLLM: $MOE_TWIN_VLLM_PYTHON,
     the per-version venv under .engines/, or this interpreter (install with
     --into-venv)."""
-    venv = ROOT / ".engines" / f"vllm-{version}" / "bin" / "python"
-    if version != PINNED_VERSION and venv.exists():
+    venv = _engine_venv_python(version)
+    if version != PINNED_VERSION and venv is not None:
         return str(venv)  # an older release's own venv wins over the pinned one's override
     explicit = os.environ.get(ENV_PYTHON)
     if explicit:
         return explicit
-    if venv.exists():
+    if venv is not None:
         return str(venv)
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
@@ -54,7 +64,7 @@ def installed(version: str = PINNED_VERSION) -> bool:
     """Whether `version` has its own venv under .engines/ (or, for the pinned
     release, any interpreter engine_python finds)."""
     if version != PINNED_VERSION:
-        return (ROOT / ".engines" / f"vllm-{version}" / "bin" / "python").exists()
+        return _engine_venv_python(version) is not None
     try:
         engine_python()
     except EngineMissing:
