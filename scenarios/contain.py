@@ -106,10 +106,11 @@ def set_limits(new: Limits) -> None:
     _limits = new
 
 
-def deadline_passed() -> bool:
-    """The current wall-clock budget is used up (an interpreter's cheap test
-    before it decides whether the full check_op is due)."""
-    return _deadline is not None and time.monotonic() > _deadline
+def current_deadline() -> float | None:
+    """The monotonic end of the wall-clock budget in force (None: none): an
+    interpreter reads it once per program, under the guard that set it, and
+    tests it per op without a call."""
+    return _deadline
 
 
 def value_block_cap(world: int) -> int:
@@ -438,7 +439,7 @@ __all__ = [
     "WALL_CLOCK_BUDGET",
     "budget_stop",
     "check_op",
-    "deadline_passed",
+    "current_deadline",
     "limits",
     "runner_exit",
     "set_limits",

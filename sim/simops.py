@@ -12,6 +12,7 @@ group, a non-tensor argument, waiting on a non-event) raises RunnerUsageError.
 from __future__ import annotations
 
 import math
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from scenarios import contain, layout
@@ -83,6 +84,10 @@ class SimOps(SimComm, SimCompute, Ops):
         self.input_rows: tuple[str, ...] = ()
         # buffer -> (version, the handle written in place at that version)
         self.writes: dict[int, tuple[int, SimTensor]] = {}
+        # The budgets in force, read once: the program phase runs under the
+        # guard that set them, and runner code changing them later does not count.
+        self._max_ops = contain.limits().max_ops
+        self._deadline = contain.current_deadline()
         self._block_cap = contain.value_block_cap(self.world)
 
     # ---- usage checks (the runner's code, not the configuration) ----
@@ -107,7 +112,8 @@ class SimOps(SimComm, SimCompute, Ops):
         reached, the wall clock is up, an input's value is over its block
         cap, or the output may be over the element cap. Most ops are none of
         these, and the full check is a call with loops of its own."""
-        if n >= contain.limits().max_ops or contain.deadline_passed():
+        deadline = self._deadline
+        if n >= self._max_ops or (deadline is not None and monotonic() > deadline):
             return True
         cap = self._block_cap
         for t in ins:
