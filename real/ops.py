@@ -87,6 +87,7 @@ class RealOps(CommOps, ComputeOps, Ops):
         self.kernel = kernel
         self.t0 = t0
         self.current_stream = "main"
+        self._budget: contain.Budget | None = None
         self.steps: list[Step] = []
         self.tensors: dict[int, RealTensor] = {}
         self.streams: dict[str, StreamThread] = {}
@@ -149,7 +150,11 @@ class RealOps(CommOps, ComputeOps, Ops):
         return "HIP stream (ROCm)" if self.scenario.runtime.platform == "rocm" else "CUDA stream"
 
     def _step(self, op: str, name: str, category: str, ins: tuple[Any, ...] = (), component: str | None = None, group: tuple[int, ...] | None = None) -> Step:
-        contain.check_op(len(self.steps))  # the op budget (--max-ops) applies on real ranks too
+        # The op budget (--max-ops) applies on real ranks too, as it stood at the
+        # program's first op (runner code raising it later changes nothing).
+        if self._budget is None:
+            self._budget = contain.current_budget()
+        contain.check_op(len(self.steps), budget=self._budget)
         st = Step(rank=self.rank, index=len(self.steps), op=op, name=name, stream=self.current_stream,
                   category=category, component=component, group=group,
                   in_shapes=[tuple(t.shape) for t in ins if hasattr(t, "shape")])

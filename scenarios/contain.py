@@ -106,11 +106,18 @@ def set_limits(new: Limits) -> None:
     _limits = new
 
 
-def current_deadline() -> float | None:
-    """The monotonic end of the wall-clock budget in force (None: none): an
-    interpreter reads it once per program, under the guard that set it, and
-    tests it per op without a call."""
-    return _deadline
+@dataclass(frozen=True)
+class Budget:
+    """The op budget and wall-clock deadline in force when a rank's program
+    starts: an interpreter takes it once, under the guard that set the
+    deadline, so runner code changing the limits later changes nothing."""
+
+    max_ops: int
+    deadline: float | None  # monotonic end of the wall-clock budget (None: none)
+
+
+def current_budget() -> Budget:
+    return Budget(_limits.max_ops, _deadline)
 
 
 def value_block_cap(world: int) -> int:
@@ -118,12 +125,13 @@ def value_block_cap(world: int) -> int:
 
 
 def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...] | None = None,
-             world: int = 1) -> None:
-    """Called by an interpreter before it records step number `n_steps` of a rank."""
-    lim = _limits
-    if n_steps >= lim.max_ops:
-        raise BudgetExceeded("op budget", f"--max-ops {lim.max_ops}", f"{n_steps} ops on this rank")
-    if _deadline is not None and time.monotonic() > _deadline:
+             world: int = 1, budget: Budget | None = None) -> None:
+    """Called by an interpreter before it records step number `n_steps` of a
+    rank; `budget`: the one taken when the program started (default: now's)."""
+    max_ops, deadline = (budget.max_ops, budget.deadline) if budget is not None else (_limits.max_ops, _deadline)
+    if n_steps >= max_ops:
+        raise BudgetExceeded("op budget", f"--max-ops {max_ops}", f"{n_steps} ops on this rank")
+    if deadline is not None and time.monotonic() > deadline:
         raise _timeout()
     if ins:
         cap = VALUE_BLOCKS_BASE + VALUE_BLOCKS_PER_RANK * (world if world > 1 else 1)
@@ -439,7 +447,8 @@ __all__ = [
     "WALL_CLOCK_BUDGET",
     "budget_stop",
     "check_op",
-    "current_deadline",
+    "Budget",
+    "current_budget",
     "limits",
     "runner_exit",
     "set_limits",

@@ -86,8 +86,7 @@ class SimOps(SimComm, SimCompute, Ops):
         self.writes: dict[int, tuple[int, SimTensor]] = {}
         # The budgets in force, read once: the program phase runs under the
         # guard that set them, and runner code changing them later does not count.
-        self._max_ops = contain.limits().max_ops
-        self._deadline = contain.current_deadline()
+        self._budget = contain.current_budget()
         self._block_cap = contain.value_block_cap(self.world)
 
     # ---- usage checks (the runner's code, not the configuration) ----
@@ -112,8 +111,8 @@ class SimOps(SimComm, SimCompute, Ops):
         reached, the wall clock is up, an input's value is over its block
         cap, or the output may be over the element cap. Most ops are none of
         these, and the full check is a call with loops of its own."""
-        deadline = self._deadline
-        if n >= self._max_ops or (deadline is not None and monotonic() > deadline):
+        budget = self._budget
+        if n >= budget.max_ops or (budget.deadline is not None and monotonic() > budget.deadline):
             return True
         cap = self._block_cap
         for t in ins:
@@ -145,7 +144,7 @@ class SimOps(SimComm, SimCompute, Ops):
         steps = self.steps
         n = len(steps)
         if self._budget_check_due(n, ins, out_shape):
-            contain.check_op(n, ins, out_shape, self.world)
+            contain.check_op(n, ins, out_shape, self.world, self._budget)
         if ins:
             if len(ins) == 1:  # most ops: no comprehension (a call of its own per op)
                 t = ins[0]

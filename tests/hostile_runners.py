@@ -49,6 +49,17 @@ class OpsForever(MoERunner):
             x = ops.clone(x)
 
 
+class RaisesItsBudget(MoERunner):
+    """Lifts the op budget from inside its own program, then loops on ops."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        from scenarios import contain
+
+        contain.set_limits(contain.Limits(max_ops=10**9, sim_timeout_s=10**6))
+        while True:
+            x = ops.clone(x)
+
+
 class GatherForever(MoERunner):
     """Each all-gather doubles the rows of its value: values grow geometrically."""
 
@@ -122,6 +133,19 @@ class OpsForeverOnRealRanks(MoERunner):
     def forward(self, ops: Ops, x: Any) -> Any:
         while _on_real_ranks(ops):
             x = ops.clone(x)
+        return super().forward(ops, x)
+
+
+class RaisesItsBudgetOnRealRanks(MoERunner):
+    """Well-behaved in the simulator; on real ranks lifts its op budget, then loops on ops."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        if _on_real_ranks(ops):
+            from scenarios import contain
+
+            contain.set_limits(contain.Limits(max_ops=10**9))
+            while True:
+                x = ops.clone(x)
         return super().forward(ops, x)
 
 

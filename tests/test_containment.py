@@ -92,6 +92,12 @@ def test_op_budget_flag():
     assert json.loads(p.stdout)["hazards"] == []
 
 
+def test_runner_code_cannot_lift_its_own_budget():
+    p = moe_twin("simulate", "r1-sp-deepep", "--runner", f"{HOSTILE}:RaisesItsBudget", "--max-ops", "50", "--json")
+    (detail,) = runner_errors(json.loads(p.stdout))
+    assert "--max-ops 50" in detail and "after step 49 clone" in detail
+
+
 def test_values_growing_geometrically_stop_at_the_value_size_cap():
     t0 = time.monotonic()
     p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:GatherForever", "--json")
@@ -325,6 +331,10 @@ def test_the_op_budget_applies_on_real_ranks_and_prints_stay_off_stdout():
                  "--timeout", "120", "--json", timeout=300)
     assert p.returncode == 0, p.stderr
     details = runner_errors(json.loads(p.stdout))
+    assert details and all("op budget exceeded (--max-ops 200)" in d for d in details)
+    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:RaisesItsBudgetOnRealRanks", "--max-ops", "200",
+                 "--timeout", "120", "--json", timeout=300)
+    details = runner_errors(json.loads(p.stdout))  # not lifted: stopped at the budget it started with
     assert details and all("op budget exceeded (--max-ops 200)" in d for d in details)
     p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:Printer", "--timeout", "120", "--json", timeout=300)
     assert p.returncode == 0, p.stderr
