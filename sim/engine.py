@@ -406,6 +406,12 @@ class Simulation:
             if isinstance(err, RunnerUsageError | RunnerUnsupported):
                 raise err
             raise RunnerUsageError("?", -1, str(err), self.runner_label)
+
+    def _after_program(self) -> None:
+        """Tool work over the issued programs, outside the runner's guard: a
+        world stopped at its op budget holds up to world x --max-ops steps, and
+        walking them must not count against the runner's wall clock (past it,
+        the guard's watchdog ends the process)."""
         self.checks.finish()
         for ops in self.rank_ops:
             ops.assign_clocks()
@@ -429,6 +435,7 @@ class Simulation:
         # Runner code runs only in the program phase: budgets and stdout apply there.
         with contain.RunnerGuard(run_program.__code__, contain.limits().sim_timeout_s):
             self._program_phase()
+        self._after_program()
         if self.budget_stop is not None:
             self.notes.append(contain.BUDGET_NOTE + self.budget_stop)
         note = layout_note(self.layout, self.scenario, getattr(self.layout, "name", "engine"))
