@@ -12,7 +12,6 @@ group, a non-tensor argument, waiting on a non-event) raises RunnerUsageError.
 from __future__ import annotations
 
 import math
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from scenarios import contain, layout
@@ -87,7 +86,6 @@ class SimOps(SimComm, SimCompute, Ops):
         # The budgets in force, read once: the program phase runs under the
         # guard that set them, and runner code changing them later does not count.
         self._budget = contain.current_budget()
-        self._block_cap = contain.value_block_cap(self.world)
 
     # ---- usage checks (the runner's code, not the configuration) ----
 
@@ -106,28 +104,6 @@ class SimOps(SimComm, SimCompute, Ops):
 
     # ---- recording ----
 
-    def _budget_check_due(self, n: int, ins: tuple[SimTensor, ...], out_shape: tuple[int, ...] | None) -> bool:
-        """Whether contain.check_op must look at this op: the op budget is
-        reached, the wall clock is up, an input's value is over its block
-        cap, or the output may be over the element cap. Most ops are none of
-        these, and the full check is a call with loops of its own."""
-        budget = self._budget
-        if n >= budget.max_ops or (budget.deadline is not None and monotonic() > budget.deadline):
-            return True
-        cap = self._block_cap
-        for t in ins:
-            if t.value.n_blocks > cap:
-                return True
-        if out_shape:
-            total = 1
-            try:
-                for d in out_shape:
-                    total *= d
-                return total > contain.MAX_ELEMENTS or total < 0
-            except TypeError:  # not numbers: the full check says what is wrong
-                return True
-        return False
-
     def _step(
         self,
         op: str,
@@ -143,8 +119,7 @@ class SimOps(SimComm, SimCompute, Ops):
         # BudgetExceeded into the runner before anything is recorded.
         steps = self.steps
         n = len(steps)
-        if self._budget_check_due(n, ins, out_shape):
-            contain.check_op(n, ins, out_shape, self.world, self._budget)
+        contain.check_op(n, ins, out_shape, self.world, self._budget)
         if ins:
             if len(ins) == 1:  # most ops: no comprehension (a call of its own per op)
                 t = ins[0]
