@@ -197,7 +197,7 @@ class EngineOps(TorchFunctionMode):
         if tr.pause:
             return func(*args, **kwargs)
         # Tensors of buffers that hold zeros: checked before and after any call (by anyone).
-        touched = tr.marks.touched(_flat((args, kwargs)))
+        touched = tr.marks.touched(_flat((args, kwargs))) if tr.marks else []  # (no marks: no flattening)
         tr.marks.kept.clear()  # only this call's own steps may vouch for its writes
         if touched:
             with tr.paused():
