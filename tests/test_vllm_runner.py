@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from vllm_answers import runner_answering
 
 from engines.vllm import PINNED_VERSION, installed
 from engines.vllm.runner import VllmRunner
@@ -34,17 +35,7 @@ def _st(op: str, ins: list[str | None], outs: list[str], site: str = SITE_MK, **
 
 def synthetic(steps: list[dict[str, Any]], output: str, **decisions: Any) -> type[VllmRunner]:
     """A VllmRunner whose engine answer is the given trace (for every rank)."""
-    ans = {"accepted": True, "sp": False, "fused_output_is_reduced": False, "shared_experts_order": "NO_OVERLAP",
-           **decisions, "trace": {"steps": steps, "input": "x", "logits": "lg", "output": output}}
-
-    class Synthetic(VllmRunner):
-        def _not_expressible(self) -> str | None:
-            return None
-
-        def _answer(self, d: int = 0) -> dict[str, Any]:
-            return ans
-
-    return Synthetic
+    return runner_answering({"steps": steps, "input": "x", "logits": "lg", "output": output}, **decisions)
 
 
 def tp2(**model: Any) -> Scenario:

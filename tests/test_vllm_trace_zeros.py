@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from fake_vllm import accumulating as eng
+from vllm_answers import runner_answering
 
 from engines.vllm.runner import VllmRunner
 from engines.vllm.trace_mode import EngineOps, Tracer
@@ -59,17 +60,7 @@ def trace_of(forward: Callable[..., Any]) -> dict[str, Any]:
 
 
 def replayed(trace: dict[str, Any]) -> type[VllmRunner]:
-    ans = {"accepted": True, "sp": False, "fused_output_is_reduced": False, "shared_experts_order": "NO_OVERLAP",
-           "trace": trace}
-
-    class Traced(VllmRunner):
-        def _not_expressible(self) -> str | None:
-            return None
-
-        def _answer(self, d: int = 0) -> dict[str, Any]:
-            return ans
-
-    return Traced
+    return runner_answering(trace)
 
 
 @pytest.mark.parametrize("forward", [eng.zeros_like_iadd, eng.new_zeros_add_, eng.factory_zeros, eng.empty_then_zero_],
