@@ -384,3 +384,41 @@ def test_verify_gives_up_on_a_runner_that_always_runs_into_the_wall_clock_budget
                           timeout=LIMIT_S)
     assert text.returncode == 0, text.stderr
     assert "stopped: the runner ran into the wall-clock budget on " in text.stdout
+
+
+# ---------------------------------------------------------------- the watchdog's grace is owed in CPU time
+
+_WATCHDOG_CHILD = """
+import sys, time
+from scenarios import contain
+contain._Watchdog.POLL_S = 0.05
+contain._watchdog.arm(time.monotonic() - contain.HARD_GRACE_S - 1, "moe-twin: error: stopped by the watchdog")
+if sys.argv[1] == "burn":  # a process that runs on past its budget: the grace is used up
+    t0 = time.monotonic()
+    while time.process_time() < contain.HARD_GRACE_CPU_S + 1 and time.monotonic() - t0 < 40:
+        pass
+else:  # a process that got no CPU since its budget passed (starved, or stopped)
+    time.sleep(1.0)
+print("alive")
+"""
+
+
+@pytest.mark.parametrize("mode,code", [("idle", 0), ("burn", 2)])
+def test_the_watchdog_ends_a_process_only_once_it_had_cpu_to_stop(mode: str, code: int) -> None:
+    # Armed 6 s past the budget. A process given no CPU since then (a busy
+    # machine starving it) is not ended: it had no chance to stop itself.
+    p = subprocess.run([sys.executable, "-c", _WATCHDOG_CHILD, mode], cwd=ROOT, capture_output=True,
+                       text=True, timeout=LIMIT_S)
+    assert p.returncode == code, p.stderr
+    if code == 0:
+        assert p.stdout.strip() == "alive" and p.stderr == ""
+    else:
+        assert one_line(p.stderr) == "moe-twin: error: stopped by the watchdog" and p.stdout == ""
+
+
+def test_the_watchdog_waits_for_cpu_but_not_for_ever() -> None:
+    from scenarios.contain import HARD_GRACE_CPU_S, HARD_GRACE_S, HARD_GRACE_WALL_MAX_S, _Watchdog
+    assert not _Watchdog.overdue(HARD_GRACE_S / 2, 100.0)  # within the grace
+    assert not _Watchdog.overdue(HARD_GRACE_S + 30, HARD_GRACE_CPU_S / 10)  # starved: still waiting
+    assert _Watchdog.overdue(HARD_GRACE_S + 1, HARD_GRACE_CPU_S)
+    assert _Watchdog.overdue(HARD_GRACE_WALL_MAX_S + 1, 0.0)  # blocked without CPU: ended anyway
