@@ -212,6 +212,7 @@ class Simulation:
         self._groups: dict[tuple[str, int], RankGroup] = {}
         self._dispatch: dict[int, tuple[RankGroup, bool]] = {}
         self._labels: dict[tuple[str, int], Labels] = {}
+        self._rows: dict[tuple[Any, int], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def release(self) -> None:
         """Break the cycles a finished simulation is made of (its ranks' Ops and
@@ -275,11 +276,22 @@ class Simulation:
     def received_rows(self, rank: int, group: tuple[int, ...]) -> int:
         """Rows a token-routing dispatch delivers to `rank`: each member's tokens
         with at least one expert on this rank."""
-        return _received_rows(self.scenario, group, self.layout)[rank]
+        return self._per_group(_received_rows, group)[rank]
 
     def member_rows(self, group: tuple[int, ...]) -> tuple[int, ...]:
         """Layer rows of each member of `group` (the DP metadata's counts)."""
-        return _member_rows(self.scenario, group, self.layout)
+        return self._per_group(_member_rows, group)
+
+    def _per_group(self, fn: Any, group: tuple[int, ...]) -> tuple[int, ...]:
+        """fn's cached answer for `group`, looked up once per simulation: the
+        cross-simulation cache holds an earlier simulation's equal group, and
+        matching it compares the world-long tuples element by element (per
+        member of a world-wide group: world^2 comparisons)."""
+        key = (fn, id(group))
+        found = self._rows.get(key)
+        if found is None or found[0] is not group:
+            found = self._rows[key] = (group, fn(self.scenario, group, self.layout))
+        return found[1]
 
     def arrive(self, ops: SimOps, key: tuple, kind: str, x: SimTensor, st: Step,
                sizes: tuple[int, ...] | None = None) -> Any:
