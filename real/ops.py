@@ -96,7 +96,8 @@ class RealOps(CommOps, ComputeOps, Ops):
         self.note = notes or (lambda _t: None)
         self.weights = LayerWeights(scenario)
         self.route = routing(scenario)
-        self.observations: list[str] = []
+        # Reads that came before their value existed: (reader step, its name, what).
+        self.observations: list[tuple[int, str, str]] = []
         # Every step that raised, by index (any stream): the worker reports the
         # earliest-issued one, as the simulator raises at issue time.
         self.failed: dict[int, BaseException] = {}
@@ -168,10 +169,9 @@ class RealOps(CommOps, ComputeOps, Ops):
         if not isinstance(h, RealTensor):
             raise OpsUsageError(f"{consumer.name}: expected a tensor handle, got {type(h).__name__}")
         if not h.ready.is_set():
-            self.observations.append(
+            self.observations.append((consumer.index, consumer.name, (
                 f"step {consumer.index} {consumer.name} ({consumer.stream}) read the output of step "
-                f"{h.step} ({h.stream}) before it was produced"
-            )
+                f"{h.step} ({h.stream}) before it was produced")))
             h.ready.wait()
         if h.error is not None:
             raise UpstreamFailure(h.step, h.error)

@@ -182,8 +182,8 @@ def _assemble(s: Scenario, label: str, results: dict[int, dict[str, Any]], failu
             out.outputs[r] = res["output"]
         if res["output_fit"] is not None:
             trace.outputs[r] = res["output_fit"]
-        for obs in res["observations"]:
-            trace.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, steps[-1].index if steps else 0, "race", r, obs))
+        for index, name, what in res["observations"]:  # at the reader, as the simulator reports a race
+            trace.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, index, name, r, what))
         if res["error"]:
             out.errors[r] = (res["error_step"] or 0, res["error"])
         trace.notes.append(f"rank {r}: kernel {res['kernel']}")

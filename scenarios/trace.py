@@ -108,6 +108,9 @@ class Hazard:
     # Real only: this failure is a consequence of another rank's (e.g. a peer's
     # "connection closed" after rank `caused_by` died), not a finding of its own.
     caused_by: int | None = None
+    # A race's other access (a step of the same rank, earlier in program order):
+    # from there on, values depend on the schedule.
+    other_step: int | None = None
 
     def __str__(self) -> str:
         text = f"{self.kind.value} at step {self.step} {self.step_name} (rank {self.rank}): {self.detail}"

@@ -112,12 +112,14 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
     if not rsteps and ssteps:
         # The rank never reported (hung or died): its steps are lost with it.
         lost = next((h for h in real.hazards if h.rank == r), None)
+        if lost is not None and _predicted_failure(sim, lost):
+            return None  # the failure's own verdict judges it; there are no steps to compare
         where = lost.step if lost else 0
         return (r, where, f"real rank {r} returned no steps ({lost.detail if lost else 'no result'})")
     # From a predicted wrong input or race on, the sim's values name the usual
     # sources for what is not a combination of them (or depends on the
     # schedule): compare ops, shapes and errors only.
-    opaque = min((h.step for h in sim.hazards if h.rank == r and h.kind in OPAQUE_FROM), default=None)
+    opaque = min((_opaque_from(h) for h in sim.hazards if h.rank == r and h.kind in OPAQUE_FROM), default=None)
     for i, st in enumerate(ssteps):
         if i >= len(rsteps):
             if rsteps and not any(x.error for x in rsteps):
@@ -128,6 +130,18 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
         if what is not None:
             return (r, i, what)
     return None
+
+
+def _opaque_from(h: Hazard) -> int:
+    """The first step whose value a predicted hazard makes opaque: a race's
+    earlier access (a reader early in program order may run after the writer)."""
+    return h.step if h.other_step is None else min(h.step, h.other_step)
+
+
+def _predicted_failure(sim: Trace, lost: Hazard) -> bool:
+    """The simulator predicted this rank's failure, of this kind, at this step
+    (e.g. a HANG in a collective a peer never reaches)."""
+    return any(h.kind == lost.kind and h.rank == lost.rank and h.step == lost.step for h in sim.hazards)
 
 
 def _step_divergence(sim: Trace, r: int, i: int, st: Any, rt: Any, routed_scale: float | None) -> str | None:

@@ -119,6 +119,23 @@ def judge_race(
     if camp.wrong:
         return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE,
                            f"delaying '{camp.stream}' made ranks {sorted(camp.wrong)} wrong, not this one", h.step, h.rank)
-    return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE,
-                       f"every output equalled the reference with {', '.join(camp.tried)} delayed "
-                       f"({RACE_REPEATS} runs each): the race was not provoked", h.step, h.rank)
+    tried = f"every output equalled the reference with {', '.join(camp.tried)} delayed ({RACE_REPEATS} runs each)"
+    seen = observed_race(base.trace, h)
+    if seen is not None:
+        return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE, f"{OBSERVED_PREFIX}{seen.detail}; {HELD_READS}; {tried}",
+                           h.step, h.rank)
+    return VerdictItem(h.kind.value, Verdict.INCONCLUSIVE, f"{tried}: the race was not provoked", h.step, h.rank)
+
+
+OBSERVED_PREFIX = "the real run observed the race: "
+# Why an observed early read cannot give a wrong output on the stand-in.
+HELD_READS = ("the CPU stream stand-in holds a read until its value exists, so no output can come out wrong "
+              "here (on a GPU stream that read sees the buffer's earlier contents)")
+
+
+def observed_race(real: Trace, h: Hazard) -> Hazard | None:
+    """The real run's record of a read that came before its value existed, at
+    either access of the predicted race `h` on its rank, or None."""
+    steps = {h.step} if h.other_step is None else {h.step, h.other_step}
+    return next((o for o in real.hazards
+                 if o.kind == h.kind and o.rank == h.rank and o.step in steps and o.caused_by is None), None)

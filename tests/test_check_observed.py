@@ -1,0 +1,115 @@
+"""What a real run shows besides wrong values is judged as such: a read the
+CPU stream stand-in held back is an observed race (never a clean "agree"),
+a predicted hang is not a divergence, and a race's earlier access makes the
+values after it schedule-dependent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scenarios.spec import Scenario
+from scenarios.trace import Hazard, HazardKind, OutputCheck, Step, Trace, Verdict
+from twin.check.crosscheck import check, first_divergence
+from twin.check.races import OBSERVED_PREFIX, Provocation, judge_race
+from twin.check.report import agreement_line
+
+RUNNERS = str(Path(__file__).resolve().parent / "observed_runners.py")
+
+TP_AUX = Scenario(name="observed-tp-aux").with_(**{
+    "model.hidden": 256, "model.moe_intermediate": 128, "model.num_experts": 8, "model.top_k": 2,
+    "model.num_shared_experts": 1, "model.shared_intermediate": 512, "parallel.tp": 2,
+    "runtime.platform": "cuda", "runtime.aux_stream": True, "workload.tokens": 8, "workload.seed": 4,
+})
+IDLE_DP = Scenario(name="observed-idle-dp").with_(**{
+    "model.hidden": 128, "model.moe_intermediate": 64, "model.num_experts": 8, "model.top_k": 2,
+    "parallel.tp": 1, "parallel.dp": 2, "parallel.ep": True, "workload.tokens": [4, 0], "workload.seed": 8,
+})
+
+
+def _pair(n: int = 3) -> tuple[Trace, Trace]:
+    sim, real = Trace("sim", "s", "r", 1), Trace("real", "s", "r", 1)
+    sim.steps[0] = [Step(0, i, "add", f"s{i}") for i in range(n)]
+    real.steps[0] = [Step(0, i, "add", f"s{i}") for i in range(n)]
+    real.output_checks[0] = OutputCheck(0, True, 0.0, 0.0, 0, 4, [], "", None)
+    return sim, real
+
+
+# ---------------------------------------------------------------- hand-made traces
+
+
+def test_a_hang_the_simulator_predicted_is_not_a_divergence() -> None:
+    sim, real = _pair()
+    real.steps[0] = []  # the rank timed out: its steps are lost with it
+    real.hazards.append(Hazard(HazardKind.HANG, 2, "s2", 0, "rank timed out"))
+    assert first_divergence(sim, real) is not None  # not predicted: the lost rank diverges
+    sim.hazards.append(Hazard(HazardKind.HANG, 1, "s1", 0, "waits in dispatch"))
+    assert first_divergence(sim, real) is not None  # predicted elsewhere: still a divergence
+    sim.hazards.append(Hazard(HazardKind.HANG, 2, "s2", 0, "waits in dispatch"))
+    assert first_divergence(sim, real) is None
+
+
+def test_values_after_a_races_earlier_access_are_not_compared() -> None:
+    sim, real = _pair(4)
+    real.steps[0][1].value, real.steps[0][1].residual = {"x": 2.0}, 0.0  # the early reader saw the late write
+
+    from sim import algebra
+    v = algebra.Value((algebra.Block("d0", 4, ((("x", "", None), 1.0),)),))
+    sim.values = {0: {i: v for i in range(4)}}
+    sim.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, 3, "s3", 0, "s3 (main) writes ...; no event"))
+    assert first_divergence(sim, real) == (0, 1, "coefficients: sim {'x': 1.0} vs real {'x': 2.0}")
+    sim.hazards[0].other_step = 1
+    assert first_divergence(sim, real) is None
+
+
+def test_an_observed_race_is_never_called_not_provoked_nor_a_clean_agreement() -> None:
+    sim, real = _pair()
+    h = Hazard(HazardKind.UNSAFE_OVERLAP, 2, "s2", 0, "s2 (main) reads a buffer that step 1 s1 (aux) writes",
+               other_step=1)
+    sim.hazards.append(h)
+
+    class Base:
+        trace = real
+
+    cache = {"campaign": Provocation(tried=["'aux' by 10 ms"])}
+    quiet = judge_race(TP_AUX, None, sim, Base, h, 10.0, lambda _m: None, cache)
+    assert quiet.verdict == Verdict.INCONCLUSIVE and "not provoked" in quiet.reason
+    real.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, 2, "s2", 0,
+                               "step 2 s2 (main) read the output of step 1 (aux) before it was produced"))
+    seen = judge_race(TP_AUX, None, sim, Base, h, 10.0, lambda _m: None, cache)
+    assert seen.verdict == Verdict.INCONCLUSIVE and seen.reason.startswith(OBSERVED_PREFIX)
+    assert "not provoked" not in seen.reason and "stand-in" in seen.reason
+
+
+# ---------------------------------------------------------------- real ranks
+
+
+@pytest.mark.slow
+def test_a_lost_join_is_observed_at_the_predicted_step_and_not_headlined_agree() -> None:
+    result = check(TP_AUX, f"{RUNNERS}:NoJoinOnAux", timeout_s=60)
+    predicted = {(h.rank, h.step) for h in result.sim.hazards if h.kind == HazardKind.UNSAFE_OVERLAP}
+    observed = {(h.rank, h.step) for h in result.real.hazards if h.kind == HazardKind.UNSAFE_OVERLAP}
+    assert predicted and observed and observed <= predicted
+    races = [v for v in result.verdicts if v.kind == "UNSAFE_OVERLAP"]
+    # The stand-in held the early read: the output is right, so never CONFIRMED.
+    assert races and all(v.verdict == Verdict.INCONCLUSIVE for v in races)
+    assert all(v.reason.startswith(OBSERVED_PREFIX) for v in races if (v.rank, v.step) in observed)
+    line = agreement_line(result)
+    assert "observed the predicted race" in line.plain and line.style != "green"
+
+
+@pytest.mark.slow
+def test_a_predicted_hang_is_headlined_as_a_confirmed_prediction() -> None:
+    result = check(IDLE_DP, f"{RUNNERS}:IdleRankSkipsMoE", timeout_s=8)
+    assert [v.verdict for v in result.verdicts if v.kind == "HANG"] == [Verdict.CONFIRMED]
+    assert result.divergence is None and result.confirmed_as_predicted
+    assert agreement_line(result).plain.startswith("prediction confirmed")
+
+
+@pytest.mark.slow
+def test_an_in_place_race_read_early_in_program_order_is_no_divergence() -> None:
+    result = check(TP_AUX, f"{RUNNERS}:RoutedInplaceBesideShared", timeout_s=60)
+    assert result.divergence is None
+    assert result.confirmed_as_predicted
+
