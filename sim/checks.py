@@ -28,6 +28,7 @@ Rules (the algebra's docstring explains the coefficients and the ceiling):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -143,6 +144,12 @@ class Checks:
             label = algebra.group_label(comp, shards)
             mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}")
 
+    def _reduction(self, kind: HazardKind, ops: SimOps, st: Step, detail: str) -> None:
+        """A DOUBLE/MISSING_REDUCTION; its detail also names the routed scaling
+        factor when a wrong coefficient is a power of it (a scale applied twice
+        or never over-counts exactly like a reduction)."""
+        self.sim.add_hazard(kind, ops.rank, st, detail + scale_hint(detail, self.rsf))
+
     def non_finite(self, ops: SimOps, st: Step, what: str) -> None:
         # No st.error: nothing raises here (torch computes NaN and goes on), so
         # the step must still align with a real run that did not fail.
@@ -167,8 +174,8 @@ class Checks:
             cr.reported = True
             by_step.setdefault(cr.step.index, (cr.step, []))[1].append(cr.detail)
         for _i, (st, details) in sorted(by_step.items()):
-            self.sim.add_hazard(HazardKind.DOUBLE_REDUCTION, ops.rank, st,
-                                " and ".join(dict.fromkeys(details)) + ", expected 1" + note)
+            self._reduction(HazardKind.DOUBLE_REDUCTION, ops, st,
+                            " and ".join(dict.fromkeys(details)) + ", expected 1" + note)
 
     # ---- consumers ----
 
@@ -193,8 +200,8 @@ class Checks:
                                    f" (fed to {consumer} at step {st.index})")
         elif any(algebra.below(c, 1.0) for c in coefs) or any(not b.terms for b in v.blocks):
             if self._once((ops.rank, "missing", st.index)):
-                self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
-                                    f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1")
+                self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
+                                f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1")
         elif rows is not None and v.keys() != rows:
             self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
                                        f"expected {expected} (the tokens the model handed this rank's layer)")
@@ -241,8 +248,8 @@ class Checks:
                                    f" (fed to {st.name} at step {st.index})")
         short = sorted((lab for lab, c in coeffs.items() if algebra.below(c, low)), key=_label_key)
         if short and self._once((ops.rank, "missing", st.index)):
-            self.sim.add_hazard(
-                HazardKind.MISSING_REDUCTION, ops.rank, st,
+            self._reduction(
+                HazardKind.MISSING_REDUCTION, ops, st,
                 f"{'row-parallel' if row_parallel else 'non-linear'} routed-output transform applied to partial sums: "
                 f"{_describe(coeffs, short, low)}, "
                 f"expected 1{self.groups.phrase(ops.rank, coeffs, short, tuple(coeffs))}",
@@ -316,8 +323,8 @@ class Checks:
         coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
         if short and self._once((ops.rank, "missing", st.index)):
             which = self.groups.phrase(ops.rank, coeffs, short, self.output_labels(ops))
-            self.sim.add_hazard(HazardKind.MISSING_REDUCTION, ops.rank, st,
-                                f"output holds {_describe(coeffs, short)}, expected 1{which}")
+            self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
+                            f"output holds {_describe(coeffs, short)}, expected 1{which}")
         if over:
             comps = list(dict.fromkeys(lab.split("@")[0] for lab in over))
             self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
@@ -384,6 +391,24 @@ def _rows(rows: list[tuple[int, int]]) -> str:
     if len(rows) > SHOW_ROWS:
         labels.append(f"... {len(rows) - SHOW_ROWS} more")
     return "[" + ", ".join(labels) + "]"
+
+
+_COEFFICIENT = re.compile(r"coefficient (-?[0-9.]+(?:e[-+]?[0-9]+)?)")
+
+
+def scale_hint(detail: str, rsf: float) -> str:
+    """" (2.5 = routed_scaling_factor: the routed scaling applied twice?)" when
+    a coefficient the detail names is the routed scaling factor or its
+    inverse, else ""."""
+    if rsf == 1.0 or not math.isfinite(rsf) or rsf <= 0:
+        return ""
+    for text in _COEFFICIENT.findall(detail):
+        c = float(text)
+        if abs(c - rsf) <= 1e-6 * rsf:
+            return f" ({text} = routed_scaling_factor: the routed scaling applied twice?)"
+        if abs(c - 1.0 / rsf) <= 1e-6 / rsf:
+            return f" ({text} = 1/routed_scaling_factor {rsf:g}: the routed scaling never applied?)"
+    return ""
 
 
 def _label_key(label: str) -> tuple[str, tuple[str | int, ...]]:

@@ -113,3 +113,44 @@ def test_an_in_place_race_read_early_in_program_order_is_no_divergence() -> None
     assert result.divergence is None
     assert result.confirmed_as_predicted
 
+
+# ---------------------------------------------------------------- a scaling bug reads like a reduction bug
+
+
+def _scaled_twice() -> type:
+    from scenarios.runners import MoERunner
+
+    class ScaledTwice(MoERunner):
+        def join_outputs(self, ops, shared, routed):  # noqa: ANN001, ANN202 - a runner under test
+            routed = ops.scale(routed, self.scenario.model.routed_scaling_factor, name="extra_scaling")
+            return super().join_outputs(ops, shared, routed)
+
+    return ScaledTwice
+
+
+def _reduced_twice() -> type:
+    from scenarios.runners import MoERunner
+
+    class ReducedTwice(MoERunner):
+        def final_reduce(self, ops, result, routed_reduced):  # noqa: ANN001, ANN202
+            return super().final_reduce(ops, super().final_reduce(ops, result, routed_reduced), routed_reduced)
+
+    return ReducedTwice
+
+
+@pytest.mark.parametrize("runner,hinted", [(_scaled_twice, True), (_reduced_twice, False)])
+def test_an_over_count_by_the_routed_scaling_factor_says_so(runner, hinted: bool) -> None:  # noqa: ANN001
+    from sim import simulate
+
+    s = TP_AUX.with_(**{"model.routed_scaling_factor": 2.5, "runtime.aux_stream": False})
+    doubled = [h.detail for h in simulate(s, runner()).hazards if h.kind == HazardKind.DOUBLE_REDUCTION]
+    assert doubled and all(("routed_scaling_factor" in d) == hinted for d in doubled), doubled
+
+
+def test_the_scale_hint_names_the_factor_or_its_inverse_only() -> None:
+    from sim.checks import scale_hint
+
+    assert "applied twice" in scale_hint("routed@tp0 coefficient 2.5, expected 1", 2.5)
+    assert "never applied" in scale_hint("output holds routed@ep0,ep1 coefficient 0.4, expected 1", 2.5)
+    assert scale_hint("routed@tp0 coefficient 2, expected 1", 2.5) == ""  # a reduction count, not the factor
+    assert scale_hint("routed@tp0 coefficient 2.5, expected 1", 1.0) == ""
