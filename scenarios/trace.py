@@ -108,9 +108,11 @@ class Hazard:
     # Real only: this failure is a consequence of another rank's (e.g. a peer's
     # "connection closed" after rank `caused_by` died), not a finding of its own.
     caused_by: int | None = None
-    # A race's other access (a step of the same rank, earlier in program order):
-    # from there on, values depend on the schedule.
-    other_step: int | None = None
+    # Simulator only: the first step of this rank whose value the hazard makes
+    # something other than a combination of sources: a race's earlier access
+    # (values depend on the schedule), the non-linear consumer of an over- or
+    # under-counted input. Real runs are compared by op and shape only from there.
+    opaque_from: int | None = None
 
     def __str__(self) -> str:
         text = f"{self.kind.value} at step {self.step} {self.step_name} (rank {self.rank}): {self.detail}"

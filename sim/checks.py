@@ -144,11 +144,11 @@ class Checks:
             label = algebra.group_label(comp, shards)
             mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}")
 
-    def _reduction(self, kind: HazardKind, ops: SimOps, st: Step, detail: str) -> None:
+    def _reduction(self, kind: HazardKind, ops: SimOps, st: Step, detail: str, opaque_from: int | None = None) -> None:
         """A DOUBLE/MISSING_REDUCTION; its detail also names the routed scaling
         factor when a wrong coefficient is a power of it (a scale applied twice
         or never over-counts exactly like a reduction)."""
-        self.sim.add_hazard(kind, ops.rank, st, detail + scale_hint(detail, self.rsf))
+        self.sim.add_hazard(kind, ops.rank, st, detail + scale_hint(detail, self.rsf), opaque_from=opaque_from)
 
     def non_finite(self, ops: SimOps, st: Step, what: str) -> None:
         # No st.error: nothing raises here (torch computes NaN and goes on), so
@@ -159,10 +159,12 @@ class Checks:
     def non_finite_factor(self, ops: SimOps, st: Step, factor: float) -> None:
         self.non_finite(ops, st, f"{st.name} scales by {factor}")
 
-    def _report_crossings(self, ops: SimOps, comps: list[str], where: Step, fallback: str, note: str = "") -> None:
+    def _report_crossings(self, ops: SimOps, comps: list[str], where: Step, fallback: str, note: str = "",
+                          consumed: bool = False) -> None:
         """One DOUBLE_REDUCTION per crossing step, naming every component crossed
         there; `fallback` describes the over-count when no step crossed before
-        `where` (the consumer), `note` says who consumed it."""
+        `where` (the consumer), `note` says who consumed it; `consumed`: `where`
+        is a non-linear consumer, whose output is no combination of sources."""
         mine = self.crossings.setdefault(ops.rank, {})
         by_step: dict[int, tuple[Step, list[str]]] = {}
         for comp in comps:
@@ -175,7 +177,8 @@ class Checks:
             by_step.setdefault(cr.step.index, (cr.step, []))[1].append(cr.detail)
         for _i, (st, details) in sorted(by_step.items()):
             self._reduction(HazardKind.DOUBLE_REDUCTION, ops, st,
-                            " and ".join(dict.fromkeys(details)) + ", expected 1" + note)
+                            " and ".join(dict.fromkeys(details)) + ", expected 1" + note,
+                            where.index if consumed else None)
 
     # ---- consumers ----
 
@@ -197,11 +200,11 @@ class Checks:
         coefs = [coef for b in v.blocks for _src, coef in b.terms]
         if any(algebra.above(c, 1.0) for c in coefs):
             self._report_crossings(ops, [want], st, f"{consumer} input {want} coefficient {max(coefs):g}",
-                                   f" (fed to {consumer} at step {st.index})")
+                                   f" (fed to {consumer} at step {st.index})", consumed=True)
         elif any(algebra.below(c, 1.0) for c in coefs) or any(not b.terms for b in v.blocks):
             if self._once((ops.rank, "missing", st.index)):
                 self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
-                                f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1")
+                                f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1", st.index)
         elif rows is not None and v.keys() != rows:
             self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
                                        f"expected {expected} (the tokens the model handed this rank's layer)")
@@ -245,7 +248,8 @@ class Checks:
         coeffs = algebra.coefficients(v, {}, self.expected_labels(ops, "routed"))
         if any(algebra.above(c, bound) for c in coeffs.values() if math.isfinite(c)):
             self._report_crossings(ops, ["routed"], st, f"routed coefficient {max(coeffs.values()):g}",
-                                   f" (fed to {st.name} at step {st.index})")
+                                   f" (fed to {st.name} at step {st.index})",
+                                   consumed=self.scenario.model.transform_nonlinear)
         short = sorted((lab for lab, c in coeffs.items() if algebra.below(c, low)), key=_label_key)
         if short and self._once((ops.rank, "missing", st.index)):
             self._reduction(
@@ -253,6 +257,7 @@ class Checks:
                 f"{'row-parallel' if row_parallel else 'non-linear'} routed-output transform applied to partial sums: "
                 f"{_describe(coeffs, short, low)}, "
                 f"expected 1{self.groups.phrase(ops.rank, coeffs, short, tuple(coeffs))}",
+                st.index if self.scenario.model.transform_nonlinear else None,
             )
 
     # ---- the layer output ----

@@ -235,8 +235,9 @@ class Simulation:
         self._ev += 1
         return self._ev
 
-    def add_hazard(self, kind: HazardKind, rank: int, st: Step, detail: str, cost: float | None = None) -> None:
-        self.hazards.append(Hazard(kind, st.index, st.name, rank, detail, cost))
+    def add_hazard(self, kind: HazardKind, rank: int, st: Step, detail: str, cost: float | None = None,
+                   opaque_from: int | None = None) -> None:
+        self.hazards.append(Hazard(kind, st.index, st.name, rank, detail, cost, opaque_from=opaque_from))
 
     # ---- collectives ----
 

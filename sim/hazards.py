@@ -70,7 +70,7 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
                     HazardKind.UNSAFE_OVERLAP, s2.index, s2.name, rank,
                     f"{s2.name} ({s2.stream}) {verb2} a buffer that step {s1.index} {s1.name} "
                     f"({s1.stream}) {verb1}; no event orders them",
-                    other_step=s1.index,
+                    opaque_from=s1.index,
                 ))
     return out
 

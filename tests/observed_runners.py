@@ -1,5 +1,5 @@
-"""Wrong runners whose real runs show their fault other than by a wrong value
-on the stand-ins (tests/test_check_observed.py)."""
+"""Wrong runners whose real runs show their fault in ways a step-by-step
+comparison of fitted values must allow for (tests/test_check_observed.py)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,15 @@ class RoutedInplaceBesideShared(SGLangRunner):
 
     def routed_inplace(self, order: Any) -> bool:
         return True
+
+
+class GatherPartialOfReplicated(SGLangRunner):
+    """Under DP attention with attention TP, the hidden states (already whole
+    on every TP member) are summed over TP again before the DP gather: the
+    router and experts get twice the input, which they do not pass on linearly."""
+
+    def prepare_mlp(self, ops: Ops, x: Any) -> Any:
+        if not self.mlp_scattered() and self.dp_attention() and self.scenario.parallel.tp > 1:
+            x = ops.all_reduce(x, "tp", name="attn_tp_sum_again")
+            return ops.dp_gather(x, name="dp_gather", padded=self.dp_max_len())
+        return super().prepare_mlp(ops, x)

@@ -22,6 +22,11 @@ TP_AUX = Scenario(name="observed-tp-aux").with_(**{
     "model.num_shared_experts": 1, "model.shared_intermediate": 512, "parallel.tp": 2,
     "runtime.platform": "cuda", "runtime.aux_stream": True, "workload.tokens": 8, "workload.seed": 4,
 })
+DP_ATTN = Scenario(name="observed-dp-attention").with_(**{
+    "model.hidden": 128, "model.moe_intermediate": 64, "model.num_experts": 8, "model.top_k": 2,
+    "model.num_shared_experts": 1, "parallel.tp": 2, "parallel.dp": 2, "runtime.platform": "cuda",
+    "workload.tokens": [4, 3], "workload.seed": 6,
+})
 IDLE_DP = Scenario(name="observed-idle-dp").with_(**{
     "model.hidden": 128, "model.moe_intermediate": 64, "model.num_experts": 8, "model.top_k": 2,
     "parallel.tp": 1, "parallel.dp": 2, "parallel.ep": True, "workload.tokens": [4, 0], "workload.seed": 8,
@@ -59,14 +64,14 @@ def test_values_after_a_races_earlier_access_are_not_compared() -> None:
     sim.values = {0: {i: v for i in range(4)}}
     sim.hazards.append(Hazard(HazardKind.UNSAFE_OVERLAP, 3, "s3", 0, "s3 (main) writes ...; no event"))
     assert first_divergence(sim, real) == (0, 1, "coefficients: sim {'x': 1.0} vs real {'x': 2.0}")
-    sim.hazards[0].other_step = 1
+    sim.hazards[0].opaque_from = 1
     assert first_divergence(sim, real) is None
 
 
 def test_an_observed_race_is_never_called_not_provoked_nor_a_clean_agreement() -> None:
     sim, real = _pair()
     h = Hazard(HazardKind.UNSAFE_OVERLAP, 2, "s2", 0, "s2 (main) reads a buffer that step 1 s1 (aux) writes",
-               other_step=1)
+               opaque_from=1)
     sim.hazards.append(h)
 
     class Base:
@@ -80,6 +85,16 @@ def test_an_observed_race_is_never_called_not_provoked_nor_a_clean_agreement() -
     seen = judge_race(TP_AUX, None, sim, Base, h, 10.0, lambda _m: None, cache)
     assert seen.verdict == Verdict.INCONCLUSIVE and seen.reason.startswith(OBSERVED_PREFIX)
     assert "not provoked" not in seen.reason and "stand-in" in seen.reason
+
+
+def test_an_over_counted_input_makes_its_non_linear_consumers_values_opaque() -> None:
+    from sim import simulate
+
+    trace = simulate(DP_ATTN, f"{RUNNERS}:GatherPartialOfReplicated")
+    doubled = [h for h in trace.hazards if h.kind == HazardKind.DOUBLE_REDUCTION]
+    assert doubled and all(h.opaque_from is not None and h.opaque_from > h.step for h in doubled)
+    for h in doubled:  # from the consumer the detail names on
+        assert trace.steps[h.rank][h.opaque_from].op == "router" and f"at step {h.opaque_from}" in h.detail
 
 
 # ---------------------------------------------------------------- real ranks
@@ -97,6 +112,12 @@ def test_a_lost_join_is_observed_at_the_predicted_step_and_not_headlined_agree()
     assert all(v.reason.startswith(OBSERVED_PREFIX) for v in races if (v.rank, v.step) in observed)
     line = agreement_line(result)
     assert "observed the predicted race" in line.plain and line.style != "green"
+
+
+@pytest.mark.slow
+def test_an_over_counted_input_is_a_confirmed_prediction_not_a_divergence() -> None:
+    result = check(DP_ATTN, f"{RUNNERS}:GatherPartialOfReplicated", timeout_s=60)
+    assert result.divergence is None and result.confirmed_as_predicted
 
 
 @pytest.mark.slow

@@ -119,7 +119,8 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
     # From a predicted wrong input or race on, the sim's values name the usual
     # sources for what is not a combination of them (or depends on the
     # schedule): compare ops, shapes and errors only.
-    opaque = min((_opaque_from(h) for h in sim.hazards if h.rank == r and h.kind in OPAQUE_FROM), default=None)
+    opaque = min((_opaque_from(h) for h in sim.hazards if h.rank == r and (h.kind in OPAQUE_FROM or h.opaque_from is not None)),
+                 default=None)
     for i, st in enumerate(ssteps):
         if i >= len(rsteps):
             if rsteps and not any(x.error for x in rsteps):
@@ -133,9 +134,12 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
 
 
 def _opaque_from(h: Hazard) -> int:
-    """The first step whose value a predicted hazard makes opaque: a race's
-    earlier access (a reader early in program order may run after the writer)."""
-    return h.step if h.other_step is None else min(h.step, h.other_step)
+    """The first step whose value a predicted hazard makes opaque: its own, a
+    race's earlier access (a reader early in program order may run after the
+    writer), a wrong input's non-linear consumer."""
+    if h.opaque_from is None:
+        return h.step
+    return h.opaque_from if h.kind not in OPAQUE_FROM else min(h.step, h.opaque_from)
 
 
 def _predicted_failure(sim: Trace, lost: Hazard) -> bool:

@@ -136,6 +136,6 @@ HELD_READS = ("the CPU stream stand-in holds a read until its value exists, so n
 def observed_race(real: Trace, h: Hazard) -> Hazard | None:
     """The real run's record of a read that came before its value existed, at
     either access of the predicted race `h` on its rank, or None."""
-    steps = {h.step} if h.other_step is None else {h.step, h.other_step}
+    steps = {h.step} if h.opaque_from is None else {h.step, h.opaque_from}
     return next((o for o in real.hazards
                  if o.kind == h.kind and o.rank == h.rank and o.step in steps and o.caused_by is None), None)
