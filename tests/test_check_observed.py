@@ -5,6 +5,7 @@ values after it schedule-dependent."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,21 @@ def test_the_scale_hint_names_the_factor_or_its_inverse_only() -> None:
     assert "never applied" in scale_hint("output holds routed@ep0,ep1 coefficient 0.4, expected 1", 2.5)
     assert scale_hint("routed@tp0 coefficient 2, expected 1", 2.5) == ""  # a reduction count, not the factor
     assert scale_hint("routed@tp0 coefficient 2.5, expected 1", 1.0) == ""
+
+
+def test_an_output_no_fit_explains_shows_no_coefficients() -> None:
+    from rich.console import Console
+
+    from twin.check.report import outputs_table
+
+    def table(residual: float) -> str:
+        _sim, real = _pair()
+        fit = {"routed@tp0": 4.4, "shared@full": 4.5}
+        real.steps[0][-1].value, real.steps[0][-1].residual = dict(fit), residual
+        real.outputs[0] = fit
+        console = Console(width=120, file=io.StringIO())
+        console.print(outputs_table(real))
+        return console.file.getvalue()
+
+    assert "not a combination of the expected sources (fit residual 0.15)" in table(0.15)
+    assert "routed@tp0=4.4" in table(1e-9)  # an exact fit: its coefficients are the finding

@@ -111,11 +111,16 @@ def outputs_table(trace: Trace) -> RenderableType:
     component with one coefficient are folded into a range (routed@ep0..ep63=1)."""
     groups: dict[tuple, list[int]] = {}
     for r, coeffs in sorted(trace.outputs.items()):
-        groups.setdefault(tuple(sorted(coeffs.items())), []).append(r)
+        groups.setdefault((tuple(sorted(coeffs.items())), unexplained(trace, r)), []).append(r)
     t = Table(title="output coefficients (1 = once, 0 = missing)", title_justify="left")
     t.add_column("ranks")
     t.add_column("sources")
-    for coeffs, ranks in groups.items():
+    for (coeffs, residual), ranks in groups.items():
+        if residual is not None:  # a least-squares fit of what is no combination of them: meaningless numbers
+            t.add_row(",".join(map(str, ranks)), Text(
+                f"not a combination of the expected sources (fit residual {residual:.2g}): no coefficients",
+                style="bold red"))
+            continue
         parts = Text("no rows (an idle DP rank)" if not coeffs else "")
         for i, (label, c) in enumerate(fold_sources(dict(coeffs))):
             if i:
@@ -126,6 +131,18 @@ def outputs_table(trace: Trace) -> RenderableType:
     if not groups:
         t.add_row("-", "no fitted coefficients (no output, or no prediction to fit against)")
     return t
+
+
+def unexplained(trace: Trace, rank: int) -> float | None:
+    """The residual of a real rank's output fit when it explains nothing
+    (the output is no combination of the sources), else None."""
+    from twin.check.verdicts import RESIDUAL_OK
+
+    fit = trace.outputs.get(rank)
+    for st in reversed(trace.steps.get(rank, [])):
+        if st.value is not None and st.value == fit:
+            return st.residual if st.residual is not None and st.residual > RESIDUAL_OK else None
+    return None
 
 
 _LABEL = re.compile(r"^([^@\[]+)(?:@([A-Za-z]*)(\d*))?(\[tokens [^\]]+\])?$")
