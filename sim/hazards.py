@@ -38,11 +38,15 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
     side = {key for key in sim.side_buffers if rank_ops[key[0]].plans[0].vc is not None}
     if not side:
         return []
+    # Buffer numbers are global: the (rank, buffer) key is built only for
+    # accesses to a side buffer of some rank.
+    side_bufs = {buf for _, buf in side}
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
     for acc in sim.accesses:
-        key = (acc[0], acc[2])
-        if key in side:
-            by_buf[key].append(acc)
+        if acc[2] in side_bufs:
+            key = (acc[0], acc[2])
+            if key in side:
+                by_buf[key].append(acc)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
     for (rank, _buf), accs in by_buf.items():

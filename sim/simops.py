@@ -222,21 +222,34 @@ class SimOps(SimComm, SimCompute, Ops):
         """Vector clocks per step (happens-before across this rank's streams),
         computed after the program phase and only for ranks that used more
         than one stream: with one stream everything is ordered."""
-        if len({st.stream for st in self.steps}) < 2:
+        plans = self.plans
+        if not plans:
+            return
+        first = plans[0].step.stream
+        for pl in plans:
+            if pl.step.stream != first:
+                break
+        else:
             return
         vcs: dict[str, dict[str, int]] = {}
         ev_vc: dict[int, dict[str, int]] = {}
-        for pl in self.plans:
-            st = pl.step
-            cur = vcs.setdefault(st.stream, {})
-            cur[st.stream] = cur.get(st.stream, 0) + 1
-            for w in pl.waits:
-                for s, c in ev_vc.get(w, {}).items():
-                    if cur.get(s, 0) < c:
-                        cur[s] = c
-            pl.vc = dict(cur)
+        for pl in plans:
+            s = pl.step.stream
+            cur = vcs.get(s)
+            if cur is None:
+                cur = vcs[s] = {s: 1}
+            else:
+                cur[s] += 1
+            if pl.waits:
+                for w in pl.waits:
+                    at = ev_vc.get(w)
+                    if at:
+                        for s2, c in at.items():
+                            if cur.get(s2, 0) < c:
+                                cur[s2] = c
+            vc = pl.vc = cur.copy()
             if pl.record is not None:
-                ev_vc[pl.record] = pl.vc
+                ev_vc[pl.record] = vc
 
     def lifecycle(self, phase: str) -> None:
         self._step("lifecycle", phase, LIFECYCLE)
