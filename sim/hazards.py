@@ -132,11 +132,21 @@ def detect_missing_stream(sim) -> list[Hazard]:  # noqa: ANN001
 
 def overlap_us(steps: list[Step]) -> float:
     """Time during which shared-expert work and routed work run at once."""
-    shared = [(st.start, st.end) for st in steps if st.component == "shared" and st.end > st.start]
-    routed = [(st.start, st.end) for st in steps if st.component == "routed" and st.end > st.start]
+    shared: list[tuple[float, float]] = []
+    routed: list[tuple[float, float]] = []
+    for st in steps:  # one pass: most steps belong to neither component
+        c = st.component
+        if c is not None and st.end > st.start:
+            if c == "shared":
+                shared.append((st.start, st.end))
+            elif c == "routed":
+                routed.append((st.start, st.end))
+    if not shared or not routed:
+        return 0.0
     total = 0.0
+    merged_routed = _merge(routed)
     for a0, a1 in _merge(shared):
-        for b0, b1 in _merge(routed):
+        for b0, b1 in merged_routed:
             total += max(0.0, min(a1, b1) - max(a0, b0))
     return total
 
