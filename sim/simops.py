@@ -52,6 +52,25 @@ def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
     return a.same_rows(b)
 
 
+class _OnStream:
+    """`with ops.stream(name):` as a plain context manager (Ops.stream's
+    generator-based one costs several calls per use, twice per rank)."""
+
+    __slots__ = ("ops", "name", "previous")
+
+    def __init__(self, ops: SimOps, name: str) -> None:
+        self.ops = ops
+        self.name = name
+
+    def __enter__(self) -> None:
+        ops = self.ops
+        self.previous = ops.current_stream
+        ops.current_stream = self.name
+
+    def __exit__(self, *exc: object) -> None:
+        self.ops.current_stream = self.previous
+
+
 class SimOps(SimComm, SimCompute, Ops):
     """One rank's Ops in the simulator."""
 
@@ -194,7 +213,7 @@ class SimOps(SimComm, SimCompute, Ops):
                 side.add((rank, buf))
         self.values[index] = value
         if not fresh:  # a fresh partial (one source, coefficient 1) cannot be wrong
-            self.sim.checks.value(self, st, value)
+            sim.checks.value(self, st, value)
         return out
 
     def _shape_error(self, st: Step, message: str) -> None:
@@ -203,6 +222,10 @@ class SimOps(SimComm, SimCompute, Ops):
         raise SimShapeError(f"{st.name}: {message}")
 
     # ---- streams, lifecycle, decisions ----
+
+    def stream(self, name: str) -> _OnStream:  # type: ignore[override]
+        """Issue the enclosed ops on stream `name` ("main", "aux", "comm")."""
+        return _OnStream(self, name)
 
     def record_event(self, name: str = "record_event") -> SimEvent:
         st = self._step("record_event", name, EVENT)
