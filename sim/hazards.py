@@ -116,10 +116,21 @@ def detect_missing_stream(sim) -> list[Hazard]:  # noqa: ANN001
     s, rules = sim.scenario, sim.runner_cls.engine_rules
     out = []
     order = sim.decisions.get("shared_experts_order", "?")
+    # Only the streams some rank used are asked about (each question is a
+    # read of the scenario, which verify's pruning keys on), each once.
+    available: dict[str, bool] = {}
     for ops in sim.rank_ops:
-        # Only the streams a rank used are asked about (each question is a
-        # read of the scenario, which verify's pruning keys on).
-        st = next((st for st in ops.steps if st.stream != "main" and not rules.stream_available(s, st.stream)), None)
+        st = None
+        for step in ops.steps:
+            stream = step.stream
+            if stream == "main":
+                continue
+            ok = available.get(stream)
+            if ok is None:
+                ok = available[stream] = rules.stream_available(s, stream)
+            if not ok:
+                st = step
+                break
         if st is not None:
             where = f"platform {s.runtime.platform}" + ("" if s.runtime.aux_stream else " without an aux stream")
             out.append(Hazard(
