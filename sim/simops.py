@@ -241,10 +241,16 @@ class SimOps(SimComm, SimCompute, Ops):
         st.waits = [event.id]
         self.plans[-1].waits = (event.id,)
 
-    def assign_clocks(self) -> None:
+    def assign_clocks(self, shared: dict[tuple, list[dict[str, int]]] | None = None) -> None:
         """Vector clocks per step (happens-before across this rank's streams),
         computed after the program phase and only for ranks that used more
-        than one stream: with one stream everything is ordered."""
+        than one stream: with one stream everything is ordered.
+
+        `shared`: clocks already computed for other ranks of this simulation,
+        by the plans' shape (each step's stream and, for a wait, the position
+        of the earlier step of this rank that recorded each event, -1 for
+        none): the clocks are a function of that shape alone, so ranks of
+        one shape share one set of (read-only) clock dicts."""
         plans = self.plans
         if not plans:
             return
@@ -254,6 +260,23 @@ class SimOps(SimComm, SimCompute, Ops):
                 break
         else:
             return
+        key = None
+        if shared is not None:
+            rec_pos: dict[int, int] = {}
+            shape: list = []
+            for i, pl in enumerate(plans):
+                if pl.waits:
+                    shape.append((pl.step.stream, tuple([rec_pos.get(w, -1) for w in pl.waits])))
+                else:
+                    shape.append(pl.step.stream)
+                if pl.record is not None:
+                    rec_pos[pl.record] = i
+            key = tuple(shape)
+            known = shared.get(key)
+            if known is not None:
+                for pl, vc in zip(plans, known):
+                    pl.vc = vc
+                return
         vcs: dict[str, dict[str, int]] = {}
         ev_vc: dict[int, dict[str, int]] = {}
         for pl in plans:
@@ -273,6 +296,8 @@ class SimOps(SimComm, SimCompute, Ops):
             vc = pl.vc = cur.copy()
             if pl.record is not None:
                 ev_vc[pl.record] = vc
+        if key is not None:
+            shared[key] = [pl.vc for pl in plans]  # type: ignore[index]
 
     def lifecycle(self, phase: str) -> None:
         self._step("lifecycle", phase, LIFECYCLE)
