@@ -134,7 +134,10 @@ def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...]
              world: int = 1, budget: Budget | None = None) -> None:
     """Called by an interpreter before it records step number `n_steps` of a
     rank; `budget`: the one taken when the program started (default: now's)."""
-    max_ops, deadline = (budget.max_ops, budget.deadline) if budget is not None else (_limits.max_ops, _deadline)
+    if budget is not None:
+        max_ops, deadline = budget.max_ops, budget.deadline
+    else:
+        max_ops, deadline = _limits.max_ops, _deadline
     if n_steps >= max_ops:
         raise BudgetExceeded("op budget", f"--max-ops {max_ops}", f"{n_steps} ops on this rank")
     if deadline is not None and time.monotonic() > deadline:
@@ -142,11 +145,12 @@ def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...]
     if ins:
         cap = VALUE_BLOCKS_BASE + VALUE_BLOCKS_PER_RANK * (world if world > 1 else 1)
         for t in ins:
-            v = getattr(t, "value", None)
-            n = getattr(v, "n_blocks", None)  # the simulator's values count blocks without building them
+            try:  # the simulator's values count blocks without building them
+                n = t.value.n_blocks
+            except AttributeError:
+                n = None
             if n is None:
-                blocks = getattr(v, "blocks", None)
-                n = len(blocks) if blocks is not None else None
+                n = _block_count(t)
             if n is not None and n > cap:
                 raise BudgetExceeded("value size cap", f"{cap} row blocks per value at {world} rank(s)",
                                      f"an input holds {n} row blocks")
@@ -165,6 +169,16 @@ def check_op(n_steps: int, ins: tuple[Any, ...] = (), out_shape: tuple[int, ...]
         if n > MAX_ELEMENTS:
             raise BudgetExceeded("value size cap", f"{MAX_ELEMENTS} elements per tensor",
                                  f"shape {list(out_shape)}")
+
+
+def _block_count(t: Any) -> int | None:
+    """The row blocks of an input without a simulated value's count (None: unknown)."""
+    v = getattr(t, "value", None)
+    n = getattr(v, "n_blocks", None)
+    if n is None:
+        blocks = getattr(v, "blocks", None)
+        n = len(blocks) if blocks is not None else None
+    return n
 
 
 def _timeout() -> BudgetExceeded:

@@ -426,8 +426,9 @@ class Simulation:
         walking them must not count against the runner's wall clock (past it,
         the guard's watchdog ends the process)."""
         self.checks.finish()
+        shared_clocks: dict[tuple, list[dict[str, int]]] = {}
         for ops in self.rank_ops:
-            ops.assign_clocks()
+            ops.assign_clocks(shared_clocks)
 
     def _report_hangs(self) -> None:
         """Ranks still blocked in a collective: hang."""

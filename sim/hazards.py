@@ -38,11 +38,15 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
     side = {key for key in sim.side_buffers if rank_ops[key[0]].plans[0].vc is not None}
     if not side:
         return []
+    # Buffer numbers are global: the (rank, buffer) key is built only for
+    # accesses to a side buffer of some rank.
+    side_bufs = {buf for _, buf in side}
     by_buf: dict[tuple[int, int], list] = defaultdict(list)
     for acc in sim.accesses:
-        key = (acc[0], acc[2])
-        if key in side:
-            by_buf[key].append(acc)
+        if acc[2] in side_bufs:
+            key = (acc[0], acc[2])
+            if key in side:
+                by_buf[key].append(acc)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
     for (rank, _buf), accs in by_buf.items():
@@ -113,10 +117,21 @@ def detect_missing_stream(sim) -> list[Hazard]:  # noqa: ANN001
     s, rules = sim.scenario, sim.runner_cls.engine_rules
     out = []
     order = sim.decisions.get("shared_experts_order", "?")
+    # Only the streams some rank used are asked about (each question is a
+    # read of the scenario, which verify's pruning keys on), each once.
+    available: dict[str, bool] = {}
     for ops in sim.rank_ops:
-        # Only the streams a rank used are asked about (each question is a
-        # read of the scenario, which verify's pruning keys on).
-        st = next((st for st in ops.steps if st.stream != "main" and not rules.stream_available(s, st.stream)), None)
+        st = None
+        for step in ops.steps:
+            stream = step.stream
+            if stream == "main":
+                continue
+            ok = available.get(stream)
+            if ok is None:
+                ok = available[stream] = rules.stream_available(s, stream)
+            if not ok:
+                st = step
+                break
         if st is not None:
             where = f"platform {s.runtime.platform}" + ("" if s.runtime.aux_stream else " without an aux stream")
             out.append(Hazard(
@@ -129,11 +144,21 @@ def detect_missing_stream(sim) -> list[Hazard]:  # noqa: ANN001
 
 def overlap_us(steps: list[Step]) -> float:
     """Time during which shared-expert work and routed work run at once."""
-    shared = [(st.start, st.end) for st in steps if st.component == "shared" and st.end > st.start]
-    routed = [(st.start, st.end) for st in steps if st.component == "routed" and st.end > st.start]
+    shared: list[tuple[float, float]] = []
+    routed: list[tuple[float, float]] = []
+    for st in steps:  # one pass: most steps belong to neither component
+        c = st.component
+        if c is not None and st.end > st.start:
+            if c == "shared":
+                shared.append((st.start, st.end))
+            elif c == "routed":
+                routed.append((st.start, st.end))
+    if not shared or not routed:
+        return 0.0
     total = 0.0
+    merged_routed = _merge(routed)
     for a0, a1 in _merge(shared):
-        for b0, b1 in _merge(routed):
+        for b0, b1 in merged_routed:
             total += max(0.0, min(a1, b1) - max(a0, b0))
     return total
 

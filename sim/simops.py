@@ -52,6 +52,25 @@ def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
     return a.same_rows(b)
 
 
+class _OnStream:
+    """`with ops.stream(name):` as a plain context manager (Ops.stream's
+    generator-based one costs several calls per use, twice per rank)."""
+
+    __slots__ = ("ops", "name", "previous")
+
+    def __init__(self, ops: SimOps, name: str) -> None:
+        self.ops = ops
+        self.name = name
+
+    def __enter__(self) -> None:
+        ops = self.ops
+        self.previous = ops.current_stream
+        ops.current_stream = self.name
+
+    def __exit__(self, *exc: object) -> None:
+        self.ops.current_stream = self.previous
+
+
 class SimOps(SimComm, SimCompute, Ops):
     """One rank's Ops in the simulator."""
 
@@ -194,7 +213,7 @@ class SimOps(SimComm, SimCompute, Ops):
                 side.add((rank, buf))
         self.values[index] = value
         if not fresh:  # a fresh partial (one source, coefficient 1) cannot be wrong
-            self.sim.checks.value(self, st, value)
+            sim.checks.value(self, st, value)
         return out
 
     def _shape_error(self, st: Step, message: str) -> None:
@@ -203,6 +222,10 @@ class SimOps(SimComm, SimCompute, Ops):
         raise SimShapeError(f"{st.name}: {message}")
 
     # ---- streams, lifecycle, decisions ----
+
+    def stream(self, name: str) -> _OnStream:  # type: ignore[override]
+        """Issue the enclosed ops on stream `name` ("main", "aux", "comm")."""
+        return _OnStream(self, name)
 
     def record_event(self, name: str = "record_event") -> SimEvent:
         st = self._step("record_event", name, EVENT)
@@ -218,25 +241,63 @@ class SimOps(SimComm, SimCompute, Ops):
         st.waits = [event.id]
         self.plans[-1].waits = (event.id,)
 
-    def assign_clocks(self) -> None:
+    def assign_clocks(self, shared: dict[tuple, list[dict[str, int]]] | None = None) -> None:
         """Vector clocks per step (happens-before across this rank's streams),
         computed after the program phase and only for ranks that used more
-        than one stream: with one stream everything is ordered."""
-        if len({st.stream for st in self.steps}) < 2:
+        than one stream: with one stream everything is ordered.
+
+        `shared`: clocks already computed for other ranks of this simulation,
+        by the plans' shape (each step's stream and, for a wait, the position
+        of the earlier step of this rank that recorded each event, -1 for
+        none): the clocks are a function of that shape alone, so ranks of
+        one shape share one set of (read-only) clock dicts."""
+        plans = self.plans
+        if not plans:
             return
+        first = plans[0].step.stream
+        for pl in plans:
+            if pl.step.stream != first:
+                break
+        else:
+            return
+        key = None
+        if shared is not None:
+            rec_pos: dict[int, int] = {}
+            shape: list = []
+            for i, pl in enumerate(plans):
+                if pl.waits:
+                    shape.append((pl.step.stream, tuple([rec_pos.get(w, -1) for w in pl.waits])))
+                else:
+                    shape.append(pl.step.stream)
+                if pl.record is not None:
+                    rec_pos[pl.record] = i
+            key = tuple(shape)
+            known = shared.get(key)
+            if known is not None:
+                for pl, vc in zip(plans, known):
+                    pl.vc = vc
+                return
         vcs: dict[str, dict[str, int]] = {}
         ev_vc: dict[int, dict[str, int]] = {}
-        for pl in self.plans:
-            st = pl.step
-            cur = vcs.setdefault(st.stream, {})
-            cur[st.stream] = cur.get(st.stream, 0) + 1
-            for w in pl.waits:
-                for s, c in ev_vc.get(w, {}).items():
-                    if cur.get(s, 0) < c:
-                        cur[s] = c
-            pl.vc = dict(cur)
+        for pl in plans:
+            s = pl.step.stream
+            cur = vcs.get(s)
+            if cur is None:
+                cur = vcs[s] = {s: 1}
+            else:
+                cur[s] += 1
+            if pl.waits:
+                for w in pl.waits:
+                    at = ev_vc.get(w)
+                    if at:
+                        for s2, c in at.items():
+                            if cur.get(s2, 0) < c:
+                                cur[s2] = c
+            vc = pl.vc = cur.copy()
             if pl.record is not None:
-                ev_vc[pl.record] = pl.vc
+                ev_vc[pl.record] = vc
+        if key is not None:
+            shared[key] = [pl.vc for pl in plans]  # type: ignore[index]
 
     def lifecycle(self, phase: str) -> None:
         self._step("lifecycle", phase, LIFECYCLE)

@@ -57,33 +57,36 @@ def timing_phase(sim: Simulation) -> float:
     ready: deque[Generator] = deque()
     latest: list[float] = [0]  # the latest time any replay reached (SimPy's clock at the end)
 
-    def meeting(rank: int, index: int, pl: Plan) -> _Meeting:
-        if cls is None:
-            key, count = pl.coll, len(pl.coll[0])  # type: ignore[index]
-        else:
-            key, count = cls.rendezvous[(rank, index)]
-        m = meetings.get(key)
-        if m is None:
-            m = meetings[key] = _Meeting(count)
-        return m
+    rendezvous = cls.rendezvous if cls is not None else None
 
-    def proc(rank: int, plans: list[tuple[int, Plan]]) -> Generator:
+    def proc(rank: int, plans: list[Plan]) -> Generator:
         # An int 0 like SimPy's clock: a step at time 0 reads 0, not 0.0.
         t: float = 0
-        for n, (index, pl) in enumerate(plans):
-            if gap and n:
+        first = True
+        for pl in plans:
+            if first:
+                first = False
+            elif gap:
                 t = t + gap
                 if t > latest[0]:  # SimPy's clock reaches it even if the step then blocks for ever
                     latest[0] = t
-            for w in pl.waits:
-                at = ev_time.get(w)
-                if at is None:
-                    yield ev_waiting.setdefault(w, [])
-                    at = ev_time[w]
-                if at > t:
-                    t = at
-            if pl.coll is not None:
-                m = meeting(rank, index, pl)
+            if pl.waits:
+                for w in pl.waits:
+                    at = ev_time.get(w)
+                    if at is None:
+                        yield ev_waiting.setdefault(w, [])
+                        at = ev_time[w]
+                    if at > t:
+                        t = at
+            coll = pl.coll
+            if coll is not None:
+                if rendezvous is None:
+                    key, count = coll, len(coll[0])
+                else:
+                    key, count = rendezvous[(rank, pl.step.index)]
+                m = meetings.get(key)
+                if m is None:
+                    m = meetings[key] = _Meeting(count)
                 m.arrived += 1
                 if m.arrived == 1 or t > m.latest:
                     m.latest = t
@@ -96,7 +99,8 @@ def timing_phase(sim: Simulation) -> float:
             start = t
             if pl.dur > 0:
                 t = start + pl.dur
-            pl.step.start, pl.step.end = start, t
+            st = pl.step
+            st.start, st.end = start, t
             if t > latest[0]:
                 latest[0] = t
             if pl.record is not None:
@@ -107,10 +111,21 @@ def timing_phase(sim: Simulation) -> float:
 
     replayed = range(len(sim.rank_ops)) if cls is None else cls.reps
     for r in replayed:
-        by_stream: dict[str, list[tuple[int, Plan]]] = {}
-        for i, pl in enumerate(sim.rank_ops[r].plans):
-            by_stream.setdefault(pl.step.stream, []).append((i, pl))
-        ready.extend(proc(r, plans) for plans in by_stream.values())
+        plans = sim.rank_ops[r].plans
+        if not plans:
+            continue
+        if plans[0].vc is None:  # one stream (sim.simops.SimOps.assign_clocks): one replay of the list itself
+            ready.append(proc(r, plans))
+            continue
+        by_stream: dict[str, list[Plan]] = {}
+        for pl in plans:
+            s = pl.step.stream
+            lst = by_stream.get(s)
+            if lst is None:
+                by_stream[s] = [pl]
+            else:
+                lst.append(pl)
+        ready.extend(proc(r, lst) for lst in by_stream.values())
     while ready:
         g = ready.popleft()
         blocked_on = next(g, None)
