@@ -119,8 +119,10 @@ class ComputeOps:
 
     def experts(
         self, x: RealTensor, routing_h: RealTensor, inplace: bool = False, name: str = "routed_experts",
-        fused_shared: float = 0.0,
+        fused_shared: float = 0.0, valid_rows: int | None = None,
     ) -> RealTensor:
+        if valid_rows is not None and (isinstance(valid_rows, bool) or not isinstance(valid_rows, int) or valid_rows < 0):
+            raise OpsUsageError(f"{name}: valid_rows must be a row count, got {valid_rows!r}")
         w13, w2, offset = self._local_weights()
         slot = self._fused_shared_slot(name, fused_shared)
         width = self.scenario.kernel_width
@@ -142,6 +144,12 @@ class ComputeOps:
                 y = y[..., :out_width].contiguous()
             if slot is not None:
                 y = y + slot(v, y.shape[-1])
+            if valid_rows is not None and valid_rows > y.shape[0]:
+                raise OpsUsageError(f"{name}: valid_rows {valid_rows} is not within the input's {y.shape[0]} rows")
+            if valid_rows is not None and valid_rows < y.shape[0]:
+                # Rows past the token count: the engine's kernel skips them (zero
+                # output); computed and then zeroed here, the same values.
+                y = torch.cat([y[:valid_rows], y.new_zeros((y.shape[0] - valid_rows, *y.shape[1:]))])
             if inplace:
                 # The fused kernel writes into its input buffer (the leading
                 # columns of it when it writes unpadded).

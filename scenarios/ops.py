@@ -145,9 +145,14 @@ class Ops(ABC):
     @abstractmethod
     def experts(
         self, x: Any, routing: Any, inplace: bool = False, name: str = "routed_experts", fused_shared: float = 0.0,
+        valid_rows: int | None = None,
     ) -> Any:
         """This rank's routed experts (fused kernel): a partial routed output.
         `inplace` writes the result into x's buffer, as fused kernels can.
+
+        `valid_rows`: the kernel is told how many leading rows are tokens (an
+        engine's non-padded token count): it computes those only, and the
+        rows after them come out zero. None: every row is a token.
 
         `fused_shared` > 0: the shared expert is one more expert slot of the
         kernel (shared-experts fusion), every token routed to it with this

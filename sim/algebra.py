@@ -171,6 +171,13 @@ def split_rows(v: Value, start: int, end: int) -> Value:
     return Value(tuple(out), v.scale)
 
 
+def zero_rows_from(v: Value, n: int) -> Value:
+    """v with every row from `n` on zero (no terms): a kernel told that only
+    the first n rows are tokens."""
+    head, tail = split_rows(v, 0, n), split_rows(v, n, v.rows)
+    return Value(head.blocks + tuple(Block(b.key, b.rows, ()) for b in tail.blocks), v.scale)
+
+
 def _boundaries(v: Value) -> list[int]:
     return v.starts()[1:]
 

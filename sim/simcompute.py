@@ -104,9 +104,11 @@ class SimCompute:
 
     def experts(
         self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts",
-        fused_shared: float = 0.0,
+        fused_shared: float = 0.0, valid_rows: int | None = None,
     ) -> SimTensor:
         x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
+        if valid_rows is not None and not 0 <= self._int(valid_rows, name, "valid_rows") <= x.shape[0]:
+            raise self._misuse(name, f"valid_rows {valid_rows} is not within the input's {x.shape[0]} rows")
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
         shared_shard = self._fused_shared_shard(name, fused_shared)
         if m.quantized_input:
@@ -128,6 +130,8 @@ class SimCompute:
         if shared_shard is not None:
             slot = algebra.scale(algebra.relabel(x.value, "shared", shared_shard), float(fused_shared))
             value = algebra.add([value, slot])
+        if valid_rows is not None and valid_rows < x.shape[0]:
+            value = algebra.zero_rows_from(value, valid_rows)
         if not inplace:
             return self._new(st, shape, value, (x, routing_h), fresh=True)
         # The fused kernel writes into x's buffer: a new version of it.

@@ -47,3 +47,31 @@ class GatherPartialOfReplicated(SGLangRunner):
             x = ops.all_reduce(x, "tp", name="attn_tp_sum_again")
             return ops.dp_gather(x, name="dp_gather", padded=self.dp_max_len())
         return super().prepare_mlp(ops, x)
+
+
+class MasksGatheredRowsWithLocalCount(SGLangRunner):
+    """Under DP attention the experts run on every DP rank's gathered rows,
+    but the kernel is told this rank's own token count as the number of
+    valid rows: the other DP ranks' rows come out without routed output."""
+
+    def routed_path(self, ops: Ops, x: Any, routing: Any, order: Any, shared_inside: Any) -> tuple[Any, Any]:
+        if not self.mlp_scattered() and self.dp_attention():
+            d, _ = self.scenario.coords(ops.rank)
+            return ops.experts(x, routing, inplace=self.routed_inplace(order), fused_shared=self.fused_shared_weight(),
+                               valid_rows=self.scenario.dp_tokens(d)), None
+        return super().routed_path(ops, x, routing, order, shared_inside)
+
+
+class MasksGatheredRowsWithTheirCount(MasksGatheredRowsWithLocalCount):
+    """The same call told the gathered buffer's own row count: nothing masked."""
+
+    def routed_path(self, ops: Ops, x: Any, routing: Any, order: Any, shared_inside: Any) -> tuple[Any, Any]:
+        if not self.mlp_scattered() and self.dp_attention():
+            return ops.experts(x, routing, inplace=self.routed_inplace(order), fused_shared=self.fused_shared_weight(),
+                               valid_rows=x.shape[0]), None
+        return super().routed_path(ops, x, routing, order, shared_inside)
+
+
+class MasksPastItsRows(MasksGatheredRowsWithLocalCount):
+    def routed_path(self, ops: Ops, x: Any, routing: Any, order: Any, shared_inside: Any) -> tuple[Any, Any]:
+        return ops.experts(x, routing, valid_rows=x.shape[0] + 1), None

@@ -194,3 +194,47 @@ def test_an_output_no_fit_explains_shows_no_coefficients() -> None:
 
     assert "not a combination of the expected sources (fit residual 0.15)" in table(0.15)
     assert "routed@tp0=4.4" in table(1e-9)  # an exact fit: its coefficients are the finding
+
+
+# ---------------------------------------------------------------- a kernel told how many rows are tokens
+
+
+def test_valid_rows_zero_the_rows_after_them_and_keep_the_tokens() -> None:
+    from sim import algebra
+
+    v = algebra.concat([algebra.leaf("d0", 4, "routed", "tp0"), algebra.leaf("d1", 3, "routed", "tp0")])
+    z = algebra.zero_rows_from(v, 5)
+    assert z.rows == 7 and [b.rows for b in z.blocks] == [4, 1, 2]
+    assert [bool(b.terms) for b in z.blocks] == [True, True, False]
+    assert [b.key for b in z.blocks] == ["d0", "d1[0:1]", "d1[1:3]"]  # the rows are still those tokens
+
+
+@pytest.mark.parametrize("runner,missing", [("MasksGatheredRowsWithLocalCount", True),
+                                            ("MasksGatheredRowsWithTheirCount", False)])
+def test_masking_gathered_rows_with_the_local_count_drops_the_other_dp_ranks(runner: str, missing: bool) -> None:
+    from sim import simulate
+
+    trace = simulate(DP_ATTN, f"{RUNNERS}:{runner}")
+    kinds = {(h.kind, h.rank) for h in trace.hazards}
+    assert kinds == ({(HazardKind.MISSING_REDUCTION, r) for r in range(4)} if missing else set())
+
+
+def test_valid_rows_past_the_input_is_a_usage_error() -> None:
+    from sim import simulate
+    from sim.errors import RunnerUsageError
+
+    with pytest.raises(RunnerUsageError, match="valid_rows 5 is not within the input's 4 rows"):
+        simulate(DP_ATTN.with_(**{"parallel.dp": 1, "workload.tokens": 4}), f"{RUNNERS}:MasksPastItsRows")
+
+
+@pytest.mark.slow
+def test_masking_gathered_rows_with_the_local_count_is_confirmed_on_real_ranks() -> None:
+    result = check(DP_ATTN, f"{RUNNERS}:MasksGatheredRowsWithLocalCount", timeout_s=60)
+    assert result.divergence is None and result.confirmed_as_predicted
+    assert {v.verdict for v in result.verdicts} == {Verdict.CONFIRMED}
+
+
+@pytest.mark.slow
+def test_a_kernel_told_every_row_agrees_on_real_ranks() -> None:
+    result = check(DP_ATTN, f"{RUNNERS}:MasksGatheredRowsWithTheirCount", timeout_s=60)
+    assert result.agree and not result.sim.hazards and not result.real.hazards
