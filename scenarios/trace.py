@@ -113,6 +113,9 @@ class Hazard:
     # (values depend on the schedule), the non-linear consumer of an over- or
     # under-counted input. Real runs are compared by op and shape only from there.
     opaque_from: int | None = None
+    # Simulator only: the ops that took the wrong value as their input (None:
+    # not recorded, e.g. a wrong layer output), filled in as they take it.
+    consumers: list[str] | None = None
 
     def __str__(self) -> str:
         text = f"{self.kind.value} at step {self.step} {self.step_name} (rank {self.rank}): {self.detail}"

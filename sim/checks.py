@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from scenarios import layout
@@ -54,6 +54,7 @@ class Crossing:
     step: Step
     detail: str
     reported: bool = False
+    consumers: list[str] = field(default_factory=list)  # ops fed the over-counted value, in order
 
 
 class Checks:
@@ -144,11 +145,13 @@ class Checks:
             label = algebra.group_label(comp, shards)
             mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}")
 
-    def _reduction(self, kind: HazardKind, ops: SimOps, st: Step, detail: str, opaque_from: int | None = None) -> None:
+    def _reduction(self, kind: HazardKind, ops: SimOps, st: Step, detail: str, opaque_from: int | None = None,
+                   consumers: list[str] | None = None) -> None:
         """A DOUBLE/MISSING_REDUCTION; its detail also names the routed scaling
         factor when a wrong coefficient is a power of it (a scale applied twice
         or never over-counts exactly like a reduction)."""
-        self.sim.add_hazard(kind, ops.rank, st, detail + scale_hint(detail, self.rsf), opaque_from=opaque_from)
+        h = self.sim.add_hazard(kind, ops.rank, st, detail + scale_hint(detail, self.rsf), opaque_from=opaque_from)
+        h.consumers = consumers
 
     def non_finite(self, ops: SimOps, st: Step, what: str) -> None:
         # No st.error: nothing raises here (torch computes NaN and goes on), so
@@ -174,11 +177,13 @@ class Checks:
             if cr is None:  # over-counted without a recorded crossing: blame the consumer
                 cr = mine[comp] = Crossing(where, fallback)
             cr.reported = True
-            by_step.setdefault(cr.step.index, (cr.step, []))[1].append(cr.detail)
-        for _i, (st, details) in sorted(by_step.items()):
+            by_step.setdefault(cr.step.index, (cr.step, []))[1].append(cr)
+        for _i, (st, crossed) in sorted(by_step.items()):
+            # One component: its consumers list, shared, so later consumers show too.
+            consumers = crossed[0].consumers if len(crossed) == 1 else None
             self._reduction(HazardKind.DOUBLE_REDUCTION, ops, st,
-                            " and ".join(dict.fromkeys(details)) + ", expected 1" + note,
-                            where.index if consumed else None)
+                            " and ".join(dict.fromkeys(cr.detail for cr in crossed)) + ", expected 1" + note,
+                            where.index if consumed else None, consumers)
 
     # ---- consumers ----
 
@@ -193,7 +198,8 @@ class Checks:
         others = {c for c in v.components() if c != want}
         expected = WANT[want] + (f" of rows {','.join(rows)}" if rows else "")
         if others or x.clobber_partial:
-            self._wrong_input(ops, st, f"{consumer} input is {algebra.summarize(v) or 'zero'}{clobber}; expected {expected}")
+            self._wrong_input(ops, st, f"{consumer} input is {algebra.summarize(v) or 'zero'}{clobber}; expected {expected}",
+                              consumer)
             return
         if any(src[2] is not None for b in v.blocks for src, _ in b.terms):
             return  # reported as a DOUBLE_REDUCTION where the tokens were mixed
@@ -201,13 +207,15 @@ class Checks:
         if any(algebra.above(c, 1.0) for c in coefs):
             self._report_crossings(ops, [want], st, f"{consumer} input {want} coefficient {max(coefs):g}",
                                    f" (fed to {consumer} at step {st.index})", consumed=True)
+            self.crossings[ops.rank][want].consumers.append(consumer)
         elif any(algebra.below(c, 1.0) for c in coefs) or any(not b.terms for b in v.blocks):
             if self._once((ops.rank, "missing", st.index)):
                 self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
-                                f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1", st.index)
+                                f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1", st.index,
+                                [consumer])
         elif rows is not None and v.keys() != rows:
             self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
-                                       f"expected {expected} (the tokens the model handed this rank's layer)")
+                                       f"expected {expected} (the tokens the model handed this rank's layer)", consumer)
 
     def _pure(self, v: algebra.Value, want: str) -> bool:
         """_pure, once per value (members of a gather consume one value)."""
@@ -224,9 +232,10 @@ class Checks:
         part = "partly " if x.clobber_partial else ""
         return f" (its buffer was {part}overwritten in place by step {w.index} {w.name})"
 
-    def _wrong_input(self, ops: SimOps, st: Step, detail: str) -> None:
+    def _wrong_input(self, ops: SimOps, st: Step, detail: str, consumer: str | None = None) -> None:
         if self._once((ops.rank, "wrong-input", st.index)):
-            self.sim.add_hazard(HazardKind.WRONG_INPUT, ops.rank, st, detail)
+            h = self.sim.add_hazard(HazardKind.WRONG_INPUT, ops.rank, st, detail)
+            h.consumers = [consumer] if consumer is not None else None
 
     def latent_up(self, ops: SimOps, st: Step, x: SimTensor, row_parallel: bool = False) -> None:
         v = x.value

@@ -75,3 +75,24 @@ class MasksGatheredRowsWithTheirCount(MasksGatheredRowsWithLocalCount):
 class MasksPastItsRows(MasksGatheredRowsWithLocalCount):
     def routed_path(self, ops: Ops, x: Any, routing: Any, order: Any, shared_inside: Any) -> tuple[Any, Any]:
         return ops.experts(x, routing, valid_rows=x.shape[0] + 1), None
+
+
+class _RouterOnReducedInput:
+    """An Ops that sums the router's input over TP first (it is whole already)."""
+
+    def __init__(self, ops: Ops) -> None:
+        self._ops = ops
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ops, name)
+
+    def router(self, x: Any, name: str = "router") -> Any:
+        return self._ops.router(self._ops.all_reduce(x, "tp", name="gate_input_all_reduce"), name=name)
+
+
+class RouterOnReducedInput(MoERunner):
+    """The gate's input is all-reduced over TP although every TP rank holds
+    the whole hidden states: the router sees twice the input (the experts do not)."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        return super().forward(_RouterOnReducedInput(ops), x)

@@ -238,3 +238,40 @@ def test_masking_gathered_rows_with_the_local_count_is_confirmed_on_real_ranks()
 def test_a_kernel_told_every_row_agrees_on_real_ranks() -> None:
     result = check(DP_ATTN, f"{RUNNERS}:MasksGatheredRowsWithTheirCount", timeout_s=60)
     assert result.agree and not result.sim.hazards and not result.real.hazards
+
+
+# ---------------------------------------------------------------- a wrong router input
+
+
+TP_PLAIN = TP_AUX.with_(**{"runtime.aux_stream": False})
+
+
+def test_a_wrong_value_records_who_took_it() -> None:
+    from sim import simulate
+
+    doubled = [h for h in simulate(TP_PLAIN, f"{RUNNERS}:RouterOnReducedInput").hazards]
+    assert doubled and all(h.kind == HazardKind.DOUBLE_REDUCTION and h.consumers == ["router"] for h in doubled)
+    both = [h for h in simulate(DP_ATTN, f"{RUNNERS}:GatherPartialOfReplicated").hazards
+            if h.kind == HazardKind.DOUBLE_REDUCTION]
+    assert both and all(h.consumers[0] == "router" and len(h.consumers) > 1 for h in both)
+
+
+@pytest.mark.parametrize("consumers,verdict", [(["router"], Verdict.INCONCLUSIVE),
+                                               (["router", "routed experts"], Verdict.REFUTED), (None, Verdict.REFUTED)])
+def test_a_correct_output_refutes_a_wrong_input_unless_only_the_router_took_it(consumers, verdict) -> None:  # noqa: ANN001
+    from twin.check.verdicts import judge_characterised, judge_reduction
+
+    sim, real = _pair()
+    h = Hazard(HazardKind.DOUBLE_REDUCTION, 1, "s1", 0, "x coefficient 2, expected 1 (fed to router at step 2)",
+               consumers=consumers)
+    assert judge_reduction(sim, real, h, 1.0).verdict == verdict
+    w = Hazard(HazardKind.WRONG_INPUT, 2, "s2", 0, "router input is ...", consumers=consumers)
+    assert judge_characterised(real, w).verdict == verdict
+
+
+@pytest.mark.slow
+def test_an_over_counted_router_input_is_inconclusive_on_real_ranks() -> None:
+    result = check(TP_PLAIN, f"{RUNNERS}:RouterOnReducedInput", timeout_s=60)
+    assert result.verdicts and all(v.verdict == Verdict.INCONCLUSIVE and "only the router" in v.reason
+                                   and v.reason.startswith("measured x=2") for v in result.verdicts)
+    assert result.agree

@@ -116,6 +116,8 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
     if out is None:  # no ground truth: a matching fit alone confirms nothing
         return _item(h, Verdict.INCONCLUSIVE, "the real output was not judged against the reference")
     if out.correct:
+        if router_only(h):
+            return _router_only_item(h, real, sim, routed_scale)
         return _item(h, Verdict.REFUTED, describe_correct(out))
     rt = real_step(real, h.rank, h.step)
     wrong = describe_wrong(out)
@@ -136,6 +138,30 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
                      f"{wrong}; measured {shown} at step {h.step} as predicted (residual {rt.residual or 0.0:.1e})")
     return _item(h, Verdict.REFUTED, f"{wrong}; but step {h.step} measured {shown}, predicted "
                  + ", ".join(f"{k}={v:g}" for k, v in sorted(pred.items())))
+
+
+ROUTER_ONLY = ("the wrong value reaches only the router, whose top-k both the simulator and the real ranks take "
+               "from the workload (the real router runs its gate GEMM for timing only): the routing an engine "
+               "would compute from it cannot show here")
+
+
+def router_only(h: Hazard) -> bool:
+    """The hazard's wrong value was fed to the router and to nothing else."""
+    return bool(h.consumers) and all(c == "router" for c in h.consumers)
+
+
+def _router_only_item(h: Hazard, real: Trace, sim: Trace, routed_scale: float) -> VerdictItem:
+    """A correct output after a wrong router input: INCONCLUSIVE when the
+    step measured what was predicted (the wrong value was there), else REFUTED."""
+    rt = real_step(real, h.rank, h.step)
+    if rt is not None and rt.value is not None:
+        pred = predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
+        shown = ", ".join(f"{k}={v:g}" for k, v in sorted(rt.value.items()))
+        if not (coeffs_match(pred, rt.value) and (rt.residual or 0.0) <= RESIDUAL_OK):
+            return _item(h, Verdict.REFUTED, f"step {h.step} measured {shown}, predicted "
+                         + ", ".join(f"{k}={v:g}" for k, v in sorted(pred.items())))
+        return _item(h, Verdict.INCONCLUSIVE, f"measured {shown} at step {h.step} as predicted; {ROUTER_ONLY}")
+    return _item(h, Verdict.INCONCLUSIVE, ROUTER_ONLY)
 
 
 def _accepted_error_kinds(h: Hazard, sim_step: Step | None) -> tuple[HazardKind, ...]:
@@ -173,6 +199,8 @@ def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
     if out is None:
         return _item(h, Verdict.INCONCLUSIVE, "the real output was not judged")
     if out.correct:
+        if router_only(h):
+            return _item(h, Verdict.INCONCLUSIVE, ROUTER_ONLY)
         return _item(h, Verdict.REFUTED, describe_correct(out))
     if characterised(out) == h.kind.value:
         return _item(h, Verdict.CONFIRMED, describe_wrong(out))
