@@ -64,8 +64,9 @@ class ComputeOps:
             # The gate GEMM runs for real (timing); the top-k choice comes from
             # the workload so that sim and real route identically.
             _logits = v @ self.weights.gate.to(v.device).t()
-            ids = torch.tensor([self.route[d][t if t >= 0 else 0][0] for d, t in tokens], dtype=torch.int64, device=v.device)
-            w = torch.tensor([self.route[d][t if t >= 0 else 0][1] for d, t in tokens], dtype=torch.float32, device=v.device)
+            routes = [self._route_of(d, t) for d, t in tokens]
+            ids = torch.tensor([r[0] for r in routes], dtype=torch.int64, device=v.device)
+            w = torch.tensor([r[1] for r in routes], dtype=torch.float32, device=v.device)
             if ids.shape[0] != v.shape[0]:
                 # The stand-in router cannot route rows the workload does not know.
                 raise OpsShapeError(f"{v.shape[0]} rows but the workload routes {ids.shape[0]} on this rank")
@@ -73,6 +74,15 @@ class ComputeOps:
 
         out = self._op("router", name, COMPUTE, (x,), fn)
         return out
+
+    def _route_of(self, d: int, t: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The workload's (ids, weights) of token t of DP rank d. A padding row
+        (t < 0) routes like its DP rank's first token, or, on an idle DP rank
+        (no token), like the first token of any: its values are zero, so its
+        expert outputs are zero whatever it routes to."""
+        if t >= 0:
+            return self.route[d][t]
+        return self.route[d][0] if self.route[d] else next(r[0] for r in self.route if r)
 
     def latent_down(self, x: RealTensor, name: str = "latent_down") -> RealTensor:
         if self.weights.down is None:

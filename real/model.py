@@ -162,8 +162,10 @@ class Reference:
         padding rows (tok < 0) are zero."""
         full = self.partials(component, shard, d, up)
         idx = torch.tensor(toks, dtype=torch.int64)
-        out = full[idx.clamp(min=0)]
-        out[idx < 0] = 0.0
+        out = full.new_zeros((len(toks), full.shape[1]))
+        real = idx >= 0
+        if bool(real.any()):  # an idle DP rank has padding rows only, and no token to index
+            out[real] = full[idx[real]]
         return out
 
     def partials(self, component: str, shard: str, d: int, up: bool = False) -> torch.Tensor:

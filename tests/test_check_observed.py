@@ -275,3 +275,12 @@ def test_an_over_counted_router_input_is_inconclusive_on_real_ranks() -> None:
     assert result.verdicts and all(v.verdict == Verdict.INCONCLUSIVE and "only the router" in v.reason
                                    and v.reason.startswith("measured x=2") for v in result.verdicts)
     assert result.agree
+
+
+@pytest.mark.slow
+def test_an_idle_dp_rank_under_max_len_padding_runs_on_real_ranks() -> None:
+    # Its padded block holds padding rows only: the real router routed them
+    # like "the rank's first token", which an idle rank does not have.
+    idle = DP_ATTN.with_(**{"workload.tokens": [3, 0]})
+    result = check(idle, "sglang", timeout_s=60)
+    assert result.agree and not result.real.hazards
