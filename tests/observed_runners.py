@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from scenarios.ops import Ops
+from scenarios.runner_base import Order
 from scenarios.runners import MoERunner
 from scenarios.sglang import SGLangRunner
 
@@ -96,3 +97,10 @@ class RouterOnReducedInput(MoERunner):
 
     def forward(self, ops: Ops, x: Any) -> Any:
         return super().forward(_RouterOnReducedInput(ops), x)
+
+
+class SGLangNeverOverlaps(SGLangRunner):
+    """SGLang's dual-stream shared experts switched off."""
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        return Order.NO_OVERLAP

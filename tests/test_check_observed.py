@@ -284,3 +284,25 @@ def test_an_idle_dp_rank_under_max_len_padding_runs_on_real_ranks() -> None:
     idle = DP_ATTN.with_(**{"workload.tokens": [3, 0]})
     result = check(idle, "sglang", timeout_s=60)
     assert result.agree and not result.real.hazards
+
+
+# ---------------------------------------------------------------- a lost overlap, against its own engine
+
+
+def test_a_lost_overlap_is_measured_against_the_runners_own_engine() -> None:
+    from twin.check.crosscheck import overlap_reference
+
+    assert overlap_reference(TP_AUX, "fixed") == "fixed"
+    assert overlap_reference(TP_AUX, "sglang") == "sglang"
+    assert overlap_reference(TP_AUX, "trtllm") == "trtllm"
+    assert overlap_reference(TP_AUX, f"{RUNNERS}:SGLangNeverOverlaps") == "sglang"
+    assert overlap_reference(TP_AUX, f"{RUNNERS}:NoJoinOnAux") == "fixed"
+
+
+@pytest.mark.slow
+def test_sglangs_lost_dual_stream_is_judged_against_sglangs_overlap() -> None:
+    s = TP_AUX.with_(**{"runtime.platform": "rocm", "parallel.version": "previous", "workload.tokens": 6,
+                        "workload.seed": 16})
+    result = check(s, f"{RUNNERS}:SGLangNeverOverlaps", timeout_s=60)
+    lost = [v for v in result.verdicts if v.kind == "LOST_OVERLAP"]
+    assert lost and all(" vs sglang " in v.reason for v in lost)

@@ -201,9 +201,10 @@ def _judge(result: CheckResult, runner: str | None, base: Any, h: Hazard, scale:
         return judge_characterised(real, h)
     if h.kind == HazardKind.LOST_OVERLAP:
         if result.fixed_overlap_us is None:
-            result.fixed_overlap_us = _fixed_overlap(scenario, result, timeout_s, say)
+            result.fixed_overlap_us = _fixed_overlap(scenario, result, overlap_reference(scenario, runner), timeout_s, say)
         assert result.fixed_real is not None
-        return judge_lost_overlap(real, h, result.fixed_overlap_us, result.fixed_real.latency_us, OVERLAP_TRIES)
+        return judge_lost_overlap(real, h, result.fixed_overlap_us, result.fixed_real.latency_us, OVERLAP_TRIES,
+                                  overlap_reference(scenario, runner))
     if h.kind == HazardKind.UNSAFE_OVERLAP:
         return judge_race(scenario, runner, sim, base, h, timeout_s, say, result.race_runs)
     if h.kind == HazardKind.REDUNDANT_COLLECTIVE:
@@ -235,8 +236,10 @@ def _without_run(result: CheckResult, runner: str | None, h: Hazard, timeout_s: 
     return result.whatif_runs[target]
 
 
-def _fixed_overlap(scenario: Scenario, result: CheckResult, timeout_s: float, say: Callable[[str], None]) -> dict[int, float]:
-    """Per rank, the best shared/routed overlap the fixed runner achieves on
+def _fixed_overlap(scenario: Scenario, result: CheckResult, reference: str, timeout_s: float,
+                   say: Callable[[str], None]) -> dict[int, float]:
+    """Per rank, the best shared/routed overlap the engine's correct runner
+    (`reference`; a `fixed_real` handed to check() is a run of fixed) achieves on
     real ranks. Whether two CPU threads overlap is at the mercy of the OS
     scheduler on an oversubscribed machine, so a run without overlap is
     retried (up to OVERLAP_TRIES runs); the claim checked is that the
@@ -244,16 +247,30 @@ def _fixed_overlap(scenario: Scenario, result: CheckResult, timeout_s: float, sa
     from real.runner import run_real
 
     best: dict[int, float] = {}
-    fixed_pred = simulate(scenario, "fixed")
+    ref_pred = simulate(scenario, reference)
     for attempt in range(OVERLAP_TRIES):
-        if result.fixed_real is None or attempt > 0:
-            say(f"{scenario.name}: real run of fixed (overlap reference {attempt + 1})")
-            result.fixed_real = run_real(scenario, "fixed", prediction=fixed_pred, timeout_s=timeout_s).trace
+        if result.fixed_real is None or attempt > 0 or reference != "fixed":
+            say(f"{scenario.name}: real run of {reference} (overlap reference {attempt + 1})")
+            result.fixed_real = run_real(scenario, reference, prediction=ref_pred, timeout_s=timeout_s).trace
         for r, v in result.fixed_real.overlap_us.items():
             best[r] = max(best.get(r, 0.0), v)
         if best and all(v > 0.0 for v in best.values()):
             break
     return best
+
+
+def overlap_reference(scenario: Scenario, runner: str | None) -> str:
+    """The correct runner of `runner`'s engine (its dispatch rules' name):
+    the overlap a LOST_OVERLAP is measured against (SGLang's and TensorRT-LLM's
+    overlap their own way; vLLM's is `fixed`)."""
+    from scenarios.runners import load_runner
+
+    try:
+        rules = getattr(load_runner(runner or scenario.runner), "engine_rules", None)
+    except Exception:  # noqa: BLE001 - the check already ran this runner; a reload failing keeps the default
+        return "fixed"
+    name = getattr(rules, "name", "")
+    return name if name in ("sglang", "trtllm") else "fixed"
 
 
 def cpu_timeline(scenario: Scenario, runner: str | None, sim: Trace) -> Trace:

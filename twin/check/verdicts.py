@@ -209,12 +209,15 @@ def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
     return _item(h, Verdict.REFUTED, f"{describe_wrong(out)}, characterised as {out.kind}, not {h.kind.value}")
 
 
-def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], fixed_latency: float, tries: int) -> VerdictItem:
+def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], fixed_latency: float, tries: int,
+                       reference: str = "fixed") -> VerdictItem:
+    """`reference`: the correct runner of the runner's engine whose measured
+    overlap is the bar (fixed for vLLM, sglang, trtllm)."""
     mine = real.overlap_us.get(h.rank, 0.0)
     ref = fixed_overlap.get(h.rank, 0.0)
     detail = (f"performance hazard, judged by measured overlap (the output is correct by definition): "
-              f"overlap {mine:.0f} us vs fixed {ref:.0f} us (best of up to {tries} runs); "
-              f"layer {real.latency_us:.0f} us vs fixed {fixed_latency:.0f} us")
+              f"overlap {mine:.0f} us vs {reference} {ref:.0f} us (best of up to {tries} runs); "
+              f"layer {real.latency_us:.0f} us vs {reference} {fixed_latency:.0f} us")
     out = output_of(real, h.rank)
     if out is not None and not out.correct:
         detail += f"; note: {describe_wrong(out)}"
@@ -222,7 +225,7 @@ def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], 
         return _item(h, Verdict.CONFIRMED, detail)
     if mine > 0.0:
         return _item(h, Verdict.REFUTED, detail)
-    return _item(h, Verdict.INCONCLUSIVE, detail + ": the fixed runner did not overlap here either")
+    return _item(h, Verdict.INCONCLUSIVE, detail + f": the {reference} runner did not overlap here either")
 
 
 def judge_missing_stream(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
