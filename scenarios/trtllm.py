@@ -183,6 +183,12 @@ class TRTLLMRules(EngineRules):
     def async_overlap_possible(self, s: Scenario) -> bool:
         return False  # the shared MLP overlaps on the aux stream, never inside the kernel
 
+    def missing_stream_consequence(self, stream: str) -> str:
+        # maybe_execute_in_parallel (multi_stream_utils.py) takes aux_stream=None as "run serially".
+        return ("TensorRT-LLM would not launch it there: its maybe_execute_in_parallel runs both halves one "
+                "after the other on the current stream when it has no aux stream (no crash); the overlap this "
+                "program asks for does not exist on that platform")
+
 
 TRTLLM_RULES = TRTLLMRules()
 

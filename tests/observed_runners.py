@@ -9,6 +9,7 @@ from scenarios.ops import Ops
 from scenarios.runner_base import Order
 from scenarios.runners import MoERunner
 from scenarios.sglang import SGLangRunner
+from scenarios.trtllm import TRTLLMRunner
 
 
 class NoJoinOnAux(MoERunner):
@@ -104,3 +105,15 @@ class SGLangNeverOverlaps(SGLangRunner):
 
     def shared_experts_order(self, num_tokens: int) -> Order:
         return Order.NO_OVERLAP
+
+
+class TrtllmForcesTheAuxStream(TRTLLMRunner):
+    """The shared MLP always on the aux stream, whether the platform has one or not."""
+
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        return Order.MULTI_STREAM_OVERLAPPED
+
+
+class VllmForcesTheAuxStream(MoERunner):
+    def shared_experts_order(self, num_tokens: int) -> Order:
+        return Order.MULTI_STREAM_OVERLAPPED

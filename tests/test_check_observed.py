@@ -306,3 +306,13 @@ def test_sglangs_lost_dual_stream_is_judged_against_sglangs_overlap() -> None:
     result = check(s, f"{RUNNERS}:SGLangNeverOverlaps", timeout_s=60)
     lost = [v for v in result.verdicts if v.kind == "LOST_OVERLAP"]
     assert lost and all(" vs sglang " in v.reason for v in lost)
+
+
+@pytest.mark.parametrize("runner,engine", [("TrtllmForcesTheAuxStream", "maybe_execute_in_parallel"),
+                                           ("VllmForcesTheAuxStream", "vLLM's SharedExperts")])
+def test_a_missing_stream_names_what_the_runners_own_engine_does(runner: str, engine: str) -> None:
+    from sim import simulate
+
+    s = TP_AUX.with_(**{"runtime.platform": "cpu"})
+    missing = [h.detail for h in simulate(s, f"{RUNNERS}:{runner}").hazards if h.kind == HazardKind.MISSING_STREAM]
+    assert missing and all(engine in d for d in missing), missing
