@@ -407,21 +407,25 @@ def _rows(rows: list[tuple[int, int]]) -> str:
     return "[" + ", ".join(labels) + "]"
 
 
-_COEFFICIENT = re.compile(r"coefficient (-?[0-9.]+(?:e[-+]?[0-9]+)?)")
+# "<component>@<shards> coefficient <number>" or "... input x coefficient 2"
+_COEFFICIENT = re.compile(r"(?:(\w+)@\S*|input (\w+)) coefficient (-?[0-9.]+(?:e[-+]?[0-9]+)?)")
 
 
 def scale_hint(detail: str, rsf: float) -> str:
     """" (2.5 = routed_scaling_factor: the routed scaling applied twice?)" when
     a coefficient the detail names is the routed scaling factor or its
-    inverse, else ""."""
+    inverse, else "". Only routed sources take that factor: on any other
+    (the shared output, the input) it is the routed scaling applied to it."""
     if rsf == 1.0 or not math.isfinite(rsf) or rsf <= 0:
         return ""
-    for text in _COEFFICIENT.findall(detail):
-        c = float(text)
+    for comp_at, comp_in, text in _COEFFICIENT.findall(detail):
+        comp, c = comp_at or comp_in, float(text)
         if abs(c - rsf) <= 1e-6 * rsf:
-            return f" ({text} = routed_scaling_factor: the routed scaling applied twice?)"
+            what = "applied twice" if comp == "routed" else f"applied to {comp} too"
+            return f" ({text} = routed_scaling_factor: the routed scaling {what}?)"
         if abs(c - 1.0 / rsf) <= 1e-6 / rsf:
-            return f" ({text} = 1/routed_scaling_factor {rsf:g}: the routed scaling never applied?)"
+            what = "never applied" if comp == "routed" else f"divided out of {comp}"
+            return f" ({text} = 1/routed_scaling_factor {rsf:g}: the routed scaling {what}?)"
     return ""
 
 

@@ -176,6 +176,9 @@ def test_the_scale_hint_names_the_factor_or_its_inverse_only() -> None:
     assert "never applied" in scale_hint("output holds routed@ep0,ep1 coefficient 0.4, expected 1", 2.5)
     assert scale_hint("routed@tp0 coefficient 2, expected 1", 2.5) == ""  # a reduction count, not the factor
     assert scale_hint("routed@tp0 coefficient 2.5, expected 1", 1.0) == ""
+    # Only routed sources take the factor: elsewhere it was applied to the wrong part.
+    assert "applied to shared too" in scale_hint("shared@moe_tp1 coefficient 2.5, expected 1", 2.5)
+    assert "applied to x too" in scale_hint("routed experts input x coefficient 2.5, expected 1", 2.5)
 
 
 def test_an_output_no_fit_explains_shows_no_coefficients() -> None:
