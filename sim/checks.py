@@ -130,9 +130,15 @@ class Checks:
             return
         src = next(s for s, _ in b.terms if s[2] is not None)
         n_foreign = sum(1 for (c, s, f), _ in b.terms if f is not None and (c, s) == src[:2])
+        # Every source that took other tokens' rows, by component (not only the first).
+        mixed: dict[str, list[str]] = {}
+        for (c, s, f), _ in b.terms:
+            if f is not None and s not in mixed.setdefault(c, []):
+                mixed[c].append(s)
+        named = " and ".join(algebra.group_label(c, shards) for c, shards in mixed.items())
         self.sim.add_hazard(
             HazardKind.DOUBLE_REDUCTION, ops.rank, st,
-            f"{src[0]}@{src[1]} of {1 + n_foreign} different token sets summed into each row "
+            f"{named} of {1 + n_foreign} different token sets summed into each row "
             f"(coefficient {1 + n_foreign} per row, expected 1: own tokens only)",
         )
 

@@ -117,3 +117,11 @@ class TrtllmForcesTheAuxStream(TRTLLMRunner):
 class VllmForcesTheAuxStream(MoERunner):
     def shared_experts_order(self, num_tokens: int) -> Order:
         return Order.MULTI_STREAM_OVERLAPPED
+
+
+class TrtllmReducesUnderAttentionDp(TRTLLMRunner):
+    """The MoE all-reduce left on under attention DP: each DP rank's rows are
+    summed with the other DP rank's (different tokens)."""
+
+    def needs_final_reduce(self, routed_reduced: bool) -> bool:
+        return True

@@ -319,3 +319,12 @@ def test_a_missing_stream_names_what_the_runners_own_engine_does(runner: str, en
     s = TP_AUX.with_(**{"runtime.platform": "cpu"})
     missing = [h.detail for h in simulate(s, f"{RUNNERS}:{runner}").hazards if h.kind == HazardKind.MISSING_STREAM]
     assert missing and all(engine in d for d in missing), missing
+
+
+def test_a_sum_of_other_tokens_rows_names_every_source_that_took_them() -> None:
+    from sim import simulate
+
+    s = IDLE_DP.with_(**{"model.num_shared_experts": 1, "workload.tokens": [4, 4]})
+    mixed = [h.detail for h in simulate(s, f"{RUNNERS}:TrtllmReducesUnderAttentionDp").hazards
+             if "different token sets" in h.detail]
+    assert mixed and all(d.startswith("routed@ep0,ep1 and shared@full of 2 different token sets") for d in mixed), mixed
