@@ -9,6 +9,10 @@ A rank's failure is one of four kinds, decided by the exception's class:
                 stops with `RunnerUsageError`);
 - "collective": `CollectiveFailure`, a torch.distributed call failed (a peer
                 closed the connection, the collective was aborted or timed out);
+- "internal":   a Python programming error (IndexError, KeyError, ...) raised
+                inside an op's own function, which runs the twin's code and
+                torch only, never runner code: a bug of the real interpreter,
+                which the command reports as such (exit 3), not as a finding;
 - "runner":     anything else the runner program raised (a RUNNER_ERROR).
 
 An op whose input came from a failed step (on another stream) raises
@@ -24,7 +28,15 @@ from typing import Any
 from scenarios.ops import OpsShapeError, OpsUsageError
 from scenarios.trace import Hazard, HazardKind
 
-SHAPE, USAGE, COLLECTIVE, RUNNER = "shape", "usage", "collective", "runner"
+SHAPE, USAGE, COLLECTIVE, RUNNER, INTERNAL = "shape", "usage", "collective", "runner", "internal"
+# What a bug in the twin's own code raises (torch's errors are RuntimeError or ValueError).
+PROGRAMMING_ERRORS = (IndexError, KeyError, AttributeError, NameError, ZeroDivisionError, AssertionError, TypeError)
+# Set on an exception raised inside an op's function (real/ops.py), where no runner code runs.
+IN_OP = "_moe_twin_in_op"
+
+
+class TwinInternalError(RuntimeError):
+    """The real interpreter itself failed on a rank (its bug, not the runner's)."""
 
 
 class CollectiveFailure(RuntimeError):
@@ -64,6 +76,8 @@ def error_kind(exc: BaseException) -> str:
         return USAGE
     if isinstance(exc, CollectiveFailure):
         return COLLECTIVE
+    if isinstance(exc, PROGRAMMING_ERRORS) and getattr(exc, IN_OP, False):
+        return INTERNAL
     return RUNNER
 
 
@@ -166,6 +180,19 @@ def failure_hazards(infos: list[RankFailureInfo]) -> list[Hazard]:
             out.append(Hazard(i.kind, i.step, i.step_name, i.rank,
                               f"consequence of {root.cause}: {i.detail}", caused_by=root.rank))
     return out
+
+
+def internal_error(results: dict[int, dict[str, Any]]) -> TwinInternalError | None:
+    """The real interpreter's own failure on the lowest rank that hit one."""
+    for r in sorted(results):
+        res = results[r]
+        if res.get("error") and res.get("error_kind") == INTERNAL:
+            steps = res["steps"]
+            idx = res["error_step"] or 0
+            name = steps[idx].name if idx < len(steps) else "?"
+            return TwinInternalError(f"the real interpreter failed on rank {r} at step {idx} {name} "
+                                     f"(a bug of moe-twin, not of the runner): {res['error'].splitlines()[0]}")
+    return None
 
 
 def usage_error(results: dict[int, dict[str, Any]]) -> RunnerUsageError | None:

@@ -33,6 +33,7 @@ That path cannot be exercised on this project's CPU-only machines.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from real.comm import CommOps
 from real.compute import FUSED_SLOT, ComputeOps  # noqa: F401  (FUSED_SLOT: importable here as before)
-from real.errors import UpstreamFailure
+from real.errors import IN_OP, UpstreamFailure
 from real.model import LayerWeights, layer_input
 from real.streams import RealEvent, RealTensor, StreamThread
 from scenarios import contain
@@ -61,6 +62,13 @@ from scenarios.trace import COLLECTIVE, COMPUTE, DECISION, EVENT, LIFECYCLE, PAD
 from scenarios.workload import routing, slice_token_ids
 
 MODEL = "model"
+
+
+def _mark_in_op(exc: BaseException) -> None:
+    """Tag an exception raised inside an op's own function: no runner code runs
+    there, so a programming error is the interpreter's (real/errors.py)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, IN_OP, True)
 
 
 class RealOps(CommOps, ComputeOps, Ops):
@@ -191,6 +199,7 @@ class RealOps(CommOps, ComputeOps, Ops):
                 result = fn()
             except BaseException as exc:
                 st.end = self.now_us()
+                _mark_in_op(exc)
                 st.error = f"{type(exc).__name__}: {exc}"
                 self.failed[st.index] = exc
                 if out is not None:
@@ -231,6 +240,7 @@ class RealOps(CommOps, ComputeOps, Ops):
             try:
                 result = fn()
             except BaseException as exc:
+                _mark_in_op(exc)
                 st.error = f"{type(exc).__name__}: {exc}"
                 self.failed[st.index] = exc
                 if out is not None:

@@ -6,7 +6,13 @@ import atexit
 from dataclasses import dataclass, field
 from typing import Any
 
-from real.errors import RunnerUsageError, failure_hazards, rank_failures, usage_error
+from real.errors import (
+    RunnerUsageError,
+    failure_hazards,
+    internal_error,
+    rank_failures,
+    usage_error,
+)
 from real.model import check_fits
 from scenarios import contain
 from scenarios.dispatch_layout import VLLM_LAYOUT, engine_scenario
@@ -151,6 +157,9 @@ def run_real(
     misuse = usage_error(results)
     if misuse is not None:
         raise misuse
+    broken = internal_error(results)  # the interpreter's own bug: no finding about the runner
+    if broken is not None:
+        raise broken
     result = _assemble(scenario, runner_label(cls), results, failures, notes_at_failure, times)
     if without is not None:
         result.trace.notes.append(f"what-if run: {without.op} {without} removed on every rank")

@@ -125,3 +125,13 @@ class TrtllmReducesUnderAttentionDp(TRTLLMRunner):
 
     def needs_final_reduce(self, routed_reduced: bool) -> bool:
         return True
+
+
+class BreaksTheRealRouter(MoERunner):
+    """Fault injection, not a runner bug: empties the real interpreter's routing
+    table, so the router op's own function fails inside the interpreter."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        if hasattr(ops, "route"):  # the real interpreter only
+            ops.route = [[] for _ in ops.route]
+        return super().forward(ops, x)

@@ -328,3 +328,39 @@ def test_a_sum_of_other_tokens_rows_names_every_source_that_took_them() -> None:
     mixed = [h.detail for h in simulate(s, f"{RUNNERS}:TrtllmReducesUnderAttentionDp").hazards
              if "different token sets" in h.detail]
     assert mixed and all(d.startswith("routed@ep0,ep1 and shared@full of 2 different token sets") for d in mixed), mixed
+
+
+# ---------------------------------------------------------------- the real interpreter's own failures
+
+
+def test_a_programming_error_inside_an_op_is_the_interpreters() -> None:
+    from real.errors import IN_OP, INTERNAL, RUNNER, SHAPE, error_kind, internal_error
+    from scenarios.ops import OpsShapeError
+
+    def tagged(exc: BaseException) -> BaseException:
+        setattr(exc, IN_OP, True)
+        return exc
+
+    assert error_kind(tagged(IndexError("tuple index out of range"))) == INTERNAL
+    assert error_kind(IndexError("raised by the runner's own code")) == RUNNER
+    assert error_kind(tagged(RuntimeError("a torch error"))) == RUNNER
+    assert error_kind(tagged(OpsShapeError("gate expects width 128, got 64"))) == SHAPE
+    steps = [Step(0, i, "router", "router") for i in range(3)]
+    err = internal_error({1: {"error": "IndexError: list index out of range", "error_kind": INTERNAL,
+                              "error_step": 2, "steps": steps}})
+    assert err is not None and "rank 1 at step 2 router" in str(err) and "not of the runner" in str(err)
+
+
+@pytest.mark.slow
+def test_an_interpreter_failure_on_a_rank_ends_check_with_exit_3_and_one_line() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "run", "r3-tp-decode",
+                        "--runner", f"{RUNNERS}:BreaksTheRealRouter", "--timeout", "60"],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "calibrat" not in ln]
+    assert p.returncode == 3, p.stderr
+    assert any("the real interpreter failed on rank" in ln and "IndexError" in ln for ln in lines), p.stderr
+    assert "Traceback" not in p.stderr
