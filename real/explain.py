@@ -151,34 +151,58 @@ class Basis:
                 lambda d, t, i=i, n=n: ref.shared_mlp(self._x(d, t), i, n)), SOURCE, 1.0))
         return cols
 
-    def foreign(self) -> list[Column]:
-        """Other tokens at the same row position (SP slice / DP rank)."""
-        s, ref = self.s, self.ref
-        cols: list[Column] = []
-
-        def add(key: str, partner: Callable[[int, int], Tok | None]) -> None:
-            def pick(fn: Callable[[int, int], torch.Tensor]) -> Callable[[int, int], torch.Tensor | None]:
-                def at(d: int, t: int) -> torch.Tensor | None:
-                    p = partner(d, t)
-                    return None if p is None or p[1] >= s.dp_tokens(p[0]) else fn(*p)
-                return at
-
-            if s.model.has_shared:
-                cols.append(Column(f"shared@full[tokens {key}]",
-                                   self._stack(pick(lambda d, t: ref.shared_mlp(self._x(d, t)))), FOREIGN, 0.0))
-            cols.append(Column(f"routed[tokens {key}]",
-                               self._stack(pick(lambda d, t: self.routed_out(ref.routed_kernel[d][t]))), FOREIGN, 0.0))
-
+    def _partners(self) -> list[tuple[str, Callable[[int, int], Tok | None]]]:
+        """(key, partner): for each other SP slice / DP rank, the token at the
+        same row position there (None where there is none)."""
+        s = self.s
+        out: list[tuple[str, Callable[[int, int], Tok | None]]] = []
         if s.sp:
             for d in sorted({d for d, _ in self.toks}):
                 per = s.layer_rows(d)
                 for slc in range(s.parallel.tp):
-                    add(f"d{d}s{slc}", lambda d_, t, slc=slc, d=d, per=per: (
-                        None if d_ != d or t // per == slc else (d, slc * per + t % per)))
+                    out.append((f"d{d}s{slc}", lambda d_, t, slc=slc, d=d, per=per: (
+                        None if d_ != d or t // per == slc else (d, slc * per + t % per))))
         own = {d for d, _ in self.toks}
         for other in range(s.parallel.dp):
             if other not in own:
-                add(f"d{other}", lambda d_, t, other=other: (other, t))
+                out.append((f"d{other}", lambda d_, t, other=other: (other, t)))
+        return out
+
+    def _at_partner(self, partner: Callable[[int, int], Tok | None],
+                    fn: Callable[[int, int], torch.Tensor]) -> Callable[[int, int], torch.Tensor | None]:
+        def at(d: int, t: int) -> torch.Tensor | None:
+            p = partner(d, t)
+            return None if p is None or p[1] >= self.s.dp_tokens(p[0]) else fn(*p)
+        return at
+
+    def foreign(self) -> list[Column]:
+        """Other tokens at the same row position (SP slice / DP rank): their
+        complete routed and shared outputs."""
+        ref = self.ref
+        cols: list[Column] = []
+        for key, partner in self._partners():
+            if self.s.model.has_shared:
+                cols.append(Column(f"shared@full[tokens {key}]", self._stack(self._at_partner(
+                    partner, lambda d, t: ref.shared_mlp(self._x(d, t)))), FOREIGN, 0.0))
+            cols.append(Column(f"routed[tokens {key}]", self._stack(self._at_partner(
+                partner, lambda d, t: self.routed_out(ref.routed_kernel[d][t]))), FOREIGN, 0.0))
+        return cols
+
+    def foreign_shards(self) -> list[Column]:
+        """Other tokens' outputs per source shard: what a reduction over rows
+        holding different tokens adds when it sums partials, not whole outputs
+        (e.g. a fused all-reduce over the world under DP attention)."""
+        ref = self.ref
+        if self.s.model.transform_nonlinear:
+            return []  # routed partials are not separable then
+        cols: list[Column] = []
+        for key, partner in self._partners():
+            for label, i, n in self.shared_shards:
+                cols.append(Column(f"shared@{label}[tokens {key}]", self._stack(self._at_partner(
+                    partner, lambda d, t, i=i, n=n: ref.shared_mlp(self._x(d, t), i, n))), FOREIGN, 0.0))
+            for shard in ref.routed_partials(self.toks[0][0]):
+                cols.append(Column(f"routed@{shard}[tokens {key}]", self._stack(self._at_partner(
+                    partner, lambda d, t, sh=shard: self.routed_out(ref.routed_partials(d)[sh][t]))), FOREIGN, 0.0))
         return cols
 
     def latent(self) -> list[Column]:
@@ -236,6 +260,9 @@ class Basis:
         out = [self.sources()]
         if s.sp or s.parallel.dp > 1:
             out.append(self.sources() + self.foreign())
+            shards = self.foreign_shards()
+            if shards:  # after the whole outputs: the simpler explanation wins a tie
+                out.append(self.sources() + shards)
         for fam in (self.latent(), self.clobber(), self.clobber_total()):
             if fam:
                 out.append(self.sources() + fam)

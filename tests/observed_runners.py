@@ -135,3 +135,13 @@ class BreaksTheRealRouter(MoERunner):
         if hasattr(ops, "route"):  # the real interpreter only
             ops.route = [[] for _ in ops.route]
         return super().forward(ops, x)
+
+
+class FusesWithTheNextLayerUnderDpAttention(SGLangRunner):
+    """The next layer's fused all-reduce taken under DP attention: the block
+    skips its own reduction and the fused one sums rows of different DP
+    ranks' tokens, partial sums of some shards each."""
+
+    def fuse_with_next_layer(self) -> bool:
+        s = self.scenario
+        return s.runtime.allreduce_fusion and not self.mlp_scattered() and not (s.moe_ep > 1 and s.moe_tp > 1)

@@ -364,3 +364,12 @@ def test_an_interpreter_failure_on_a_rank_ends_check_with_exit_3_and_one_line() 
     assert p.returncode == 3, p.stderr
     assert any("the real interpreter failed on rank" in ln and "IndexError" in ln for ln in lines), p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_other_tokens_partial_sums_summed_in_are_characterised_per_shard() -> None:
+    s = DP_ATTN.with_(**{"runtime.allreduce_fusion": True, "workload.tokens": [4, 4]})
+    result = check(s, f"{RUNNERS}:FusesWithTheNextLayerUnderDpAttention", timeout_s=60)
+    causes = [c.cause for c in result.real.output_checks.values() if not c.correct]
+    assert causes and all(c.startswith("outputs of other tokens summed in") and "[tokens d" in c for c in causes), causes
+    assert result.divergence is None and result.confirmed_as_predicted
