@@ -342,7 +342,8 @@ class Checks:
             return  # an idle DP rank's output: no row to hold a wrong sum
         coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
         if short and self._once((ops.rank, "missing", st.index)):
-            which = self.groups.phrase(ops.rank, coeffs, short, self.output_labels(ops))
+            rows = self._rows_lacking(x.value, short)
+            which = rows or self.groups.phrase(ops.rank, coeffs, short, self.output_labels(ops))
             self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
                             f"output holds {_describe(coeffs, short)}, expected 1{which}")
         if over:
@@ -351,6 +352,22 @@ class Checks:
         if stray:
             self._wrong_input(ops, st, f"the layer output holds {', '.join(stray)}, which the MoE layer "
                                        "does not return (expected routed and shared outputs only)")
+
+    def _rows_lacking(self, v: algebra.Value, short: list[str]) -> str:
+        """" in rows [d0t3]" when only some rows lack a short source (e.g. rows
+        a kernel was told were not tokens), else "" (then every row lacks it,
+        and the group that never summed it is named instead)."""
+        if v.uniform is not None:
+            return ""
+        lacking: list[tuple[int, int]] = []
+        for b in v.blocks:
+            here = {algebra.source_label(src) for src, coef in b.terms if not algebra.below(coef, 1.0)}
+            if any(lab not in here for lab in short):
+                toks = tokens_of(self.scenario, b.key)[: b.rows]
+                lacking.extend((dp_of(b.key), t) for t in toks)
+        if not lacking or len(lacking) == v.rows:
+            return ""
+        return f" in rows {_rows(lacking)}"
 
     def _tokens_check(self, ops: SimOps, st: Step, x: SimTensor) -> None:
         s = self.scenario

@@ -220,6 +220,9 @@ def test_masking_gathered_rows_with_the_local_count_drops_the_other_dp_ranks(run
     trace = simulate(DP_ATTN, f"{RUNNERS}:{runner}")
     kinds = {(h.kind, h.rank) for h in trace.hazards}
     assert kinds == ({(HazardKind.MISSING_REDUCTION, r) for r in range(4)} if missing else set())
+    if missing:  # DP rank 0's last row was past DP rank 1's count: only that row lacks tp2, tp3
+        detail = {h.rank: h.detail for h in trace.hazards}
+        assert detail[0].endswith("routed@tp2,tp3 coefficient 0, expected 1 in rows [d0t3]"), detail[0]
 
 
 def test_valid_rows_past_the_input_is_a_usage_error() -> None:
