@@ -94,7 +94,7 @@ def scenario_notes(s: Scenario, engine: dict[str, Any] | None = None) -> list[st
     bw, kw = (s.backend_width, s.kernel_width) if engine is None else (engine["backend_kernel_width"],
                                                                        engine["kernel_width"])
     if bw is not None and bw != s.model.routed_width:
-        notes.append(f"backend {backend} rounds the routed rows {s.model.routed_width} -> {bw}; "
+        notes.append(f"backend {backend} rounds the routed rows' width {s.model.routed_width} -> {bw}; "
                      f"the routed kernel works in width {kw}")
     if engine is not None and engine.get("library_width_note"):
         notes.append(engine["library_width_note"])
