@@ -182,28 +182,30 @@ def failure_hazards(infos: list[RankFailureInfo]) -> list[Hazard]:
     return out
 
 
-def internal_error(results: dict[int, dict[str, Any]]) -> TwinInternalError | None:
-    """The real interpreter's own failure on the lowest rank that hit one."""
+def _first_of_kind(results: dict[int, dict[str, Any]], kind: str) -> tuple[str, str] | None:
+    """("rank R at step I NAME", the error's first line) of the lowest rank
+    whose failure is of `kind` ("after step" when raised between steps)."""
     for r in sorted(results):
         res = results[r]
-        if res.get("error") and res.get("error_kind") == INTERNAL:
-            steps = res["steps"]
-            idx = res["error_step"] or 0
-            name = steps[idx].name if idx < len(steps) else "?"
-            return TwinInternalError(f"the real interpreter failed on rank {r} at step {idx} {name} "
-                                     f"(a bug of moe-twin, not of the runner): {res['error'].splitlines()[0]}")
-    return None
-
-
-def usage_error(results: dict[int, dict[str, Any]]) -> RunnerUsageError | None:
-    """The runner's misuse of Ops on the lowest rank that hit one, as one line."""
-    for r in sorted(results):
-        res = results[r]
-        if res.get("error") and res.get("error_kind") == USAGE:
+        if res.get("error") and res.get("error_kind") == kind:
             steps = res["steps"]
             idx = res["error_step"] or 0
             name = steps[idx].name if idx < len(steps) else "?"
             where = "after" if res.get("error_outside_step") else "at"
-            msg = res["error"].splitlines()[0]
-            return RunnerUsageError(f"runner misuses Ops on rank {r} {where} step {idx} {name}: {msg}")
+            return f"rank {r} {where} step {idx} {name}", res["error"].splitlines()[0]
     return None
+
+
+def internal_error(results: dict[int, dict[str, Any]]) -> TwinInternalError | None:
+    """The real interpreter's own failure on the lowest rank that hit one."""
+    found = _first_of_kind(results, INTERNAL)
+    if found is None:
+        return None
+    return TwinInternalError(f"the real interpreter failed on {found[0]} (a bug of moe-twin, not of the runner): "
+                             f"{found[1]}")
+
+
+def usage_error(results: dict[int, dict[str, Any]]) -> RunnerUsageError | None:
+    """The runner's misuse of Ops on the lowest rank that hit one, as one line."""
+    found = _first_of_kind(results, USAGE)
+    return None if found is None else RunnerUsageError(f"runner misuses Ops on {found[0]}: {found[1]}")
