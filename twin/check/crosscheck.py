@@ -119,8 +119,7 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
     # From a predicted wrong input or race on, the sim's values name the usual
     # sources for what is not a combination of them (or depends on the
     # schedule): compare ops, shapes and errors only.
-    opaque = min((_opaque_from(h) for h in sim.hazards if h.rank == r and (h.kind in OPAQUE_FROM or h.opaque_from is not None)),
-                 default=None)
+    opaque = min((o for h in sim.hazards if h.rank == r and (o := _opaque_from(h)) is not None), default=None)
     for i, st in enumerate(ssteps):
         if i >= len(rsteps):
             if rsteps and not any(x.error for x in rsteps):
@@ -133,13 +132,13 @@ def _rank_divergence(sim: Trace, real: Trace, r: int, ssteps: list, routed_scale
     return None
 
 
-def _opaque_from(h: Hazard) -> int:
-    """The first step whose value a predicted hazard makes opaque: its own, a
-    race's earlier access (a reader early in program order may run after the
-    writer), a wrong input's non-linear consumer."""
-    if h.opaque_from is None:
-        return h.step
-    return h.opaque_from if h.kind not in OPAQUE_FROM else min(h.step, h.opaque_from)
+def _opaque_from(h: Hazard) -> int | None:
+    """The first step whose value a predicted hazard makes opaque, or None:
+    its own (a wrong input, a race), a race's earlier access (a reader early
+    in program order may run after the writer), an over-counted input's
+    non-linear consumer."""
+    own = h.step if h.kind in OPAQUE_FROM else None
+    return min((s for s in (own, h.opaque_from) if s is not None), default=None)
 
 
 def _predicted_failure(sim: Trace, lost: Hazard) -> bool:
@@ -200,11 +199,12 @@ def _judge(result: CheckResult, runner: str | None, base: Any, h: Hazard, scale:
     if h.kind in (HazardKind.WRONG_TOKENS, HazardKind.WRONG_INPUT):
         return judge_characterised(real, h)
     if h.kind == HazardKind.LOST_OVERLAP:
+        reference = overlap_reference(scenario, runner)
         if result.fixed_overlap_us is None:
-            result.fixed_overlap_us = _fixed_overlap(scenario, result, overlap_reference(scenario, runner), timeout_s, say)
+            result.fixed_overlap_us = _fixed_overlap(scenario, result, reference, timeout_s, say)
         assert result.fixed_real is not None
         return judge_lost_overlap(real, h, result.fixed_overlap_us, result.fixed_real.latency_us, OVERLAP_TRIES,
-                                  overlap_reference(scenario, runner))
+                                  reference)
     if h.kind == HazardKind.UNSAFE_OVERLAP:
         return judge_race(scenario, runner, sim, base, h, timeout_s, say, result.race_runs)
     if h.kind == HazardKind.REDUNDANT_COLLECTIVE:
