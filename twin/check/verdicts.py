@@ -130,14 +130,21 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
         if characterised(out) is None:
             return _item(h, Verdict.INCONCLUSIVE, f"{wrong}; no fit at step {h.step} to compare with")
         return _item(h, Verdict.REFUTED, f"{wrong}, not the predicted {h.kind.value}")
-    pred = predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
-    fit = rt.value
-    shown = ", ".join(f"{k}={v:g}" for k, v in sorted(fit.items()))
-    if coeffs_match(pred, fit) and (rt.residual or 0.0) <= RESIDUAL_OK:
+    matches, shown, predicted = _step_fit(sim, rt, h, routed_scale)
+    if matches:
         return _item(h, Verdict.CONFIRMED,
                      f"{wrong}; measured {shown} at step {h.step} as predicted (residual {rt.residual or 0.0:.1e})")
-    return _item(h, Verdict.REFUTED, f"{wrong}; but step {h.step} measured {shown}, predicted "
-                 + ", ".join(f"{k}={v:g}" for k, v in sorted(pred.items())))
+    return _item(h, Verdict.REFUTED, f"{wrong}; but step {h.step} measured {shown}, predicted {predicted}")
+
+
+def _step_fit(sim: Trace, rt: Step, h: Hazard, routed_scale: float) -> tuple[bool, str, str]:
+    """Whether the real fit at the hazard's step is the predicted one (within
+    the residual tolerance), and both as text ("routed@tp0=2, ...")."""
+    pred = predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
+    fit = rt.value or {}
+    matches = coeffs_match(pred, fit) and (rt.residual or 0.0) <= RESIDUAL_OK
+    return (matches, ", ".join(f"{k}={v:g}" for k, v in sorted(fit.items())),
+            ", ".join(f"{k}={v:g}" for k, v in sorted(pred.items())))
 
 
 ROUTER_ONLY = ("the wrong value reaches only the router, whose top-k both the simulator and the real ranks take "
@@ -154,14 +161,12 @@ def _router_only_item(h: Hazard, real: Trace, sim: Trace, routed_scale: float) -
     """A correct output after a wrong router input: INCONCLUSIVE when the
     step measured what was predicted (the wrong value was there), else REFUTED."""
     rt = real_step(real, h.rank, h.step)
-    if rt is not None and rt.value is not None:
-        pred = predicted_coeffs(sim, h.rank, h.step, routed_scale) or {}
-        shown = ", ".join(f"{k}={v:g}" for k, v in sorted(rt.value.items()))
-        if not (coeffs_match(pred, rt.value) and (rt.residual or 0.0) <= RESIDUAL_OK):
-            return _item(h, Verdict.REFUTED, f"step {h.step} measured {shown}, predicted "
-                         + ", ".join(f"{k}={v:g}" for k, v in sorted(pred.items())))
-        return _item(h, Verdict.INCONCLUSIVE, f"measured {shown} at step {h.step} as predicted; {ROUTER_ONLY}")
-    return _item(h, Verdict.INCONCLUSIVE, ROUTER_ONLY)
+    if rt is None or rt.value is None:
+        return _item(h, Verdict.INCONCLUSIVE, ROUTER_ONLY)
+    matches, shown, predicted = _step_fit(sim, rt, h, routed_scale)
+    if not matches:
+        return _item(h, Verdict.REFUTED, f"step {h.step} measured {shown}, predicted {predicted}")
+    return _item(h, Verdict.INCONCLUSIVE, f"measured {shown} at step {h.step} as predicted; {ROUTER_ONLY}")
 
 
 def _accepted_error_kinds(h: Hazard, sim_step: Step | None) -> tuple[HazardKind, ...]:
