@@ -156,8 +156,8 @@ class Checks:
         """A DOUBLE/MISSING_REDUCTION; its detail also names the routed scaling
         factor when a wrong coefficient is a power of it (a scale applied twice
         or never over-counts exactly like a reduction)."""
-        h = self.sim.add_hazard(kind, ops.rank, st, detail + scale_hint(detail, self.rsf), opaque_from=opaque_from)
-        h.consumers = consumers
+        self.sim.add_hazard(kind, ops.rank, st, detail + scale_hint(detail, self.rsf), opaque_from=opaque_from,
+                            consumers=consumers)
 
     def non_finite(self, ops: SimOps, st: Step, what: str) -> None:
         # No st.error: nothing raises here (torch computes NaN and goes on), so
@@ -240,8 +240,8 @@ class Checks:
 
     def _wrong_input(self, ops: SimOps, st: Step, detail: str, consumer: str | None = None) -> None:
         if self._once((ops.rank, "wrong-input", st.index)):
-            h = self.sim.add_hazard(HazardKind.WRONG_INPUT, ops.rank, st, detail)
-            h.consumers = [consumer] if consumer is not None else None
+            self.sim.add_hazard(HazardKind.WRONG_INPUT, ops.rank, st, detail,
+                                consumers=[consumer] if consumer is not None else None)
 
     def latent_up(self, ops: SimOps, st: Step, x: SimTensor, row_parallel: bool = False) -> None:
         v = x.value

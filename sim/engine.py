@@ -236,10 +236,9 @@ class Simulation:
         return self._ev
 
     def add_hazard(self, kind: HazardKind, rank: int, st: Step, detail: str, cost: float | None = None,
-                   opaque_from: int | None = None) -> Hazard:
-        h = Hazard(kind, st.index, st.name, rank, detail, cost, opaque_from=opaque_from)
-        self.hazards.append(h)
-        return h
+                   opaque_from: int | None = None, consumers: list[str] | None = None) -> None:
+        self.hazards.append(Hazard(kind, st.index, st.name, rank, detail, cost, opaque_from=opaque_from,
+                                   consumers=consumers))
 
     # ---- collectives ----
 
