@@ -364,6 +364,18 @@ def _grouped(devs: list[tuple[Column, float]]) -> list[str]:
     return out
 
 
+def _shared_replaced(devs: list[tuple[Column, float]]) -> bool:
+    """Only the shared output is off, and it is other tokens' in place of
+    these tokens' own (own 0, other tokens' summing to 1): the shared MLP
+    read the wrong rows. A reduction over rows of different tokens instead
+    keeps the own output and adds the others'."""
+    if not devs or not all(c.label.startswith("shared@") for c, _ in devs):
+        return False
+    own = [k for c, k in devs if c.family == SOURCE]
+    other = [k for c, k in devs if c.family == FOREIGN]
+    return bool(own) and bool(other) and all(abs(k) <= COEF_TOL for k in own) and abs(sum(other) - 1.0) <= COEF_TOL
+
+
 def describe(ref: ExactReference, f: Fit) -> tuple[HazardKind | None, str]:
     devs = f.deviations()
     if not devs:
@@ -381,6 +393,9 @@ def describe(ref: ExactReference, f: Fit) -> tuple[HazardKind | None, str]:
         c = next(col.scale for col, _ in devs if col.family == NL_SCALED and col.scale is not None)
         kind = HazardKind.DOUBLE_REDUCTION if c > 1 else HazardKind.MISSING_REDUCTION
         return kind, f"routed output reduced with coefficient {_nice(c)} (expected 1) before the non-linear transform: {detail}"
+    if _shared_replaced(devs):
+        return HazardKind.WRONG_INPUT, ("shared experts computed on other tokens' rows (their input held another "
+                                        f"DP rank's or SP slice's tokens instead of these): {detail}")
     if FOREIGN in families:
         return HazardKind.DOUBLE_REDUCTION, f"outputs of other tokens summed in (a reduction over rows that hold different tokens): {detail}"
     doubled = any(k > c.expected for c, k in devs)

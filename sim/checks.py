@@ -14,7 +14,8 @@ Rules (the algebra's docstring explains the coefficients and the ceiling):
 - Consumers declare what they must consume (`consume`): the router and the
   latent down-projection the untransformed input `x`; the routed experts `x`,
   or `xlat` for a latent MoE, on whatever rows dispatch delivered; the shared
-  experts `x` of the rows the model handed this rank's layer; the latent
+  experts `x` of rows containing this rank's own tokens at that point (its
+  layer input, or what sp_slice / dp_gather / dp_scatter made of it); the latent
   up-projection the routed output and nothing else. Another component, other
   rows, or a buffer clobbered by an in-place write is WRONG_INPUT; the right
   component with the wrong coefficient is DOUBLE/MISSING_REDUCTION.
@@ -219,9 +220,20 @@ class Checks:
                 self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
                                 f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1", st.index,
                                 [consumer])
-        elif rows is not None and v.keys() != rows:
+        elif rows is not None and v.keys() != rows and not self._covers(v.keys(), rows):
             self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
-                                       f"expected {expected} (the tokens the model handed this rank's layer)", consumer)
+                                       f"expected {expected} or rows containing them (this rank's own tokens "
+                                       "at that point of its program)", consumer)
+
+    def _covers(self, have: tuple[str, ...], want: tuple[str, ...]) -> bool:
+        """Every token of the row blocks `want` is among those of `have`. A
+        row-wise consumer (the shared MLP) may run on more rows than the rank
+        owns, e.g. before an SP slice or on DP-gathered rows, as long as the
+        rows are narrowed afterwards: where its output joins the routed
+        output, shapes and foreign-row sums judge that."""
+        s = self.scenario
+        got = {(dp_of(k), t) for k in have for t in tokens_of(s, k) if t >= 0}
+        return all((dp_of(k), t) in got for k in want for t in tokens_of(s, k) if t >= 0)
 
     def _pure(self, v: algebra.Value, want: str) -> bool:
         """_pure, once per value (members of a gather consume one value)."""

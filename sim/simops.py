@@ -442,7 +442,14 @@ class SimOps(SimComm, SimCompute, Ops):
         st = self._step("add", name, COMPUTE, (a, b), a.shape, elementwise_us(self.sim.profile, 3 * self._bytes(a.shape)))
         if tuple(a.shape) != tuple(b.shape):
             self._shape_error(st, f"{list(a.shape)} + {list(b.shape)}")
-        return self._new(st, a.shape, algebra.add([a.value, b.value]), (a, b))
+        return self._new(st, a.shape, algebra.add([a.value, b.value], self._own_operand(a, b)), (a, b))
+
+    def _own_operand(self, a: SimTensor, b: SimTensor) -> int:
+        """Which operand's rows the sum holds when the two hold different
+        tokens: the one holding this rank's own rows at this point (the
+        other's are summed in as foreign rows)."""
+        ka = a.value.keys()
+        return 1 if ka != b.value.keys() and ka != self.layer_rows and b.value.keys() == self.layer_rows else 0
 
     def scale(self, x: SimTensor, factor: float, name: str = "scale") -> SimTensor:
         x = self._tensor(x, name)
