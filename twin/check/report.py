@@ -106,13 +106,16 @@ def show_scenario(s: Scenario, engine: dict[str, Any] | None = None) -> Renderab
 
 
 def outputs_table(trace: Trace) -> RenderableType:
-    """Output coefficients per rank, ranks with identical coefficients folded.
+    """Output coefficients per rank, ranks with identical coefficients folded:
+    predicted for a simulated trace, least-squares fits of the real outputs
+    for a real one (the title says which).
     Every expected source is listed (a missing one as 0); shards of one
     component with one coefficient are folded into a range (routed@ep0..ep63=1)."""
     groups: dict[tuple, list[int]] = {}
     for r, coeffs in sorted(trace.outputs.items()):
         groups.setdefault((tuple(sorted(coeffs.items())), unexplained(trace, r)), []).append(r)
-    t = Table(title="output coefficients (1 = once, 0 = missing)", title_justify="left")
+    whose = "fitted to the real outputs" if trace.source == "real" else "predicted"
+    t = Table(title=f"output coefficients, {whose} (1 = once, 0 = missing)", title_justify="left")
     t.add_column("ranks")
     t.add_column("sources")
     for (coeffs, residual), ranks in groups.items():
