@@ -220,19 +220,24 @@ class Checks:
                 self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
                                 f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1", st.index,
                                 [consumer])
-        elif rows is not None and v.keys() != rows and not self._covers(v.keys(), rows):
+        elif rows is not None and v.keys() != rows and not self._covers(ops, x, rows):
             self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
                                        f"expected {expected} or rows containing them (this rank's own tokens "
                                        "at that point of its program)", consumer)
 
-    def _covers(self, have: tuple[str, ...], want: tuple[str, ...]) -> bool:
-        """Every token of the row blocks `want` is among those of `have`. A
-        row-wise consumer (the shared MLP) may run on more rows than the rank
-        owns, e.g. before an SP slice or on DP-gathered rows, as long as the
-        rows are narrowed afterwards: where its output joins the routed
-        output, shapes and foreign-row sums judge that."""
+    def _covers(self, ops: SimOps, x: SimTensor, want: tuple[str, ...]) -> bool:
+        """Every token of the row blocks `want` is among x's rows. A row-wise
+        consumer (the shared MLP) may run on more rows than the rank owns,
+        e.g. before an SP slice or on DP-gathered rows, as long as the rows
+        are narrowed afterwards: where its output joins the routed output,
+        shapes and foreign-row sums judge that. Not rows an all-to-all
+        dispatched: the value names the group's tokens, the rows are only
+        those routed here, in expert order."""
+        src = ops.steps[x.rows_from] if 0 <= x.rows_from < len(ops.steps) else None
+        if src is not None and src.op == "dispatch" and self.sim.dispatch_group(ops.rank)[1]:
+            return False
         s = self.scenario
-        got = {(dp_of(k), t) for k in have for t in tokens_of(s, k) if t >= 0}
+        got = {(dp_of(k), t) for k in x.value.keys() for t in tokens_of(s, k) if t >= 0}
         return all((dp_of(k), t) in got for k in want for t in tokens_of(s, k) if t >= 0)
 
     def _pure(self, v: algebra.Value, want: str) -> bool:

@@ -156,12 +156,22 @@ class SharedOnDispatched(MoERunner):
         return xd
 
 
-def test_shared_experts_on_the_dispatched_tokens_is_wrong_input():
-    s = TP_AUX.with_(**{"parallel.tp": 1, "parallel.dp": 2, "model.shared_intermediate": None})
+def test_shared_experts_on_all_to_all_dispatched_tokens_is_wrong_input():
+    s = TP_AUX.with_(**{"parallel.tp": 1, "parallel.dp": 2, "parallel.ep": True,
+                        "parallel.backend": "deepep_high_throughput", "model.shared_intermediate": None})
     trace = simulate(s, SharedOnDispatched)
     wrong = [h for h in trace.hazards if h.kind.value == "WRONG_INPUT"]
     assert {h.rank for h in wrong} == {0, 1} and all(h.step_name == "shared_experts" for h in wrong)
     assert "x of rows d0,d1; expected the layer input x of rows d1" in next(h.detail for h in wrong if h.rank == 1)
+
+
+def test_shared_experts_on_gathered_tokens_fail_where_they_join_unnarrowed():
+    # The naive dispatch all-gathers every DP rank's tokens in order: rows
+    # the shared MLP may take if they are narrowed again; here they are not.
+    s = TP_AUX.with_(**{"parallel.tp": 1, "parallel.dp": 2, "model.shared_intermediate": None})
+    trace = simulate(s, SharedOnDispatched)
+    assert {(h.kind.value, h.step_name, h.rank) for h in trace.hazards} == {
+        ("SHAPE_MISMATCH", "shared_add", 0), ("SHAPE_MISMATCH", "shared_add", 1)}
 
 
 class SharedAfterInplaceRouted(MoERunner):
