@@ -9,6 +9,8 @@ the tensor at all.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from real.model import Reference, dp_of, tokens_of
@@ -24,14 +26,17 @@ def fit_value(ref: Reference, predicted: algebra.Value, real: torch.Tensor, spac
     s = ref.s
     y = real.detach().double()
     rows, width = y.shape
-    labels: list[str] = []
-    cols: dict[str, torch.Tensor] = {}
+    # One column per source and predicted coefficient: rows the prediction
+    # gives different coefficients of one source (a rank that doubled only
+    # its own rows before a gather) are fitted apart, not blended.
+    labels: list[tuple[str, float | str]] = []
+    cols: dict[tuple[str, float | str], torch.Tensor] = {}
     pos = 0
     for b in predicted.blocks:
         own = tokens_of(s, b.key)
         d_own = dp_of(b.key)
-        for (comp, shard, foreign), _coef in b.terms:
-            label = algebra.source_label((comp, shard, foreign))
+        for (comp, shard, foreign), coef in b.terms:
+            label = (algebra.source_label((comp, shard, foreign)), round(coef, 9) if math.isfinite(coef) else str(coef))
             if label not in cols:
                 cols[label] = torch.zeros(rows, width, dtype=torch.float64)
                 labels.append(label)
@@ -53,5 +58,11 @@ def fit_value(ref: Reference, predicted: algebra.Value, real: torch.Tensor, spac
     target = y.flatten()
     sol = torch.linalg.lstsq(a, target.unsqueeze(1)).solution.flatten()
     resid = torch.linalg.norm(a @ sol - target) / max(float(torch.linalg.norm(target)), 1e-30)
-    coeffs = {lab: round(float(c), 6) for lab, c in zip(labels, sol)}
+    coeffs: dict[str, float] = {}
+    for (lab, _pred), c in zip(labels, sol):
+        # Several row groups of one source: the one farthest from 1, as the
+        # simulator folds its prediction (algebra.coefficients).
+        c = round(float(c), 6)
+        if lab not in coeffs or abs(c - 1.0) > abs(coeffs[lab] - 1.0):
+            coeffs[lab] = c
     return coeffs, float(resid)

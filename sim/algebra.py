@@ -68,6 +68,7 @@ from sim.algebra_read import (  # noqa: F401
     describe_terms,
     foreign_sources,
     group_label,
+    lowest_coefficients,
     max_coefficient,
     non_finite,
     over_ceiling,

@@ -170,6 +170,27 @@ def coefficients(
     return out
 
 
+def lowest_coefficients(v: Value, expected_scale: dict[str, float], want: Iterable[str]) -> dict[str, float]:
+    """Per expected source, its smallest coefficient over the rows (0 where
+    some rows lack it), in the unit of `coefficients`: rows missing a source
+    stay visible when other rows over-count it (`coefficients` keeps the
+    value farthest from 1)."""
+    want = tuple(want)
+    out = {label: math.inf for label in want}
+    blocks = v.blocks if v.uniform is None else (Block("", 0, v.uniform),) if v.n_blocks else ()
+    seen: set[tuple] = set()
+    for b in blocks:
+        if b.terms in seen:
+            continue
+        seen.add(b.terms)
+        here = {source_label(src): snap(coef / expected_scale.get(src[0], 1.0)) for src, coef in b.terms}
+        for label in want:
+            c = here.get(label, 0.0)
+            if math.isfinite(c) and c < out[label]:
+                out[label] = c
+    return {label: (0.0 if c == math.inf else c) for label, c in out.items()}
+
+
 def _keep_extreme(out: dict[str, float], label: str, val: float) -> None:
     prev = out.get(label)
     if not math.isfinite(val):

@@ -150,7 +150,7 @@ class Checks:
                 continue
             shards = [s for (c, s, f), k in b.terms if c == comp and f is None and abs(k - coef) <= algebra.EPS * coef]
             label = algebra.group_label(comp, shards)
-            mine[comp] = Crossing(st, f"{label} coefficient {algebra.snap(coef / bound):g}")
+            mine[comp] = Crossing(st, f"{label} coefficient {_coef(algebra.snap(coef / bound))}")
 
     def _reduction(self, kind: HazardKind, ops: SimOps, st: Step, detail: str, opaque_from: int | None = None,
                    consumers: list[str] | None = None) -> None:
@@ -212,7 +212,7 @@ class Checks:
             return  # reported as a DOUBLE_REDUCTION where the tokens were mixed
         coefs = [coef for b in v.blocks for _src, coef in b.terms]
         if any(algebra.above(c, 1.0) for c in coefs):
-            self._report_crossings(ops, [want], st, f"{consumer} input {want} coefficient {max(coefs):g}",
+            self._report_crossings(ops, [want], st, f"{consumer} input {want} coefficient {_coef(max(coefs))}",
                                    f" (fed to {consumer} at step {st.index})", consumed=True)
             self.crossings[ops.rank][want].consumers.append(consumer)
         elif any(algebra.below(c, 1.0) for c in coefs) or any(not b.terms for b in v.blocks):
@@ -279,7 +279,7 @@ class Checks:
         low = min(1.0, bound)
         coeffs = algebra.coefficients(v, {}, self.expected_labels(ops, "routed"))
         if any(algebra.above(c, bound) for c in coeffs.values() if math.isfinite(c)):
-            self._report_crossings(ops, ["routed"], st, f"routed coefficient {max(coeffs.values()):g}",
+            self._report_crossings(ops, ["routed"], st, f"routed coefficient {_coef(max(coeffs.values()))}",
                                    f" (fed to {st.name} at step {st.index})",
                                    consumed=self.scenario.model.transform_nonlinear)
         short = sorted((lab for lab, c in coeffs.items() if algebra.below(c, low)), key=_label_key)
@@ -329,7 +329,10 @@ class Checks:
         missing); ranks that share one value (after an all-reduce) share this."""
         return self._analyse(v, want)[0]
 
-    def _analyse(self, v: algebra.Value, want: tuple[str, ...]) -> tuple[dict[str, float], list[str], list[str], list[str]]:
+    def _analyse(self, v: algebra.Value, want: tuple[str, ...]
+                 ) -> tuple[dict[str, float], list[str], list[str], list[str], dict[str, float]]:
+        """(folded coefficients, short sources, over-counted sources, stray
+        sources, each expected source's lowest coefficient over the rows)."""
         key = (id(v), want)
         hit = self._memo.get(key)
         if hit is not None and hit[0] is v:
@@ -344,10 +347,14 @@ class Checks:
             return thit[1]
         coeffs = algebra.coefficients(v, self.expected_scale, want)
         wanted = set(want)
-        short = [lab for lab in want if math.isfinite(coeffs[lab]) and algebra.below(coeffs[lab], 1.0)]
+        # Rows short of a source are looked for apart: other rows over-counting
+        # it would hide them in the folded coefficients.
+        low = coeffs if v.n_blocks <= 1 or v.uniform is not None else algebra.lowest_coefficients(
+            v, self.expected_scale, want)
+        short = [lab for lab in want if math.isfinite(low[lab]) and algebra.below(low[lab], 1.0)]
         over = [lab for lab in want if math.isfinite(coeffs[lab]) and algebra.above(coeffs[lab], 1.0)]
         stray = sorted(lab for lab in coeffs if lab not in wanted and "[tokens" not in lab)
-        result = (coeffs, short, over, stray)
+        result = (coeffs, short, over, stray, low)
         self._memo[key] = (v, result)
         self._by_terms[tkey] = (terms, result)
         return result
@@ -357,12 +364,12 @@ class Checks:
         self._tokens_check(ops, st, x)
         if x.value.rows == 0:
             return  # an idle DP rank's output: no row to hold a wrong sum
-        coeffs, short, over, stray = self._analyse(x.value, self.output_labels(ops))
+        coeffs, short, over, stray, low = self._analyse(x.value, self.output_labels(ops))
         if short and self._once((ops.rank, "missing", st.index)):
             rows = self._rows_lacking(x.value, short)
-            which = rows or self.groups.phrase(ops.rank, coeffs, short, self.output_labels(ops))
+            which = rows or self.groups.phrase(ops.rank, low, short, self.output_labels(ops))
             self._reduction(HazardKind.MISSING_REDUCTION, ops, st,
-                            f"output holds {_describe(coeffs, short)}, expected 1{which}")
+                            f"output holds {_describe(low, short)}, expected 1{which}")
         if over:
             comps = list(dict.fromkeys(lab.split("@")[0] for lab in over))
             self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
@@ -378,7 +385,9 @@ class Checks:
             return ""
         lacking: list[tuple[int, int]] = []
         for b in v.blocks:
-            here = {algebra.source_label(src) for src, coef in b.terms if not algebra.below(coef, 1.0)}
+            scale = self.expected_scale
+            here = {algebra.source_label(src) for src, coef in b.terms
+                    if not algebra.below(coef / scale.get(src[0], 1.0), 1.0)}
             if any(lab not in here for lab in short):
                 toks = tokens_of(self.scenario, b.key)[: b.rows]
                 lacking.extend((dp_of(b.key), t) for t in toks)
@@ -481,5 +490,12 @@ def _describe(coeffs: dict[str, float], labels: list[str], unit: float = 1.0) ->
     for lab in sorted(labels, key=_label_key):
         comp, _, shard = lab.partition("@")
         c = coeffs.get(lab, 0.0) / unit
-        groups.setdefault((comp, round(c, 6)), []).append(shard)
-    return " and ".join(f"{algebra.group_label(comp, shards)} coefficient {c:g}" for (comp, c), shards in groups.items())
+        groups.setdefault((comp, round(c, 9) if math.isfinite(c) else c), []).append(shard)
+    return " and ".join(f"{algebra.group_label(comp, shards)} coefficient {_coef(c)}" for (comp, c), shards in groups.items())
+
+
+def _coef(c: float) -> str:
+    """Short, but never rounded onto a different number: a scale by 1.0000001
+    reads "1.0000001", not "1" beside "expected 1"."""
+    short = f"{c:g}"
+    return short if not math.isfinite(c) or float(short) == c else f"{c:.10g}"

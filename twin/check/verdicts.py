@@ -13,7 +13,9 @@ step, the error class and step, the characterised cause of a wrong output).
   for shapes, errors and hangs, the same error class at the same step; for
   WRONG_TOKENS / WRONG_INPUT, the characterised cause is of that kind.
 - REFUTED: the real output on that rank equals the reference (then nothing is
-  confirmed, whatever any fit says), or the run failed differently.
+  confirmed, whatever any fit says), or the run failed differently, or the
+  predicted sources make up the real tensor at the step with other
+  coefficients (a fit they do not explain refutes nothing: INCONCLUSIVE).
 - INCONCLUSIVE: the real machinery cannot exercise the hazard here, with the
   reason (a race inside a GPU library the CPU stand-in does not have; a wrong
   output that could not be characterised; a launch on a stream the modelled
@@ -134,6 +136,13 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
     if matches:
         return _item(h, Verdict.CONFIRMED,
                      f"{wrong}; measured {shown} at step {h.step} as predicted (residual {rt.residual or 0.0:.1e})")
+    if (rt.residual or 0.0) > RESIDUAL_OK:
+        # The predicted sources do not make up the real tensor (another fault
+        # upstream, e.g. a wrong input, changed what it holds): its fitted
+        # coefficients mean nothing, for or against.
+        return _item(h, Verdict.INCONCLUSIVE,
+                     f"{wrong}; the real tensor at step {h.step} is not a combination of the predicted sources "
+                     f"(fit residual {rt.residual:.2g}): predicted {predicted}, not comparable")
     return _item(h, Verdict.REFUTED, f"{wrong}; but step {h.step} measured {shown}, predicted {predicted}")
 
 
