@@ -199,28 +199,60 @@ def _rows_words(rows: list[int], toks: list[Tok]) -> str:
 def _explain_rows(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, rows: list[int],
                   shared_group: str | None = None) -> tuple[HazardKind | None, str]:
     """Fit the rows jointly; under SP, per sequence slice when the joint fit
-    explains nothing (a slice may have gone wrong on its own)."""
+    explains nothing (a slice may have gone wrong on its own); then row by
+    row (rows may have gone wrong in different ways)."""
     if not bool(torch.isfinite(y[rows]).all()):
         bad = [i for i in rows if not bool(torch.isfinite(y[i]).all())]
         return None, f"non-finite values (nan/inf) in {_rows_words(bad, toks)}"
     ex = explain(ref, rank, [toks[i] for i in rows], y[rows], shared_group)
-    s = ref.s
-    if ex.kind is not None or not s.sp:
+    if ex.kind is not None:
         return ex.kind, ex.cause
-    per = s.rank_rows(rank)
+    found = _explain_per_slice(ref, rank, toks, y, rows, shared_group) if ref.s.sp else None
+    return found or _explain_per_row(ref, rank, toks, y, rows, shared_group) or (ex.kind, ex.cause)
+
+
+def _explain_per_slice(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, rows: list[int],
+                       shared_group: str | None) -> tuple[HazardKind, str] | None:
+    """Each SP slice's rows fitted apart; None unless every slice is explained."""
+    per = ref.s.rank_rows(rank)
     slices: dict[int, list[int]] = {}
     for i in rows:
         slices.setdefault(toks[i][1] // per, []).append(i)
     if len(slices) < 2:
-        return ex.kind, ex.cause
+        return None
     parts, kinds = [], []
     for slc, idx in sorted(slices.items()):
         sub = explain(ref, rank, [toks[i] for i in idx], y[idx], shared_group)
         if sub.kind is None:
-            return ex.kind, ex.cause
+            return None
         kinds.append(sub.kind)
         parts.append(f"rows of slice d{toks[idx[0]][0]}s{slc}: {sub.cause}")
     return kinds[0], "; ".join(parts)
+
+
+PER_ROW_MAX = 32  # rows fitted one by one when no joint fit explains them
+
+
+def _explain_per_row(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, rows: list[int],
+                     shared_group: str | None) -> tuple[HazardKind, str] | None:
+    """Rows that went wrong in different ways (some rows lost a source that
+    the others over-count) explain no joint fit: fit each row alone and name
+    each cause with its rows; None unless every row is explained. The kind
+    is the first rows' (rows in order)."""
+    if len(rows) < 2 or len(rows) > PER_ROW_MAX:
+        return None
+    causes: dict[str, list[int]] = {}
+    kinds: list[HazardKind] = []
+    for i in rows:
+        ex = explain(ref, rank, [toks[i]], y[[i]], shared_group)
+        if ex.kind is None:
+            return None
+        if ex.cause not in causes:
+            kinds.append(ex.kind)
+        causes.setdefault(ex.cause, []).append(i)
+    if len(causes) < 2:
+        return None  # one cause for every row would have fitted jointly
+    return kinds[0], "; ".join(f"{_rows_words(idx, toks)}: {cause}" for cause, idx in causes.items())
 
 
 # ---- wrong shapes ----

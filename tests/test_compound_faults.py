@@ -71,3 +71,6 @@ def test_a_row_loss_beside_an_over_count_is_confirmed_with_it() -> None:
     result = check(RSF, f"{RUNNERS}:LastRowDroppedScaledTwice", timeout_s=60)
     assert {(v.kind, v.verdict) for v in result.verdicts} == {
         ("MISSING_REDUCTION", Verdict.CONFIRMED), ("DOUBLE_REDUCTION", Verdict.CONFIRMED)}
+    # No one fit explains rows that went wrong in two ways: each is named with its rows.
+    cause = result.real.output_checks[0].cause
+    assert "routed@tp0,tp1 coefficient 2.5 (expected 1); row d0t5: routed@tp0,tp1 coefficient 0" in cause, cause
