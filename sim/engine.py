@@ -400,8 +400,9 @@ class Simulation:
         self._main = greenlet.getcurrent()
         self._ready: deque[int] = deque()
         lets: list[greenlet.greenlet] = []
+        budget = contain.current_budget()  # one for every rank: they start under one guard
         for r in range(s.world):
-            ops = SimOps(self, r)
+            ops = SimOps(self, r, budget)
             self.rank_ops.append(ops)
             lets.append(greenlet.greenlet(lambda ops=ops: self._rank_body(ops), parent=self._main))
             self._ready.append(r)

@@ -12,6 +12,7 @@ group, a non-tensor argument, waiting on a non-event) raises RunnerUsageError.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from scenarios import contain, layout
@@ -46,6 +47,17 @@ if TYPE_CHECKING:
 
 MODEL = "model"  # category of model-side steps (input, output, SP slicing)
 _access = tuple.__new__  # Access(...) without NamedTuple's Python-level __new__ (several per op)
+_new_record = object.__new__  # a slotted Step, Plan or SimTensor, its fields set by SimOps._step and _new
+
+# The fields SimOps._step and _new set, in each record's order: a field added
+# to one must be set there too (an unset slot would raise on first read).
+_STEP_FIELDS = ("rank", "index", "op", "name", "stream", "category", "component", "group", "in_shapes",
+                "out_shape", "start", "end", "waits", "records", "value", "residual", "detail", "error")
+_PLAN_FIELDS = ("step", "dur", "coll", "waits", "record", "vc")
+_TENSOR_FIELDS = ("shape", "value", "buf", "step", "version", "rows_from", "clobbered_by", "clobber_partial")
+if ((tuple(f.name for f in fields(Step)), tuple(f.name for f in fields(Plan)), tuple(f.name for f in fields(SimTensor)))
+        != (_STEP_FIELDS, _PLAN_FIELDS, _TENSOR_FIELDS)):
+    raise ImportError("sim.simops: Step, Plan or SimTensor changed fields; update SimOps._step and _new")
 
 
 def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
@@ -74,7 +86,7 @@ class _OnStream:
 class SimOps(SimComm, SimCompute, Ops):
     """One rank's Ops in the simulator."""
 
-    def __init__(self, sim: Simulation, rank: int) -> None:
+    def __init__(self, sim: Simulation, rank: int, budget: contain.Budget | None = None) -> None:
         self.sim = sim
         self.scenario = sim.scenario
         self.rank = rank
@@ -104,7 +116,8 @@ class SimOps(SimComm, SimCompute, Ops):
         self.writes: dict[int, tuple[int, SimTensor]] = {}
         # The budgets in force, read once: the program phase runs under the
         # guard that set them, and runner code changing them later does not count.
-        self._budget = contain.current_budget()
+        # (`budget`: taken once for every rank of the simulation, by the engine.)
+        self._budget = budget if budget is not None else contain.current_budget()
 
     # ---- usage checks (the runner's code, not the configuration) ----
 
@@ -139,22 +152,43 @@ class SimOps(SimComm, SimCompute, Ops):
         steps = self.steps
         n = len(steps)
         contain.check_op(n, ins, out_shape, self.world, self._budget)
+        # The Step and its Plan are filled in here, not by their dataclass
+        # __init__ (a call frame of 18 arguments, twice per op): _STEP_FIELDS
+        # checks at import that every field is set.
+        st = _new_record(Step)
+        st.rank = self.rank
+        st.index = n
+        st.op = op
+        st.name = name
+        st.stream = self.current_stream
+        st.category = category
+        st.component = component
+        st.group = group
+        st.out_shape = out_shape
+        st.start = st.end = 0.0
+        st.waits = []
+        st.records = st.value = st.residual = st.error = None
+        st.detail = ""
         if ins:
             if len(ins) == 1:  # most ops: no comprehension (a call of its own per op)
                 t = ins[0]
-                shapes, producers = [t.shape], (t.step,)
+                st.in_shapes, producers = [t.shape], (t.step,)
             else:
-                shapes, producers = [t.shape for t in ins], tuple([t.step for t in ins])
-            st = Step(self.rank, n, op, name, self.current_stream, category, component, group, shapes, out_shape)
+                st.in_shapes, producers = [t.shape for t in ins], tuple([t.step for t in ins])
             self.inputs.append(producers)  # producer steps (dataflow, for what-ifs)
             if self.writes:
                 for t in ins:
                     self._resolve(t)
         else:
-            st = Step(self.rank, n, op, name, self.current_stream, category, component, group, [], out_shape)
+            st.in_shapes = []
             self.inputs.append(())
         steps.append(st)
-        self.plans.append(Plan(st, dur))
+        pl = _new_record(Plan)
+        pl.step = st
+        pl.dur = dur
+        pl.coll = pl.record = pl.vc = None
+        pl.waits = ()
+        self.plans.append(pl)
         return st
 
     def _resolve(self, t: SimTensor) -> None:
@@ -203,7 +237,15 @@ class SimOps(SimComm, SimCompute, Ops):
             # (an op that passes its input's value on has its rows: no call)
             if t.rows_from < rows_from and (t.value is value or t.value.same_rows(value)):
                 rows_from = t.rows_from
-        out = SimTensor(shape, value, buf, index, version, rows_from)
+        out = _new_record(SimTensor)  # (filled in here, as _step fills its Step)
+        out.shape = shape
+        out.value = value
+        out.buf = buf
+        out.step = index
+        out.version = version
+        out.rows_from = rows_from
+        out.clobbered_by = None
+        out.clobber_partial = False
         if writes:  # a view only reads its buffer (its input access is recorded above)
             accesses.append(_access(Access, (rank, index, buf, True)))
         if st.stream != "main":
