@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import count
 from typing import Any
 
 import greenlet
@@ -201,8 +203,10 @@ class Simulation:
         self.finished: dict[int, str] = {}
         self.usage_error: OpsUsageError | RunnerUnsupported | None = None
         self.budget_stop: str | None = None  # why a budget stopped the program phase
-        self._buf = 0
-        self._ev = 0
+        # Buffer and event numbers 1, 2, ...: a counter's C-level __next__
+        # (several per op) instead of a method call each.
+        self.new_buffer: Callable[[], int] = count(1).__next__
+        self.new_event: Callable[[], int] = count(1).__next__
         # Streams matter only if a runner uses more than one; tracked always so a
         # user's runner that opens a stream late is still checked.
         self.track_streams = True
@@ -224,16 +228,6 @@ class Simulation:
             del ops.sim
         del self.checks.sim
         self.pending.clear()
-
-    # ---- counters ----
-
-    def new_buffer(self) -> int:
-        self._buf += 1
-        return self._buf
-
-    def new_event(self) -> int:
-        self._ev += 1
-        return self._ev
 
     def add_hazard(self, kind: HazardKind, rank: int, st: Step, detail: str, cost: float | None = None,
                    opaque_from: int | None = None, consumers: list[str] | None = None) -> None:

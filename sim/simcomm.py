@@ -76,24 +76,28 @@ class SimComm:
         self.plans[out.step].dur = collective_us(self.sim.profile, kind, n, nbytes)
 
     def all_reduce(self, x: SimTensor, group: str = "tp", name: str = "all_reduce") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         g = self._group(group, name)
         return self._collective("all_reduce", x, g, name, "all_reduce", x.shape, self._bytes(x.shape))
 
     def all_gather(self, x: SimTensor, group: str = "tp", name: str = "all_gather") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         g = self._group(group, name)
         shape = (x.shape[0] * len(g), *x.shape[1:])
         return self._collective("all_gather", x, g, name, "all_gather", shape, self._bytes(shape))
 
     def reduce_scatter(self, x: SimTensor, group: str = "tp", name: str = "reduce_scatter") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         g = self._group(group, name)
         shape = (x.shape[0] // len(g), *x.shape[1:])
         return self._collective("reduce_scatter", x, g, name, "reduce_scatter", shape, self._bytes(x.shape))
 
     def all_gatherv(self, x: SimTensor, group: str = "dp", name: str = "all_gatherv") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         g = self._group(group, name)
         shape = (x.shape[0] * len(g), *x.shape[1:])  # until the members' rows are known
         out = self._collective("all_gatherv", x, g, name, "all_gatherv", shape, self._bytes(shape))
@@ -102,7 +106,8 @@ class SimComm:
         return out
 
     def reduce_scatterv(self, x: SimTensor, sizes: Sequence[int], group: str = "dp", name: str = "reduce_scatterv") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         g = self._group(group, name)
         if not isinstance(sizes, Sequence) or isinstance(sizes, str):
             raise self._misuse(name, f"argument sizes must be a sequence of ints, got {type(sizes).__name__}")
@@ -114,7 +119,8 @@ class SimComm:
         return self._collective("reduce_scatterv", x, g, name, "reduce_scatterv", shape, nbytes, sizes=sz)
 
     def dispatch(self, x: SimTensor, routing_h: SimTensor, name: str = "dispatch") -> tuple[SimTensor, SimTensor]:
-        x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
+        if x.__class__ is not SimTensor or routing_h.__class__ is not SimTensor:
+            x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
         s = self.sim.scenario
         if self.sim.layout.dispatch_backend(s) == "none":
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
@@ -137,7 +143,8 @@ class SimComm:
         return out, rh
 
     def combine(self, y: SimTensor, name: str = "combine") -> SimTensor:
-        y = self._tensor(y, name, "y")
+        if y.__class__ is not SimTensor:
+            y = self._tensor(y, name, "y")
         s = self.sim.scenario
         group, token_routing = self.sim.dispatch_group(self.rank)
         # Every member gets back its own layer rows (the DP metadata's counts).

@@ -49,7 +49,8 @@ class SimCompute:
         def all_reduce(self, x: SimTensor, group: str = "tp", name: str = "all_reduce") -> SimTensor: ...
 
     def router(self, x: SimTensor, name: str = "router") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         m, p = self.scenario.model, self.sim.profile
         rows = x.shape[0]
         shape = (rows, m.top_k)
@@ -64,7 +65,8 @@ class SimCompute:
         return self._new(st, shape, x.value, (x,), fresh=True)
 
     def latent_down(self, x: SimTensor, name: str = "latent_down") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         m, p = self.scenario.model, self.sim.profile
         lat = m.latent_dim or m.hidden
         shape = (x.shape[0], lat)
@@ -76,7 +78,8 @@ class SimCompute:
         return self._new(st, shape, algebra.relabel(x.value, "xlat", ""), (x,), fresh=True)
 
     def latent_up(self, x: SimTensor, name: str = "latent_up", row_parallel: bool = False) -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         m, p = self.scenario.model, self.sim.profile
         lat = m.latent_dim or m.hidden
         members = self._row_parallel_members(name, row_parallel)
@@ -106,7 +109,8 @@ class SimCompute:
         self, x: SimTensor, routing_h: SimTensor, inplace: bool = False, name: str = "routed_experts",
         fused_shared: float = 0.0, valid_rows: int | None = None,
     ) -> SimTensor:
-        x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
+        if x.__class__ is not SimTensor or routing_h.__class__ is not SimTensor:
+            x, routing_h = self._tensor(x, name), self._tensor(routing_h, name, "routing")
         if valid_rows is not None and not 0 <= self._int(valid_rows, name, "valid_rows") <= x.shape[0]:
             raise self._misuse(name, f"valid_rows {valid_rows} is not within the input's {x.shape[0]} rows")
         s, m, p = self.scenario, self.scenario.model, self.sim.profile
@@ -172,7 +176,8 @@ class SimCompute:
         self, x: SimTensor, sharded: bool = True, name: str = "shared_experts", reduce_results: bool = False,
         group: str = "tp",
     ) -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         m, p = self.scenario.model, self.sim.profile
         members = self._group(group, name) if sharded else (self.rank,)
         n = len(members)

@@ -12,6 +12,7 @@ group, a non-tensor argument, waiting on a non-event) raises RunnerUsageError.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 MODEL = "model"  # category of model-side steps (input, output, SP slicing)
 _access = tuple.__new__  # Access(...) without NamedTuple's Python-level __new__ (several per op)
+_monotonic = time.monotonic
+_prod = math.prod
 _new_record = object.__new__  # a slotted Step, Plan or SimTensor, its fields set by SimOps._step and _new
 
 # The fields SimOps._step and _new set, in each record's order: a field added
@@ -118,6 +121,8 @@ class SimOps(SimComm, SimCompute, Ops):
         # guard that set them, and runner code changing them later does not count.
         # (`budget`: taken once for every rank of the simulation, by the engine.)
         self._budget = budget if budget is not None else contain.current_budget()
+        self._max_ops, self._deadline = self._budget.max_ops, self._budget.deadline
+        self._block_cap = contain.value_block_cap(self.world)
 
     # ---- usage checks (the runner's code, not the configuration) ----
 
@@ -125,6 +130,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return RunnerUsageError(name, self.rank, misuse, self.sim.runner_label)
 
     def _tensor(self, t: Any, name: str, what: str = "x") -> SimTensor:
+        # The ops call this only for what is not exactly a SimTensor (the
+        # check inline: a call per argument per op otherwise).
         if not isinstance(t, SimTensor):
             raise self._misuse(name, f"argument {what} must be a tensor an op returned, got {type(t).__name__}")
         return t
@@ -148,10 +155,22 @@ class SimOps(SimComm, SimCompute, Ops):
         group: tuple[int, ...] | None = None,
     ) -> Step:
         # Op, wall-clock and value-size budgets (scenarios/contain.py): raises
-        # BudgetExceeded into the runner before anything is recorded.
+        # BudgetExceeded into the runner before anything is recorded. Its
+        # check_op is called only where it may raise (a call per op otherwise).
         steps = self.steps
         n = len(steps)
-        contain.check_op(n, ins, out_shape, self.world, self._budget)
+        if n >= self._max_ops or (self._deadline is not None and _monotonic() > self._deadline):
+            contain.check_op(n, ins, out_shape, self.world, self._budget)  # raises
+        for t in ins:
+            if t.value.n_blocks > self._block_cap:
+                contain.check_op(n, ins, out_shape, self.world, self._budget)  # raises
+        if out_shape:
+            try:
+                big = _prod(out_shape) > contain.MAX_ELEMENTS
+            except TypeError:
+                big = True
+            if big:  # maybe over the element cap: check_op counts exactly
+                contain.check_op(n, ins, out_shape, self.world, self._budget)
         # The Step and its Plan are filled in here, not by their dataclass
         # __init__ (a call frame of 18 arguments, twice per op): _STEP_FIELDS
         # checks at import that every field is set.
@@ -361,7 +380,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return out
 
     def sp_slice(self, x: SimTensor, name: str = "sp_slice") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         tp = self.scenario.parallel.tp
         per = -(-x.shape[0] // tp)
         shape = (per, *x.shape[1:])
@@ -374,7 +394,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return out
 
     def dp_gather(self, x: SimTensor, name: str = "dp_gather", padded: bool = False) -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         s = self.sim.scenario
         if x.shape[0] != s.dp_tokens(self.d):
             st = self._step("dp_gather", name, MODEL, (x,), x.shape)
@@ -399,7 +420,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return self._new(st, shape, value, (x,))
 
     def dp_scatter(self, x: SimTensor, name: str = "dp_scatter", padded: bool = False) -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         s = self.sim.scenario
         lo, n = dp_slot(s, self.d, padded)
         shape = (n, *x.shape[1:])
@@ -410,14 +432,16 @@ class SimOps(SimComm, SimCompute, Ops):
         return self._new(st, shape, algebra.split_rows(x.value, lo, lo + n), (x,))
 
     def trim_rows(self, x: SimTensor, rows: int, name: str = "trim_rows") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         rows = self._int(rows, name, "rows")
         shape = (min(rows, x.shape[0]), *x.shape[1:])
         st = self._step("trim_rows", name, PADDING, (x,), shape, self.sim.view_us)
         return self._new(st, shape, algebra.split_rows(x.value, 0, rows), (x,), buf=x.buf)
 
     def layer_output(self, x: SimTensor, name: str = "layer_output") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         st = self._step("layer_output", name, MODEL, (x,), x.shape)
         expected = (self.tokens, self.scenario.model.hidden)
         if tuple(x.shape) != expected:
@@ -428,7 +452,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return x
 
     def boundary(self, x: SimTensor, shape: tuple[int, ...], name: str = "custom_op_boundary") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         if not isinstance(shape, tuple | list):
             raise self._misuse(name, f"argument shape must be a tuple, got {type(shape).__name__}")
         st = self._step("boundary", name, MODEL, (x,), tuple(shape))
@@ -448,7 +473,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return n * self.sim.profile.bytes_per_elem
 
     def pad(self, x: SimTensor, width: int, name: str = "pad") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         width = self._int(width, name, "width")
         shape = (x.shape[0], width)
         st = self._step("pad", name, PADDING, (x,), shape, elementwise_us(self.sim.profile, 2 * self._bytes(shape)))
@@ -457,7 +483,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return self._new(st, shape, x.value, (x,))
 
     def trim(self, x: SimTensor, width: int, name: str = "trim") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         width = self._int(width, name, "width")
         # Trimming past the width is the runner assuming a wider tensor than it
         # holds (torch's slice would hide it): an error in both interpreters.
@@ -468,7 +495,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return self._new(st, shape, x.value, (x,), buf=x.buf)
 
     def view(self, x: SimTensor, shape: tuple[int, ...], name: str = "view") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         if not isinstance(shape, tuple | list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise self._misuse(name, f"argument shape must be a tuple of ints, got {shape!r}")
         out_shape, problem = view_shape(tuple(x.shape), tuple(shape))
@@ -480,7 +508,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return self._new(st, out_shape, x.value, (x,), buf=x.buf, writes=False)
 
     def add(self, a: SimTensor, b: SimTensor, name: str = "add") -> SimTensor:
-        a, b = self._tensor(a, name, "a"), self._tensor(b, name, "b")
+        if a.__class__ is not SimTensor or b.__class__ is not SimTensor:
+            a, b = self._tensor(a, name, "a"), self._tensor(b, name, "b")
         st = self._step("add", name, COMPUTE, (a, b), a.shape, elementwise_us(self.sim.profile, 3 * self._bytes(a.shape)))
         if tuple(a.shape) != tuple(b.shape):
             self._shape_error(st, f"{list(a.shape)} + {list(b.shape)}")
@@ -494,7 +523,8 @@ class SimOps(SimComm, SimCompute, Ops):
         return 1 if ka != b.value.keys() and ka != self.layer_rows and b.value.keys() == self.layer_rows else 0
 
     def scale(self, x: SimTensor, factor: float, name: str = "scale") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         if isinstance(factor, bool) or not isinstance(factor, int | float):
             raise self._misuse(name, f"argument factor must be a number, got {type(factor).__name__}")
         st = self._step("scale", name, COMPUTE, (x,), x.shape, elementwise_us(self.sim.profile, 2 * self._bytes(x.shape)))
@@ -503,6 +533,7 @@ class SimOps(SimComm, SimCompute, Ops):
         return self._new(st, x.shape, algebra.scale(x.value, float(factor)), (x,))
 
     def clone(self, x: SimTensor, name: str = "clone") -> SimTensor:
-        x = self._tensor(x, name)
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
         st = self._step("clone", name, COMPUTE, (x,), x.shape, elementwise_us(self.sim.profile, 2 * self._bytes(x.shape)))
         return self._new(st, x.shape, x.value, (x,))
