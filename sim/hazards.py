@@ -49,33 +49,35 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
                 by_buf[key].append(acc)
     out: list[Hazard] = []
     reported: set[tuple[int, int, int]] = set()
+    # Which accesses of a buffer race depends on their (step, write) and the
+    # rank's streams and clocks only; ranks of one plan shape share their
+    # clock dicts (SimOps.assign_clocks), so the first one's identity names
+    # the shape and ranks of one shape analyse each access pattern once.
+    memo: dict[tuple, list[tuple[int, int]]] = {}
     for (rank, _buf), accs in by_buf.items():
         plans = rank_ops[rank].plans
-        if len({plans[a.step].step.stream for a in accs}) < 2:
+        mkey = (id(plans[0].vc), tuple([(a.step, a.write) for a in accs]))
+        pairs = memo.get(mkey)
+        if pairs is None:
+            pairs = memo[mkey] = _racing_pairs(plans, accs)
+        if not pairs:
             continue
         steps = rank_ops[rank].steps
-        for i, a in enumerate(accs):
-            pa = plans[a.step]
-            for b in accs[i + 1:]:
-                pb = plans[b.step]
-                if pa.step.stream == pb.step.stream or not (a.write or b.write):
-                    continue
-                if not concurrent(pa.step.stream, pa.vc or {}, pb.step.stream, pb.vc or {}):
-                    continue
-                first, second = (a, b) if a.step < b.step else (b, a)
-                key = (rank, first.step, second.step)
-                if key in reported or first.step == second.step:
-                    continue
-                reported.add(key)
-                s1, s2 = steps[first.step], steps[second.step]
-                verb1 = "writes" if first.write else "reads"
-                verb2 = "writes" if second.write else "reads"
-                out.append(Hazard(
-                    HazardKind.UNSAFE_OVERLAP, s2.index, s2.name, rank,
-                    f"{s2.name} ({s2.stream}) {verb2} a buffer that step {s1.index} {s1.name} "
-                    f"({s1.stream}) {verb1}; no event orders them",
-                    opaque_from=s1.index,
-                ))
+        for i, j in pairs:
+            first, second = accs[i], accs[j]
+            key = (rank, first.step, second.step)
+            if key in reported:
+                continue
+            reported.add(key)
+            s1, s2 = steps[first.step], steps[second.step]
+            verb1 = "writes" if first.write else "reads"
+            verb2 = "writes" if second.write else "reads"
+            out.append(Hazard(
+                HazardKind.UNSAFE_OVERLAP, s2.index, s2.name, rank,
+                f"{s2.name} ({s2.stream}) {verb2} a buffer that step {s1.index} {s1.name} "
+                f"({s1.stream}) {verb1}; no event orders them",
+                opaque_from=s1.index,
+            ))
     return out
 
 
@@ -89,6 +91,27 @@ def shared_routed_pairs(sim, rank: int) -> list[tuple[Step, Step]]:  # noqa: ANN
         for rp in routed:
             if sp.vc is not None and rp.vc is not None and concurrent(sp.step.stream, sp.vc, rp.step.stream, rp.vc):
                 pairs.append((sp.step, rp.step))
+    return pairs
+
+
+def _racing_pairs(plans: list, accs: list) -> list[tuple[int, int]]:
+    """(earlier, later) positions in `accs` (one buffer's accesses on one
+    rank) of the unordered cross-stream pairs with a write, in scan order."""
+    if len({plans[a.step].step.stream for a in accs}) < 2:
+        return []
+    pairs = []
+    for i, a in enumerate(accs):
+        pa = plans[a.step]
+        for j in range(i + 1, len(accs)):
+            b = accs[j]
+            pb = plans[b.step]
+            if pa.step.stream == pb.step.stream or not (a.write or b.write):
+                continue
+            if not concurrent(pa.step.stream, pa.vc or {}, pb.step.stream, pb.vc or {}):
+                continue
+            if a.step == b.step:
+                continue
+            pairs.append((i, j) if a.step < b.step else (j, i))
     return pairs
 
 
