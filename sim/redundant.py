@@ -16,7 +16,7 @@ from typing import Any
 
 from scenarios.runners import MoERunner
 from scenarios.trace import Hazard, HazardKind, Trace
-from scenarios.whatif import REMOVABLE, Removed, removed_at, without_collective
+from scenarios.whatif import REMOVABLE, Removed, without_collective
 
 TOL = 1e-9
 # Performance hazards: they do not stop the search.
@@ -25,12 +25,21 @@ PERFORMANCE = (HazardKind.LOST_OVERLAP, HazardKind.REDUNDANT_COLLECTIVE)
 
 def candidates(trace: Trace) -> dict[Removed, list[tuple[int, int]]]:
     """Every removable collective call, with the (rank, step) where it runs."""
-    found: dict[Removed, list[tuple[int, int]]] = {}
+    # Keyed by (op, name, occurrence) while collecting: one Removed per call
+    # in the end, not one per rank (a frozen dataclass, hashed per lookup).
+    # The occurrence counts every earlier step of that op and name, as
+    # removed_at does, in one pass over the steps instead of a rescan each.
+    found: dict[tuple[str, str, int], list[tuple[int, int]]] = {}
     for r, steps in sorted(trace.steps.items()):
+        seen: dict[tuple[str, str], int] = {}
         for st in steps:
-            if st.op in REMOVABLE and st.group is not None and len(st.group) > 1:
-                found.setdefault(removed_at(steps, st.index), []).append((r, st.index))
-    return found
+            if st.op in REMOVABLE:
+                call = (st.op, st.name)
+                before = seen.get(call, 0)
+                seen[call] = before + 1
+                if st.group is not None and len(st.group) > 1:
+                    found.setdefault((*call, before), []).append((r, st.index))
+    return {Removed(*key): where for key, where in found.items()}
 
 
 def same_outputs(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> bool:
