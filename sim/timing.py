@@ -19,7 +19,8 @@ Ranks with the same timeline (sim/symmetry.py) are replayed once per class.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from sim import symmetry
@@ -110,6 +111,11 @@ def timing_phase(sim: Simulation) -> float:
                     ready.extend(woken)
 
     replayed = range(len(sim.rank_ops)) if cls is None else cls.reps
+    # Per plan shape, one getter per stream picking that stream's plans, in
+    # first-use order: ranks of one shape share their clock dicts
+    # (SimOps.assign_clocks), so the first one's identity names the shape and
+    # its split into streams is found once, not per rank.
+    splits: dict[int, list[Callable[[list[Plan]], Any]]] = {}
     for r in replayed:
         plans = sim.rank_ops[r].plans
         if not plans:
@@ -117,15 +123,14 @@ def timing_phase(sim: Simulation) -> float:
         if plans[0].vc is None:  # one stream (sim.simops.SimOps.assign_clocks): one replay of the list itself
             ready.append(proc(r, plans))
             continue
-        by_stream: dict[str, list[Plan]] = {}
-        for pl in plans:
-            s = pl.step.stream
-            lst = by_stream.get(s)
-            if lst is None:
-                by_stream[s] = [pl]
-            else:
-                lst.append(pl)
-        ready.extend(proc(r, lst) for lst in by_stream.values())
+        getters = splits.get(id(plans[0].vc))
+        if getters is None:
+            by_stream: dict[str, list[int]] = {}
+            for i, pl in enumerate(plans):
+                by_stream.setdefault(pl.step.stream, []).append(i)
+            getters = splits[id(plans[0].vc)] = [
+                itemgetter(*idx) if len(idx) > 1 else (lambda ps, i=idx[0]: (ps[i],)) for idx in by_stream.values()]
+        ready.extend(proc(r, get(plans)) for get in getters)
     while ready:
         g = ready.popleft()
         blocked_on = next(g, None)
