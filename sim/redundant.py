@@ -19,6 +19,7 @@ from scenarios.trace import Hazard, HazardKind, Trace
 from scenarios.whatif import REMOVABLE, Removed, without_collective
 
 TOL = 1e-9
+_REMOVABLE = frozenset(REMOVABLE)  # one hash lookup per step, not a comparison per removable op
 # Performance hazards: they do not stop the search.
 PERFORMANCE = (HazardKind.LOST_OVERLAP, HazardKind.REDUNDANT_COLLECTIVE)
 
@@ -33,7 +34,7 @@ def candidates(trace: Trace) -> dict[Removed, list[tuple[int, int]]]:
     for r, steps in sorted(trace.steps.items()):
         seen: dict[tuple[str, str], int] = {}
         for st in steps:
-            if st.op in REMOVABLE:
+            if st.op in _REMOVABLE:
                 call = (st.op, st.name)
                 before = seen.get(call, 0)
                 seen[call] = before + 1
