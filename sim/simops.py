@@ -50,17 +50,19 @@ MODEL = "model"  # category of model-side steps (input, output, SP slicing)
 _access = tuple.__new__  # Access(...) without NamedTuple's Python-level __new__ (several per op)
 _monotonic = time.monotonic
 _prod = math.prod
-_new_record = object.__new__  # a slotted Step, Plan or SimTensor, its fields set by SimOps._step and _new
+_new_record = object.__new__  # a slotted record (Step, Plan, SimTensor, SimEvent), its fields set here
 
-# The fields SimOps._step and _new set, in each record's order: a field added
-# to one must be set there too (an unset slot would raise on first read).
+# The fields SimOps sets, in each record's order: a field added to one must
+# be set there too (an unset slot would raise on first read).
 _STEP_FIELDS = ("rank", "index", "op", "name", "stream", "category", "component", "group", "in_shapes",
                 "out_shape", "start", "end", "waits", "records", "value", "residual", "detail", "error")
 _PLAN_FIELDS = ("step", "dur", "coll", "waits", "record", "vc")
 _TENSOR_FIELDS = ("shape", "value", "buf", "step", "version", "rows_from", "clobbered_by", "clobber_partial")
-if ((tuple(f.name for f in fields(Step)), tuple(f.name for f in fields(Plan)), tuple(f.name for f in fields(SimTensor)))
-        != (_STEP_FIELDS, _PLAN_FIELDS, _TENSOR_FIELDS)):
-    raise ImportError("sim.simops: Step, Plan or SimTensor changed fields; update SimOps._step and _new")
+_EVENT_FIELDS = ("id", "stream")
+if ((tuple(f.name for f in fields(Step)), tuple(f.name for f in fields(Plan)), tuple(f.name for f in fields(SimTensor)),
+     tuple(f.name for f in fields(SimEvent)))
+        != (_STEP_FIELDS, _PLAN_FIELDS, _TENSOR_FIELDS, _EVENT_FIELDS)):
+    raise ImportError("sim.simops: Step, Plan, SimTensor or SimEvent changed fields; update SimOps")
 
 
 def _same_rows(a: algebra.Value, b: algebra.Value) -> bool:
@@ -293,7 +295,10 @@ class SimOps(SimComm, SimCompute, Ops):
         ev_id = self.sim.new_event()
         self.plans[-1].record = ev_id
         st.records = ev_id
-        return SimEvent(ev_id, self.current_stream)
+        ev = _new_record(SimEvent)  # (filled in here, as _step fills its Step)
+        ev.id = ev_id
+        ev.stream = self.current_stream
+        return ev
 
     def wait_event(self, event: Any, name: str = "wait_event") -> None:
         if not isinstance(event, SimEvent):
