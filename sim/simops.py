@@ -100,6 +100,10 @@ class SimOps(SimComm, SimCompute, Ops):
         self.d, self.t = self.scenario.coords(rank)
         self.steps: list[Step] = []
         self.plans: list[Plan] = []
+        # Each step's stream, and the steps that record or wait for an event:
+        # the plans' shape (assign_clocks), gathered as they are issued.
+        self.step_streams: list[str] = []
+        self.event_steps: list[int] = []
         self.inputs: list[tuple[int, ...]] = []
         self.values: dict[int, algebra.Value] = {}
         self.coll_seq: dict[tuple[int, ...], int] = {}
@@ -181,7 +185,8 @@ class SimOps(SimComm, SimCompute, Ops):
         st.index = n
         st.op = op
         st.name = name
-        st.stream = self.current_stream
+        st.stream = stream = self.current_stream
+        self.step_streams.append(stream)
         st.category = category
         st.component = component
         st.group = group
@@ -294,6 +299,7 @@ class SimOps(SimComm, SimCompute, Ops):
         st = self._step("record_event", name, EVENT)
         ev_id = self.sim.new_event()
         self.plans[-1].record = ev_id
+        self.event_steps.append(st.index)
         st.records = ev_id
         ev = _new_record(SimEvent)  # (filled in here, as _step fills its Step)
         ev.id = ev_id
@@ -306,6 +312,7 @@ class SimOps(SimComm, SimCompute, Ops):
         st = self._step("wait_event", name, WAIT)
         st.waits = [event.id]
         self.plans[-1].waits = (event.id,)
+        self.event_steps.append(st.index)
 
     def assign_clocks(self, shared: dict[tuple, list[dict[str, int]]] | None = None) -> None:
         """Vector clocks per step (happens-before across this rank's streams),
@@ -320,24 +327,22 @@ class SimOps(SimComm, SimCompute, Ops):
         plans = self.plans
         if not plans:
             return
-        first = plans[0].step.stream
-        for pl in plans:
-            if pl.step.stream != first:
-                break
-        else:
+        streams = self.step_streams
+        if streams.count(streams[0]) == len(streams):
             return
         key = None
         if shared is not None:
+            # The shape as the streams, then (position, positions of the
+            # recording steps) per wait; only event steps record or wait.
             rec_pos: dict[int, int] = {}
-            shape: list = []
-            for i, pl in enumerate(plans):
+            waits: list = []
+            for i in self.event_steps:
+                pl = plans[i]
                 if pl.waits:
-                    shape.append((pl.step.stream, tuple([rec_pos.get(w, -1) for w in pl.waits])))
-                else:
-                    shape.append(pl.step.stream)
+                    waits.append((i, tuple([rec_pos.get(w, -1) for w in pl.waits])))
                 if pl.record is not None:
                     rec_pos[pl.record] = i
-            key = tuple(shape)
+            key = (tuple(streams), tuple(waits))
             known = shared.get(key)
             if known is not None:
                 for pl, vc in zip(plans, known):
