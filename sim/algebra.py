@@ -227,11 +227,11 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
     uniform = _uniform_sum(values, own)
     if uniform is not None:
         return uniform
-    layout = [b.rows for b in values[own].blocks]
-    if all([b.rows for b in v.blocks] == layout for v in values):
+    segs = [v.blocks for v in values]
+    layout = [b.rows for b in segs[own]]
+    if all([b.rows for b in seg] == layout for seg in segs):
         # Common case (same row layout everywhere): no re-segmentation.
         n = len(layout)
-        segs = [v.blocks for v in values]
     else:
         cuts = sorted(set().union(*(_boundaries(v) for v in values)))
         n = len(cuts)

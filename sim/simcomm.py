@@ -60,8 +60,13 @@ class SimComm:
         p = self.sim.profile
         dur = collective_us(p, "all_to_all" if a2a else cost_kind or kind, len(group), nbytes)
         st = self._step(op, name, COLLECTIVE, (x,), out_shape, dur, component=component, group=group)
-        seq = self.coll_seq.get(group, 0)
-        self.coll_seq[group] = seq + 1
+        # One lookup by the group per call (a wide group hashes in Python):
+        # its counter is a one-element list, bumped in place.
+        count = self.coll_seq.get(group)
+        if count is None:
+            count = self.coll_seq[group] = [0]
+        seq = count[0]
+        count[0] = seq + 1
         key = (group, seq)
         self.plans[-1].coll = key
         self.sim.accesses.append(_access(Access, (self.rank, st.index, x.buf, False)))  # (SimOps._access, inline)

@@ -106,7 +106,7 @@ class SimOps(SimComm, SimCompute, Ops):
         self.event_steps: list[int] = []
         self.inputs: list[tuple[int, ...]] = []
         self.values: dict[int, algebra.Value] = {}
-        self.coll_seq: dict[tuple[int, ...], int] = {}
+        self.coll_seq: dict[tuple[int, ...], list[int]] = {}  # group -> [calls so far]
         # Shard labels of the shared MLP as first run ("tp0", "tp1" or "full").
         self.shared_shards: tuple[str, ...] | None = None
         # Projection-shard tags of a row-parallel latent up-projection as first
