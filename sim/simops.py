@@ -75,10 +75,6 @@ class _OnStream:
 
     __slots__ = ("ops", "name", "previous")
 
-    def __init__(self, ops: SimOps, name: str) -> None:
-        self.ops = ops
-        self.name = name
-
     def __enter__(self) -> None:
         ops = self.ops
         self.previous = ops.current_stream
@@ -293,7 +289,10 @@ class SimOps(SimComm, SimCompute, Ops):
 
     def stream(self, name: str) -> _OnStream:  # type: ignore[override]
         """Issue the enclosed ops on stream `name` ("main", "aux", "comm")."""
-        return _OnStream(self, name)
+        on = _new_record(_OnStream)  # (its two fields set here: no __init__ call, twice per rank)
+        on.ops = self
+        on.name = name
+        return on
 
     def record_event(self, name: str = "record_event") -> SimEvent:
         st = self._step("record_event", name, EVENT)
