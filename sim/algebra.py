@@ -134,11 +134,11 @@ _SUM_MEMO_MIN_TERMS = 16  # below this a sum is cheaper than the lookup
 
 def _same_rows_sum(blocks: list[Block]) -> tuple[tuple[Source, float], ...]:
     """_terms of the sum of blocks that all hold the same rows."""
-    memo = sum(len(b.terms) for b in blocks) >= _SUM_MEMO_MIN_TERMS
+    memo = sum([len(b.terms) for b in blocks]) >= _SUM_MEMO_MIN_TERMS  # (lists: no generator per call)
     if memo:
-        ids = tuple(id(b.terms) for b in blocks)
+        ids = tuple([id(b.terms) for b in blocks])
         hit = _SUMS.get(ids)
-        if hit is not None and all(a is b.terms for a, b in zip(hit[0], blocks, strict=True)):
+        if hit is not None and all([a is b.terms for a, b in zip(hit[0], blocks, strict=True)]):
             return hit[1]
     acc: dict[Source, float] = {}
     for b in blocks:
@@ -229,7 +229,7 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
         return uniform
     segs = [v.blocks for v in values]
     layout = [b.rows for b in segs[own]]
-    if all([b.rows for b in seg] == layout for seg in segs):
+    if all([[b.rows for b in seg] == layout for seg in segs]):  # (lists, here and below: no generator per call)
         # Common case (same row layout everywhere): no re-segmentation.
         n = len(layout)
     else:
@@ -241,7 +241,7 @@ def add(values: Sequence[Value], own: int = 0) -> Value:
         mine = segs[own][i]
         key = mine.key
         here = [seg[i] for seg in segs]
-        if all(blk.key == key for blk in here):
+        if all([blk.key == key for blk in here]):
             out.append(Block(key, mine.rows, _same_rows_sum(here)))
             continue
         acc: dict[Source, float] = {}

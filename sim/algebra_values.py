@@ -65,8 +65,8 @@ class Value:
         bl = self._blocks
         if bl is None:
             st, terms, new = self._starts, self.uniform, tuple.__new__
-            bl = self._blocks = tuple(
-                new(Block, (k, st[i + 1] - st[i], terms)) for i, k in enumerate(self._keys))  # type: ignore[index]
+            bl = self._blocks = tuple([
+                new(Block, (k, st[i + 1] - st[i], terms)) for i, k in enumerate(self._keys)])  # type: ignore[index]
         return bl
 
     def __eq__(self, other: object) -> bool:
@@ -107,7 +107,7 @@ class Value:
     def keys(self) -> tuple[str, ...]:
         ks = self._keys
         if ks is None:
-            ks = self._keys = tuple(b.key for b in self.blocks)
+            ks = self._keys = tuple([b.key for b in self.blocks])  # (a list: no generator to resume per block)
         return ks
 
     def same_rows(self, other: Value) -> bool:

@@ -342,7 +342,7 @@ class Checks:
         terms = [b.terms for b in v.blocks]
         tkey = (tuple(map(id, terms)), want)
         thit = self._by_terms.get(tkey)
-        if thit is not None and all(a is b for a, b in zip(thit[0], terms, strict=True)):
+        if thit is not None and all([a is b for a, b in zip(thit[0], terms, strict=True)]):
             self._memo[key] = (v, thit[1])
             return thit[1]
         coeffs = algebra.coefficients(v, self.expected_scale, want)
@@ -411,7 +411,7 @@ class Checks:
             if toks is None:
                 toks = self._tokens[b.key] = tokens_of(s, b.key)
             d = dp_of(b.key)
-            got.extend((d, t) for t in toks[: b.rows])
+            got.extend([(d, t) for t in toks[: b.rows]])
         want = owned_tokens(s, ops.rank)
         if got == want:
             self._rows_ok.add(layout)

@@ -335,7 +335,7 @@ class Simulation:
                 # Same rows on every member (TP): one sum serves them all.
                 shared_sum = algebra.add(values, own=0)
         gathered = algebra.concat(values) if kind in ("all_gather", "all_gatherv", "dispatch_a2a") else None
-        total_rows = sum(a[1].shape[0] for a in arrivals)
+        total_rows = sum([a[1].shape[0] for a in arrivals])
         for i, r in enumerate(group):
             x = arrivals[i][1]
             if kind == "all_reduce":

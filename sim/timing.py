@@ -130,7 +130,7 @@ def timing_phase(sim: Simulation) -> float:
                 by_stream.setdefault(pl.step.stream, []).append(i)
             getters = splits[id(plans[0].vc)] = [
                 itemgetter(*idx) if len(idx) > 1 else (lambda ps, i=idx[0]: (ps[i],)) for idx in by_stream.values()]
-        ready.extend(proc(r, get(plans)) for get in getters)
+        ready.extend([proc(r, get(plans)) for get in getters])
     while ready:
         g = ready.popleft()
         blocked_on = next(g, None)
