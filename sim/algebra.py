@@ -315,7 +315,7 @@ def reduce_scatter_all(values: Sequence[Value]) -> list[Value]:
             b.rows for b in v0.blocks):
         return [reduce_scatter(values, i) for i in range(n)]
     scale0 = v0.scale
-    same_scale = all(v.scale == scale0 for v in values)
+    same_scale = all([v.scale == scale0 for v in values])  # (a list: no generator resumed per member)
     chunk = starts[-1] // n
     if same_scale:
         fast = _uniform_scatter(values, chunk)
@@ -344,10 +344,10 @@ def _uniform_scatter(values: Sequence[Value], chunk: int) -> list[Value] | None:
     sum of every chunk is the same terms, summed once; None otherwise."""
     v0 = values[0]
     keys, starts = v0._keys, v0._starts
-    if keys is None or len(keys) != len(values) or any(
-            v.uniform is None or v._keys is not keys or v._starts is not starts for v in values):
+    if keys is None or len(keys) != len(values) or any([
+            v.uniform is None or v._keys is not keys or v._starts is not starts for v in values]):
         return None
-    if any(starts[i] != i * chunk for i in range(len(starts))):
+    if any([starts[i] != i * chunk for i in range(len(starts))]):
         return None
     acc: dict[Source, float] = {}
     for v in values:

@@ -395,7 +395,7 @@ class SimOps(SimComm, SimCompute, Ops):
         per = -(-x.shape[0] // tp)
         shape = (per, *x.shape[1:])
         st = self._step("sp_slice", name, MODEL, (x,), shape, self.sim.view_us)
-        blocks = tuple(algebra.Block(f"{b.key}s{self.t}", per, b.terms) for b in x.value.blocks)
+        blocks = tuple([algebra.Block(f"{b.key}s{self.t}", per, b.terms) for b in x.value.blocks])
         value = algebra.Value(blocks, x.value.scale) if len(blocks) == 1 else algebra.split_rows(x.value, self.t * per, (self.t + 1) * per)
         # Padding to a multiple of tp copies (F.pad), so the slice is a new buffer.
         out = self._new(st, shape, value, (x,))

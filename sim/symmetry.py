@@ -97,7 +97,7 @@ def _eligible(sim: Simulation) -> bool:
     rank still blocked is not in `finished`; one that failed is not done)."""
     n = len(sim.rank_ops)
     return (sim.collapse and n > 1 and len(sim.finished) == n
-            and all(v == "done" for v in sim.finished.values()))
+            and all([v == "done" for v in sim.finished.values()]))
 
 
 def _partner_bound(ops_all: list[SimOps], by_dur: list[int]) -> int:
