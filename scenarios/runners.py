@@ -173,6 +173,14 @@ BEFORE_RUNNERS = (
 )
 
 
+def engine_reference(cls: type[MoERunner]) -> str:
+    """The preset name of the correct runner of `cls`'s engine (by its
+    dispatch rules): `sglang`, `trtllm`, else vLLM's `fixed`. Each engine
+    overlaps its own way, so a lost overlap is measured against its own."""
+    name = getattr(getattr(cls, "engine_rules", None), "name", "")
+    return name if name in ("sglang", "trtllm") else "fixed"
+
+
 def load_runner(spec: str | type[MoERunner]) -> type[MoERunner]:
     """A preset by name, or a user's runner as `module:Class` (also `path/file.py:Class`)."""
     if isinstance(spec, type):

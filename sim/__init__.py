@@ -6,7 +6,7 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from scenarios.runners import FixedRunner, MoERunner, load_runner, runner_label
+from scenarios.runners import MoERunner, engine_reference, load_runner, runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import HazardKind, Trace
 from sim import hazards as hz
@@ -83,9 +83,10 @@ def _what_ifs(sim: Simulation, trace: Trace, cls: type[MoERunner], prof: Profile
         alt_name = f"order {order.value}"
         if alt.latency_us >= trace.latency_us - 1e-9 or alt.hazards:
             # Forcing the order did not help (the runner's own structure
-            # serialises it): compare with the fixed program instead.
-            alt = _trace(scenario, FixedRunner, prof, "fixed")
-            alt_name = "the fixed runner"
+            # serialises it): compare with its engine's correct program.
+            ref = engine_reference(cls)
+            alt = _trace(scenario, load_runner(ref), prof, ref)
+            alt_name = f"the {ref} runner"
         if not alt.hazards:
             trace.hazards.extend(hz.lost_overlap_hazards(sim, trace.latency_us, alt.latency_us, order, alt_name))
     trace.hazards.extend(redundant_collectives(sim, cls, trace, lambda c: _trace(scenario, c, prof, label)))

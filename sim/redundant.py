@@ -132,6 +132,7 @@ def redundant_collectives(sim: Any, cls: type[MoERunner], trace: Trace,
     if any(h.kind not in PERFORMANCE for h in trace.hazards) or not trace.outputs:
         return []
     out: list[Hazard] = []
+    found: list[Removed] = []
     for target, where in candidates(trace).items():
         if surely_needed(sim, where):
             continue
@@ -141,6 +142,7 @@ def redundant_collectives(sim: Any, cls: type[MoERunner], trace: Trace,
         saved = trace.latency_us - alt.latency_us
         if saved <= TOL:
             continue
+        found.append(target)
         pct = 100.0 * saved / alt.latency_us if alt.latency_us > 0 else 0.0
         for r, index in where:
             st = trace.steps[r][index]
@@ -150,7 +152,26 @@ def redundant_collectives(sim: Any, cls: type[MoERunner], trace: Trace,
                 f"correct; layer {trace.latency_us:.1f} us vs {alt.latency_us:.1f} us (+{pct:.1f}%)",
                 cost_us=saved,
             ))
+    if len(found) > 1 and _break_together(cls, trace, found, run):
+        names = ", ".join(map(str, found))
+        for h in out:
+            h.detail += f"; but not all of {names} at once: without all of them the layer goes wrong"
     return out
+
+
+def _break_together(cls: type[MoERunner], trace: Trace, found: list[Removed],
+                    run: Callable[[type[MoERunner]], Trace]) -> bool:
+    """Whether the program without every one of `found` at once goes wrong
+    (two copies of one collective are each redundant alone, never both).
+    Calls of one op and name are not tried together (each removal counts
+    the calls it sees, which another removal of that name would shift)."""
+    if len({(t.op, t.name) for t in found}) < len(found):
+        return False
+    variant = cls
+    for target in found:
+        variant = without_collective(variant, target)
+    alt = run(variant)
+    return bool(alt.hazards) or not same_outputs(trace.outputs, alt.outputs)
 
 
 __all__ = ["candidates", "redundant_collectives", "same_outputs", "surely_needed"]

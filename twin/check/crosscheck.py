@@ -263,14 +263,12 @@ def overlap_reference(scenario: Scenario, runner: str | None) -> str:
     """The correct runner of `runner`'s engine (its dispatch rules' name):
     the overlap a LOST_OVERLAP is measured against (SGLang's and TensorRT-LLM's
     overlap their own way; vLLM's is `fixed`)."""
-    from scenarios.runners import load_runner
+    from scenarios.runners import engine_reference, load_runner
 
     try:
-        rules = getattr(load_runner(runner or scenario.runner), "engine_rules", None)
+        return engine_reference(load_runner(runner or scenario.runner))
     except Exception:  # noqa: BLE001 - the check already ran this runner; a reload failing keeps the default
         return "fixed"
-    name = getattr(rules, "name", "")
-    return name if name in ("sglang", "trtllm") else "fixed"
 
 
 def cpu_timeline(scenario: Scenario, runner: str | None, sim: Trace) -> Trace:

@@ -19,11 +19,13 @@ step, the error class and step, the characterised cause of a wrong output).
 - INCONCLUSIVE: the real machinery cannot exercise the hazard here, with the
   reason (a race inside a GPU library the CPU stand-in does not have; a wrong
   output that could not be characterised; a launch on a stream the modelled
-  platform lacks, MISSING_STREAM, whose crash is the engine's own).
+  platform lacks, MISSING_STREAM, whose consequence is the engine's own; a
+  performance hazard on a wrong output).
 - UNPREDICTED: a rank's real output is wrong, or its run failed, and the
   simulator predicted nothing for that rank.
 
-A hazard is never CONFIRMED on a rank whose output equals the reference.
+A hazard is never CONFIRMED without a real run in which the rank's output is
+wrong (UNSAFE_OVERLAP's may be the run with a stream held back).
 The performance hazards are the exception by nature, on a correct output,
 and their verdicts say so: LOST_OVERLAP is judged by measured overlap;
 REDUNDANT_COLLECTIVE by a real run of the runner without the collective,
@@ -234,7 +236,10 @@ def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], 
               f"layer {real.latency_us:.0f} us vs {reference} {fixed_latency:.0f} us")
     out = output_of(real, h.rank)
     if out is not None and not out.correct:
-        detail += f"; note: {describe_wrong(out)}"
+        # Lost speed on a wrong output is no finding: the correctness fault
+        # comes first, and fixing it may change the schedule.
+        return _item(h, Verdict.INCONCLUSIVE, f"{detail}; but {describe_wrong(out)}: a performance hazard is "
+                                              "judged on a correct output only")
     if mine == 0.0 and ref > 0.0:
         return _item(h, Verdict.CONFIRMED, detail)
     if mine > 0.0:
@@ -244,7 +249,8 @@ def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], 
 
 def judge_missing_stream(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
     """The claim: the program launches work on a stream the modelled platform
-    lacks, and the engine crashes there. The CPU runner stands every stream
+    lacks, and the engine crashes there (vLLM, SGLang) or serialises it
+    (TensorRT-LLM). The CPU runner stands every stream
     in with a worker thread, whatever the modelled platform, and runs none of
     the engine's own code, so the crash cannot be provoked here: at best the
     launch is observed (INCONCLUSIVE, with the reason); a real run that issues
@@ -257,9 +263,10 @@ def judge_missing_stream(sim: Trace, real: Trace, h: Hazard) -> VerdictItem:
     first = issued[0]
     return _item(h, Verdict.INCONCLUSIVE,
                  f"the real run issued {len(issued)} op(s) on the {stream} stream as predicted (first: step "
-                 f"{first.index} {first.name}), but the crash is the engine's (its stream object does not "
-                 "exist on the modelled platform) and this CPU runner stands every stream in with a "
-                 "worker thread, so it cannot be confirmed here")
+                 f"{first.index} {first.name}), but what the engine does there (the prediction says: a crash, "
+                 "or running both halves serially) comes from its own stream objects on the modelled "
+                 "platform, and this CPU runner stands every stream in with a worker thread, so it cannot "
+                 "be confirmed here")
 
 
 def judge_redundant_collective(real: Trace, h: Hazard, without: Trace) -> VerdictItem:
