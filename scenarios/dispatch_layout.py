@@ -15,6 +15,7 @@ helpers ask).
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from scenarios.backends import backend_info, rounded_hidden, too_wide_for
@@ -217,9 +218,16 @@ def _engine(dl: DispatchLayout) -> str:
 
 def _as_base(view: EngineScenario) -> Scenario:
     s = object.__new__(view._base)
-    for k, v in view.field_values().items():  # not the view's cached derived quantities
+    for k, v in _field_items(view):  # not the view's cached derived quantities
         object.__setattr__(s, k, v)
     return s
+
+
+def _field_items(s: Scenario) -> list[tuple[str, Any]]:
+    """The scenario's fields, each read as an attribute: a recording scenario
+    (verify's read log) logs each plain field read, where one call returning
+    the whole dict would make every run unprunable."""
+    return [(f.name, getattr(s, f.name)) for f in fields(s)]
 
 
 _VIEWS: dict[tuple[type, int], type] = {}
@@ -245,7 +253,7 @@ def engine_scenario(s: Scenario, dl: DispatchLayout) -> Scenario:
             return s
         s = _as_base(s)
     view = object.__new__(_view_class(type(s), dl))
-    for k, v in s.field_values().items():  # the view derives its own quantities
+    for k, v in _field_items(s):  # the view derives its own quantities
         object.__setattr__(view, k, v)
     view._validate_engine()
     return view

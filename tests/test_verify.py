@@ -108,6 +108,17 @@ def test_reads_log_outermost_predicates_with_values():
     assert not same_reads(s.with_(**{"parallel.dp": 1, "parallel.backend": "allgather_reducescatter"}), log)
 
 
+@pytest.mark.parametrize("runner", ["sglang", "trtllm"])
+def test_an_engine_runners_reads_are_plain_data(runner):
+    # The engine's view of the scenario copies its fields as attribute reads
+    # (one call returning them all as a dict would leave nothing prunable).
+    s = assignment_scenario(DEFAULT, {**next(assignments(DEFAULT, 4)), "tp": 1 if runner == "trtllm" else 2,
+                                      "dp": 2, "ep": True, "shared": 1}, runner)
+    with reads() as log:
+        simulate(recording(s), runner)
+    assert not log.opaque and same_reads(s, log)
+
+
 def test_a_read_that_is_not_plain_data_makes_the_run_stand_for_nothing():
     class Copies(MoERunner):
         def should_pad(self):
