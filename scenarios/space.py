@@ -15,7 +15,7 @@ and counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,19 @@ def _uneven(v: bool, a: dict[str, Any]) -> Changes:
     return {"workload.tokens": [base + 2 * d for d in range(a.get("dp", 1))]}
 
 
+def _idle(v: bool, a: dict[str, Any]) -> Changes:
+    # The last DP rank gets no tokens (a DP rank with an empty batch still
+    # takes part in every collective: a recurring class of engine bugs).
+    if not v:
+        return {}
+    dp = a.get("dp", 1)
+    if dp < 2:
+        raise ScenarioError("workload.tokens", "an idle DP rank needs at least 2 DP ranks")
+    base = TOKENS[a.get("tokens", "small")]
+    counts = _uneven(True, a)["workload.tokens"] if a.get("uneven_tokens") else [base] * dp
+    return {"workload.tokens": [*counts[:-1], 0]}
+
+
 def _top_k(v: str, a: dict[str, Any]) -> Changes:
     # "above_moe_ep": more experts per token than EP ranks (moe_ep = world
     # here), where TensorRT-LLM's all-to-all falls back to the all-gather.
@@ -171,6 +184,8 @@ def _axes(wide: bool) -> tuple[Axis, ...]:
         axes.append(Axis("phase", PHASES, _field("workload.phase")))
         axes.insert([a.name for a in axes].index("shared") + 1,
                     Axis("shared_fusion", (False, True), _shared_fusion))
+    # Last: its token counts override the batch axes' (it reads them).
+    axes.append(Axis("idle_dp_rank", (False, True), _idle))
     assert {a.values[0] for a in axes if a.name == "platform"} <= set(PLATFORMS)
     return tuple(axes)
 
@@ -184,6 +199,19 @@ def _a2a_axes() -> tuple[Axis, ...]:
 
 SPACES: dict[str, tuple[Axis, ...]] = {"default": _axes(False), "wide": _axes(True), "a2a": _a2a_axes()}
 DEFAULT_MAX_WORLD = {"default": 4, "wide": 8, "a2a": 4, "reduced": 4, "ci": 4}
+
+
+def held_fixed(names: Iterable[str]) -> dict[str, Any]:
+    """The knobs a space with axes `names` does not vary, with the one value
+    its classes all have (every other space's axis, at its first value): what
+    a proof over that space does not cover."""
+    have = set(names)
+    held: dict[str, Any] = {}
+    for axes in SPACES.values():
+        for a in axes:
+            if a.name not in have and a.name not in held:
+                held[a.name] = a.values[0]
+    return held
 
 
 def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, ...]:
@@ -212,11 +240,13 @@ def restrict(axes: tuple[Axis, ...], **values: tuple[Any, ...]) -> tuple[Axis, .
 _BACKEND_GROUPS = ("allgather_reducescatter", "deepep_high_throughput", "deepep_low_latency",
                    "flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided")
 # Neither holds the weight block: no mutated runner (fixed, sglang) reads it.
-SPACES["reduced"] = restrict(SPACES["default"], backend=_BACKEND_GROUPS, weight_block=("none",))
+# Neither holds an idle DP rank either: their mutation figures were measured without it.
+SPACES["reduced"] = restrict(SPACES["default"], backend=_BACKEND_GROUPS, weight_block=("none",),
+                             idle_dp_rank=(False,))
 SPACES["ci"] = restrict(SPACES["default"], backend=("allgather_reducescatter", "deepep_low_latency",
                                                      "flashinfer_nvlink_two_sided"),
                         latent=("none", "nonlinear"), padded=(True,), allreduce_fusion=(False,),
-                        weight_block=("none",))
+                        weight_block=("none",), idle_dp_rank=(False,))
 
 
 def space_axes(space: str | tuple[Axis, ...]) -> tuple[Axis, ...]:
@@ -266,7 +296,7 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
         "tokens": "small" if max(s.token_counts) <= rt.token_threshold else "large",
         "shared": int(m.has_shared), "latent": latent, "padded": m.padded,
         "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
-        "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len(set(s.token_counts)) > 1,
+        "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len({c for c in s.token_counts if c}) > 1, "idle_dp_rank": 0 in s.token_counts,
         "phase": s.workload.phase, "shared_fusion": rt.shared_experts_fusion, "weight_block": block,
         "top_k": "2" if m.top_k == 2 else ("above_moe_ep" if m.top_k > s.moe_ep else None),
     }

@@ -59,13 +59,16 @@ def test_assignments_are_representative_and_invalid_ones_are_skipped():
             invalid += 1
             # EPLB without EP or on one rank; a backend of the newest version only;
             # the previous version's known non-linear-transform defect; a weight
-            # block without shared experts; a row-parallel up-projection under SP.
+            # block without shared experts; a row-parallel up-projection under SP;
+            # an idle DP rank with one DP rank.
             assert exc.field_name in ("parallel.eplb", "parallel.backend", "model.transform_nonlinear",
-                                      "model.weight_block_size", "model.latent_up_parallel"), exc
+                                      "model.weight_block_size", "model.latent_up_parallel",
+                                      "workload.tokens"), exc
             continue
         assert s.parallel.tp == a["tp"] and s.parallel.backend == a["backend"]
         assert s.model.has_shared == bool(a["shared"]) and s.model.padded == a["padded"]
-        assert s.workload.tokens % 2 == 1  # an uneven SP split over tp = 2
+        assert all(c % 2 == 1 for c in s.token_counts[:-1])  # an uneven SP split over tp = 2
+        assert s.token_counts[-1] == (0 if a["idle_dp_rank"] else 3)
     assert invalid > 0
 
 
@@ -275,6 +278,29 @@ def test_cli_json_shape(capsys, tmp_path):
     assert cli.main(["verify", "--merge", str(shard), str(shard), "--json"]) == 0
     merged = json.loads(capsys.readouterr().out)
     assert merged["classes"] == 2 * d["classes"] and len(merged["findings"]) == len(d["findings"])
+    # What every class held fixed is part of the claim.
+    assert d["held_fixed"]["routed_scaling_factor"] == 1.0 and merged["held_fixed"] == d["held_fixed"]
+    assert "held fixed: " in d["statement"] and "routed_scaling_factor 1.0" in d["statement"]
+
+
+def test_the_default_space_has_an_idle_dp_rank():
+    a = {**next(assignments(DEFAULT, 4)), "tp": 1, "dp": 2, "idle_dp_rank": True}
+    s = assignment_scenario(DEFAULT, a, "fixed")
+    assert s.token_counts == (3, 0) or list(s.token_counts) == [3, 0]
+    assert classify(s, DEFAULT)["idle_dp_rank"] is True
+    with pytest.raises(ScenarioError):
+        assignment_scenario(DEFAULT, {**a, "dp": 1}, "fixed")
+
+
+def test_verify_finds_an_idle_dp_rank_that_skips_the_moe_layer():
+    from scenarios.runners import MoERunner
+
+    class IdleSkips(MoERunner):
+        def forward(self, ops, x):
+            return x if x.shape[0] == 0 else super().forward(ops, x)
+
+    res = verify(IdleSkips, space=restrict(DEFAULT, dp=(2,), tp=(1,), ep=(True,), platform=("cuda",)), jobs=1)
+    assert {f.kind for f in res.findings} == {"HANG"}
 
 
 def test_cli_bad_input_is_one_line(capsys):
@@ -316,7 +342,7 @@ def test_a2a_space_holds_every_engines_all_to_all_layouts():
     assert [a.name for a in a2a][:-1] == [a.name for a in DEFAULT] and a2a[-1].name == "top_k"
     base = {"tp": 1, "dp": 2, "ep": True, "backend": "deepep_high_throughput", "version": "newest", "eplb": False,
             "platform": "cuda", "aux_stream": False, "shared": 1, "weight_block": "none", "latent": "none",
-            "padded": False, "allreduce_fusion": False}
+            "padded": False, "allreduce_fusion": False, "idle_dp_rank": False}
     fallback = assignment_scenario(a2a, {**base, "top_k": "above_moe_ep"}, "trtllm")
     assert fallback.model.top_k > fallback.moe_ep and classify(fallback, a2a)["top_k"] == "above_moe_ep"
     assert TRTLLMRunner.engine_rules.dispatch_backend(fallback) == "allgather_reducescatter"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from scenarios.space import held_fixed
 from twin.search.explore_store import ExploreInputError
 
 
@@ -11,9 +12,13 @@ def statement(classes: int, findings: int, axes: dict[str, list[Any]], unsupport
     """What was proved (no finding) or found, over which axes and values."""
     over = "{" + ", ".join(f"{k}: {'/'.join(map(str, v))}" for k, v in axes.items()) + "}"
     refused = f" ({unsupported} more refused by the runner as out of its scope)" if unsupported else ""
+    # A proof covers the axes only: say what every class held fixed (a bug
+    # that needs routed scaling is outside a space that never scales).
+    held = held_fixed(axes)
+    fixed = f"; held fixed: {', '.join(f'{k} {v}' for k, v in held.items())}" if held and axes else ""
     if not findings:
-        return f"no hazard in {classes} decision classes over {over}{refused}"
-    return f"{findings} distinct finding(s) in {classes} decision classes over {over}{refused}"
+        return f"no hazard in {classes} decision classes over {over}{refused}{fixed}"
+    return f"{findings} distinct finding(s) in {classes} decision classes over {over}{refused}{fixed}"
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,6 +45,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["stopped"] = next((r["stopped"] for r in results if r.get("stopped")), None)
     out["elapsed_s"] = round(sum(float(r.get("elapsed_s", 0.0)) for r in results), 3)
     out["statement"] = statement(out["classes"], len(findings), out["axes"] or {}, out["unsupported"])
+    out["held_fixed"] = held_fixed(out["axes"] or {})
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from scenarios.space import held_fixed
 from twin.search.explore_store import Finding
 from twin.search.verify_merge import statement
 from twin.search.verify_record import Reads
@@ -78,6 +79,7 @@ class VerifyResult:
             "jobs": self.jobs,
             "elapsed_s": round(self.elapsed_s, 3),
             "statement": self.statement(),
+            "held_fixed": held_fixed(self.axes),
             "complete": self.complete,
             "stopped": self.gave_up,  # why it ended early by itself (None: it did not)
         }
