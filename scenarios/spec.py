@@ -390,7 +390,7 @@ class Scenario:
         if self.padded:
             shape += f"->{self.kernel_width}"
         if m.latent_dim:
-            shape += f" latent={m.latent_dim}"
+            shape += f" latent={m.latent_dim}" + (" nonlinear" if m.transform_nonlinear else "")
             if m.latent_up_parallel == "row":
                 shape += " up=row"
         shape += f" E={m.num_experts} k={m.top_k} I={m.moe_intermediate}"
@@ -400,9 +400,14 @@ class Scenario:
             shape += " quantized-input"
         if m.weight_block_size is not None:
             shape += f" block={m.weight_block_size}"
+        if m.routed_scaling_factor != 1.0:
+            shape += f" rsf={m.routed_scaling_factor:g}"
         rt = self.runtime
-        plat = rt.platform + ("+aux" if rt.aux_stream else "")
-        return f"{shape}; {' '.join(bits)}; {plat}; T={self._tokens_label()}"
+        # Knobs a finding may hinge on: a minimal scenario's one line names them.
+        plat = rt.platform + ("+aux" if rt.aux_stream else "") + ("+ar-fusion" if rt.allreduce_fusion else "") + (
+            "+shared-fusion" if rt.shared_experts_fusion else "")
+        phase = "" if self.workload.phase == "decode" else f" {self.workload.phase}"
+        return f"{shape}; {' '.join(bits)}; {plat}; T={self._tokens_label()}{phase}"
 
     def _tokens_label(self) -> str:
         t = self.workload.tokens
