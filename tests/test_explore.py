@@ -406,3 +406,18 @@ def test_full_mutation_report():
         assert r.reason
         if not r.killed:
             assert r.status in ("equivalent", "blind_spot", "missed")
+
+
+def test_polish_sets_every_knob_the_finding_does_not_need_back_to_its_default():
+    from scenarios.spec import Scenario
+    from twin.search.explore_shrink import polish
+
+    knobs = Scenario(name="knobs").with_(**{
+        "model.quantized_input": True, "runtime.allreduce_fusion": True, "workload.phase": "prefill",
+        "model.routed_scaling_factor": 2.5, "parallel.tp": 2, "model.num_shared_experts": 1,
+        "runtime.shared_experts_fusion": True})
+    plain = polish(knobs, lambda s: s.parallel.tp == 2)  # the "finding" needs tp = 2 only
+    assert plain.parallel.tp == 2
+    assert not plain.model.quantized_input and not plain.runtime.allreduce_fusion
+    assert not plain.runtime.shared_experts_fusion and plain.workload.phase == "decode"
+    assert plain.model.routed_scaling_factor == 1.0

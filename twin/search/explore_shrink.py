@@ -73,6 +73,7 @@ def _candidates(s: Scenario) -> Iterator[dict[str, Any]]:
         yield {"model.shared_intermediate": None}
     if m.routed_scaling_factor != 1.0:
         yield {"model.routed_scaling_factor": 1.0}
+    yield from _simpler_knobs(s)
     if rt.platform != "cpu":
         yield {"runtime.platform": "cpu", "runtime.aux_stream": False}
     if rt.aux_stream:
@@ -85,6 +86,26 @@ def _candidates(s: Scenario) -> Iterator[dict[str, Any]]:
         yield {"workload.seed": 0}
     if w.skew:
         yield {"workload.skew": 0.0}
+
+
+def _simpler_knobs(s: Scenario) -> Iterator[dict[str, Any]]:
+    """Each optional knob back to its default: a minimal scenario keeps only
+    those its finding needs."""
+    m, rt, w = s.model, s.runtime, s.workload
+    if s.parallel.max_dispatch_tokens is not None:
+        yield {"parallel.max_dispatch_tokens": None}
+    if m.quantized_input:
+        yield {"model.quantized_input": False}
+    if m.weight_block_size is not None:
+        yield {"model.weight_block_size": None}
+    if m.latent_up_parallel != "replicated":
+        yield {"model.latent_up_parallel": "replicated"}
+    if rt.allreduce_fusion:
+        yield {"runtime.allreduce_fusion": False}
+    if rt.shared_experts_fusion:
+        yield {"runtime.shared_experts_fusion": False}
+    if w.phase != "decode":
+        yield {"workload.phase": "decode"}
 
 
 def _fewer_tokens(tokens: int | tuple[int, ...]) -> Iterator[int | tuple[int, ...]]:
