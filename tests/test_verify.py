@@ -376,3 +376,23 @@ def test_a_looping_unsupported_check_stops_at_the_wall_clock_budget():
     finally:
         contain.set_limits(old)
     assert res.unsupported == 0 and res.classes >= 1  # left to the simulation, which reports it
+
+
+def test_an_interrupted_verify_keeps_its_findings_and_proves_nothing(tmp_path):
+    calls = []
+
+    def ctrl_c(done, total, findings):
+        calls.append(done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    space = restrict(DEFAULT, tp=(2,), dp=(1,))
+    res = verify("before-38990", space=space, jobs=1, progress=ctrl_c, partial_on_interrupt=True,
+                 out=tmp_path)
+    assert res.interrupted and not res.complete and not res.proved_clean
+    assert 0 < res.assignments_done < res.assignments_total
+    assert "[incomplete, interrupted:" in res.statement() and res.to_dict()["interrupted"] is True
+    assert (tmp_path / "findings.json").exists()
+    with pytest.raises(KeyboardInterrupt):  # without partial_on_interrupt the caller gets the Ctrl-C back
+        calls.clear()
+        verify("fixed", space=space, jobs=1, progress=ctrl_c)

@@ -145,6 +145,7 @@ def verify(
     polish_findings: bool = True,
     store: FindingStore | None = None,
     should_stop: Callable[[], bool] | None = None,
+    partial_on_interrupt: bool = False,
     name_prefix: str = "verify",
     max_wall_stops: int | None = MAX_WALL_STOPS,
 ) -> VerifyResult:
@@ -157,7 +158,9 @@ def verify(
     scenario files. `max_wall_stops`: that many simulated classes in a row
     stopped by the wall-clock budget (counted over every worker) end the
     enumeration too (`gave_up`, "stopped" in JSON, says so; None: never):
-    each further class would cost the whole budget."""
+    each further class would cost the whole budget. A Ctrl-C ends it with
+    the findings so far saved; `partial_on_interrupt` returns them
+    (`interrupted`, `complete` False) instead of raising KeyboardInterrupt."""
     from twin.search.explore import resolve_runner
 
     t0 = time.perf_counter()
@@ -192,18 +195,25 @@ def verify(
     lo, hi = _shard_range(len(every), shard_t)
     res.assignments_total = hi - lo
     say = progress or (lambda _d, _t, _f: None)
-    if jobs == 1:
-        walk = _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings, say,
-                     should_stop, name_prefix)
-        walk.max_wall_stops = max_wall_stops
-        walk.run()
+    walk = None
+    try:
+        if jobs == 1:
+            walk = _Walk(axes, every, lo, hi, spec, runner_cls, res, store, prune, polish_findings, say,
+                         should_stop, name_prefix)
+            walk.max_wall_stops = max_wall_stops
+            walk.run()
+        else:
+            _parallel(space, max_world, every, lo, hi, spec, res, store, prune, polish_findings, jobs, say,
+                      max_wall_stops)
+    except KeyboardInterrupt:
+        res.interrupted, res.complete = True, False
+    if walk is not None:
         res.assignments_done = walk.done
-    else:
-        _parallel(space, max_world, every, lo, hi, spec, res, store, prune, polish_findings, jobs, say,
-                  max_wall_stops)
     res.findings = sorted(store.findings.values(), key=lambda f: f.signature)
     res.elapsed_s = time.perf_counter() - t0
-    store.save()
+    store.save()  # what was found before a Ctrl-C too
+    if res.interrupted and not partial_on_interrupt:
+        raise KeyboardInterrupt
     return res
 
 

@@ -96,12 +96,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
         with VerifyProgress(f"verify {args.runner}") as progress:
             res = verify(args.runner, space=args.space, max_world=args.max_world, jobs=jobs,
-                         shard=args.shard, out=Path(args.out) if args.out else None, progress=progress)
+                         shard=args.shard, out=Path(args.out) if args.out else None, progress=progress,
+                         partial_on_interrupt=True)
         d = res.to_dict()
     if args.json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
         _print_lines(verify_report(d))
+    if d.get("interrupted"):
+        print(f"moe-twin: verify interrupted after {d.get('classes', 0)} classes; the findings so far are "
+              "reported and saved", file=sys.stderr)
+        return 130
     # A stopped enumeration is the runner's failure (every class ran into the
     # budget): the exit code is that of a runner error, a finding.
     return 1 if (args.fail_on_hazard and (d["findings"] or d.get("stopped"))) else 0

@@ -39,7 +39,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("classes", "pruned", "simulated", "invalid", "opaque", "unsupported"):
         out[key] = sum(int(r.get(key, 0)) for r in results)
     out["findings"] = [findings[k] for k in sorted(findings)]
-    out["proved_clean"] = not findings
+    out["proved_clean"] = not findings and all(r.get("complete", True) for r in results)
     out["shards"] = len(results)
     out["complete"] = all(bool(r.get("complete", True)) for r in results)
     out["stopped"] = next((r["stopped"] for r in results if r.get("stopped")), None)

@@ -49,6 +49,7 @@ class VerifyResult:
     # the walk gave up on them (see verify's `max_wall_stops`).
     wall_stops_in_a_row: int = 0
     gave_up: str | None = None
+    interrupted: bool = False  # the user's Ctrl-C ended it (the counts cover what was done)
 
     @property
     def simulated(self) -> int:
@@ -56,10 +57,15 @@ class VerifyResult:
 
     @property
     def proved_clean(self) -> bool:
-        return not self.findings
+        return not self.findings and self.complete  # an enumeration cut short proves nothing
 
     def statement(self) -> str:
-        return statement(self.classes, len(self.findings), self.axes, self.unsupported)
+        said = statement(self.classes, len(self.findings), self.axes, self.unsupported)
+        if self.complete:
+            return said
+        why = "interrupted" if self.interrupted else f"stopped: {self.gave_up}"
+        return (f"{said} [incomplete, {why}: {self.assignments_done} of {self.assignments_total} "
+                "assignments enumerated; nothing is claimed about the rest]")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,4 +88,5 @@ class VerifyResult:
             "held_fixed": held_fixed(self.axes),
             "complete": self.complete,
             "stopped": self.gave_up,  # why it ended early by itself (None: it did not)
+            "interrupted": self.interrupted,
         }
