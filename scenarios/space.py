@@ -314,6 +314,11 @@ class Enumeration:
     an index whose tp x dp exceeds max_world holds no assignment."""
 
     def __init__(self, axes: tuple[Axis, ...], max_world: int) -> None:
+        # tp or dp values above max_world hold no assignment at all: leave them
+        # out of the product (the wide space at --max-world 2 would otherwise
+        # walk tens of millions of empty indices).
+        axes = tuple(Axis(a.name, tuple(v for v in a.values if v <= max_world), a.apply)
+                     if a.name in ("tp", "dp") and any(v <= max_world for v in a.values) else a for a in axes)
         self.axes, self.max_world = axes, max_world
         self.names = [a.name for a in axes]
         self.sizes = [len(a.values) for a in axes]
