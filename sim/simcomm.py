@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from scenarios.trace import COLLECTIVE, Step
 from sim.cost import collective_us
-from sim.simtypes import Access, Plan, SimTensor
-
-_access = tuple.__new__  # Access(...) without NamedTuple's Python-level __new__
+from sim.simtypes import Plan, SimTensor
 
 if TYPE_CHECKING:
     from sim.engine import Simulation
@@ -69,9 +67,7 @@ class SimComm:
         count[0] = seq + 1
         key = (group, seq)
         self.plans[-1].coll = key
-        self.sim.accesses.append(_access(Access, (self.rank, st.index, x.buf, False)))  # (SimOps._access, inline)
-        if st.stream != "main":
-            self.sim.side_buffers.add((self.rank, x.buf))
+        self._access(st, x, False)
         result = self.sim.arrive(self, key, kind, x, st, sizes)
         if isinstance(result, Exception):
             st.error = str(result)
