@@ -296,7 +296,8 @@ def classify(s: Scenario, axes: tuple[Axis, ...]) -> dict[str, Any] | None:
         "tokens": "small" if max(s.token_counts) <= rt.token_threshold else "large",
         "shared": int(m.has_shared), "latent": latent, "padded": m.padded,
         "allreduce_fusion": rt.allreduce_fusion, "quantized_input": m.quantized_input,
-        "routed_scaling_factor": m.routed_scaling_factor, "uneven_tokens": len({c for c in s.token_counts if c}) > 1, "idle_dp_rank": 0 in s.token_counts,
+        "routed_scaling_factor": m.routed_scaling_factor,
+        "uneven_tokens": len({c for c in s.token_counts if c}) > 1, "idle_dp_rank": 0 in s.token_counts,
         "phase": s.workload.phase, "shared_fusion": rt.shared_experts_fusion, "weight_block": block,
         "top_k": "2" if m.top_k == 2 else ("above_moe_ep" if m.top_k > s.moe_ep else None),
     }
@@ -317,8 +318,7 @@ class Enumeration:
         # tp or dp values above max_world hold no assignment at all: leave them
         # out of the product (the wide space at --max-world 2 would otherwise
         # walk tens of millions of empty indices).
-        axes = tuple(Axis(a.name, tuple(v for v in a.values if v <= max_world), a.apply)
-                     if a.name in ("tp", "dp") and any(v <= max_world for v in a.values) else a for a in axes)
+        axes = world_axes(axes, max_world)
         self.axes, self.max_world = axes, max_world
         self.names = [a.name for a in axes]
         self.sizes = [len(a.values) for a in axes]
@@ -361,16 +361,16 @@ def assignments(axes: tuple[Axis, ...], max_world: int) -> Iterator[dict[str, An
             yield a
 
 
+def world_axes(axes: tuple[Axis, ...], max_world: int) -> tuple[Axis, ...]:
+    """The axes with tp and dp limited to values <= max_world."""
+    return tuple(Axis(a.name, tuple(v for v in a.values if v <= max_world), a.apply)
+                 if a.name in ("tp", "dp") else a for a in axes)
+
+
 def axes_dict(axes: tuple[Axis, ...], max_world: int) -> dict[str, list[Any]]:
     """The axes and their values, as reported (tp/dp limited by max_world)."""
-    out: dict[str, list[Any]] = {}
-    for a in axes:
-        values = list(a.values)
-        if a.name in ("tp", "dp"):
-            values = [v for v in values if v <= max_world]
-        out[a.name] = values
-    return out
+    return {a.name: list(a.values) for a in world_axes(axes, max_world)}
 
 
-__all__ = ["Axis", "DEFAULT_MAX_WORLD", "Enumeration", "SPACES", "assignment_scenario", "assignments", "axes_dict",
+__all__ = ["Axis", "DEFAULT_MAX_WORLD", "Enumeration", "SPACES", "assignment_scenario", "assignments", "axes_dict", "world_axes",
            "base_scenario", "classify", "restrict", "space_axes"]
