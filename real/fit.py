@@ -60,9 +60,7 @@ def fit_value(ref: Reference, predicted: algebra.Value, real: torch.Tensor, spac
     resid = torch.linalg.norm(a @ sol - target) / max(float(torch.linalg.norm(target)), 1e-30)
     coeffs: dict[str, float] = {}
     for (lab, _pred), c in zip(labels, sol):
-        # Several row groups of one source: the one farthest from 1, as the
-        # simulator folds its prediction (algebra.coefficients).
-        c = round(float(c), 6)
-        if lab not in coeffs or abs(c - 1.0) > abs(coeffs[lab] - 1.0):
-            coeffs[lab] = c
+        # Several row groups of one source: folded as the simulator folds its
+        # prediction (algebra.coefficients).
+        algebra.keep_extreme(coeffs, lab, round(float(c), 6))
     return coeffs, float(resid)

@@ -59,7 +59,6 @@ from collections.abc import Iterable, Sequence
 
 # The value types and the read side live apart; every name stays importable here.
 from sim.algebra_read import (  # noqa: F401
-    _keep_extreme,
     _make_label,
     above,
     below,
@@ -68,6 +67,7 @@ from sim.algebra_read import (  # noqa: F401
     describe_terms,
     foreign_sources,
     group_label,
+    keep_extreme,
     lowest_coefficients,
     max_coefficient,
     non_finite,

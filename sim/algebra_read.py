@@ -161,10 +161,10 @@ def coefficients(
         for src, coef in b.terms:
             label = source_label(src)
             here.add(label)
-            _keep_extreme(out, label, snap(coef / expected_scale.get(src[0], 1.0)))
+            keep_extreme(out, label, snap(coef / expected_scale.get(src[0], 1.0)))
         for label in want:  # an expected source absent from these rows: 0 here
             if label not in here:
-                _keep_extreme(out, label, 0.0)
+                keep_extreme(out, label, 0.0)
     for label in want:  # a value with no rows at all
         out.setdefault(label, 0.0)
     return out
@@ -191,7 +191,10 @@ def lowest_coefficients(v: Value, expected_scale: dict[str, float], want: Iterab
     return {label: (0.0 if c == math.inf else c) for label, c in out.items()}
 
 
-def _keep_extreme(out: dict[str, float], label: str, val: float) -> None:
+def keep_extreme(out: dict[str, float], label: str, val: float) -> None:
+    """Fold `val` into out[label], keeping the value farthest from 1 (a
+    non-finite one always): how coefficients of one source over several row
+    groups are reported."""
     prev = out.get(label)
     if not math.isfinite(val):
         out[label] = val
