@@ -29,6 +29,7 @@ from twin.check.verdicts import (
     judge_missing_stream,
     judge_reduction,
     judge_redundant_collective,
+    lost_overlap_on_wrong_output,
     predicted_coeffs,
     unpredicted,
     wrong_ranks,
@@ -199,6 +200,9 @@ def _judge(result: CheckResult, runner: str | None, base: Any, h: Hazard, scale:
     if h.kind in (HazardKind.WRONG_TOKENS, HazardKind.WRONG_INPUT):
         return judge_characterised(real, h)
     if h.kind == HazardKind.LOST_OVERLAP:
+        on_wrong = lost_overlap_on_wrong_output(real, h)
+        if on_wrong is not None:
+            return on_wrong  # before the reference runner's real runs: they would decide nothing
         reference = overlap_reference(scenario, runner)
         if result.fixed_overlap_us is None:
             result.fixed_overlap_us = _fixed_overlap(scenario, result, reference, timeout_s, say)

@@ -225,21 +225,30 @@ def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
     return _item(h, Verdict.REFUTED, f"{describe_wrong(out)}, characterised as {out.kind}, not {h.kind.value}")
 
 
+def lost_overlap_on_wrong_output(real: Trace, h: Hazard) -> VerdictItem | None:
+    """A lost overlap on a rank whose output is wrong: INCONCLUSIVE, with no
+    overlap measured (None when the output is right). Lost speed on a wrong
+    output is no finding: the correctness fault comes first, and fixing it
+    may change the schedule."""
+    out = output_of(real, h.rank)
+    if out is None or out.correct:
+        return None
+    return _item(h, Verdict.INCONCLUSIVE, f"performance hazard on a wrong output ({describe_wrong(out)}): "
+                                          "a performance hazard is judged on a correct output only")
+
+
 def judge_lost_overlap(real: Trace, h: Hazard, fixed_overlap: dict[int, float], fixed_latency: float, tries: int,
                        reference: str = "fixed") -> VerdictItem:
     """`reference`: the correct runner of the runner's engine whose measured
     overlap is the bar (fixed for vLLM, sglang, trtllm)."""
+    on_wrong = lost_overlap_on_wrong_output(real, h)
+    if on_wrong is not None:
+        return on_wrong
     mine = real.overlap_us.get(h.rank, 0.0)
     ref = fixed_overlap.get(h.rank, 0.0)
     detail = (f"performance hazard, judged by measured overlap (the output is correct by definition): "
               f"overlap {mine:.0f} us vs {reference} {ref:.0f} us (best of up to {tries} runs); "
               f"layer {real.latency_us:.0f} us vs {reference} {fixed_latency:.0f} us")
-    out = output_of(real, h.rank)
-    if out is not None and not out.correct:
-        # Lost speed on a wrong output is no finding: the correctness fault
-        # comes first, and fixing it may change the schedule.
-        return _item(h, Verdict.INCONCLUSIVE, f"{detail}; but {describe_wrong(out)}: a performance hazard is "
-                                              "judged on a correct output only")
     if mine == 0.0 and ref > 0.0:
         return _item(h, Verdict.CONFIRMED, detail)
     if mine > 0.0:
