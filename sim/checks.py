@@ -384,8 +384,8 @@ class Checks:
         if v.uniform is not None:
             return ""
         lacking: list[tuple[int, int]] = []
+        scale = self.expected_scale
         for b in v.blocks:
-            scale = self.expected_scale
             here = {algebra.source_label(src) for src, coef in b.terms
                     if not algebra.below(coef / scale.get(src[0], 1.0), 1.0)}
             if any(lab not in here for lab in short):
