@@ -138,7 +138,7 @@ def bench_timeline(repeats: int = 5) -> dict[str, float]:
 
 
 def bench_real(repeats: int = 5) -> dict[str, float]:
-    from kernels.bench import bench_kernels
+    from moe_twin_kernels.bench import bench_kernels
 
     figures: dict[str, float] = {}
     figures.update(bench_pool(repeats))

@@ -88,7 +88,7 @@ def _expert_loop_us(budget_s: float) -> tuple[float, float]:
     over 8 -> 64 idle experts), and an expert with one token."""
     import torch
 
-    from kernels.torch_ref import fused_moe_torch
+    from moe_twin_kernels.torch_ref import fused_moe_torch
 
     n, h, i = 64, 64, 32
     gen = torch.Generator().manual_seed(0)

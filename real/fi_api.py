@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from kernels import set_triton_mode
+from moe_twin_kernels import set_triton_mode
 
 set_triton_mode()  # resolve() imports flashinfer, which imports triton: pick its mode first
 

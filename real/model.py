@@ -88,7 +88,7 @@ class LayerWeights:
         w13, w2 = self.expert(e)
         if self.s.moe_tp == 1:
             return w13, w2
-        from kernels.torch_ref import shard_w13_w2
+        from moe_twin_kernels.torch_ref import shard_w13_w2
 
         a, b = shard_w13_w2(w13[None], w2[None], t, self.s.moe_tp)
         return a[0], b[0]

@@ -34,7 +34,7 @@ def resolve_kernel(scenario: Scenario, kernel: str | None) -> str:
     device default for "auto" (torch on CPU, triton on CUDA)."""
     import torch
 
-    from kernels import KERNELS, default_kernel
+    from moe_twin_kernels import KERNELS, default_kernel
 
     name = kernel or scenario.kernel
     cuda = torch.cuda.is_available()

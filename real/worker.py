@@ -47,7 +47,7 @@ def _groups(s: Scenario) -> dict[tuple[int, ...], Any]:
 
 
 def _kernel(name: str):  # noqa: ANN202
-    from kernels import get_kernel
+    from moe_twin_kernels import get_kernel
 
     return get_kernel(name)
 

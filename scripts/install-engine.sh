@@ -74,10 +74,6 @@ echo "install-engine: vllm $version into $target (log: $log)..." >&2
   # Everything the project's .venv already holds stays as it is (shared).
   "$venv/bin/python" -m pip freeze --exclude-editable | grep -v '^-e ' | grep '==' || true
   echo "torch==2.13.0"
-  # transformers 5.25 requires the PyPI package `kernels`, whose name the
-  # project's own kernels/ package shadows on the engine probe's path (the
-  # probe then fails to import transformers): stay below it.
-  echo "transformers<5.25"
 } >"$cons"
 if ! {
   if [ "$into_venv" = 0 ]; then

@@ -40,7 +40,7 @@ class Profile:
     # Host time between consecutive ops of one stream (Python dispatch on CPU;
     # hidden by asynchronous launches on GPUs, where it is 0).
     host_gap_us: float = 0.0
-    # The CPU routed kernel (kernels/torch_ref.py) loops over the local
+    # The CPU routed kernel (moe_twin_kernels/torch_ref.py) loops over the local
     # experts: a dozen small ops per expert with tokens, two per idle one. GPU
     # kernels are one fused launch: 0.
     expert_active_us: float = 0.0

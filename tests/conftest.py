@@ -2,7 +2,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-from kernels import set_triton_mode
+from moe_twin_kernels import set_triton_mode
 
 # Before any test imports flashinfer (which imports triton): see set_triton_mode.
 set_triton_mode()

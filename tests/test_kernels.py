@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import KERNELS, KernelUnavailable, UnknownKernel, default_kernel, get_kernel
-from kernels.flashinfer_adapter import fused_moe_flashinfer, pack_fc1_for_flashinfer
-from kernels.torch_ref import fused_moe_reference_f64, fused_moe_torch, shard_w13_w2
+import moe_twin_kernels
+from moe_twin_kernels import KERNELS, KernelUnavailable, UnknownKernel, default_kernel, get_kernel
+from moe_twin_kernels.flashinfer_adapter import fused_moe_flashinfer, pack_fc1_for_flashinfer
+from moe_twin_kernels.torch_ref import fused_moe_reference_f64, fused_moe_torch, shard_w13_w2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,7 @@ def test_triton_matches_torch(
     experts: int,
     data: st.DataObject,
 ) -> None:
-    from kernels.triton_moe import TileConfig, fused_moe_triton
+    from moe_twin_kernels.triton_moe import TileConfig, fused_moe_triton
 
     top_k = data.draw(st.integers(1, min(3, experts)), label="top_k")
     p = make_problem(seed, tokens, hidden, inter_shard * tp_size, experts, top_k)
@@ -248,7 +248,7 @@ def test_triton_matches_torch(
 
 @pytest.mark.slow
 def test_triton_ep_slice_with_non_local_routes() -> None:
-    from kernels.triton_moe import fused_moe_triton
+    from moe_twin_kernels.triton_moe import fused_moe_triton
 
     p = make_problem(7, tokens=20, hidden=24, inter=12, experts=6, top_k=2)
     args = p.args(expert_offset=3, e_local=2)  # experts 3, 4 local; 0-2 and 5 remote
@@ -263,7 +263,7 @@ def test_triton_ep_slice_with_non_local_routes() -> None:
 
 @pytest.mark.slow
 def test_triton_duplicate_routes() -> None:
-    from kernels.triton_moe import TileConfig, fused_moe_triton
+    from moe_twin_kernels.triton_moe import TileConfig, fused_moe_triton
 
     p = _duplicate_route_problem()
     args = p.args(expert_offset=1, e_local=2)
@@ -272,7 +272,7 @@ def test_triton_duplicate_routes() -> None:
 
 @pytest.mark.slow
 def test_triton_bf16_is_upcast_under_interpreter() -> None:
-    from kernels.triton_moe import fused_moe_triton
+    from moe_twin_kernels.triton_moe import fused_moe_triton
 
     p = make_problem(8, tokens=8, hidden=32, inter=16, experts=3, top_k=2)
     args = (p.x.bfloat16(), p.topk_ids, p.topk_weights, p.w13.bfloat16(), p.w2.bfloat16())
@@ -283,7 +283,7 @@ def test_triton_bf16_is_upcast_under_interpreter() -> None:
 
 @pytest.mark.slow
 def test_align_routes_layout() -> None:
-    from kernels.triton_moe import align_routes
+    from moe_twin_kernels.triton_moe import align_routes
 
     topk_ids = torch.tensor([[0, 5], [2, 0], [9, 2], [0, 3]])  # local experts 2..4 at offset 2
     sorted_pairs, block_expert = align_routes(topk_ids, 2, 3, block_m=2)
@@ -313,7 +313,7 @@ def test_triton_kernels_compile_for_gpu() -> None:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from kernels import triton_moe as m
+        from moe_twin_kernels import triton_moe as m
         assert not m._INTERPRETED
         tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
         ints = lambda names: {n: "i32" for n in names}
@@ -431,7 +431,7 @@ def test_unknown_kernel_lists_valid_names() -> None:
 
 def test_importing_kernels_is_lazy() -> None:
     script = (
-        "import sys, kernels, kernels.torch_ref, kernels.flashinfer_adapter, kernels.bench; "
+        "import sys, moe_twin_kernels, moe_twin_kernels.torch_ref, moe_twin_kernels.flashinfer_adapter, moe_twin_kernels.bench; "
         "heavy = [m for m in ('triton', 'flashinfer') if m in sys.modules]; "
         "assert not heavy, heavy; print('ok')"
     )
@@ -444,13 +444,13 @@ def test_importing_kernels_is_lazy() -> None:
         timeout=120,
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
-    assert kernels.__name__ == "kernels"
+    assert Path(moe_twin_kernels.__file__).resolve().parent == REPO / "moe_twin_kernels"
 
 
 @pytest.mark.slow
 def test_get_triton_kernel_and_bench_figures() -> None:
-    from kernels.bench import bench_kernels
-    from kernels.triton_moe import fused_moe_triton
+    from moe_twin_kernels.bench import bench_kernels
+    from moe_twin_kernels.triton_moe import fused_moe_triton
 
     assert get_kernel("triton") is fused_moe_triton
     figures = bench_kernels(repeats=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("scenarios", "sim", "real", "kernels", "twin")
+LAYERS = ("scenarios", "sim", "real", "moe_twin_kernels", "twin")
 
 # (file, enclosing function, imported module): references upward on purpose.
 ALLOWED_UPWARD = {("scenarios/strategies.py", "__getattr__", "twin.search.asserts")}
@@ -74,11 +74,11 @@ def _violations(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> list[s
 
 
 def test_scenarios_is_the_bottom_layer():
-    assert _violations(("scenarios",), ("sim", "real", "twin", "cli", "kernels")) == []
+    assert _violations(("scenarios",), ("sim", "real", "twin", "cli", "moe_twin_kernels")) == []
 
 
 def test_sim_and_real_never_import_twin_or_cli():
-    assert _violations(("sim", "real", "kernels"), ("twin", "cli")) == []
+    assert _violations(("sim", "real", "moe_twin_kernels"), ("twin", "cli")) == []
 
 
 def test_nothing_under_twin_imports_cli():
@@ -119,7 +119,7 @@ def _modules(package: str) -> list[str]:
 
 def test_importing_scenarios_loads_nothing_above_it():
     loaded = _loaded_after("\n".join(f"import {m}" for m in _modules("scenarios")))
-    assert [m for m in loaded if _top(m) in ("sim", "real", "twin", "cli", "kernels")] == []
+    assert [m for m in loaded if _top(m) in ("sim", "real", "twin", "cli", "moe_twin_kernels")] == []
 
 
 @pytest.mark.parametrize("module", _modules("scenarios"))

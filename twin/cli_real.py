@@ -34,7 +34,7 @@ def real_scenario(args: argparse.Namespace, real: bool = True):  # noqa: ANN202
     importing torch (a one-line error must not cost seconds)."""
     s = load_scenario(args.scenario)
     if getattr(args, "kernel", None):
-        from kernels import KERNELS
+        from moe_twin_kernels import KERNELS
 
         if args.kernel not in KERNELS:
             raise BadInput(f"--kernel: unknown kernel {args.kernel!r} (known: {', '.join(KERNELS)})")

@@ -32,15 +32,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import set_triton_mode
+from moe_twin_kernels import set_triton_mode
 
 set_triton_mode()
 
 import triton  # noqa: E402  (must follow the TRITON_INTERPRET default above)
 import triton.language as tl  # noqa: E402
 
-from kernels.errors import KernelUnavailable  # noqa: E402
-from kernels.torch_ref import _check_shapes  # noqa: E402
+from moe_twin_kernels.errors import KernelUnavailable  # noqa: E402
+from moe_twin_kernels.torch_ref import _check_shapes  # noqa: E402
 
 __all__ = ["TileConfig", "align_routes", "fused_moe_triton", "pick_tiles"]
 
@@ -248,7 +248,7 @@ def fused_moe_triton(
     expert_offset: int = 0,
     tiles: TileConfig | None = None,
 ) -> torch.Tensor:
-    """Triton fused MoE with the common kernel signature (see kernels.torch_ref).
+    """Triton fused MoE with the common kernel signature (see moe_twin_kernels.torch_ref).
 
     `tiles` overrides the device default (pick_tiles); used by tests/benchmarks.
     """

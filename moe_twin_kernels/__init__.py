@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from kernels.errors import KernelUnavailable, UnknownKernel
+from moe_twin_kernels.errors import KernelUnavailable, UnknownKernel
 
 KernelFn = Callable[..., Any]  # returns a torch.Tensor (torch is imported by the kernels)
 
@@ -28,9 +28,9 @@ KERNELS: tuple[str, ...] = ("torch", "triton", "flashinfer")
 
 # name -> (module, function); resolved lazily by get_kernel.
 _ENTRY_POINTS: dict[str, tuple[str, str]] = {
-    "torch": ("kernels.torch_ref", "fused_moe_torch"),
-    "triton": ("kernels.triton_moe", "fused_moe_triton"),
-    "flashinfer": ("kernels.flashinfer_adapter", "fused_moe_flashinfer"),
+    "torch": ("moe_twin_kernels.torch_ref", "fused_moe_torch"),
+    "triton": ("moe_twin_kernels.triton_moe", "fused_moe_triton"),
+    "flashinfer": ("moe_twin_kernels.flashinfer_adapter", "fused_moe_flashinfer"),
 }
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.errors import KernelUnavailable
-from kernels.torch_ref import _check_shapes
+from moe_twin_kernels.errors import KernelUnavailable
+from moe_twin_kernels.torch_ref import _check_shapes
 
 __all__ = ["MIN_SM", "fused_moe_flashinfer", "pack_fc1_for_flashinfer"]
 
@@ -35,7 +35,7 @@ _UNAVAILABLE = (
 def pack_fc1_for_flashinfer(w13: torch.Tensor) -> torch.Tensor:
     """Reorder our [gate; up] w13 [E, 2I, H] into FlashInfer's [up; gate] fc1.
 
-    Works on TP shards from kernels.torch_ref.shard_w13_w2 too (each shard is
+    Works on TP shards from moe_twin_kernels.torch_ref.shard_w13_w2 too (each shard is
     [gate_shard; up_shard]). Returns a new contiguous tensor: pack once at
     weight-load time and pass it as `fc1=` on hot paths.
     """
@@ -73,13 +73,13 @@ def fused_moe_flashinfer(
     num_experts: global expert count, giving ep_size = num_experts / E_local. If
       omitted it is inferred from topk_ids (a device-to-host sync).
     tp_size, tp_rank: passed through; w13/w2 must already be this rank's TP
-      shard (kernels.torch_ref.shard_w13_w2).
+      shard (moe_twin_kernels.torch_ref.shard_w13_w2).
     fc1: w13 already packed by pack_fc1_for_flashinfer (saves a copy per call).
     """
     e_local, _ = _check_shapes(x, topk_ids, topk_weights, w13, w2)
     _require_device(x)
     try:
-        from kernels import set_triton_mode
+        from moe_twin_kernels import set_triton_mode
 
         set_triton_mode()  # flashinfer imports triton
         from flashinfer.fused_moe import cutlass_fused_moe

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import get_kernel
+from moe_twin_kernels import get_kernel
 
 __all__ = ["BENCH_SHAPE", "bench_kernels"]
 
@@ -60,7 +60,7 @@ def bench_kernels(repeats: int = 5, min_time_s: float = 4.0) -> dict[str, float]
     kernel_torch_median_ms, kernel_triton_interp_median_ms (median wall
     times: these include the machine's load).
     Raises KernelUnavailable if triton is not running under its interpreter
-    (i.e. the process saw a CUDA device when kernels.triton_moe was imported).
+    (i.e. the process saw a CUDA device when moe_twin_kernels.triton_moe was imported).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
