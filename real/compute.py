@@ -4,19 +4,59 @@ experts, on the rank's layer weights. A mixin of RealOps (real/ops.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from real.model import LayerWeights, mlp
+from real.model import LayerWeights, layer_input, mlp
 from real.streams import RealTensor
 from scenarios.dispatch_layout import DispatchLayout
 from scenarios.ops import OpsShapeError, OpsUsageError, fused_shared_misuse, row_parallel_misuse
 from scenarios.spec import Scenario
 from scenarios.trace import COMPUTE, Step
 from scenarios.workload import rank_token_ids
+
+_UNTIMED = threading.local()  # per thread running op functions: seconds of tool work inside the current one
+
+
+@contextmanager
+def untimed() -> Iterator[None]:
+    """Tool bookkeeping inside an op's function, not the op's work: left out
+    of the step's measured time (the cpu calibration fits those times)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _UNTIMED.s = getattr(_UNTIMED, "s", 0.0) + time.perf_counter() - t0
+
+
+def take_untimed_s() -> float:
+    """The untimed seconds of this thread's op function so far; starts again at 0."""
+    s = getattr(_UNTIMED, "s", 0.0)
+    _UNTIMED.s = 0.0
+    return s
+
+
+ROW_KEY = 8  # leading and trailing values of a row that fingerprint it (random inputs: distinct)
+_MIX = torch.randint(1, 2**62, (2 * ROW_KEY,), dtype=torch.int64, generator=torch.Generator().manual_seed(7)) | 1
+
+
+def fingerprints(rows: torch.Tensor) -> torch.Tensor:
+    """One int64 per row of a float32 matrix: the bits of its first and last
+    ROW_KEY values mixed with integer arithmetic (exact: equal rows give equal
+    numbers whatever the batch, unlike a floating-point product; a zero row
+    gives 0)."""
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.int64)
+    k = min(ROW_KEY, rows.shape[1])
+    ends = torch.cat([rows[:, :k], rows[:, -k:]], dim=1).contiguous().view(torch.int32).to(torch.int64)
+    return (ends * _MIX[: 2 * k]).sum(dim=1)
+
 
 FUSED_SLOT = ("fused shared-expert slot: the shared MLP shard runs beside the routed kernel call, added with "
               "the slot weight (stands in for one more expert inside the kernel)")
@@ -56,14 +96,16 @@ class ComputeOps:
 
     def router(self, x: RealTensor, name: str = "router") -> RealTensor:
         s = self.scenario
-        tokens = self._rows_tokens()
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if v.shape[-1] != s.model.hidden:
                 raise OpsShapeError(f"gate expects width {s.model.hidden}, got {v.shape[-1]}")
             # The gate GEMM runs for real (timing); the top-k choice comes from
-            # the workload so that sim and real route identically.
+            # the workload so that sim and real route identically, for the
+            # token each row holds, as an engine's router would route it.
             _logits = v @ self.weights.gate.to(v.device).t()
+            with untimed():
+                tokens = self._held_tokens(v)
             routes = [self._route_of(d, t) for d, t in tokens]
             ids = torch.tensor([r[0] for r in routes], dtype=torch.int64, device=v.device)
             w = torch.tensor([r[1] for r in routes], dtype=torch.float32, device=v.device)
@@ -74,6 +116,55 @@ class ComputeOps:
 
         out = self._op("router", name, COMPUTE, (x,), fn)
         return out
+
+    def _held_tokens(self, v: torch.Tensor) -> list[tuple[int, int]]:
+        """(DP rank, token) of the layer input each row of `v` holds, found by
+        its contents (the inputs are seeded per DP rank: any rank can make
+        them); a zero row is padding, as the rank expects at that position or
+        its own DP rank's. When some row is no token's input (e.g. the runner
+        transformed it before the router) the rank's expected tokens stand in."""
+        expected = self._rows_tokens()
+        rows = v.detach().to("cpu", torch.float32)
+        prints = fingerprints(rows)
+        if self._are_expected_rows(prints, expected):
+            return expected  # the common case: one comparison of a number per row, no table
+        table = self._inputs_by_row()
+        zero = (rows.abs().amax(dim=1) == 0).tolist() if rows.numel() else [True] * rows.shape[0]
+        found = []
+        for i, (fp, z) in enumerate(zip(prints.tolist(), zero, strict=True)):
+            if z:
+                found.append((expected[i][0] if i < len(expected) else self.d, -1))
+                continue
+            hit = table.get(fp)
+            if hit is None:
+                return expected
+            found.append(hit)
+        return found
+
+    def _are_expected_rows(self, prints: torch.Tensor, expected: list[tuple[int, int]]) -> bool:
+        """Rows with fingerprints `prints` are this rank's expected tokens of
+        its own DP rank (padding rows: zero), by the fingerprints of its own
+        layer input (`own_prints`, taken where the input was made)."""
+        own = getattr(self, "own_prints", None)
+        if own is None or prints.shape[0] != len(expected) or any(d != self.d for d, _t in expected):
+            return False
+        idx = torch.tensor([t for _d, t in expected], dtype=torch.int64)
+        pad = idx < 0
+        want = own[idx.clamp(min=0)] if own.shape[0] else torch.zeros_like(idx)
+        return torch.equal(prints, want.masked_fill(pad, 0))
+
+    def _inputs_by_row(self) -> dict[int, tuple[int, int]]:
+        """Every DP rank's layer input rows by their fingerprint (built once
+        per rank; the inputs themselves are not kept)."""
+        table = getattr(self, "_row_table", None)
+        if table is None:
+            s = self.scenario
+            table = {}
+            for d in range(s.parallel.dp):
+                for t, fp in enumerate(fingerprints(layer_input(s, d)).tolist()):
+                    table[fp] = (d, t)
+            self._row_table = table
+        return table
 
     def _route_of(self, d: int, t: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """The workload's (ids, weights) of token t of DP rank d. A padding row

@@ -84,8 +84,9 @@ def error_kind(exc: BaseException) -> str:
 # ---- failures of a run, across ranks ----
 #
 # Root-cause rule. A rank's failure is *primary* when the rank raised a
-# non-communication error (shape or runner kind) or its process died (or the
-# pool could not get its result at all). It is a *consequence* when the rank
+# non-communication error (shape or runner kind), its process died (or the
+# pool could not get its result at all), or it was stopped in runner code
+# between ops (its note ends in RETURNED). It is a *consequence* when the rank
 # failed only through communication: a collective failure (a peer closed the
 # connection, a collective aborted), or the pool stopped it still running after
 # a peer had failed (blocked in a collective the failed peer never reached).
@@ -110,9 +111,14 @@ class RankFailureInfo:
     cause: str  # how a consequence names this rank's failure ("rank 1 dying at step 7 x")
 
 
+# The tail of a rank's progress note once an op has returned to runner code.
+RETURNED = " (returned)"
+DRAINING_NOTE = "draining its streams"  # after the program: the rank waits for its stream threads
+
+
 def _note_step(text: str) -> tuple[int, str]:
     """(index, name) from a progress note "step 12 final_all_reduce"."""
-    parts = text.split(" ", 2)
+    parts = text.removesuffix(RETURNED).split(" ", 2)
     if len(parts) >= 3 and parts[0] == "step" and parts[1].isdigit():
         return int(parts[1]), parts[2]
     return 0, text or "?"
@@ -136,10 +142,16 @@ def _from_result(rank: int, res: dict[str, Any]) -> RankFailureInfo:
 
 def _from_pool(rank: int, why: str, note: str, at: float | None) -> RankFailureInfo:
     idx, name = _note_step(note)
-    detail = f"rank {why}" + (f" (last at {note})" if note else "")
+    shown = f"runner code after {note.removesuffix(RETURNED)}" if note.endswith(RETURNED) else note
+    detail = f"rank {why}" + (f" (last at {shown})" if note else "")
     where = f" at step {idx} {name}" if note else ""
     first = why.partition("\n")[0]
     if why.startswith("timed out"):
+        if note.endswith(RETURNED) and "after rank" not in first:
+            # Stopped in runner code between ops (a loop, a sleep): its own
+            # hang, and the cause of its peers' waiting in a collective.
+            return RankFailureInfo(rank, True, HazardKind.HANG, idx, name, detail, at or math.inf,
+                                   f"rank {rank} hanging in runner code after step {idx} {name}")
         # Stopped still running: blocked (usually in a collective), or a
         # peer's failure cut the run short ("... after rank N failed").
         return RankFailureInfo(rank, False, HazardKind.HANG, idx, name, detail, at or math.inf,

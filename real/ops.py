@@ -34,6 +34,7 @@ That path cannot be exercised on this project's CPU-only machines.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,8 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from real.comm import CommOps
-from real.compute import FUSED_SLOT, ComputeOps  # noqa: F401  (FUSED_SLOT: importable here as before)
-from real.errors import IN_OP, UpstreamFailure
+from real.compute import FUSED_SLOT, ComputeOps, fingerprints, take_untimed_s  # noqa: F401  (FUSED_SLOT: importable here as before)
+from real.errors import IN_OP, RETURNED, UpstreamFailure
 from real.model import LayerWeights, layer_input
 from real.streams import RealEvent, RealTensor, StreamThread
 from scenarios import contain
@@ -94,6 +95,7 @@ class RealOps(CommOps, ComputeOps, Ops):
         self.groups = groups
         self.kernel = kernel
         self.t0 = t0
+        self._pid = os.getpid()  # the rank's own process (runner code may fork)
         self.current_stream = "main"
         self._budget: contain.Budget | None = None
         self.steps: list[Step] = []
@@ -164,6 +166,8 @@ class RealOps(CommOps, ComputeOps, Ops):
         if self._budget is None:
             self._budget = contain.current_budget()
         contain.check_op(len(self.steps), budget=self._budget)
+        if os.getpid() != self._pid:  # a process runner code forked: it may not talk on the rank's groups
+            os._exit(0)
         st = Step(rank=self.rank, index=len(self.steps), op=op, name=name, stream=self.current_stream,
                   category=category, component=component, group=group,
                   in_shapes=[tuple(t.shape) for t in ins if hasattr(t, "shape")])
@@ -194,6 +198,7 @@ class RealOps(CommOps, ComputeOps, Ops):
         def body() -> None:
             if delay:
                 time.sleep(delay)
+            take_untimed_s()  # a fresh count for this op
             st.start = self.now_us()
             try:
                 result = fn()
@@ -208,7 +213,7 @@ class RealOps(CommOps, ComputeOps, Ops):
                 if stream == "main":
                     raise
                 return
-            st.end = self.now_us()
+            st.end = max(st.start, self.now_us() - 1e6 * take_untimed_s())
             if out is not None and result is not None:
                 # Routing handles report [rows, top_k] like the simulator's.
                 shape = (result.shape[0], result.shape[2]) if out.extra.get("routing") else None
@@ -223,6 +228,7 @@ class RealOps(CommOps, ComputeOps, Ops):
         elif stream == "main":
             self.note(f"step {st.index} {st.name}")
             body()
+            self.note(f"step {st.index} {st.name}{RETURNED}")  # back in runner code: a hang here is its own
         else:
             self._stream(stream).submit(body)
 
@@ -350,7 +356,9 @@ class RealOps(CommOps, ComputeOps, Ops):
     # ---- model side ----
 
     def layer_input(self, name: str = "layer_input") -> RealTensor:
-        x = layer_input(self.scenario, self.d).to(self.device)
+        x = layer_input(self.scenario, self.d)
+        self.own_prints = fingerprints(x)  # the router recognises its rows by them (real/compute.py), untimed here
+        x = x.to(self.device)
         return self._op("layer_input", name, MODEL, (), lambda: x.clone())
 
     def sp_slice(self, x: RealTensor, name: str = "sp_slice") -> RealTensor:

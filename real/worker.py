@@ -79,6 +79,7 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
     s: Scenario = payload["scenario"]
     if world != s.world:
         raise RuntimeError(f"pool has {world} ranks but the scenario needs {s.world}")
+    from real.errors import DRAINING_NOTE
     from real.pool import FINISHING_NOTE, note
 
     _stdout_to_stderr()
@@ -101,10 +102,14 @@ def execute_rank(rank: int, world: int, payload: dict[str, Any]) -> dict[str, An
                   dispatch_layout=getattr(runner_cls, "engine_rules", VLLM_LAYOUT))
     raised: BaseException | None = None
     raised_at: float | None = None
+    pid = os.getpid()
     try:
         run_program(runner_cls, s, ops)
     except BaseException as exc:  # SystemExit / KeyboardInterrupt too: SIGINT is ignored on ranks
         raised, raised_at = exc, time.time()
+    if os.getpid() != pid:  # a process runner code forked, back in the rank's code: not a rank
+        os._exit(0)
+    note(DRAINING_NOTE)  # tool code from here: a hang now is not in runner code
     ops.close()  # drains the stream threads (a failure there is recorded in ops.failed)
     note(f"{FINISHING_NOTE}: fits and output")  # past every collective: no failure grace for us
     failure = _failure(ops, raised, raised_at, bool(payload.get("traceback")))

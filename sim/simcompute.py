@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from scenarios.ops import fused_shared_misuse, row_parallel_misuse
 from scenarios.trace import COMPUTE, Step
+from scenarios.workload import tokens_of
 from sim import algebra
 from sim.cost import elementwise_us, experts_us, gemm_us
 from sim.simtypes import SimTensor
@@ -59,10 +60,23 @@ class SimCompute:
         if x.shape[-1] != m.hidden:
             self._shape_error(st, f"gate expects width {m.hidden}, got {x.shape[-1]}")
         routed_rows = self.layer_nrows  # the workload routes this rank's layer tokens
-        if rows != routed_rows:
-            self._shape_error(st, f"{rows} rows but the workload routes {routed_rows}")
+        if rows != routed_rows and not self._holds_tokens(x):
+            # Rows of other tokens are routed by the tokens they hold (as an
+            # engine's router would); rows no token is known for are not.
+            self._shape_error(st, f"{rows} rows but the workload routes {routed_rows}, and these rows "
+                                  "are not known tokens (e.g. rows an all-to-all dispatched)")
         self.sim.checks.consume(self, st, x, "router", "x")
         return self._new(st, shape, x.value, (x,), fresh=True)
+
+    def _holds_tokens(self, x: SimTensor) -> bool:
+        """Every row of x is a known token (or padding) of the layer input:
+        its row blocks name token sets whose sizes add up to its rows."""
+        s = self.scenario
+        try:
+            n = sum([len(tokens_of(s, b.key)) for b in x.value.blocks])
+        except ValueError:
+            return False
+        return n == x.shape[0]
 
     def latent_down(self, x: SimTensor, name: str = "latent_down") -> SimTensor:
         if x.__class__ is not SimTensor:
