@@ -87,8 +87,11 @@ def judge_output(
     check = OutputCheck(rank, not wrong, _max(abs_err), _max(rel_err), len(wrong), n,
                         [labels[i] for i in wrong], shape=shape)
     if wrong:
-        kind, check.cause = characterise(ref, rank, toks, y, wrong, shared_group)
+        scales = _scales(want)
+        ids = {i: identify(ref, y[i], scales[i]) for i in wrong}
+        kind, check.cause = characterise(ref, rank, toks, y, ids, shared_group)
         check.kind = kind.value
+        check.zero_tokens = [labels[i] for i, t in ids.items() if t == ZERO]
     return check
 
 
@@ -167,11 +170,11 @@ def shared_group_of(trace: Trace) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def characterise(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, wrong: list[int],
+def characterise(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, ids: dict[int, Tok | None],
                  shared_group: str | None = None) -> tuple[HazardKind, str]:
-    """Kind and cause of wrong rows `wrong` of a correctly shaped output."""
-    scales = _scales(ref.expected(rank))
-    ids = {i: identify(ref, y[i], scales[i]) for i in wrong}
+    """Kind and cause of the wrong rows of a correctly shaped output, given
+    each one's identity (`identify`, by row index)."""
+    wrong = list(ids)
     known = {i: t for i, t in ids.items() if t is not None}
     if len(known) == len(wrong) and ZERO not in known.values():
         held = [known.get(i, toks[i]) for i in range(len(toks))]

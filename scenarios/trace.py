@@ -159,6 +159,9 @@ class OutputCheck:
     cause: str = ""  # "" when correct
     kind: str | None = None  # the HazardKind the characterisation points to, when wrong
     shape: tuple[int, ...] | None = None  # what the rank returned
+    # Tokens whose rows are all zero (of the wrong ones): a padding row, or a
+    # row every source is missing from; the two are the same numbers.
+    zero_tokens: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -172,6 +175,7 @@ class OutputCheck:
             "cause": self.cause,
             "kind": self.kind,
             "shape": list(self.shape) if self.shape is not None else None,
+            "zero_tokens": list(self.zero_tokens),
         }
 
 

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 SHOW_ROWS = 6  # token labels shown in a WRONG_TOKENS detail before eliding
 WANT = {"x": "the layer input x", "xlat": "the latent projection xlat of the layer input"}
+# The tail of a WRONG_INPUT that names rows which are not the rank's own (the
+# real judge confirms it by other tokens' outputs in the rank's rows).
+WRONG_ROWS = "or rows containing them (this rank's own tokens at that point of its program)"
 
 
 @dataclass(slots=True)
@@ -222,8 +225,7 @@ class Checks:
                                 [consumer])
         elif rows is not None and v.keys() != rows and not self._covers(ops, x, rows):
             self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
-                                       f"expected {expected} or rows containing them (this rank's own tokens "
-                                       "at that point of its program)", consumer)
+                                       f"expected {expected} {WRONG_ROWS}", consumer)
 
     def _covers(self, ops: SimOps, x: SimTensor, want: tuple[str, ...]) -> bool:
         """Every token of the row blocks `want` is among x's rows. A row-wise

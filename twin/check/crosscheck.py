@@ -196,7 +196,7 @@ def _judge(result: CheckResult, runner: str | None, base: Any, h: Hazard, scale:
            timeout_s: float, say: Callable[[str], None]) -> VerdictItem:
     sim, real, scenario = result.sim, result.real, result.scenario
     if h.kind in REDUCTIONS:
-        return judge_reduction(sim, real, h, scale)
+        return judge_reduction(sim, real, h, scale, scenario)
     if h.kind in (HazardKind.WRONG_TOKENS, HazardKind.WRONG_INPUT):
         return judge_characterised(real, h)
     if h.kind == HazardKind.LOST_OVERLAP:

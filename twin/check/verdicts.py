@@ -37,7 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, OutputCheck, Step, Trace, Verdict
+from scenarios.workload import dp_of, owned_tokens, token_label, tokens_of
 
 TOL = 1e-3  # fitted vs predicted coefficient
 RESIDUAL_OK = 1e-4  # relative least-squares residual of a fit that explains the tensor
@@ -115,7 +117,8 @@ def _item(h: Hazard, verdict: Verdict, reason: str) -> VerdictItem:
     return VerdictItem(h.kind.value, verdict, reason, h.step, h.rank)
 
 
-def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> VerdictItem:
+def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float,
+                    scenario: Scenario | None = None) -> VerdictItem:
     out = output_of(real, h.rank)
     if out is None:  # no ground truth: a matching fit alone confirms nothing
         return _item(h, Verdict.INCONCLUSIVE, "the real output was not judged against the reference")
@@ -125,6 +128,11 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
         return _item(h, Verdict.REFUTED, describe_correct(out))
     rt = real_step(real, h.rank, h.step)
     wrong = describe_wrong(out)
+    empty = predicted_empty_rows(sim, h, scenario)
+    if _zero_rows_as_predicted(h, out, rt, empty, scenario):
+        # A zero row is a padding row or a row every source is missing from:
+        # the same numbers, and the latter is what was predicted for them.
+        return _item(h, Verdict.CONFIRMED, f"{wrong}: zero, every source missing from them, as predicted")
     if rt is None:
         return _item(h, Verdict.REFUTED, f"the real rank never reached this step; {wrong}")
     if rt.value is None:
@@ -136,8 +144,12 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
         return _item(h, Verdict.REFUTED, f"{wrong}, not the predicted {h.kind.value}")
     matches, shown, predicted = _step_fit(sim, rt, h, routed_scale)
     if matches:
+        # The fit covers every row: rows predicted to hold no source are
+        # measured zero too (the residual says so).
+        none = f", and rows {_tokens_words(empty)} holding no source" if empty else ""
         return _item(h, Verdict.CONFIRMED,
-                     f"{wrong}; measured {shown} at step {h.step} as predicted (residual {rt.residual or 0.0:.1e})")
+                     f"{wrong}; measured {shown}{none} at step {h.step} as predicted "
+                     f"(residual {rt.residual or 0.0:.1e})")
     if (rt.residual or 0.0) > RESIDUAL_OK:
         # The predicted sources do not make up the real tensor (another fault
         # upstream, e.g. a wrong input, changed what it holds): its fitted
@@ -146,6 +158,37 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float) -> 
                      f"{wrong}; the real tensor at step {h.step} is not a combination of the predicted sources "
                      f"(fit residual {rt.residual:.2g}): predicted {predicted}, not comparable")
     return _item(h, Verdict.REFUTED, f"{wrong}; but step {h.step} measured {shown}, predicted {predicted}")
+
+
+def _zero_rows_as_predicted(h: Hazard, out: OutputCheck, rt: Step | None, empty: list[str],
+                            scenario: Scenario | None) -> bool:
+    """A MISSING_REDUCTION whose rank reached the step, and whose wrong output
+    rows are zero exactly on the rank's rows predicted to hold no source."""
+    if h.kind is not HazardKind.MISSING_REDUCTION or rt is None or not out.zero_tokens or scenario is None:
+        return False
+    own = {token_label(d, t) for d, t in owned_tokens(scenario, h.rank)}
+    return set(out.wrong_tokens) == set(out.zero_tokens) == set(empty) & own
+
+
+def predicted_empty_rows(sim: Trace, h: Hazard, scenario: Scenario | None) -> list[str]:
+    """Tokens of the rows the simulator's value at the hazard's step holds no
+    source on ([] when unknown: rows that name no token, no scenario)."""
+    value = sim.values.get(h.rank, {}).get(h.step)
+    if value is None or scenario is None:
+        return []
+    out = []
+    for b in value.blocks:
+        if not b.terms:
+            try:
+                d, toks = dp_of(b.key), tokens_of(scenario, b.key)
+            except ValueError:
+                return []
+            out.extend(token_label(d, t) for t in toks if t >= 0)
+    return out
+
+
+def _tokens_words(labels: list[str]) -> str:
+    return ", ".join(labels[:6]) + (f" (+{len(labels) - 6})" if len(labels) > 6 else "")
 
 
 def _step_fit(sim: Trace, rt: Step, h: Hazard, routed_scale: float) -> tuple[bool, str, str]:
@@ -220,9 +263,24 @@ def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
         return _item(h, Verdict.REFUTED, describe_correct(out))
     if characterised(out) == h.kind.value:
         return _item(h, Verdict.CONFIRMED, describe_wrong(out))
+    if read_other_rows(h, out):
+        return _item(h, Verdict.INCONCLUSIVE, f"{describe_wrong(out)}: other tokens' outputs, as rows read from "
+                                              "other tokens give, here or on a peer whose rows this rank gathers "
+                                              "(the output does not say whose read it was)")
     if characterised(out) is None:
         return _item(h, Verdict.INCONCLUSIVE, f"{describe_wrong(out)}: the cause could not be characterised")
     return _item(h, Verdict.REFUTED, f"{describe_wrong(out)}, characterised as {out.kind}, not {h.kind.value}")
+
+
+def read_other_rows(h: Hazard, out: OutputCheck) -> bool:
+    """A WRONG_INPUT naming rows that are not the rank's own, and a real
+    output holding other tokens' outputs in its rows: consistent with the
+    prediction, but not proof of it (the output's rows may come from a peer,
+    e.g. an SP slice gathered from another TP rank), nor against it."""
+    from sim.checks import WRONG_ROWS
+
+    return (h.kind is HazardKind.WRONG_INPUT and WRONG_ROWS in h.detail
+            and characterised(out) == HazardKind.WRONG_TOKENS.value)
 
 
 def lost_overlap_on_wrong_output(real: Trace, h: Hazard) -> VerdictItem | None:
