@@ -171,6 +171,11 @@ def _scatter(kind: str, values: list[algebra.Value], sizes: tuple[int, ...] | No
     return algebra.reduce_scatterv(values, sizes)
 
 
+def _ranks_words(ranks: list[int]) -> str:
+    shown = ",".join(map(str, ranks[:8])) + (f",... ({len(ranks)} ranks)" if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
+
+
 class Simulation:
     """Simulates one scenario with one runner class."""
 
@@ -190,7 +195,8 @@ class Simulation:
         self.view_us = profile.elementwise_us * 0.25
         self.hazards: list[Hazard] = []
         self.notes: list[str] = []
-        self.decisions: dict[str, str] = {}
+        self.decisions: dict[str, str] = {}  # rank 0's (the signatures' and the reports' decision)
+        self.decided: dict[str, dict[str, list[int]]] = {}  # point -> value -> ranks that decided it
         self.accesses: list[Access] = []
         # (rank, buffer) of every access issued on a stream other than main:
         # the only buffers that can race (sim/hazards.py), kept as they are made.
@@ -368,7 +374,7 @@ class Simulation:
             if self.usage_error is None:
                 self.usage_error = exc
             self.finished[rank] = f"misused Ops: {exc}"
-        except greenlet.GreenletExit:
+        except _Abort:  # the engine's own, ending a rank still blocked (a runner's GreenletExit is its error)
             raise
         except contain.BudgetExceeded as exc:  # the whole program phase stops here
             st = self._runner_error(ops, exc, f"runner stopped: {exc}")
@@ -376,7 +382,7 @@ class Simulation:
             self._ready.clear()
         except Exception as exc:  # a runner bug: report it with its step
             self._runner_error(ops, exc, f"runner raised {type(exc).__name__}: {exc}")
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:  # sys.exit, KeyboardInterrupt, GeneratorExit, GreenletExit, ...
             if isinstance(exc, KeyboardInterrupt) and contain.user_interrupted():
                 raise  # the user's Ctrl-C ends the command
             self._runner_error(ops, exc, str(contain.runner_exit(exc)))
@@ -426,6 +432,16 @@ class Simulation:
         for ops in self.rank_ops:
             ops.assign_clocks(shared_clocks)
 
+    def _split_decisions(self) -> list[str]:
+        """A note per decision the ranks took differently (the decisions shown
+        are rank 0's), e.g. an overlap decided on each DP rank's own count."""
+        out = []
+        for point, by_value in self.decided.items():
+            if len(by_value) > 1:
+                each = "; ".join(f"{v} on {_ranks_words(rs)}" for v, rs in by_value.items())
+                out.append(f"decision {point} differs by rank: {each}")
+        return out
+
     def _report_hangs(self) -> None:
         """Ranks still blocked in a collective: hang."""
         for key, pend in list(self.pending.items()):
@@ -448,6 +464,7 @@ class Simulation:
         self._after_program()
         if self.budget_stop is not None:
             self.notes.append(contain.BUDGET_NOTE + self.budget_stop)
+        self.notes.extend(self._split_decisions())
         note = layout_note(self.layout, self.scenario, getattr(self.layout, "name", "engine"))
         if note is not None:
             self.notes.append(note)

@@ -33,12 +33,12 @@ from scenarios.trace import (
     HazardKind,
     Step,
 )
-from scenarios.workload import dp_slot
 from sim import algebra
 from sim.cost import elementwise_us
 from sim.errors import RunnerUsageError, SimShapeError
 from sim.simcomm import SimComm
 from sim.simcompute import SimCompute
+from sim.simmodel import MODEL, SimModel
 from sim.simtypes import Access, Plan, SimEvent, SimTensor
 
 __all__ = ["MODEL", "Access", "Plan", "SimEvent", "SimOps", "SimTensor"]
@@ -46,7 +46,6 @@ __all__ = ["MODEL", "Access", "Plan", "SimEvent", "SimOps", "SimTensor"]
 if TYPE_CHECKING:
     from sim.engine import Simulation
 
-MODEL = "model"  # category of model-side steps (input, output, SP slicing)
 _access = tuple.__new__  # Access(...) without NamedTuple's Python-level __new__ (several per op)
 _monotonic = time.monotonic
 _prod = math.prod
@@ -84,7 +83,7 @@ class _OnStream:
         self.ops.current_stream = self.previous
 
 
-class SimOps(SimComm, SimCompute, Ops):
+class SimOps(SimComm, SimCompute, SimModel, Ops):
     """One rank's Ops in the simulator."""
 
     def __init__(self, sim: Simulation, rank: int, budget: contain.Budget | None = None) -> None:
@@ -377,101 +376,7 @@ class SimOps(SimComm, SimCompute, Ops):
         st.detail = str(value)
         if self.rank == 0:
             self.sim.decisions[point] = str(value)
-
-    # ---- model side ----
-
-    def layer_input(self, name: str = "layer_input") -> SimTensor:
-        s = self.scenario
-        shape = (self.tokens, s.model.hidden)
-        st = self._step("layer_input", name, MODEL, (), shape)
-        out = self._new(st, shape, algebra.leaf(f"d{self.d}", self.tokens, "x", ""), fresh=True)
-        self.layer_rows = self.input_rows = out.value.keys()
-        return out
-
-    def sp_slice(self, x: SimTensor, name: str = "sp_slice") -> SimTensor:
-        if x.__class__ is not SimTensor:
-            x = self._tensor(x, name)
-        tp = self.scenario.parallel.tp
-        per = -(-x.shape[0] // tp)
-        shape = (per, *x.shape[1:])
-        st = self._step("sp_slice", name, MODEL, (x,), shape, self.sim.view_us)
-        blocks = tuple([algebra.Block(f"{b.key}s{self.t}", per, b.terms) for b in x.value.blocks])
-        value = algebra.Value(blocks, x.value.scale) if len(blocks) == 1 else algebra.split_rows(x.value, self.t * per, (self.t + 1) * per)
-        # Padding to a multiple of tp copies (F.pad), so the slice is a new buffer.
-        out = self._new(st, shape, value, (x,))
-        self.layer_rows, self.layer_nrows = out.value.keys(), shape[0]
-        return out
-
-    def dp_gather(self, x: SimTensor, name: str = "dp_gather", padded: bool = False) -> SimTensor:
-        if x.__class__ is not SimTensor:
-            x = self._tensor(x, name)
-        s = self.sim.scenario
-        if x.shape[0] != s.dp_tokens(self.d):
-            st = self._step("dp_gather", name, MODEL, (x,), x.shape)
-            self._shape_error(st, f"gathers {x.shape[0]} rows but DP rank {self.d} holds {s.dp_tokens(self.d)} tokens")
-        if padded:
-            out = self.all_gather(self._pad_rows_to_max(x, name), "dp", name=name)
-        else:
-            out = self.all_gatherv(x, "dp", name=name)
-        self.layer_rows, self.layer_nrows = out.value.keys(), out.shape[0]
-        return out
-
-    def _pad_rows_to_max(self, x: SimTensor, name: str) -> SimTensor:
-        """MAX_LEN: this DP rank's rows, zero-padded to the largest DP count
-        (a copy into the gather's send buffer)."""
-        most = max(self.sim.scenario.token_counts)
-        blocks = x.value.blocks
-        if len(blocks) != 1 or blocks[0].key != f"d{self.d}":
-            raise self._misuse(name, "a padded dp_gather takes this DP rank's layer rows, as the model handed them")
-        shape = (most, *x.shape[1:])
-        st = self._step("pad_rows", f"{name}_pad_rows", PADDING, (x,), shape, self.sim.view_us)
-        value = algebra.Value((algebra.Block(f"d{self.d}m{most}", most, blocks[0].terms),), x.value.scale)
-        return self._new(st, shape, value, (x,))
-
-    def dp_scatter(self, x: SimTensor, name: str = "dp_scatter", padded: bool = False) -> SimTensor:
-        if x.__class__ is not SimTensor:
-            x = self._tensor(x, name)
-        s = self.sim.scenario
-        lo, n = dp_slot(s, self.d, padded)
-        shape = (n, *x.shape[1:])
-        st = self._step("dp_scatter", name, MODEL, (x,), shape, self.sim.view_us)
-        if x.shape[0] < lo + n:
-            self._shape_error(st, f"{x.shape[0]} rows, but DP rank {self.d}'s slot is rows {lo}..{lo + n - 1}")
-        self.layer_rows, self.layer_nrows = self.input_rows, n
-        return self._new(st, shape, algebra.split_rows(x.value, lo, lo + n), (x,))
-
-    def trim_rows(self, x: SimTensor, rows: int, name: str = "trim_rows") -> SimTensor:
-        if x.__class__ is not SimTensor:
-            x = self._tensor(x, name)
-        rows = self._int(rows, name, "rows")
-        shape = (min(rows, x.shape[0]), *x.shape[1:])
-        st = self._step("trim_rows", name, PADDING, (x,), shape, self.sim.view_us)
-        return self._new(st, shape, algebra.split_rows(x.value, 0, rows), (x,), buf=x.buf)
-
-    def layer_output(self, x: SimTensor, name: str = "layer_output") -> SimTensor:
-        if x.__class__ is not SimTensor:
-            x = self._tensor(x, name)
-        st = self._step("layer_output", name, MODEL, (x,), x.shape)
-        expected = (self.tokens, self.scenario.model.hidden)
-        if tuple(x.shape) != expected:
-            self._shape_error(st, f"layer output {list(x.shape)}, the model expects {list(expected)}")
-        self.output = x
-        self.values[st.index] = x.value
-        self.sim.checks.output(self, st, x)
-        return x
-
-    def boundary(self, x: SimTensor, shape: tuple[int, ...], name: str = "custom_op_boundary") -> SimTensor:
-        if x.__class__ is not SimTensor:
-            x = self._tensor(x, name)
-        if not isinstance(shape, tuple | list):
-            raise self._misuse(name, f"argument shape must be a tuple, got {type(shape).__name__}")
-        st = self._step("boundary", name, MODEL, (x,), tuple(shape))
-        if tuple(x.shape) != tuple(shape):
-            self._shape_error(
-                st, f"returns {list(x.shape)} but its fake implementation declared {list(shape)}"
-            )
-        self.values[st.index] = x.value
-        return x
+        self.sim.decided.setdefault(point, {}).setdefault(st.detail, []).append(self.rank)
 
     # ---- elementwise and layout ----
 
