@@ -138,11 +138,24 @@ def _analysis_error() -> tuple[type[Exception], ...]:
     return (errors.AnalysisOverBudget,) if errors is not None else ()
 
 
+MAX_WIDTH = 1000  # columns of a timeline: wider is a slow, huge print, never a view
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    code = _main(argv)
-    if argv is None:  # this process's own command line: nothing may keep it alive
-        _end_if_threads_left(code)
-    return code
+    if argv is None:  # this process's own command line: its stdout is the tool's alone
+        from twin import tool_stdout
+
+        guard = tool_stdout.protect()
+        try:
+            code = _main(argv)
+        except BrokenPipeError:  # the reader of stdout stopped reading (`| head -1`): its choice
+            tool_stdout.reader_gone(guard)
+            code = EXIT_OK
+        finally:
+            tool_stdout.finish(guard)
+        _end_if_threads_left(code)  # nothing may keep it alive
+        return code
+    return _main(argv)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -154,8 +167,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         width = getattr(args, "width", None)
-        if width is not None and width < 40:
-            raise BadInput(f"--width: at least 40 columns, got {width}")
+        if width is not None and not 40 <= width <= MAX_WIDTH:
+            raise BadInput(f"--width: from 40 to {MAX_WIDTH} columns, got {width}")
         set_width(width)
         from twin.cli_flags import limits_of
 
@@ -181,6 +194,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except BrokenPipeError:
+        raise  # main's: the reader of stdout went away, not an internal error
     except Exception as exc:
         if os.environ.get("MOE_TWIN_DEBUG"):
             raise

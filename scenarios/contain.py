@@ -37,6 +37,14 @@ from pathlib import Path
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
+from scenarios.contain_watchdog import (  # noqa: F401  (part of this module's interface)
+    HARD_EXIT_CODE,
+    HARD_GRACE_CPU_S,
+    HARD_GRACE_S,
+    HARD_GRACE_WALL_MAX_S,
+    _Watchdog,
+)
+
 DEFAULT_MAX_OPS = 10_000
 DEFAULT_SIM_TIMEOUT_S = 10.0
 # A value may hold at most this many row blocks (legitimate programs hold at
@@ -45,17 +53,6 @@ VALUE_BLOCKS_BASE, VALUE_BLOCKS_PER_RANK = 64, 4
 # Elements per simulated tensor (2^40: far past any machine, well before a
 # float cost model overflows).
 MAX_ELEMENTS = 1 << 40
-# Runner code still running this long after its wall-clock budget cannot be
-# stopped in-process: the watchdog ends the process with this exit code (the
-# runner is the user's input).
-HARD_GRACE_S = 5.0
-HARD_EXIT_CODE = 2
-# The grace is owed in CPU time, not only wall clock: a process starved by a
-# busy machine would otherwise be ended while it is about to stop on its own.
-# It must have run HARD_GRACE_CPU_S past the budget, or be this far past it
-# in wall clock (a C call blocked without spending CPU).
-HARD_GRACE_CPU_S = 2.5
-HARD_GRACE_WALL_MAX_S = 60.0
 # Alarm retry intervals: while tool code runs, and after a stop was swallowed.
 _DEFER_S, _REPEAT_S = 0.005, 0.05
 
@@ -63,7 +60,7 @@ BUDGET_NOTE = "runner stopped by a budget: "  # prefix of the Trace note a budge
 WALL_CLOCK_BUDGET = "wall-clock budget"  # the name a --sim-timeout stop starts with
 
 _TOOL_DIRS = tuple(
-    str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("sim", "real", "twin", "kernels")
+    str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("sim", "real", "twin", "moe_twin_kernels")
 )
 _TOOL_FILES = frozenset(str(Path(__file__).resolve().parent / f) for f in ("contain.py", "ops.py"))
 
@@ -242,10 +239,14 @@ class GracefulInterrupts:
 
 
 def runner_exit(exc: BaseException) -> RunnerExit:
-    """A runner's SystemExit / KeyboardInterrupt as an ordinary error."""
+    """A runner's SystemExit, KeyboardInterrupt or other BaseException (not an
+    Exception: GeneratorExit, a class of its own) as an ordinary error."""
     if isinstance(exc, SystemExit):
         return RunnerExit(f"runner code called sys.exit({exc.code!r}); runner code may not end the tool")
-    return RunnerExit(f"runner code raised {type(exc).__name__} itself (not a Ctrl-C)")
+    if isinstance(exc, KeyboardInterrupt):
+        return RunnerExit(f"runner code raised {type(exc).__name__} itself (not a Ctrl-C)")
+    return RunnerExit(f"runner code raised {type(exc).__name__}, a BaseException that is not an Exception"
+                      + (f": {exc}" if str(exc) else ""))
 
 
 def _is_tool(code: CodeType) -> bool:
@@ -269,54 +270,6 @@ def _in_runner(frame: FrameType | None, boundary: CodeType | None) -> bool:
 # ---------------------------------------------------------------- the guard
 
 
-class _Watchdog:
-    """One daemon thread per process: ends the process when runner code
-    outlives its budget by HARD_GRACE_S of wall clock while the process kept
-    running (HARD_GRACE_CPU_S of CPU), or by HARD_GRACE_WALL_MAX_S whatever
-    its CPU (nothing else can stop a long C call). Arming and disarming only
-    set an attribute (no lock: guards are entered per simulated scenario);
-    the thread looks every POLL_S."""
-
-    POLL_S = 0.25
-
-    def __init__(self) -> None:
-        # (budget's monotonic end, message): one object, swapped whole, so the
-        # thread never sees a deadline with another arming's message.
-        self.armed: tuple[float, str] | None = None
-        self.thread: threading.Thread | None = None
-
-    def arm(self, deadline: float, message: str) -> None:
-        self.armed = (deadline, message)
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name="moe-twin-watchdog", daemon=True)
-            self.thread.start()
-
-    def disarm(self) -> None:
-        self.armed = None
-
-    def _loop(self) -> None:
-        seen: tuple[float, str] | None = None  # the arming whose budget has passed
-        cpu_at_deadline = 0.0
-        while True:
-            time.sleep(self.POLL_S)
-            armed = self.armed
-            if armed is None or time.monotonic() <= armed[0]:
-                continue
-            if armed is not seen:  # first look past this budget: CPU is counted from here
-                seen, cpu_at_deadline = armed, time.process_time()
-            if self.overdue(time.monotonic() - armed[0], time.process_time() - cpu_at_deadline):
-                os.write(2, (armed[1] + "\n").encode("utf-8", "replace"))
-                os._exit(HARD_EXIT_CODE)
-
-    @staticmethod
-    def overdue(wall_past_s: float, cpu_past_s: float) -> bool:
-        """Past the budget long enough to end the process: the grace in wall
-        clock with the CPU to show the process ran, or the long wall limit."""
-        if wall_past_s > HARD_GRACE_WALL_MAX_S:
-            return True
-        return wall_past_s > HARD_GRACE_S and cpu_past_s >= HARD_GRACE_CPU_S
-
-
 _watchdog = _Watchdog()
 _active: RunnerGuard | None = None  # the innermost guard with an armed alarm
 
@@ -325,6 +278,9 @@ def _alarm_handler(signum: int, frame: FrameType | None) -> None:
     guard = _active
     if guard is not None:  # else a stale alarm: nothing to stop
         guard._on_alarm(signum, frame)
+
+
+_KEPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the user's Ctrl-C and kill reach the tool whatever runner code did
 
 
 class RunnerGuard:
@@ -363,6 +319,9 @@ class RunnerGuard:
             _critical -= 1
             raise
         s["deadline"], s["seen"] = _deadline, _seen_at_entry
+        s["pid"] = os.getpid()
+        if main:  # runner code may change them; the tool's come back on exit
+            s["signals"] = [(n, _signal.getsignal(n)) for n in _KEPT_SIGNALS]
         _seen_at_entry = _sigint_seen
         if self.timeout_s is not None:
             mine = time.monotonic() + self.timeout_s
@@ -378,9 +337,14 @@ class RunnerGuard:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         global _deadline, _critical, _seen_at_entry, _pending_interrupt, _active
+        s = self._saved
+        if os.getpid() != s["pid"]:  # a process runner code forked, back in tool code: not the tool
+            os._exit(0)
         _critical += 1
         self._armed = False  # first: an alarm handler that still runs now does nothing
-        s = self._saved
+        for n, handler in s.pop("signals", ()):
+            if handler is not None and _signal.getsignal(n) is not handler:  # None: installed from C, not ours to set
+                signal.signal(n, handler)
         if "entered" in s:  # the alarm was armed
             signal.setitimer(signal.ITIMER_REAL, 0)
             _watchdog.disarm()

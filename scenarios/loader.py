@@ -83,7 +83,8 @@ def load_file(path: str | Path) -> Scenario:
     except UnicodeDecodeError as exc:
         raise ScenarioError("scenario", f"{p} is not UTF-8 text (byte {exc.start}: "
                                         f"{raw[exc.start:exc.start + 1]!r})") from None
-    return parse_toml(text, source=str(p), default_name=p.stem)
+    # A byte-order mark (some editors write one) is not TOML, but says nothing: dropped.
+    return parse_toml(text.removeprefix("\ufeff"), source=str(p), default_name=p.stem)
 
 
 def catalog() -> list[CatalogEntry]:

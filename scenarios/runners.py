@@ -208,7 +208,7 @@ def load_runner(spec: str | type[MoERunner]) -> type[MoERunner]:
         raise RunnerLoadError(f"runner {spec!r}: importing {module_name} took too long ({exc})") from None
     except Exception as exc:  # a user's module failing to import is their error, named
         raise RunnerLoadError(f"runner {spec!r}: cannot import {module_name}: {exc}") from exc
-    except (SystemExit, KeyboardInterrupt) as exc:
+    except BaseException as exc:  # sys.exit, KeyboardInterrupt, GeneratorExit, ...: runner code's, not the tool's end
         if isinstance(exc, KeyboardInterrupt) and contain.user_interrupted():
             raise
         raise RunnerLoadError(f"runner {spec!r}: importing {module_name}: {contain.runner_exit(exc)}") from None

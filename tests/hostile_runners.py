@@ -83,6 +83,27 @@ class Interrupt(MoERunner):
         raise KeyboardInterrupt
 
 
+class RaisesGeneratorExit(MoERunner):
+    def forward(self, ops: Ops, x: Any) -> Any:
+        raise GeneratorExit
+
+
+class HomeMadeBase(BaseException):
+    """Not an Exception: no `except Exception` catches it."""
+
+
+class RaisesOwnBase(MoERunner):
+    def forward(self, ops: Ops, x: Any) -> Any:
+        raise HomeMadeBase("not an error class")
+
+
+class RaisesGreenletExit(MoERunner):
+    def forward(self, ops: Ops, x: Any) -> Any:
+        import greenlet
+
+        raise greenlet.GreenletExit
+
+
 class Printer(MoERunner):
     """Prints from runner code (Python-level and straight to file descriptor 1)."""
 
@@ -172,4 +193,94 @@ class ThreadLeaker(MoERunner):
         import threading
 
         threading.Thread(target=time.sleep, args=(3600,), name="runner-leak").start()
+        return super().forward(ops, x)
+
+
+class ChattyThread(MoERunner):
+    """Leaves a daemon thread printing (to sys.stdout and descriptor 1) while
+    the tool writes its output."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        import threading
+
+        def chatter() -> None:
+            while True:
+                print("thread chatter")
+                os.write(1, b"thread fd-1 chatter\n")
+                sys.stdout.writelines(["thread writelines\n"])
+                sys.stdout.buffer.write(b"thread buffer write\n")
+                os.write(sys.stdout.fileno(), b"thread fileno write\n")
+                time.sleep(0.001)
+
+        if ops.rank == 0:
+            threading.Thread(target=chatter, daemon=True).start()
+            time.sleep(0.05)  # already chattering when the tool takes over again
+        return super().forward(ops, x)
+
+
+class PrintsAtExit(MoERunner):
+    """Leaves exit handlers and a finaliser that print after the tool's output."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        import atexit
+
+        atexit.register(print, "atexit print")
+        atexit.register(os.write, 1, b"atexit fd-1 write\n")
+        atexit.register(lambda: sys.stdout.buffer.write(b"atexit buffer write\n"))
+        _KEPT.append(_WritesOnDel())
+        return super().forward(ops, x)
+
+
+class _WritesOnDel:
+    def __del__(self) -> None:
+        os.write(1, b"finaliser fd-1 write\n")
+
+
+_KEPT: list[Any] = []
+
+
+class Forks(MoERunner):
+    """Forks on rank 0: the child carries on through the tool's code."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        if ops.rank == 0:
+            os.fork()
+        return super().forward(ops, x)
+
+
+class IgnoresInterrupts(MoERunner):
+    def forward(self, ops: Ops, x: Any) -> Any:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return super().forward(ops, x)
+
+
+class ForksOnRealRanks(MoERunner):
+    """Forks on real rank 1; the child carries on through the rank's code."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        if _on_real_ranks(ops) and ops.rank == 1:
+            os.fork()
+        return super().forward(ops, x)
+
+
+class Rank1SleepsOnRealRanks(MoERunner):
+    """Real rank 1 sleeps in its own code; its peer waits in the next collective."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        x = ops.clone(x, name="before_the_sleep")
+        if _on_real_ranks(ops) and ops.rank == 1:
+            time.sleep(3600)
+        return super().forward(ops, x)
+
+
+class ForkedChildSleeps(MoERunner):
+    """Rank 0 forks; the child sleeps (never back in the tool's code)."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        if ops.rank == 0 and os.fork() == 0:
+            time.sleep(120)
+            os._exit(0)
         return super().forward(ops, x)

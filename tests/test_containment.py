@@ -121,6 +121,9 @@ def test_a_runner_that_swallows_every_stop_ends_the_process_with_one_line():
     ("Exit0", "sys.exit(0)"),
     ("Exit5", "sys.exit(5)"),
     ("Interrupt", "raised KeyboardInterrupt itself"),
+    ("RaisesGeneratorExit", "raised GeneratorExit, a BaseException that is not an Exception"),
+    ("RaisesOwnBase", "raised HomeMadeBase, a BaseException that is not an Exception: not an error class"),
+    ("RaisesGreenletExit", "raised GreenletExit, a BaseException that is not an Exception"),
 ])
 def test_runner_exits_are_runner_errors(runner, needle):
     p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:{runner}", "--json")
@@ -137,6 +140,70 @@ def test_runner_prints_go_to_stderr_not_the_json_document():
     assert p.returncode == 0
     json.loads(p.stdout)  # nothing else on stdout, not even the raw fd-1 write
     assert "runner says hello" in p.stderr and "raw fd-1 write" in p.stderr
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_verify_reports_a_runner_raising_a_base_exception(jobs):
+    """In a worker process it used to kill the worker and leave the pool waiting for ever."""
+    p = moe_twin("verify", "--runner", f"{HOSTILE}:RaisesGeneratorExit", "--max-world", "1", "--jobs", jobs, "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(p.stdout)
+    assert not doc["proved_clean"] and {f["kind"] for f in doc["findings"]} == {"RUNNER_ERROR"}
+
+
+@pytest.mark.parametrize("runner,needle", [
+    ("ChattyThread", "thread chatter"),
+    ("PrintsAtExit", "atexit buffer write"),
+])
+def test_runner_code_running_after_its_guard_cannot_write_into_the_json_document(runner, needle):
+    """A thread runner code left, exit handlers, finalisers: stdout is the tool's alone."""
+    for cmd in (["simulate", "r3-tp-decode"], ["verify", "--max-world", "1", "--jobs", "1"]):
+        p = moe_twin(*cmd, "--runner", f"{HOSTILE}:{runner}", "--json")
+        assert p.returncode == 0, p.stderr[-2000:]
+        json.loads(p.stdout)
+        assert needle in p.stderr
+
+
+def test_a_process_runner_code_forks_does_not_write_a_second_document():
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:Forks", "--json")
+    assert p.returncode == 0
+    json.loads(p.stdout)  # one document: the child ends where runner code hands back to the tool
+
+
+def test_a_process_runner_code_forks_does_not_hold_the_readers_pipe_open():
+    # The child sleeps 120 s: a reader waiting for the end of stdout would time out.
+    # (Its stderr is the child's to keep: runner code's own output goes there.)
+    p = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "simulate", "r3-tp-decode",
+                        "--runner", f"{HOSTILE}:ForkedChildSleeps", "--json"],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60)
+    assert p.returncode == 0
+    json.loads(p.stdout)
+
+
+def test_a_reader_that_stops_reading_is_not_an_error():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "simulate",
+                             "deepseek-v3", "--json", "--all-ranks"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=LIMIT_S) == 0, err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def test_signal_handlers_runner_code_changes_are_the_tools_again():
+    import signal
+
+    from scenarios.loader import load
+    from scenarios.runners import load_runner
+    from sim import simulate
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    simulate(load("r3-tp-decode"), load_runner(f"{HOSTILE}:IgnoresInterrupts"))
+    after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert signal.SIG_IGN not in after
+    assert after[1] == before[1]
 
 
 def test_a_thread_left_running_by_runner_code_does_not_keep_the_process_alive():
@@ -176,6 +243,7 @@ def test_users_ctrl_c_while_runner_code_runs_is_exit_130(tmp_path):
     ("loop_on_import.py:X", "took too long (wall-clock budget exceeded (--sim-timeout 1 s))"),
     ("exit_on_import.py:X", "sys.exit(7)"),
     ("interrupt_on_import.py:X", "raised KeyboardInterrupt itself"),
+    ("generator_exit_on_import.py:X", "raised GeneratorExit"),
 ])
 def test_loading_a_runner_is_contained(module, needle):
     p = moe_twin("simulate", "r3-tp-decode", "--runner", f"tests/hostile_modules/{module}",
@@ -323,6 +391,26 @@ def test_a_runner_looping_on_real_ranks_is_a_hang_with_its_step():
     assert p.returncode == 0, p.stderr
     hangs = [h for h in json.loads(p.stdout)["hazards"] if h["kind"] == "HANG"]
     assert hangs and all(h["step_name"] == "before_the_loop" for h in hangs)
+
+
+@pytest.mark.slow
+def test_a_process_runner_code_forks_on_a_rank_ends_at_its_next_op():
+    """It may not talk on the rank's groups (its peers would see two of it)."""
+    p = moe_twin("check", "r3-tp-decode", "--runner", f"{HOSTILE}:ForksOnRealRanks", "--timeout", "30", "--json",
+                 timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(p.stdout)
+    assert doc["agree"] and all(o["correct"] for o in doc["real_output"]), doc["real_output"]
+
+
+@pytest.mark.slow
+def test_a_rank_hanging_in_its_own_code_is_the_cause_of_its_peers_hang():
+    p = moe_twin("run", "r3-tp-decode", "--runner", f"{HOSTILE}:Rank1SleepsOnRealRanks", "--timeout", "10",
+                 "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    hangs = {h["rank"]: h for h in json.loads(p.stdout)["hazards"] if h["kind"] == "HANG"}
+    assert hangs[1]["step_name"] == "before_the_sleep" and hangs[1].get("caused_by") is None
+    assert hangs[0]["caused_by"] == 1 and "hanging in runner code after step" in hangs[0]["detail"]
 
 
 @pytest.mark.slow

@@ -70,6 +70,9 @@ def files(tmp_path: Path) -> Path:
     (["simulate", "r3-tp-decode", "--sim-timeout=inf"], "--sim-timeout: must be between 0.1 and 3600"),
     (["simulate", "r3-tp-decode", "--max-ops=0"], "--max-ops: must be between 1 and 1,000,000"),
     (["simulate", "r3-tp-decode", "--max-ops=lots"], "--max-ops: expected a whole number"),
+    (["simulate", "r3-tp-decode", "--width", "99999999999"], "--width: from 40 to 1000 columns"),
+    (["verify", "--max-world", "100000"], "--max-world: must be a number of ranks from 1 to 1024"),
+    (["mutate", "--max-world", "99999"], "--max-world: must be a number of ranks from 1 to 1024"),
 ])
 def test_absurd_numbers_are_bad_input(argv, needle):
     assert_bad_input(argv, needle)
@@ -94,6 +97,14 @@ def test_directory_and_fifo_say_what_they_are(files):
     assert_bad_input(["show", str(files / "fifo.toml")], "fifo.toml is a FIFO (named pipe), not a scenario file")
     assert time.monotonic() - t0 < 30  # never blocks waiting for a writer
     assert_bad_input(["show", str(files / "no-such.toml")], "no such file")
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    f = tmp_path / "bom.toml"
+    f.write_bytes(b"\xef\xbb\xbf" + (ROOT / "scenarios/catalog/r3-tp-decode.toml").read_bytes())
+    p = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "show", str(f)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
 
 
 def test_non_utf8_file_is_named(files):

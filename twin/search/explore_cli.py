@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from scenarios.space import SPACES as SPACE_NAMES
+from scenarios.spec_sections import MAX_WORLD
 from twin.cli_flags import BadInput
 from twin.search.explore import DEFAULT_BUDGET, DEFAULT_OUT, ExploreResult, Progress
 from twin.search.explore_enum import DEFAULT_ENUMERATE_S, DEFAULT_SPACE
@@ -317,8 +318,8 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     kill = args.kill or ("search" if args.confirm else "verify")
     if kill == "verify" and args.confirm:
         raise BadInput("--confirm: only with --kill search (verify's kills are predictions over a space)")
-    if args.max_world is not None and args.max_world < 1:
-        raise BadInput(f"--max-world: must be a positive number of ranks, got {args.max_world}")
+    if args.max_world is not None and not 1 <= args.max_world <= MAX_WORLD:
+        raise BadInput(f"--max-world: must be a number of ranks from 1 to {MAX_WORLD}, got {args.max_world}")
     with MessageProgress() as progress:
         rep = run_mutation(budget=args.budget, confirm=args.confirm, seed=args.seed,
                            only=args.mutant, equivalence_examples=args.equivalence,

@@ -1,0 +1,3 @@
+"""Importing this module raises GeneratorExit (a BaseException, not an Exception)."""
+
+raise GeneratorExit
