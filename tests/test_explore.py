@@ -421,3 +421,18 @@ def test_polish_sets_every_knob_the_finding_does_not_need_back_to_its_default():
     assert not plain.model.quantized_input and not plain.runtime.allreduce_fusion
     assert not plain.runtime.shared_experts_fusion and plain.workload.phase == "decode"
     assert plain.model.routed_scaling_factor == 1.0
+
+
+def test_a_runner_misusing_ops_is_a_finding_that_says_so() -> None:
+    """A misuse of Ops found by a search is the runner's bug, not the
+    simulator's: the finding says so and that `check` will refuse it."""
+    from tests.error_runners import UnknownGroup
+    from twin.search.explore_oracle import simulate_safe
+
+    s = Scenario(name="misuse", model=ModelTraits(hidden=64, moe_intermediate=32, num_experts=4, top_k=2),
+                 parallel=ParallelConfig(tp=2), workload=Workload(tokens=4))
+    trace = simulate_safe(s, UnknownGroup)
+    [hz] = trace.hazards
+    assert hz.kind is HazardKind.RUNNER_ERROR
+    assert "misuses Ops" in hz.detail and "exit 2" in hz.detail
+    assert "the simulator raised" not in hz.detail

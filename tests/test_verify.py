@@ -3,6 +3,7 @@ pruning, and what it finds (every historical regression; nothing on fixed)."""
 
 import json
 from functools import cache
+from pathlib import Path
 
 import pytest
 from default_space import verified_default
@@ -253,6 +254,54 @@ def test_shards_cover_the_space_once_and_merge_by_signature():
     assert m["classes"] == whole.classes and m["invalid"] == whole.invalid
     assert [f["signature"] for f in m["findings"]] == sorted(_signatures(whole))
     assert m["proved_clean"] is False and "distinct finding" in m["statement"]
+
+
+# One cause seen at several steps downstream: a TP rank whose SP slice ends
+# in padding rows doubles its shared output.
+PAD_SLICE_DOUBLES = str(Path(__file__).resolve().parent / "compound_runners.py") + ":PadSliceRankDoublesShared"
+
+
+def _classes_of(res, sig: str) -> set[int]:
+    return {i for i, sigs in res.outcomes.items() if sig in sigs}
+
+
+@pytest.mark.parametrize("runner", ("before-40673", "before-39222", PAD_SLICE_DOUBLES))
+def test_findings_say_which_others_every_one_of_their_classes_showed(runner):
+    """classes_found, found_with and same_classes_as agree with the
+    class-by-class outcomes."""
+    res = _verified(runner)
+    d = res.to_dict()
+    assert d["findings"]
+    for f in d["findings"]:
+        sig, where = f["signature"], _classes_of(res, f["signature"])
+        assert f["classes_found"] == len(where) > 0
+        others = _signatures(res) - {sig}
+        assert f["found_with"] == sorted(o for o in others if where <= _classes_of(res, o))
+        assert f["same_classes_as"] == sorted(o for o in others if where == _classes_of(res, o))
+    assert sum(x["classes"] for x in d["finding_sets"]) == sum(1 for sigs in res.outcomes.values() if sigs)
+    if runner == PAD_SLICE_DOUBLES:  # the doubling step is met wherever a downstream step is
+        assert any("DOUBLE_REDUCTION@pad_slice_double" in f["found_with"] for f in d["findings"])
+
+
+def _together(d) -> dict:
+    return {f["signature"]: (f["classes_found"], f["found_with"], f["same_classes_as"]) for f in d["findings"]}
+
+
+def test_findings_found_together_survive_shards_and_workers():
+    space = restrict(SMALL, dp=(1, 2), tp=(2,))
+    whole = _together(verify(PAD_SLICE_DOUBLES, space, max_world=4, polish_findings=False).to_dict())
+    assert any(w for _, w, _ in whole.values())
+    parts = [verify(PAD_SLICE_DOUBLES, space, max_world=4, shard=(i, 3), polish_findings=False).to_dict()
+             for i in range(3)]
+    assert _together(merge(parts)) == whole
+
+
+@pytest.mark.slow
+def test_findings_found_together_survive_workers():
+    # A named space: a custom one runs in-process whatever --jobs says.
+    one, two = (verify(PAD_SLICE_DOUBLES, "default", max_world=2, polish_findings=False, jobs=j).to_dict()
+                for j in (1, 2))
+    assert any(w for _, w, _ in _together(one).values()) and _together(two) == _together(one)
 
 
 @pytest.mark.parametrize("bad", ["1", "3/3", "-1/2", "a/b", "0/0"])

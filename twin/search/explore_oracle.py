@@ -82,9 +82,19 @@ def simulate_safe(scenario: Scenario, runner_cls: type[MoERunner]) -> Trace:
     except Exception as exc:  # noqa: BLE001 - reported as a RUNNER_ERROR finding
         trace = Trace(source="sim", scenario=scenario.name, runner=runner_cls.__name__,
                       world=scenario.world)
-        trace.hazards.append(Hazard(HazardKind.RUNNER_ERROR, 0, "simulate", 0,
-                                    f"the simulator raised {type(exc).__name__}: {exc}"))
+        trace.hazards.append(Hazard(HazardKind.RUNNER_ERROR, 0, "simulate", 0, _crash_detail(exc)))
         return trace
+
+
+def _crash_detail(exc: Exception) -> str:
+    """A misuse of Ops is the runner's bug, said as such (`check` on the
+    finding's scenario refuses the runner with this line, exit 2); anything
+    else the simulator raised is named as the simulator's."""
+    from scenarios.ops import OpsUsageError
+
+    if isinstance(exc, OpsUsageError):
+        return f"{exc} (`check` refuses this runner on the scenario: exit 2)"
+    return f"the simulator raised {type(exc).__name__}: {exc}"
 
 
 

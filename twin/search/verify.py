@@ -34,7 +34,7 @@ from scenarios.space import (
     axes_dict,
     space_axes,
 )
-from scenarios.spec import Scenario, ScenarioError
+from scenarios.spec import MAX_WORLD, Scenario, ScenarioError
 from twin.search.explore_store import ExploreInputError, Finding, FindingStore, prepare_out
 from twin.search.explore_store import slug as _slug
 from twin.search.verify_merge import merge, statement
@@ -168,8 +168,8 @@ def verify(
     if not isinstance(space, str):
         space, jobs = "custom", 1  # a table of its own: not re-created by name in a worker
     max_world = DEFAULT_MAX_WORLD.get(space, 4) if max_world is None else max_world
-    if isinstance(max_world, bool) or not isinstance(max_world, int) or max_world < 1:
-        raise ExploreInputError(f"--max-world: must be a positive number of ranks, got {max_world!r}")
+    if isinstance(max_world, bool) or not isinstance(max_world, int) or not 1 <= max_world <= MAX_WORLD:
+        raise ExploreInputError(f"--max-world: must be a number of ranks from 1 to {MAX_WORLD}, got {max_world!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ExploreInputError(f"--jobs: must be a positive number of processes, got {jobs!r}")
     if should_stop is not None and jobs != 1:
@@ -244,6 +244,7 @@ def _parallel(space: str, max_world: int, every: Enumeration, lo: int, hi: int, 
                 res.gave_up, res.complete = part.gave_up, False
             if res.outcomes is not None and part.outcomes is not None:
                 res.outcomes.update(part.outcomes)
+            res.absorb_found(part.finding_sets)
             for f in part.findings:  # blocks arrive in order: the first is the simplest
                 if f.signature not in store.findings:
                     store.findings[f.signature] = f
@@ -341,17 +342,14 @@ class _Walk:
         budget, as simulate runs it (e.g. starting an engine's probe)."""
         try:
             self.runner_cls.prepare_program(s)
-        except Exception:  # noqa: BLE001 - the simulation reports it in its own terms
-            return False
-        try:
             with contain.RunnerGuard(unsupported_reason.__code__, contain.limits().sim_timeout_s,
                                      "the runner's unsupported()"):
                 return unsupported_reason(self.runner_cls, s) is not None
-        except (Exception, SystemExit):
-            return False
         except KeyboardInterrupt:
             if contain.user_interrupted():
                 raise
+            return False
+        except BaseException:  # noqa: BLE001 - runner code's: the simulation reports it in its own terms
             return False
 
     def _tick(self, n: int = 1) -> None:
@@ -366,6 +364,7 @@ class _Walk:
                 self._new_finding(sig, kind, detail, step, rank, s, o)
         if self.res.outcomes is not None:
             self.res.outcomes[o.index] = frozenset(o.findings)
+        self.res.note_found(o.findings)
         self._count_wall_stop(o.budget_stop is not None and o.budget_stop.startswith(contain.WALL_CLOCK_BUDGET))
         self._tick()
         if self.prune:
@@ -392,6 +391,7 @@ class _Walk:
             self.res.pruned += 1
             if self.res.outcomes is not None:
                 self.res.outcomes[j] = frozenset(o.findings)
+            self.res.note_found(o.findings)
             self._tick()
 
     def _new_finding(self, sig: str, kind: str, detail: str, step: int, rank: int, s: Scenario,

@@ -83,7 +83,20 @@ def verify_report(d: dict[str, Any]) -> list[str]:
         lines.append(f" [bold]{e(f['signature'])}[/bold]")
         lines.append(f"     {e(f.get('scenario_file') or '(not written: use --out)')}: {e(f['summary'])}")
         lines.append(f"     {e(f['detail'])}")
+        lines.extend(_found_line(f, classes))
     return lines
+
+
+def _found_line(f: dict[str, Any], classes: int) -> list[str]:
+    """In how many classes, and which other findings each of them showed too
+    (rich markup: the signatures are escaped)."""
+    from rich.markup import escape
+
+    if not f.get("classes_found"):
+        return []
+    also = f.get("found_with") or []
+    tail = f"; each of them also showed {escape(', '.join(also))}" if also else ""
+    return [f"     found in {f['classes_found']} of {classes} classes{tail}"]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

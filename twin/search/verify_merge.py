@@ -32,13 +32,18 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             if r.get(key) != head.get(key):
                 raise ExploreInputError(f"--merge: shards disagree on {key!r}: {r.get(key)!r} vs {head.get(key)!r}")
     findings: dict[str, Any] = {}
+    sets: dict[frozenset[str], int] = {}
     for r in results:
         for f in r.get("findings", []):
-            findings.setdefault(f["signature"], f)
+            findings.setdefault(f["signature"], dict(f))
+        for item in r.get("finding_sets", []):  # shards cover disjoint classes: counts add
+            key = frozenset(item["signatures"])
+            sets[key] = sets.get(key, 0) + int(item["classes"])
     out = {k: head.get(k) for k in ("runner", "axes", "space", "max_world")}
     for key in ("classes", "pruned", "simulated", "invalid", "opaque", "unsupported"):
         out[key] = sum(int(r.get(key, 0)) for r in results)
-    out["findings"] = [findings[k] for k in sorted(findings)]
+    out["findings"] = found_together([findings[k] for k in sorted(findings)], sets)
+    out["finding_sets"] = sets_to_json(sets)
     out["proved_clean"] = not findings and all(r.get("complete", True) for r in results)
     out["shards"] = len(results)
     out["complete"] = all(bool(r.get("complete", True)) for r in results)
@@ -49,4 +54,28 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["merge", "statement"]
+def found_together(findings: list[dict[str, Any]], sets: dict[frozenset[str], int]) -> list[dict[str, Any]]:
+    """Each finding's classes_found, found_with (the findings every one of its
+    classes showed too: often the step its cause first showed at) and
+    same_classes_as (found_with both ways). Facts about the enumeration, not
+    a diagnosis. 0 classes: a finding of an earlier run this one did not meet."""
+    with_: dict[str, frozenset[str]] = {}
+    for f in findings:
+        sig = f["signature"]
+        having = [k for k in sets if sig in k]
+        f["classes_found"] = sum(sets[k] for k in having)
+        with_[sig] = frozenset.intersection(*having) - {sig} if having else frozenset()
+        f["found_with"] = sorted(with_[sig])
+    for f in findings:
+        sig = f["signature"]
+        f["same_classes_as"] = sorted(o for o in with_[sig] if sig in with_.get(o, ()))
+    return findings
+
+
+def sets_to_json(sets: dict[frozenset[str], int]) -> list[dict[str, Any]]:
+    """The finding sets as JSON, most classes first."""
+    return [{"signatures": sorted(k), "classes": n}
+            for k, n in sorted(sets.items(), key=lambda kv: (-kv[1], sorted(kv[0])))]
+
+
+__all__ = ["found_together", "merge", "sets_to_json", "statement"]

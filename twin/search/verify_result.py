@@ -8,7 +8,7 @@ from typing import Any
 
 from scenarios.space import held_fixed
 from twin.search.explore_store import Finding
-from twin.search.verify_merge import statement
+from twin.search.verify_merge import found_together, sets_to_json, statement
 from twin.search.verify_record import Reads
 
 
@@ -50,6 +50,21 @@ class VerifyResult:
     wall_stops_in_a_row: int = 0
     gave_up: str | None = None
     interrupted: bool = False  # the user's Ctrl-C ended it (the counts cover what was done)
+    # Per distinct set of signatures one class showed: how many classes showed
+    # exactly that set. Few sets, any space size; which findings always come
+    # with which others (one cause seen at several steps) follows from them.
+    finding_sets: dict[frozenset[str], int] = field(default_factory=dict)
+
+    def note_found(self, signatures: Any) -> None:
+        """One more class (simulated, or pruned onto one that was) showing `signatures`."""
+        if signatures:
+            key = frozenset(signatures)
+            self.finding_sets[key] = self.finding_sets.get(key, 0) + 1
+
+    def absorb_found(self, other: dict[frozenset[str], int]) -> None:
+        """Add the sets of a disjoint block (a worker's)."""
+        for key, n in other.items():
+            self.finding_sets[key] = self.finding_sets.get(key, 0) + n
 
     @property
     def simulated(self) -> int:
@@ -73,7 +88,8 @@ class VerifyResult:
             "classes": self.classes,
             "pruned": self.pruned,
             "axes": self.axes,
-            "findings": [f.to_dict() for f in self.findings],
+            "findings": found_together([f.to_dict() for f in self.findings], self.finding_sets),
+            "finding_sets": sets_to_json(self.finding_sets),
             "proved_clean": self.proved_clean,
             "simulated": self.simulated,
             "invalid": self.invalid,
