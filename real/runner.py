@@ -16,7 +16,7 @@ from real.errors import (
 from real.model import check_fits
 from scenarios import contain
 from scenarios.dispatch_layout import VLLM_LAYOUT, engine_scenario
-from scenarios.runners import MoERunner, load_runner, runner_label
+from scenarios.runners import MoERunner, load_runner, prepare_runner, runner_label
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace
 from scenarios.whatif import Removed
@@ -139,7 +139,9 @@ def run_real(
         }
     from real.worker import execute_rank
 
-    cls.prepare_program(scenario)  # before any rank starts (e.g. the engine traces they read)
+    failed = prepare_runner(cls, scenario)  # before any rank starts (e.g. the engine traces they read)
+    if failed is not None:
+        return _not_started(scenario, runner_label(cls), failed)
     pool = pool or get_pool(scenario.world, timeout_s)
     start_ranks(pool, scenario, kernel)
     results: dict[int, dict[str, Any]] = {}
@@ -164,6 +166,17 @@ def run_real(
     if without is not None:
         result.trace.notes.append(f"what-if run: {without.op} {without} removed on every rank")
     _judge_outputs(scenario, result)
+    return result
+
+
+def _not_started(s: Scenario, label: str, why: str) -> RealResult:
+    """No rank started: the runner's prepare_program() failed in this process."""
+    trace = Trace(source="real", scenario=s.name, runner=label, world=s.world)
+    trace.hazards.append(Hazard(HazardKind.RUNNER_ERROR, 0, "prepare_program", 0, why))
+    trace.hazards.extend(Hazard(HazardKind.RUNNER_ERROR, 0, "prepare_program", r, "not started",
+                                caused_by=0) for r in range(1, s.world))
+    result = RealResult(trace)
+    _judge_outputs(s, result)
     return result
 
 

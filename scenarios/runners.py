@@ -39,7 +39,7 @@ from scenarios.trtllm import TRTLLMRunner
 __all__ = [
     "BEFORE_RUNNERS", "OVERLAPPED", "RUNNERS", "ModularKernel", "MoERunner", "Order", "RunnerLoadError",
     "RunnerUnsupported", "SGLangRunner", "TRTLLMRunner", "load_runner", "multi_stream_platform", "overlap_disabled",
-    "overlap_order", "reference_order", "run_program", "runner_label", "unsupported_reason",
+    "overlap_order", "prepare_runner", "reference_order", "run_program", "runner_label", "unsupported_reason",
 ]
 
 
@@ -289,6 +289,36 @@ def runner_label(cls: type[MoERunner]) -> str:
     if isinstance(spec, str) and cls.__dict__.get("load_spec") == spec:
         return spec
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+# Packages whose prepare_program() is the tool's own (an engine probe may take
+# minutes): only an override from elsewhere is runner code, run under budget.
+_OWN_PACKAGES = frozenset({"scenarios", "engines", "sim", "real", "twin"})
+PREPARE_STOPPED = "the runner's prepare_program() was stopped: "  # a budget stopped it
+
+
+def prepare_runner(runner_cls: type[MoERunner], scenario: Scenario) -> str | None:
+    """Run the class's prepare_program(scenario) once, before the program.
+    Returns None, or why runner code's own prepare_program() failed (it
+    raised, exited or overran the wall-clock budget: a RUNNER_ERROR for the
+    caller to report). The user's Ctrl-C still ends the command."""
+    fn = getattr(runner_cls.prepare_program, "__func__", runner_cls.prepare_program)
+    if getattr(fn, "__module__", "").partition(".")[0] in _OWN_PACKAGES:
+        runner_cls.prepare_program(scenario)
+        return None
+    try:
+        with contain.RunnerGuard(prepare_runner.__code__, contain.limits().sim_timeout_s,
+                                 what="the runner's prepare_program()"):
+            runner_cls.prepare_program(scenario)
+    except contain.BudgetExceeded as exc:
+        return f"{PREPARE_STOPPED}{exc}"
+    except Exception as exc:
+        return f"the runner's prepare_program() raised {type(exc).__name__}: {exc}"
+    except BaseException as exc:  # sys.exit, KeyboardInterrupt, ...: runner code's, not the tool's end
+        if isinstance(exc, KeyboardInterrupt) and contain.user_interrupted():
+            raise
+        return f"the runner's prepare_program(): {contain.runner_exit(exc)}"
+    return None
 
 
 def run_program(runner_cls: type[MoERunner], scenario: Scenario, ops: Ops) -> Any:

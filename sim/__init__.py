@@ -6,9 +6,17 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from scenarios.runners import MoERunner, engine_reference, load_runner, runner_label
+from scenarios import contain
+from scenarios.runners import (
+    PREPARE_STOPPED,
+    MoERunner,
+    engine_reference,
+    load_runner,
+    prepare_runner,
+    runner_label,
+)
 from scenarios.spec import Scenario
-from scenarios.trace import HazardKind, Trace
+from scenarios.trace import Hazard, HazardKind, Trace
 from sim import hazards as hz
 from sim.cost import Profile, for_world, load_profile
 from sim.engine import Simulation
@@ -54,6 +62,17 @@ def _promote_survivors() -> None:
 # A crash ends the layer: no what-if is priced for it (MISSING_STREAM is the
 # engine's crash at a launch on a stream the platform lacks).
 FATAL = {HazardKind.SHAPE_MISMATCH, HazardKind.HANG, HazardKind.RUNNER_ERROR, HazardKind.MISSING_STREAM}
+
+
+def _not_simulated(scenario: Scenario, label: str, why: str) -> Trace:
+    """The trace of a program never started: the runner's prepare_program()
+    failed. A budget's stop is noted as one (a real run of it is skipped,
+    not made to wait out the budget again)."""
+    trace = Trace(source="sim", scenario=scenario.name, runner=label, world=scenario.world)
+    trace.hazards.append(Hazard(HazardKind.RUNNER_ERROR, 0, "prepare_program", 0, why))
+    if why.startswith(PREPARE_STOPPED):
+        trace.notes.append(contain.BUDGET_NOTE + why)
+    return trace
 
 
 def _run(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) -> tuple[Simulation, Trace]:
@@ -109,7 +128,9 @@ def simulate(
     prof = profile if isinstance(profile, Profile) else load_profile(profile or scenario.cost_profile)
     prof = for_world(prof, scenario.world)  # ranks sharing CPU cores (a no-op for GPU profiles)
     label = runner_label(cls)
-    cls.prepare_program(scenario)  # outside the runner's budget (e.g. tracing an engine's forward)
+    failed = prepare_runner(cls, scenario)  # outside the program's budget (e.g. tracing an engine's forward)
+    if failed is not None:
+        return _not_simulated(scenario, label, failed)
     with _no_cyclic_gc():
         sim, trace = _run(scenario, cls, prof, label)
         try:

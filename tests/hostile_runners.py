@@ -284,3 +284,30 @@ class ForkedChildSleeps(MoERunner):
             time.sleep(120)
             os._exit(0)
         return super().forward(ops, x)
+
+
+class PrepareLoops(MoERunner):
+    """prepare_program() (once per scenario, before the program) spins for ever."""
+
+    @classmethod
+    def prepare_program(cls, scenario: Any) -> None:
+        while True:
+            pass
+
+
+class PrepareRaises(MoERunner):
+    @classmethod
+    def prepare_program(cls, scenario: Any) -> None:
+        raise ValueError("prepare broke")
+
+
+class PrepareExits(MoERunner):
+    @classmethod
+    def prepare_program(cls, scenario: Any) -> None:
+        sys.exit(3)
+
+
+class PreparePrints(MoERunner):
+    @classmethod
+    def prepare_program(cls, scenario: Any) -> None:
+        print("prepare says hello")

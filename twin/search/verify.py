@@ -25,7 +25,7 @@ from typing import Any
 
 from scenarios import contain
 from scenarios.dispatch_layout import VLLM_LAYOUT, engine_scenario
-from scenarios.runners import MoERunner, load_runner, unsupported_reason
+from scenarios.runners import MoERunner, load_runner, prepare_runner, unsupported_reason
 from scenarios.space import (
     DEFAULT_MAX_WORLD,
     Axis,
@@ -341,7 +341,8 @@ class _Walk:
         simulation to report. Its prepare_program() runs first, outside the
         budget, as simulate runs it (e.g. starting an engine's probe)."""
         try:
-            self.runner_cls.prepare_program(s)
+            if prepare_runner(self.runner_cls, s) is not None:
+                return False  # the simulation reports its failure as a RUNNER_ERROR
             with contain.RunnerGuard(unsupported_reason.__code__, contain.limits().sim_timeout_s,
                                      "the runner's unsupported()"):
                 return unsupported_reason(self.runner_cls, s) is not None

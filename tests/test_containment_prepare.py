@@ -1,0 +1,79 @@
+"""A runner's prepare_program() is runner code too (the simulator and a real
+run call it once per scenario in the tool's own process): budgeted, its
+failures reported as RUNNER_ERRORs, its prints kept off stdout."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from test_containment import HOSTILE, moe_twin, runner_errors
+
+from scenarios.loader import load
+from scenarios.runners import load_runner, prepare_runner
+
+
+def test_a_looping_prepare_program_is_stopped_by_the_wall_clock_budget():
+    t0 = time.monotonic()
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:PrepareLoops", "--sim-timeout", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 30
+    doc = json.loads(p.stdout)
+    (detail,) = runner_errors(doc)
+    assert "prepare_program() was stopped" in detail and "wall-clock budget" in detail
+    assert not doc["steps"] or not any(doc["steps"].values())  # no program ran
+
+
+@pytest.mark.parametrize("runner,needle", [
+    ("PrepareRaises", "prepare_program() raised ValueError: prepare broke"),
+    ("PrepareExits", "sys.exit(3)"),
+])
+def test_a_failing_prepare_program_is_a_runner_error(runner, needle):
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:{runner}", "--json", "--fail-on-hazard")
+    assert p.returncode == 1, p.stderr
+    (detail,) = runner_errors(json.loads(p.stdout))
+    assert needle in detail
+
+
+def test_prints_of_prepare_program_stay_off_stdout():
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:PreparePrints", "--json")
+    assert p.returncode == 0, p.stderr
+    json.loads(p.stdout)
+    assert "prepare says hello" in p.stderr
+
+
+def test_check_skips_the_real_run_of_a_prepare_program_the_budget_stopped():
+    p = moe_twin("check", "r3-tp-decode", "--runner", f"{HOSTILE}:PrepareLoops", "--sim-timeout", "0.5", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    (v,) = d["verdicts"]
+    assert v["kind"] == "RUNNER_ERROR" and v["verdict"] == "INCONCLUSIVE"
+    assert any("real run skipped" in n for n in d["real"]["notes"])
+
+
+def test_the_tools_own_prepare_program_runs_unguarded_and_a_users_guarded():
+    s = load("r3-tp-decode")
+    assert prepare_runner(load_runner("fixed"), s) is None
+    import hostile_runners
+
+    assert "prepare broke" in (prepare_runner(hostile_runners.PrepareRaises, s) or "")
+
+
+def test_verify_reports_a_failing_prepare_program():
+    p = moe_twin("verify", "--runner", f"{HOSTILE}:PrepareRaises", "--max-world", "1", "--jobs", "1", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(p.stdout)
+    assert not doc["proved_clean"] and {f["kind"] for f in doc["findings"]} == {"RUNNER_ERROR"}
+
+
+def test_check_reports_a_raising_prepare_program_once_without_starting_ranks():
+    """A real run calls prepare_program() in the launching process too: it
+    fails there the same way, no rank starts, and the other ranks' missing
+    outputs are its consequence, not findings of their own."""
+    p = moe_twin("check", "r3-tp-decode", "--runner", f"{HOSTILE}:PrepareRaises", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert [(v["kind"], v["rank"], v["verdict"]) for v in d["verdicts"]] == [("RUNNER_ERROR", 0, "CONFIRMED")]
+    assert [c["correct"] for c in d["real_output"]] == [False, False]
+    assert "consequence of rank 0" in d["real_output"][1]["cause"]
