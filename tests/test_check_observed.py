@@ -130,10 +130,31 @@ def test_a_predicted_hang_is_headlined_as_a_confirmed_prediction() -> None:
 
 
 @pytest.mark.slow
-def test_an_in_place_race_read_early_in_program_order_is_no_divergence() -> None:
+@pytest.mark.parametrize("main_delay_s", [None, 0.3])
+def test_an_in_place_race_read_early_in_program_order_is_no_divergence(main_delay_s, monkeypatch) -> None:
+    """Whether the unperturbed run shows the race is up to its threads'
+    schedule (a loaded machine may run the shared read first: delaying the
+    main stream forces that): either way no divergence, the race CONFIRMED
+    (by the wrong output, else by a provoked run), and "confirmed as
+    predicted" exactly when an output came out wrong."""
+    import real.runner
+
+    run_real, calls = real.runner.run_real, []
+
+    def base_delayed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - passes everything on
+        if main_delay_s is not None and not calls:
+            kwargs["delay"] = {"main": main_delay_s}
+        calls.append(kwargs.get("delay"))
+        return run_real(*args, **kwargs)
+
+    monkeypatch.setattr(real.runner, "run_real", base_delayed)
     result = check(TP_AUX, f"{RUNNERS}:RoutedInplaceBesideShared", timeout_s=60)
     assert result.divergence is None
-    assert result.confirmed_as_predicted
+    assert [(v.kind, v.verdict.value) for v in result.verdicts] == [("UNSAFE_OVERLAP", "CONFIRMED")] * 2
+    wrong = [r for r, c in result.real.output_checks.items() if not c.correct]
+    assert result.confirmed_as_predicted == bool(wrong)
+    if main_delay_s is not None:  # the shared read ran first: only a provoked run shows the race
+        assert not wrong and len(calls) > 1
 
 
 # ---------------------------------------------------------------- a scaling bug reads like a reduction bug
