@@ -153,9 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = EXIT_OK
         finally:
             tool_stdout.finish(guard)
+        _end_forked_processes()
         _end_if_threads_left(code)  # nothing may keep it alive
         return code
     return _main(argv)
+
+
+def _end_forked_processes() -> None:
+    """A process runner code forked and left running would outlive the
+    command and hold its stderr open (scenarios/contain_forks.py)."""
+    from scenarios.contain_forks import end_forked
+
+    ended = end_forked()
+    if ended:
+        _error(f"ended {len(ended)} process{'es' if len(ended) > 1 else ''} runner code forked and left running "
+               f"(pid {', '.join(map(str, ended))})")
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
+from scenarios import contain_forks
 from scenarios.contain_watchdog import (  # noqa: F401  (part of this module's interface)
     HARD_EXIT_CODE,
     HARD_GRACE_CPU_S,
@@ -97,6 +98,7 @@ _sigint_seen = 0
 _seen_at_entry = 0
 _critical = 0
 _pending_interrupt = False
+_guards = 0  # RunnerGuards entered and not left: runner code may be running
 
 
 def limits() -> Limits:
@@ -271,6 +273,7 @@ def _in_runner(frame: FrameType | None, boundary: CodeType | None) -> bool:
 
 
 _watchdog = _Watchdog()
+contain_forks.watch(lambda: _guards > 0)  # a fork now is runner code's: ended with the command
 _active: RunnerGuard | None = None  # the innermost guard with an armed alarm
 
 
@@ -306,7 +309,7 @@ class RunnerGuard:
     # the state is whole again, never half-way (stdout left on stderr).
 
     def __enter__(self) -> RunnerGuard:
-        global _deadline, _critical, _seen_at_entry
+        global _deadline, _critical, _seen_at_entry, _guards
         s = self._saved
         main = threading.current_thread() is threading.main_thread()
         _critical += 1
@@ -320,6 +323,7 @@ class RunnerGuard:
             raise
         s["deadline"], s["seen"] = _deadline, _seen_at_entry
         s["pid"] = os.getpid()
+        _guards += 1
         if main:  # runner code may change them; the tool's come back on exit
             s["signals"] = [(n, _signal.getsignal(n)) for n in _KEPT_SIGNALS]
         _seen_at_entry = _sigint_seen
@@ -336,10 +340,11 @@ class RunnerGuard:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        global _deadline, _critical, _seen_at_entry, _pending_interrupt, _active
+        global _deadline, _critical, _seen_at_entry, _pending_interrupt, _active, _guards
         s = self._saved
         if os.getpid() != s["pid"]:  # a process runner code forked, back in tool code: not the tool
             os._exit(0)
+        _guards -= 1
         _critical += 1
         self._armed = False  # first: an alarm handler that still runs now does nothing
         for n, handler in s.pop("signals", ()):
