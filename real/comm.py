@@ -126,16 +126,21 @@ class CommOps:
         chunk = v.shape[0] // n
         return total[i * chunk : (i + 1) * chunk].clone()
 
-    def _all_gatherv(self, v: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+    def _all_gatherv(self, v: torch.Tensor, members: tuple[int, ...], rows_out: list[int] | None = None) -> torch.Tensor:
         """Stand-in for all_gatherv (gloo has none): exchange the row counts,
-        pad every member to the largest, all-gather, drop the padding rows."""
+        pad every member to the largest, all-gather, drop the padding rows.
+        `rows_out` receives every member's row count."""
         if len(members) == 1:
+            if rows_out is not None:
+                rows_out[:] = [v.shape[0]]
             return v.clone()
         pg = self._pg(members)
         mine = torch.tensor([v.shape[0]], dtype=torch.int64)
         counts = [torch.empty_like(mine) for _ in members]
         self._dist(dist.all_gather, counts, mine, group=pg)
         rows = [int(c) for c in counts]
+        if rows_out is not None:
+            rows_out[:] = rows
         if len(set(rows)) == 1:
             return self._all_gather(v, members)
         self.stand_ins.add(f"all_gatherv: {_GATHERV}")
@@ -284,7 +289,9 @@ class CommOps:
 
         def fn(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             if not token_routing:  # the naive gather: every member's own rows
-                xd = self._all_gatherv(v, members)
+                sent: list[int] = []
+                xd = self._all_gatherv(v, members, sent)
+                state["sizes"] = tuple(sent)  # what the combine hands back (a chunk's, not the layer's)
                 state["routing"] = self._all_gatherv(r, members)
                 return xd
             if library is not None:
@@ -359,12 +366,13 @@ class CommOps:
                 break
         del source
 
-        # Each member gets back its own layer rows (the DP metadata's counts).
+        # Each member gets back the rows it dispatched (the DP metadata's
+        # counts for a whole layer's rows; a chunk's own).
         sizes = tuple(self.layout.rank_rows(self.scenario, m) for m in members)
 
         def fn(v: torch.Tensor) -> torch.Tensor:
             if not token_routing:
-                return self._reduce_scatterv(v, sizes, members)
+                return self._reduce_scatterv(v, (state or {}).get("sizes", sizes), members)
             if state is not None and "fi" in state and self._fi is not None:
                 return self._fi.combine(v, state["fi"])
             if state is None or "order" not in state:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -270,7 +270,7 @@ class RealOps(CommOps, ComputeOps, Ops):
         sp = space or next((t.space for t in ins if isinstance(t, RealTensor) and t.space != "native"), "native")
         out = RealTensor(hint, st.index, st.stream, sp)
         # A routing handle (and a collective of one) reports [rows, top_k] like the simulator's.
-        if op == "router" or (category == COLLECTIVE and ins and ins[0].extra.get("routing")):
+        if op == "router" or ((category == COLLECTIVE or op == "take_rows") and ins and ins[0].extra.get("routing")):
             out.extra["routing"] = True
         self.tensors[st.index] = out
 
@@ -375,6 +375,29 @@ class RealOps(CommOps, ComputeOps, Ops):
 
     def trim_rows(self, x: RealTensor, rows: int, name: str = "trim_rows") -> RealTensor:
         return self._op("trim_rows", name, PADDING, (x,), lambda v: v[:rows])
+
+    def take_rows(self, x: RealTensor, start: int, end: int, name: str = "take_rows") -> RealTensor:
+        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end:
+            raise OpsUsageError(f"{name}: rows [{start}, {end}) are not a range of rows")
+
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            if end > v.shape[0]:
+                raise OpsShapeError(f"rows [{start}, {end}) of a tensor of {v.shape[0]} rows")
+            return v[start:end]
+
+        return self._op("take_rows", name, PADDING, (x,), fn)
+
+    def cat_rows(self, parts: Sequence[RealTensor], name: str = "cat_rows") -> RealTensor:
+        if not isinstance(parts, list | tuple) or not parts:
+            raise OpsUsageError(f"{name}: argument parts must be a non-empty list of tensors")
+
+        def fn(*vs: torch.Tensor) -> torch.Tensor:
+            widths = {tuple(v.shape[1:]) for v in vs}
+            if len(widths) > 1:
+                raise OpsShapeError(f"parts of widths {sorted(list(w) for w in widths)}")
+            return torch.cat(vs)
+
+        return self._op("cat_rows", name, PADDING, tuple(parts), fn)
 
     def layer_output(self, x: RealTensor, name: str = "layer_output") -> RealTensor:
         expected = (self.scenario.dp_tokens(self.d), self.scenario.model.hidden)

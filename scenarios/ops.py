@@ -87,6 +87,16 @@ class Ops(ABC):
         """Drop padding rows: keep the first `rows` rows."""
 
     @abstractmethod
+    def take_rows(self, x: Any, start: int, end: int, name: str = "take_rows") -> Any:
+        """Rows [start, end) of x, as a view (its buffer): one chunk of a
+        chunked MoE forward. `end` past x's rows is a shape error."""
+
+    @abstractmethod
+    def cat_rows(self, parts: Sequence[Any], name: str = "cat_rows") -> Any:
+        """The rows of `parts`, one after another, in a new buffer (the
+        chunks' outputs joined); parts of different widths are a shape error."""
+
+    @abstractmethod
     def layer_output(self, x: Any, name: str = "layer_output") -> Any:
         """Hand the result back to the model; checked against the expected output."""
 

@@ -208,7 +208,7 @@ class Checks:
         others = {c for c in v.components() if c != want}
         expected = WANT[want] + (f" of rows {','.join(rows)}" if rows else "")
         if others or x.clobber_partial:
-            self._wrong_input(ops, st, f"{consumer} input is {algebra.summarize(v) or 'zero'}{clobber}; expected {expected}",
+            self.wrong_input(ops, st, f"{consumer} input is {algebra.summarize(v) or 'zero'}{clobber}; expected {expected}",
                               consumer)
             return
         if any(src[2] is not None for b in v.blocks for src, _ in b.terms):
@@ -224,7 +224,7 @@ class Checks:
                                 f"{consumer} input is {algebra.summarize(v) or 'zero'}, expected {expected} x1", st.index,
                                 [consumer])
         elif rows is not None and v.keys() != rows and not self._covers(ops, x, rows):
-            self._wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
+            self.wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
                                        f"expected {expected} {WRONG_ROWS}", consumer)
 
     def _covers(self, ops: SimOps, x: SimTensor, want: tuple[str, ...]) -> bool:
@@ -234,13 +234,17 @@ class Checks:
         are narrowed afterwards: where its output joins the routed output,
         shapes and foreign-row sums judge that. Not rows an all-to-all
         dispatched: the value names the group's tokens, the rows are only
-        those routed here, in expert order."""
+        those routed here, in expert order. A chunk (take_rows) covers its
+        own rows: they need only be among the rank's."""
         src = ops.steps[x.rows_from] if 0 <= x.rows_from < len(ops.steps) else None
         if src is not None and src.op == "dispatch" and self.sim.dispatch_group(ops.rank)[1]:
             return False
         s = self.scenario
         got = {(dp_of(k), t) for k in x.value.keys() for t in tokens_of(s, k) if t >= 0}
-        return all((dp_of(k), t) in got for k in want for t in tokens_of(s, k) if t >= 0)
+        wanted = {(dp_of(k), t) for k in want for t in tokens_of(s, k) if t >= 0}
+        if src is not None and src.op == "take_rows":
+            return got <= wanted  # a chunk of a chunked forward: some of the rank's rows (the output judges the rest)
+        return wanted <= got
 
     def _pure(self, v: algebra.Value, want: str) -> bool:
         """_pure, once per value (members of a gather consume one value)."""
@@ -257,7 +261,7 @@ class Checks:
         part = "partly " if x.clobber_partial else ""
         return f" (its buffer was {part}overwritten in place by step {w.index} {w.name})"
 
-    def _wrong_input(self, ops: SimOps, st: Step, detail: str, consumer: str | None = None) -> None:
+    def wrong_input(self, ops: SimOps, st: Step, detail: str, consumer: str | None = None) -> None:
         if self._once((ops.rank, "wrong-input", st.index)):
             self.sim.add_hazard(HazardKind.WRONG_INPUT, ops.rank, st, detail,
                                 consumers=[consumer] if consumer is not None else None)
@@ -268,7 +272,7 @@ class Checks:
             return  # an idle DP rank's empty rows
         others = {c for c in v.components() if c != "routed"}
         if others or x.clobber_partial:
-            self._wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
+            self.wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
                                        "expected the routed output only")
             return
         if not (self.scenario.model.transform_nonlinear or row_parallel):
@@ -376,7 +380,7 @@ class Checks:
             comps = list(dict.fromkeys(lab.split("@")[0] for lab in over))
             self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
         if stray:
-            self._wrong_input(ops, st, f"the layer output holds {', '.join(stray)}, which the MoE layer "
+            self.wrong_input(ops, st, f"the layer output holds {', '.join(stray)}, which the MoE layer "
                                        "does not return (expected routed and shared outputs only)")
 
     def _rows_lacking(self, v: algebra.Value, short: list[str]) -> str:

@@ -209,6 +209,7 @@ class Simulation:
         self.finished: dict[int, str] = {}
         self.usage_error: OpsUsageError | RunnerUnsupported | None = None
         self.budget_stop: str | None = None  # why a budget stopped the program phase
+        self.sent_other_rows = False  # a dispatch sent other rows than a layer's (sim/simcomm.py)
         # Buffer and event numbers 1, 2, ...: a counter's C-level __next__
         # (several per op) instead of a method call each.
         self.new_buffer: Callable[[], int] = count(1).__next__

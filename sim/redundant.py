@@ -56,7 +56,7 @@ def same_outputs(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]])
 
 # Ops that keep every row of their input where it was: a value change flows
 # through them to the output unless a later op drops or moves rows.
-ROW_MOVING = ("trim_rows", "all_gather", "reduce_scatter", "dispatch", "combine", "sp_slice")
+ROW_MOVING = ("trim_rows", "all_gather", "reduce_scatter", "dispatch", "combine", "sp_slice", "take_rows", "cat_rows")
 
 
 def surely_needed(sim: Any, where: list[tuple[int, int]]) -> bool:

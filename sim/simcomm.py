@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from scenarios.trace import COLLECTIVE, Step
+from scenarios.workload import dp_of, route_arrays, tokens_of
 from sim.cost import collective_us
 from sim.simtypes import Plan, SimTensor
 
@@ -36,6 +39,7 @@ class SimComm:
     steps: list[Step]
     plans: list[Plan]
     coll_seq: dict[tuple[int, ...], int]
+    last_sent: int  # rows this rank sent in its latest dispatch
 
     # Provided by SimOps (declared for the type checker only: a stub here must
     # never shadow the real method in the MRO).
@@ -130,6 +134,9 @@ class SimComm:
         if self.sim.layout.dispatch_backend(s) == "none":
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
         group, token_routing = self.sim.dispatch_group(self.rank)
+        self.last_sent = x.shape[0]
+        if x.shape[0] != self.sim.member_rows(group)[group.index(self.rank)]:
+            self.sim.sent_other_rows = True  # e.g. a chunk: sizes from the rows sent from now on
         if token_routing:
             rows = self.sim.received_rows(self.rank, group)
             kind = "dispatch_a2a"
@@ -142,6 +149,8 @@ class SimComm:
         out = self._collective(kind, x, group, name, "dispatch", shape, nbytes, component="routed", a2a=token_routing,
                                cost_kind=None if token_routing else "all_gather")
         if token_routing:
+            if self.sim.sent_other_rows:  # (every member has sent by now: the collective met)
+                shape = (self._received(out.value), x.shape[-1])
             out.shape = shape
             self.steps[out.step].out_shape = shape
         rh = SimTensor((out.shape[0], s.model.top_k), out.value, self.sim.new_buffer(), out.step, 0, out.rows_from)
@@ -152,8 +161,12 @@ class SimComm:
             y = self._tensor(y, name, "y")
         s = self.sim.scenario
         group, token_routing = self.sim.dispatch_group(self.rank)
-        # Every member gets back its own layer rows (the DP metadata's counts).
+        # Every member gets back the rows it dispatched: its layer rows (the DP
+        # metadata's counts) unless some member sent others (a chunk).
         sizes = self.sim.member_rows(group)
+        if self.sim.sent_other_rows:
+            members = self.sim.rank_ops
+            sizes = tuple([members[m].last_sent for m in group])
         mine = sizes[group.index(self.rank)]
         shape = (mine, y.shape[-1])
         if not token_routing:  # the naive combine: reduce_scatterv
@@ -162,3 +175,17 @@ class SimComm:
         nbytes = self._bytes((mine * min(s.model.top_k, len(group)), y.shape[-1]))
         return self._collective("combine_a2a", y, group, name, "combine", shape, nbytes, component="routed", a2a=True,
                                 sizes=sizes)
+
+    def _received(self, gathered: Any) -> int:
+        """Rows a token-routing dispatch delivers to this rank, from the tokens
+        the members actually sent (`gathered` names them): one per token with
+        at least one expert here (SP padding rows route like token 0)."""
+        s = self.sim.scenario
+        ids, _w = route_arrays(s)
+        per = s.local_experts
+        n = 0
+        for b in gathered.blocks:
+            toks = np.maximum(np.asarray(tokens_of(s, b.key), dtype=np.int64), 0)
+            if len(toks):
+                n += int(((ids[dp_of(b.key)][toks] // per) == self.rank).any(axis=1).sum())
+        return n

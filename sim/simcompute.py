@@ -29,6 +29,7 @@ class SimCompute:
     sim: Simulation
     scenario: Scenario
     rank: int
+    steps: list[Step]
     writes: dict[int, tuple[int, SimTensor]]
     layer_rows: tuple[str, ...]
     layer_nrows: int
@@ -77,6 +78,17 @@ class SimCompute:
         except ValueError:
             return False
         return n == x.shape[0]
+
+    def _routing_of_the_chunk(self, st: Step, x: SimTensor, routing_h: SimTensor) -> None:
+        """A chunk (take_rows) of the rows or of the routing: the routing must
+        be that of the same rows (another chunk's routes every token wrong)."""
+        steps = self.steps
+        if not any(0 <= t.rows_from < len(steps) and steps[t.rows_from].op == "take_rows" for t in (x, routing_h)):
+            return
+        rows, routed = x.value.keys(), routing_h.value.keys()
+        if rows != routed:
+            self.sim.checks.wrong_input(self, st, f"routed experts run rows {','.join(rows)} with the routing of "
+                                                  f"rows {','.join(routed)}", "routed experts")
 
     def latent_down(self, x: SimTensor, name: str = "latent_down") -> SimTensor:
         if x.__class__ is not SimTensor:
@@ -144,6 +156,7 @@ class SimCompute:
         if routing_h.shape[0] != x.shape[0]:
             self._shape_error(st, f"{x.shape[0]} rows but routing for {routing_h.shape[0]}")
         self.sim.checks.consume(self, st, x, "routed experts", "xlat" if m.has_transform else "x")
+        self._routing_of_the_chunk(st, x, routing_h)
         value = algebra.relabel(x.value, "routed", self.routed_shard)
         if shared_shard is not None:
             slot = algebra.scale(algebra.relabel(x.value, "shared", shared_shard), float(fused_shared))

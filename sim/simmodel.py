@@ -5,11 +5,13 @@ custom-op boundary. Each sets which rows the router routes from here on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from scenarios.trace import PADDING, Step
 from scenarios.workload import dp_slot
 from sim import algebra
+from sim.cost import elementwise_us
 from sim.simtypes import SimTensor
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ class SimModel:
         def _step(self, op: str, name: str, category: str, ins: tuple[SimTensor, ...] = (), out_shape: tuple[int, ...] | None = None, dur: float = 0.0, component: str | None = None, group: tuple[int, ...] | None = None) -> Step: ...
         def _new(self, st: Step, shape: tuple[int, ...], value: Any, ins: tuple[SimTensor, ...] = (), buf: int | None = None, fresh: bool = False, rows_of: SimTensor | None = None, writes: bool = True) -> SimTensor: ...
         def _shape_error(self, st: Step, message: str) -> None: ...
+        def _bytes(self, shape: tuple[int, ...]) -> float: ...
         def all_gather(self, x: SimTensor, group: str = "tp", name: str = "all_gather") -> SimTensor: ...
         def all_gatherv(self, x: SimTensor, group: str = "dp", name: str = "all_gatherv") -> SimTensor: ...
 
@@ -125,6 +128,29 @@ class SimModel:
             self.layer_rows, self.layer_nrows = out.value.keys(), shape[0]
             return out
         return self._new(st, shape, algebra.split_rows(x.value, 0, rows), (x,), buf=x.buf)
+
+    def take_rows(self, x: SimTensor, start: int, end: int, name: str = "take_rows") -> SimTensor:
+        if x.__class__ is not SimTensor:
+            x = self._tensor(x, name)
+        start, end = self._int(start, name, "start"), self._int(end, name, "end")
+        if not 0 <= start <= end:
+            raise self._misuse(name, f"rows [{start}, {end}) are not a range of rows")
+        shape = (max(0, min(end, x.shape[0]) - start), *x.shape[1:])
+        st = self._step("take_rows", name, PADDING, (x,), shape, self.sim.view_us)
+        if end > x.shape[0]:
+            self._shape_error(st, f"rows [{start}, {end}) of a tensor of {x.shape[0]} rows")
+        return self._new(st, shape, algebra.split_rows(x.value, start, min(end, x.shape[0])), (x,), buf=x.buf)
+
+    def cat_rows(self, parts: Sequence[SimTensor], name: str = "cat_rows") -> SimTensor:
+        if not isinstance(parts, list | tuple) or not parts:
+            raise self._misuse(name, "argument parts must be a non-empty list of tensors")
+        ins = tuple(self._tensor(t, name, f"parts[{i}]") for i, t in enumerate(parts))
+        shape = (sum(t.shape[0] for t in ins), *ins[0].shape[1:])
+        st = self._step("cat_rows", name, PADDING, ins, shape, elementwise_us(self.sim.profile, 2 * self._bytes(shape)))
+        widths = {tuple(t.shape[1:]) for t in ins}
+        if len(widths) > 1:
+            self._shape_error(st, f"parts of widths {sorted(list(w) for w in widths)}")
+        return self._new(st, shape, algebra.concat([t.value for t in ins]), ins)
 
     def _takes_own_sp_slice(self, x: SimTensor, rows: int) -> bool:
         """Under SP, TP rank 0 trimming the layer input to exactly its slice."""

@@ -1,0 +1,140 @@
+"""A chunked MoE forward (take_rows / cat_rows): the layer run on a few rows
+at a time. Correct chunk loops are clean in the simulator and on real ranks;
+the loop's own bugs (a chunk dropped, the offset never advanced, another
+chunk's routing, a chunk loop that is not a collective loop over DP ranks)
+are predicted and judged. Runners: tests/chunked_runners.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import chunked_runners as cr
+import hypothesis
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scenarios.spec import Scenario
+from scenarios.trace import HazardKind
+from sim import RunnerUsageError, simulate
+
+RUNNERS = str(Path(__file__).resolve().parent / "chunked_runners.py")
+SMALL = {"model.hidden": 128, "model.moe_intermediate": 64, "model.num_experts": 8, "model.top_k": 2,
+         "model.num_shared_experts": 1}
+TP = Scenario(name="chunk-tp").with_(**SMALL, **{"parallel.tp": 2, "workload.tokens": 8, "workload.seed": 3})
+DP_EP = Scenario(name="chunk-dp-ep").with_(**SMALL, **{"parallel.dp": 2, "parallel.ep": True,
+                                                       "workload.tokens": [7, 5], "workload.seed": 5})
+TP_DP_EP = Scenario(name="chunk-tp-dp-ep").with_(**SMALL, **{"parallel.tp": 2, "parallel.dp": 2, "parallel.ep": True,
+                                                             "workload.tokens": [7, 4], "workload.seed": 6})
+DEEPEP = Scenario(name="chunk-deepep").with_(**SMALL, **{
+    "parallel.tp": 2, "parallel.dp": 2, "parallel.ep": True, "parallel.backend": "deepep_high_throughput",
+    "runtime.platform": "cuda", "workload.tokens": 8, "workload.seed": 2})
+
+
+def kinds(s: Scenario, runner: type) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for h in simulate(s, runner).hazards:
+        out.setdefault(h.kind.value, []).append(f"{h.step_name}: {h.detail}")
+    return out
+
+
+@pytest.mark.parametrize("s,runner", [(TP, cr.Chunked), (TP, cr.RoutesOnceChunkRouting), (TP, cr.ChunkedSGLang),
+                                      (DP_EP, cr.ChunkedAcrossDP), (TP_DP_EP, cr.ChunkedAcrossDP),
+                                      (DEEPEP, cr.ChunkedAcrossDP)])
+def test_a_correct_chunk_loop_is_clean(s: Scenario, runner: type) -> None:
+    assert kinds(s, runner) == {}
+
+
+def test_a_dropped_last_chunk_is_a_shape_mismatch_at_the_output() -> None:
+    (detail, *_) = kinds(TP, cr.DropsTheLastChunk)["SHAPE_MISMATCH"]
+    assert detail == "layer_output: layer output [6, 128], the model expects [8, 128]"
+
+
+def test_a_chunk_offset_never_advanced_returns_the_first_tokens_again() -> None:
+    found = kinds(TP, cr.FirstChunkEveryTime)
+    assert list(found) == ["WRONG_TOKENS"]
+    assert "returns [d0t0, d0t1, d0t2, d0t0, d0t1] instead of [d0t3, d0t4, d0t5, d0t6, d0t7]" in found["WRONG_TOKENS"][0]
+
+
+def test_another_chunks_routing_is_a_wrong_input_of_the_routed_experts() -> None:
+    found = kinds(TP, cr.RoutesOnceStaleChunkRouting)
+    assert list(found) == ["WRONG_INPUT"]
+    assert "routed_experts: routed experts run rows d0[3:6] with the routing of rows d0[0:3]" in found["WRONG_INPUT"]
+
+
+def test_a_chunk_loop_bounded_by_the_ranks_own_rows_hangs_under_uneven_dp() -> None:
+    (detail,) = kinds(DP_EP, cr.Chunked)["HANG"]
+    assert detail.startswith("dispatch: waits in all_gatherv over ranks [0, 1]")
+
+
+def test_a_dispatched_chunk_receives_the_rows_its_tokens_route_here() -> None:
+    """Under an all-to-all the rows a rank receives come from the tokens the
+    members sent in this chunk, not from their whole layer."""
+    trace = simulate(DEEPEP, cr.ChunkedAcrossDP)
+    whole = simulate(DEEPEP, "fixed")
+    for r in range(DEEPEP.world):
+        chunked = sum(st.out_shape[0] for st in trace.steps[r] if st.op == "dispatch")
+        (once,) = [st.out_shape[0] for st in whole.steps[r] if st.op == "dispatch"]
+        assert chunked >= once  # a token routed here in both chunks' halves counts once per chunk
+
+
+@given(chunk=st.integers(1, 9), tokens=st.lists(st.integers(0, 8), min_size=2, max_size=2), seed=st.integers(0, 50))
+@settings(max_examples=25, deadline=None)
+def test_any_chunk_size_of_a_collective_chunk_loop_is_clean(chunk: int, tokens: list[int], seed: int) -> None:
+    class Sized(cr.ChunkedAcrossDP):
+        pass
+
+    Sized.chunk = chunk
+    hypothesis.assume(sum(tokens) > 0)
+    s = TP_DP_EP.with_(**{"workload.tokens": tokens, "workload.seed": seed})
+    assert kinds(s, Sized) == {}
+
+
+def test_chunk_ops_misused_or_misshaped() -> None:
+    from scenarios.runners import MoERunner
+
+    class Backwards(MoERunner):
+        def forward(self, ops, x):  # noqa: ANN001, ANN202 - a runner under test
+            return ops.take_rows(x, 3, 1)
+
+    class PastTheEnd(MoERunner):
+        def forward(self, ops, x):  # noqa: ANN001, ANN202
+            return super().forward(ops, ops.take_rows(x, 0, x.shape[0] + 1))
+
+    class WidthsDiffer(MoERunner):
+        def forward(self, ops, x):  # noqa: ANN001, ANN202
+            y = super().forward(ops, x)
+            return ops.cat_rows([ops.take_rows(y, 0, 1), ops.pad(ops.take_rows(y, 1, y.shape[0]), 256)])
+
+    with pytest.raises(RunnerUsageError, match=r"rows \[3, 1\) are not a range of rows"):
+        simulate(TP, Backwards)
+    assert "rows [0, 9) of a tensor of 8 rows" in kinds(TP, PastTheEnd)["SHAPE_MISMATCH"][0]
+    assert "parts of widths [[128], [256]]" in kinds(TP, WidthsDiffer)["SHAPE_MISMATCH"][0]
+
+
+# ---------------------------------------------------------------- real ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("s,runner", [(TP, "Chunked"), (TP_DP_EP, "ChunkedAcrossDP"), (DEEPEP, "ChunkedAcrossDP")])
+def test_a_correct_chunk_loop_agrees_on_real_ranks(s: Scenario, runner: str) -> None:
+    from twin.check.crosscheck import check
+
+    res = check(s, f"{RUNNERS}:{runner}", timeout_s=60)
+    assert res.agree and res.divergence is None, ([v.to_dict() for v in res.verdicts], res.divergence)
+
+
+@pytest.mark.slow
+def test_chunk_loop_bugs_are_confirmed_on_real_ranks() -> None:
+    from twin.check.crosscheck import check
+
+    res = check(TP, f"{RUNNERS}:FirstChunkEveryTime", timeout_s=60)
+    assert {(v.kind, v.verdict.value) for v in res.verdicts} == {("WRONG_TOKENS", "CONFIRMED")}
+    assert res.confirmed_as_predicted
+    res = check(DP_EP, f"{RUNNERS}:Chunked", timeout_s=10)
+    assert [(v.kind, v.rank, v.verdict.value) for v in res.verdicts] == [("HANG", 0, "CONFIRMED")]
+    # Another chunk's routing: every output of the later chunks wrong; never "agree".
+    res = check(TP, f"{RUNNERS}:RoutesOnceStaleChunkRouting", timeout_s=60)
+    wrong = [c for c in res.real.output_checks.values() if not c.correct]
+    assert len(wrong) == 2 and all(c.wrong_rows == 5 for c in wrong)
+    assert not res.agree and {v.kind for v in res.verdicts} == {HazardKind.WRONG_INPUT.value}
