@@ -50,8 +50,11 @@ class FirstChunkEveryTime(Chunked):
         return [(0, min(self.chunk, b - a)) for a, b in super().chunks(rows)]
 
 
-class RoutesOnceStaleChunkRouting(MoERunner):
-    """Routes all rows once, then hands every chunk the first chunk's routing."""
+class RoutesOnceChunkRouting(MoERunner):
+    """Routes all rows once, then hands each chunk its own rows of the routing (correct)."""
+
+    def routing_rows(self, a: int, b: int) -> tuple[int, int]:
+        return a, b
 
     def forward(self, ops: Ops, x: Any) -> Any:
         rows = x.shape[0]
@@ -60,28 +63,18 @@ class RoutesOnceStaleChunkRouting(MoERunner):
         for a in range(0, rows, CHUNK):
             b = min(a + CHUNK, rows)
             xc = ops.take_rows(x, a, b, name=f"chunk_{a}")
-            rc = ops.take_rows(routing, 0, b - a, name=f"routing_chunk_{a}")
+            rc = ops.take_rows(routing, *self.routing_rows(a, b), name=f"routing_chunk_{a}")
             routed = ops.experts(xc, rc, name="routed_experts")
             joined = ops.add(routed, ops.shared_experts(xc), name="join")
             outs.append(ops.all_reduce(joined, "tp", name="chunk_all_reduce"))
         return ops.cat_rows(outs, name="join_chunks")
 
 
-class RoutesOnceChunkRouting(RoutesOnceStaleChunkRouting):
-    """The same with each chunk's own routing rows (correct)."""
+class RoutesOnceStaleChunkRouting(RoutesOnceChunkRouting):
+    """Hands every chunk the first chunk's routing."""
 
-    def forward(self, ops: Ops, x: Any) -> Any:
-        rows = x.shape[0]
-        routing = ops.router(x)
-        outs = []
-        for a in range(0, rows, CHUNK):
-            b = min(a + CHUNK, rows)
-            xc = ops.take_rows(x, a, b, name=f"chunk_{a}")
-            rc = ops.take_rows(routing, a, b, name=f"routing_chunk_{a}")
-            routed = ops.experts(xc, rc, name="routed_experts")
-            joined = ops.add(routed, ops.shared_experts(xc), name="join")
-            outs.append(ops.all_reduce(joined, "tp", name="chunk_all_reduce"))
-        return ops.cat_rows(outs, name="join_chunks")
+    def routing_rows(self, a: int, b: int) -> tuple[int, int]:
+        return 0, b - a
 
 
 class ChunkedAcrossDP(Chunked):
