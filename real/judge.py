@@ -41,7 +41,7 @@ import torch
 from real.explain import explain
 from real.reference import ExactReference, exact_reference
 from scenarios.spec import Scenario
-from scenarios.trace import HazardKind, OutputCheck, Trace
+from scenarios.trace import ROUTED_AS_OTHER, HazardKind, OutputCheck, Trace
 from scenarios.workload import owned_tokens, token_label, token_offsets
 
 REL_TOL = 1e-4
@@ -211,7 +211,35 @@ def _explain_rows(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tens
     if ex.kind is not None:
         return ex.kind, ex.cause
     found = _explain_per_slice(ref, rank, toks, y, rows, shared_group) if ref.s.sp else None
-    return found or _explain_per_row(ref, rank, toks, y, rows, shared_group) or (ex.kind, ex.cause)
+    return (found or _explain_per_row(ref, rank, toks, y, rows, shared_group)
+            or _routed_as_other_tokens(ref, toks, y, rows) or (ex.kind, ex.cause))
+
+
+ROUTED_AS_MAX = 512  # (row, other token) pairs tried at most: each one runs top_k experts on a row
+
+
+def _routed_as_other_tokens(ref: ExactReference, toks: list[Tok], y: torch.Tensor,
+                            rows: list[int]) -> tuple[HazardKind, str] | None:
+    """Every row is its own token's output with the routed experts run under
+    another token's routing (its DP rank's tokens tried): a routing handle
+    of other rows, e.g. another chunk's. None unless every row is."""
+    s = ref.s
+    if any(toks[i][1] < 0 for i in rows) or sum(s.dp_tokens(toks[i][0]) for i in rows) > ROUTED_AS_MAX:
+        return None
+    experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    found: dict[int, Tok] = {}
+    for i in rows:
+        d, t = toks[i]
+        scale = float(ref.row(d, t).abs().max())
+        for u in range(s.dp_tokens(d)):
+            if u != t and float((ref.output_routed_as(d, t, (d, u), experts) - y[i]).abs().max()) <= REL_TOL * scale:
+                found[i] = (d, u)
+                break
+        else:
+            return None
+    phrases = [f"{token_label(*toks[i])} as {token_label(*u)}" for i, u in sorted(found.items())]
+    shown = ", ".join(phrases[:MAX_PHRASES]) + (f" (+{len(phrases) - MAX_PHRASES})" if len(phrases) > MAX_PHRASES else "")
+    return HazardKind.WRONG_INPUT, f"{ROUTED_AS_OTHER}: {shown}"
 
 
 def _explain_per_slice(ref: ExactReference, rank: int, toks: list[Tok], y: torch.Tensor, rows: list[int],

@@ -148,6 +148,24 @@ class ExactReference:
 
     # ---- per-source partials, for characterising wrong outputs ----
 
+    def output_routed_as(self, d: int, tok: int, routing_of: tuple[int, int],
+                         experts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Token (d, tok)'s output had the routed experts used the routing
+        (expert ids and weights) of token `routing_of`; `experts` caches the
+        expert weights across calls (they are generated on demand)."""
+        ids, wts = self.route[routing_of[0]][routing_of[1]]
+        x = self.routed_in[d][tok][None]
+        acc = torch.zeros_like(x)
+        cache = experts if experts is not None else {}
+        for e, w in zip(ids, wts, strict=True):
+            if e not in cache:
+                w13, w2 = self.weights.expert(e, cache=False)
+                cache[e] = (w13.double(), w2.double())
+            acc += w * mlp(x, *cache[e])
+        out = self.transform(self.s.model.routed_scaling_factor * acc)[0]
+        shared = self.shared[d]
+        return out if shared is None else out + shared[tok]
+
     def routed_partials(self, d: int) -> dict[str, torch.Tensor]:
         """The routed kernel's output per source (unscaled, kernel width), by
         routed shard label (scenarios/layout.py): per EP rank ("ep3") under

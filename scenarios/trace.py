@@ -143,6 +143,12 @@ class Hazard:
         return f"{self.kind.value}@{self.step_name}"
 
 
+# The real judge's cause for rows whose routed experts ran under other
+# tokens' routing (real/judge.py); a verdict matches it to the simulator's
+# routing hazard only (twin/check/verdicts.py).
+ROUTED_AS_OTHER = "the routed experts ran under other tokens' routing"
+
+
 @dataclass
 class OutputCheck:
     """One rank's real output judged against the exact reference (the ground

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from sim.errors import RunnerUsageError
 
 
+ROUTING_OF_ROWS = "with the routing of rows"  # the WRONG_INPUT of a routing handle of other rows
+
+
 class SimCompute:
     """Compute ops of one simulated rank (a mixin: SimOps provides the rest)."""
 
@@ -87,8 +90,8 @@ class SimCompute:
             return
         rows, routed = x.value.keys(), routing_h.value.keys()
         if rows != routed:
-            self.sim.checks.wrong_input(self, st, f"routed experts run rows {','.join(rows)} with the routing of "
-                                                  f"rows {','.join(routed)}", "routed experts")
+            self.sim.checks.wrong_input(self, st, f"routed experts run rows {','.join(rows)} {ROUTING_OF_ROWS} "
+                                                  f"{','.join(routed)}", "routed experts")
 
     def latent_down(self, x: SimTensor, name: str = "latent_down") -> SimTensor:
         if x.__class__ is not SimTensor:

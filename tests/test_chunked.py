@@ -133,8 +133,24 @@ def test_chunk_loop_bugs_are_confirmed_on_real_ranks() -> None:
     assert res.confirmed_as_predicted
     res = check(DP_EP, f"{RUNNERS}:Chunked", timeout_s=10)
     assert [(v.kind, v.rank, v.verdict.value) for v in res.verdicts] == [("HANG", 0, "CONFIRMED")]
-    # Another chunk's routing: every output of the later chunks wrong; never "agree".
+    # Another chunk's routing: the later chunks' rows are their tokens routed as the first chunk's.
     res = check(TP, f"{RUNNERS}:RoutesOnceStaleChunkRouting", timeout_s=60)
     wrong = [c for c in res.real.output_checks.values() if not c.correct]
     assert len(wrong) == 2 and all(c.wrong_rows == 5 for c in wrong)
-    assert not res.agree and {v.kind for v in res.verdicts} == {HazardKind.WRONG_INPUT.value}
+    assert all("routing: d0t3 as d0t0, d0t4 as d0t1, d0t5 as d0t2, d0t6 as d0t0 (+1)" in c.cause for c in wrong)
+    assert {(v.kind, v.verdict.value) for v in res.verdicts} == {(HazardKind.WRONG_INPUT.value, "CONFIRMED")}
+    assert res.confirmed_as_predicted
+
+
+def test_a_routing_cause_confirms_only_a_routing_hazard() -> None:
+    from scenarios.trace import ROUTED_AS_OTHER, Hazard, OutputCheck, Trace
+    from twin.check.verdicts import judge_characterised
+
+    real = Trace("real", "s", "r", 1)
+    real.output_checks[0] = OutputCheck(0, False, 1.0, 1.0, 1, 4, ["d0t3"], f"rank 0 row d0t3: {ROUTED_AS_OTHER}: d0t3 as d0t0",
+                                        HazardKind.WRONG_INPUT.value)
+    routing = Hazard(HazardKind.WRONG_INPUT, 5, "routed_experts", 0, "routed experts run rows d0[3:4] with the routing of rows d0[0:1]")
+    latent = Hazard(HazardKind.WRONG_INPUT, 5, "shared_experts", 0, "shared experts input is xlat; expected the layer input x")
+    assert judge_characterised(real, routing).verdict.value == "CONFIRMED"
+    other = judge_characterised(real, latent)
+    assert other.verdict.value == "INCONCLUSIVE" and "not the one predicted" in other.reason

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scenarios.spec import Scenario
-from scenarios.trace import Hazard, HazardKind, OutputCheck, Step, Trace, Verdict
+from scenarios.trace import ROUTED_AS_OTHER, Hazard, HazardKind, OutputCheck, Step, Trace, Verdict
 from scenarios.workload import dp_of, owned_tokens, token_label, tokens_of
 
 TOL = 1e-3  # fitted vs predicted coefficient
@@ -262,6 +262,8 @@ def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
             return _item(h, Verdict.INCONCLUSIVE, ROUTER_ONLY)
         return _item(h, Verdict.REFUTED, describe_correct(out))
     if characterised(out) == h.kind.value:
+        if _routing_cause(out) != _routing_hazard(h):  # both wrong inputs, of different tensors
+            return _item(h, Verdict.INCONCLUSIVE, f"{describe_wrong(out)}: a wrong input, but not the one predicted")
         return _item(h, Verdict.CONFIRMED, describe_wrong(out))
     if read_other_rows(h, out):
         return _item(h, Verdict.INCONCLUSIVE, f"{describe_wrong(out)}: other tokens' outputs, as rows read from "
@@ -270,6 +272,16 @@ def judge_characterised(real: Trace, h: Hazard) -> VerdictItem:
     if characterised(out) is None:
         return _item(h, Verdict.INCONCLUSIVE, f"{describe_wrong(out)}: the cause could not be characterised")
     return _item(h, Verdict.REFUTED, f"{describe_wrong(out)}, characterised as {out.kind}, not {h.kind.value}")
+
+
+def _routing_cause(out: OutputCheck) -> bool:
+    return ROUTED_AS_OTHER in out.cause
+
+
+def _routing_hazard(h: Hazard) -> bool:
+    from sim.simcompute import ROUTING_OF_ROWS
+
+    return h.kind is HazardKind.WRONG_INPUT and ROUTING_OF_ROWS in h.detail
 
 
 def read_other_rows(h: Hazard, out: OutputCheck) -> bool:
