@@ -145,3 +145,11 @@ class FusesWithTheNextLayerUnderDpAttention(SGLangRunner):
     def fuse_with_next_layer(self) -> bool:
         s = self.scenario
         return s.runtime.allreduce_fusion and not self.mlp_scattered() and not (s.moe_ep > 1 and s.moe_tp > 1)
+
+
+class SkipsFinalReduceUnderEp(MoERunner):
+    """Under EP the post-experts all-reduce is skipped: each rank keeps only
+    its own experts' share."""
+
+    def needs_final_reduce(self, routed_reduced: bool) -> bool:
+        return not self.scenario.parallel.ep and super().needs_final_reduce(routed_reduced)

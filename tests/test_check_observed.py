@@ -397,3 +397,40 @@ def test_other_tokens_partial_sums_summed_in_are_characterised_per_shard() -> No
     causes = [c.cause for c in result.real.output_checks.values() if not c.correct]
     assert causes and all(c.startswith("outputs of other tokens summed in") and "[tokens d" in c for c in causes), causes
     assert result.divergence is None and result.confirmed_as_predicted
+
+
+# ---------------------------------------------------------------- a missing shard that holds nothing
+
+
+# Seed 66: both tokens route only to experts 0-3 (rank 0's); rank 1's experts get nothing.
+EP_ONE_SIDED = Scenario(name="observed-ep-one-sided").with_(**{
+    "model.hidden": 128, "model.moe_intermediate": 64, "model.num_experts": 8, "model.top_k": 2,
+    "parallel.tp": 2, "parallel.ep": True, "workload.tokens": 2, "workload.seed": 66,
+})
+
+
+def test_a_missing_shard_that_holds_nothing_for_the_tokens_is_empty_or_unobservable() -> None:
+    from scenarios.workload import route_arrays
+    from sim import simulate
+    from twin.check.verdicts import _missing_hold_nothing, predicted_empty_rows
+
+    assert {int(e) // 4 for e in route_arrays(EP_ONE_SIDED)[0][0].flatten()} == {0}  # the premise
+    sim = simulate(EP_ONE_SIDED, f"{RUNNERS}:SkipsFinalReduceUnderEp")
+    h0, h1 = sorted((h for h in sim.hazards if h.kind == HazardKind.MISSING_REDUCTION), key=lambda h: h.rank)
+    # Rank 1 holds only its own shard, which none of the tokens routes to: its rows are predicted empty.
+    assert predicted_empty_rows(sim, h1, EP_ONE_SIDED) == ["d0t0", "d0t1"]
+    # Rank 0 lacks rank 1's shard, which holds nothing for them: exact rows, the fault unobservable here.
+    assert predicted_empty_rows(sim, h0, EP_ONE_SIDED) == [] and _missing_hold_nothing(sim, h0, EP_ONE_SIDED)
+    assert not _missing_hold_nothing(sim, h1, EP_ONE_SIDED)
+    other = simulate(EP_ONE_SIDED.with_(**{"workload.seed": 3}), f"{RUNNERS}:SkipsFinalReduceUnderEp")
+    assert not any(_missing_hold_nothing(other, h, EP_ONE_SIDED.with_(**{"workload.seed": 3}))
+                   for h in other.hazards if h.kind == HazardKind.MISSING_REDUCTION)
+
+
+@pytest.mark.slow
+def test_a_missing_shard_that_holds_nothing_is_judged_on_real_ranks() -> None:
+    result = check(EP_ONE_SIDED, f"{RUNNERS}:SkipsFinalReduceUnderEp", timeout_s=60)
+    verdicts = {v.rank: v for v in result.verdicts if v.kind == "MISSING_REDUCTION"}
+    assert result.real.output_checks[0].correct and not result.real.output_checks[1].correct
+    assert verdicts[0].verdict == Verdict.INCONCLUSIVE and "cannot show the missing reduction" in verdicts[0].reason
+    assert verdicts[1].verdict == Verdict.CONFIRMED and "zero, as predicted" in verdicts[1].reason

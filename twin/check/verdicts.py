@@ -125,6 +125,10 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float,
     if out.correct:
         if router_only(h):
             return _router_only_item(h, real, sim, routed_scale)
+        if h.kind is HazardKind.MISSING_REDUCTION and _missing_hold_nothing(sim, h, scenario):
+            return _item(h, Verdict.INCONCLUSIVE, f"{describe_correct(out)}; the expert shards predicted missing "
+                                                  "hold nothing for this rank's tokens (none of them routes to "
+                                                  "their experts): this workload cannot show the missing reduction")
         return _item(h, Verdict.REFUTED, describe_correct(out))
     rt = real_step(real, h.rank, h.step)
     wrong = describe_wrong(out)
@@ -132,7 +136,8 @@ def judge_reduction(sim: Trace, real: Trace, h: Hazard, routed_scale: float,
     if _zero_rows_as_predicted(h, out, rt, empty, scenario):
         # A zero row is a padding row or a row every source is missing from:
         # the same numbers, and the latter is what was predicted for them.
-        return _item(h, Verdict.CONFIRMED, f"{wrong}: zero, every source missing from them, as predicted")
+        return _item(h, Verdict.CONFIRMED, f"{wrong}: zero, as predicted (every source that holds anything "
+                                           "for them is missing)")
     if rt is None:
         return _item(h, Verdict.REFUTED, f"the real rank never reached this step; {wrong}")
     if rt.value is None:
@@ -172,19 +177,72 @@ def _zero_rows_as_predicted(h: Hazard, out: OutputCheck, rt: Step | None, empty:
 
 def predicted_empty_rows(sim: Trace, h: Hazard, scenario: Scenario | None) -> list[str]:
     """Tokens of the rows the simulator's value at the hazard's step holds no
-    source on ([] when unknown: rows that name no token, no scenario)."""
+    source on, or only expert shards none of whose experts the token routes
+    to (zero for it) ([] when unknown: rows that name no token, no scenario)."""
     value = sim.values.get(h.rank, {}).get(h.step)
     if value is None or scenario is None:
         return []
     out = []
+    ids = None
     for b in value.blocks:
-        if not b.terms:
-            try:
-                d, toks = dp_of(b.key), tokens_of(scenario, b.key)
-            except ValueError:
-                return []
-            out.extend(token_label(d, t) for t in toks if t >= 0)
+        structural = bool(b.terms) and _only_expert_shards(b.terms)
+        if b.terms and not structural:
+            continue
+        try:
+            d, toks = dp_of(b.key), tokens_of(scenario, b.key)
+        except ValueError:
+            return []
+        if structural and ids is None:
+            from scenarios.workload import route_arrays
+
+            ids = route_arrays(scenario)[0]
+        out.extend(token_label(d, t) for t in toks
+                   if t >= 0 and (not structural or not _routes_into(scenario, ids[d][t], b.terms)))
     return out
+
+
+def _missing_hold_nothing(sim: Trace, h: Hazard, scenario: Scenario | None) -> bool:
+    """Every row of the value at the hazard's step sums expert-parallel shards
+    once each, and each shard it lacks has none of that row's token's experts:
+    the missing reduction leaves these rows exact under this routing."""
+    value = sim.values.get(h.rank, {}).get(h.step)
+    if value is None or scenario is None or not value.blocks:
+        return False
+    from scenarios.layout import routed_shards
+    from scenarios.workload import route_arrays
+
+    every = set(routed_shards(scenario))
+    if not all(sh.startswith("ep") for sh in every):
+        return False
+    ids = route_arrays(scenario)[0]
+    for b in value.blocks:
+        if not b.terms or not _only_expert_shards(b.terms) or any(abs(k - 1.0) > 1e-9 for _src, k in b.terms):
+            return False
+        lacking = tuple(((c, sh, f), 1.0) for c, sh, f in
+                        {("routed", sh, None) for sh in every} - {src for src, _k in b.terms})
+        try:
+            d, toks = dp_of(b.key), tokens_of(scenario, b.key)
+        except ValueError:
+            return False
+        if lacking and any(t >= 0 and _routes_into(scenario, ids[d][t], lacking) for t in toks):
+            return False
+    return True
+
+
+def _only_expert_shards(terms: tuple) -> bool:
+    """Every source is an expert-parallel routed shard ("ep1", "ep1.tp0", "ep1+up0")."""
+    return all(c == "routed" and f is None and sh.startswith("ep") for (c, sh, f), _k in terms)
+
+
+def _routes_into(scenario: Scenario, token_ids: Any, terms: tuple) -> bool:
+    """Whether a token (its expert ids) has an expert on any of the shards:
+    a shard whose experts the token does not route to holds zero for it, as
+    the workload's routing (both legs use it) says."""
+    from scenarios.layout import shard_coords, split_row_shard
+
+    per = scenario.local_experts
+    owners = {int(e) // per for e in token_ids}
+    return any(shard_coords(scenario, split_row_shard(sh)[0])[0] in owners for (_c, sh, _f), _k in terms)
 
 
 def _tokens_words(labels: list[str]) -> str:
