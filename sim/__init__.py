@@ -79,6 +79,7 @@ def _run(scenario: Scenario, cls: type[MoERunner], prof: Profile, label: str) ->
     sim = Simulation(scenario, cls, prof, label)
     trace = sim.run()
     trace.hazards.extend(hz.detect_races(sim))
+    trace.hazards.extend(hz.detect_collective_order(sim))
     trace.hazards.extend(hz.detect_forbidden_overlap(sim))
     trace.hazards.extend(hz.detect_missing_stream(sim))
     for r, steps in trace.steps.items():

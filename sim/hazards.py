@@ -81,6 +81,45 @@ def detect_races(sim) -> list[Hazard]:  # noqa: ANN001 - sim.engine.Simulation (
     return out
 
 
+# Collectives that use the group's own communicator (a dispatch or combine
+# uses the all-to-all manager's, another one even over the same ranks).
+COLLECTIVE_ORDER = "are collectives over one group"  # in the detail of detect_collective_order's hazards
+GROUP_COMMUNICATOR_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv",
+                          "dp_gather", "dp_scatter")
+
+
+def detect_collective_order(sim) -> list[Hazard]:  # noqa: ANN001
+    """Two collectives over one group issued on different streams with no
+    event ordering them: a communicator runs its collectives in one order on
+    every rank, and nothing makes the ranks agree on it (NCCL can deadlock;
+    the ranks may pair one's sum with the other's). One per rank: its first."""
+    out: list[Hazard] = []
+    for ops in sim.rank_ops:
+        if not ops.plans or ops.plans[0].vc is None:
+            continue  # one stream: program order is the order
+        colls = [p for p in ops.plans if p.step.op in GROUP_COMMUNICATOR_OPS and p.step.group
+                 and len(p.step.group) > 1]
+        pair = _unordered_collectives(colls)
+        if pair is not None:
+            s1, s2 = pair
+            out.append(Hazard(
+                HazardKind.UNSAFE_OVERLAP, s2.index, s2.name, ops.rank,
+                f"{s2.name} ({s2.stream}) and step {s1.index} {s1.name} ({s1.stream}) {COLLECTIVE_ORDER} "
+                f"(ranks {list(s2.group)}) that no event orders: the ranks may run them in different orders "
+                "(a hang, or one's sum paired with the other's)",
+                opaque_from=s1.index,
+            ))
+    return out
+
+
+def _unordered_collectives(colls: list) -> tuple[Step, Step] | None:
+    for i, a in enumerate(colls):
+        for b in colls[i + 1:]:
+            if a.step.group == b.step.group and concurrent(a.step.stream, a.vc or {}, b.step.stream, b.vc or {}):
+                return a.step, b.step
+    return None
+
+
 def shared_routed_pairs(sim, rank: int) -> list[tuple[Step, Step]]:  # noqa: ANN001
     """(shared step, routed step) pairs of one rank that may run concurrently."""
     ops = sim.rank_ops[rank]

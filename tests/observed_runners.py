@@ -153,3 +153,38 @@ class SkipsFinalReduceUnderEp(MoERunner):
 
     def needs_final_reduce(self, routed_reduced: bool) -> bool:
         return not self.scenario.parallel.ep and super().needs_final_reduce(routed_reduced)
+
+
+class SharedReducesOnAuxJoinedLate(MoERunner):
+    """The shared MLP all-reduces its own output on the aux stream, and the
+    main stream waits for it only after its own post-experts all-reduce: two
+    collectives over the TP group that nothing orders."""
+
+    _pending: Any = None
+
+    def shared_reduce_results(self) -> bool:
+        return True
+
+    def shared_joins_after_reduce(self) -> bool:
+        return True
+
+    def shared_after_routed_path(self, ops: Ops, x: Any, order: Any, sharded: bool, shared: Any,
+                                 shared_done: Any) -> Any:
+        self._pending = shared_done
+        return super().shared_after_routed_path(ops, x, order, sharded, shared, None)
+
+    def trim_output(self, ops: Ops, result: Any) -> Any:
+        if self._pending is not None:
+            ops.wait_event(self._pending, name="join_shared_late")
+            self._pending = None
+        return super().trim_output(ops, result)
+
+
+class SharedReducesOnAuxJoinedFirst(SharedReducesOnAuxJoinedLate):
+    """The same, with the wait before the post-experts all-reduce (ordered)."""
+
+    def final_reduce(self, ops: Ops, result: Any, routed_reduced: bool) -> Any:
+        if self._pending is not None:
+            ops.wait_event(self._pending, name="join_shared_first")
+            self._pending = None
+        return super().final_reduce(ops, result, routed_reduced)

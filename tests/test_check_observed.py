@@ -434,3 +434,38 @@ def test_a_missing_shard_that_holds_nothing_is_judged_on_real_ranks() -> None:
     assert result.real.output_checks[0].correct and not result.real.output_checks[1].correct
     assert verdicts[0].verdict == Verdict.INCONCLUSIVE and "cannot show the missing reduction" in verdicts[0].reason
     assert verdicts[1].verdict == Verdict.CONFIRMED and "zero, as predicted" in verdicts[1].reason
+
+
+# ---------------------------------------------------------------- collectives the ranks may order differently
+
+
+AUX_SKEW = Scenario(name="observed-aux-collectives").with_(**{
+    "model.hidden": 256, "model.moe_intermediate": 512, "model.num_experts": 8, "model.top_k": 2,
+    "model.num_shared_experts": 1, "model.shared_intermediate": 256, "parallel.tp": 2, "parallel.ep": True,
+    "runtime.platform": "cuda", "runtime.aux_stream": True, "workload.tokens": 32, "workload.seed": 0,
+    "workload.skew": 0.95,
+})
+
+
+def test_collectives_over_one_group_on_two_unordered_streams_are_an_unsafe_overlap() -> None:
+    from sim import simulate
+    from sim.hazards import COLLECTIVE_ORDER
+
+    found = [h for h in simulate(AUX_SKEW, f"{RUNNERS}:SharedReducesOnAuxJoinedLate").hazards
+             if h.kind == HazardKind.UNSAFE_OVERLAP]
+    assert sorted(h.rank for h in found) == [0, 1]
+    assert all(COLLECTIVE_ORDER in h.detail and h.step_name == "final_all_reduce" for h in found), found
+    assert all("shared_experts_all_reduce (aux)" in h.detail for h in found)
+    # Ordered by the wait before the post-experts all-reduce: nothing to report.
+    assert simulate(AUX_SKEW, f"{RUNNERS}:SharedReducesOnAuxJoinedFirst").hazards == []
+
+
+@pytest.mark.slow
+def test_collectives_the_ranks_may_order_differently_are_never_refuted_nor_unpredicted() -> None:
+    """Which order each rank's threads take is the schedule's: a hang, a
+    mismatch, crossed sums or the same order; a hang or mismatch at either
+    collective is the prediction's, never an unpredicted finding."""
+    result = check(AUX_SKEW, f"{RUNNERS}:SharedReducesOnAuxJoinedLate", timeout_s=10)
+    kinds = {(v.kind, v.verdict.value) for v in result.verdicts}
+    assert kinds <= {("UNSAFE_OVERLAP", "CONFIRMED"), ("UNSAFE_OVERLAP", "INCONCLUSIVE")}, kinds
+    assert not result.agree or not [c for c in result.real.output_checks.values() if not c.correct]

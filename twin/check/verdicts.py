@@ -437,12 +437,18 @@ def unpredicted(sim: Trace, real: Trace) -> list[VerdictItem]:
     about (of that kind). A consequence of another rank's failure is never a
     finding of its own; a wrong output on a rank with a predicted output
     hazard is judged by that hazard's verdict."""
+    from sim.hazards import COLLECTIVE_ORDER
+
     predicted = {(h.kind, h.rank) for h in sim.hazards}
+    # Collectives the ranks may run in different orders: a hang or a mismatch there is what was predicted.
+    crossed = {(h.rank, st) for h in sim.hazards if COLLECTIVE_ORDER in h.detail for st in (h.step, h.opaque_from)}
     output_predicted = {h.rank for h in sim.hazards if h.kind in (*OUTPUT_KINDS, *FAILURES, HazardKind.UNSAFE_OVERLAP)}
     out: list[VerdictItem] = []
     seen: set[tuple[str, int]] = set()
     for o in real.hazards:
         if o.caused_by is not None or (o.kind, o.rank) in predicted:
+            continue
+        if o.kind in (HazardKind.HANG, HazardKind.SHAPE_MISMATCH) and (o.rank, o.step) in crossed:
             continue
         if o.kind in OUTPUT_KINDS and o.rank in output_predicted:
             continue
