@@ -94,9 +94,10 @@ def detect_collective_order(sim) -> list[Hazard]:  # noqa: ANN001
     every rank, and nothing makes the ranks agree on it (NCCL can deadlock;
     the ranks may pair one's sum with the other's). One per rank: its first."""
     out: list[Hazard] = []
-    for ops in sim.rank_ops:
+    for rank in sorted(sim.side_collectives):  # on main only, program order is the order
+        ops = sim.rank_ops[rank]
         if not ops.plans or ops.plans[0].vc is None:
-            continue  # one stream: program order is the order
+            continue
         colls = [p for p in ops.plans if p.step.op in GROUP_COMMUNICATOR_OPS and p.step.group
                  and len(p.step.group) > 1]
         pair = _unordered_collectives(colls)

@@ -24,6 +24,7 @@ import numpy as np
 from scenarios.trace import COLLECTIVE, Step
 from scenarios.workload import dp_of, route_arrays, tokens_of
 from sim.cost import collective_us
+from sim.hazards import GROUP_COMMUNICATOR_OPS
 from sim.simtypes import Plan, SimTensor
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class SimComm:
     plans: list[Plan]
     coll_seq: dict[tuple[int, ...], int]
     last_sent: int  # rows this rank sent in its latest dispatch
+    layer_rows_sent: int | None  # the rows it sends for its whole layer (_layer_rows_sent)
 
     # Provided by SimOps (declared for the type checker only: a stub here must
     # never shadow the real method in the MRO).
@@ -62,6 +64,8 @@ class SimComm:
         p = self.sim.profile
         dur = collective_us(p, "all_to_all" if a2a else cost_kind or kind, len(group), nbytes)
         st = self._step(op, name, COLLECTIVE, (x,), out_shape, dur, component=component, group=group)
+        if st.stream != "main" and op in GROUP_COMMUNICATOR_OPS:  # the only ranks whose collectives may go unordered
+            self.sim.side_collectives.add(self.rank)
         # One lookup by the group per call (a wide group hashes in Python):
         # its counter is a one-element list, bumped in place.
         count = self.coll_seq.get(group)
@@ -135,7 +139,7 @@ class SimComm:
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
         group, token_routing = self.sim.dispatch_group(self.rank)
         self.last_sent = x.shape[0]
-        if x.shape[0] != self.sim.member_rows(group)[group.index(self.rank)]:
+        if x.shape[0] != self._layer_rows_sent(group):
             self.sim.sent_other_rows = True  # e.g. a chunk: sizes from the rows sent from now on
         if token_routing:
             rows = self.sim.received_rows(self.rank, group)
@@ -175,6 +179,13 @@ class SimComm:
         nbytes = self._bytes((mine * min(s.model.top_k, len(group)), y.shape[-1]))
         return self._collective("combine_a2a", y, group, name, "combine", shape, nbytes, component="routed", a2a=True,
                                 sizes=sizes)
+
+    def _layer_rows_sent(self, group: tuple[int, ...]) -> int:
+        """The rows this rank hands a dispatch of its whole layer (looked up once:
+        finding the rank in a world-wide group is a scan)."""
+        if self.layer_rows_sent is None:
+            self.layer_rows_sent = self.sim.member_rows(group)[group.index(self.rank)]
+        return self.layer_rows_sent
 
     def _received(self, gathered: Any) -> int:
         """Rows a token-routing dispatch delivers to this rank, from the tokens

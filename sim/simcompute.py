@@ -85,6 +85,8 @@ class SimCompute:
     def _routing_of_the_chunk(self, st: Step, x: SimTensor, routing_h: SimTensor) -> None:
         """A chunk (take_rows) of the rows or of the routing: the routing must
         be that of the same rows (another chunk's routes every token wrong)."""
+        if not self.sim.took_rows:
+            return
         steps = self.steps
         if not any(0 <= t.rows_from < len(steps) and steps[t.rows_from].op == "take_rows" for t in (x, routing_h)):
             return

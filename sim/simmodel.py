@@ -137,6 +137,7 @@ class SimModel:
             raise self._misuse(name, f"rows [{start}, {end}) are not a range of rows")
         shape = (max(0, min(end, x.shape[0]) - start), *x.shape[1:])
         st = self._step("take_rows", name, PADDING, (x,), shape, self.sim.view_us)
+        self.sim.took_rows = True  # a chunked program: the routed experts check their routing's rows
         if end > x.shape[0]:
             self._shape_error(st, f"rows [{start}, {end}) of a tensor of {x.shape[0]} rows")
         return self._new(st, shape, algebra.split_rows(x.value, start, min(end, x.shape[0])), (x,), buf=x.buf)

@@ -103,6 +103,7 @@ class SimOps(SimComm, SimCompute, SimModel, Ops):
         self.values: dict[int, algebra.Value] = {}
         self.coll_seq: dict[tuple[int, ...], list[int]] = {}  # group -> [calls so far]
         self.last_sent = 0  # rows sent in the latest dispatch (sim/simcomm.py)
+        self.layer_rows_sent: int | None = None
         # Shard labels of the shared MLP as first run ("tp0", "tp1" or "full").
         self.shared_shards: tuple[str, ...] | None = None
         # Projection-shard tags of a row-parallel latent up-projection as first
