@@ -317,6 +317,7 @@ class CommOps:
         if not token_routing:
             self._stand_in_detail(out, f"all_gatherv: {_GATHERV}")
         rh = RealTensor((), out.step, out.stream)
+        rh.extra["routing"] = True  # reports [rows, top_k] like the simulator's, also when sliced or joined
 
         # The dispatched routing is produced by the same step.
         def fill() -> None:

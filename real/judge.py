@@ -226,17 +226,16 @@ def _routed_as_other_tokens(ref: ExactReference, toks: list[Tok], y: torch.Tenso
     s = ref.s
     if any(toks[i][1] < 0 for i in rows) or sum(s.dp_tokens(toks[i][0]) for i in rows) > ROUTED_AS_MAX:
         return None
-    experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pairs = [(i, (toks[i][0], u)) for i in rows for u in range(s.dp_tokens(toks[i][0])) if u != toks[i][1]]
+    if not pairs:
+        return None
+    outs = ref.outputs_routed_as([(toks[i], other) for i, other in pairs])
     found: dict[int, Tok] = {}
-    for i in rows:
-        d, t = toks[i]
-        scale = float(ref.row(d, t).abs().max())
-        for u in range(s.dp_tokens(d)):
-            if u != t and float((ref.output_routed_as(d, t, (d, u), experts) - y[i]).abs().max()) <= REL_TOL * scale:
-                found[i] = (d, u)
-                break
-        else:
-            return None
+    for (i, other), out in zip(pairs, outs, strict=True):
+        if i not in found and float((out - y[i]).abs().max()) <= REL_TOL * float(ref.row(*toks[i]).abs().max()):
+            found[i] = other
+    if len(found) < len(rows):
+        return None
     phrases = [f"{token_label(*toks[i])} as {token_label(*u)}" for i, u in sorted(found.items())]
     shown = ", ".join(phrases[:MAX_PHRASES]) + (f" (+{len(phrases) - MAX_PHRASES})" if len(phrases) > MAX_PHRASES else "")
     return HazardKind.WRONG_INPUT, f"{ROUTED_AS_OTHER}: {shown}"

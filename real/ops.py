@@ -270,7 +270,7 @@ class RealOps(CommOps, ComputeOps, Ops):
         sp = space or next((t.space for t in ins if isinstance(t, RealTensor) and t.space != "native"), "native")
         out = RealTensor(hint, st.index, st.stream, sp)
         # A routing handle (and a collective of one) reports [rows, top_k] like the simulator's.
-        if op == "router" or ((category == COLLECTIVE or op == "take_rows") and ins and ins[0].extra.get("routing")):
+        if op == "router" or self._passes_routing_on(op, category, ins):
             out.extra["routing"] = True
         self.tensors[st.index] = out
 
@@ -376,8 +376,17 @@ class RealOps(CommOps, ComputeOps, Ops):
     def trim_rows(self, x: RealTensor, rows: int, name: str = "trim_rows") -> RealTensor:
         return self._op("trim_rows", name, PADDING, (x,), lambda v: v[:rows])
 
+    @staticmethod
+    def _passes_routing_on(op: str, category: str, ins: tuple[Any, ...]) -> bool:
+        """A collective or a chunk of a routing handle, or a join of routing handles, is one."""
+        if not ins:
+            return False
+        if op == "cat_rows":
+            return all(t.extra.get("routing") for t in ins)
+        return (category == COLLECTIVE or op == "take_rows") and bool(ins[0].extra.get("routing"))
+
     def take_rows(self, x: RealTensor, start: int, end: int, name: str = "take_rows") -> RealTensor:
-        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end:
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in (start, end)) or not 0 <= start <= end:
             raise OpsUsageError(f"{name}: rows [{start}, {end}) are not a range of rows")
 
         def fn(v: torch.Tensor) -> torch.Tensor:

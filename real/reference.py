@@ -46,6 +46,9 @@ from scenarios.workload import owned_tokens, routing, token_offsets
 Route = tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]  # routing(s)[d]
 
 
+Tok = tuple[int, int]  # (dp rank, token)
+
+
 class ExactReference:
     """The exact layer output of one scenario (float64), with the pieces it
     was built from, which the judge's characterisation reuses.
@@ -148,23 +151,26 @@ class ExactReference:
 
     # ---- per-source partials, for characterising wrong outputs ----
 
-    def output_routed_as(self, d: int, tok: int, routing_of: tuple[int, int],
-                         experts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """Token (d, tok)'s output had the routed experts used the routing
-        (expert ids and weights) of token `routing_of`; `experts` caches the
-        expert weights across calls (they are generated on demand)."""
-        ids, wts = self.route[routing_of[0]][routing_of[1]]
-        x = self.routed_in[d][tok][None]
+    def outputs_routed_as(self, pairs: list[tuple[Tok, Tok]]) -> torch.Tensor:
+        """[len(pairs), hidden]: for each (token, other), the token's output
+        had the routed experts used the other token's routing (expert ids and
+        weights). One pass over the experts involved, none of them kept."""
+        x = torch.stack([self.routed_in[d][t] for (d, t), _ in pairs])
         acc = torch.zeros_like(x)
-        cache = experts if experts is not None else {}
-        for e, w in zip(ids, wts, strict=True):
-            if e not in cache:
-                w13, w2 = self.weights.expert(e, cache=False)
-                cache[e] = (w13.double(), w2.double())
-            acc += w * mlp(x, *cache[e])
-        out = self.transform(self.s.model.routed_scaling_factor * acc)[0]
-        shared = self.shared[d]
-        return out if shared is None else out + shared[tok]
+        uses: dict[int, list[tuple[int, float]]] = {}
+        for i, (_tok, (d2, u)) in enumerate(pairs):
+            ids, wts = self.route[d2][u]
+            for e, w in zip(ids, wts, strict=True):
+                uses.setdefault(e, []).append((i, w))
+        for e, used in sorted(uses.items()):
+            w13, w2 = self.weights.expert(e, cache=False)
+            rows = torch.tensor([i for i, _ in used], dtype=torch.int64)
+            w = torch.tensor([k for _, k in used], dtype=torch.float64)
+            acc.index_add_(0, rows, w[:, None] * mlp(x[rows], w13.double(), w2.double()))
+        out = self.transform(self.s.model.routed_scaling_factor * acc)
+        if self.s.model.has_shared:
+            out = out + torch.stack([self.shared[d][t] for (d, t), _ in pairs])  # type: ignore[index]
+        return out
 
     def routed_partials(self, d: int) -> dict[str, torch.Tensor]:
         """The routed kernel's output per source (unscaled, kernel width), by

@@ -210,6 +210,7 @@ class Simulation:
         self.usage_error: OpsUsageError | RunnerUnsupported | None = None
         self.budget_stop: str | None = None  # why a budget stopped the program phase
         self.sent_other_rows = False  # a dispatch sent other rows than a layer's (sim/simcomm.py)
+        self.chunk_sizes: dict[tuple, Any] = {}  # per dispatch/combine of such rows: every member's rows
         self.side_collectives: set[int] = set()  # ranks that issued a collective on a stream other than main
         self.took_rows = False  # some rank took a chunk of rows (ops.take_rows)
         # Buffer and event numbers 1, 2, ...: a counter's C-level __next__

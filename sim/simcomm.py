@@ -41,6 +41,7 @@ class SimComm:
     plans: list[Plan]
     coll_seq: dict[tuple[int, ...], int]
     last_sent: int  # rows this rank sent in its latest dispatch
+    last_routing: Any  # the value of the routing it sent with them
     layer_rows_sent: int | None  # the rows it sends for its whole layer (_layer_rows_sent)
 
     # Provided by SimOps (declared for the type checker only: a stub here must
@@ -53,6 +54,7 @@ class SimComm:
         def _step(self, op: str, name: str, category: str, ins: tuple[SimTensor, ...] = (), out_shape: tuple[int, ...] | None = None, dur: float = 0.0, component: str | None = None, group: tuple[int, ...] | None = None) -> Step: ...
         def _access(self, st: Step, t: SimTensor, write: bool) -> None: ...
         def _new(self, st: Step, shape: tuple[int, ...], value: Any, ins: tuple[SimTensor, ...] = (), buf: int | None = None, fresh: bool = False, rows_of: SimTensor | None = None) -> SimTensor: ...
+        def _routing_of_the_rows(self, st: Step, x: SimTensor, routing_h: SimTensor, what: str) -> None: ...
 
     def _group(self, kind: Any, st_name: str) -> tuple[int, ...]:
         try:
@@ -138,7 +140,7 @@ class SimComm:
         if self.sim.layout.dispatch_backend(s) == "none":
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
         group, token_routing = self.sim.dispatch_group(self.rank)
-        self.last_sent = x.shape[0]
+        self.last_sent, self.last_routing = x.shape[0], routing_h.value
         if x.shape[0] != self._layer_rows_sent(group):
             self.sim.sent_other_rows = True  # e.g. a chunk: sizes from the rows sent from now on
         if token_routing:
@@ -152,9 +154,11 @@ class SimComm:
         shape = (rows, x.shape[-1])
         out = self._collective(kind, x, group, name, "dispatch", shape, nbytes, component="routed", a2a=token_routing,
                                cost_kind=None if token_routing else "all_gather")
+        if self.sim.took_rows:
+            self._routing_of_the_rows(self.steps[out.step], x, routing_h, "dispatch sends")
         if token_routing:
             if self.sim.sent_other_rows:  # (every member has sent by now: the collective met)
-                shape = (self._received(out.value), x.shape[-1])
+                shape = (self._received(group, self.plans[out.step].coll), x.shape[-1])
             out.shape = shape
             self.steps[out.step].out_shape = shape
         rh = SimTensor((out.shape[0], s.model.top_k), out.value, self.sim.new_buffer(), out.step, 0, out.rows_from)
@@ -169,8 +173,7 @@ class SimComm:
         # metadata's counts) unless some member sent others (a chunk).
         sizes = self.sim.member_rows(group)
         if self.sim.sent_other_rows:
-            members = self.sim.rank_ops
-            sizes = tuple([members[m].last_sent for m in group])
+            sizes = self._sent_sizes(group)
         mine = sizes[group.index(self.rank)]
         shape = (mine, y.shape[-1])
         if not token_routing:  # the naive combine: reduce_scatterv
@@ -187,16 +190,39 @@ class SimComm:
             self.layer_rows_sent = self.sim.member_rows(group)[group.index(self.rank)]
         return self.layer_rows_sent
 
-    def _received(self, gathered: Any) -> int:
-        """Rows a token-routing dispatch delivers to this rank, from the tokens
-        the members actually sent (`gathered` names them): one per token with
-        at least one expert here (SP padding rows route like token 0)."""
+    def _sent_sizes(self, group: tuple[int, ...]) -> tuple[int, ...]:
+        """Rows each member sent in its latest dispatch, built once per
+        combine (its members share the collective's next sequence number)."""
+        key = (group, self.coll_seq.get(group, [0])[0])
+        sizes = self.sim.chunk_sizes.get(key)
+        if sizes is None:
+            members = self.sim.rank_ops
+            sizes = self.sim.chunk_sizes[key] = tuple([members[m].last_sent for m in group])
+        return sizes
+
+    def _received(self, group: tuple[int, ...], key: Any) -> int:
+        """Rows a token-routing dispatch delivers to this rank, from the rows
+        the members sent: one per row whose routing has at least one expert
+        here (SP padding rows route like token 0). Counted for every member
+        at once, once per dispatch."""
+        counts = self.sim.chunk_sizes.get(key)
+        if counts is None:
+            counts = self.sim.chunk_sizes[key] = self._count_received(group)
+        return int(counts[self.rank])
+
+    def _count_received(self, group: tuple[int, ...]) -> Any:
         s = self.sim.scenario
         ids, _w = route_arrays(s)
         per = s.local_experts
-        n = 0
-        for b in gathered.blocks:
-            toks = np.maximum(np.asarray(tokens_of(s, b.key), dtype=np.int64), 0)
-            if len(toks):
-                n += int(((ids[dp_of(b.key)][toks] // per) == self.rank).any(axis=1).sum())
-        return n
+        owners = []
+        for m in group:
+            for b in self.sim.rank_ops[m].last_routing.blocks:
+                toks = np.maximum(np.asarray(tokens_of(s, b.key), dtype=np.int64), 0)
+                if len(toks):
+                    owners.append(ids[dp_of(b.key)][toks] // per)
+        if not owners:
+            return np.zeros(s.world, dtype=np.int64)
+        o = np.sort(np.concatenate(owners), axis=1)
+        first = np.ones(o.shape, dtype=bool)  # each owner once per row
+        first[:, 1:] = o[:, 1:] != o[:, :-1]
+        return np.bincount(o[first], minlength=s.world)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from scenarios.ops import fused_shared_misuse, row_parallel_misuse
 from scenarios.trace import COMPUTE, Step
-from scenarios.workload import tokens_of
+from scenarios.workload import dp_of, tokens_of
 from sim import algebra
 from sim.cost import elementwise_us, experts_us, gemm_us
 from sim.simtypes import SimTensor
@@ -82,18 +82,21 @@ class SimCompute:
             return False
         return n == x.shape[0]
 
-    def _routing_of_the_chunk(self, st: Step, x: SimTensor, routing_h: SimTensor) -> None:
-        """A chunk (take_rows) of the rows or of the routing: the routing must
-        be that of the same rows (another chunk's routes every token wrong)."""
-        if not self.sim.took_rows:
-            return
-        steps = self.steps
-        if not any(0 <= t.rows_from < len(steps) and steps[t.rows_from].op == "take_rows" for t in (x, routing_h)):
-            return
-        rows, routed = x.value.keys(), routing_h.value.keys()
-        if rows != routed:
-            self.sim.checks.wrong_input(self, st, f"routed experts run rows {','.join(rows)} {ROUTING_OF_ROWS} "
-                                                  f"{','.join(routed)}", "routed experts")
+    def _routing_of_the_rows(self, st: Step, x: SimTensor, routing_h: SimTensor, what: str) -> None:
+        """In a chunked program (take_rows), the routing must be that of the
+        same tokens as the rows (another chunk's routes every token wrong)."""
+        rows, routed = self._row_tokens(x), self._row_tokens(routing_h)
+        if rows is not None and routed is not None and rows != routed:
+            self.sim.checks.wrong_input(self, st, f"{what} rows {','.join(x.value.keys())} {ROUTING_OF_ROWS} "
+                                                  f"{','.join(routing_h.value.keys())}", st.name)
+
+    def _row_tokens(self, t: SimTensor) -> list[tuple[int, int]] | None:
+        """(DP rank, token) of every row, in order; None when a row is no known token."""
+        s = self.scenario
+        try:
+            return [(dp_of(k), tok) for k in t.value.keys() for tok in tokens_of(s, k)]
+        except ValueError:
+            return None
 
     def latent_down(self, x: SimTensor, name: str = "latent_down") -> SimTensor:
         if x.__class__ is not SimTensor:
@@ -161,7 +164,8 @@ class SimCompute:
         if routing_h.shape[0] != x.shape[0]:
             self._shape_error(st, f"{x.shape[0]} rows but routing for {routing_h.shape[0]}")
         self.sim.checks.consume(self, st, x, "routed experts", "xlat" if m.has_transform else "x")
-        self._routing_of_the_chunk(st, x, routing_h)
+        if self.sim.took_rows:
+            self._routing_of_the_rows(st, x, routing_h, "routed experts run")
         value = algebra.relabel(x.value, "routed", self.routed_shard)
         if shared_shard is not None:
             slot = algebra.scale(algebra.relabel(x.value, "shared", shared_shard), float(fused_shared))

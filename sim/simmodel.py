@@ -36,6 +36,8 @@ class SimModel:
     scenario: Scenario
     d: int
     t: int
+    rank: int
+    steps: list[Step]
     tokens: int
     layer_rows: tuple[str, ...]
     layer_nrows: int
@@ -135,12 +137,19 @@ class SimModel:
         start, end = self._int(start, name, "start"), self._int(end, name, "end")
         if not 0 <= start <= end:
             raise self._misuse(name, f"rows [{start}, {end}) are not a range of rows")
+        if self._all_to_all_rows(x):
+            raise self._misuse(name, "rows an all-to-all dispatched are modelled by the tokens they hold, not by "
+                                     "position: take chunks of rows before the dispatch")
         shape = (max(0, min(end, x.shape[0]) - start), *x.shape[1:])
         st = self._step("take_rows", name, PADDING, (x,), shape, self.sim.view_us)
         self.sim.took_rows = True  # a chunked program: the routed experts check their routing's rows
         if end > x.shape[0]:
             self._shape_error(st, f"rows [{start}, {end}) of a tensor of {x.shape[0]} rows")
         return self._new(st, shape, algebra.split_rows(x.value, start, min(end, x.shape[0])), (x,), buf=x.buf)
+
+    def _all_to_all_rows(self, x: SimTensor) -> bool:
+        src = self.steps[x.rows_from] if 0 <= x.rows_from < len(self.steps) else None
+        return src is not None and src.op == "dispatch" and self.sim.dispatch_group(self.rank)[1]
 
     def cat_rows(self, parts: Sequence[SimTensor], name: str = "cat_rows") -> SimTensor:
         if not isinstance(parts, list | tuple) or not parts:

@@ -102,7 +102,7 @@ class SimOps(SimComm, SimCompute, SimModel, Ops):
         self.inputs: list[tuple[int, ...]] = []
         self.values: dict[int, algebra.Value] = {}
         self.coll_seq: dict[tuple[int, ...], list[int]] = {}  # group -> [calls so far]
-        self.last_sent = 0  # rows sent in the latest dispatch (sim/simcomm.py)
+        self.last_sent, self.last_routing = 0, None  # rows sent in the latest dispatch, their routing (sim/simcomm.py)
         self.layer_rows_sent: int | None = None
         # Shard labels of the shared MLP as first run ("tp0", "tp1" or "full").
         self.shared_shards: tuple[str, ...] | None = None

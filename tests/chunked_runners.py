@@ -86,3 +86,40 @@ class ChunkedAcrossDP(Chunked):
         per_rank = [-(-s.dp_tokens(d) // (s.parallel.tp if s.sp else 1)) for d in range(s.parallel.dp)]
         n = max(1, -(-max(per_rank) // self.chunk))
         return [(min(i * self.chunk, rows), min((i + 1) * self.chunk, rows)) for i in range(n)]
+
+
+class DispatchesChunksRoutedOnce(ChunkedAcrossDP):
+    """Routes every row once, then dispatches each chunk with its own rows of
+    the routing (expert parallelism without TP: the shared MLP is whole)."""
+
+    def routing_rows(self, a: int, b: int) -> tuple[int, int]:
+        return a, b
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        routing = ops.router(x)
+        outs = []
+        for a, b in self.chunks(x.shape[0]):
+            xc = ops.take_rows(x, a, b, name=f"chunk_{a}")
+            xd, rd = ops.dispatch(xc, ops.take_rows(routing, *self.routing_rows(a, b), name=f"routing_chunk_{a}"))
+            routed = ops.combine(ops.experts(xd, rd, name="routed_experts"))
+            outs.append(ops.add(routed, ops.shared_experts(xc), name="join"))
+        return ops.cat_rows(outs, name="join_chunks")
+
+
+class DispatchesChunksWithStaleRouting(DispatchesChunksRoutedOnce):
+    """Every chunk dispatched with the first chunk's rows of the routing."""
+
+    def routing_rows(self, a: int, b: int) -> tuple[int, int]:
+        return 0, b - a
+
+
+class JoinsRoutingChunks(MoERunner):
+    """Routes the rows a chunk at a time, joins the routing handles and runs
+    the layer's experts once on every row (correct)."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        rows = x.shape[0]
+        parts = [ops.router(ops.take_rows(x, a, min(a + CHUNK, rows), name=f"chunk_{a}"))
+                 for a in range(0, rows, CHUNK)]
+        routed = ops.experts(x, ops.cat_rows(parts, name="join_routing"), name="routed_experts")
+        return ops.all_reduce(ops.add(routed, ops.shared_experts(x), name="join"), "tp", name="all_reduce")
