@@ -297,17 +297,32 @@ _OWN_PACKAGES = frozenset({"scenarios", "engines", "sim", "real", "twin"})
 PREPARE_STOPPED = "the runner's prepare_program() was stopped: "  # a budget stopped it
 
 
+_PREPARED: dict[tuple[type, Scenario], str | None] = {}  # the answers of a user's prepare_program, once each
+_PREPARED_MAX = 256
+
+
 def prepare_runner(runner_cls: type[MoERunner], scenario: Scenario) -> str | None:
     """Run the class's prepare_program(scenario) once, before the program.
     Returns None, or why runner code's own prepare_program() failed (it
     raised, exited or overran the wall-clock budget: a RUNNER_ERROR for the
-    caller to report). The user's Ctrl-C still ends the command."""
+    caller to report). A user's is run once per scenario in this process
+    (verify asks before simulating; check before the real run too). The
+    user's Ctrl-C still ends the command."""
     fn = getattr(runner_cls.prepare_program, "__func__", runner_cls.prepare_program)
     if getattr(fn, "__module__", "").partition(".")[0] in _OWN_PACKAGES:
         runner_cls.prepare_program(scenario)
         return None
+    key = (runner_cls, scenario)
+    if key not in _PREPARED:
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.clear()
+        _PREPARED[key] = _prepare_guarded(runner_cls, scenario)
+    return _PREPARED[key]
+
+
+def _prepare_guarded(runner_cls: type[MoERunner], scenario: Scenario) -> str | None:
     try:
-        with contain.RunnerGuard(prepare_runner.__code__, contain.limits().sim_timeout_s,
+        with contain.RunnerGuard(_prepare_guarded.__code__, contain.limits().sim_timeout_s,
                                  what="the runner's prepare_program()"):
             runner_cls.prepare_program(scenario)
     except contain.BudgetExceeded as exc:

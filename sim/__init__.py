@@ -70,8 +70,8 @@ def _not_simulated(scenario: Scenario, label: str, why: str) -> Trace:
     not made to wait out the budget again)."""
     trace = Trace(source="sim", scenario=scenario.name, runner=label, world=scenario.world)
     trace.hazards.append(Hazard(HazardKind.RUNNER_ERROR, 0, "prepare_program", 0, why))
-    if why.startswith(PREPARE_STOPPED):
-        trace.notes.append(contain.BUDGET_NOTE + why)
+    if why.startswith(PREPARE_STOPPED):  # the note names the budget first, as a program's stop does
+        trace.notes.append(f"{contain.BUDGET_NOTE}{why.removeprefix(PREPARE_STOPPED)} (in the runner's prepare_program())")
     return trace
 
 

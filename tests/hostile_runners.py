@@ -311,3 +311,12 @@ class PreparePrints(MoERunner):
     @classmethod
     def prepare_program(cls, scenario: Any) -> None:
         print("prepare says hello")
+
+
+PREPARED: list[Any] = []  # scenarios CountsPrepares was prepared for, in this process
+
+
+class CountsPrepares(MoERunner):
+    @classmethod
+    def prepare_program(cls, scenario: Any) -> None:
+        PREPARED.append(scenario)

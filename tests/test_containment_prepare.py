@@ -77,3 +77,44 @@ def test_check_reports_a_raising_prepare_program_once_without_starting_ranks():
     assert [(v["kind"], v["rank"], v["verdict"]) for v in d["verdicts"]] == [("RUNNER_ERROR", 0, "CONFIRMED")]
     assert [c["correct"] for c in d["real_output"]] == [False, False]
     assert "consequence of rank 0" in d["real_output"][1]["cause"]
+
+
+def test_verify_gives_up_on_a_prepare_program_that_always_overruns():
+    p = moe_twin("verify", "--runner", f"{HOSTILE}:PrepareLoops", "--max-world", "1", "--jobs", "1",
+                 "--sim-timeout", "0.2", "--json")
+    doc = json.loads(p.stdout)
+    assert "wall-clock budget on 3 classes in a row" in (doc["stopped"] or "") and not doc["proved_clean"]
+
+
+def test_a_users_prepare_program_runs_once_per_scenario(monkeypatch):
+    import hostile_runners
+
+    from sim import simulate
+
+    s = load("r3-tp-decode")
+    hostile_runners.PREPARED.clear()
+    simulate(s, hostile_runners.CountsPrepares)
+    simulate(s, hostile_runners.CountsPrepares)
+    assert hostile_runners.PREPARED == [s]
+
+
+def test_the_tools_own_prepare_program_is_not_guarded(monkeypatch):
+    from scenarios import contain
+
+    entered = []
+
+    class Counting(contain.RunnerGuard):
+        def __enter__(self):  # noqa: ANN204
+            entered.append(self.what)
+            return super().__enter__()
+
+    monkeypatch.setattr(contain, "RunnerGuard", Counting)
+    import hostile_runners
+
+    from scenarios import runners
+
+    monkeypatch.setattr(runners, "_PREPARED", {})  # a fresh answer, not one an earlier test left
+
+    assert prepare_runner(load_runner("fixed"), load("r3-tp-decode")) is None and entered == []
+    assert prepare_runner(hostile_runners.PreparePrints, load("r3-tp-decode")) is None
+    assert entered == ["the runner's prepare_program()"]
