@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scenarios import contain
+from scenarios.contain_forks import end_forked
 from scenarios.dispatch_layout import VLLM_LAYOUT, engine_scenario
 from scenarios.runners import MoERunner, load_runner, prepare_runner, unsupported_reason
 from scenarios.space import (
@@ -263,7 +264,10 @@ def _walk_block(task: tuple[Any, ...]) -> VerifyResult:
     walk = _Walk(axes, Enumeration(axes, max_world), lo, hi, spec, cls, part, store, prune, polish_findings,
                  lambda _d, _t, _f: None)
     walk.max_wall_stops, walk.wall_stops = max_wall_stops, _WALL_STOPS
-    walk.run()
+    try:
+        walk.run()
+    finally:
+        end_forked()  # a worker outlives its task: what runner code forked in it does not
     part.findings = list(store.findings.values())
     part.assignments_done = walk.done
     return part
