@@ -39,7 +39,7 @@ from scenarios.workload import expert_loads, rank_token_ids, route_arrays
 from sim import algebra
 from sim.checks import Checks
 from sim.cost import Profile
-from sim.errors import CollectiveFailed, RunnerUsageError, SimShapeError
+from sim.errors import CollectiveFailed, RunnerUsageError, SimShapeError, raised_inside_simulator
 from sim.simops import MODEL, Access, Plan, SimEvent, SimOps, SimTensor
 from sim.simtypes import Labels
 from sim.timing import timing_phase
@@ -385,7 +385,7 @@ class Simulation:
             self.budget_stop = f"{exc} on rank {rank} after step {st.index} {st.name}"
             self._ready.clear()
         except Exception as exc:  # a runner bug: report it with its step
-            self._runner_error(ops, exc, f"runner raised {type(exc).__name__}: {exc}")
+            self._runner_error(ops, exc, f"runner raised {type(exc).__name__}: {exc}{raised_inside_simulator(exc)}")
         except BaseException as exc:  # sys.exit, KeyboardInterrupt, GeneratorExit, GreenletExit, ...
             if isinstance(exc, KeyboardInterrupt) and contain.user_interrupted():
                 raise  # the user's Ctrl-C ends the command

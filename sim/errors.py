@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from scenarios.ops import OpsShapeError, OpsUsageError
 
 
@@ -26,3 +29,20 @@ class RunnerUsageError(OpsUsageError):
         self.step = step
         self.rank = rank
         self.misuse = misuse
+
+
+_SIM_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def raised_inside_simulator(exc: BaseException) -> str:
+    """" (raised inside the simulator at sim/x.py:12: ...)" when the innermost
+    frame of exc is the simulator's own code, else "": a runner's exception
+    that the simulator raised may be the simulator's bug, and says so."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None or not last.tb_frame.f_code.co_filename.startswith(_SIM_DIR):
+        return ""
+    where = f"sim/{Path(last.tb_frame.f_code.co_filename).name}:{last.tb_lineno}"
+    return f" (raised inside the simulator at {where}: the runner's misuse or the simulator's own bug)"

@@ -320,3 +320,11 @@ class CountsPrepares(MoERunner):
     @classmethod
     def prepare_program(cls, scenario: Any) -> None:
         PREPARED.append(scenario)
+
+
+class BreaksAHandle(MoERunner):
+    """Overwrites what a tensor handle holds: the simulator's own code raises."""
+
+    def forward(self, ops: Ops, x: Any) -> Any:
+        x.value = None
+        return ops.scale(x, 2.0)

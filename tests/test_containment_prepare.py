@@ -118,3 +118,14 @@ def test_the_tools_own_prepare_program_is_not_guarded(monkeypatch):
     assert prepare_runner(load_runner("fixed"), load("r3-tp-decode")) is None and entered == []
     assert prepare_runner(hostile_runners.PreparePrints, load("r3-tp-decode")) is None
     assert entered == ["the runner's prepare_program()"]
+
+
+def test_an_exception_the_simulator_raises_for_runner_code_says_where():
+    """Named as raised inside the simulator (the runner's misuse or the
+    simulator's own bug), not as the runner's own; a runner's own raise is not."""
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:BreaksAHandle", "--json")
+    details = runner_errors(json.loads(p.stdout))
+    assert details and all("raised inside the simulator at sim/" in d for d in details)
+    p = moe_twin("simulate", "r3-tp-decode", "--runner", f"{HOSTILE}:EvilNames", "--json")
+    details = runner_errors(json.loads(p.stdout))
+    assert details and all("RuntimeError" in d and "inside the simulator" not in d for d in details)
