@@ -230,9 +230,10 @@ def _routed_as_other_tokens(ref: ExactReference, toks: list[Tok], y: torch.Tenso
     if not pairs:
         return None
     outs = ref.outputs_routed_as([(toks[i], other) for i, other in pairs])
+    tol = {i: REL_TOL * float(ref.row(*toks[i]).abs().max()) for i in rows}
     found: dict[int, Tok] = {}
     for (i, other), out in zip(pairs, outs, strict=True):
-        if i not in found and float((out - y[i]).abs().max()) <= REL_TOL * float(ref.row(*toks[i]).abs().max()):
+        if i not in found and float((out - y[i]).abs().max()) <= tol[i]:
             found[i] = other
     if len(found) < len(rows):
         return None

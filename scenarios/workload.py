@@ -183,6 +183,18 @@ def route_arrays(s: Scenario) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [ids[off[d] : off[d + 1]] for d in range(dp)], [weights[off[d] : off[d + 1]] for d in range(dp)]
 
 
+def rows_per_owner(owners: list[np.ndarray], world: int) -> np.ndarray:
+    """Per world rank: how many rows have at least one expert there, given
+    each row's expert owners (arrays [rows, top_k] of ranks): what a
+    token-routing dispatch delivers to each rank."""
+    if not owners:
+        return np.zeros(world, dtype=np.int64)
+    o = np.sort(np.concatenate(owners), axis=1)
+    first = np.ones(o.shape, dtype=bool)  # each owner once per row: the first of equal sorted entries
+    first[:, 1:] = o[:, 1:] != o[:, :-1]
+    return np.bincount(o[first], minlength=world)[:world]
+
+
 @lru_cache(maxsize=64)
 def _routing(seed: int, skew: float, experts: int, top_k: int, tokens: int | tuple[int, ...], dp: int) -> Route:
     ids, weights = routing_arrays(seed, skew, experts, top_k, tokens, dp)

@@ -209,7 +209,7 @@ class Checks:
         expected = WANT[want] + (f" of rows {','.join(rows)}" if rows else "")
         if others or x.clobber_partial:
             self.wrong_input(ops, st, f"{consumer} input is {algebra.summarize(v) or 'zero'}{clobber}; expected {expected}",
-                              consumer)
+                             consumer)
             return
         if any(src[2] is not None for b in v.blocks for src, _ in b.terms):
             return  # reported as a DOUBLE_REDUCTION where the tokens were mixed
@@ -225,7 +225,7 @@ class Checks:
                                 [consumer])
         elif rows is not None and v.keys() != rows and not self._covers(ops, x, rows):
             self.wrong_input(ops, st, f"{consumer} input is {want} of rows {','.join(v.keys())}{clobber}; "
-                                       f"expected {expected} {WRONG_ROWS}", consumer)
+                                      f"expected {expected} {WRONG_ROWS}", consumer)
 
     def _covers(self, ops: SimOps, x: SimTensor, want: tuple[str, ...]) -> bool:
         """Every token of the row blocks `want` is among x's rows. A row-wise
@@ -236,9 +236,9 @@ class Checks:
         dispatched: the value names the group's tokens, the rows are only
         those routed here, in expert order. A chunk (take_rows) covers its
         own rows: they need only be among the rank's."""
-        src = ops.steps[x.rows_from] if 0 <= x.rows_from < len(ops.steps) else None
-        if src is not None and src.op == "dispatch" and self.sim.dispatch_group(ops.rank)[1]:
+        if ops.all_to_all_rows(x):
             return False
+        src = ops.rows_source(x)
         s = self.scenario
         got = {(dp_of(k), t) for k in x.value.keys() for t in tokens_of(s, k) if t >= 0}
         wanted = {(dp_of(k), t) for k in want for t in tokens_of(s, k) if t >= 0}
@@ -273,7 +273,7 @@ class Checks:
         others = {c for c in v.components() if c != "routed"}
         if others or x.clobber_partial:
             self.wrong_input(ops, st, f"latent_up input is {algebra.summarize(v)}{self._clobber_note(ops, x)}; "
-                                       "expected the routed output only")
+                                      "expected the routed output only")
             return
         if not (self.scenario.model.transform_nonlinear or row_parallel):
             return
@@ -381,7 +381,7 @@ class Checks:
             self._report_crossings(ops, comps, st, f"output holds {_describe(coeffs, over)}")
         if stray:
             self.wrong_input(ops, st, f"the layer output holds {', '.join(stray)}, which the MoE layer "
-                                       "does not return (expected routed and shared outputs only)")
+                                      "does not return (expected routed and shared outputs only)")
 
     def _rows_lacking(self, v: algebra.Value, short: list[str]) -> str:
         """" in rows [d0t3]" when only some rows lack a short source (e.g. rows
@@ -426,7 +426,7 @@ class Checks:
         last = max(i for i in range(max(len(got), len(want)))
                    if i >= len(got) or i >= len(want) or got[i] != want[i])
         where = "" if (first == 0 and last >= len(want) - 1) else f" in rows {first}..{last}"
-        src = ops.steps[x.rows_from] if 0 <= x.rows_from < len(ops.steps) else None
+        src = ops.rows_source(x)
         since = f" (rows as set by step {src.index} {src.name})" if src is not None else ""
         self.sim.add_hazard(
             HazardKind.WRONG_TOKENS, ops.rank, st,

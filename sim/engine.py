@@ -35,7 +35,7 @@ from scenarios.ops import OpsUsageError
 from scenarios.runners import MoERunner, RunnerUnsupported, run_program
 from scenarios.spec import Scenario
 from scenarios.trace import Hazard, HazardKind, Step, Trace
-from scenarios.workload import expert_loads, rank_token_ids, route_arrays
+from scenarios.workload import expert_loads, rank_token_ids, route_arrays, rows_per_owner
 from sim import algebra
 from sim.checks import Checks
 from sim.cost import Profile
@@ -120,12 +120,7 @@ def _received_rows(s: Scenario, group: tuple[int, ...], dl: DispatchLayout = VLL
         d, _ = s.coords(m)
         toks = np.maximum(np.asarray(rank_token_ids(s, m, dl), dtype=np.int64), 0)
         rows.append(ids[d][toks] // per)
-    owners = np.sort(np.concatenate(rows), axis=1) if rows else np.zeros((0, 1), dtype=np.int64)
-    # Count each owner once per token: the first of equal sorted entries.
-    first = np.ones(owners.shape, dtype=bool)
-    first[:, 1:] = owners[:, 1:] != owners[:, :-1]
-    counts = np.bincount(owners[first], minlength=s.world)
-    return tuple(int(c) for c in counts[: s.world])
+    return tuple(int(c) for c in rows_per_owner(rows, s.world))
 
 
 @lru_cache(maxsize=1024)

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scenarios.trace import COLLECTIVE, Step
-from scenarios.workload import dp_of, route_arrays, tokens_of
+from scenarios.workload import dp_of, route_arrays, rows_per_owner, tokens_of
 from sim.cost import collective_us
 from sim.hazards import GROUP_COMMUNICATOR_OPS
-from sim.simtypes import Plan, SimTensor
+from sim.simtypes import Plan, Sent, SimTensor
 
 if TYPE_CHECKING:
     from sim.engine import Simulation
@@ -40,9 +40,7 @@ class SimComm:
     steps: list[Step]
     plans: list[Plan]
     coll_seq: dict[tuple[int, ...], int]
-    last_sent: int  # rows this rank sent in its latest dispatch
-    last_routing: Any  # the value of the routing it sent with them
-    layer_rows_sent: int | None  # the rows it sends for its whole layer (_layer_rows_sent)
+    sent: Sent  # what this rank's dispatches sent
 
     # Provided by SimOps (declared for the type checker only: a stub here must
     # never shadow the real method in the MRO).
@@ -140,7 +138,7 @@ class SimComm:
         if self.sim.layout.dispatch_backend(s) == "none":
             raise self._misuse(name, "dispatch without an all-to-all or DP gather in this scenario (backend none)")
         group, token_routing = self.sim.dispatch_group(self.rank)
-        self.last_sent, self.last_routing = x.shape[0], routing_h.value
+        self.sent.rows, self.sent.routing = x.shape[0], routing_h.value
         if x.shape[0] != self._layer_rows_sent(group):
             self.sim.sent_other_rows = True  # e.g. a chunk: sizes from the rows sent from now on
         if token_routing:
@@ -186,9 +184,10 @@ class SimComm:
     def _layer_rows_sent(self, group: tuple[int, ...]) -> int:
         """The rows this rank hands a dispatch of its whole layer (looked up once:
         finding the rank in a world-wide group is a scan)."""
-        if self.layer_rows_sent is None:
-            self.layer_rows_sent = self.sim.member_rows(group)[group.index(self.rank)]
-        return self.layer_rows_sent
+        sent = self.sent
+        if sent.layer_rows is None:
+            sent.layer_rows = self.sim.member_rows(group)[group.index(self.rank)]
+        return sent.layer_rows
 
     def _sent_sizes(self, group: tuple[int, ...]) -> tuple[int, ...]:
         """Rows each member sent in its latest dispatch, built once per
@@ -197,7 +196,7 @@ class SimComm:
         sizes = self.sim.chunk_sizes.get(key)
         if sizes is None:
             members = self.sim.rank_ops
-            sizes = self.sim.chunk_sizes[key] = tuple([members[m].last_sent for m in group])
+            sizes = self.sim.chunk_sizes[key] = tuple([members[m].sent.rows for m in group])
         return sizes
 
     def _received(self, group: tuple[int, ...], key: Any) -> int:
@@ -216,13 +215,8 @@ class SimComm:
         per = s.local_experts
         owners = []
         for m in group:
-            for b in self.sim.rank_ops[m].last_routing.blocks:
+            for b in self.sim.rank_ops[m].sent.routing.blocks:
                 toks = np.maximum(np.asarray(tokens_of(s, b.key), dtype=np.int64), 0)
                 if len(toks):
                     owners.append(ids[dp_of(b.key)][toks] // per)
-        if not owners:
-            return np.zeros(s.world, dtype=np.int64)
-        o = np.sort(np.concatenate(owners), axis=1)
-        first = np.ones(o.shape, dtype=bool)  # each owner once per row
-        first[:, 1:] = o[:, 1:] != o[:, :-1]
-        return np.bincount(o[first], minlength=s.world)
+        return rows_per_owner(owners, s.world)

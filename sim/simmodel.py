@@ -137,7 +137,7 @@ class SimModel:
         start, end = self._int(start, name, "start"), self._int(end, name, "end")
         if not 0 <= start <= end:
             raise self._misuse(name, f"rows [{start}, {end}) are not a range of rows")
-        if self._all_to_all_rows(x):
+        if self.all_to_all_rows(x):
             raise self._misuse(name, "rows an all-to-all dispatched are modelled by the tokens they hold, not by "
                                      "position: take chunks of rows before the dispatch")
         shape = (max(0, min(end, x.shape[0]) - start), *x.shape[1:])
@@ -147,8 +147,14 @@ class SimModel:
             self._shape_error(st, f"rows [{start}, {end}) of a tensor of {x.shape[0]} rows")
         return self._new(st, shape, algebra.split_rows(x.value, start, min(end, x.shape[0])), (x,), buf=x.buf)
 
-    def _all_to_all_rows(self, x: SimTensor) -> bool:
-        src = self.steps[x.rows_from] if 0 <= x.rows_from < len(self.steps) else None
+    def rows_source(self, x: SimTensor) -> Step | None:
+        """The step that set x's row set (None for the layer input's own)."""
+        return self.steps[x.rows_from] if 0 <= x.rows_from < len(self.steps) else None
+
+    def all_to_all_rows(self, x: SimTensor) -> bool:
+        """x holds rows an all-to-all dispatched: the value names the group's
+        tokens, the rows are only those routed here, in expert order."""
+        src = self.rows_source(x)
         return src is not None and src.op == "dispatch" and self.sim.dispatch_group(self.rank)[1]
 
     def cat_rows(self, parts: Sequence[SimTensor], name: str = "cat_rows") -> SimTensor:

@@ -39,7 +39,7 @@ from sim.errors import RunnerUsageError, SimShapeError
 from sim.simcomm import SimComm
 from sim.simcompute import SimCompute
 from sim.simmodel import MODEL, SimModel
-from sim.simtypes import Access, Plan, SimEvent, SimTensor
+from sim.simtypes import Access, Plan, Sent, SimEvent, SimTensor
 
 __all__ = ["MODEL", "Access", "Plan", "SimEvent", "SimOps", "SimTensor"]
 
@@ -102,8 +102,7 @@ class SimOps(SimComm, SimCompute, SimModel, Ops):
         self.inputs: list[tuple[int, ...]] = []
         self.values: dict[int, algebra.Value] = {}
         self.coll_seq: dict[tuple[int, ...], list[int]] = {}  # group -> [calls so far]
-        self.last_sent, self.last_routing = 0, None  # rows sent in the latest dispatch, their routing (sim/simcomm.py)
-        self.layer_rows_sent: int | None = None
+        self.sent = Sent()  # what its dispatches sent (sim/simcomm.py)
         # Shard labels of the shared MLP as first run ("tp0", "tp1" or "full").
         self.shared_shards: tuple[str, ...] | None = None
         # Projection-shard tags of a row-parallel latent up-projection as first

@@ -22,6 +22,17 @@ class SimTensor:
 
 
 @dataclass(slots=True)
+class Sent:
+    """What one rank handed its dispatches (one SimOps attribute: a few more
+    would push SimOps past CPython's shared-key instance layout, and every
+    attribute read on the hot path would get slower)."""
+
+    rows: int = 0  # rows of the latest dispatch
+    routing: algebra.Value | None = None  # the routing sent with them
+    layer_rows: int | None = None  # rows a dispatch of the whole layer sends (looked up once)
+
+
+@dataclass(slots=True)
 class SimEvent:
     id: int
     stream: str
